@@ -1,0 +1,406 @@
+//! Dataset manifest and shard index: the one description of a WebDataset that coordinator and
+//! worker share.
+//!
+//! A dataset is a directory of WebDataset tar shards: members named `KEY.EXT`, where the members
+//! of one sample share `KEY` (the path up to the first dot of the file name) and sit next to
+//! each other. A training sample is an image (`jpg`, `jpeg` or `png`) and a class label (`cls`,
+//! an ASCII integer). `ladder dataset index DIR` writes, next to each `NAME.tar`, an index
+//! `NAME.idx.json` (each sample's key, image offset, size and format, and label) and, in `DIR`,
+//! `manifest.json` (the shards in order, their sample counts and sizes, the class count). The
+//! coordinator plans from the manifest; a worker reads just the byte ranges its plan names.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FORMAT: &str = "ladder-manifest/1";
+pub const INDEX_FORMAT: &str = "ladder-shard-index/1";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub classes: u32,
+    pub total_samples: u64,
+    pub shards: Vec<ShardEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// The tar file, relative to the manifest's directory.
+    pub path: String,
+    /// Its index, relative to the manifest's directory.
+    pub index: String,
+    pub samples: u32,
+    /// The tar's size when indexed: a shard rewritten since is detected, not misread.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedSample {
+    pub key: String,
+    /// Byte offset of the image's data inside the tar.
+    pub offset: u64,
+    pub size: u64,
+    pub format: ImageFormat,
+    pub label: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    pub format: String,
+    pub samples: Vec<IndexedSample>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Ladder {what}: {message}")]
+    Format {
+        path: PathBuf,
+        what: &'static str,
+        message: String,
+    },
+    #[error("{dir}: no .tar shards found")]
+    NoShards { dir: PathBuf },
+    #[error("{count} shard(s) could not be indexed:\n  {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    BadShards {
+        count: usize,
+        errors: Vec<DatasetError>,
+    },
+    #[error("{path}: not a readable tar archive (after {members} good member(s)): {message}")]
+    BadTar {
+        path: PathBuf,
+        members: usize,
+        message: String,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Manifest, DatasetError> {
+        let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+        let bad = |message: String| DatasetError::Format {
+            path: path.to_owned(),
+            what: "dataset manifest",
+            message,
+        };
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "format is {:?}, expected {MANIFEST_FORMAT:?}",
+                manifest.format
+            )));
+        }
+        let sum: u64 = manifest.shards.iter().map(|s| s.samples as u64).sum();
+        if sum != manifest.total_samples {
+            return Err(bad(format!(
+                "total_samples is {} but the shards hold {sum}",
+                manifest.total_samples
+            )));
+        }
+        if manifest.shards.is_empty() {
+            return Err(bad("it lists no shards".into()));
+        }
+        Ok(manifest)
+    }
+
+    pub fn shard_sizes(&self) -> Vec<u32> {
+        self.shards.iter().map(|s| s.samples).collect()
+    }
+}
+
+impl ShardIndex {
+    pub fn load(path: &Path) -> Result<ShardIndex, DatasetError> {
+        let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| DatasetError::Format {
+            path: path.to_owned(),
+            what: "shard index",
+            message: e.to_string(),
+        })?;
+        if index.format != INDEX_FORMAT {
+            return Err(DatasetError::Format {
+                path: path.to_owned(),
+                what: "shard index",
+                message: format!("format is {:?}, expected {INDEX_FORMAT:?}", index.format),
+            });
+        }
+        Ok(index)
+    }
+}
+
+/// Why a member or sample of a shard was left out of the index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IssueKind {
+    MissingLabel,
+    BadLabel(String),
+    LabelOutOfRange { label: u32, classes: u32 },
+    MissingImage,
+    UnknownExtension(String),
+    DuplicateMember(String),
+    NotAFile,
+}
+
+impl fmt::Display for IssueKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IssueKind::MissingLabel => write!(f, "no .cls label; sample skipped"),
+            IssueKind::BadLabel(text) => {
+                write!(f, ".cls holds {text:?}, not a class number; sample skipped")
+            }
+            IssueKind::LabelOutOfRange { label, classes } => write!(
+                f,
+                "label {label} is out of range for {classes} classes; sample skipped"
+            ),
+            IssueKind::MissingImage => write!(f, "no .jpg, .jpeg or .png image; sample skipped"),
+            IssueKind::UnknownExtension(ext) => write!(f, "member .{ext} is not used; ignored"),
+            IssueKind::DuplicateMember(ext) => {
+                write!(f, "second .{ext} member for this key; ignored")
+            }
+            IssueKind::NotAFile => write!(f, "not a regular file; ignored"),
+        }
+    }
+}
+
+/// A problem found while indexing, with where it was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub shard: String,
+    pub key: String,
+    pub kind: IssueKind,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.shard, self.key, self.kind)
+    }
+}
+
+/// The result of indexing a directory of shards.
+#[derive(Debug)]
+pub struct IndexReport {
+    pub manifest_path: PathBuf,
+    pub manifest: Manifest,
+    pub issues: Vec<Issue>,
+}
+
+#[derive(Default)]
+struct PendingSample {
+    image: Option<(u64, u64, ImageFormat)>,
+    label: Option<Result<u32, String>>,
+}
+
+/// Splits a member name into WebDataset's key and extension (`a/b.c.d` -> `a/b`, `c.d`).
+fn split_member_name(name: &str) -> Option<(&str, &str)> {
+    let file_start = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = name[file_start..].find('.')? + file_start;
+    if dot == file_start {
+        return None;
+    }
+    Some((&name[..dot], &name[dot + 1..]))
+}
+
+/// Indexes one tar shard. Sample-level problems become issues; only an unreadable archive is an
+/// error. `classes`, when known, bounds the labels.
+pub fn index_shard(
+    path: &Path,
+    shard_name: &str,
+    classes: Option<u32>,
+) -> Result<(ShardIndex, Vec<Issue>), DatasetError> {
+    let file = File::open(path).map_err(io_error(path))?;
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    let mut order: Vec<String> = Vec::new();
+    let mut pending: HashMap<String, PendingSample> = HashMap::new();
+    let mut issues = Vec::new();
+    let mut issue = |key: &str, kind: IssueKind| {
+        issues.push(Issue {
+            shard: shard_name.to_owned(),
+            key: key.to_owned(),
+            kind,
+        })
+    };
+    let bad_tar = |members: usize, e: std::io::Error| DatasetError::BadTar {
+        path: path.to_owned(),
+        members,
+        message: e.to_string(),
+    };
+    let entries = archive.entries().map_err(|e| bad_tar(0, e))?;
+    for (members, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| bad_tar(members, e))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = entry.header().entry_type();
+        if kind.is_dir() || kind.is_pax_global_extensions() {
+            continue;
+        }
+        if !kind.is_file() {
+            issue(&name, IssueKind::NotAFile);
+            continue;
+        }
+        let Some((key, ext)) = split_member_name(&name) else {
+            issue(&name, IssueKind::UnknownExtension(String::new()));
+            continue;
+        };
+        let ext = ext.to_ascii_lowercase();
+        let key = key.to_owned();
+        if !pending.contains_key(&key) {
+            order.push(key.clone());
+        }
+        let sample = pending.entry(key.clone()).or_default();
+        let format = match ext.as_str() {
+            "jpg" | "jpeg" => Some(ImageFormat::Jpeg),
+            "png" => Some(ImageFormat::Png),
+            _ => None,
+        };
+        if let Some(format) = format {
+            if sample.image.is_some() {
+                issue(&key, IssueKind::DuplicateMember(ext));
+            } else {
+                sample.image = Some((entry.raw_file_position(), entry.size(), format));
+            }
+        } else if ext == "cls" {
+            if sample.label.is_some() {
+                issue(&key, IssueKind::DuplicateMember(ext));
+                continue;
+            }
+            let mut text = String::new();
+            let read = (&mut entry).take(64).read_to_string(&mut text);
+            let trimmed = text.trim();
+            sample.label = Some(match read {
+                Ok(_) => trimmed.parse::<u32>().map_err(|_| trimmed.to_owned()),
+                Err(_) => Err("<not UTF-8 text>".to_owned()),
+            });
+        } else {
+            issue(&key, IssueKind::UnknownExtension(ext));
+        }
+    }
+    let mut samples = Vec::with_capacity(order.len());
+    for key in order {
+        let sample = pending.remove(&key).expect("every ordered key is pending");
+        let Some((offset, size, format)) = sample.image else {
+            issue(&key, IssueKind::MissingImage);
+            continue;
+        };
+        let label = match sample.label {
+            None => {
+                issue(&key, IssueKind::MissingLabel);
+                continue;
+            }
+            Some(Err(text)) => {
+                issue(&key, IssueKind::BadLabel(text));
+                continue;
+            }
+            Some(Ok(label)) => label,
+        };
+        if let Some(classes) = classes.filter(|&c| label >= c) {
+            issue(&key, IssueKind::LabelOutOfRange { label, classes });
+            continue;
+        }
+        samples.push(IndexedSample {
+            key,
+            offset,
+            size,
+            format,
+            label,
+        });
+    }
+    Ok((
+        ShardIndex {
+            format: INDEX_FORMAT.to_owned(),
+            samples,
+        },
+        issues,
+    ))
+}
+
+/// The index file that belongs to `NAME.tar`: `NAME.idx.json`.
+pub fn index_name(shard_name: &str) -> String {
+    let stem = shard_name.strip_suffix(".tar").unwrap_or(shard_name);
+    format!("{stem}.idx.json")
+}
+
+fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), DatasetError> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(value).expect("index types always serialize");
+    std::fs::write(&tmp, bytes).map_err(io_error(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))
+}
+
+/// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
+/// Unreadable shards fail the whole command, naming each, and no manifest is written: a
+/// manifest that silently missed a shard would train on less data than the user thinks.
+pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, DatasetError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_error(dir))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tar"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(DatasetError::NoShards {
+            dir: dir.to_owned(),
+        });
+    }
+    let mut shards = Vec::with_capacity(names.len());
+    let mut issues = Vec::new();
+    let mut errors = Vec::new();
+    let mut max_label = None;
+    for name in names {
+        let path = dir.join(&name);
+        match index_shard(&path, &name, classes) {
+            Ok((index, shard_issues)) => {
+                issues.extend(shard_issues);
+                max_label = index.samples.iter().map(|s| s.label).chain(max_label).max();
+                let bytes = std::fs::metadata(&path).map_err(io_error(&path))?.len();
+                let index_file = index_name(&name);
+                write_json_atomically(&dir.join(&index_file), &index)?;
+                shards.push(ShardEntry {
+                    path: name,
+                    index: index_file,
+                    samples: index.samples.len() as u32,
+                    bytes,
+                });
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(DatasetError::BadShards {
+            count: errors.len(),
+            errors,
+        });
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.to_owned(),
+        classes: classes.unwrap_or_else(|| max_label.map_or(0, |m| m + 1)),
+        total_samples: shards.iter().map(|s| s.samples as u64).sum(),
+        shards,
+    };
+    let manifest_path = dir.join(MANIFEST_FILE);
+    write_json_atomically(&manifest_path, &manifest)?;
+    Ok(IndexReport {
+        manifest_path,
+        manifest,
+        issues,
+    })
+}

@@ -1,0 +1,667 @@
+//! The job spec: a TOML file that says what to train, on what, and how.
+//!
+//! Parsing rejects unknown fields (a typo never silently falls back to a default), and
+//! [`JobSpec::validate`] checks every value, naming the field, the value and what is allowed.
+//! Paths inside a spec are relative to the spec file's directory; [`JobSpec::load`] makes them
+//! absolute so that the coordinator, which runs elsewhere, sees the same files.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub job: JobSection,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub schedule: ScheduleSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    pub batch: BatchSpec,
+    pub checkpoint: CheckpointSpec,
+    pub workers: WorkersSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    Tiny,
+    S,
+    M,
+    L,
+    Xl,
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Variant::Tiny => "tiny",
+            Variant::S => "s",
+            Variant::M => "m",
+            Variant::L => "l",
+            Variant::Xl => "xl",
+        };
+        f.write_str(name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub variant: Variant,
+    pub classes: u32,
+    /// BatchNorm epsilon; the paper's 1e-3.
+    #[serde(default = "defaults::bn_eps")]
+    pub bn_eps: f64,
+    /// BatchNorm momentum in PyTorch's convention (TF's 0.99 is PyTorch's 0.01).
+    #[serde(default = "defaults::bn_momentum")]
+    pub bn_momentum: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// The training split's manifest (written by `ladder dataset index`).
+    pub manifest: PathBuf,
+    /// The held-out split evaluated at the end of each stage.
+    #[serde(default)]
+    pub eval_manifest: Option<PathBuf>,
+    /// RandomResizedCrop's area fraction range.
+    #[serde(default = "defaults::crop_scale")]
+    pub crop_scale: [f64; 2],
+    /// RandomResizedCrop's aspect ratio range.
+    #[serde(default = "defaults::crop_ratio")]
+    pub crop_ratio: [f64; 2],
+    #[serde(default = "defaults::mean")]
+    pub mean: [f64; 3],
+    #[serde(default = "defaults::std")]
+    pub std: [f64; 3],
+    /// How many shards the sample order mixes at a time (see the sample plan).
+    #[serde(default = "defaults::shard_window")]
+    pub shard_window: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageMode {
+    /// Size and regularization grow linearly from the first stage to the last.
+    Linear,
+    /// Each stage takes a seeded random level of the linear ladder.
+    Random,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub epochs: u32,
+    #[serde(default = "defaults::stage_epochs")]
+    pub stage_epochs: u32,
+    #[serde(default = "defaults::mode")]
+    pub mode: StageMode,
+    #[serde(default)]
+    pub seed: u64,
+    pub min_size: u32,
+    pub max_size: u32,
+    pub eval_size: u32,
+    pub min_dropout: f64,
+    pub max_dropout: f64,
+    /// Stochastic-depth drop rate of the last block (earlier blocks drop proportionally less).
+    #[serde(default = "defaults::stochastic_depth")]
+    pub stochastic_depth: f64,
+    pub min_randaugment: f64,
+    pub max_randaugment: f64,
+    #[serde(default)]
+    pub min_mixup: f64,
+    #[serde(default)]
+    pub max_mixup: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Multiply by `lr_decay_rate` every `lr_decay_epochs` after warm-up (the paper's ImageNet runs).
+    Exponential,
+    /// Cosine decay to zero after warm-up (the paper's ImageNet-21k pretraining).
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// TF-style RMSProp: epsilon inside the square root, as the official code.
+    Rmsprop,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    #[serde(default = "defaults::optimizer")]
+    pub kind: OptimizerKind,
+    /// Learning rate per 256 images; the base rate is this times global batch / 256.
+    #[serde(default = "defaults::lr_per_256")]
+    pub lr_per_256: f64,
+    #[serde(default = "defaults::rms_decay")]
+    pub decay: f64,
+    #[serde(default = "defaults::momentum")]
+    pub momentum: f64,
+    #[serde(default = "defaults::rms_eps")]
+    pub eps: f64,
+    /// L2 weight decay; skips biases and BatchNorm parameters.
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::warmup_epochs")]
+    pub warmup_epochs: f64,
+    #[serde(default = "defaults::lr_schedule")]
+    pub lr_schedule: LrSchedule,
+    #[serde(default = "defaults::lr_decay_rate")]
+    pub lr_decay_rate: f64,
+    #[serde(default = "defaults::lr_decay_epochs")]
+    pub lr_decay_epochs: f64,
+    #[serde(default = "defaults::ema_decay")]
+    pub ema_decay: f64,
+    #[serde(default = "defaults::label_smoothing")]
+    pub label_smoothing: f64,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            kind: defaults::optimizer(),
+            lr_per_256: defaults::lr_per_256(),
+            decay: defaults::rms_decay(),
+            momentum: defaults::momentum(),
+            eps: defaults::rms_eps(),
+            weight_decay: defaults::weight_decay(),
+            warmup_epochs: defaults::warmup_epochs(),
+            lr_schedule: defaults::lr_schedule(),
+            lr_decay_rate: defaults::lr_decay_rate(),
+            lr_decay_epochs: defaults::lr_decay_epochs(),
+            ema_decay: defaults::ema_decay(),
+            label_smoothing: defaults::label_smoothing(),
+        }
+    }
+}
+
+/// The global batch is fixed for the whole run; the micro-batch (what one forward pass sees,
+/// and so one BatchNorm group) grows as images shrink, in powers of two, so that memory per
+/// micro-batch stays about constant across stages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    pub global: u32,
+    /// Micro-batch size at `schedule.max_size`.
+    pub micro_at_max_size: u32,
+    /// Upper bound of the micro-batch size at small stages.
+    pub micro_max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    pub dir: PathBuf,
+    pub every_steps: u32,
+    #[serde(default = "defaults::keep")]
+    pub keep: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSpec {
+    pub min: u32,
+    pub max: u32,
+}
+
+mod defaults {
+    use super::*;
+    pub fn bn_eps() -> f64 {
+        1e-3
+    }
+    pub fn bn_momentum() -> f64 {
+        0.01
+    }
+    pub fn crop_scale() -> [f64; 2] {
+        [0.08, 1.0]
+    }
+    pub fn crop_ratio() -> [f64; 2] {
+        [3.0 / 4.0, 4.0 / 3.0]
+    }
+    pub fn mean() -> [f64; 3] {
+        [0.485, 0.456, 0.406]
+    }
+    pub fn std() -> [f64; 3] {
+        [0.229, 0.224, 0.225]
+    }
+    pub fn shard_window() -> u32 {
+        4
+    }
+    pub fn stage_epochs() -> u32 {
+        8
+    }
+    pub fn mode() -> StageMode {
+        StageMode::Linear
+    }
+    pub fn stochastic_depth() -> f64 {
+        0.2
+    }
+    pub fn optimizer() -> OptimizerKind {
+        OptimizerKind::Rmsprop
+    }
+    pub fn lr_per_256() -> f64 {
+        0.016
+    }
+    pub fn rms_decay() -> f64 {
+        0.9
+    }
+    pub fn momentum() -> f64 {
+        0.9
+    }
+    pub fn rms_eps() -> f64 {
+        1e-3
+    }
+    pub fn weight_decay() -> f64 {
+        1e-5
+    }
+    pub fn warmup_epochs() -> f64 {
+        5.0
+    }
+    pub fn lr_schedule() -> LrSchedule {
+        LrSchedule::Exponential
+    }
+    pub fn lr_decay_rate() -> f64 {
+        0.97
+    }
+    pub fn lr_decay_epochs() -> f64 {
+        2.4
+    }
+    pub fn ema_decay() -> f64 {
+        0.9999
+    }
+    pub fn label_smoothing() -> f64 {
+        0.1
+    }
+    pub fn keep() -> u32 {
+        3
+    }
+}
+
+/// One thing wrong with a spec: which field, what it holds, what it may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.field, self.value, self.allowed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read job spec {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job spec {origin} is not valid TOML for a Ladder job: {message}")]
+    Parse { origin: String, message: String },
+    #[error("job spec {origin} has {} problem(s):\n  {}", problems.len(),
+        problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl JobSpec {
+    /// Reads, parses and validates a spec file, and makes its paths absolute.
+    pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut spec = JobSpec::parse(&text, &path.display().to_string())?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        spec.resolve_paths(&base);
+        Ok(spec)
+    }
+
+    /// Parses and validates spec text; `origin` names it in errors (a path, or "job 12").
+    pub fn parse(text: &str, origin: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let problems = spec.problems();
+        if problems.is_empty() {
+            Ok(spec)
+        } else {
+            Err(SpecError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobSpec always serializes")
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data.manifest);
+        if let Some(p) = self.data.eval_manifest.as_mut() {
+            resolve(p);
+        }
+        resolve(&mut self.checkpoint.dir);
+    }
+
+    /// Micro-batches per global step at the largest micro-batch: every world size must divide
+    /// it, so that ranks take whole micro-batches at every stage.
+    pub fn min_micro_batches_per_step(&self) -> u32 {
+        self.batch.global / self.batch.micro_max.max(1)
+    }
+
+    /// The world sizes this job can run on: within `workers.min..=workers.max`, dividing the
+    /// micro-batch count of every stage.
+    pub fn allowed_world_sizes(&self) -> Vec<u32> {
+        let micro = self.min_micro_batches_per_step();
+        (self.workers.min.max(1)..=self.workers.max)
+            .filter(|n| micro > 0 && micro.is_multiple_of(*n))
+            .collect()
+    }
+
+    /// Every problem with the spec's values, in field order.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut c = Checker::default();
+        let name = &self.job.name;
+        c.check(
+            "job.name",
+            format!("{name:?}"),
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch)),
+            "1 to 64 characters of letters, digits, '.', '_' and '-'",
+        );
+
+        let m = &self.model;
+        c.check(
+            "model.classes",
+            m.classes,
+            (2..=1_000_000).contains(&m.classes),
+            "between 2 and 1000000",
+        );
+        c.range_open("model.bn_eps", m.bn_eps, 0.0, 1.0);
+        c.check(
+            "model.bn_momentum",
+            m.bn_momentum,
+            m.bn_momentum > 0.0 && m.bn_momentum <= 1.0,
+            "in (0, 1] (PyTorch's convention: TF's 0.99 is 0.01)",
+        );
+
+        let d = &self.data;
+        c.check(
+            "data.manifest",
+            format!("{:?}", d.manifest),
+            !d.manifest.as_os_str().is_empty(),
+            "a path to a manifest written by `ladder dataset index`",
+        );
+        c.check(
+            "data.crop_scale",
+            format!("{:?}", d.crop_scale),
+            d.crop_scale[0] > 0.0 && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0,
+            "[low, high] with 0 < low <= high <= 1",
+        );
+        c.check(
+            "data.crop_ratio",
+            format!("{:?}", d.crop_ratio),
+            d.crop_ratio[0] > 0.0 && d.crop_ratio[0] <= d.crop_ratio[1] && d.crop_ratio[1] < 100.0,
+            "[low, high] with 0 < low <= high < 100",
+        );
+        c.check(
+            "data.mean",
+            format!("{:?}", d.mean),
+            d.mean.iter().all(|v| (0.0..=1.0).contains(v)),
+            "three values in [0, 1]",
+        );
+        c.check(
+            "data.std",
+            format!("{:?}", d.std),
+            d.std.iter().all(|v| *v > 0.0 && *v <= 1.0),
+            "three values in (0, 1]",
+        );
+        c.check(
+            "data.shard_window",
+            d.shard_window,
+            d.shard_window >= 1,
+            "at least 1",
+        );
+
+        let s = &self.schedule;
+        c.check(
+            "schedule.epochs",
+            s.epochs,
+            (1..=10_000).contains(&s.epochs),
+            "between 1 and 10000",
+        );
+        c.check(
+            "schedule.stage_epochs",
+            s.stage_epochs,
+            s.stage_epochs >= 1 && s.stage_epochs <= s.epochs.max(1),
+            format!("between 1 and schedule.epochs ({})", s.epochs),
+        );
+        c.check(
+            "schedule.min_size",
+            s.min_size,
+            (32..=1024).contains(&s.min_size),
+            "between 32 and 1024 pixels",
+        );
+        c.check(
+            "schedule.max_size",
+            s.max_size,
+            (s.min_size..=1024).contains(&s.max_size),
+            format!("between schedule.min_size ({}) and 1024 pixels", s.min_size),
+        );
+        c.check(
+            "schedule.eval_size",
+            s.eval_size,
+            (32..=1024).contains(&s.eval_size),
+            "between 32 and 1024 pixels",
+        );
+        c.range_half_open("schedule.min_dropout", s.min_dropout, 0.0, 1.0);
+        c.check(
+            "schedule.max_dropout",
+            s.max_dropout,
+            s.max_dropout >= s.min_dropout && s.max_dropout < 1.0,
+            format!("in [schedule.min_dropout ({}), 1)", s.min_dropout),
+        );
+        c.range_half_open("schedule.stochastic_depth", s.stochastic_depth, 0.0, 1.0);
+        c.check(
+            "schedule.min_randaugment",
+            s.min_randaugment,
+            (0.0..=30.0).contains(&s.min_randaugment),
+            "in [0, 30] (RandAugment's magnitude scale)",
+        );
+        c.check(
+            "schedule.max_randaugment",
+            s.max_randaugment,
+            s.max_randaugment >= s.min_randaugment && s.max_randaugment <= 30.0,
+            format!("in [schedule.min_randaugment ({}), 30]", s.min_randaugment),
+        );
+        c.check(
+            "schedule.min_mixup",
+            s.min_mixup,
+            (0.0..=10.0).contains(&s.min_mixup),
+            "in [0, 10] (0 turns mixup off)",
+        );
+        c.check(
+            "schedule.max_mixup",
+            s.max_mixup,
+            s.max_mixup >= s.min_mixup && s.max_mixup <= 10.0,
+            format!("in [schedule.min_mixup ({}), 10]", s.min_mixup),
+        );
+
+        let o = &self.optimizer;
+        c.check(
+            "optimizer.lr_per_256",
+            o.lr_per_256,
+            o.lr_per_256 > 0.0 && o.lr_per_256 <= 10.0,
+            "in (0, 10]",
+        );
+        c.range_open("optimizer.decay", o.decay, 0.0, 1.0);
+        c.range_half_open("optimizer.momentum", o.momentum, 0.0, 1.0);
+        c.range_open("optimizer.eps", o.eps, 0.0, 1.0);
+        c.range_half_open("optimizer.weight_decay", o.weight_decay, 0.0, 1.0);
+        c.check(
+            "optimizer.warmup_epochs",
+            o.warmup_epochs,
+            o.warmup_epochs >= 0.0 && o.warmup_epochs < s.epochs as f64,
+            format!("in [0, schedule.epochs ({}))", s.epochs),
+        );
+        c.check(
+            "optimizer.lr_decay_rate",
+            o.lr_decay_rate,
+            o.lr_decay_rate > 0.0 && o.lr_decay_rate <= 1.0,
+            "in (0, 1]",
+        );
+        c.check(
+            "optimizer.lr_decay_epochs",
+            o.lr_decay_epochs,
+            o.lr_decay_epochs > 0.0,
+            "greater than 0",
+        );
+        c.range_half_open("optimizer.ema_decay", o.ema_decay, 0.0, 1.0);
+        c.range_half_open("optimizer.label_smoothing", o.label_smoothing, 0.0, 1.0);
+
+        let b = &self.batch;
+        c.check(
+            "batch.global",
+            b.global,
+            (1..=1 << 20).contains(&b.global),
+            "between 1 and 1048576",
+        );
+        c.check(
+            "batch.micro_at_max_size",
+            b.micro_at_max_size,
+            b.micro_at_max_size >= 1 && b.micro_at_max_size <= b.global,
+            format!("between 1 and batch.global ({})", b.global),
+        );
+        let ratio_ok = b.micro_at_max_size >= 1
+            && b.micro_max >= b.micro_at_max_size
+            && b.micro_max.is_multiple_of(b.micro_at_max_size)
+            && (b.micro_max / b.micro_at_max_size).is_power_of_two();
+        c.check(
+            "batch.micro_max",
+            b.micro_max,
+            ratio_ok,
+            format!(
+                "batch.micro_at_max_size ({}) times a power of two",
+                b.micro_at_max_size
+            ),
+        );
+        c.check(
+            "batch.global",
+            b.global,
+            b.micro_max >= 1 && b.global.is_multiple_of(b.micro_max),
+            format!(
+                "a multiple of batch.micro_max ({}), so that every stage has whole micro-batches",
+                b.micro_max
+            ),
+        );
+
+        let k = &self.checkpoint;
+        c.check(
+            "checkpoint.dir",
+            format!("{:?}", k.dir),
+            !k.dir.as_os_str().is_empty(),
+            "a directory on storage every worker can reach",
+        );
+        c.check(
+            "checkpoint.every_steps",
+            k.every_steps,
+            k.every_steps >= 1,
+            "at least 1",
+        );
+        c.check("checkpoint.keep", k.keep, k.keep >= 1, "at least 1");
+
+        let w = &self.workers;
+        c.check("workers.min", w.min, w.min >= 1, "at least 1");
+        c.check(
+            "workers.max",
+            w.max,
+            w.max >= w.min && w.max <= 65_536,
+            format!("between workers.min ({}) and 65536", w.min),
+        );
+        if c.problems.is_empty() {
+            let micro = self.min_micro_batches_per_step();
+            let divisors: Vec<String> = (1..=micro)
+                .filter(|n| micro.is_multiple_of(*n))
+                .map(|n| n.to_string())
+                .collect();
+            c.check(
+                "workers",
+                format!("{}..={}", w.min, w.max),
+                !self.allowed_world_sizes().is_empty(),
+                format!(
+                    "a range holding a divisor of the {micro} micro-batches per step \
+                     (batch.global / batch.micro_max), so that every rank takes whole \
+                     micro-batches: one of {}",
+                    divisors.join(", ")
+                ),
+            );
+        }
+        c.problems
+    }
+}
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn check(
+        &mut self,
+        field: &str,
+        value: impl fmt::Display,
+        ok: bool,
+        allowed: impl Into<String>,
+    ) {
+        if !ok {
+            self.problems.push(Problem {
+                field: field.to_owned(),
+                value: value.to_string(),
+                allowed: allowed.into(),
+            });
+        }
+    }
+
+    fn range_open(&mut self, field: &str, value: f64, low: f64, high: f64) {
+        let ok = value > low && value < high;
+        self.check(field, value, ok, format!("in ({low}, {high})"));
+    }
+
+    fn range_half_open(&mut self, field: &str, value: f64, low: f64, high: f64) {
+        let ok = value >= low && value < high;
+        self.check(field, value, ok, format!("in [{low}, {high})"));
+    }
+}
