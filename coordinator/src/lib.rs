@@ -1,0 +1,4 @@
+pub mod auth;
+pub mod service;
+pub mod state;
+pub mod store;

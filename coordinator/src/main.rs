@@ -1,0 +1,228 @@
+//! `ladder-coordinator`: owns jobs, plans and membership; workers and the `ladder` CLI talk to
+//! it over gRPC. See `ladder-coordinator --help`.
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use ladder_coordinator::auth::{Role, Tokens};
+use ladder_coordinator::service::{JobApi, WorkerApi};
+use ladder_coordinator::state::{Config, Coordinator};
+use ladder_coordinator::store::{EtcdStore, RedbStore, SharedStore, StoreAddress};
+use ladder_proto::v1::job_service_server::JobServiceServer;
+use ladder_proto::v1::worker_service_server::WorkerServiceServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Ladder's coordinator: accepts training jobs and drives workers."
+)]
+struct Args {
+    /// Address to serve gRPC on. Without TLS only loopback addresses are allowed.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where state lives: `redb:PATH` (embedded, one coordinator) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (replicated; coordinators elect a leader).
+    #[arg(long, default_value = "redb:ladder-coordinator.redb")]
+    store: StoreAddress,
+    /// File holding the submit token (else LADDER_SUBMIT_TOKEN).
+    #[arg(long)]
+    submit_token_file: Option<PathBuf>,
+    /// File holding the worker token (else LADDER_WORKER_TOKEN).
+    #[arg(long)]
+    worker_token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve without TLS on a non-loopback address (tokens then cross the network in clear).
+    #[arg(long)]
+    insecure_allow_remote: bool,
+    /// A worker that has not sent a heartbeat for this long is considered lost.
+    #[arg(long, default_value_t = 10_000)]
+    lease_ttl_ms: u64,
+    /// How long a job that could start on fewer workers waits for more to register.
+    #[arg(long, default_value_t = 5_000)]
+    rendezvous_grace_ms: u64,
+    /// With etcd: the leadership lease. A standby takes over within this time after the
+    /// leader dies.
+    #[arg(long, default_value_t = 5)]
+    leader_ttl_s: i64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {flag} {}", path.display()))?,
+        None => std::env::var(env).unwrap_or_default(),
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("no token: set {env} or pass {flag} (a file holding the token)");
+    }
+    Ok(token)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logs(args.log_format);
+    if let Err(e) = run(args).await {
+        eprintln!("ladder-coordinator: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let tokens = Tokens {
+        submit: read_token(
+            args.submit_token_file.as_ref(),
+            "LADDER_SUBMIT_TOKEN",
+            "--submit-token-file",
+        )?,
+        worker: read_token(
+            args.worker_token_file.as_ref(),
+            "LADDER_WORKER_TOKEN",
+            "--worker-token-file",
+        )?,
+    };
+    if tokens.submit == tokens.worker {
+        bail!("the submit and worker tokens must differ, so that a worker node cannot submit jobs");
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert = std::fs::read(cert)
+                .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
+            let key = std::fs::read(key)
+                .with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+            Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        }
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure_allow_remote {
+        bail!(
+            "refusing to serve on {} without TLS: tokens would cross the network in clear. \
+             Pass --tls-cert and --tls-key, listen on a loopback address, or pass \
+             --insecure-allow-remote on a trusted network",
+            args.listen
+        );
+    }
+    // Bind before campaigning, so a bad address fails fast; serve only once leading.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+
+    let (store, mut leadership): (SharedStore, _) = match &args.store {
+        StoreAddress::Redb(path) => (Arc::new(RedbStore::open(path)?), None),
+        StoreAddress::Etcd(endpoints) => {
+            let mut store = EtcdStore::connect(endpoints).await?;
+            tracing::info!(%address, "standby: campaigning for leadership");
+            let lease = store.lead(&address.to_string(), args.leader_ttl_s).await?;
+            tracing::info!(%address, "elected leader");
+            (Arc::new(store), Some(lease))
+        }
+    };
+    let config = Config {
+        lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+        rendezvous_grace: Duration::from_millis(args.rendezvous_grace_ms),
+    };
+    let coordinator = Coordinator::recover(store, config).await?;
+
+    let ticker = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                if let Err(e) = coordinator.tick().await {
+                    tracing::error!("membership check failed: {e}");
+                }
+            }
+        })
+    };
+
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .add_service(JobServiceServer::with_interceptor(
+            JobApi(coordinator.clone()),
+            tokens.require(Role::Submitter),
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(
+            WorkerApi(coordinator.clone()),
+            tokens.require(Role::Worker),
+        ));
+    println!("ladder-coordinator listening on {address}");
+
+    let mut deposed = coordinator.deposed();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let lost = async {
+        match leadership.as_mut() {
+            Some(lease) => (&mut lease.lost)
+                .await
+                .unwrap_or_else(|_| "lease task ended".into()),
+            None => std::future::pending().await,
+        }
+    };
+    let outcome: Result<()> = tokio::select! {
+        why = shutdown_signal() => {
+            tracing::info!("{why}; shutting down");
+            Ok(())
+        }
+        why = lost => Err(anyhow::anyhow!("lost leadership: {why}")),
+        _ = deposed.wait_for(Option::is_some) => Err(anyhow::anyhow!("another coordinator leads now")),
+    };
+    ticker.abort();
+    let _ = stop_tx.send(());
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .unwrap_or(Ok(Ok(())))
+    {
+        tracing::warn!("server stopped with: {e}");
+    }
+    outcome
+}

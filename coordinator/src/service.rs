@@ -1,0 +1,366 @@
+//! The gRPC face of the coordinator: `ladder.v1.JobService` and `ladder.v1.WorkerService`,
+//! translating between the wire types and [`crate::state`].
+
+use crate::state::{
+    Assignment, CheckpointRecord, Coordinator, CoordinatorError, JobRecord, JobState,
+    ProgressRecord, ProgressReport,
+};
+use ladder_proto::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The longest a worker's long-poll may wait, so that requests do not outlive proxies.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        match e {
+            CoordinatorError::NotFound(m) => Status::not_found(m),
+            CoordinatorError::Invalid(m) => Status::invalid_argument(m),
+            CoordinatorError::Conflict(m) => Status::failed_precondition(m),
+            e @ CoordinatorError::Store(_) => Status::unavailable(e.to_string()),
+            e @ CoordinatorError::Corrupt { .. } => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn state_to_pb(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Rendezvous => pb::JobState::Rendezvous,
+        JobState::Running => pb::JobState::Running,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn progress_to_pb(p: &ProgressRecord) -> pb::Progress {
+    pb::Progress {
+        stage: p.stage,
+        epoch: p.epoch,
+        step: p.step,
+        steps_per_epoch: p.steps_per_epoch,
+        loss: p.loss,
+        images_per_second: p.images_per_second,
+        image_size: p.image_size,
+    }
+}
+
+fn progress_from_pb(p: pb::Progress) -> ProgressRecord {
+    ProgressRecord {
+        stage: p.stage,
+        epoch: p.epoch,
+        step: p.step,
+        steps_per_epoch: p.steps_per_epoch,
+        loss: p.loss,
+        images_per_second: p.images_per_second,
+        image_size: p.image_size,
+    }
+}
+
+fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointRef {
+    pb::CheckpointRef {
+        id: c.id.clone(),
+        path: c.path.clone(),
+        generation: c.generation,
+        epoch: c.epoch,
+        step: c.step,
+        stage: c.stage,
+        committed_at_ms: c.committed_at_ms,
+    }
+}
+
+fn checkpoint_from_pb(c: pb::CheckpointRef) -> CheckpointRecord {
+    CheckpointRecord {
+        id: c.id,
+        path: c.path,
+        generation: c.generation,
+        epoch: c.epoch,
+        step: c.step,
+        stage: c.stage,
+        committed_at_ms: c.committed_at_ms,
+    }
+}
+
+pub fn job_to_pb(job: &JobRecord) -> pb::Job {
+    pb::Job {
+        id: job.id.clone(),
+        name: job.name.clone(),
+        state: state_to_pb(job.state) as i32,
+        generation: job.generation,
+        spec_toml: job.spec_toml.clone(),
+        workers: job.workers.clone(),
+        progress: Some(progress_to_pb(&job.progress)),
+        checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
+        message: job.message.clone(),
+        created_at_ms: job.created_at_ms,
+        updated_at_ms: job.updated_at_ms,
+        stage_count: job.stage_count,
+        epochs: job.epochs,
+    }
+}
+
+fn assignment_to_pb(a: Assignment) -> pb::Assignment {
+    pb::Assignment {
+        job_id: a.job_id,
+        generation: a.generation,
+        rank: a.rank,
+        world_size: a.world_size,
+        spec_toml: a.spec_toml,
+        restore_from: a.restore_from.as_ref().map(checkpoint_to_pb),
+    }
+}
+
+fn wait(ms: u32) -> Duration {
+    Duration::from_millis(ms as u64).min(MAX_WAIT)
+}
+
+fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+pub struct JobApi(pub Arc<Coordinator>);
+pub struct WorkerApi(pub Arc<Coordinator>);
+
+type JobEvents = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobApi {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let job = self.0.submit(&request.into_inner().spec_toml).await?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some(job_to_pb(&job)),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self.0.get(&request.into_inner().id).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.0.list().await.iter().map(job_to_pb).collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self.0.cancel(&request.into_inner().id).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = request.into_inner();
+        let checkpoint = (!r.checkpoint_id.is_empty()).then_some(r.checkpoint_id.as_str());
+        let workers = (r.workers > 0).then_some(r.workers);
+        let job = self.0.resume(&r.id, checkpoint, workers).await?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    type WatchJobStream = JobEvents;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<JobEvents>, Status> {
+        let id = request.into_inner().id;
+        let coordinator = self.0.clone();
+        let mut changes = coordinator.subscribe();
+        let first = coordinator.get(&id).await?;
+        let stream = async_stream(move |tx| async move {
+            let mut job = first;
+            loop {
+                let ended = job.state.is_terminal();
+                if tx
+                    .send(Ok(pb::JobEvent {
+                        job: Some(job_to_pb(&job)),
+                    }))
+                    .await
+                    .is_err()
+                    || ended
+                {
+                    return;
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(changed) if changed == id => break,
+                        Ok(_) => continue,
+                        // Missed some changes: the latest state is all a watcher needs.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+                match coordinator.get(&id).await {
+                    Ok(latest) => job = latest,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task: the task ends when the client goes away.
+fn async_stream<F, Fut>(body: F) -> JobEvents
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let worker = self.0.register(&r.hostname, &r.device, &r.name).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: worker.id,
+            lease_ttl_ms: worker.lease_ttl_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let assignment = self
+            .0
+            .heartbeat(required(&r.worker_id, "worker_id")?)
+            .await?;
+        Ok(Response::new(match assignment {
+            Some(a) => pb::HeartbeatResponse {
+                job_id: a.job_id,
+                generation: a.generation,
+            },
+            None => pb::HeartbeatResponse::default(),
+        }))
+    }
+
+    async fn await_assignment(
+        &self,
+        request: Request<pb::AwaitAssignmentRequest>,
+    ) -> Result<Response<pb::Assignment>, Status> {
+        let r = request.into_inner();
+        let assignment = self
+            .0
+            .await_assignment(required(&r.worker_id, "worker_id")?, wait(r.wait_ms))
+            .await?;
+        Ok(Response::new(
+            assignment.map(assignment_to_pb).unwrap_or_default(),
+        ))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let r = request.into_inner();
+        let report = ProgressReport {
+            progress: r.progress.map(progress_from_pb).unwrap_or_default(),
+            finished: r.finished,
+            error: r.error,
+        };
+        let current = self
+            .0
+            .report_progress(
+                required(&r.worker_id, "worker_id")?,
+                &r.job_id,
+                r.generation,
+                report,
+            )
+            .await?;
+        Ok(Response::new(pb::ReportProgressResponse { current }))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let r = request.into_inner();
+        let outcome = self
+            .0
+            .rendezvous(
+                required(&r.worker_id, "worker_id")?,
+                &r.job_id,
+                r.generation,
+                r.rank,
+                r.payload,
+                wait(r.wait_ms),
+            )
+            .await?;
+        Ok(Response::new(match outcome {
+            None => pb::RendezvousResponse {
+                payloads: Vec::new(),
+                complete: false,
+                current: false,
+            },
+            Some(payloads) => pb::RendezvousResponse {
+                complete: !payloads.is_empty(),
+                payloads,
+                current: true,
+            },
+        }))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let checkpoint = r
+            .checkpoint
+            .ok_or_else(|| Status::invalid_argument("checkpoint is required"))?;
+        required(&checkpoint.id, "checkpoint.id")?;
+        let outcome = self
+            .0
+            .commit_checkpoint(
+                required(&r.worker_id, "worker_id")?,
+                &r.job_id,
+                r.generation,
+                checkpoint_from_pb(checkpoint),
+            )
+            .await?;
+        Ok(Response::new(match outcome {
+            Ok(()) => pb::CommitCheckpointResponse {
+                accepted: true,
+                reason: String::new(),
+            },
+            Err(reason) => pb::CommitCheckpointResponse {
+                accepted: false,
+                reason,
+            },
+        }))
+    }
+}

@@ -1,0 +1,866 @@
+//! The coordinator's model of the world (jobs and workers) and the rules that move it.
+//!
+//! A job moves `queued -> rendezvous -> running -> completed`, or to `failed` / `cancelled`;
+//! `resume` brings an ended job back to `queued`. Every assignment of workers to a job starts a
+//! new *generation*: a worker lost mid-run sends the job back to `queued`, its survivors are
+//! released, and the next assignment (generation + 1) restores from the latest committed
+//! checkpoint. Workers notice a generation change through their heartbeat and drop the old
+//! collective.
+//!
+//! Every change is written to the store before it becomes visible (the state lock is held
+//! across the write, so memory and store change in the same order); a restarted coordinator
+//! rebuilds this state from the store alone. Worker leases are kept as records plus a TTL:
+//! heartbeats renew them in memory only, and recovery grants every known worker a fresh TTL,
+//! since no worker could reach a coordinator that was down.
+
+use crate::store::{SharedStore, StoreError};
+use ladder_core::dataset::Manifest;
+use ladder_core::sample::SamplePlan;
+use ladder_core::spec::JobSpec;
+use ladder_core::stage::StagePlan;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Mutex, Notify, broadcast, watch};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Rendezvous,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    fn is_active(self) -> bool {
+        matches!(self, JobState::Rendezvous | JobState::Running)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub stage: u32,
+    pub epoch: u32,
+    pub step: u64,
+    pub steps_per_epoch: u64,
+    pub loss: f32,
+    pub images_per_second: f32,
+    pub image_size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub id: String,
+    pub path: String,
+    pub generation: u64,
+    pub epoch: u32,
+    pub step: u64,
+    pub stage: u32,
+    pub committed_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub name: String,
+    pub state: JobState,
+    pub generation: u64,
+    pub spec_toml: String,
+    /// Worker ids by rank in the current generation; empty unless rendezvous or running.
+    pub workers: Vec<String>,
+    pub progress: ProgressRecord,
+    pub checkpoints: Vec<CheckpointRecord>,
+    pub message: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub stage_count: u32,
+    pub epochs: u32,
+    /// World sizes the spec allows (see `JobSpec::allowed_world_sizes`).
+    pub world_sizes: Vec<u32>,
+    /// Set by `resume --workers N`.
+    pub requested_world_size: Option<u32>,
+    pub restore_from: Option<CheckpointRecord>,
+    /// Rendezvous payloads by rank for the current generation: workers publish them again
+    /// after a coordinator restart, so they are not persisted.
+    #[serde(skip)]
+    pub rendezvous: BTreeMap<u32, Vec<u8>>,
+    /// When enough workers for some allowed world size were first idle.
+    #[serde(skip)]
+    pub ready_since_ms: Option<i64>,
+    #[serde(skip)]
+    pub progress_persisted_ms: i64,
+}
+
+impl JobRecord {
+    fn world_sizes_now(&self) -> Vec<u32> {
+        match self.requested_world_size {
+            Some(n) => self
+                .world_sizes
+                .iter()
+                .copied()
+                .filter(|&s| s == n)
+                .collect(),
+            None => self.world_sizes.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerAssignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub hostname: String,
+    pub device: String,
+    pub name: String,
+    pub lease_ttl_ms: u32,
+    pub registered_at_ms: i64,
+    pub assignment: Option<WorkerAssignment>,
+    #[serde(skip)]
+    pub lease_expires_ms: i64,
+}
+
+/// What a worker is told to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub spec_toml: String,
+    pub restore_from: Option<CheckpointRecord>,
+}
+
+/// What a worker reports.
+#[derive(Clone, Debug, Default)]
+pub struct ProgressReport {
+    pub progress: ProgressRecord,
+    pub finished: bool,
+    pub error: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a worker lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How long a schedulable job waits for more workers before starting on fewer.
+    pub rendezvous_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lease_ttl: Duration::from_secs(10),
+            rendezvous_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<String, JobRecord>,
+    workers: BTreeMap<String, WorkerRecord>,
+    next_job: u64,
+    next_worker: u64,
+}
+
+pub struct Coordinator {
+    store: SharedStore,
+    config: Config,
+    inner: Mutex<Inner>,
+    job_changed: broadcast::Sender<String>,
+    assignments_changed: Notify,
+    rendezvous_changed: Notify,
+    /// Set when the store refuses this coordinator's writes: it must stop serving.
+    deposed: watch::Sender<Option<String>>,
+}
+
+const PROGRESS_PERSIST_EVERY_MS: i64 = 5_000;
+
+fn job_key(id: &str) -> String {
+    format!("jobs/{id}")
+}
+
+fn worker_key(id: &str) -> String {
+    format!("workers/{id}")
+}
+
+const COUNTERS_KEY: &str = "meta/counters";
+
+#[derive(Serialize, Deserialize)]
+struct Counters {
+    next_job: u64,
+    next_worker: u64,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| CoordinatorError::Corrupt {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+impl Coordinator {
+    /// Rebuilds the coordinator's state from `store`.
+    pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
+        let mut inner = Inner::default();
+        let now = now_ms();
+        for (key, bytes) in store.list("jobs/").await? {
+            let job: JobRecord = decode(&key, &bytes)?;
+            inner.jobs.insert(job.id.clone(), job);
+        }
+        for (key, bytes) in store.list("workers/").await? {
+            let mut worker: WorkerRecord = decode(&key, &bytes)?;
+            worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
+            inner.workers.insert(worker.id.clone(), worker);
+        }
+        if let Some(bytes) = store.get(COUNTERS_KEY).await? {
+            let counters: Counters = decode(COUNTERS_KEY, &bytes)?;
+            inner.next_job = counters.next_job;
+            inner.next_worker = counters.next_worker;
+        }
+        tracing::info!(
+            store = %store.describe(),
+            jobs = inner.jobs.len(),
+            workers = inner.workers.len(),
+            "recovered state"
+        );
+        let (job_changed, _) = broadcast::channel(1024);
+        Ok(Arc::new(Coordinator {
+            store,
+            config,
+            inner: Mutex::new(inner),
+            job_changed,
+            assignments_changed: Notify::new(),
+            rendezvous_changed: Notify::new(),
+            deposed: watch::channel(None).0,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Resolves when the store has refused a write because another coordinator leads.
+    pub fn deposed(&self) -> watch::Receiver<Option<String>> {
+        self.deposed.subscribe()
+    }
+
+    fn store_failed(&self, e: StoreError) -> CoordinatorError {
+        if matches!(e, StoreError::NotLeader { .. }) {
+            self.deposed.send_replace(Some(e.to_string()));
+        }
+        CoordinatorError::Store(e)
+    }
+
+    async fn persist_job(&self, job: &JobRecord) -> Result<()> {
+        self.store
+            .put(&job_key(&job.id), encode(job))
+            .await
+            .map_err(|e| self.store_failed(e))
+    }
+
+    async fn persist_worker(&self, worker: &WorkerRecord) -> Result<()> {
+        self.store
+            .put(&worker_key(&worker.id), encode(worker))
+            .await
+            .map_err(|e| self.store_failed(e))
+    }
+
+    async fn persist_counters(&self, inner: &Inner) -> Result<()> {
+        let counters = Counters {
+            next_job: inner.next_job,
+            next_worker: inner.next_worker,
+        };
+        self.store
+            .put(COUNTERS_KEY, encode(&counters))
+            .await
+            .map_err(|e| self.store_failed(e))
+    }
+
+    /// Writes `job` and makes it visible.
+    async fn commit_job(&self, inner: &mut Inner, mut job: JobRecord) -> Result<JobRecord> {
+        job.updated_at_ms = now_ms();
+        self.persist_job(&job).await?;
+        job.progress_persisted_ms = job.updated_at_ms;
+        inner.jobs.insert(job.id.clone(), job.clone());
+        let _ = self.job_changed.send(job.id.clone());
+        Ok(job)
+    }
+
+    async fn set_assignment(
+        &self,
+        inner: &mut Inner,
+        worker_id: &str,
+        assignment: Option<WorkerAssignment>,
+    ) -> Result<()> {
+        let Some(worker) = inner.workers.get(worker_id) else {
+            return Ok(());
+        };
+        let mut worker = worker.clone();
+        worker.assignment = assignment;
+        self.persist_worker(&worker).await?;
+        inner.workers.insert(worker.id.clone(), worker);
+        Ok(())
+    }
+
+    /// Frees every worker of `job`'s current generation.
+    async fn release_workers(&self, inner: &mut Inner, job: &mut JobRecord) -> Result<()> {
+        for id in std::mem::take(&mut job.workers) {
+            let held = inner
+                .workers
+                .get(&id)
+                .and_then(|w| w.assignment.as_ref())
+                .is_some_and(|a| a.job_id == job.id);
+            if held {
+                self.set_assignment(inner, &id, None).await?;
+            }
+        }
+        job.rendezvous.clear();
+        self.assignments_changed.notify_waiters();
+        self.rendezvous_changed.notify_waiters();
+        Ok(())
+    }
+
+    fn job<'a>(inner: &'a Inner, id: &str) -> Result<&'a JobRecord> {
+        inner.jobs.get(id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!("no job {id:?}; `ladder list` shows the jobs"))
+        })
+    }
+
+    // ------------------------------------------------------------------ jobs
+
+    /// Validates a spec (its values, its dataset manifest, and that a plan can be made from
+    /// them) and queues it as a new job.
+    pub async fn submit(&self, spec_toml: &str) -> Result<JobRecord> {
+        let spec = JobSpec::parse(spec_toml, "submitted spec")
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let manifest = Manifest::load(&spec.data.manifest)
+            .map_err(|e| CoordinatorError::Invalid(format!("data.manifest: {e}")))?;
+        if manifest.classes > spec.model.classes {
+            return Err(CoordinatorError::Invalid(format!(
+                "model.classes = {}: the dataset {} has {} classes",
+                spec.model.classes,
+                spec.data.manifest.display(),
+                manifest.classes
+            )));
+        }
+        SamplePlan::new(
+            &manifest.shard_sizes(),
+            spec.schedule.seed,
+            spec.data.shard_window,
+            spec.batch.global,
+        )
+        .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
+        let stages = StagePlan::new(&spec);
+
+        let mut inner = self.inner.lock().await;
+        inner.next_job += 1;
+        self.persist_counters(&inner).await?;
+        let now = now_ms();
+        let job = JobRecord {
+            id: format!("job-{:06}", inner.next_job),
+            name: spec.job.name.clone(),
+            state: JobState::Queued,
+            generation: 0,
+            spec_toml: spec.to_toml(),
+            workers: Vec::new(),
+            progress: ProgressRecord::default(),
+            checkpoints: Vec::new(),
+            message: "waiting for workers".to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            stage_count: stages.stage_count(),
+            epochs: spec.schedule.epochs,
+            world_sizes: spec.allowed_world_sizes(),
+            requested_world_size: None,
+            restore_from: None,
+            rendezvous: BTreeMap::new(),
+            ready_since_ms: None,
+            progress_persisted_ms: 0,
+        };
+        let job = self.commit_job(&mut inner, job).await?;
+        tracing::info!(job = %job.id, name = %job.name, "job submitted");
+        self.schedule(&mut inner).await?;
+        Ok(inner.jobs[&job.id].clone())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<JobRecord> {
+        Self::job(&*self.inner.lock().await, id).cloned()
+    }
+
+    pub async fn list(&self) -> Vec<JobRecord> {
+        self.inner.lock().await.jobs.values().cloned().collect()
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
+        let mut inner = self.inner.lock().await;
+        let mut job = Self::job(&inner, id)?.clone();
+        if job.state.is_terminal() {
+            return Err(CoordinatorError::Conflict(format!(
+                "job {id} is already {:?}",
+                job.state
+            )));
+        }
+        self.release_workers(&mut inner, &mut job).await?;
+        job.state = JobState::Cancelled;
+        job.message = "cancelled by request".to_owned();
+        let job = self.commit_job(&mut inner, job).await?;
+        tracing::info!(job = %id, "job cancelled");
+        self.schedule(&mut inner).await?;
+        Ok(job)
+    }
+
+    /// Queues an ended job again, to continue from `checkpoint_id` (or the latest committed
+    /// checkpoint) on `workers` ranks (or any allowed number).
+    pub async fn resume(
+        &self,
+        id: &str,
+        checkpoint_id: Option<&str>,
+        workers: Option<u32>,
+    ) -> Result<JobRecord> {
+        let mut inner = self.inner.lock().await;
+        let mut job = Self::job(&inner, id)?.clone();
+        if !job.state.is_terminal() {
+            return Err(CoordinatorError::Conflict(format!(
+                "job {id} is {:?}; only a completed, failed or cancelled job can be resumed",
+                job.state
+            )));
+        }
+        let restore = match checkpoint_id {
+            Some(cid) => Some(
+                job.checkpoints
+                    .iter()
+                    .find(|c| c.id == cid)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> =
+                            job.checkpoints.iter().map(|c| c.id.as_str()).collect();
+                        CoordinatorError::NotFound(format!(
+                            "job {id} has no committed checkpoint {cid:?}; it has: {}",
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ))
+                    })?,
+            ),
+            None => job.checkpoints.last().cloned(),
+        };
+        if let Some(n) = workers
+            && !job.world_sizes.contains(&n)
+        {
+            return Err(CoordinatorError::Invalid(format!(
+                "--workers {n}: job {id} can run on {:?} workers (each must take whole micro-batches)",
+                job.world_sizes
+            )));
+        }
+        job.requested_world_size = workers;
+        job.restore_from = restore;
+        job.state = JobState::Queued;
+        job.message = match &job.restore_from {
+            Some(c) => format!("resuming from checkpoint {}", c.id),
+            None => "resuming from the start: no committed checkpoint".to_owned(),
+        };
+        let job = self.commit_job(&mut inner, job).await?;
+        tracing::info!(job = %id, "job resumed");
+        self.schedule(&mut inner).await?;
+        Ok(inner.jobs.get(&job.id).cloned().unwrap_or(job))
+    }
+
+    /// The job's state now, then after each change.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.job_changed.subscribe()
+    }
+
+    // --------------------------------------------------------------- workers
+
+    pub async fn register(&self, hostname: &str, device: &str, name: &str) -> Result<WorkerRecord> {
+        let mut inner = self.inner.lock().await;
+        inner.next_worker += 1;
+        self.persist_counters(&inner).await?;
+        let now = now_ms();
+        let worker = WorkerRecord {
+            id: format!("w-{:06}", inner.next_worker),
+            hostname: hostname.to_owned(),
+            device: device.to_owned(),
+            name: name.to_owned(),
+            lease_ttl_ms: self.config.lease_ttl.as_millis() as u32,
+            registered_at_ms: now,
+            assignment: None,
+            lease_expires_ms: now + self.config.lease_ttl.as_millis() as i64,
+        };
+        self.persist_worker(&worker).await?;
+        inner.workers.insert(worker.id.clone(), worker.clone());
+        tracing::info!(worker = %worker.id, %hostname, %device, "worker registered");
+        self.schedule(&mut inner).await?;
+        Ok(worker)
+    }
+
+    fn worker_mut<'a>(inner: &'a mut Inner, id: &str) -> Result<&'a mut WorkerRecord> {
+        inner.workers.get_mut(id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!(
+                "unknown worker {id:?}: its lease expired or it never registered; register again"
+            ))
+        })
+    }
+
+    /// Renews the worker's lease; returns its current assignment.
+    pub async fn heartbeat(&self, worker_id: &str) -> Result<Option<WorkerAssignment>> {
+        let mut inner = self.inner.lock().await;
+        let worker = Self::worker_mut(&mut inner, worker_id)?;
+        worker.lease_expires_ms = now_ms() + worker.lease_ttl_ms as i64;
+        Ok(worker.assignment.clone())
+    }
+
+    fn assignment_of(inner: &Inner, worker_id: &str) -> Result<Option<Assignment>> {
+        let worker = inner.workers.get(worker_id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!("unknown worker {worker_id:?}; register again"))
+        })?;
+        Ok(worker.assignment.as_ref().and_then(|a| {
+            let job = inner.jobs.get(&a.job_id)?;
+            Some(Assignment {
+                job_id: job.id.clone(),
+                generation: job.generation,
+                rank: a.rank,
+                world_size: job.workers.len() as u32,
+                spec_toml: job.spec_toml.clone(),
+                restore_from: job.restore_from.clone(),
+            })
+        }))
+    }
+
+    /// The worker's assignment, waiting up to `wait` for one.
+    pub async fn await_assignment(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<Option<Assignment>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.assignments_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(a) = Self::assignment_of(&*self.inner.lock().await, worker_id)? {
+                return Ok(Some(a));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Checks that `worker_id` holds `rank` of `job_id`'s generation `generation`.
+    fn current<'a>(
+        inner: &'a Inner,
+        worker_id: &str,
+        job_id: &str,
+        generation: u64,
+    ) -> Result<Option<&'a JobRecord>> {
+        let job = Self::job(inner, job_id)?;
+        let holds = inner
+            .workers
+            .get(worker_id)
+            .and_then(|w| w.assignment.as_ref())
+            .is_some_and(|a| a.job_id == job_id && a.generation == generation);
+        Ok((holds && job.generation == generation && job.state.is_active()).then_some(job))
+    }
+
+    /// Publishes `payload` for `rank` and waits up to `wait` for every rank's. Returns `None`
+    /// when the generation is stale, else the payloads once complete (empty while waiting).
+    pub async fn rendezvous(
+        &self,
+        worker_id: &str,
+        job_id: &str,
+        generation: u64,
+        rank: u32,
+        payload: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Option<Vec<Vec<u8>>>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        {
+            let mut inner = self.inner.lock().await;
+            let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
+                return Ok(None);
+            };
+            let mut job = job.clone();
+            job.rendezvous.insert(rank, payload);
+            if job.rendezvous.len() == job.workers.len() && job.state == JobState::Rendezvous {
+                job.state = JobState::Running;
+                job.message = format!(
+                    "running generation {generation} on {} workers",
+                    job.workers.len()
+                );
+                self.commit_job(&mut inner, job).await?;
+            } else {
+                inner.jobs.insert(job.id.clone(), job);
+            }
+            self.rendezvous_changed.notify_waiters();
+        }
+        loop {
+            let notified = self.rendezvous_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let inner = self.inner.lock().await;
+                let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
+                    return Ok(None);
+                };
+                if job.rendezvous.len() == job.workers.len() {
+                    return Ok(Some(job.rendezvous.values().cloned().collect()));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Some(Vec::new()));
+            }
+        }
+    }
+
+    /// Records a worker's progress. Returns false when the generation is stale.
+    pub async fn report_progress(
+        &self,
+        worker_id: &str,
+        job_id: &str,
+        generation: u64,
+        report: ProgressReport,
+    ) -> Result<bool> {
+        let mut inner = self.inner.lock().await;
+        let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
+            return Ok(false);
+        };
+        let mut job = job.clone();
+        let boundary = job.progress.epoch != report.progress.epoch
+            || job.progress.stage != report.progress.stage;
+        job.progress = report.progress;
+        if !report.error.is_empty() {
+            self.release_workers(&mut inner, &mut job).await?;
+            job.state = JobState::Failed;
+            job.message = format!("worker {worker_id} failed: {}", report.error);
+            tracing::warn!(job = %job_id, worker = %worker_id, error = %report.error, "job failed");
+            self.commit_job(&mut inner, job).await?;
+            self.schedule(&mut inner).await?;
+        } else if report.finished {
+            self.release_workers(&mut inner, &mut job).await?;
+            job.state = JobState::Completed;
+            job.message = "completed".to_owned();
+            tracing::info!(job = %job_id, "job completed");
+            self.commit_job(&mut inner, job).await?;
+            self.schedule(&mut inner).await?;
+        } else if boundary || now_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS {
+            self.commit_job(&mut inner, job).await?;
+        } else {
+            inner.jobs.insert(job.id.clone(), job);
+            let _ = self.job_changed.send(job_id.to_owned());
+        }
+        Ok(true)
+    }
+
+    /// Records a checkpoint that a worker of the current generation has written completely.
+    pub async fn commit_checkpoint(
+        &self,
+        worker_id: &str,
+        job_id: &str,
+        generation: u64,
+        checkpoint: CheckpointRecord,
+    ) -> Result<std::result::Result<(), String>> {
+        let mut inner = self.inner.lock().await;
+        let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
+            return Ok(Err(format!(
+                "generation {generation} of job {job_id} is not current"
+            )));
+        };
+        if job.checkpoints.iter().any(|c| c.id == checkpoint.id) {
+            return Ok(Err(format!(
+                "checkpoint {} is already committed",
+                checkpoint.id
+            )));
+        }
+        let mut job = job.clone();
+        let checkpoint = CheckpointRecord {
+            generation,
+            committed_at_ms: now_ms(),
+            ..checkpoint
+        };
+        tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
+        job.checkpoints.push(checkpoint);
+        self.commit_job(&mut inner, job).await?;
+        Ok(Ok(()))
+    }
+
+    // ------------------------------------------------------------ membership
+
+    /// Expires lapsed leases and assigns idle workers. Called periodically.
+    pub async fn tick(&self) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let now = now_ms();
+        let expired: Vec<String> = inner
+            .workers
+            .values()
+            .filter(|w| w.lease_expires_ms < now)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in expired {
+            tracing::warn!(worker = %id, "worker lease expired");
+            self.store
+                .delete(&worker_key(&id))
+                .await
+                .map_err(|e| self.store_failed(e))?;
+            let worker = inner.workers.remove(&id).expect("listed above");
+            if let Some(a) = worker.assignment {
+                self.membership_lost(
+                    &mut inner,
+                    &a.job_id,
+                    &format!("worker {id} lost (lease expired)"),
+                )
+                .await?;
+            }
+        }
+        self.schedule(&mut inner).await
+    }
+
+    /// A worker of `job_id` is gone: end the generation and queue the job for the next.
+    async fn membership_lost(&self, inner: &mut Inner, job_id: &str, why: &str) -> Result<()> {
+        let Some(job) = inner.jobs.get(job_id) else {
+            return Ok(());
+        };
+        if !job.state.is_active() {
+            return Ok(());
+        }
+        let mut job = job.clone();
+        self.release_workers(inner, &mut job).await?;
+        job.state = JobState::Queued;
+        job.restore_from = job.checkpoints.last().cloned();
+        job.message = format!(
+            "{why}; generation {} ended, restoring from {}",
+            job.generation,
+            job.restore_from
+                .as_ref()
+                .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
+        );
+        tracing::warn!(job = %job_id, "{}", job.message);
+        self.commit_job(inner, job).await?;
+        Ok(())
+    }
+
+    /// Gives idle workers to queued jobs, oldest job first. A job starts at once on the largest
+    /// world size it allows, or, after `rendezvous_grace` with fewer idle workers, on the
+    /// largest allowed size that the idle workers fill.
+    async fn schedule(&self, inner: &mut Inner) -> Result<()> {
+        let now = now_ms();
+        let grace = self.config.rendezvous_grace.as_millis() as i64;
+        let queued: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| j.id.clone())
+            .collect();
+        for job_id in queued {
+            let idle: Vec<String> = inner
+                .workers
+                .values()
+                .filter(|w| w.assignment.is_none() && w.lease_expires_ms >= now)
+                .map(|w| w.id.clone())
+                .collect();
+            let job = &inner.jobs[&job_id];
+            let sizes = job.world_sizes_now();
+            let best = sizes.iter().copied().max().unwrap_or(0);
+            let Some(fit) = sizes
+                .iter()
+                .copied()
+                .filter(|&n| n as usize <= idle.len())
+                .max()
+            else {
+                if let Some(job) = inner.jobs.get_mut(&job_id) {
+                    job.ready_since_ms = None;
+                }
+                continue;
+            };
+            let ready_since = *inner
+                .jobs
+                .get_mut(&job_id)
+                .expect("queued job exists")
+                .ready_since_ms
+                .get_or_insert(now);
+            if fit < best && now - ready_since < grace {
+                continue;
+            }
+            let mut job = inner.jobs[&job_id].clone();
+            job.generation += 1;
+            job.workers = idle[..fit as usize].to_vec();
+            job.state = JobState::Rendezvous;
+            job.ready_since_ms = None;
+            job.rendezvous.clear();
+            job.message = format!(
+                "generation {} assigned to {} worker(s), waiting for rendezvous",
+                job.generation, fit
+            );
+            for (rank, worker_id) in job.workers.iter().enumerate() {
+                let assignment = WorkerAssignment {
+                    job_id: job.id.clone(),
+                    generation: job.generation,
+                    rank: rank as u32,
+                };
+                self.set_assignment(inner, worker_id, Some(assignment))
+                    .await?;
+            }
+            tracing::info!(job = %job.id, generation = job.generation, workers = fit, "workers assigned");
+            self.commit_job(inner, job).await?;
+            self.assignments_changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Known workers, for status displays.
+    pub async fn workers(&self) -> HashMap<String, WorkerRecord> {
+        self.inner
+            .lock()
+            .await
+            .workers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}

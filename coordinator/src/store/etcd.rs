@@ -1,0 +1,171 @@
+use super::{Store, StoreError};
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const KEY_PREFIX: &str = "/ladder/";
+const ELECTION: &str = "/ladder-election/coordinator";
+
+/// The replicated store: an etcd v3 cluster. Several coordinators may run against it; the
+/// one that wins the election leads, and every write it makes is conditional on still holding
+/// the election key, so a deposed leader cannot overwrite its successor's state.
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+    leader: Option<LeaderKey>,
+}
+
+/// Held by the leading coordinator. `lost` resolves when the leadership lease could not be
+/// renewed: the coordinator must stop serving then.
+pub struct LeaderLease {
+    pub lost: oneshot::Receiver<String>,
+}
+
+impl EtcdStore {
+    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| backend(endpoints, e))?;
+        let store = EtcdStore {
+            client,
+            endpoints: endpoints.to_vec(),
+            leader: None,
+        };
+        // Connecting is lazy: ask once so that a wrong address fails here, not later.
+        store.get("meta/probe").await?;
+        Ok(store)
+    }
+
+    /// Waits until this coordinator wins the election (announcing `address`), then keeps the
+    /// leadership lease (`ttl_s` seconds) alive in the background.
+    pub async fn lead(&mut self, address: &str, ttl_s: i64) -> Result<LeaderLease, StoreError> {
+        let endpoints = self.endpoints.clone();
+        let lease = self
+            .client
+            .lease_grant(ttl_s, None)
+            .await
+            .map_err(|e| backend(&endpoints, e))?;
+        let (mut keeper, mut responses) = self
+            .client
+            .lease_keep_alive(lease.id())
+            .await
+            .map_err(|e| backend(&endpoints, e))?;
+        let (lost_tx, lost) = oneshot::channel();
+        // Keep the lease alive while campaigning too: a standby may wait for hours.
+        let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(200));
+        tokio::spawn(async move {
+            let reason = loop {
+                if let Err(e) = keeper.keep_alive().await {
+                    break format!("cannot renew the leadership lease: {e}");
+                }
+                match tokio::time::timeout(period, responses.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => break "the leadership lease expired".to_owned(),
+                    Ok(Ok(None)) => break "etcd closed the lease stream".to_owned(),
+                    Ok(Err(e)) => break format!("cannot renew the leadership lease: {e}"),
+                    Err(_) => break "etcd did not answer a lease renewal in time".to_owned(),
+                }
+                tokio::time::sleep(period).await;
+            };
+            let _ = lost_tx.send(reason);
+        });
+        let won = self
+            .client
+            .campaign(ELECTION, address, lease.id())
+            .await
+            .map_err(|e| backend(&endpoints, e))?;
+        self.leader = won.leader().cloned();
+        Ok(LeaderLease { lost })
+    }
+
+    fn key(key: &str) -> String {
+        format!("{KEY_PREFIX}{key}")
+    }
+
+    async fn guarded(&self, op: TxnOp) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        match &self.leader {
+            None => {
+                kv.txn(Txn::new().and_then([op]))
+                    .await
+                    .map_err(|e| backend(&self.endpoints, e))?;
+            }
+            Some(leader) => {
+                let still_leader =
+                    Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
+                let response = kv
+                    .txn(Txn::new().when([still_leader]).and_then([op]))
+                    .await
+                    .map_err(|e| backend(&self.endpoints, e))?;
+                if !response.succeeded() {
+                    return Err(StoreError::NotLeader {
+                        store: self.describe(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn backend(endpoints: &[String], e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        store: format!("etcd {}", endpoints.join(",")),
+        message: e.to_string(),
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(Self::key(key), None)
+            .await
+            .map_err(|e| backend(&self.endpoints, e))?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.guarded(TxnOp::put(Self::key(key), value, None)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.guarded(TxnOp::delete(Self::key(key), None)).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(
+                Self::key(prefix),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend),
+                ),
+            )
+            .await
+            .map_err(|e| backend(&self.endpoints, e))?;
+        Ok(response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let key = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_owned();
+                (key, kv.value().to_vec())
+            })
+            .collect())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {}", self.endpoints.join(","))
+    }
+}

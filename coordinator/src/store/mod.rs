@@ -1,0 +1,94 @@
+//! Where the coordinator remembers everything: a small key-value interface with two real
+//! implementations, an embedded redb file (the default, one coordinator) and an etcd cluster
+//! (a replicated control plane with leader election).
+//!
+//! Keys are `/`-separated paths (`jobs/job-000001`, `workers/w-...`); values are JSON records
+//! owned by [`crate::state`]. Every write is durable when the call returns: redb commits with
+//! fsync, etcd commits through raft. A coordinator that is no longer the leader cannot write:
+//! the etcd store guards every write with the leader's election key.
+
+mod etcd;
+mod redb;
+
+pub use self::etcd::{EtcdStore, LeaderLease};
+pub use self::redb::RedbStore;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {store}: {message}")]
+    Backend { store: String, message: String },
+    #[error("store {store}: this coordinator is no longer the leader")]
+    NotLeader { store: String },
+    #[error("invalid store address {0:?}: use redb:PATH or etcd://HOST:PORT[,HOST:PORT...]")]
+    Address(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Every key under `prefix` with its value, in key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Where the store lives, for messages.
+    fn describe(&self) -> String;
+}
+
+/// A parsed `--store` address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreAddress {
+    Redb(std::path::PathBuf),
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreAddress {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        if let Some(path) = s.strip_prefix("redb:") {
+            if path.is_empty() {
+                return Err(StoreError::Address(s.to_owned()));
+            }
+            return Ok(StoreAddress::Redb(path.into()));
+        }
+        if let Some(hosts) = s.strip_prefix("etcd://") {
+            let endpoints: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("http://{h}"))
+                .collect();
+            if endpoints.is_empty() || hosts.split(',').any(|h| !h.contains(':')) {
+                return Err(StoreError::Address(s.to_owned()));
+            }
+            return Ok(StoreAddress::Etcd(endpoints));
+        }
+        Err(StoreError::Address(s.to_owned()))
+    }
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_addresses_parse_or_say_what_is_allowed() {
+        assert_eq!(
+            "redb:/tmp/x.redb".parse::<StoreAddress>().unwrap(),
+            StoreAddress::Redb("/tmp/x.redb".into())
+        );
+        assert_eq!(
+            "etcd://a:1,b:2".parse::<StoreAddress>().unwrap(),
+            StoreAddress::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+        );
+        for bad in ["", "redb:", "etcd://", "etcd://nohost", "postgres://x"] {
+            let err = bad.parse::<StoreAddress>().unwrap_err().to_string();
+            assert!(err.contains("redb:PATH"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! One suite, run against both real stores: the embedded redb file and an etcd server.
+
+use ladder_coordinator::store::{EtcdStore, RedbStore, Store, StoreError};
+use ladder_testkit::Etcd;
+
+async fn suite(store: &dyn Store) {
+    assert_eq!(store.get("jobs/a").await.unwrap(), None);
+    store.put("jobs/a", b"1".to_vec()).await.unwrap();
+    store.put("jobs/b", b"2".to_vec()).await.unwrap();
+    store.put("jobsx/c", b"3".to_vec()).await.unwrap();
+    store.put("workers/w", b"4".to_vec()).await.unwrap();
+    assert_eq!(store.get("jobs/a").await.unwrap(), Some(b"1".to_vec()));
+
+    store.put("jobs/a", b"10".to_vec()).await.unwrap();
+    let jobs = store.list("jobs/").await.unwrap();
+    assert_eq!(
+        jobs,
+        vec![
+            ("jobs/a".to_owned(), b"10".to_vec()),
+            ("jobs/b".to_owned(), b"2".to_vec())
+        ],
+        "prefix listing is exact and ordered"
+    );
+    store.delete("jobs/a").await.unwrap();
+    store.delete("jobs/never").await.unwrap();
+    assert_eq!(store.get("jobs/a").await.unwrap(), None);
+    assert_eq!(store.list("jobs/").await.unwrap().len(), 1);
+    assert!(store.list("nothing/").await.unwrap().is_empty());
+
+    let big = vec![7u8; 512 * 1024];
+    store.put("jobs/big", big.clone()).await.unwrap();
+    assert_eq!(store.get("jobs/big").await.unwrap(), Some(big));
+}
+
+#[tokio::test]
+async fn redb_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/ladder.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        suite(&store).await;
+    }
+    // Reopened, the data is still there.
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.get("jobs/b").await.unwrap(), Some(b"2".to_vec()));
+}
+
+#[tokio::test]
+async fn redb_store_refuses_a_second_opener() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ladder.redb");
+    let _first = RedbStore::open(&path).unwrap();
+    let err = RedbStore::open(&path)
+        .err()
+        .expect("a second open must fail");
+    assert!(err.to_string().contains("ladder.redb"), "{err}");
+}
+
+#[tokio::test]
+async fn etcd_store() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)])
+        .await
+        .unwrap();
+    suite(&store).await;
+}
+
+#[tokio::test]
+async fn etcd_store_unreachable_is_a_clear_error() {
+    let port = ladder_testkit::free_port();
+    let err = EtcdStore::connect(&[format!("http://127.0.0.1:{port}")])
+        .await
+        .err()
+        .expect("nothing listens there");
+    assert!(matches!(err, StoreError::Backend { .. }));
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn a_deposed_etcd_leader_cannot_write() {
+    let etcd = Etcd::start();
+    let endpoints = [format!("http://{}", etcd.endpoint)];
+    let mut leader = EtcdStore::connect(&endpoints).await.unwrap();
+    let _lease = leader.lead("127.0.0.1:1", 1).await.unwrap();
+    leader.put("jobs/x", b"from leader".to_vec()).await.unwrap();
+
+    // Revoke the leader's election key behind its back, as an expired lease would.
+    let mut raw = etcd_client::Client::connect(endpoints.clone(), None)
+        .await
+        .unwrap();
+    raw.delete(
+        "/ladder-election/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    let err = leader.put("jobs/x", b"stale".to_vec()).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
+    assert_eq!(
+        leader.get("jobs/x").await.unwrap(),
+        Some(b"from leader".to_vec())
+    );
+}

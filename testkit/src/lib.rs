@@ -1,0 +1,297 @@
+//! Test support shared by the integration tests: real servers and processes on loopback.
+//!
+//! - [`Etcd`]: a real etcd server (Debian's etcd-server) on free loopback ports.
+//! - [`CoordinatorProcess`]: the real `ladder-coordinator` binary, killable with SIGKILL.
+//! - [`write_dataset`] and [`write_spec`]: a small indexed dataset and a job spec for it.
+//! - [`job_client`] and [`worker_client`]: gRPC clients carrying a bearer token.
+
+use ladder_proto::v1::job_service_client::JobServiceClient;
+use ladder_proto::v1::worker_service_client::WorkerServiceClient;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const SUBMIT_TOKEN: &str = "test-submit-token";
+pub const WORKER_TOKEN: &str = "test-worker-token";
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral loopback port")
+        .port()
+}
+
+/// A binary of this workspace, from the target directory the tests run from.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` (scripts/test does) first",
+        path.display()
+    );
+    path
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real etcd server on loopback, stopped on drop.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("etcd data dir");
+        let data = dir.path().join("data");
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "n0", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("n0={peer_url}")])
+            .args(["--initial-cluster-state", "new"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd: is etcd-server installed? run scripts/bootstrap");
+        wait_until(
+            "etcd to accept connections",
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(("127.0.0.1", client)).ok(),
+        );
+        Etcd {
+            child,
+            endpoint: format!("127.0.0.1:{client}"),
+            _dir: dir,
+        }
+    }
+
+    /// The coordinator's `--store` address for this server.
+    pub fn store(&self) -> String {
+        format!("etcd://{}", self.endpoint)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `ladder-coordinator`.
+pub struct CoordinatorProcess {
+    child: Child,
+    pub address: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts the coordinator on a free loopback port with the test tokens and `extra` flags,
+    /// and waits until it serves (for an etcd standby: until it leads, up to `timeout`).
+    pub fn start(store: &str, log_dir: &Path, extra: &[&str]) -> CoordinatorProcess {
+        Self::start_with_timeout(store, log_dir, extra, Duration::from_secs(30))
+    }
+
+    pub fn start_with_timeout(
+        store: &str,
+        log_dir: &Path,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> CoordinatorProcess {
+        let child = Self::spawn(store, log_dir, extra);
+        Self::until_serving(child, log_dir, timeout)
+    }
+
+    /// Starts the coordinator without waiting for it to serve.
+    pub fn spawn(store: &str, log_dir: &Path, extra: &[&str]) -> Child {
+        std::fs::create_dir_all(log_dir).expect("log dir");
+        let log = log_dir.join(format!("coordinator-{}.log", free_port()));
+        Command::new(binary("ladder-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--store", store])
+            .args(["--lease-ttl-ms", "2000", "--rendezvous-grace-ms", "500"])
+            .args(extra)
+            .env("LADDER_SUBMIT_TOKEN", SUBMIT_TOKEN)
+            .env("LADDER_WORKER_TOKEN", WORKER_TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("coordinator log"))
+            .spawn()
+            .expect("starting ladder-coordinator")
+    }
+
+    /// Waits for a spawned coordinator's "listening on" line.
+    pub fn until_serving(
+        mut child: Child,
+        log_dir: &Path,
+        timeout: Duration,
+    ) -> CoordinatorProcess {
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("ladder-coordinator listening on ") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                }
+            }
+        });
+        let address = match rx.recv_timeout(timeout) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the coordinator did not start serving within {timeout:?}; logs in {}",
+                    log_dir.display()
+                );
+            }
+        };
+        CoordinatorProcess {
+            child,
+            address,
+            log: log_dir.to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if !self.0.is_empty() {
+            let value = format!("Bearer {}", self.0).parse().expect("ascii token");
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connecting to the coordinator")
+}
+
+pub async fn job_client(url: &str, token: &str) -> JobServiceClient<Authed> {
+    JobServiceClient::with_interceptor(channel(url).await, Bearer(token.to_owned()))
+}
+
+pub async fn worker_client(url: &str, token: &str) -> WorkerServiceClient<Authed> {
+    WorkerServiceClient::with_interceptor(channel(url).await, Bearer(token.to_owned()))
+}
+
+/// Writes `shards` WebDataset shards of `per_shard` samples into `dir` and indexes them.
+/// The image members are placeholder bytes: the control plane reads manifests, never pixels.
+pub fn write_dataset(dir: &Path, shards: u32, per_shard: u32, classes: u32) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("dataset dir");
+    for s in 0..shards {
+        let file = std::fs::File::create(dir.join(format!("shard-{s:06}.tar"))).expect("shard");
+        let mut tar = tar::Builder::new(file);
+        for i in 0..per_shard {
+            let key = format!("s{s:04}i{i:04}");
+            let label = ((s * per_shard + i) % classes).to_string();
+            for (ext, data) in [("jpg", &b"placeholder"[..]), ("cls", label.as_bytes())] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(&mut header, format!("{key}.{ext}"), data)
+                    .expect("tar member");
+            }
+        }
+        tar.finish().expect("tar");
+    }
+    ladder_core::dataset::index_dir(dir, Some(classes))
+        .expect("indexing the test dataset")
+        .manifest_path
+}
+
+/// Writes a valid tiny job spec for the dataset at `manifest` into `dir/name.toml`.
+pub fn write_spec(dir: &Path, name: &str, manifest: &Path, workers: (u32, u32)) -> PathBuf {
+    let text = format!(
+        r#"[job]
+name = "{name}"
+[model]
+variant = "tiny"
+classes = 10
+[data]
+manifest = "{manifest}"
+[schedule]
+epochs = 4
+stage_epochs = 2
+min_size = 64
+max_size = 96
+eval_size = 96
+min_dropout = 0.0
+max_dropout = 0.1
+min_randaugment = 2
+max_randaugment = 6
+[batch]
+global = 16
+micro_at_max_size = 4
+micro_max = 4
+[checkpoint]
+dir = "checkpoints"
+every_steps = 2
+[workers]
+min = {}
+max = {}
+"#,
+        workers.0,
+        workers.1,
+        manifest = manifest.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("writing the spec");
+    path
+}
