@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FORMAT: &str = "ladder-manifest/1";
@@ -173,6 +173,9 @@ impl fmt::Display for IssueKind {
                 "label {label} is out of range for {classes} classes; sample skipped"
             ),
             IssueKind::MissingImage => write!(f, "no .jpg, .jpeg or .png image; sample skipped"),
+            IssueKind::UnknownExtension(ext) if ext.is_empty() => {
+                write!(f, "member name has no .EXT; ignored")
+            }
             IssueKind::UnknownExtension(ext) => write!(f, "member .{ext} is not used; ignored"),
             IssueKind::DuplicateMember(ext) => {
                 write!(f, "second .{ext} member for this key; ignored")
@@ -220,6 +223,23 @@ fn split_member_name(name: &str) -> Option<(&str, &str)> {
     Some((&name[..dot], &name[dot + 1..]))
 }
 
+/// Remembers whether the tar reader ran into the end of the file. The tar crate ends its entries
+/// quietly both at the end-of-archive marker and at a plain end of file; only the second means
+/// the shard was cut short, and a cut that falls between members leaves every member readable,
+/// so without this the shard would silently index fewer samples than it was written with.
+struct EofProbe<R> {
+    inner: R,
+    hit_eof: bool,
+}
+
+impl<R: Read> Read for EofProbe<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hit_eof |= n == 0 && !buf.is_empty();
+        Ok(n)
+    }
+}
+
 /// Indexes one tar shard. Sample-level problems become issues; only an unreadable archive is an
 /// error. `classes`, when known, bounds the labels.
 pub fn index_shard(
@@ -228,7 +248,10 @@ pub fn index_shard(
     classes: Option<u32>,
 ) -> Result<(ShardIndex, Vec<Issue>), DatasetError> {
     let file = File::open(path).map_err(io_error(path))?;
-    let mut archive = tar::Archive::new(BufReader::new(file));
+    let mut archive = tar::Archive::new(EofProbe {
+        inner: BufReader::new(file),
+        hit_eof: false,
+    });
     let mut order: Vec<String> = Vec::new();
     let mut pending: HashMap<String, PendingSample> = HashMap::new();
     let mut issues = Vec::new();
@@ -239,14 +262,16 @@ pub fn index_shard(
             kind,
         })
     };
-    let bad_tar = |members: usize, e: std::io::Error| DatasetError::BadTar {
+    let bad_tar = |members: usize, message: String| DatasetError::BadTar {
         path: path.to_owned(),
         members,
-        message: e.to_string(),
+        message,
     };
-    let entries = archive.entries().map_err(|e| bad_tar(0, e))?;
-    for (members, entry) in entries.enumerate() {
-        let mut entry = entry.map_err(|e| bad_tar(members, e))?;
+    let mut members = 0;
+    let entries = archive.entries().map_err(|e| bad_tar(0, e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad_tar(members, e.to_string()))?;
+        members += 1;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
         if kind.is_dir() || kind.is_pax_global_extensions() {
@@ -282,16 +307,25 @@ pub fn index_shard(
                 issue(&key, IssueKind::DuplicateMember(ext));
                 continue;
             }
-            let mut text = String::new();
-            let read = (&mut entry).take(64).read_to_string(&mut text);
+            // A label is a short number: 64 bytes are plenty to show what a bad one holds.
+            // A read error is the archive's fault, not the label's.
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(64)
+                .read_to_end(&mut bytes)
+                .map_err(|e| bad_tar(members - 1, e.to_string()))?;
+            let text = String::from_utf8_lossy(&bytes);
             let trimmed = text.trim();
-            sample.label = Some(match read {
-                Ok(_) => trimmed.parse::<u32>().map_err(|_| trimmed.to_owned()),
-                Err(_) => Err("<not UTF-8 text>".to_owned()),
-            });
+            sample.label = Some(trimmed.parse::<u32>().map_err(|_| trimmed.to_owned()));
         } else {
             issue(&key, IssueKind::UnknownExtension(ext));
         }
+    }
+    if archive.into_inner().hit_eof {
+        return Err(bad_tar(
+            members,
+            "the file ends without the end-of-archive marker: the shard is cut short".into(),
+        ));
     }
     let mut samples = Vec::with_capacity(order.len());
     for key in order {
@@ -349,12 +383,15 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Data
 /// Unreadable shards fail the whole command, naming each, and no manifest is written: a
 /// manifest that silently missed a shard would train on less data than the user thinks.
 pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, DatasetError> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(io_error(dir))?
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".tar"))
-        .collect();
+    // A directory entry that cannot be read fails the command: skipping it could skip a shard.
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let name = entry.map_err(io_error(dir))?.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".tar") {
+            names.push(name.into_owned());
+        }
+    }
     names.sort();
     if names.is_empty() {
         return Err(DatasetError::NoShards {

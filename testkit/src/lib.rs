@@ -134,9 +134,15 @@ impl CoordinatorProcess {
     pub fn spawn(store: &str, log_dir: &Path, extra: &[&str]) -> Child {
         std::fs::create_dir_all(log_dir).expect("log dir");
         let log = log_dir.join(format!("coordinator-{}.log", free_port()));
-        Command::new(binary("ladder-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--store", store])
-            .args(["--lease-ttl-ms", "2000", "--rendezvous-grace-ms", "500"])
+        let mut command = Command::new(binary("ladder-coordinator"));
+        command.args(["--listen", "127.0.0.1:0", "--store", store]);
+        // Short defaults keep the tests fast; `extra` may set its own.
+        for (flag, value) in [("--lease-ttl-ms", "2000"), ("--rendezvous-grace-ms", "500")] {
+            if !extra.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
+        command
             .args(extra)
             .env("LADDER_SUBMIT_TOKEN", SUBMIT_TOKEN)
             .env("LADDER_WORKER_TOKEN", WORKER_TOKEN)
@@ -276,6 +282,8 @@ min_dropout = 0.0
 max_dropout = 0.1
 min_randaugment = 2
 max_randaugment = 6
+[optimizer]
+warmup_epochs = 1
 [batch]
 global = 16
 micro_at_max_size = 4

@@ -45,13 +45,19 @@ impl EtcdStore {
     /// leadership lease (`ttl_s` seconds) alive in the background.
     pub async fn lead(&mut self, address: &str, ttl_s: i64) -> Result<LeaderLease, StoreError> {
         let endpoints = self.endpoints.clone();
-        let lease = self
-            .client
+        // A campaign blocks until the current leader goes, so it runs on a client without the
+        // per-request timeout of the store's client.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let mut election = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(|e| backend(&endpoints, e))?;
+        let lease = election
             .lease_grant(ttl_s, None)
             .await
             .map_err(|e| backend(&endpoints, e))?;
-        let (mut keeper, mut responses) = self
-            .client
+        let (mut keeper, mut responses) = election
             .lease_keep_alive(lease.id())
             .await
             .map_err(|e| backend(&endpoints, e))?;
@@ -74,8 +80,7 @@ impl EtcdStore {
             };
             let _ = lost_tx.send(reason);
         });
-        let won = self
-            .client
+        let won = election
             .campaign(ELECTION, address, lease.id())
             .await
             .map_err(|e| backend(&endpoints, e))?;

@@ -1,0 +1,716 @@
+//! The control plane end to end: the real `ladder-coordinator` and `ladder` binaries on
+//! loopback, real stores (redb files, an etcd server), SIGKILL, and the worker protocol driven
+//! through the real gRPC service.
+
+use ladder_proto::v1 as pb;
+use ladder_testkit::{
+    CoordinatorProcess, Etcd, SUBMIT_TOKEN, WORKER_TOKEN, binary, job_client, worker_client,
+    write_dataset, write_spec,
+};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Cli<'a> {
+    url: String,
+    token: &'a str,
+}
+
+impl Cli<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(binary("ladder"))
+            .args(args)
+            .env("LADDER_COORDINATOR", &self.url)
+            .env("LADDER_TOKEN", self.token)
+            .output()
+            .expect("running ladder")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ladder {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects failure; returns stderr, which must be one line.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "ladder {args:?} should fail");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.starts_with("ladder: error: "), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+        err
+    }
+}
+
+fn last_line(s: &str) -> String {
+    s.trim_end().lines().last().unwrap_or_default().to_owned()
+}
+
+fn setup(dir: &Path, workers: (u32, u32)) -> std::path::PathBuf {
+    let manifest = write_dataset(&dir.join("data"), 3, 20, 10);
+    write_spec(dir, "tiny-job", &manifest, workers)
+}
+
+#[test]
+fn submit_list_status_cancel_and_resume_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 2));
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
+    let cli = Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    };
+
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    assert!(
+        id.starts_with("job-"),
+        "the id alone on the last line: {id:?}"
+    );
+    let list = cli.ok(&["list"]);
+    assert!(
+        list.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "{list}"
+    );
+    let status = cli.ok(&["status", &id]);
+    assert!(
+        status.contains("queued") && status.contains("tiny-job"),
+        "{status}"
+    );
+    assert!(status.contains("stage      1/2"), "{status}");
+
+    assert!(cli.ok(&["cancel", &id]).contains("cancelled"));
+    let err = cli.fails(&["cancel", &id]);
+    assert!(err.contains("already"), "{err}");
+    cli.ok(&["resume", &id]);
+    assert!(cli.ok(&["status", &id]).contains("queued"));
+    let err = cli.fails(&["resume", &id, "--checkpoint", "nope"]);
+    assert!(
+        err.contains("only a completed, failed or cancelled job"),
+        "{err}"
+    );
+
+    let err = cli.fails(&["status", "job-999999"]);
+    assert!(err.contains("no job \"job-999999\""), "{err}");
+
+    // A spec that fails validation is rejected locally, naming the field.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("epochs = 4", "epochs = 0"),
+    )
+    .unwrap();
+    let out = cli.run(&["submit", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("schedule.epochs = 0"), "{err}");
+    // A spec whose dataset is missing is rejected by the coordinator, naming the manifest.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("data/manifest.json", "nowhere/manifest.json"),
+    )
+    .unwrap();
+    let err = cli.fails(&["submit", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("data.manifest") && err.contains("nowhere/manifest.json"),
+        "{err}"
+    );
+    assert_eq!(
+        cli.ok(&["list"]).lines().count(),
+        1,
+        "nothing else was submitted"
+    );
+}
+
+#[test]
+fn tokens_are_required_and_roles_are_separate() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
+    let spec = spec.to_str().unwrap();
+
+    let err = Cli {
+        url: coordinator.url(),
+        token: "",
+    }
+    .fails(&["submit", spec]);
+    assert!(err.contains("LADDER_TOKEN"), "{err}");
+    let err = Cli {
+        url: coordinator.url(),
+        token: "wrong",
+    }
+    .fails(&["list"]);
+    assert!(err.contains("invalid token"), "{err}");
+    let err = Cli {
+        url: coordinator.url(),
+        token: WORKER_TOKEN,
+    }
+    .fails(&["submit", spec]);
+    assert!(err.contains("may not use JobService"), "{err}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = coordinator.url();
+        let mut anonymous = job_client(&url, "").await;
+        let status = anonymous
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        let mut submitter_as_worker = worker_client(&url, SUBMIT_TOKEN).await;
+        let status = submitter_as_worker
+            .register(pb::RegisterRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let mut worker = worker_client(&url, WORKER_TOKEN).await;
+        worker
+            .register(pb::RegisterRequest::default())
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        Cli {
+            url: coordinator.url(),
+            token: SUBMIT_TOKEN
+        }
+        .ok(&["list"]),
+        ""
+    );
+}
+
+#[test]
+fn the_coordinator_refuses_a_public_address_without_tls_and_a_missing_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let out = Command::new(binary("ladder-coordinator"))
+        .args(["--listen", "0.0.0.0:0", "--store", &store])
+        .env("LADDER_SUBMIT_TOKEN", "a")
+        .env("LADDER_WORKER_TOKEN", "b")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("--tls-cert"),
+        "{err}"
+    );
+
+    let out = Command::new(binary("ladder-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--store", &store])
+        .env_remove("LADDER_SUBMIT_TOKEN")
+        .env("LADDER_WORKER_TOKEN", "b")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LADDER_SUBMIT_TOKEN"), "{err}");
+
+    let out = Command::new(binary("ladder-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--store", "mysql://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redb:PATH"));
+}
+
+/// A CA and a server certificate for localhost signed by it, made with openssl.
+fn make_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let path = |name: &str| dir.join(name);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=Ladder test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        path("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+    (path("ca.pem"), path("server.pem"), path("server.key"))
+}
+
+#[test]
+fn tls_serves_clients_that_trust_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certificates(dir.path());
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let coordinator = CoordinatorProcess::start(
+        &store,
+        &dir.path().join("logs"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let https = format!("https://localhost:{}", coordinator.address.port());
+    let trusted = Command::new(binary("ladder"))
+        .args(["list", "--tls-ca", ca.to_str().unwrap()])
+        .env("LADDER_COORDINATOR", &https)
+        .env("LADDER_TOKEN", SUBMIT_TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    let untrusted = Cli {
+        url: https,
+        token: SUBMIT_TOKEN,
+    }
+    .fails(&["list"]);
+    assert!(!untrusted.is_empty());
+    let plain = Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    }
+    .fails(&["list"]);
+    assert!(!plain.is_empty(), "plaintext is not served on a TLS port");
+}
+
+/// Registers a worker and drives it to a running job with a committed checkpoint.
+async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
+    let mut worker = worker_client(url, WORKER_TOKEN).await;
+    let worker_id = worker
+        .register(pb::RegisterRequest {
+            hostname: "test".into(),
+            device: "cpu".into(),
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let assignment = worker
+        .await_assignment(pb::AwaitAssignmentRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(assignment.job_id, job_id);
+    assert_eq!((assignment.rank, assignment.world_size), (0, 1));
+    let rendezvous = worker
+        .rendezvous(pb::RendezvousRequest {
+            worker_id: worker_id.clone(),
+            job_id: job_id.into(),
+            generation: assignment.generation,
+            rank: 0,
+            payload: b"127.0.0.1:1".to_vec(),
+            wait_ms: 5_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rendezvous.complete && rendezvous.current);
+    assert_eq!(rendezvous.payloads, vec![b"127.0.0.1:1".to_vec()]);
+    let progress = pb::Progress {
+        stage: 0,
+        epoch: 1,
+        step: 3,
+        steps_per_epoch: 3,
+        loss: 2.0,
+        images_per_second: 10.0,
+        image_size: 64,
+    };
+    let current = worker
+        .report_progress(pb::ReportProgressRequest {
+            worker_id: worker_id.clone(),
+            job_id: job_id.into(),
+            generation: assignment.generation,
+            progress: Some(progress),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .current;
+    assert!(current);
+    let commit = worker
+        .commit_checkpoint(pb::CommitCheckpointRequest {
+            worker_id: worker_id.clone(),
+            job_id: job_id.into(),
+            generation: assignment.generation,
+            checkpoint: Some(pb::CheckpointRef {
+                id: "ckpt-e1-s3".into(),
+                path: "/ckpt/e1-s3".into(),
+                epoch: 1,
+                step: 3,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(commit.accepted, "{}", commit.reason);
+    (worker_id, assignment.generation)
+}
+
+fn state_survives_kill_9(store: &str, dir: &Path) {
+    let spec = setup(dir, (1, 1));
+    let logs = dir.join("logs");
+    let coordinator = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
+    let cli = Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    };
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+    coordinator.kill9();
+
+    let restarted = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
+    let cli = Cli {
+        url: restarted.url(),
+        token: SUBMIT_TOKEN,
+    };
+    let status = cli.ok(&["status", &id]);
+    assert!(status.contains("running"), "{status}");
+    assert!(
+        status.contains(&format!("generation {generation}")),
+        "{status}"
+    );
+    assert!(
+        status.contains("ckpt-e1-s3"),
+        "the committed checkpoint survived: {status}"
+    );
+    assert!(status.contains("epoch      2/4"), "{status}");
+    rt.block_on(async {
+        // The worker's lease and assignment survived too: its heartbeat is accepted as is.
+        let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;
+        let beat = worker
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (beat.job_id.as_str(), beat.generation),
+            (id.as_str(), generation)
+        );
+        // A new job gets a new id: the counter survived.
+        let second = job_client(&restarted.url(), SUBMIT_TOKEN)
+            .await
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: ladder_core::spec::JobSpec::load(&spec).unwrap().to_toml(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        assert_ne!(second.id, id);
+    });
+}
+
+#[test]
+fn redb_state_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    state_survives_kill_9(&store, dir.path());
+}
+
+#[test]
+fn etcd_state_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start();
+    state_survives_kill_9(&etcd.store(), dir.path());
+}
+
+#[test]
+fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let coordinator = CoordinatorProcess::start(
+        &store,
+        &dir.path().join("logs"),
+        &["--lease-ttl-ms", "1000"],
+    );
+    let cli = Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    };
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = coordinator.url();
+        let (lost, generation) = run_one_worker(&url, &id).await;
+        // The worker stops heartbeating; its lease runs out.
+        let mut jobs = job_client(&url, SUBMIT_TOKEN).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let job = loop {
+            let job = jobs
+                .get_job(pb::GetJobRequest { id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if job.state == pb::JobState::Queued as i32 {
+                break job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lost worker was not detected"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            job.message.contains(&lost) && job.message.contains("lease expired"),
+            "{}",
+            job.message
+        );
+
+        let mut worker = worker_client(&url, WORKER_TOKEN).await;
+        let status = worker
+            .heartbeat(pb::HeartbeatRequest { worker_id: lost })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(
+            status.message().contains("register again"),
+            "{}",
+            status.message()
+        );
+
+        let replacement = worker
+            .register(pb::RegisterRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let assignment = worker
+            .await_assignment(pb::AwaitAssignmentRequest {
+                worker_id: replacement,
+                wait_ms: 10_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(assignment.job_id, id);
+        assert_eq!(assignment.generation, generation + 1);
+        assert_eq!(assignment.restore_from.unwrap().id, "ckpt-e1-s3");
+    });
+}
+
+#[test]
+fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (2, 2));
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
+    let cli = Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    };
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    let watch = Command::new(binary("ladder"))
+        .args(["status", "--watch", &id])
+        .env("LADDER_COORDINATOR", coordinator.url())
+        .env("LADDER_TOKEN", SUBMIT_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = coordinator.url();
+        let mut ranks = Vec::new();
+        for _ in 0..2 {
+            let mut w = worker_client(&url, WORKER_TOKEN).await;
+            let id = w
+                .register(pb::RegisterRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .worker_id;
+            ranks.push((w, id));
+        }
+        let mut assignments = Vec::new();
+        for (w, wid) in ranks.iter_mut() {
+            let a = w
+                .await_assignment(pb::AwaitAssignmentRequest {
+                    worker_id: wid.clone(),
+                    wait_ms: 10_000,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(a.world_size, 2);
+            assignments.push(a);
+        }
+        let mut ranks_seen: Vec<u32> = assignments.iter().map(|a| a.rank).collect();
+        ranks_seen.sort();
+        assert_eq!(ranks_seen, [0, 1]);
+        // Both ranks publish concurrently and both see both payloads.
+        let mut handles = Vec::new();
+        for ((w, wid), a) in ranks.iter().zip(&assignments) {
+            let (mut w, wid, a, job) = (w.clone(), wid.clone(), a.clone(), id.clone());
+            handles.push(tokio::spawn(async move {
+                w.rendezvous(pb::RendezvousRequest {
+                    worker_id: wid,
+                    job_id: job,
+                    generation: a.generation,
+                    rank: a.rank,
+                    payload: format!("rank{}", a.rank).into_bytes(),
+                    wait_ms: 10_000,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+            }));
+        }
+        for h in handles {
+            let r = h.await.unwrap();
+            assert!(r.complete);
+            assert_eq!(r.payloads, vec![b"rank0".to_vec(), b"rank1".to_vec()]);
+        }
+        // An old generation's report is refused.
+        let (w, wid) = &mut ranks[0];
+        let stale = w
+            .report_progress(pb::ReportProgressRequest {
+                worker_id: wid.clone(),
+                job_id: id.clone(),
+                generation: assignments[0].generation - 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!stale.current);
+        let rank0 = assignments.iter().position(|a| a.rank == 0).unwrap();
+        let (w, wid) = &mut ranks[rank0];
+        let done = w
+            .report_progress(pb::ReportProgressRequest {
+                worker_id: wid.clone(),
+                job_id: id.clone(),
+                generation: assignments[rank0].generation,
+                finished: true,
+                progress: Some(pb::Progress {
+                    epoch: 3,
+                    stage: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(done.current);
+    });
+    let out = watch.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        lines.lines().next().unwrap().contains("queued") || lines.contains("rendezvous"),
+        "{lines}"
+    );
+    assert!(
+        lines
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("completed"),
+        "{lines}"
+    );
+}
+
+#[test]
+fn an_etcd_standby_takes_over_within_the_leader_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start();
+    let spec = setup(dir.path(), (1, 1));
+    let logs = dir.path().join("logs");
+    let ttl = ["--leader-ttl-s", "2"];
+    let leader = CoordinatorProcess::start(&etcd.store(), &logs, &ttl);
+    let standby = CoordinatorProcess::spawn(&etcd.store(), &logs, &ttl);
+    let cli = Cli {
+        url: leader.url(),
+        token: SUBMIT_TOKEN,
+    };
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+
+    let killed = Instant::now();
+    leader.kill9();
+    let standby = CoordinatorProcess::until_serving(standby, &logs, Duration::from_secs(15));
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_millis(2_000 + 1_500),
+        "takeover took {took:?} with a 2 s lease"
+    );
+    let cli = Cli {
+        url: standby.url(),
+        token: SUBMIT_TOKEN,
+    };
+    assert!(
+        cli.ok(&["status", &id]).contains("queued"),
+        "the new leader has the job"
+    );
+}
