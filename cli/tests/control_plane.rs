@@ -714,3 +714,68 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
         "the new leader has the job"
     );
 }
+
+#[test]
+fn dataset_index_reports_bad_shards_by_name_and_indexes_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 2, 5, 10);
+    std::fs::remove_file(data.join("manifest.json")).unwrap();
+    let cli = Cli {
+        url: String::new(),
+        token: "",
+    };
+    let out = cli.ok(&[
+        "dataset",
+        "index",
+        data.to_str().unwrap(),
+        "--classes",
+        "10",
+    ]);
+    assert!(
+        out.contains("indexed 10 samples in 2 shards, 10 classes"),
+        "{out}"
+    );
+    assert!(data.join("manifest.json").exists());
+
+    std::fs::write(
+        data.join("shard-000002.tar"),
+        b"definitely not a tar archive",
+    )
+    .unwrap();
+    let out = cli.run(&["dataset", "index", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("shard-000002.tar"),
+        "names the bad shard: {err}"
+    );
+}
+
+#[test]
+fn the_coordinator_logs_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    let logs = dir.path().join("logs");
+    let coordinator = CoordinatorProcess::start(&store, &logs, &["--log-format", "json"]);
+    Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    }
+    .ok(&["list"]);
+    coordinator.kill9();
+    let log = std::fs::read_dir(&logs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("recovered state"), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON line: {line}"
+        );
+    }
+}

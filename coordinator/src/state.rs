@@ -19,7 +19,7 @@ use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, Notify, broadcast, watch};
@@ -851,16 +851,5 @@ impl Coordinator {
             self.assignments_changed.notify_waiters();
         }
         Ok(())
-    }
-
-    /// Known workers, for status displays.
-    pub async fn workers(&self) -> HashMap<String, WorkerRecord> {
-        self.inner
-            .lock()
-            .await
-            .workers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
     }
 }
