@@ -1,0 +1,90 @@
+//! Named tensors in and out of safetensors files, checked: loading says exactly which names are
+//! missing or extra and which shapes or dtypes differ, and changes nothing unless all match.
+//!
+//! Model weights use torchvision's names (`features.0.0.weight`, ...), so the files load into
+//! torchvision with `load_state_dict`; other state lives under a prefix (`ema.`, `optimizer.`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::{Tensor, nn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("state does not match the model{}:\n  {}", if .origin.is_empty() { String::new() } else { format!(" ({})", .origin) }, .problems.join("\n  "))]
+    Mismatch {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, StateError> {
+    Tensor::read_safetensors(path).map_err(|e| StateError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), StateError> {
+    Tensor::write_safetensors(tensors, path).map_err(|e| StateError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The variables of `vs` under `prefix` (for example `"ema."`), in name order.
+pub fn named(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    vars.into_iter()
+        .map(|(name, t)| (format!("{prefix}{name}"), t))
+        .collect()
+}
+
+/// Copies the tensors named `prefix + variable name` into `vs`. Every variable must be present
+/// with its shape and dtype, and no other name may carry the prefix; otherwise nothing is
+/// copied and the error lists every problem.
+pub fn load(
+    vs: &nn::VarStore,
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+    origin: &str,
+) -> Result<(), StateError> {
+    let given: HashMap<&str, &Tensor> = tensors
+        .iter()
+        .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
+        .collect();
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut problems = Vec::new();
+    for (name, var) in &vars {
+        match given.get(name.as_str()) {
+            None => problems.push(format!("missing {prefix}{name} {:?}", var.size())),
+            Some(t) if t.size() != var.size() => problems.push(format!(
+                "{prefix}{name}: shape {:?}, the model has {:?}",
+                t.size(),
+                var.size()
+            )),
+            Some(t) if t.kind() != var.kind() => problems.push(format!(
+                "{prefix}{name}: dtype {:?}, the model has {:?}",
+                t.kind(),
+                var.kind()
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<&&str> = given.keys().filter(|n| !vars.contains_key(**n)).collect();
+    extra.sort();
+    problems.extend(extra.into_iter().map(|n| format!("unexpected {prefix}{n}")));
+    if !problems.is_empty() {
+        return Err(StateError::Mismatch {
+            origin: origin.to_owned(),
+            problems,
+        });
+    }
+    tch::no_grad(|| {
+        for (name, var) in &vars {
+            var.shallow_clone().copy_(given[name.as_str()]);
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Ladder's EfficientNetV2 against torchvision's, run from the bootstrap venv: same names and
+//! shapes for S, M and L; for S, the same eval logits, and in train mode the same logits, loss,
+//! gradients and BatchNorm buffer updates, within 1e-4.
+
+use ladder_core::spec::Variant;
+use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_worker::state_io;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use tch::{Device, Kind, Tensor, nn};
+
+fn python() -> PathBuf {
+    let venv = std::env::var_os("LADDER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/bootstrap to create the venv with torchvision",
+        python.display()
+    );
+    python
+}
+
+fn reference(args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/torchvision_reference.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "torchvision reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// torchvision keeps BatchNorm's momentum at PyTorch's 0.1 and uses eps 1e-3.
+const TORCHVISION_BN: BatchNormConfig = BatchNormConfig {
+    eps: 1e-3,
+    momentum: 0.1,
+};
+
+fn max_relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
+    let scale = theirs.abs().max().double_value(&[]).max(1e-6);
+    (ours - theirs).abs().max().double_value(&[]) / scale
+}
+
+#[test]
+fn s_matches_torchvision_in_eval_and_train_mode() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.safetensors");
+    reference(&["tensors", "s", file.to_str().unwrap()]);
+    let tensors: HashMap<String, Tensor> = state_io::read(&file).unwrap().into_iter().collect();
+    let state: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("state."))
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = EfficientNetV2::new(
+        &vs.root(),
+        &Architecture::of(Variant::S),
+        10,
+        TORCHVISION_BN,
+    );
+    state_io::load(&vs, &state, "state.", "torchvision S").unwrap();
+
+    let x = &tensors["input"];
+    let eval = tch::no_grad(|| model.forward(x, false));
+    let err = max_relative_error(&eval, &tensors["eval_logits"]);
+    assert!(err < 1e-4, "eval logits differ by {err:e}");
+
+    let logits = model.forward(x, true);
+    let err = max_relative_error(&logits, &tensors["train_logits"]);
+    assert!(err < 1e-4, "train logits differ by {err:e}");
+    let loss = logits.cross_entropy_for_logits(&tensors["labels"]);
+    let err = max_relative_error(&loss.reshape([1]), &tensors["loss"]);
+    assert!(err < 1e-4, "loss differs by {err:e}");
+    loss.backward();
+
+    let mut checked = 0;
+    for (name, var) in vs.variables() {
+        if var.requires_grad() {
+            let err = max_relative_error(&var.grad(), &tensors[&format!("grad.{name}")]);
+            assert!(err < 1e-4, "gradient of {name} differs by {err:e}");
+        } else {
+            let after = &tensors[&format!("after.{name}")];
+            if var.kind() == Kind::Int64 {
+                assert_eq!(var.int64_value(&[]), after.int64_value(&[]), "{name}");
+            } else {
+                let err = max_relative_error(&var, after);
+                assert!(
+                    err < 1e-4,
+                    "buffer {name} after a train step differs by {err:e}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 782);
+}
+
+#[test]
+fn s_m_and_l_have_torchvision_names_shapes_and_dtypes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (variant, name, classes) in [
+        (Variant::S, "s", 1000),
+        (Variant::M, "m", 1000),
+        (Variant::L, "l", 21_843),
+    ] {
+        let file = dir.path().join(format!("{name}.json"));
+        reference(&["shapes", name, &classes.to_string(), file.to_str().unwrap()]);
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = EfficientNetV2::new(
+            &vs.root(),
+            &Architecture::of(variant),
+            classes,
+            TORCHVISION_BN,
+        );
+        let ours = vs.variables();
+        let state = theirs["state"].as_object().unwrap();
+        assert_eq!(ours.len(), state.len(), "{name}: key count");
+        for (key, entry) in state {
+            let var = ours
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: {key} missing"));
+            let shape: Vec<i64> = entry["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect();
+            assert_eq!(var.size(), shape, "{name}: {key}");
+            let dtype = if var.kind() == Kind::Int64 {
+                "torch.int64"
+            } else {
+                "torch.float32"
+            };
+            assert_eq!(entry["dtype"], dtype, "{name}: {key}");
+        }
+        let parameters: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        assert_eq!(theirs["parameters"].as_i64().unwrap(), parameters, "{name}");
+    }
+}

@@ -1,0 +1,72 @@
+"""Reference outputs from torchvision's EfficientNetV2 for Ladder's equivalence tests.
+
+usage: torchvision_reference.py tensors VARIANT OUT.safetensors
+         the state dict ("state."), an input batch, eval logits, and one train-mode step
+         (dropout and stochastic depth off): logits, loss, gradients ("grad.") and the
+         BatchNorm buffers after it ("after.")
+       torchvision_reference.py shapes VARIANT CLASSES OUT.json
+         every state-dict name with its shape and dtype, and the parameter count
+"""
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+
+torch.set_num_threads(1)
+
+
+def build(variant, classes):
+    ctor = getattr(torchvision.models, f"efficientnet_v2_{variant}")
+    return ctor(num_classes=classes, dropout=0.0, stochastic_depth_prob=0.0)
+
+
+def tensors(variant, out):
+    torch.manual_seed(0)
+    model = build(variant, 10)
+    # Give BatchNorm non-trivial statistics and affine parameters, so a mix-up of
+    # running_mean and running_var or of weight and bias cannot pass.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    result = {f"state.{k}": v.clone().contiguous() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 96, 96)
+    labels = torch.tensor([1, 7])
+    model.eval()
+    with torch.no_grad():
+        result["eval_logits"] = model(x)
+    model.train()
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    result["input"] = x
+    result["labels"] = labels
+    result["train_logits"] = logits.detach()
+    result["loss"] = loss.detach().reshape(1)
+    for name, p in model.named_parameters():
+        result[f"grad.{name}"] = p.grad.contiguous()
+    for name, b in model.named_buffers():
+        result[f"after.{name}"] = b.clone().contiguous()
+    save_file(result, out)
+
+
+def shapes(variant, classes, out):
+    with torch.device("meta"):
+        model = build(variant, classes)
+    entries = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in model.state_dict().items()}
+    parameters = sum(p.numel() for p in model.parameters())
+    with open(out, "w") as f:
+        json.dump({"state": entries, "parameters": parameters}, f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "tensors":
+        tensors(sys.argv[2], sys.argv[3])
+    else:
+        shapes(sys.argv[2], int(sys.argv[3]), sys.argv[4])
