@@ -1,0 +1,162 @@
+//! One contiguous buffer for all trainable parameters, one for their gradients and one for the
+//! floating-point BatchNorm buffers, with every variable of the model re-pointed to a view into
+//! them (as DDP's "gradient as bucket view" does).
+//!
+//! Autograd then accumulates micro-batch gradients straight into the flat gradient buffer, which
+//! a collective reduces in one call per bucket with no gather or scatter copies; the optimizer
+//! and the EMA update everything with a handful of whole-buffer operations instead of a few
+//! per tensor. The layout is the variables in name order, the same on every rank.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tch::{Kind, Tensor, nn};
+
+/// Where one variable lives inside its flat buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slot {
+    pub name: String,
+    pub offset: i64,
+    pub shape: Vec<i64>,
+}
+
+impl Slot {
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+
+    /// The variable's view into `flat` (any buffer with this layout).
+    pub fn view(&self, flat: &Tensor) -> Tensor {
+        flat.narrow(0, self.offset, self.numel())
+            .view(self.shape.as_slice())
+    }
+}
+
+pub struct FlatState {
+    pub params: Tensor,
+    pub grads: Tensor,
+    pub buffers: Tensor,
+    pub param_slots: Vec<Slot>,
+    pub buffer_slots: Vec<Slot>,
+    /// 1 for the weights that weight decay applies to (convolutions and linear layers), 0 for
+    /// biases and BatchNorm parameters, which are the 1-dimensional ones.
+    pub decay_mask: Tensor,
+}
+
+/// Copies each variable into its place in a new flat buffer and re-points it there.
+fn flatten(vars: &[(String, Tensor)], kind: Kind, device: tch::Device) -> (Tensor, Vec<Slot>) {
+    let total: i64 = vars.iter().map(|(_, t)| t.numel() as i64).sum();
+    let flat = Tensor::zeros([total], (kind, device));
+    let mut slots = Vec::with_capacity(vars.len());
+    let mut offset = 0;
+    for (name, var) in vars {
+        let slot = Slot {
+            name: name.clone(),
+            offset,
+            shape: var.size(),
+        };
+        let view = slot.view(&flat);
+        tch::no_grad(|| {
+            view.shallow_clone().copy_(var);
+            var.shallow_clone().set_data(&view);
+        });
+        offset += slot.numel();
+        slots.push(slot);
+    }
+    (flat, slots)
+}
+
+impl FlatState {
+    /// Moves every float variable of `vs` into flat buffers. Call once, after loading weights
+    /// and before training.
+    pub fn new(vs: &nn::VarStore) -> FlatState {
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let (trainable, rest): (Vec<_>, Vec<_>) =
+            vars.into_iter().partition(|(_, t)| t.requires_grad());
+        let floating: Vec<(String, Tensor)> = rest
+            .into_iter()
+            .filter(|(_, t)| t.is_floating_point())
+            .collect();
+        let device = vs.device();
+        let (params, param_slots) = flatten(&trainable, Kind::Float, device);
+        let (buffers, buffer_slots) = flatten(&floating, Kind::Float, device);
+
+        // Give every parameter a gradient that is a view of the flat gradient buffer, so that
+        // backward accumulates in place there. A zero backward first defines the gradient
+        // tensors, which are then re-pointed.
+        let grads = Tensor::zeros_like(&params);
+        let undefined: Vec<&Tensor> = trainable
+            .iter()
+            .map(|(_, var)| var)
+            .filter(|var| !var.grad().defined())
+            .collect();
+        if !undefined.is_empty() {
+            let zero: Tensor = undefined.iter().map(|v| (*v * 0.0).sum(Kind::Float)).sum();
+            zero.backward();
+        }
+        tch::no_grad(|| {
+            for ((_, var), slot) in trainable.iter().zip(&param_slots) {
+                let mut grad = var.grad();
+                grad.set_data(&slot.view(&grads));
+                let _ = grad.zero_();
+            }
+        });
+        let decay_mask = Tensor::zeros_like(&params);
+        for slot in &param_slots {
+            if slot.shape.len() > 1 {
+                let _ = slot.view(&decay_mask).fill_(1.0);
+            }
+        }
+        FlatState {
+            params,
+            grads,
+            buffers,
+            param_slots,
+            buffer_slots,
+            decay_mask,
+        }
+    }
+
+    pub fn zero_grads(&self) {
+        let _ = self.grads.shallow_clone().zero_();
+    }
+
+    /// Element ranges of the gradient buffer, each at most `bucket_elements` long and ending on
+    /// a variable boundary where one fits, in order: what a collective reduces per call.
+    pub fn buckets(&self, bucket_elements: i64) -> Vec<Range<i64>> {
+        let mut buckets = Vec::new();
+        let mut start = 0;
+        let mut end = 0;
+        for slot in &self.param_slots {
+            let slot_end = slot.offset + slot.numel();
+            if slot_end - start > bucket_elements && end > start {
+                buckets.push(start..end);
+                start = end;
+            }
+            end = slot_end;
+            while end - start > bucket_elements {
+                buckets.push(start..start + bucket_elements);
+                start += bucket_elements;
+            }
+        }
+        if end > start {
+            buckets.push(start..end);
+        }
+        buckets
+    }
+
+    /// Named views of a buffer laid out like the parameters (gradients, optimizer state, EMA).
+    pub fn named_param_views(&self, flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+        self.param_slots
+            .iter()
+            .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
+            .collect()
+    }
+
+    /// Named views of a buffer laid out like the BatchNorm buffers.
+    pub fn named_buffer_views(&self, flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+        self.buffer_slots
+            .iter()
+            .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
+            .collect()
+    }
+}
