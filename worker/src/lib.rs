@@ -10,3 +10,4 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod state_io;
+pub mod training_state;

@@ -41,11 +41,40 @@ pub fn named(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Copies the tensors named `prefix + variable name` into `vs`. Every variable must be present
-/// with its shape and dtype, and no other name may carry the prefix; otherwise nothing is
-/// copied and the error lists every problem.
+/// Copies the tensors named `prefix + variable name` into the variables of `vs`.
 pub fn load(
     vs: &nn::VarStore,
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+    origin: &str,
+) -> Result<(), StateError> {
+    load_into(&named(vs, ""), tensors, prefix, origin)
+}
+
+/// Copies the tensors named `prefix + target name` into `targets`, after [`check`].
+pub fn load_into(
+    targets: &[(String, Tensor)],
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+    origin: &str,
+) -> Result<(), StateError> {
+    check(targets, tensors, prefix, origin)?;
+    let given: HashMap<&str, &Tensor> = tensors
+        .iter()
+        .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
+        .collect();
+    tch::no_grad(|| {
+        for (name, var) in targets {
+            var.shallow_clone().copy_(given[name.as_str()]);
+        }
+    });
+    Ok(())
+}
+
+/// Checks that every target has a tensor named `prefix + target name` with its shape and dtype,
+/// and that no other name carries the prefix; the error lists every problem.
+pub fn check(
+    targets: &[(String, Tensor)],
     tensors: &[(String, Tensor)],
     prefix: &str,
     origin: &str,
@@ -54,10 +83,10 @@ pub fn load(
         .iter()
         .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
         .collect();
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let wanted: BTreeMap<&str, &Tensor> = targets.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut problems = Vec::new();
-    for (name, var) in &vars {
-        match given.get(name.as_str()) {
+    for (name, var) in &wanted {
+        match given.get(name) {
             None => problems.push(format!("missing {prefix}{name} {:?}", var.size())),
             Some(t) if t.size() != var.size() => problems.push(format!(
                 "{prefix}{name}: shape {:?}, the model has {:?}",
@@ -72,19 +101,15 @@ pub fn load(
             Some(_) => {}
         }
     }
-    let mut extra: Vec<&&str> = given.keys().filter(|n| !vars.contains_key(**n)).collect();
+    let mut extra: Vec<&&str> = given.keys().filter(|n| !wanted.contains_key(**n)).collect();
     extra.sort();
     problems.extend(extra.into_iter().map(|n| format!("unexpected {prefix}{n}")));
-    if !problems.is_empty() {
-        return Err(StateError::Mismatch {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StateError::Mismatch {
             origin: origin.to_owned(),
             problems,
-        });
+        })
     }
-    tch::no_grad(|| {
-        for (name, var) in &vars {
-            var.shallow_clone().copy_(given[name.as_str()]);
-        }
-    });
-    Ok(())
 }

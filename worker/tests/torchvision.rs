@@ -3,8 +3,12 @@
 //! gradients and BatchNorm buffer updates, within 1e-4.
 
 use ladder_core::spec::Variant;
+use ladder_worker::ema::Ema;
+use ladder_worker::flat::FlatState;
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_worker::optim::RmsProp;
 use ladder_worker::state_io;
+use ladder_worker::training_state::{MODEL_FILE, TrainingState};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -152,4 +156,53 @@ fn s_m_and_l_have_torchvision_names_shapes_and_dtypes() {
             .sum();
         assert_eq!(theirs["parameters"].as_i64().unwrap(), parameters, "{name}");
     }
+}
+
+#[test]
+fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
+    tch::set_num_threads(1);
+    tch::manual_seed(5);
+    let dir = tempfile::tempdir().unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = EfficientNetV2::new(
+        &vs.root(),
+        &Architecture::of(Variant::S),
+        10,
+        TORCHVISION_BN,
+    );
+    let flat = FlatState::new(&vs);
+    let mut optimizer = RmsProp::new(&flat, &Default::default());
+    let mut ema = Ema::new(&flat, 0.9999);
+    // One step, so that weights, BatchNorm statistics and the counter all moved.
+    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    model
+        .forward(&x, true)
+        .cross_entropy_for_logits(&Tensor::from_slice(&[1i64, 2]))
+        .backward();
+    optimizer.step(&flat, 0.01);
+    ema.update(&flat, 0);
+    let state = TrainingState {
+        vs: &vs,
+        flat: &flat,
+        optimizer: &mut optimizer,
+        ema: &mut ema,
+    };
+    state.save(dir.path()).unwrap();
+
+    let input = dir.path().join("input.safetensors");
+    state_io::write(&input, &[("input".to_owned(), x.shallow_clone())]).unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let model_file = dir.path().join(MODEL_FILE);
+    reference(&[
+        "load",
+        "s",
+        "10",
+        model_file.to_str().unwrap(),
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    let theirs = state_io::read(&out).unwrap().remove(0).1;
+    let ours = tch::no_grad(|| model.forward(&x, false));
+    let err = max_relative_error(&ours, &theirs);
+    assert!(err < 1e-4, "torchvision's logits differ by {err:e}");
 }

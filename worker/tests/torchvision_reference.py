@@ -6,6 +6,9 @@ usage: torchvision_reference.py tensors VARIANT OUT.safetensors
          BatchNorm buffers after it ("after.")
        torchvision_reference.py shapes VARIANT CLASSES OUT.json
          every state-dict name with its shape and dtype, and the parameter count
+       torchvision_reference.py load VARIANT CLASSES MODEL.safetensors INPUT.safetensors OUT.safetensors
+         loads a Ladder model file with load_state_dict (strict) and writes its eval logits
+         for the "input" tensor of INPUT
 """
 import json
 import sys
@@ -13,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 torch.set_num_threads(1)
 
@@ -65,8 +68,19 @@ def shapes(variant, classes, out):
         json.dump({"state": entries, "parameters": parameters}, f)
 
 
+def load(variant, classes, model_file, input_file, out):
+    model = build(variant, classes)
+    model.load_state_dict(load_file(model_file), strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(load_file(input_file)["input"])
+    save_file({"logits": logits}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "tensors":
         tensors(sys.argv[2], sys.argv[3])
-    else:
+    elif sys.argv[1] == "shapes":
         shapes(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        load(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])

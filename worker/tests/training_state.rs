@@ -1,0 +1,139 @@
+use ladder_core::spec::{OptimizerSpec, Variant};
+use ladder_worker::ema::Ema;
+use ladder_worker::flat::FlatState;
+use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_worker::optim::RmsProp;
+use ladder_worker::state_io::{self, StateError};
+use ladder_worker::training_state::{MODEL_FILE, TRAINING_FILE, TrainingState};
+use tch::{Device, Kind, Tensor, nn};
+
+const BN: BatchNormConfig = BatchNormConfig {
+    eps: 1e-3,
+    momentum: 0.01,
+};
+
+struct Run {
+    vs: nn::VarStore,
+    model: EfficientNetV2,
+    flat: FlatState,
+    optimizer: RmsProp,
+    ema: Ema,
+}
+
+impl Run {
+    fn new(seed: i64, classes: i64) -> Run {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = EfficientNetV2::new(&vs.root(), &Architecture::of(Variant::Tiny), classes, BN);
+        let flat = FlatState::new(&vs);
+        let optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
+        let ema = Ema::new(&flat, 0.999);
+        Run {
+            vs,
+            model,
+            flat,
+            optimizer,
+            ema,
+        }
+    }
+
+    fn train(&mut self, steps: u64) {
+        for step in 0..steps {
+            let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+            self.flat.zero_grads();
+            self.model
+                .forward(&x, true)
+                .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1, 2, 0]))
+                .backward();
+            self.optimizer.step(&self.flat, 0.01);
+            self.ema.update(&self.flat, step);
+        }
+    }
+
+    fn state(&mut self) -> TrainingState<'_> {
+        TrainingState {
+            vs: &self.vs,
+            flat: &self.flat,
+            optimizer: &mut self.optimizer,
+            ema: &mut self.ema,
+        }
+    }
+}
+
+#[test]
+fn state_round_trips_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = Run::new(1, 3);
+    original.train(3);
+    original.state().save(dir.path()).unwrap();
+
+    let mut restored = Run::new(2, 3);
+    assert!(!restored.flat.params.equal(&original.flat.params));
+    restored.state().load(dir.path()).unwrap();
+    assert!(restored.flat.params.equal(&original.flat.params));
+    assert!(restored.flat.buffers.equal(&original.flat.buffers));
+    assert!(
+        restored
+            .optimizer
+            .mean_square
+            .equal(&original.optimizer.mean_square)
+    );
+    assert!(
+        restored
+            .optimizer
+            .momentum_buffer
+            .equal(&original.optimizer.momentum_buffer)
+    );
+    assert!(restored.ema.params.equal(&original.ema.params));
+    assert!(restored.ema.buffers.equal(&original.ema.buffers));
+    let counter =
+        |run: &Run| run.vs.variables()["features.0.1.num_batches_tracked"].int64_value(&[]);
+    assert_eq!(counter(&restored), 3);
+
+    // Training on from the restored state is training on from the original.
+    tch::manual_seed(9);
+    original.train(2);
+    tch::manual_seed(9);
+    restored.train(2);
+    assert!(restored.flat.params.equal(&original.flat.params));
+}
+
+#[test]
+fn mismatched_state_is_refused_with_every_problem_named_and_nothing_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = Run::new(1, 5);
+    other.state().save(dir.path()).unwrap();
+    let mut run = Run::new(2, 3);
+    let before = run.flat.params.copy();
+    let err = run.state().load(dir.path()).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, StateError::Mismatch { .. }));
+    assert!(
+        message.contains("classifier.1.weight: shape [5, 256], the model has [3, 256]"),
+        "{message}"
+    );
+    assert!(message.contains(MODEL_FILE), "{message}");
+    assert!(run.flat.params.equal(&before), "nothing was loaded");
+
+    // A file missing a tensor and carrying an unknown one.
+    let path = dir.path().join(MODEL_FILE);
+    let mut tensors = state_io::read(&path).unwrap();
+    tensors.retain(|(name, _)| name != "features.0.0.weight");
+    tensors.push((
+        "features.99.weight".to_owned(),
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+    ));
+    let err = state_io::load(&run.vs, &tensors, "", "edited")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing features.0.0.weight [16, 3, 3, 3]"),
+        "{err}"
+    );
+    assert!(err.contains("unexpected features.99.weight"), "{err}");
+
+    std::fs::write(dir.path().join(TRAINING_FILE), b"truncated").unwrap();
+    let mut same = Run::new(3, 5);
+    let err = same.state().load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains(TRAINING_FILE), "names the broken file: {err}");
+}
