@@ -8,14 +8,20 @@ use crate::flat::FlatState;
 use ladder_core::spec::{LrSchedule, OptimizerSpec};
 use tch::Tensor;
 
+/// Elements updated together: small enough that a chunk of every buffer the update touches
+/// stays in cache across its half-dozen passes, large enough that per-call overhead is noise.
+const CHUNK: i64 = 1 << 18;
+
 /// RMSProp state over the flat parameter buffer.
 pub struct RmsProp {
     pub mean_square: Tensor,
     pub momentum_buffer: Tensor,
+    /// `weight_decay` where decay applies, else 0.
+    decay_factors: Tensor,
+    scratch: Tensor,
     decay: f64,
     momentum: f64,
     eps: f64,
-    weight_decay: f64,
 }
 
 impl RmsProp {
@@ -23,24 +29,42 @@ impl RmsProp {
         RmsProp {
             mean_square: flat.params.ones_like(),
             momentum_buffer: flat.params.zeros_like(),
+            decay_factors: &flat.decay_mask * spec.weight_decay,
+            scratch: Tensor::empty(
+                [CHUNK.min(flat.params.numel() as i64)],
+                (flat.params.kind(), flat.params.device()),
+            ),
             decay: spec.decay,
             momentum: spec.momentum,
             eps: spec.eps,
-            weight_decay: spec.weight_decay,
         }
     }
 
-    /// One update from the (already reduced) gradients in `flat.grads`:
+    /// One update from the (already reduced) gradients in `flat.grads`, which it consumes:
     /// `g += wd * p` (decayed weights only); `ms = decay * ms + (1 - decay) * g^2`;
-    /// `mom = momentum * mom + lr * g / sqrt(ms + eps)`; `p -= mom`.
+    /// `mom = momentum * mom + lr * g / sqrt(ms + eps)`; `p -= mom`. Runs chunk by chunk,
+    /// in place, allocating nothing.
     pub fn step(&mut self, flat: &FlatState, lr: f64) {
+        let total = flat.params.numel() as i64;
         tch::no_grad(|| {
-            let g = &flat.grads + &flat.decay_mask * &flat.params * self.weight_decay;
-            let _ = self.mean_square.lerp_(&g.square(), 1.0 - self.decay);
-            let denominator = (&self.mean_square + self.eps).sqrt_();
-            let _ = self.momentum_buffer.g_mul_scalar_(self.momentum);
-            let _ = self.momentum_buffer.addcdiv_(&(g * lr), &denominator);
-            let _ = flat.params.shallow_clone().g_sub_(&self.momentum_buffer);
+            let mut start = 0;
+            while start < total {
+                let len = CHUNK.min(total - start);
+                let chunk = |t: &Tensor| t.narrow(0, start, len);
+                let (p, mut g) = (chunk(&flat.params), chunk(&flat.grads));
+                let (mut ms, mut mom) = (chunk(&self.mean_square), chunk(&self.momentum_buffer));
+                let mut scratch = self.scratch.narrow(0, 0, len);
+                let _ = g.addcmul_(&p, &chunk(&self.decay_factors));
+                let _ = g.mul_out(&scratch, &g);
+                let _ = ms.lerp_(&scratch, 1.0 - self.decay);
+                let _ = scratch.copy_(&ms);
+                let _ = scratch.g_add_scalar_(self.eps).sqrt_();
+                let _ = g.g_mul_scalar_(lr);
+                let _ = mom.g_mul_scalar_(self.momentum);
+                let _ = mom.addcdiv_(&g, &scratch);
+                let _ = p.shallow_clone().g_sub_(&mom);
+                start += len;
+            }
         });
     }
 }
