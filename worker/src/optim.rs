@@ -57,7 +57,7 @@ impl RmsProp {
                 let _ = g.addcmul_(&p, &chunk(&self.decay_factors));
                 let _ = g.mul_out(&scratch, &g);
                 let _ = ms.lerp_(&scratch, 1.0 - self.decay);
-                let _ = scratch.copy_(&ms);
+                scratch.copy_(&ms);
                 let _ = scratch.g_add_scalar_(self.eps).sqrt_();
                 let _ = g.g_mul_scalar_(lr);
                 let _ = mom.g_mul_scalar_(self.momentum);
