@@ -4,7 +4,7 @@
 //! usage: bench_step VARIANT IMAGE_SIZE BATCH THREADS STEPS
 
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::flat::FlatState;
+use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::loss;
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
@@ -35,7 +35,7 @@ fn main() {
         momentum: 0.01,
     };
     let model = EfficientNetV2::new(&vs.root(), &Architecture::of(variant), classes, bn);
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
     let images = Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(classes, [batch], (Kind::Int64, Device::Cpu));

@@ -11,12 +11,21 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use tch::{Kind, Tensor, nn};
 
+/// How 4-dimensional (convolution) weights are laid out inside the flat buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Contiguous,
+    /// NHWC in memory, as cuDNN's fastest kernels want on GPUs; the views keep NCHW shapes.
+    ChannelsLast,
+}
+
 /// Where one variable lives inside its flat buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slot {
     pub name: String,
     pub offset: i64,
     pub shape: Vec<i64>,
+    pub channels_last: bool,
 }
 
 impl Slot {
@@ -26,8 +35,15 @@ impl Slot {
 
     /// The variable's view into `flat` (any buffer with this layout).
     pub fn view(&self, flat: &Tensor) -> Tensor {
-        flat.narrow(0, self.offset, self.numel())
-            .view(self.shape.as_slice())
+        let elements = flat.narrow(0, self.offset, self.numel());
+        if self.channels_last {
+            let s = &self.shape;
+            elements
+                .view([s[0], s[2], s[3], s[1]])
+                .permute([0, 3, 1, 2])
+        } else {
+            elements.view(self.shape.as_slice())
+        }
     }
 }
 
@@ -43,16 +59,23 @@ pub struct FlatState {
 }
 
 /// Copies each variable into its place in a new flat buffer and re-points it there.
-fn flatten(vars: &[(String, Tensor)], kind: Kind, device: tch::Device) -> (Tensor, Vec<Slot>) {
+fn flatten(
+    vars: &[(String, Tensor)],
+    kind: Kind,
+    device: tch::Device,
+    layout: Layout,
+) -> (Tensor, Vec<Slot>) {
     let total: i64 = vars.iter().map(|(_, t)| t.numel() as i64).sum();
     let flat = Tensor::zeros([total], (kind, device));
     let mut slots = Vec::with_capacity(vars.len());
     let mut offset = 0;
     for (name, var) in vars {
+        let shape = var.size();
         let slot = Slot {
             name: name.clone(),
             offset,
-            shape: var.size(),
+            channels_last: layout == Layout::ChannelsLast && shape.len() == 4,
+            shape,
         };
         let view = slot.view(&flat);
         tch::no_grad(|| {
@@ -68,7 +91,7 @@ fn flatten(vars: &[(String, Tensor)], kind: Kind, device: tch::Device) -> (Tenso
 impl FlatState {
     /// Moves every float variable of `vs` into flat buffers. Call once, after loading weights
     /// and before training.
-    pub fn new(vs: &nn::VarStore) -> FlatState {
+    pub fn new(vs: &nn::VarStore, layout: Layout) -> FlatState {
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let (trainable, rest): (Vec<_>, Vec<_>) =
             vars.into_iter().partition(|(_, t)| t.requires_grad());
@@ -77,8 +100,8 @@ impl FlatState {
             .filter(|(_, t)| t.is_floating_point())
             .collect();
         let device = vs.device();
-        let (params, param_slots) = flatten(&trainable, Kind::Float, device);
-        let (buffers, buffer_slots) = flatten(&floating, Kind::Float, device);
+        let (params, param_slots) = flatten(&trainable, Kind::Float, device, layout);
+        let (buffers, buffer_slots) = flatten(&floating, Kind::Float, device, layout);
 
         // Give every parameter a gradient that is a view of the flat gradient buffer, so that
         // backward accumulates in place there. A zero backward first defines the gradient

@@ -9,5 +9,6 @@ pub mod flat;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod state_io;
 pub mod training_state;

@@ -11,7 +11,7 @@
 //! Dropout and the stochastic-depth rate are runtime settings ([`EfficientNetV2::set_regularization`]):
 //! a stage boundary changes them without rebuilding anything.
 
-use ladder_core::spec::Variant;
+use ladder_core::spec::{ModelSpec, Variant};
 use std::cell::Cell;
 use tch::{Kind, Tensor, nn};
 
@@ -144,6 +144,15 @@ impl Architecture {
 pub struct BatchNormConfig {
     pub eps: f64,
     pub momentum: f64,
+}
+
+impl From<&ModelSpec> for BatchNormConfig {
+    fn from(spec: &ModelSpec) -> BatchNormConfig {
+        BatchNormConfig {
+            eps: spec.bn_eps,
+            momentum: spec.bn_momentum,
+        }
+    }
 }
 
 /// BatchNorm2d with torchvision's buffers, `num_batches_tracked` included (tch's own has none).
@@ -475,6 +484,12 @@ impl EfficientNetV2 {
             block_count: index,
             regularization: Cell::new(Regularization::default()),
         }
+    }
+
+    /// The network a job spec asks for.
+    pub fn from_spec(root: &nn::Path, spec: &ModelSpec) -> EfficientNetV2 {
+        let architecture = Architecture::of(spec.variant);
+        EfficientNetV2::new(root, &architecture, spec.classes as i64, spec.into())
     }
 
     /// Takes effect from the next forward pass.

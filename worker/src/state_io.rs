@@ -26,8 +26,14 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, StateError> {
     })
 }
 
+/// Writes `tensors` in safetensors format; views with other layouts (channels-last weights)
+/// are written in the standard contiguous order.
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), StateError> {
-    Tensor::write_safetensors(tensors, path).map_err(|e| StateError::File {
+    let contiguous: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(name, t)| (name.as_str(), t.contiguous()))
+        .collect();
+    Tensor::write_safetensors(&contiguous, path).map_err(|e| StateError::File {
         path: path.display().to_string(),
         message: e.to_string(),
     })

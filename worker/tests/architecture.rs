@@ -87,3 +87,13 @@ fn regularization_changes_without_rebuilding() {
     let eval_again = model.forward(&x, false);
     assert_eq!(eval_again.size(), [4, 10], "eval ignores dropout");
 }
+
+#[test]
+fn a_spec_builds_its_network() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs/efficientnetv2-l-in21k.toml");
+    let spec = ladder_core::spec::JobSpec::load(&path).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = EfficientNetV2::from_spec(&vs.root(), &spec.model);
+    assert_eq!(parameters(&vs), 145_215_155, "L with the 21,843-class head");
+}

@@ -4,7 +4,7 @@
 
 use ladder_core::spec::Variant;
 use ladder_worker::ema::Ema;
-use ladder_worker::flat::FlatState;
+use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
 use ladder_worker::state_io;
@@ -170,7 +170,7 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
         10,
         TORCHVISION_BN,
     );
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut optimizer = RmsProp::new(&flat, &Default::default());
     let mut ema = Ema::new(&flat, 0.9999);
     // One step, so that weights, BatchNorm statistics and the counter all moved.

@@ -3,7 +3,7 @@
 
 use ladder_core::spec::{OptimizerSpec, Variant};
 use ladder_worker::ema::Ema;
-use ladder_worker::flat::FlatState;
+use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::loss;
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
@@ -31,7 +31,7 @@ fn the_model_reads_and_writes_the_flat_buffers() {
     let (vs, model) = tiny(5);
     let x = images(2);
     let before = tch::no_grad(|| model.forward(&x, false));
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let same = tch::no_grad(|| model.forward(&x, false));
     assert!(
         before.allclose(&same, 0.0, 0.0, false),
@@ -83,7 +83,7 @@ fn the_model_reads_and_writes_the_flat_buffers() {
 #[test]
 fn rmsprop_follows_tensorflows_formula_and_decays_only_weights() {
     let (vs, model) = tiny(3);
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let spec = OptimizerSpec::default();
     let mut optimizer = RmsProp::new(&flat, &spec);
     let x = images(2);
@@ -143,7 +143,7 @@ fn rmsprop_follows_tensorflows_formula_and_decays_only_weights() {
 #[test]
 fn ema_warms_up_then_averages() {
     let (vs, _model) = tiny(3);
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut ema = Ema::new(&flat, 0.9999);
     assert!((ema.decay_at(0) - 0.1).abs() < 1e-12, "(1 + 0) / (10 + 0)");
     assert_eq!(ema.decay_at(1_000_000), 0.9999);
@@ -159,7 +159,7 @@ fn ema_warms_up_then_averages() {
 #[test]
 fn buckets_cover_the_gradients_in_order() {
     let (vs, _model) = tiny(3);
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let total = flat.grads.numel() as i64;
     for size in [1_000, 10_000, 100_000, total, total * 2] {
         let buckets = flat.buckets(size);
@@ -180,7 +180,7 @@ fn buckets_cover_the_gradients_in_order() {
 fn the_tiny_model_learns() {
     tch::set_num_threads(1);
     let (vs, model) = tiny(4);
-    let flat = FlatState::new(&vs);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
     let spec = OptimizerSpec::default();
     let mut optimizer = RmsProp::new(&flat, &spec);
     let mut ema = Ema::new(&flat, 0.99);

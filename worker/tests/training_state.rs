@@ -1,6 +1,6 @@
 use ladder_core::spec::{OptimizerSpec, Variant};
 use ladder_worker::ema::Ema;
-use ladder_worker::flat::FlatState;
+use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
 use ladder_worker::state_io::{self, StateError};
@@ -25,7 +25,7 @@ impl Run {
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = EfficientNetV2::new(&vs.root(), &Architecture::of(Variant::Tiny), classes, BN);
-        let flat = FlatState::new(&vs);
+        let flat = FlatState::new(&vs, Layout::Contiguous);
         let optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
         let ema = Ema::new(&flat, 0.999);
         Run {

@@ -1,0 +1,48 @@
+// What tch does not expose: autocast to a chosen dtype (tch's autocast is CUDA fp16 only).
+// Exceptions never cross the C boundary; every entry point returns an error flag instead.
+#include <ATen/autocast_mode.h>
+
+namespace {
+c10::DeviceType device_type(int device) { return device == 1 ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
+}  // namespace
+
+extern "C" {
+
+// Enters an autocast region on `device` (0 CPU, 1 CUDA) computing in bfloat16.
+// Returns 1 if autocast was already enabled there, 0 if not, -1 on error.
+int ladder_autocast_enter_bf16(int device) {
+  try {
+    auto type = device_type(device);
+    bool was_enabled = at::autocast::is_autocast_enabled(type);
+    at::autocast::set_autocast_dtype(type, at::kBFloat16);
+    at::autocast::set_autocast_enabled(type, true);
+    at::autocast::increment_nesting();
+    return was_enabled ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Leaves the region, restoring the previous state; the cast cache is cleared when the outermost
+// region ends, as torch.autocast does. Returns 0, or -1 on error.
+int ladder_autocast_exit(int device, int was_enabled) {
+  try {
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+    at::autocast::set_autocast_enabled(device_type(device), was_enabled == 1);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 1 if autocast is enabled on `device`, else 0.
+int ladder_autocast_enabled(int device) {
+  try {
+    return at::autocast::is_autocast_enabled(device_type(device)) ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+}
