@@ -1,0 +1,360 @@
+//! Decoding at the needed size.
+//!
+//! JPEG goes through libjpeg-turbo 3 (bundled): the DCT scale (1/8 ... 8/8) is the smallest
+//! that keeps the wanted region at least as large as the output, so a 500x375 photo cropped to
+//! 128 px decodes at 1/2 or 1/4 of the work, and only the rows and iMCU columns that hold the
+//! region are decoded (cropped decoding). Grayscale and progressive JPEGs decode to RGB;
+//! CMYK and YCCK JPEGs are converted to RGB as Pillow does (Adobe's inverted CMYK, which Pillow
+//! assumes for every CMYK JPEG). PNG (gray, palette, 16-bit, alpha) goes through the `png`
+//! crate; alpha is dropped, as Pillow's `convert("RGB")` does, and 16-bit samples are scaled
+//! to 8 bits (Pillow would clip them to 255). EXIF orientation is ignored, as
+//! torchvision's decoders do. Any warning from the decoder (a truncated file, corrupt data) is
+//! an error: a damaged image is skipped, never trained on half gray.
+
+use crate::image::{Image, Rect};
+use ladder_core::dataset::ImageFormat;
+use std::ffi::CStr;
+use turbojpeg_sys as tj;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty file")]
+    Empty,
+    #[error("not a JPEG: {0}")]
+    Jpeg(String),
+    #[error("not a PNG: {0}")]
+    Png(String),
+    #[error("image is {width}x{height}; at most {MAX_SIDE} px per side")]
+    TooLarge { width: u32, height: u32 },
+}
+
+/// Larger sides are refused rather than allocated: a corrupt header must not cost gigabytes.
+pub const MAX_SIDE: u32 = 16_384;
+
+/// The result of a decode: the pixels, and where they sit relative to the full-resolution
+/// image (`full = origin + decoded / scale`).
+#[derive(Debug)]
+pub struct Decoded {
+    pub image: Image,
+    /// Decoded pixels per full-resolution pixel, per axis.
+    pub scale_x: f64,
+    pub scale_y: f64,
+    /// Full-resolution coordinates of the decoded image's top-left pixel.
+    pub origin_x: f64,
+    pub origin_y: f64,
+}
+
+impl Decoded {
+    fn whole(image: Image) -> Decoded {
+        Decoded {
+            image,
+            scale_x: 1.0,
+            scale_y: 1.0,
+            origin_x: 0.0,
+            origin_y: 0.0,
+        }
+    }
+
+    /// `region` (full-resolution coordinates) in the decoded image's coordinates.
+    pub fn map(&self, region: &Rect) -> Rect {
+        Rect {
+            x: (region.x - self.origin_x) * self.scale_x,
+            y: (region.y - self.origin_y) * self.scale_y,
+            width: region.width * self.scale_x,
+            height: region.height * self.scale_y,
+        }
+    }
+}
+
+struct Handle(tj::tjhandle);
+
+impl Handle {
+    fn decompressor() -> Handle {
+        // SAFETY: tj3Init has no preconditions; a null handle is checked below.
+        let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as libc::c_int) };
+        assert!(
+            !handle.is_null(),
+            "libjpeg-turbo could not allocate a decompressor"
+        );
+        Handle(handle)
+    }
+
+    fn error(&self) -> DecodeError {
+        // SAFETY: the handle is live; the returned string is owned by libjpeg-turbo.
+        let message = unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) };
+        DecodeError::Jpeg(message.to_string_lossy().into_owned())
+    }
+
+    fn get(&self, param: tj::TJPARAM) -> i32 {
+        // SAFETY: the handle is live.
+        unsafe { tj::tj3Get(self.0, param as libc::c_int) }
+    }
+
+    fn check(&self, status: libc::c_int) -> Result<(), DecodeError> {
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(self.error())
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { tj::tj3Destroy(self.0) }
+    }
+}
+
+thread_local! {
+    // One decompressor per decoding thread, reused: creating one costs more than a small decode.
+    static DECOMPRESSOR: std::cell::RefCell<Handle> = std::cell::RefCell::new(Handle::decompressor());
+}
+
+/// Runs `work` with this thread's decompressor. After a failure the decompressor is replaced:
+/// libjpeg keeps tables between images, and a damaged file must not affect the next one.
+fn with_decompressor<T>(
+    work: impl FnOnce(&Handle) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    DECOMPRESSOR.with(|cell| {
+        let result = work(&cell.borrow());
+        if result.is_err() {
+            *cell.borrow_mut() = Handle::decompressor();
+        }
+        result
+    })
+}
+
+/// Width and height of an encoded image, from its header alone.
+pub fn dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    match format {
+        ImageFormat::Jpeg => with_decompressor(|h| {
+            read_header(h, bytes)?;
+            Ok((
+                h.get(tj::TJPARAM_TJPARAM_JPEGWIDTH) as u32,
+                h.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT) as u32,
+            ))
+        }),
+        ImageFormat::Png => {
+            let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+            let reader = decoder
+                .read_info()
+                .map_err(|e| DecodeError::Png(e.to_string()))?;
+            let info = reader.info();
+            Ok((info.width, info.height))
+        }
+    }
+}
+
+fn read_header(h: &Handle, bytes: &[u8]) -> Result<(), DecodeError> {
+    // SAFETY: the handle is live and `bytes` outlives the call.
+    let status = unsafe { tj::tj3DecompressHeader(h.0, bytes.as_ptr(), bytes.len() as tj::size_t) };
+    h.check(status)?;
+    let (w, h2) = (
+        h.get(tj::TJPARAM_TJPARAM_JPEGWIDTH),
+        h.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT),
+    );
+    if w <= 0 || h2 <= 0 || w as u32 > MAX_SIDE || h2 as u32 > MAX_SIDE {
+        return Err(DecodeError::TooLarge {
+            width: w.max(0) as u32,
+            height: h2.max(0) as u32,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes the part of the image that holds `region` (full-resolution coordinates; the whole
+/// image if `None`), at the smallest DCT scale that keeps the region at least `min_width` x
+/// `min_height` pixels.
+pub fn decode(
+    bytes: &[u8],
+    format: ImageFormat,
+    region: Option<Rect>,
+    min_width: u32,
+    min_height: u32,
+) -> Result<Decoded, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    match format {
+        ImageFormat::Jpeg => {
+            with_decompressor(|h| decode_jpeg(h, bytes, region, min_width, min_height))
+        }
+        ImageFormat::Png => decode_png(bytes).map(Decoded::whole),
+    }
+}
+
+/// ceil(dimension * num / 8), libjpeg's size of a scaled dimension.
+fn scaled(dimension: i32, num: i32) -> i32 {
+    (dimension * num + 7) / 8
+}
+
+fn decode_jpeg(
+    h: &Handle,
+    bytes: &[u8],
+    region: Option<Rect>,
+    min_width: u32,
+    min_height: u32,
+) -> Result<Decoded, DecodeError> {
+    read_header(h, bytes)?;
+    let width = h.get(tj::TJPARAM_TJPARAM_JPEGWIDTH);
+    let height = h.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT);
+    let region = region.unwrap_or(Rect::whole(width as u32, height as u32));
+    // The smallest scale num/8 whose scaled region still covers the output.
+    let num = (1..=8)
+        .find(|&n| {
+            region.width * n as f64 / 8.0 >= min_width as f64
+                && region.height * n as f64 / 8.0 >= min_height as f64
+        })
+        .unwrap_or(8);
+    // SAFETY: the handle is live.
+    h.check(unsafe { tj::tj3Set(h.0, tj::TJPARAM_TJPARAM_STOPONWARNING as libc::c_int, 1) })?;
+    // libjpeg-turbo lists its factors in lowest terms (1/2, not 4/8).
+    let common = [8, 4, 2, 1]
+        .into_iter()
+        .find(|d| num % d == 0 && 8 % d == 0)
+        .unwrap_or(1);
+    let factor = tj::tjscalingfactor {
+        num: num / common,
+        denom: 8 / common,
+    };
+    // SAFETY: as above; 1..=8 / 8 are scaling factors libjpeg-turbo always supports.
+    h.check(unsafe { tj::tj3SetScalingFactor(h.0, factor) })?;
+    let (full_w, full_h) = (scaled(width, num), scaled(height, num));
+    let (scale_x, scale_y) = (full_w as f64 / width as f64, full_h as f64 / height as f64);
+
+    // Crop to the columns of whole scaled iMCUs and the rows that hold the region. Cropping
+    // needs a known subsampling (its iMCU width); CMYK and odd layouts decode whole.
+    let colorspace = h.get(tj::TJPARAM_TJPARAM_COLORSPACE);
+    let cmyk = colorspace == tj::TJCS_TJCS_CMYK as i32 || colorspace == tj::TJCS_TJCS_YCCK as i32;
+    let imcu_width = match h.get(tj::TJPARAM_TJPARAM_SUBSAMP) {
+        s if s == tj::TJSAMP_TJSAMP_444
+            || s == tj::TJSAMP_TJSAMP_GRAY
+            || s == tj::TJSAMP_TJSAMP_440 =>
+        {
+            8
+        }
+        s if s == tj::TJSAMP_TJSAMP_422 || s == tj::TJSAMP_TJSAMP_420 => 16,
+        s if s == tj::TJSAMP_TJSAMP_411 || s == tj::TJSAMP_TJSAMP_441 => 32,
+        _ => 0,
+    };
+    let step = imcu_width * num / 8;
+    let (mut x0, mut y0, mut out_w, mut out_h) = (0, 0, full_w, full_h);
+    if step > 0 && !cmyk {
+        let left = ((region.x * scale_x).floor() as i32).clamp(0, full_w - 1);
+        let right = ((region.x + region.width) * scale_x)
+            .ceil()
+            .min(full_w as f64) as i32;
+        let top = ((region.y * scale_y).floor() as i32).clamp(0, full_h - 1);
+        let bottom = ((region.y + region.height) * scale_y)
+            .ceil()
+            .min(full_h as f64) as i32;
+        x0 = left / step * step;
+        y0 = top;
+        out_w = (right - x0).max(1);
+        out_h = (bottom - y0).max(1);
+        let crop = tj::tjregion {
+            x: x0,
+            y: y0,
+            w: out_w,
+            h: out_h,
+        };
+        // SAFETY: the handle is live; the region lies inside the scaled image.
+        h.check(unsafe { tj::tj3SetCroppingRegion(h.0, crop) })?;
+    } else {
+        let none = tj::tjregion {
+            x: 0,
+            y: 0,
+            w: 0,
+            h: 0,
+        };
+        // SAFETY: as above; an empty region turns cropping off.
+        h.check(unsafe { tj::tj3SetCroppingRegion(h.0, none) })?;
+    }
+    let (format, channels) = if cmyk {
+        (tj::TJPF_TJPF_CMYK, 4)
+    } else {
+        (tj::TJPF_TJPF_RGB, 3)
+    };
+    let mut buffer = vec![0u8; out_w as usize * out_h as usize * channels];
+    // SAFETY: `buffer` holds out_h rows of out_w pixels of `channels` bytes, exactly what the
+    // cropped, scaled decode writes with a pitch of 0 (packed rows).
+    let status = unsafe {
+        tj::tj3Decompress8(
+            h.0,
+            bytes.as_ptr(),
+            bytes.len() as tj::size_t,
+            buffer.as_mut_ptr(),
+            0,
+            format as libc::c_int,
+        )
+    };
+    h.check(status)?;
+    let pixels = if cmyk { cmyk_to_rgb(&buffer) } else { buffer };
+    Ok(Decoded {
+        image: Image {
+            width: out_w as u32,
+            height: out_h as u32,
+            pixels,
+        },
+        scale_x,
+        scale_y,
+        origin_x: x0 as f64 / scale_x,
+        origin_y: y0 as f64 / scale_y,
+    })
+}
+
+/// Adobe's inverted CMYK to RGB as Pillow converts it: with stored values `c, k` (inverted),
+/// `r = c * k / 255`.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let k = px[3] as u32;
+        for &c in &px[..3] {
+            // Pillow's MULDIV255: (a * b + 128 + ((a * b + 128) >> 8)) >> 8.
+            let t = c as u32 * k + 128;
+            rgb.push(((t + (t >> 8)) >> 8) as u8);
+        }
+    }
+    rgb
+}
+
+fn decode_png(bytes: &[u8]) -> Result<Image, DecodeError> {
+    let bad = |e: png::DecodingError| DecodeError::Png(e.to_string());
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().map_err(bad)?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
+        return Err(DecodeError::TooLarge { width, height });
+    }
+    let mut buffer = vec![
+        0;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| DecodeError::Png("image too large".into()))?
+    ];
+    let frame = reader.next_frame(&mut buffer).map_err(bad)?;
+    let data = &buffer[..frame.buffer_size()];
+    let pixels = match frame.color_type {
+        png::ColorType::Rgb => data.to_vec(),
+        png::ColorType::Rgba => data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
+        png::ColorType::GrayscaleAlpha => data
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        png::ColorType::Indexed => return Err(DecodeError::Png("palette not expanded".into())),
+    };
+    Ok(Image {
+        width,
+        height,
+        pixels,
+    })
+}

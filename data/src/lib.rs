@@ -1,0 +1,8 @@
+//! Ladder's data path, from tar bytes to augmented micro-batches. No libtorch: the worker turns
+//! the finished batch buffers into tensors.
+
+pub mod augment;
+pub mod decode;
+pub mod image;
+pub mod randaugment;
+pub mod resample;
