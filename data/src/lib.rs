@@ -2,7 +2,9 @@
 //! the finished batch buffers into tensors.
 
 pub mod augment;
+pub mod batch;
 pub mod decode;
 pub mod image;
 pub mod randaugment;
 pub mod resample;
+mod simd;

@@ -7,99 +7,113 @@ use crate::image::{Image, Rect};
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: the first input index and the fixed-point weights.
+/// Per output pixel: the first input index and `taps` fixed-point weights (zero-padded).
 struct Coefficients {
     start: Vec<usize>,
-    weights: Vec<Vec<i32>>,
+    taps: usize,
+    weights: Vec<i32>,
 }
 
 fn coefficients(in_size: u32, box_start: f64, box_end: f64, out_size: u32) -> Coefficients {
     let scale = (box_end - box_start) / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter_scale;
+    let taps = (support.ceil() as usize * 2 + 1).min(in_size as usize);
     let mut start = Vec::with_capacity(out_size as usize);
-    let mut weights = Vec::with_capacity(out_size as usize);
-    for i in 0..out_size {
+    let mut weights = vec![0i32; out_size as usize * taps];
+    for i in 0..out_size as usize {
         let center = box_start + (i as f64 + 0.5) * scale;
-        let lo = ((center - support + 0.5) as i64).max(0) as usize;
-        let hi = ((center + support + 0.5) as i64)
-            .min(in_size as i64)
-            .max(lo as i64) as usize;
-        let raw: Vec<f64> = (lo..hi)
+        let lo = ((center - support + 0.5) as i64).clamp(0, in_size as i64 - 1) as usize;
+        let hi = ((center + support + 0.5) as i64).clamp(lo as i64, in_size as i64) as usize;
+        // Keep `taps` inputs from `lo` inside the image: shift the window left at the edge.
+        let first = lo.min(in_size as usize - taps);
+        let raw: Vec<f64> = (first..first + taps)
             .map(|x| {
+                if x < lo || x >= hi {
+                    return 0.0;
+                }
                 let t = ((x as f64 - center + 0.5) / filter_scale).abs();
                 if t < 1.0 { 1.0 - t } else { 0.0 }
             })
             .collect();
         let total: f64 = raw.iter().sum();
-        let fixed = raw
-            .iter()
-            .map(|w| {
-                let w = if total != 0.0 { w / total } else { 0.0 };
-                let v = w * (1u32 << PRECISION_BITS) as f64;
-                (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
-            })
-            .collect();
-        start.push(lo);
-        weights.push(fixed);
+        for (k, w) in raw.iter().enumerate() {
+            let w = if total != 0.0 { w / total } else { 0.0 };
+            let v = w * (1u32 << PRECISION_BITS) as f64;
+            weights[i * taps + k] = (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32;
+        }
+        start.push(first);
     }
-    Coefficients { start, weights }
+    Coefficients {
+        start,
+        taps,
+        weights,
+    }
 }
 
-fn clip(v: i64) -> u8 {
-    let v = v >> PRECISION_BITS;
-    v.clamp(0, 255) as u8
+#[inline(always)]
+fn clip(v: i32) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-const ROUND: i64 = 1 << (PRECISION_BITS - 1);
+const ROUND: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Resizes `source` (a box in `image`'s pixel coordinates) to `width` x `height`.
 pub fn resize(image: &Image, source: Rect, width: u32, height: u32) -> Image {
+    crate::simd::dispatch!(resize_body(image, source, width, height))
+}
+
+#[inline(always)]
+fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
     let horizontal = coefficients(image.width, source.x, source.x + source.width, width);
     let vertical = coefficients(image.height, source.y, source.y + source.height, height);
     // Only the input rows that some output row reads go through the horizontal pass.
-    let first_row = *vertical.start.first().unwrap_or(&0);
+    let first_row = *vertical.start.iter().min().unwrap_or(&0);
     let last_row = vertical
         .start
         .iter()
-        .zip(&vertical.weights)
-        .map(|(s, w)| s + w.len())
         .max()
-        .unwrap_or(first_row)
-        .max(first_row + 1)
-        .min(image.height as usize);
+        .map_or(first_row + 1, |s| s + vertical.taps);
     let rows = last_row - first_row;
     let in_stride = image.width as usize * 3;
-    let mut middle = vec![0u8; rows * width as usize * 3];
+    let out_stride = width as usize * 3;
+    let mut middle = vec![0u8; rows * out_stride];
+    let h_taps = horizontal.taps;
     for r in 0..rows {
         let src = &image.pixels[(first_row + r) * in_stride..(first_row + r + 1) * in_stride];
-        let dst = &mut middle[r * width as usize * 3..(r + 1) * width as usize * 3];
-        for (x, (start, ws)) in horizontal.start.iter().zip(&horizontal.weights).enumerate() {
+        let dst = &mut middle[r * out_stride..(r + 1) * out_stride];
+        for (x, out) in dst.chunks_exact_mut(3).enumerate() {
+            let start = horizontal.start[x] * 3;
+            let ws = &horizontal.weights[x * h_taps..(x + 1) * h_taps];
+            let window = &src[start..start + h_taps * 3];
             let mut acc = [ROUND; 3];
-            for (k, &w) in ws.iter().enumerate() {
-                let p = &src[(start + k) * 3..(start + k) * 3 + 3];
-                acc[0] += p[0] as i64 * w as i64;
-                acc[1] += p[1] as i64 * w as i64;
-                acc[2] += p[2] as i64 * w as i64;
+            for (p, &w) in window.chunks_exact(3).zip(ws) {
+                acc[0] += p[0] as i32 * w;
+                acc[1] += p[1] as i32 * w;
+                acc[2] += p[2] as i32 * w;
             }
-            dst[x * 3] = clip(acc[0]);
-            dst[x * 3 + 1] = clip(acc[1]);
-            dst[x * 3 + 2] = clip(acc[2]);
+            out[0] = clip(acc[0]);
+            out[1] = clip(acc[1]);
+            out[2] = clip(acc[2]);
         }
     }
-    let out_stride = width as usize * 3;
     let mut out = Image::new(width, height);
-    for (y, (start, ws)) in vertical.start.iter().zip(&vertical.weights).enumerate() {
-        let dst = &mut out.pixels[y * out_stride..(y + 1) * out_stride];
-        let mut acc = vec![ROUND; out_stride];
+    let v_taps = vertical.taps;
+    let mut acc = vec![0i32; out_stride];
+    for (y, dst) in out.pixels.chunks_exact_mut(out_stride).enumerate() {
+        acc.fill(ROUND);
+        let ws = &vertical.weights[y * v_taps..(y + 1) * v_taps];
         for (k, &w) in ws.iter().enumerate() {
-            let row = start + k - first_row;
+            if w == 0 {
+                continue;
+            }
+            let row = vertical.start[y] + k - first_row;
             let src = &middle[row * out_stride..(row + 1) * out_stride];
             for (a, &p) in acc.iter_mut().zip(src) {
-                *a += p as i64 * w as i64;
+                *a += p as i32 * w;
             }
         }
-        for (d, a) in dst.iter_mut().zip(acc) {
+        for (d, &a) in dst.iter_mut().zip(&acc) {
             *d = clip(a);
         }
     }

@@ -1,0 +1,43 @@
+"""`scripts/bench data`: images/s per core of Ladder's data path against Pillow + torchvision
+transforms, on the same ImageNet-like JPEGs, at each stage size, run alternately (A B A B) in
+fresh single-threaded processes; prints the median of each and their ratio.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROUNDS = int(os.environ.get("LADDER_BENCH_ROUNDS", "3"))
+SIZES = [128, 192, 256, 300, 380]
+COUNT = 200
+
+
+def run(command):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
+
+
+def main():
+    ladder = sys.argv[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as corpus:
+        subprocess.run([sys.executable, f"{here}/data_corpus.py", corpus, str(COUNT)], check=True)
+        total = sum(os.path.getsize(f"{corpus}/{f}") for f in os.listdir(corpus))
+        print(f"data path, images/s on one core: {COUNT} JPEGs (500x375 / 375x500, quality 90, "
+              f"{total / COUNT / 1024:.0f} KB average), decode + RandomResizedCrop + flip + "
+              f"RandAugment(2, 9) + normalize; median of {ROUNDS} alternating runs")
+        print(f"{'size':>5} {'ladder':>9} {'pil+torchvision':>16} {'ratio':>6}")
+        for size in SIZES:
+            ours, theirs = [], []
+            for _ in range(ROUNDS):
+                ours.append(run([ladder, corpus, str(size), "2"]))
+                theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "1"]))
+            a, b = statistics.median(ours), statistics.median(theirs)
+            print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
