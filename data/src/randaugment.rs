@@ -77,9 +77,9 @@ fn apply_op_body(image: &mut Image, op: usize, magnitude: f64, negative: bool) {
     }
 }
 
-/// Inverse affine map `[a, b, c, d, e, f]` (output (x, y) reads input (a x + b y + c, d x + e y
-/// + f)), relative to the top-left corner as torchvision's shear and translate are. Stepped in
-/// 16.16 fixed point along each row.
+/// Inverse affine map `[a, b, c, d, e, f]`: output (x, y) reads input (a x + b y + c,
+/// d x + e y + f), relative to the top-left corner as torchvision's shear and translate are.
+/// Stepped in 16.16 fixed point along each row.
 #[inline(always)]
 fn affine(image: &mut Image, m: [f64; 6]) {
     const ONE: f64 = 65536.0;
