@@ -5,6 +5,8 @@ pub mod augment;
 pub mod batch;
 pub mod decode;
 pub mod image;
+pub mod loader;
 pub mod randaugment;
 pub mod resample;
 mod simd;
+pub mod synth;

@@ -1,0 +1,433 @@
+//! From sample ids to augmented micro-batches.
+//!
+//! [`Dataset`] opens a manifest and its shard indexes and reads just the byte ranges a plan
+//! names (positional reads, grouped and ordered per shard). [`assemble`] decodes and augments a
+//! micro-batch into one float32 NCHW buffer. [`Loader`] works through the plan's requests on a
+//! pool of threads ahead of training, delivering in order, with at most `prefetch_bytes` of
+//! batches in flight; each request carries its own transform, so a stage switch changes the
+//! size with no restart.
+//!
+//! Bad input never stops training and never mislabels: a sample that cannot be read or decoded,
+//! or whose label is out of range, is skipped, counted by reason and reported with its shard and
+//! key, and its place in the micro-batch is filled by the next usable sample of the same
+//! micro-batch (cyclically), augmented with the skipped sample's own random stream. The result
+//! depends only on the plan, so every rank and every rerun fills it the same way, and the
+//! micro-batch keeps its shape.
+
+use crate::augment::{TrainTransform, eval_transform, sample_stream};
+use crate::batch::normalize_into;
+use crate::decode::DecodeError;
+use ladder_core::dataset::{DatasetError, ImageFormat, Manifest, ShardIndex};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+struct Shard {
+    name: String,
+    file: File,
+    index: ShardIndex,
+}
+
+/// An opened dataset: its shards and their indexes.
+pub struct Dataset {
+    shards: Vec<Shard>,
+    /// Id of each shard's first sample; one extra entry holds the total.
+    starts: Vec<u64>,
+    pub classes: u32,
+}
+
+/// One sample's bytes and what the index says about it.
+pub struct RawSample {
+    pub id: u64,
+    pub shard: String,
+    pub key: String,
+    pub label: u32,
+    pub format: ImageFormat,
+    pub bytes: std::io::Result<Vec<u8>>,
+}
+
+impl Dataset {
+    /// Opens the manifest at `path`, its shards and their indexes. A shard whose size differs
+    /// from the manifest's was rewritten after indexing: refused, rather than misread.
+    pub fn open(path: &Path) -> Result<Dataset, DatasetError> {
+        let manifest = Manifest::load(path)?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
+        let mut total = 0u64;
+        for entry in &manifest.shards {
+            let shard_path = dir.join(&entry.path);
+            let io = |source| DatasetError::Io {
+                path: shard_path.clone(),
+                source,
+            };
+            let file = File::open(&shard_path).map_err(io)?;
+            let bytes = file.metadata().map_err(io)?.len();
+            let stale = |message: String| DatasetError::Format {
+                path: shard_path.clone(),
+                what: "shard of this manifest",
+                message,
+            };
+            if bytes != entry.bytes {
+                return Err(stale(format!(
+                    "it has {bytes} bytes, the manifest says {}: re-run `ladder dataset index`",
+                    entry.bytes
+                )));
+            }
+            let index = ShardIndex::load(&dir.join(&entry.index))?;
+            if index.samples.len() != entry.samples as usize {
+                return Err(stale(format!(
+                    "its index lists {} samples, the manifest says {}",
+                    index.samples.len(),
+                    entry.samples
+                )));
+            }
+            starts.push(total);
+            total += entry.samples as u64;
+            shards.push(Shard {
+                name: entry.path.clone(),
+                file,
+                index,
+            });
+        }
+        starts.push(total);
+        Ok(Dataset {
+            shards,
+            starts,
+            classes: manifest.classes,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the samples `ids`, in that order; reads are issued per shard in file order.
+    pub fn read(&self, ids: &[u64]) -> Vec<RawSample> {
+        let mut order: Vec<(usize, usize, usize)> = ids
+            .iter()
+            .enumerate()
+            .map(|(position, &id)| {
+                assert!(id < self.len(), "sample {id} is beyond the dataset");
+                let shard = self.starts.partition_point(|&s| s <= id) - 1;
+                (shard, (id - self.starts[shard]) as usize, position)
+            })
+            .collect();
+        order.sort_unstable();
+        let mut out: Vec<Option<RawSample>> = (0..ids.len()).map(|_| None).collect();
+        for (shard, index, position) in order {
+            let s = &self.shards[shard];
+            let entry = &s.index.samples[index];
+            let mut bytes = vec![0u8; entry.size as usize];
+            let read = s
+                .file
+                .read_exact_at(&mut bytes, entry.offset)
+                .map(|()| bytes);
+            out[position] = Some(RawSample {
+                id: ids[position],
+                shard: s.name.clone(),
+                key: entry.key.clone(),
+                label: entry.label,
+                format: entry.format,
+                bytes: read,
+            });
+        }
+        out.into_iter()
+            .map(|s| s.expect("every position read"))
+            .collect()
+    }
+}
+
+/// Why a sample was left out of its micro-batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    Unreadable(String),
+    Undecodable(DecodeError),
+    LabelOutOfRange { label: u32, classes: u32 },
+}
+
+impl SkipReason {
+    /// A short name to count skips by.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SkipReason::Unreadable(_) => "unreadable",
+            SkipReason::Undecodable(DecodeError::Empty) => "empty",
+            SkipReason::Undecodable(_) => "undecodable",
+            SkipReason::LabelOutOfRange { .. } => "label out of range",
+        }
+    }
+}
+
+/// A skipped sample, with where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub id: u64,
+    pub shard: String,
+    pub key: String,
+    pub reason: SkipReason,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let why = match &self.reason {
+            SkipReason::Unreadable(e) => format!("cannot read: {e}"),
+            SkipReason::Undecodable(e) => format!("cannot decode: {e}"),
+            SkipReason::LabelOutOfRange { label, classes } => {
+                format!("label {label} is out of range for {classes} classes")
+            }
+        };
+        write!(
+            f,
+            "{}: {} (sample {}): {why}; skipped",
+            self.shard, self.key, self.id
+        )
+    }
+}
+
+/// How a micro-batch's images are made.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Transform {
+    Train(TrainTransform),
+    /// Center crop at this size.
+    Eval(u32),
+}
+
+impl Transform {
+    pub fn size(&self) -> u32 {
+        match self {
+            Transform::Train(t) => t.size,
+            Transform::Eval(size) => *size,
+        }
+    }
+}
+
+/// What to assemble: the samples of one micro-batch and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchRequest {
+    pub ids: Vec<u64>,
+    pub seed: u64,
+    pub epoch: u32,
+    pub transform: Transform,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Labels must be below this.
+    pub classes: u32,
+}
+
+/// A finished micro-batch: `images` is N x 3 x size x size, row-major.
+#[derive(Debug)]
+pub struct MicroBatch {
+    pub images: Vec<f32>,
+    pub labels: Vec<i64>,
+    pub size: u32,
+    pub skipped: Vec<Skip>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no sample of the micro-batch could be used:\n  {}", .0.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("\n  "))]
+pub struct NothingUsable(pub Vec<Skip>);
+
+/// Reads, decodes and augments one micro-batch.
+pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch, NothingUsable> {
+    let raw = dataset.read(&request.ids);
+    let size = request.transform.size();
+    let plane = 3 * size as usize * size as usize;
+    let decode = |sample: &RawSample, stream_id: u64| -> Result<crate::image::Image, SkipReason> {
+        if sample.label >= request.classes {
+            return Err(SkipReason::LabelOutOfRange {
+                label: sample.label,
+                classes: request.classes,
+            });
+        }
+        let bytes = sample
+            .bytes
+            .as_ref()
+            .map_err(|e| SkipReason::Unreadable(e.to_string()))?;
+        let result = match request.transform {
+            Transform::Train(t) => {
+                let mut rng = sample_stream(request.seed, request.epoch, stream_id);
+                t.apply(bytes, sample.format, &mut rng)
+            }
+            Transform::Eval(size) => eval_transform(bytes, sample.format, size),
+        };
+        result.map_err(SkipReason::Undecodable)
+    };
+    let mut images = vec![0f32; raw.len() * plane];
+    let mut labels = vec![0i64; raw.len()];
+    let mut skipped = Vec::new();
+    let mut failed = Vec::new();
+    for (position, sample) in raw.iter().enumerate() {
+        match decode(sample, sample.id) {
+            Ok(image) => {
+                let out = &mut images[position * plane..(position + 1) * plane];
+                normalize_into(&image, request.mean, request.std, out);
+                labels[position] = sample.label as i64;
+            }
+            Err(reason) => {
+                skipped.push(Skip {
+                    id: sample.id,
+                    shard: sample.shard.clone(),
+                    key: sample.key.clone(),
+                    reason,
+                });
+                failed.push(position);
+            }
+        }
+    }
+    if failed.len() == raw.len() {
+        return Err(NothingUsable(skipped));
+    }
+    // Fill each skipped place from the next usable sample, cyclically, seen through the skipped
+    // sample's own random stream.
+    for &position in &failed {
+        let donor = (1..raw.len())
+            .map(|step| (position + step) % raw.len())
+            .find(|p| !failed.contains(p))
+            .expect("some sample is usable");
+        let image =
+            decode(&raw[donor], raw[position].id).or_else(|_| decode(&raw[donor], raw[donor].id));
+        let image = image.expect("the donor decoded once already");
+        let out = &mut images[position * plane..(position + 1) * plane];
+        normalize_into(&image, request.mean, request.std, out);
+        labels[position] = raw[donor].label as i64;
+    }
+    Ok(MicroBatch {
+        images,
+        labels,
+        size,
+        skipped,
+    })
+}
+
+type Requests = std::iter::Peekable<Box<dyn Iterator<Item = BatchRequest> + Send>>;
+
+struct Queue {
+    requests: Requests,
+    exhausted: bool,
+    done: BTreeMap<u64, Result<MicroBatch, NothingUsable>>,
+    /// Bytes of each requested, not yet delivered batch.
+    sizes: BTreeMap<u64, usize>,
+    next_request: u64,
+    next_delivery: u64,
+    closed: bool,
+}
+
+fn batch_bytes(request: &BatchRequest) -> usize {
+    request.ids.len() * 3 * request.transform.size().pow(2) as usize * 4
+}
+
+/// Assembles micro-batches on a pool of threads, ahead of time and in order.
+pub struct Loader {
+    state: Arc<(Mutex<Queue>, Condvar)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Works through `requests` (the plan's micro-batches, in training order) on `threads`
+    /// threads. Batches in flight or waiting for the trainer are held to `prefetch_bytes`
+    /// (one batch always proceeds): the threads stop pulling requests until the trainer takes
+    /// batches (back-pressure).
+    pub fn new(
+        dataset: Arc<Dataset>,
+        threads: usize,
+        prefetch_bytes: usize,
+        requests: impl Iterator<Item = BatchRequest> + Send + 'static,
+    ) -> Loader {
+        let boxed: Box<dyn Iterator<Item = BatchRequest> + Send> = Box::new(requests);
+        let state = Arc::new((
+            Mutex::new(Queue {
+                requests: boxed.peekable(),
+                exhausted: false,
+                done: BTreeMap::new(),
+                sizes: BTreeMap::new(),
+                next_request: 0,
+                next_delivery: 0,
+                closed: false,
+            }),
+            Condvar::new(),
+        ));
+        let workers = (0..threads.max(1))
+            .map(|_| {
+                let (state, dataset) = (state.clone(), dataset.clone());
+                std::thread::spawn(move || {
+                    let (lock, ready) = &*state;
+                    loop {
+                        let (seq, request) = {
+                            let mut q = lock.lock().expect("loader lock");
+                            loop {
+                                if q.closed || q.exhausted {
+                                    return;
+                                }
+                                let in_flight: usize = q.sizes.values().sum();
+                                let admit = match q.requests.peek() {
+                                    None => {
+                                        q.exhausted = true;
+                                        ready.notify_all();
+                                        return;
+                                    }
+                                    Some(next) => {
+                                        in_flight == 0
+                                            || in_flight + batch_bytes(next) <= prefetch_bytes
+                                    }
+                                };
+                                if admit {
+                                    let request = q.requests.next().expect("peeked");
+                                    let seq = q.next_request;
+                                    q.next_request += 1;
+                                    q.sizes.insert(seq, batch_bytes(&request));
+                                    break (seq, request);
+                                }
+                                q = ready.wait(q).expect("loader lock");
+                            }
+                        };
+                        let batch = assemble(&dataset, &request);
+                        lock.lock().expect("loader lock").done.insert(seq, batch);
+                        ready.notify_all();
+                    }
+                })
+            })
+            .collect();
+        Loader {
+            state,
+            threads: workers,
+        }
+    }
+
+    /// The next micro-batch in request order; `None` once every request was delivered.
+    pub fn next(&self) -> Option<Result<MicroBatch, NothingUsable>> {
+        let (lock, ready) = &*self.state;
+        let mut q = lock.lock().expect("loader lock");
+        loop {
+            let seq = q.next_delivery;
+            if let Some(batch) = q.done.remove(&seq) {
+                q.next_delivery += 1;
+                q.sizes.remove(&seq);
+                ready.notify_all();
+                return Some(batch);
+            }
+            if q.exhausted && q.next_delivery == q.next_request {
+                return None;
+            }
+            q = ready.wait(q).expect("loader lock");
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.state.0.lock().expect("loader lock").closed = true;
+        self.state.1.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
