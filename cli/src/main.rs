@@ -68,6 +68,30 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
+    /// Write a learnable synthetic dataset (classes told apart by shape, texture and colour) as
+    /// JPEG shards in DIR, indexed.
+    Synth {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        classes: u32,
+        #[arg(long, default_value_t = 1000)]
+        samples: u64,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Turn an ImageFolder tree (SOURCE/<class>/<image>) into shuffled shards in DEST, with
+    /// indexes, a manifest and DEST/classes.json.
+    Import {
+        source: PathBuf,
+        dest: PathBuf,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 1000)]
+        shard_samples: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard and
     /// DIR/manifest.json.
     Index {
@@ -211,6 +235,21 @@ fn job_details(job: &pb::Job) -> String {
     )
 }
 
+fn print_index(report: &dataset::IndexReport) {
+    for issue in &report.issues {
+        eprintln!("warning: {issue}");
+    }
+    let m = &report.manifest;
+    println!(
+        "indexed {} samples in {} shards, {} classes, {} issue(s); wrote {}",
+        m.total_samples,
+        m.shards.len(),
+        m.classes,
+        report.issues.len(),
+        report.manifest_path.display()
+    );
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Submit { spec } => {
@@ -290,18 +329,37 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", job_line(&job));
         }
         Command::Dataset(DatasetCommand::Index { dir, classes }) => {
-            let report = dataset::index_dir(dir, *classes)?;
-            for issue in &report.issues {
-                eprintln!("warning: {issue}");
+            print_index(&dataset::index_dir(dir, *classes)?);
+        }
+        Command::Dataset(DatasetCommand::Synth {
+            dir,
+            classes,
+            samples,
+            shards,
+            seed,
+        }) => {
+            if *classes < 2 || *samples == 0 || *shards == 0 {
+                bail!("--classes must be at least 2, --samples and --shards at least 1");
             }
-            let m = &report.manifest;
+            print_index(&ladder_data::synth::write(
+                dir, *classes, *samples, *shards, *seed,
+            )?);
+        }
+        Command::Dataset(DatasetCommand::Import {
+            source,
+            dest,
+            shard_samples,
+            seed,
+        }) => {
+            let report = ladder_data::import::import(source, dest, *shard_samples, *seed)?;
+            for skipped in &report.skipped {
+                eprintln!("warning: {skipped}");
+            }
+            print_index(&report.index);
             println!(
-                "indexed {} samples in {} shards, {} classes, {} issue(s); wrote {}",
-                m.total_samples,
-                m.shards.len(),
-                m.classes,
-                report.issues.len(),
-                report.manifest_path.display()
+                "{} classes; class names in {}",
+                report.classes.len(),
+                dest.join(ladder_data::import::CLASS_MAP_FILE).display()
             );
         }
     }

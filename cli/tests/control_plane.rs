@@ -779,3 +779,77 @@ fn the_coordinator_logs_json_when_asked() {
         );
     }
 }
+
+#[test]
+fn dataset_synth_and_import_write_indexed_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        url: String::new(),
+        token: "",
+    };
+    let synth = dir.path().join("synth");
+    let out = cli.ok(&[
+        "dataset",
+        "synth",
+        synth.to_str().unwrap(),
+        "--classes",
+        "3",
+        "--samples",
+        "12",
+        "--shards",
+        "2",
+    ]);
+    assert!(
+        out.contains("indexed 12 samples in 2 shards, 3 classes, 0 issue(s)"),
+        "{out}"
+    );
+
+    // An ImageFolder tree made of the synthetic JPEGs, plus a stray text file.
+    let tree = dir.path().join("tree");
+    for (class, count) in [("n01440764", 3), ("n01443537", 2)] {
+        std::fs::create_dir_all(tree.join(class)).unwrap();
+        for i in 0..count {
+            let image = ladder_data::synth::draw(i, 3, i as u64, 0);
+            std::fs::write(
+                tree.join(class).join(format!("{class}_{i}.JPEG")),
+                ladder_data::synth::encode_jpeg(&image, 85),
+            )
+            .unwrap();
+        }
+    }
+    std::fs::write(tree.join("n01440764/notes.txt"), "not an image").unwrap();
+    let dest = dir.path().join("imported");
+    let output = cli.run(&[
+        "dataset",
+        "import",
+        tree.to_str().unwrap(),
+        dest.to_str().unwrap(),
+        "--shard-samples",
+        "2",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("indexed 5 samples in 3 shards, 2 classes"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("notes.txt"),
+        "the stray file is reported"
+    );
+    let classes: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dest.join("classes.json")).unwrap()).unwrap();
+    assert_eq!(classes, ["n01440764", "n01443537"]);
+    let data = ladder_data::loader::Dataset::open(&dest.join("manifest.json")).unwrap();
+    let mut labels: Vec<u32> = data
+        .read(&[0, 1, 2, 3, 4])
+        .iter()
+        .map(|s| s.label)
+        .collect();
+    labels.sort();
+    assert_eq!(labels, [0, 0, 0, 1, 1]);
+}

@@ -5,6 +5,7 @@ pub mod augment;
 pub mod batch;
 pub mod decode;
 pub mod image;
+pub mod import;
 pub mod loader;
 pub mod randaugment;
 pub mod resample;
