@@ -7,6 +7,7 @@ pub mod decode;
 pub mod image;
 pub mod import;
 pub mod loader;
+pub mod mixup;
 pub mod randaugment;
 pub mod resample;
 mod simd;

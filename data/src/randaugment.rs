@@ -235,8 +235,10 @@ fn autocontrast(image: &mut Image) {
             if hi[c] <= lo[c] {
                 return v as u8;
             }
+            // Pillow's arithmetic, rounding included: int(v * scale + offset).
             let scale = 255.0 / (hi[c] - lo[c]) as f64;
-            ((v as f64 - lo[c] as f64) * scale).clamp(0.0, 255.0) as u8
+            let offset = -(lo[c] as f64) * scale;
+            (v as f64 * scale + offset).clamp(0.0, 255.0) as u8
         })
     });
     for px in image.pixels.chunks_exact_mut(3) {
