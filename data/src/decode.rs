@@ -223,6 +223,11 @@ fn decode_jpeg(
     };
     // SAFETY: as above; 1..=8 / 8 are scaling factors libjpeg-turbo always supports.
     h.check(unsafe { tj::tj3SetScalingFactor(h.0, factor) })?;
+    // A scaled decode is resampled again right after, which hides the fast IDCT's small
+    // error; a full-size decode keeps the accurate one (the pixels Pillow gives).
+    let fast = i32::from(num < 8);
+    // SAFETY: as above.
+    h.check(unsafe { tj::tj3Set(h.0, tj::TJPARAM_TJPARAM_FASTDCT as libc::c_int, fast) })?;
     let (full_w, full_h) = (scaled(width, num), scaled(height, num));
     let (scale_x, scale_y) = (full_w as f64 / width as f64, full_h as f64 / height as f64);
 

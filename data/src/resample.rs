@@ -18,24 +18,32 @@ fn coefficients(in_size: u32, box_start: f64, box_end: f64, out_size: u32) -> Co
     let scale = (box_end - box_start) / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter_scale;
-    let taps = (support.ceil() as usize * 2 + 1).min(in_size as usize);
+    // Each output's input window [lo, hi), as Pillow bounds it.
+    let windows: Vec<(usize, usize, f64)> = (0..out_size)
+        .map(|i| {
+            let center = box_start + (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5) as i64).clamp(0, in_size as i64 - 1) as usize;
+            let hi =
+                ((center + support + 0.5) as i64).clamp(lo as i64 + 1, in_size as i64) as usize;
+            (lo, hi, center)
+        })
+        .collect();
+    let taps = windows.iter().map(|(lo, hi, _)| hi - lo).max().unwrap_or(1);
     let mut start = Vec::with_capacity(out_size as usize);
     let mut weights = vec![0i32; out_size as usize * taps];
-    for i in 0..out_size as usize {
-        let center = box_start + (i as f64 + 0.5) * scale;
-        let lo = ((center - support + 0.5) as i64).clamp(0, in_size as i64 - 1) as usize;
-        let hi = ((center + support + 0.5) as i64).clamp(lo as i64, in_size as i64) as usize;
-        // Keep `taps` inputs from `lo` inside the image: shift the window left at the edge.
+    let mut raw = vec![0f64; taps];
+    for (i, &(lo, hi, center)) in windows.iter().enumerate() {
+        // Keep `taps` inputs inside the image: shift the window left at the right edge.
         let first = lo.min(in_size as usize - taps);
-        let raw: Vec<f64> = (first..first + taps)
-            .map(|x| {
-                if x < lo || x >= hi {
-                    return 0.0;
-                }
-                let t = ((x as f64 - center + 0.5) / filter_scale).abs();
-                if t < 1.0 { 1.0 - t } else { 0.0 }
-            })
-            .collect();
+        for (k, w) in raw.iter_mut().enumerate() {
+            let x = first + k;
+            let t = ((x as f64 - center + 0.5) / filter_scale).abs();
+            *w = if x < lo || x >= hi || t >= 1.0 {
+                0.0
+            } else {
+                1.0 - t
+            };
+        }
         let total: f64 = raw.iter().sum();
         for (k, w) in raw.iter().enumerate() {
             let w = if total != 0.0 { w / total } else { 0.0 };
@@ -78,23 +86,17 @@ fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
     let in_stride = image.width as usize * 3;
     let out_stride = width as usize * 3;
     let mut middle = vec![0u8; rows * out_stride];
-    let h_taps = horizontal.taps;
     for r in 0..rows {
         let src = &image.pixels[(first_row + r) * in_stride..(first_row + r + 1) * in_stride];
         let dst = &mut middle[r * out_stride..(r + 1) * out_stride];
-        for (x, out) in dst.chunks_exact_mut(3).enumerate() {
-            let start = horizontal.start[x] * 3;
-            let ws = &horizontal.weights[x * h_taps..(x + 1) * h_taps];
-            let window = &src[start..start + h_taps * 3];
-            let mut acc = [ROUND; 3];
-            for (p, &w) in window.chunks_exact(3).zip(ws) {
-                acc[0] += p[0] as i32 * w;
-                acc[1] += p[1] as i32 * w;
-                acc[2] += p[2] as i32 * w;
-            }
-            out[0] = clip(acc[0]);
-            out[1] = clip(acc[1]);
-            out[2] = clip(acc[2]);
+        match horizontal.taps {
+            1 => horizontal_row::<1>(src, dst, &horizontal),
+            2 => horizontal_row::<2>(src, dst, &horizontal),
+            3 => horizontal_row::<3>(src, dst, &horizontal),
+            4 => horizontal_row::<4>(src, dst, &horizontal),
+            5 => horizontal_row::<5>(src, dst, &horizontal),
+            6 => horizontal_row::<6>(src, dst, &horizontal),
+            _ => horizontal_row_any(src, dst, &horizontal),
         }
     }
     let mut out = Image::new(width, height);
@@ -118,4 +120,43 @@ fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
         }
     }
     out
+}
+
+/// One row of the horizontal pass with `T` taps known at compile time, so the tap loop unrolls.
+#[inline(always)]
+fn horizontal_row<const T: usize>(src: &[u8], dst: &mut [u8], c: &Coefficients) {
+    for (x, out) in dst.chunks_exact_mut(3).enumerate() {
+        let start = c.start[x] * 3;
+        let ws: &[i32; T] = c.weights[x * T..(x + 1) * T].try_into().expect("T taps");
+        let window: &[u8] = &src[start..start + T * 3];
+        let mut acc = [ROUND; 3];
+        for k in 0..T {
+            let w = ws[k];
+            acc[0] += window[k * 3] as i32 * w;
+            acc[1] += window[k * 3 + 1] as i32 * w;
+            acc[2] += window[k * 3 + 2] as i32 * w;
+        }
+        out[0] = clip(acc[0]);
+        out[1] = clip(acc[1]);
+        out[2] = clip(acc[2]);
+    }
+}
+
+#[inline(always)]
+fn horizontal_row_any(src: &[u8], dst: &mut [u8], c: &Coefficients) {
+    let taps = c.taps;
+    for (x, out) in dst.chunks_exact_mut(3).enumerate() {
+        let start = c.start[x] * 3;
+        let ws = &c.weights[x * taps..(x + 1) * taps];
+        let window = &src[start..start + taps * 3];
+        let mut acc = [ROUND; 3];
+        for (p, &w) in window.chunks_exact(3).zip(ws) {
+            acc[0] += p[0] as i32 * w;
+            acc[1] += p[1] as i32 * w;
+            acc[2] += p[2] as i32 * w;
+        }
+        out[0] = clip(acc[0]);
+        out[1] = clip(acc[1]);
+        out[2] = clip(acc[2]);
+    }
 }

@@ -71,7 +71,11 @@ fn known_values_match_pillow() {
         pixels: vec![10, 100, 200, 20, 50, 210],
     };
     apply_op(&mut image, 12, 0.0, false); // autocontrast stretches each channel
-    assert_eq!(image.pixels, [0, 254, 0, 255, 0, 255], "Pillow's values, rounding included");
+    assert_eq!(
+        image.pixels,
+        [0, 254, 0, 255, 0, 255],
+        "Pillow's values, rounding included"
+    );
     // Translating right by 150/331 of the width leaves the left 43 columns black.
     let mut image = photo();
     apply_op(&mut image, 3, 30.0, false);
