@@ -20,8 +20,21 @@ def run(command):
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
 
 
+def batch_formats(binary):
+    print("\nmicro-batch to a CPU tensor, microseconds per micro-batch (one thread): float32 NCHW "
+          "normalized by the loader vs uint8 NHWC normalized by libtorch")
+    print(f"{'size':>5} {'batch':>5} {'f32 loader':>11} {'u8 + torch':>11} {'ratio':>6}")
+    for size, batch in [(128, 32), (380, 16)]:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run([binary, str(size), str(batch), "20"], check=True, capture_output=True,
+                             text=True, env=env)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{size:>5} {batch:>5} {r['f32_loader_us']:>11.0f} {r['u8_torch_us']:>11.0f} "
+              f"{r['u8_torch_us'] / r['f32_loader_us']:>6.2f}")
+
+
 def main():
-    ladder = sys.argv[1]
+    ladder, batch_binary = sys.argv[1], sys.argv[2]
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as corpus:
         subprocess.run([sys.executable, f"{here}/data_corpus.py", corpus, str(COUNT)], check=True)
@@ -37,6 +50,7 @@ def main():
                 theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "1"]))
             a, b = statistics.median(ours), statistics.median(theirs)
             print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}")
+    batch_formats(batch_binary)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,12 @@ pub struct DataSpec {
     /// How many shards the sample order mixes at a time (see the sample plan).
     #[serde(default = "defaults::shard_window")]
     pub shard_window: u32,
+    /// Memory for micro-batches decoded ahead of training, per worker, in MiB.
+    #[serde(default = "defaults::prefetch_mb")]
+    pub prefetch_mb: u32,
+    /// Decoding threads per worker; 0 uses one per available core.
+    #[serde(default)]
+    pub decode_threads: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +246,9 @@ mod defaults {
     }
     pub fn shard_window() -> u32 {
         4
+    }
+    pub fn prefetch_mb() -> u32 {
+        1024
     }
     pub fn stage_epochs() -> u32 {
         8
@@ -454,6 +463,18 @@ impl JobSpec {
             d.shard_window,
             d.shard_window >= 1,
             "at least 1",
+        );
+        c.check(
+            "data.prefetch_mb",
+            d.prefetch_mb,
+            (1..=1 << 20).contains(&d.prefetch_mb),
+            "between 1 and 1048576 MiB",
+        );
+        c.check(
+            "data.decode_threads",
+            d.decode_threads,
+            d.decode_threads <= 1024,
+            "at most 1024 (0: one per available core)",
         );
 
         let s = &self.schedule;

@@ -190,6 +190,10 @@ fn malformed() -> Vec<(String, &'static [&'static str])> {
             &["data.shard_window = 0"],
         ),
         (
+            with("[data]", "[data]\nprefetch_mb = 0"),
+            &["data.prefetch_mb = 0", "MiB"],
+        ),
+        (
             with("[model]", "[optimizer]\nlr_per_256 = -1\n[model]"),
             &["optimizer.lr_per_256 = -1"],
         ),
