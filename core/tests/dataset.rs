@@ -6,7 +6,7 @@ use ladder_core::dataset::{
     DatasetError, ImageFormat, IndexedSample, Issue, IssueKind, MANIFEST_FILE, MANIFEST_FORMAT,
     Manifest, ShardIndex, index_dir, index_name, index_shard,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use tempfile::TempDir;
 
@@ -156,20 +156,6 @@ fn a_good_directory_is_indexed_with_exact_image_ranges() {
     );
 }
 
-/// The venv that scripts/bootstrap creates; env.sh names it in LADDER_VENV.
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("LADDER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/bootstrap to create the Python venv (webdataset, pillow, numpy)",
-        python.display()
-    );
-    python
-}
-
 /// Writes a shard the way users do (webdataset's TarWriter, JPEGs encoded by Pillow) to
 /// argv[1], and what it wrote, as JSON, to argv[2]. The last key is over 100 bytes long.
 const WEBDATASET_WRITER: &str = r#"
@@ -200,7 +186,7 @@ struct Written {
 
 #[test]
 fn a_shard_written_by_python_webdataset_is_indexed_exactly() {
-    let python = venv_python();
+    let python = ladder_testkit::venv_python();
     let dir = TempDir::new().unwrap();
     let shard = dir.path().join("wds-000000.tar");
     let expected_path = dir.path().join("expected.json");

@@ -5,21 +5,8 @@ use ladder_core::dataset::ImageFormat;
 use ladder_data::decode::{self, DecodeError};
 use ladder_data::image::{Image, Rect};
 use ladder_data::resample::resize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn python() -> PathBuf {
-    let venv = std::env::var_os("LADDER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/bootstrap",
-        python.display()
-    );
-    python
-}
 
 /// Boxes (x0, y0, x1, y1) and output sizes for the resize comparison: downscales, an upscale,
 /// fractional boxes and edge boxes.
@@ -40,7 +27,7 @@ fn reference() -> tempfile::TempDir {
     )
     .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pil_reference.py");
-    let out = Command::new(python())
+    let out = Command::new(ladder_testkit::venv_python())
         .arg(script)
         .arg(dir.path())
         .output()

@@ -4,6 +4,8 @@
 //! - [`CoordinatorProcess`]: the real `ladder-coordinator` binary, killable with SIGKILL.
 //! - [`write_dataset`] and [`write_spec`]: a small indexed dataset and a job spec for it.
 //! - [`job_client`] and [`worker_client`]: gRPC clients carrying a bearer token.
+//! - [`venv_python`]: the bootstrap venv's Python, where the peers (torchvision, Pillow,
+//!   webdataset) live.
 
 use ladder_proto::v1::job_service_client::JobServiceClient;
 use ladder_proto::v1::worker_service_client::WorkerServiceClient;
@@ -24,6 +26,22 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("binding an ephemeral loopback port")
         .port()
+}
+
+/// The Python of the venv that scripts/bootstrap creates (`LADDER_VENV`, else the workspace's
+/// `.venv`). A missing venv fails the test with what to do, never skips it.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("LADDER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/bootstrap to create the Python venv (torch, torchvision, \
+         pillow, webdataset)",
+        python.display()
+    );
+    python
 }
 
 /// A binary of this workspace, from the target directory the tests run from.

@@ -14,22 +14,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use tch::{Device, Kind, Tensor, nn};
 
-fn python() -> PathBuf {
-    let venv = std::env::var_os("LADDER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/bootstrap to create the venv with torchvision",
-        python.display()
-    );
-    python
-}
-
 fn reference(args: &[&str]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/torchvision_reference.py");
-    let out = Command::new(python())
+    let out = Command::new(ladder_testkit::venv_python())
         .arg(script)
         .args(args)
         .output()
