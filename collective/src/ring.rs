@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 8] = b"LADRING1";
 /// Bytes moved per read: large enough for throughput, small enough to overlap the additions.
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 4 << 20;
 
 pub struct TcpRing {
     rank: u32,
@@ -193,7 +193,7 @@ impl TcpRing {
         &mut self,
         outgoing: &[f32],
         incoming: &mut [f32],
-        combine: fn(&mut [f32], &[f32]),
+        combine: Combine,
         during: &'static str,
     ) -> Result<(), CollectiveError> {
         let (rank, world, timeout) = (self.rank, self.world, self.timeout);
@@ -220,19 +220,27 @@ impl TcpRing {
                 next.write_all(as_bytes(outgoing))
                     .map_err(peer_error(rank, next_rank, during, timeout))
             });
-            let mut buffer = vec![0u8; CHUNK];
             let mut received = vec![0f32; CHUNK / 4];
             let mut done = 0;
             let receive = (|| -> Result<(), CollectiveError> {
                 while done < incoming.len() {
                     let floats = (incoming.len() - done).min(CHUNK / 4);
-                    let bytes = &mut buffer[..floats * 4];
-                    prev.read_exact(bytes)
-                        .map_err(peer_error(rank, prev_rank, during, timeout))?;
-                    for (f, b) in received[..floats].iter_mut().zip(bytes.chunks_exact(4)) {
-                        *f = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                    let target = &mut incoming[done..done + floats];
+                    match combine {
+                        // The all-gather's data lands in place; the reduction's goes through a
+                        // chunk buffer and is added in.
+                        Combine::Copy => prev
+                            .read_exact(as_bytes_mut(target))
+                            .map_err(peer_error(rank, prev_rank, during, timeout))?,
+                        Combine::Add => {
+                            let chunk = &mut received[..floats];
+                            prev.read_exact(as_bytes_mut(chunk))
+                                .map_err(peer_error(rank, prev_rank, during, timeout))?;
+                            for (l, r) in target.iter_mut().zip(chunk.iter()) {
+                                *l += r;
+                            }
+                        }
                     }
-                    combine(&mut incoming[done..done + floats], &received[..floats]);
                     done += floats;
                 }
                 Ok(())
@@ -254,14 +262,21 @@ fn as_bytes(floats: &[f32]) -> &[u8] {
 #[cfg(not(target_endian = "little"))]
 compile_error!("the TCP ring sends floats in native (little-endian) byte order");
 
-fn add(local: &mut [f32], received: &[f32]) {
-    for (l, r) in local.iter_mut().zip(received) {
-        *l += r;
+fn as_bytes_mut(floats: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; every byte pattern written is a valid f32.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            floats.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(floats),
+        )
     }
 }
 
-fn copy(local: &mut [f32], received: &[f32]) {
-    local.copy_from_slice(received);
+/// What a ring step does with what it receives.
+#[derive(Clone, Copy)]
+enum Combine {
+    Add,
+    Copy,
 }
 
 /// Segment `i` of `n` over `len` elements: the first `len % n` segments are one longer.
@@ -310,13 +325,13 @@ impl Collective for TcpRing {
             let send = segment(data.len(), n, (r + n - s) % n);
             let recv = segment(data.len(), n, (r + 2 * n - s - 1) % n);
             let (outgoing, incoming) = split(data, send, recv);
-            self.exchange(outgoing, incoming, add, "reduce-scatter")?;
+            self.exchange(outgoing, incoming, Combine::Add, "reduce-scatter")?;
         }
         for s in 0..n - 1 {
             let send = segment(data.len(), n, (r + 1 + n - s) % n);
             let recv = segment(data.len(), n, (r + n - s) % n);
             let (outgoing, incoming) = split(data, send, recv);
-            self.exchange(outgoing, incoming, copy, "all-gather")?;
+            self.exchange(outgoing, incoming, Combine::Copy, "all-gather")?;
         }
         Ok(())
     }
