@@ -4,6 +4,7 @@
 //! accumulates into the flat gradient buffer of [`flat`] -> (collective) -> [`optim`] RMSProp on
 //! the flat buffers -> [`ema`]. [`state_io`] moves named state in and out of safetensors.
 
+pub mod data_parallel;
 pub mod ema;
 pub mod flat;
 pub mod loss;
