@@ -211,14 +211,18 @@ fn job_details(job: &pb::Job) -> String {
         )
     });
     format!(
-        "job        {}\nname       {}\nstate      {}\ngeneration {}\nstage      {}/{} ({} px)\nepoch      {}/{}\nstep       {}/{}\nloss       {:.4}\nimages/s   {:.1}\nworkers    {}\ncheckpoint {}\nmessage    {}",
+        "job        {}\nname       {}\nstate      {}\ngeneration {}\nstage      {}/{}{}\nepoch      {}/{}\nstep       {}/{}\nloss       {:.4}\nimages/s   {:.1}\nworkers    {}\ncheckpoint {}\nmessage    {}",
         job.id,
         job.name,
         state_name(job.state),
         job.generation,
         p.stage + 1,
         job.stage_count,
-        p.image_size,
+        if p.image_size > 0 {
+            format!(" ({} px)", p.image_size)
+        } else {
+            String::new()
+        },
         p.epoch + 1,
         job.epochs,
         p.step,
