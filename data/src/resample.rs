@@ -125,16 +125,17 @@ fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
 /// One row of the horizontal pass with `T` taps known at compile time, so the tap loop unrolls.
 #[inline(always)]
 fn horizontal_row<const T: usize>(src: &[u8], dst: &mut [u8], c: &Coefficients) {
-    for (x, out) in dst.chunks_exact_mut(3).enumerate() {
-        let start = c.start[x] * 3;
-        let ws: &[i32; T] = c.weights[x * T..(x + 1) * T].try_into().expect("T taps");
-        let window: &[u8] = &src[start..start + T * 3];
+    let pixels = dst
+        .chunks_exact_mut(3)
+        .zip(&c.start)
+        .zip(c.weights.chunks_exact(T));
+    for ((out, &start), ws) in pixels {
+        let window = &src[start * 3..start * 3 + T * 3];
         let mut acc = [ROUND; 3];
-        for k in 0..T {
-            let w = ws[k];
-            acc[0] += window[k * 3] as i32 * w;
-            acc[1] += window[k * 3 + 1] as i32 * w;
-            acc[2] += window[k * 3 + 2] as i32 * w;
+        for (p, &w) in window.chunks_exact(3).zip(ws) {
+            acc[0] += p[0] as i32 * w;
+            acc[1] += p[1] as i32 * w;
+            acc[2] += p[2] as i32 * w;
         }
         out[0] = clip(acc[0]);
         out[1] = clip(acc[1]);
