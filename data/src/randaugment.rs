@@ -212,10 +212,15 @@ fn posterize(image: &mut Image, bits: u32) {
 
 #[inline(always)]
 fn solarize(image: &mut Image, threshold: f64) {
-    for p in &mut image.pixels {
-        if *p as f64 >= threshold {
-            *p = 255 - *p;
+    let lut: [u8; 256] = std::array::from_fn(|v| {
+        if v as f64 >= threshold {
+            255 - v as u8
+        } else {
+            v as u8
         }
+    });
+    for p in &mut image.pixels {
+        *p = lut[*p as usize];
     }
 }
 
@@ -251,25 +256,30 @@ fn autocontrast(image: &mut Image) {
 /// Histogram equalization per channel, PIL's algorithm.
 #[inline(always)]
 fn equalize(image: &mut Image) {
-    for c in 0..3 {
-        let mut histogram = [0usize; 256];
-        for &v in image.pixels.iter().skip(c).step_by(3) {
-            histogram[v as usize] += 1;
+    let mut histograms = [[0usize; 256]; 3];
+    for px in image.pixels.chunks_exact(3) {
+        for c in 0..3 {
+            histograms[c][px[c] as usize] += 1;
         }
+    }
+    let luts: [[u8; 256]; 3] = std::array::from_fn(|c| {
+        let histogram = &histograms[c];
         let last = histogram.iter().rposition(|&n| n > 0).unwrap_or(0);
         let total: usize = histogram.iter().sum();
         let step = (total - histogram[last]) / 255;
-        if step == 0 {
-            continue;
+        let mut lut: [u8; 256] = std::array::from_fn(|v| v as u8);
+        if step > 0 {
+            let mut n = step / 2;
+            for (i, entry) in lut.iter_mut().enumerate() {
+                *entry = (n / step).min(255) as u8;
+                n += histogram[i];
+            }
         }
-        let mut lut = [0u8; 256];
-        let mut n = step / 2;
-        for (i, entry) in lut.iter_mut().enumerate() {
-            *entry = (n / step).min(255) as u8;
-            n += histogram[i];
-        }
-        for p in image.pixels.iter_mut().skip(c).step_by(3) {
-            *p = lut[*p as usize];
+        lut
+    });
+    for px in image.pixels.chunks_exact_mut(3) {
+        for c in 0..3 {
+            px[c] = luts[c][px[c] as usize];
         }
     }
 }

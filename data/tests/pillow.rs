@@ -237,3 +237,37 @@ fn start_of_frame(jpeg: &[u8]) -> usize {
         at += 2 + length;
     }
 }
+
+#[test]
+fn pointwise_randaugment_operations_match_pillows_imageops() {
+    use ladder_data::randaugment::apply_op;
+    let dir = tempfile::tempdir().unwrap();
+    let photo = ladder_data::synth::draw(3, 10, 1, 0);
+    let image = resize(&photo, Rect::whole(photo.width, photo.height), 64, 48);
+    let raw = dir.path().join("in.rgb");
+    std::fs::write(&raw, &image.pixels).unwrap();
+    // (operation, magnitude, Pillow's call): equalize, autocontrast, solarize at 127.5 and
+    // posterize to 4 bits.
+    let cases = [
+        (13, 0.0, "ImageOps.equalize(im)"),
+        (12, 0.0, "ImageOps.autocontrast(im)"),
+        (11, 15.0, "ImageOps.solarize(im, 127.5)"),
+        (10, 30.0, "ImageOps.posterize(im, 4)"),
+    ];
+    for (i, (op, magnitude, call)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}.rgb"));
+        let script = format!(
+            "from PIL import Image, ImageOps\nim = Image.frombytes('RGB', (64, 48), open({raw:?}, 'rb').read())\nopen({out:?}, 'wb').write({call}.tobytes())",
+            raw = raw.to_str().unwrap(),
+            out = out.to_str().unwrap()
+        );
+        let status = Command::new(ladder_testkit::venv_python())
+            .args(["-c", &script])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{call}");
+        let mut ours = image.clone();
+        apply_op(&mut ours, *op, *magnitude, false);
+        assert_eq!(ours.pixels, std::fs::read(&out).unwrap(), "{call}");
+    }
+}
