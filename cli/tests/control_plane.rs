@@ -57,16 +57,26 @@ fn setup(dir: &Path, workers: (u32, u32)) -> std::path::PathBuf {
     write_spec(dir, "tiny-job", &manifest, workers)
 }
 
+/// A coordinator on a fresh redb file in `dir`.
+fn redb_coordinator(dir: &Path, extra: &[&str]) -> CoordinatorProcess {
+    let store = format!("redb:{}", dir.join("state.redb").display());
+    CoordinatorProcess::start(&store, &dir.join("logs"), extra)
+}
+
+/// The CLI with the submit token, pointed at `coordinator`.
+fn submitter(coordinator: &CoordinatorProcess) -> Cli<'static> {
+    Cli {
+        url: coordinator.url(),
+        token: SUBMIT_TOKEN,
+    }
+}
+
 #[test]
 fn submit_list_status_cancel_and_resume_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let spec = setup(dir.path(), (1, 2));
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
-    let cli = Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let coordinator = redb_coordinator(dir.path(), &[]);
+    let cli = submitter(&coordinator);
 
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     assert!(
@@ -137,8 +147,7 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
 fn tokens_are_required_and_roles_are_separate() {
     let dir = tempfile::tempdir().unwrap();
     let spec = setup(dir.path(), (1, 1));
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
+    let coordinator = redb_coordinator(dir.path(), &[]);
     let spec = spec.to_str().unwrap();
 
     let err = Cli {
@@ -297,10 +306,8 @@ fn make_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std
 fn tls_serves_clients_that_trust_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_certificates(dir.path());
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let coordinator = CoordinatorProcess::start(
-        &store,
-        &dir.path().join("logs"),
+    let coordinator = redb_coordinator(
+        dir.path(),
         &[
             "--tls-cert",
             cert.to_str().unwrap(),
@@ -326,11 +333,7 @@ fn tls_serves_clients_that_trust_the_certificate() {
     }
     .fails(&["list"]);
     assert!(!untrusted.is_empty());
-    let plain = Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    }
-    .fails(&["list"]);
+    let plain = submitter(&coordinator).fails(&["list"]);
     assert!(!plain.is_empty(), "plaintext is not served on a TLS port");
 }
 
@@ -417,20 +420,14 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
     let spec = setup(dir, (1, 1));
     let logs = dir.join("logs");
     let coordinator = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
-    let cli = Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
     coordinator.kill9();
 
     let restarted = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
-    let cli = Cli {
-        url: restarted.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let cli = submitter(&restarted);
     let status = cli.ok(&["status", &id]);
     assert!(status.contains("running"), "{status}");
     assert!(
@@ -489,16 +486,8 @@ fn etcd_state_survives_kill_9() {
 fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let spec = setup(dir.path(), (1, 1));
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let coordinator = CoordinatorProcess::start(
-        &store,
-        &dir.path().join("logs"),
-        &["--lease-ttl-ms", "1000"],
-    );
-    let cli = Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let coordinator = redb_coordinator(dir.path(), &["--lease-ttl-ms", "1000"]);
+    let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -564,12 +553,8 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
 fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let spec = setup(dir.path(), (2, 2));
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let coordinator = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
-    let cli = Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let coordinator = redb_coordinator(dir.path(), &[]);
+    let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     let watch = Command::new(binary("ladder"))
         .args(["status", "--watch", &id])
@@ -691,10 +676,7 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
     let ttl = ["--leader-ttl-s", "2"];
     let leader = CoordinatorProcess::start(&etcd.store(), &logs, &ttl);
     let standby = CoordinatorProcess::spawn(&etcd.store(), &logs, &ttl);
-    let cli = Cli {
-        url: leader.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let cli = submitter(&leader);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
 
     let killed = Instant::now();
@@ -705,10 +687,7 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
         took < Duration::from_millis(2_000 + 1_500),
         "takeover took {took:?} with a 2 s lease"
     );
-    let cli = Cli {
-        url: standby.url(),
-        token: SUBMIT_TOKEN,
-    };
+    let cli = submitter(&standby);
     assert!(
         cli.ok(&["status", &id]).contains("queued"),
         "the new leader has the job"
@@ -755,14 +734,9 @@ fn dataset_index_reports_bad_shards_by_name_and_indexes_good_ones() {
 #[test]
 fn the_coordinator_logs_json_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("redb:{}", dir.path().join("state.redb").display());
     let logs = dir.path().join("logs");
-    let coordinator = CoordinatorProcess::start(&store, &logs, &["--log-format", "json"]);
-    Cli {
-        url: coordinator.url(),
-        token: SUBMIT_TOKEN,
-    }
-    .ok(&["list"]);
+    let coordinator = redb_coordinator(dir.path(), &["--log-format", "json"]);
+    submitter(&coordinator).ok(&["list"]);
     coordinator.kill9();
     let log = std::fs::read_dir(&logs)
         .unwrap()

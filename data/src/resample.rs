@@ -90,13 +90,13 @@ fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
         let src = &image.pixels[(first_row + r) * in_stride..(first_row + r + 1) * in_stride];
         let dst = &mut middle[r * out_stride..(r + 1) * out_stride];
         match horizontal.taps {
-            1 => horizontal_row::<1>(src, dst, &horizontal),
-            2 => horizontal_row::<2>(src, dst, &horizontal),
-            3 => horizontal_row::<3>(src, dst, &horizontal),
-            4 => horizontal_row::<4>(src, dst, &horizontal),
-            5 => horizontal_row::<5>(src, dst, &horizontal),
-            6 => horizontal_row::<6>(src, dst, &horizontal),
-            _ => horizontal_row_any(src, dst, &horizontal),
+            1 => horizontal_row(src, dst, &horizontal, 1),
+            2 => horizontal_row(src, dst, &horizontal, 2),
+            3 => horizontal_row(src, dst, &horizontal, 3),
+            4 => horizontal_row(src, dst, &horizontal, 4),
+            5 => horizontal_row(src, dst, &horizontal, 5),
+            6 => horizontal_row(src, dst, &horizontal, 6),
+            taps => horizontal_row(src, dst, &horizontal, taps),
         }
     }
     let mut out = Image::new(width, height);
@@ -122,34 +122,16 @@ fn resize_body(image: &Image, source: Rect, width: u32, height: u32) -> Image {
     out
 }
 
-/// One row of the horizontal pass with `T` taps known at compile time, so the tap loop unrolls.
+/// One row of the horizontal pass. Always inlined, so the call sites that pass a literal tap
+/// count get a fully unrolled tap loop.
 #[inline(always)]
-fn horizontal_row<const T: usize>(src: &[u8], dst: &mut [u8], c: &Coefficients) {
+fn horizontal_row(src: &[u8], dst: &mut [u8], c: &Coefficients, taps: usize) {
     let pixels = dst
         .chunks_exact_mut(3)
         .zip(&c.start)
-        .zip(c.weights.chunks_exact(T));
+        .zip(c.weights.chunks_exact(taps));
     for ((out, &start), ws) in pixels {
-        let window = &src[start * 3..start * 3 + T * 3];
-        let mut acc = [ROUND; 3];
-        for (p, &w) in window.chunks_exact(3).zip(ws) {
-            acc[0] += p[0] as i32 * w;
-            acc[1] += p[1] as i32 * w;
-            acc[2] += p[2] as i32 * w;
-        }
-        out[0] = clip(acc[0]);
-        out[1] = clip(acc[1]);
-        out[2] = clip(acc[2]);
-    }
-}
-
-#[inline(always)]
-fn horizontal_row_any(src: &[u8], dst: &mut [u8], c: &Coefficients) {
-    let taps = c.taps;
-    for (x, out) in dst.chunks_exact_mut(3).enumerate() {
-        let start = c.start[x] * 3;
-        let ws = &c.weights[x * taps..(x + 1) * taps];
-        let window = &src[start..start + taps * 3];
+        let window = &src[start * 3..start * 3 + taps * 3];
         let mut acc = [ROUND; 3];
         for (p, &w) in window.chunks_exact(3).zip(ws) {
             acc[0] += p[0] as i32 * w;

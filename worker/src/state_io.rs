@@ -64,11 +64,7 @@ pub fn load_into(
     prefix: &str,
     origin: &str,
 ) -> Result<(), StateError> {
-    check(targets, tensors, prefix, origin)?;
-    let given: HashMap<&str, &Tensor> = tensors
-        .iter()
-        .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
-        .collect();
+    let given = matched(targets, tensors, prefix, origin)?;
     tch::no_grad(|| {
         for (name, var) in targets {
             var.shallow_clone().copy_(given[name.as_str()]);
@@ -85,6 +81,16 @@ pub fn check(
     prefix: &str,
     origin: &str,
 ) -> Result<(), StateError> {
+    matched(targets, tensors, prefix, origin).map(|_| ())
+}
+
+/// The tensor for each target, by target name, once every one is there and fits.
+fn matched<'a>(
+    targets: &[(String, Tensor)],
+    tensors: &'a [(String, Tensor)],
+    prefix: &str,
+    origin: &str,
+) -> Result<HashMap<&'a str, &'a Tensor>, StateError> {
     let given: HashMap<&str, &Tensor> = tensors
         .iter()
         .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
@@ -111,7 +117,7 @@ pub fn check(
     extra.sort();
     problems.extend(extra.into_iter().map(|n| format!("unexpected {prefix}{n}")));
     if problems.is_empty() {
-        Ok(())
+        Ok(given)
     } else {
         Err(StateError::Mismatch {
             origin: origin.to_owned(),

@@ -34,6 +34,18 @@ const TORCHVISION_BN: BatchNormConfig = BatchNormConfig {
     momentum: 0.1,
 };
 
+/// S with 10 classes and torchvision's BatchNorm settings, as the reference script builds it.
+fn torchvision_s() -> (nn::VarStore, EfficientNetV2) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = EfficientNetV2::new(
+        &vs.root(),
+        &Architecture::of(Variant::S),
+        10,
+        TORCHVISION_BN,
+    );
+    (vs, model)
+}
+
 fn max_relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
     let scale = theirs.abs().max().double_value(&[]).max(1e-6);
     (ours - theirs).abs().max().double_value(&[]) / scale
@@ -52,13 +64,7 @@ fn s_matches_torchvision_in_eval_and_train_mode() {
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
 
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = EfficientNetV2::new(
-        &vs.root(),
-        &Architecture::of(Variant::S),
-        10,
-        TORCHVISION_BN,
-    );
+    let (vs, model) = torchvision_s();
     state_io::load(&vs, &state, "state.", "torchvision S").unwrap();
 
     let x = &tensors["input"];
@@ -150,13 +156,7 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
     tch::set_num_threads(1);
     tch::manual_seed(5);
     let dir = tempfile::tempdir().unwrap();
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = EfficientNetV2::new(
-        &vs.root(),
-        &Architecture::of(Variant::S),
-        10,
-        TORCHVISION_BN,
-    );
+    let (vs, model) = torchvision_s();
     let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut optimizer = RmsProp::new(&flat, &Default::default());
     let mut ema = Ema::new(&flat, 0.9999);
