@@ -5,11 +5,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ladder_core::dataset;
 use ladder_core::spec::JobSpec;
+use ladder_proto::client::{self, Authed};
 use ladder_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use std::path::PathBuf;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Parser)]
 #[command(
@@ -102,69 +101,17 @@ enum DatasetCommand {
     },
 }
 
-type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
-
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
+type Client = JobServiceClient<Authed>;
 
 async fn connect(cli: &Cli) -> Result<Client> {
-    let token =
-        cli.token.as_deref().filter(|t| !t.is_empty()).context(
-            "no token: set LADDER_TOKEN or pass --token (the coordinator's submit token)",
-        )?;
-    let bearer = Bearer(
-        format!("Bearer {token}")
-            .parse()
-            .context("the token has characters that cannot go in a header")?,
-    );
-    let mut failures = Vec::new();
-    for url in cli
-        .coordinator
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-    {
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .with_context(|| format!("invalid coordinator URL {url:?}"))?
-            .connect_timeout(std::time::Duration::from_secs(3));
-        if url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &cli.tls_ca {
-                let pem = std::fs::read(ca)
-                    .with_context(|| format!("cannot read --tls-ca {}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(JobServiceClient::with_interceptor(channel, bearer)),
-            Err(e) => failures.push(format!("{url}: {}", error_chain(&e))),
-        }
-    }
-    bail!("cannot reach the coordinator ({})", failures.join("; "))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+    let channel = client::connect(
+        &cli.coordinator,
+        cli.token.as_deref().unwrap_or(""),
+        "set LADDER_TOKEN or pass --token (the coordinator's submit token)",
+        cli.tls_ca.as_deref(),
+    )
+    .await?;
+    Ok(JobServiceClient::new(channel))
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
@@ -183,10 +130,35 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+fn duration(seconds: f32) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+/// What the last evaluation measured, if one ran.
+fn eval_summary(p: &pb::Progress) -> Option<String> {
+    (p.eval_epoch > 0).then(|| {
+        format!(
+            "top-1 {:.2}%  top-5 {:.2}% (after epoch {})",
+            p.eval_top1 * 100.0,
+            p.eval_top5 * 100.0,
+            p.eval_epoch
+        )
+    })
+}
+
+fn running(job: &pb::Job) -> bool {
+    pb::JobState::try_from(job.state) == Ok(pb::JobState::Running)
+}
+
 fn job_line(job: &pb::Job) -> String {
     let p = job.progress.unwrap_or_default();
-    format!(
-        "{}  {:<10}  {:<24}  stage {}/{}  epoch {}/{}  step {}  workers {}",
+    let mut line = format!(
+        "{}  {:<10}  {:<24}  stage {}/{}  epoch {}/{}  step {}/{}  workers {}",
         job.id,
         state_name(job.state),
         job.name,
@@ -195,8 +167,23 @@ fn job_line(job: &pb::Job) -> String {
         p.epoch + 1,
         job.epochs,
         p.step,
+        p.steps_per_epoch,
         job.workers.len()
-    )
+    );
+    if p.global_step > 0 {
+        line.push_str(&format!(
+            "  {} px  loss {:.4}  {:.1} img/s",
+            p.image_size, p.loss, p.images_per_second
+        ));
+        if running(job) {
+            line.push_str(&format!("  ETA {}", duration(p.eta_seconds)));
+        }
+    }
+    if let Some(eval) = eval_summary(&p) {
+        line.push_str("  ");
+        line.push_str(&eval);
+    }
+    line
 }
 
 fn job_details(job: &pb::Job) -> String {
@@ -210,25 +197,35 @@ fn job_details(job: &pb::Job) -> String {
             c.path
         )
     });
+    let started = p.global_step > 0;
+    let stage_size = if started && p.image_size > 0 {
+        format!(" ({} px)", p.image_size)
+    } else {
+        String::new()
+    };
+    let eta = if started && running(job) {
+        duration(p.eta_seconds)
+    } else {
+        "-".to_owned()
+    };
     format!(
-        "job        {}\nname       {}\nstate      {}\ngeneration {}\nstage      {}/{}{}\nepoch      {}/{}\nstep       {}/{}\nloss       {:.4}\nimages/s   {:.1}\nworkers    {}\ncheckpoint {}\nmessage    {}",
+        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\nmessage      {}",
         job.id,
         job.name,
         state_name(job.state),
         job.generation,
         p.stage + 1,
         job.stage_count,
-        if p.image_size > 0 {
-            format!(" ({} px)", p.image_size)
-        } else {
-            String::new()
-        },
+        stage_size,
         p.epoch + 1,
         job.epochs,
         p.step,
         p.steps_per_epoch,
         p.loss,
         p.images_per_second,
+        eta,
+        eval_summary(&p).unwrap_or_else(|| "none yet".to_owned()),
+        p.graph_builds,
         if job.workers.is_empty() {
             "none".to_owned()
         } else {

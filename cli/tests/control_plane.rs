@@ -93,7 +93,7 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
         status.contains("queued") && status.contains("tiny-job"),
         "{status}"
     );
-    assert!(status.contains("stage      1/2"), "{status}");
+    assert!(status.contains("stage        1/2"), "{status}");
 
     assert!(cli.ok(&["cancel", &id]).contains("cancelled"));
     let err = cli.fails(&["cancel", &id]);
@@ -382,6 +382,9 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
         loss: 2.0,
         images_per_second: 10.0,
         image_size: 64,
+        global_step: 6,
+        graph_builds: 1,
+        ..Default::default()
     };
     let current = worker
         .report_progress(pb::ReportProgressRequest {
@@ -431,14 +434,14 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
     let status = cli.ok(&["status", &id]);
     assert!(status.contains("running"), "{status}");
     assert!(
-        status.contains(&format!("generation {generation}")),
+        status.contains(&format!("generation   {generation}")),
         "{status}"
     );
     assert!(
         status.contains("ckpt-e1-s3"),
         "the committed checkpoint survived: {status}"
     );
-    assert!(status.contains("epoch      2/4"), "{status}");
+    assert!(status.contains("epoch        2/4"), "{status}");
     rt.block_on(async {
         // The worker's lease and assignment survived too: its heartbeat is accepted as is.
         let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;

@@ -4,6 +4,7 @@
 
 pub mod ring;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,11 +27,50 @@ pub enum CollectiveError {
     Aborted { rank: u32 },
     #[error("rank {rank}: {message}")]
     Handshake { rank: u32, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("rank {rank}: NCCL: {message}")]
+    Nccl { rank: u32, message: String },
 }
 
-/// Sums a buffer across all ranks in place; every rank ends with the same bytes.
+/// Sums a buffer across all ranks in place; every rank ends with the same bytes. Host memory
+/// goes through [`Collective::all_reduce_sum`], GPU memory through
+/// [`Collective::all_reduce_sum_device`]; each implementation takes the kind it can reach.
 pub trait Collective: Send {
     fn rank(&self) -> u32;
     fn world_size(&self) -> u32;
+    /// A handle that makes this collective's blocked and future calls fail with
+    /// [`CollectiveError::Aborted`], from any thread.
+    fn abort_handle(&self) -> AbortHandle;
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Sums `len` float32 values at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must address `len` float32 values in the memory of this collective's device,
+    /// written by work already queued on the default stream, and nothing else may write them
+    /// until the call returns.
+    unsafe fn all_reduce_sum_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        let _ = (ptr, len);
+        Err(CollectiveError::Unsupported(
+            "this collective reduces host memory only".to_owned(),
+        ))
+    }
+}
+
+/// Aborts a collective from another thread (see [`Collective::abort_handle`]).
+#[derive(Clone)]
+pub struct AbortHandle(Arc<dyn Fn() + Send + Sync>);
+
+impl AbortHandle {
+    pub fn new(abort: impl Fn() + Send + Sync + 'static) -> AbortHandle {
+        AbortHandle(Arc::new(abort))
+    }
+
+    pub fn abort(&self) {
+        (self.0)()
+    }
 }

@@ -10,7 +10,7 @@
 //! cannot deadlock on full socket buffers; received data is reduced chunk by chunk as it
 //! arrives.
 
-use crate::{Collective, CollectiveError};
+use crate::{AbortHandle, Collective, CollectiveError};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -28,22 +28,6 @@ pub struct TcpRing {
     prev: Option<TcpStream>,
     timeout: Duration,
     aborted: Arc<AtomicBool>,
-}
-
-/// Aborts a ring from another thread: blocked sends and receives fail at once.
-#[derive(Clone)]
-pub struct AbortHandle {
-    streams: Vec<Arc<TcpStream>>,
-    aborted: Arc<AtomicBool>,
-}
-
-impl AbortHandle {
-    pub fn abort(&self) {
-        self.aborted.store(true, Ordering::SeqCst);
-        for stream in &self.streams {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
 }
 
 fn peer_error(
@@ -164,19 +148,6 @@ impl TcpRing {
             timeout,
             aborted,
         })
-    }
-
-    pub fn abort_handle(&self) -> AbortHandle {
-        let streams = [&self.next, &self.prev]
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.try_clone().ok())
-            .map(Arc::new)
-            .collect();
-        AbortHandle {
-            streams,
-            aborted: self.aborted.clone(),
-        }
     }
 
     fn check_aborted(&self) -> Result<(), CollectiveError> {
@@ -312,6 +283,22 @@ impl Collective for TcpRing {
 
     fn world_size(&self) -> u32 {
         self.world
+    }
+
+    /// Blocked sends and receives fail at once; later calls fail too.
+    fn abort_handle(&self) -> AbortHandle {
+        let streams: Vec<TcpStream> = [&self.next, &self.prev]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        let aborted = self.aborted.clone();
+        AbortHandle::new(move || {
+            aborted.store(true, Ordering::SeqCst);
+            for stream in &streams {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        })
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {

@@ -47,6 +47,12 @@ fn progress_to_pb(p: &ProgressRecord) -> pb::Progress {
         loss: p.loss,
         images_per_second: p.images_per_second,
         image_size: p.image_size,
+        graph_builds: p.graph_builds,
+        eta_seconds: p.eta_seconds,
+        eval_epoch: p.eval_epoch,
+        eval_top1: p.eval_top1,
+        eval_top5: p.eval_top5,
+        global_step: p.global_step,
     }
 }
 
@@ -59,6 +65,12 @@ fn progress_from_pb(p: pb::Progress) -> ProgressRecord {
         loss: p.loss,
         images_per_second: p.images_per_second,
         image_size: p.image_size,
+        graph_builds: p.graph_builds,
+        eta_seconds: p.eta_seconds,
+        eval_epoch: p.eval_epoch,
+        eval_top1: p.eval_top1,
+        eval_top5: p.eval_top5,
+        global_step: p.global_step,
     }
 }
 

@@ -63,6 +63,18 @@ pub struct ProgressRecord {
     pub loss: f32,
     pub images_per_second: f32,
     pub image_size: u32,
+    #[serde(default)]
+    pub graph_builds: u32,
+    #[serde(default)]
+    pub eta_seconds: f32,
+    #[serde(default)]
+    pub eval_epoch: u32,
+    #[serde(default)]
+    pub eval_top1: f32,
+    #[serde(default)]
+    pub eval_top5: f32,
+    #[serde(default)]
+    pub global_step: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

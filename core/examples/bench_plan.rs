@@ -26,7 +26,7 @@ fn shard_sizes() -> Vec<u32> {
 /// Walks the epoch as the ranks do, then its dropped tail, handing every sample id to `visit`;
 /// returns an order-sensitive checksum of the ids, which also keeps the work from being
 /// optimized away.
-fn walk_epoch(order: &mut EpochOrder<'_>, steps: u64, mut visit: impl FnMut(u64)) -> u64 {
+fn walk_epoch(order: &mut EpochOrder<&SamplePlan>, steps: u64, mut visit: impl FnMut(u64)) -> u64 {
     let mut checksum = 0xcbf2_9ce4_8422_2325u64;
     let mut fold = |id: u64| {
         visit(id);

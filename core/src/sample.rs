@@ -14,6 +14,7 @@
 //! is trained at most once per epoch and exactly once in every epoch whose tail misses it.
 
 use crate::rng::Stream;
+use std::borrow::Borrow;
 use std::ops::Range;
 
 const SHARD_ORDER_STREAM: u64 = 0x5348_4152; // "SHAR"
@@ -157,25 +158,8 @@ impl SamplePlan {
 
     /// The order of epoch `epoch`. Building it costs one shuffle of the shards; windows are
     /// shuffled lazily as positions inside them are asked for.
-    pub fn epoch(&self, epoch: u32) -> EpochOrder<'_> {
-        let mut shards: Vec<u32> = (0..self.shard_count())
-            .filter(|&s| self.shard_size(s) > 0)
-            .collect();
-        Stream::new(self.seed, &[SHARD_ORDER_STREAM, epoch as u64]).shuffle(&mut shards);
-        let mut window_starts = Vec::with_capacity(shards.len() / self.window as usize + 2);
-        let mut position = 0u64;
-        for group in shards.chunks(self.window as usize) {
-            window_starts.push(position);
-            position += group.iter().map(|&s| self.shard_size(s)).sum::<u64>();
-        }
-        window_starts.push(position);
-        EpochOrder {
-            plan: self,
-            epoch,
-            shards,
-            window_starts,
-            cached: None,
-        }
+    pub fn epoch(&self, epoch: u32) -> EpochOrder<&SamplePlan> {
+        EpochOrder::new(self, epoch)
     }
 }
 
@@ -185,9 +169,9 @@ pub fn rank_micro_batches(micro_per_step: u32, rank: u32, world: u32) -> Range<u
     rank * per_rank..(rank + 1) * per_rank
 }
 
-/// One epoch's global sample order.
-pub struct EpochOrder<'a> {
-    plan: &'a SamplePlan,
+/// One epoch's global sample order, over a borrowed or shared (`Arc`) plan.
+pub struct EpochOrder<P: Borrow<SamplePlan>> {
+    plan: P,
     epoch: u32,
     /// Non-empty shards in this epoch's order.
     shards: Vec<u32>,
@@ -197,7 +181,29 @@ pub struct EpochOrder<'a> {
     cached: Option<(usize, Vec<u64>)>,
 }
 
-impl EpochOrder<'_> {
+impl<P: Borrow<SamplePlan>> EpochOrder<P> {
+    pub fn new(plan: P, epoch: u32) -> EpochOrder<P> {
+        let p = plan.borrow();
+        let mut shards: Vec<u32> = (0..p.shard_count())
+            .filter(|&s| p.shard_size(s) > 0)
+            .collect();
+        Stream::new(p.seed, &[SHARD_ORDER_STREAM, epoch as u64]).shuffle(&mut shards);
+        let mut window_starts = Vec::with_capacity(shards.len() / p.window as usize + 2);
+        let mut position = 0u64;
+        for group in shards.chunks(p.window as usize) {
+            window_starts.push(position);
+            position += group.iter().map(|&s| p.shard_size(s)).sum::<u64>();
+        }
+        window_starts.push(position);
+        EpochOrder {
+            plan,
+            epoch,
+            shards,
+            window_starts,
+            cached: None,
+        }
+    }
+
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
@@ -224,7 +230,7 @@ impl EpochOrder<'_> {
 
     /// The samples of micro-batch `k` of `step` at micro-batch size `micro`.
     pub fn micro_batch(&mut self, step: u64, micro: u32, k: u32) -> Vec<u64> {
-        let start = step * self.plan.global_batch as u64 + k as u64 * micro as u64;
+        let start = step * self.plan.borrow().global_batch as u64 + k as u64 * micro as u64;
         self.samples(start..start + micro as u64)
     }
 
@@ -236,7 +242,7 @@ impl EpochOrder<'_> {
         rank: u32,
         world: u32,
     ) -> Result<Vec<Vec<u64>>, PlanError> {
-        let micro_per_step = self.plan.micro_batches_per_step(micro, world)?;
+        let micro_per_step = self.plan.borrow().micro_batches_per_step(micro, world)?;
         Ok(rank_micro_batches(micro_per_step, rank, world)
             .map(|k| self.micro_batch(step, micro, k))
             .collect())
@@ -244,13 +250,13 @@ impl EpochOrder<'_> {
 
     /// The samples the epoch leaves out because they do not fill a whole step.
     pub fn dropped(&mut self) -> Vec<u64> {
-        let used = self.plan.steps_per_epoch() * self.plan.global_batch as u64;
-        self.samples(used..self.plan.total_samples())
+        let used = self.plan.borrow().steps_per_epoch() * self.plan.borrow().global_batch as u64;
+        self.samples(used..self.plan.borrow().total_samples())
     }
 
     fn window_samples(&mut self, w: usize) -> &[u64] {
         if self.cached.as_ref().map(|(cw, _)| *cw) != Some(w) {
-            let window = self.plan.window as usize;
+            let window = self.plan.borrow().window as usize;
             let group = &self.shards[w * window..((w + 1) * window).min(self.shards.len())];
             let len = (self.window_starts[w + 1] - self.window_starts[w]) as usize;
             let mut ids = match self.cached.take() {
@@ -261,11 +267,11 @@ impl EpochOrder<'_> {
                 None => Vec::with_capacity(len),
             };
             for &shard in group {
-                let start = self.plan.shard_starts[shard as usize];
-                ids.extend(start..start + self.plan.shard_size(shard));
+                let start = self.plan.borrow().shard_starts[shard as usize];
+                ids.extend(start..start + self.plan.borrow().shard_size(shard));
             }
             Stream::new(
-                self.plan.seed,
+                self.plan.borrow().seed,
                 &[WINDOW_STREAM, self.epoch as u64, w as u64],
             )
             .shuffle(&mut ids);

@@ -107,6 +107,14 @@ impl Dataset {
         *self.starts.last().unwrap_or(&0)
     }
 
+    /// Samples per shard, in manifest order (what the sample plan is built from).
+    pub fn shard_sizes(&self) -> Vec<u32> {
+        self.starts
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u32)
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -1,5 +1,6 @@
-//! The data-parallel step's reduction: the flat gradient buffer summed across ranks, bucket by
-//! bucket, through any [`Collective`].
+//! The data-parallel step's reductions through any [`Collective`]: the flat gradient buffer,
+//! bucket by bucket, and any other flat float32 tensor (BatchNorm statistics, step statistics).
+//! Host tensors go to the collective as slices, GPU tensors by device address.
 //!
 //! Each rank scales its micro-batch losses by `1 / micro-batches per global step` before
 //! backward, so the sum over ranks is the mean gradient of the global batch whatever the world
@@ -7,7 +8,39 @@
 
 use crate::flat::FlatState;
 use ladder_collective::{Collective, CollectiveError};
-use tch::{Device, Kind};
+use std::ops::Range;
+use tch::{Device, Kind, Tensor};
+
+/// Sums elements `range` of `tensor`, a contiguous float32 tensor, across the ranks.
+pub fn all_reduce_range(
+    tensor: &Tensor,
+    range: Range<i64>,
+    collective: &mut dyn Collective,
+) -> Result<(), CollectiveError> {
+    assert_eq!(tensor.kind(), Kind::Float);
+    assert!(tensor.is_contiguous());
+    assert!(0 <= range.start && range.end <= tensor.numel() as i64);
+    let len = (range.end - range.start) as usize;
+    // SAFETY (both arms): `tensor` is contiguous float32 and outlives the call, `range` lies
+    // inside it, and nothing else touches it while the collective runs (the caller is between
+    // backward and the optimizer, on the thread that queues all work on the default stream).
+    let start = unsafe { tensor.data_ptr().cast::<f32>().add(range.start as usize) };
+    match tensor.device() {
+        Device::Cpu => {
+            let data = unsafe { std::slice::from_raw_parts_mut(start, len) };
+            collective.all_reduce_sum(data)
+        }
+        _ => unsafe { collective.all_reduce_sum_device(start as u64, len) },
+    }
+}
+
+/// Sums the whole of `tensor` across the ranks.
+pub fn all_reduce_tensor(
+    tensor: &Tensor,
+    collective: &mut dyn Collective,
+) -> Result<(), CollectiveError> {
+    all_reduce_range(tensor, 0..tensor.numel() as i64, collective)
+}
 
 /// Sums `flat.grads` across the ranks of `collective`, `bucket_elements` at a time.
 pub fn all_reduce_gradients(
@@ -15,20 +48,8 @@ pub fn all_reduce_gradients(
     collective: &mut dyn Collective,
     bucket_elements: i64,
 ) -> Result<(), CollectiveError> {
-    assert_eq!(
-        flat.grads.device(),
-        Device::Cpu,
-        "the TCP ring reduces host memory"
-    );
-    assert_eq!(flat.grads.kind(), Kind::Float);
-    assert!(flat.grads.is_contiguous());
-    let len = flat.grads.numel();
-    // SAFETY: the gradient buffer is a contiguous float32 CPU tensor of `len` elements that
-    // outlives this call, and nothing else touches it while the collective runs (backward is
-    // finished and the optimizer has not started).
-    let grads = unsafe { std::slice::from_raw_parts_mut(flat.grads.data_ptr().cast::<f32>(), len) };
     for bucket in flat.buckets(bucket_elements) {
-        collective.all_reduce_sum(&mut grads[bucket.start as usize..bucket.end as usize])?;
+        all_reduce_range(&flat.grads, bucket, collective)?;
     }
     Ok(())
 }

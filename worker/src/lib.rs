@@ -1,15 +1,25 @@
-//! Ladder's worker: the math of training EfficientNetV2 with libtorch (through `tch`).
+//! Ladder's worker: trains EfficientNetV2 with libtorch (through `tch`) as one rank of a job.
+//!
+//! [`agent`] talks to the coordinator and runs a [`trainer::Trainer`] per assignment; the
+//! trainer's loop reads top to bottom in `trainer.rs`, fed by [`feed`] (this rank's
+//! micro-batches), reporting through [`report`], writing [`checkpoint`]s.
 //!
 //! Data flow of a step: micro-batches -> [`model`] forward -> [`loss`] -> backward, which
 //! accumulates into the flat gradient buffer of [`flat`] -> (collective) -> [`optim`] RMSProp on
 //! the flat buffers -> [`ema`]. [`state_io`] moves named state in and out of safetensors.
 
+pub mod agent;
+pub mod checkpoint;
 pub mod data_parallel;
+pub mod display;
 pub mod ema;
+pub mod feed;
 pub mod flat;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod report;
 pub mod state_io;
+pub mod trainer;
 pub mod training_state;

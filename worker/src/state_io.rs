@@ -4,9 +4,10 @@
 //! Model weights use torchvision's names (`features.0.0.weight`, ...), so the files load into
 //! torchvision with `load_state_dict`; other state lives under a prefix (`ema.`, `optimizer.`).
 
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tch::{Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -26,16 +27,123 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, StateError> {
     })
 }
 
-/// Writes `tensors` in safetensors format; views with other layouts (channels-last weights)
-/// are written in the standard contiguous order.
-pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), StateError> {
-    let contiguous: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(name, t)| (name.as_str(), t.contiguous()))
-        .collect();
-    Tensor::write_safetensors(&contiguous, path).map_err(|e| StateError::File {
+/// What was written: the file's size and SHA-256 (lowercase hex).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+fn dtype_name(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "F32",
+        Kind::Double => "F64",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        _ => return None,
+    })
+}
+
+/// Writes `tensors` in safetensors format, streaming: the bytes are hashed as they go out, and
+/// the file is flushed to disk (fsync) before this returns. Views with other layouts
+/// (channels-last weights) and device tensors are written in standard order from host memory.
+pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<Written, StateError> {
+    let fail = |message: String| StateError::File {
         path: path.display().to_string(),
-        message: e.to_string(),
+        message,
+    };
+    let host: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(name, t)| (name.as_str(), t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, t) in &host {
+        let dtype = dtype_name(t.kind()).ok_or_else(|| {
+            fail(format!(
+                "{name}: dtype {:?} has no safetensors name",
+                t.kind()
+            ))
+        })?;
+        let len = t.numel() * t.kind().elt_size_in_bytes();
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
+    // The data starts 8-byte aligned, as the format recommends; padding is spaces.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let file = std::fs::File::create(path).map_err(|e| fail(e.to_string()))?;
+    let mut out = HashingWriter {
+        inner: std::io::BufWriter::with_capacity(8 << 20, file),
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
+    let io = |e: std::io::Error| fail(e.to_string());
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for (_, t) in &host {
+        let len = t.numel() * t.kind().elt_size_in_bytes();
+        if len > 0 {
+            // SAFETY: `t` is a contiguous host tensor of `len` bytes that lives across the call.
+            let data = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) };
+            out.write_all(data).map_err(io)?;
+        }
+    }
+    let file = out
+        .inner
+        .into_inner()
+        .map_err(|e| fail(e.error().to_string()))?;
+    file.sync_all().map_err(io)?;
+    Ok(Written {
+        bytes: out.bytes,
+        sha256: hex(&out.hasher.finalize()),
+    })
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> HashingWriter<W> {
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.inner.write_all(data)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 (lowercase hex) and size of a file, read in large chunks.
+pub fn digest(path: &Path) -> std::io::Result<Written> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 8 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+    Ok(Written {
+        bytes,
+        sha256: hex(&hasher.finalize()),
     })
 }
 

@@ -6,14 +6,16 @@
 //!   `optimizer.momentum.NAME`, and the moving averages `ema.NAME` of every parameter and
 //!   floating-point buffer.
 //!
-//! Loading checks every name, shape and dtype and changes nothing unless all match.
+//! Loading checks every name, shape and dtype and changes nothing unless all match. A
+//! [`Snapshot`] is the same state copied to host memory, to be written while training goes on.
 
 use crate::ema::Ema;
-use crate::flat::FlatState;
+use crate::flat::{FlatState, Slot};
 use crate::optim::RmsProp;
-use crate::state_io::{self, StateError};
+use crate::state_io::{self, StateError, Written};
 use std::path::Path;
-use tch::nn;
+use std::sync::Arc;
+use tch::{Device, Tensor, nn};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const TRAINING_FILE: &str = "training.safetensors";
@@ -26,25 +28,76 @@ pub struct TrainingState<'a> {
     pub ema: &'a mut Ema,
 }
 
+/// The flat buffers of a training state and the slots that name their pieces.
+struct Buffers<'a> {
+    param_slots: &'a [Slot],
+    buffer_slots: &'a [Slot],
+    mean_square: &'a Tensor,
+    momentum: &'a Tensor,
+    ema_params: &'a Tensor,
+    ema_buffers: &'a Tensor,
+}
+
+impl Buffers<'_> {
+    /// `training.safetensors`'s tensors, as views of the buffers.
+    fn training_views(&self) -> Vec<(String, Tensor)> {
+        let views = |slots: &[Slot], flat: &Tensor, prefix: &str| {
+            slots
+                .iter()
+                .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
+                .collect::<Vec<_>>()
+        };
+        let mut named = views(self.param_slots, self.mean_square, "optimizer.mean_square.");
+        named.extend(views(
+            self.param_slots,
+            self.momentum,
+            "optimizer.momentum.",
+        ));
+        named.extend(views(self.param_slots, self.ema_params, "ema."));
+        named.extend(views(self.buffer_slots, self.ema_buffers, "ema."));
+        named
+    }
+}
+
 impl TrainingState<'_> {
-    fn optimizer_and_ema(&self) -> Vec<(String, tch::Tensor)> {
-        let flat = self.flat;
-        let mut named =
-            flat.named_param_views(&self.optimizer.mean_square, "optimizer.mean_square.");
-        named
-            .extend(flat.named_param_views(&self.optimizer.momentum_buffer, "optimizer.momentum."));
-        named.extend(flat.named_param_views(&self.ema.params, "ema."));
-        named.extend(flat.named_buffer_views(&self.ema.buffers, "ema."));
-        named
+    fn buffers(&self) -> Buffers<'_> {
+        Buffers {
+            param_slots: &self.flat.param_slots,
+            buffer_slots: &self.flat.buffer_slots,
+            mean_square: &self.optimizer.mean_square,
+            momentum: &self.optimizer.momentum_buffer,
+            ema_params: &self.ema.params,
+            ema_buffers: &self.ema.buffers,
+        }
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(dir).map_err(|e| StateError::File {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-        state_io::write(&dir.join(MODEL_FILE), &state_io::named(self.vs, ""))?;
-        state_io::write(&dir.join(TRAINING_FILE), &self.optimizer_and_ema())
+        self.snapshot().write(dir).map(|_| ())
+    }
+
+    /// Copies the state to host memory: the only part of a checkpoint that holds up training.
+    pub fn snapshot(&self) -> Snapshot {
+        let host = |t: &Tensor| t.to_device(Device::Cpu).copy();
+        let flat = self.flat;
+        // Variables outside the flat buffers: BatchNorm's integer batch counters.
+        let loose = state_io::named(self.vs, "")
+            .into_iter()
+            .filter(|(name, _)| {
+                !flat.param_slots.iter().any(|s| &s.name == name)
+                    && !flat.buffer_slots.iter().any(|s| &s.name == name)
+            })
+            .map(|(name, t)| (name, host(&t)))
+            .collect();
+        Snapshot {
+            slots: Arc::new((flat.param_slots.clone(), flat.buffer_slots.clone())),
+            params: host(&flat.params),
+            buffers: host(&flat.buffers),
+            loose,
+            mean_square: host(&self.optimizer.mean_square),
+            momentum: host(&self.optimizer.momentum_buffer),
+            ema_params: host(&self.ema.params),
+            ema_buffers: host(&self.ema.buffers),
+        }
     }
 
     pub fn load(&mut self, dir: &Path) -> Result<(), StateError> {
@@ -53,7 +106,7 @@ impl TrainingState<'_> {
         let model = state_io::read(&model_path)?;
         let training = state_io::read(&training_path)?;
         // Check both files before changing anything.
-        let targets = self.optimizer_and_ema();
+        let targets = self.buffers().training_views();
         state_io::check(
             &state_io::named(self.vs, ""),
             &model,
@@ -73,5 +126,73 @@ impl TrainingState<'_> {
             "",
             &training_path.display().to_string(),
         )
+    }
+}
+
+/// A training state copied to host memory, independent of the live one: it can be written on
+/// another thread while training continues.
+pub struct Snapshot {
+    slots: Arc<(Vec<Slot>, Vec<Slot>)>,
+    params: Tensor,
+    buffers: Tensor,
+    loose: Vec<(String, Tensor)>,
+    mean_square: Tensor,
+    momentum: Tensor,
+    ema_params: Tensor,
+    ema_buffers: Tensor,
+}
+
+impl Snapshot {
+    /// `model.safetensors`'s tensors, in name order.
+    pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        let (param_slots, buffer_slots) = &*self.slots;
+        let mut named: Vec<(String, Tensor)> = param_slots
+            .iter()
+            .map(|s| (s.name.clone(), s.view(&self.params)))
+            .chain(
+                buffer_slots
+                    .iter()
+                    .map(|s| (s.name.clone(), s.view(&self.buffers))),
+            )
+            .chain(
+                self.loose
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
+            )
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// `training.safetensors`'s tensors.
+    pub fn training_tensors(&self) -> Vec<(String, Tensor)> {
+        let (param_slots, buffer_slots) = &*self.slots;
+        Buffers {
+            param_slots,
+            buffer_slots,
+            mean_square: &self.mean_square,
+            momentum: &self.momentum,
+            ema_params: &self.ema_params,
+            ema_buffers: &self.ema_buffers,
+        }
+        .training_views()
+    }
+
+    /// Writes both files into `dir` (created if missing), each flushed to disk.
+    pub fn write(&self, dir: &Path) -> Result<[(&'static str, Written); 2], StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::File {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok([
+            (
+                MODEL_FILE,
+                state_io::write(&dir.join(MODEL_FILE), &self.model_tensors())?,
+            ),
+            (
+                TRAINING_FILE,
+                state_io::write(&dir.join(TRAINING_FILE), &self.training_tensors())?,
+            ),
+        ])
     }
 }

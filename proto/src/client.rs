@@ -1,0 +1,105 @@
+//! Connecting to a coordinator: the same for the CLI and the workers. A client may name several
+//! coordinators (an etcd-backed control plane with standbys); they are tried in order, and a
+//! standby answers nothing until it leads.
+
+use std::path::Path;
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no token: {0}")]
+    NoToken(&'static str),
+    #[error("the token has characters that cannot go in a header")]
+    BadToken,
+    #[error("invalid coordinator URL {url:?}: {message}")]
+    BadUrl { url: String, message: String },
+    #[error("cannot read the CA certificate {path}: {message}")]
+    Ca { path: String, message: String },
+    #[error("cannot reach the coordinator ({0})")]
+    Unreachable(String),
+}
+
+/// The full chain of an error's causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Connects to the first of the comma-separated `urls` that answers. `missing_token` says
+/// where the token should have come from, for the error when it is empty.
+pub async fn connect(
+    urls: &str,
+    token: &str,
+    missing_token: &'static str,
+    tls_ca: Option<&Path>,
+) -> Result<Authed, ConnectError> {
+    if token.is_empty() {
+        return Err(ConnectError::NoToken(missing_token));
+    }
+    let bearer = Bearer(
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ConnectError::BadToken)?,
+    );
+    let mut failures = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let bad_url = |message: String| ConnectError::BadUrl {
+            url: url.to_owned(),
+            message,
+        };
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| bad_url(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3));
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = tls_ca {
+                let pem = std::fs::read(ca).map_err(|e| ConnectError::Ca {
+                    path: ca.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| bad_url(error_chain(&e)))?;
+        }
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(InterceptedService::new(channel, bearer)),
+            Err(e) => failures.push(format!("{url}: {}", error_chain(&e))),
+        }
+    }
+    if failures.is_empty() {
+        return Err(ConnectError::BadUrl {
+            url: urls.to_owned(),
+            message: "no URL given".to_owned(),
+        });
+    }
+    Err(ConnectError::Unreachable(failures.join("; ")))
+}

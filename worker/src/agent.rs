@@ -1,0 +1,628 @@
+//! The worker process's side of the control plane: register, keep the lease, wait for an
+//! assignment, rendezvous with the other ranks, run the [`Trainer`] on a thread of its own,
+//! and report progress and checkpoints asynchronously (no per-step round trip).
+//!
+//! ```text
+//! register --> heartbeat task (every TTL/3; a new generation or a lost lease stops the run)
+//!    |
+//!    +--> await assignment --> rendezvous (ring address / NCCL id) --> trainer thread
+//!               ^                                                        |  progress, commits
+//!               +---------------- finished / stopped / failed <----------+--> reporter task
+//! ```
+//!
+//! The coordinator may be down for a while: the run goes on, heartbeats and reports are
+//! retried, and a checkpoint commit waits for it.
+
+use crate::checkpoint::Manifest;
+use crate::report::{Events, Progress, StopSignal};
+use crate::trainer::{self, Options, TrainError, Trainer};
+use ladder_collective::Collective;
+use ladder_collective::ring::TcpRing;
+use ladder_core::spec::JobSpec;
+use ladder_proto::client::{self, Authed};
+use ladder_proto::v1 as pb;
+use pb::worker_service_client::WorkerServiceClient;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Device;
+use tokio::sync::{Mutex, mpsc};
+use tonic::{Code, Status};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Comma-separated coordinator URLs.
+    pub coordinator: String,
+    pub token: String,
+    pub tls_ca: Option<PathBuf>,
+    pub device: Device,
+    /// Operator-chosen stable name (shown by `ladder status`).
+    pub name: String,
+    /// The address other ranks reach this worker's ring listener on.
+    pub ring_host: String,
+    /// How long a collective waits on a silent peer before giving up.
+    pub collective_timeout: Duration,
+    pub bucket_elements: i64,
+    /// A progress bar (terminal) or log lines.
+    pub progress_bar: bool,
+}
+
+/// A connection to whichever coordinator answers, re-established after transport failures.
+struct Coordinator {
+    config: Config,
+    client: Mutex<Option<WorkerServiceClient<Authed>>>,
+}
+
+impl Coordinator {
+    async fn client(&self) -> Result<WorkerServiceClient<Authed>, Status> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = &*slot {
+            return Ok(client.clone());
+        }
+        let channel = client::connect(
+            &self.config.coordinator,
+            &self.config.token,
+            "set LADDER_WORKER_TOKEN or pass --token (the coordinator's worker token)",
+            self.config.tls_ca.as_deref(),
+        )
+        .await
+        .map_err(|e| match e {
+            client::ConnectError::Unreachable(m) => Status::unavailable(m),
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        let client = WorkerServiceClient::new(channel);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the connection after a transport failure, so the next call tries every URL.
+    async fn failed(&self, status: &Status) {
+        if matches!(status.code(), Code::Unavailable | Code::Unknown) {
+            *self.client.lock().await = None;
+        }
+    }
+}
+
+/// Calls `$method` with `$request` on the coordinator, forgetting a broken connection.
+macro_rules! rpc {
+    ($coordinator:expr, $method:ident, $request:expr) => {{
+        let coordinator = &$coordinator;
+        let result = match coordinator.client().await {
+            Ok(mut client) => client.$method($request).await.map(|r| r.into_inner()),
+            Err(status) => Err(status),
+        };
+        if let Err(status) = &result {
+            coordinator.failed(status).await;
+        }
+        result
+    }};
+}
+
+/// Failures worth retrying: the coordinator is restarting, failing over or briefly overloaded.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Internal
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_owned(),
+    }
+}
+
+/// Runs the worker until it fails to reach any coordinator for good or gets a fatal error.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let coordinator = Arc::new(Coordinator {
+        config: config.clone(),
+        client: Mutex::new(None),
+    });
+    loop {
+        let registration = register(&coordinator).await?;
+        let worker = Worker {
+            id: registration.worker_id.clone(),
+            lease: Duration::from_millis(registration.lease_ttl_ms as u64),
+            coordinator: coordinator.clone(),
+            config: config.clone(),
+        };
+        tracing::info!(worker = %worker.id, device = %device_name(config.device), "registered");
+        worker.serve().await?;
+        tracing::warn!(worker = %worker.id, "lease lost; registering again");
+    }
+}
+
+async fn register(coordinator: &Coordinator) -> anyhow::Result<pb::RegisterResponse> {
+    let request = pb::RegisterRequest {
+        hostname: hostname(),
+        device: device_name(coordinator.config.device),
+        name: coordinator.config.name.clone(),
+    };
+    let started = Instant::now();
+    loop {
+        match rpc!(coordinator, register, request.clone()) {
+            Ok(response) => return Ok(response),
+            Err(status) if transient(&status) && started.elapsed() < Duration::from_secs(600) => {
+                tracing::warn!("cannot register yet: {}", status.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(status) => anyhow::bail!("registering with the coordinator: {}", status.message()),
+        }
+    }
+}
+
+struct Worker {
+    id: String,
+    lease: Duration,
+    coordinator: Arc<Coordinator>,
+    config: Config,
+}
+
+/// A job generation this worker took part in.
+type Generation = (String, u64);
+
+/// The generation being trained, and how to stop it.
+type Running = Arc<std::sync::Mutex<Option<(Generation, Arc<StopSignal>)>>>;
+
+/// One generation of one job as this worker takes part in it.
+#[derive(Clone)]
+struct Run {
+    coordinator: Arc<Coordinator>,
+    worker_id: String,
+    job_id: String,
+    generation: u64,
+}
+
+impl Worker {
+    /// Serves assignments until the lease is lost.
+    async fn serve(&self) -> anyhow::Result<()> {
+        let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
+        let running: Running = Default::default();
+        let heartbeat = tokio::spawn(heartbeat(
+            self.coordinator.clone(),
+            self.id.clone(),
+            self.lease,
+            running.clone(),
+            lost_tx,
+        ));
+        let mut ended: Option<Generation> = None;
+        let result = loop {
+            let request = pb::AwaitAssignmentRequest {
+                worker_id: self.id.clone(),
+                wait_ms: 5_000,
+            };
+            let assignment = tokio::select! {
+                _ = lost.changed() => break Ok(()),
+                a = async { rpc!(self.coordinator, await_assignment, request) } => a,
+            };
+            let assignment = match assignment {
+                Ok(a) if a.job_id.is_empty() => continue,
+                Ok(a) => a,
+                Err(status) if status.code() == Code::NotFound => break Ok(()),
+                Err(status) if transient(&status) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(status) => {
+                    break Err(anyhow::anyhow!(
+                        "awaiting an assignment: {}",
+                        status.message()
+                    ));
+                }
+            };
+            let generation = (assignment.job_id.clone(), assignment.generation);
+            if ended.as_ref() == Some(&generation) {
+                // Done with it; the coordinator has not moved on yet.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let stop = Arc::new(StopSignal::default());
+            *running.lock().expect("running lock") = Some((generation.clone(), stop.clone()));
+            self.run_assignment(assignment, stop).await;
+            *running.lock().expect("running lock") = None;
+            ended = Some(generation);
+            if *lost.borrow() {
+                break Ok(());
+            }
+        };
+        heartbeat.abort();
+        result
+    }
+
+    /// Rendezvous, train, report the end. Every way out leaves the worker ready for the next
+    /// assignment.
+    async fn run_assignment(&self, assignment: pb::Assignment, stop: Arc<StopSignal>) {
+        let job_id = assignment.job_id.clone();
+        let generation = assignment.generation;
+        let (rank, world) = (assignment.rank, assignment.world_size);
+        tracing::info!(job = %job_id, generation, rank, world, "assigned");
+        let spec = match JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}")) {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.finish(&job_id, generation, None, Err(e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        let restore_from = assignment
+            .restore_from
+            .as_ref()
+            .filter(|c| !c.path.is_empty())
+            .map(|c| PathBuf::from(&c.path));
+        let listener = match TcpListener::bind((self.config.ring_host.as_str(), 0)) {
+            Ok(l) => l,
+            Err(e) => {
+                let why = format!("cannot listen on {}: {e}", self.config.ring_host);
+                self.finish(&job_id, generation, None, Err(why)).await;
+                return;
+            }
+        };
+        let address = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let Some(payloads) = self
+            .rendezvous(
+                &job_id,
+                generation,
+                rank,
+                address.to_string().into_bytes(),
+                &stop,
+            )
+            .await
+        else {
+            tracing::info!(job = %job_id, generation, "generation ended before the rendezvous completed");
+            return;
+        };
+        let addresses: Result<Vec<SocketAddr>, String> = payloads
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                String::from_utf8_lossy(p)
+                    .parse()
+                    .map_err(|e| format!("rank {r} published an unusable address {p:?}: {e}"))
+            })
+            .collect();
+        let addresses = match addresses {
+            Ok(a) => a,
+            Err(why) => {
+                self.finish(&job_id, generation, None, Err(why)).await;
+                return;
+            }
+        };
+
+        let run = Run {
+            coordinator: self.coordinator.clone(),
+            worker_id: self.id.clone(),
+            job_id: job_id.clone(),
+            generation,
+        };
+        let (events, reports) = ChannelEvents::new(run.clone());
+        let reporter = tokio::spawn(report_progress(
+            run,
+            reports,
+            stop.clone(),
+            self.config.progress_bar,
+            rank == 0,
+        ));
+        let job = trainer::Assignment {
+            job_id: job_id.clone(),
+            generation,
+            rank,
+            world_size: world,
+            spec,
+            restore_from,
+        };
+        let options = Options {
+            device: self.config.device,
+            bucket_elements: self.config.bucket_elements,
+        };
+        let timeout = self.config.collective_timeout;
+        let training_stop = stop.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let ring = TcpRing::connect(rank, listener, &addresses, generation, timeout)?;
+            let collective: Box<dyn Collective> = Box::new(ring);
+            let mut trainer =
+                Trainer::new(job, options, collective, Arc::new(events), training_stop)?;
+            trainer.run()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(TrainError::Fatal(format!(
+                "the training thread panicked: {e}"
+            )))
+        });
+        let last = reporter.await.ok().flatten();
+        match outcome {
+            Ok(outcome) => {
+                tracing::info!(job = %job_id, graph_builds = outcome.graph_builds, "run finished");
+                if rank == 0 {
+                    self.finish(&job_id, generation, last, Ok(())).await;
+                }
+            }
+            Err(TrainError::Stopped(why)) => {
+                tracing::warn!(job = %job_id, generation, "stopped: {why}")
+            }
+            Err(TrainError::Collective(e)) => match stop.reason() {
+                Some(why) => tracing::warn!(job = %job_id, generation, "stopped: {why}"),
+                None => tracing::warn!(
+                    job = %job_id, generation,
+                    "collective failed, waiting for the coordinator to end the generation: {e}"
+                ),
+            },
+            Err(TrainError::Fatal(why)) => {
+                tracing::error!(job = %job_id, "cannot go on: {why}");
+                self.finish(&job_id, generation, last, Err(why)).await;
+            }
+        }
+    }
+
+    /// Publishes `payload` and waits for every rank's; `None` when the generation ended.
+    async fn rendezvous(
+        &self,
+        job_id: &str,
+        generation: u64,
+        rank: u32,
+        payload: Vec<u8>,
+        stop: &StopSignal,
+    ) -> Option<Vec<Vec<u8>>> {
+        loop {
+            if stop.reason().is_some() {
+                return None;
+            }
+            let request = pb::RendezvousRequest {
+                worker_id: self.id.clone(),
+                job_id: job_id.to_owned(),
+                generation,
+                rank,
+                payload: payload.clone(),
+                wait_ms: 2_000,
+            };
+            match rpc!(self.coordinator, rendezvous, request) {
+                Ok(r) if !r.current => return None,
+                Ok(r) if r.complete => return Some(r.payloads),
+                Ok(_) => {}
+                Err(status) if transient(&status) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(status) => {
+                    tracing::warn!("rendezvous refused: {}", status.message());
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Tells the coordinator the run ended (rank 0 on success; any rank on a fatal error),
+    /// retrying while it is unreachable.
+    async fn finish(
+        &self,
+        job_id: &str,
+        generation: u64,
+        last: Option<Progress>,
+        result: Result<(), String>,
+    ) {
+        let request = pb::ReportProgressRequest {
+            worker_id: self.id.clone(),
+            job_id: job_id.to_owned(),
+            generation,
+            progress: last.as_ref().map(to_pb),
+            finished: result.is_ok(),
+            error: result.err().unwrap_or_default(),
+        };
+        let started = Instant::now();
+        loop {
+            match rpc!(self.coordinator, report_progress, request.clone()) {
+                Ok(_) => return,
+                Err(status)
+                    if transient(&status) && started.elapsed() < Duration::from_secs(600) =>
+                {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
+                Err(status) => {
+                    tracing::error!("could not report the end of the run: {}", status.message());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every TTL/3. A heartbeat naming another generation than the one running
+/// stops it (the coordinator ended it); an unknown worker (lease expired) stops it and ends
+/// the registration.
+async fn heartbeat(
+    coordinator: Arc<Coordinator>,
+    worker_id: String,
+    lease: Duration,
+    running: Running,
+    lost: tokio::sync::watch::Sender<bool>,
+) {
+    let mut interval = tokio::time::interval(lease / 3);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let request = pb::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+        };
+        let result = rpc!(coordinator, heartbeat, request);
+        let current = running.lock().expect("running lock").clone();
+        match result {
+            Ok(reply) => {
+                if let Some(((job, generation), stop)) = current
+                    && (reply.job_id != job || reply.generation != generation)
+                {
+                    stop.stop(&format!(
+                        "the coordinator ended generation {generation} of {job}"
+                    ));
+                }
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                if let Some((_, stop)) = current {
+                    stop.stop("this worker's lease expired");
+                }
+                let _ = lost.send(true);
+                return;
+            }
+            Err(status) => tracing::warn!("heartbeat failed: {}", status.message()),
+        }
+    }
+}
+
+fn to_pb(p: &Progress) -> pb::Progress {
+    let evaluation = p.evaluation.unwrap_or(crate::report::Evaluation {
+        epoch: 0,
+        top1: 0.0,
+        top5: 0.0,
+        samples: 0,
+    });
+    pb::Progress {
+        stage: p.stage,
+        epoch: p.epoch,
+        step: p.step,
+        steps_per_epoch: p.steps_per_epoch,
+        loss: p.loss as f32,
+        images_per_second: p.images_per_second as f32,
+        image_size: p.image_size,
+        graph_builds: p.graph_builds,
+        eta_seconds: p.eta_seconds as f32,
+        eval_epoch: if p.evaluation.is_some() {
+            evaluation.epoch + 1
+        } else {
+            0
+        },
+        eval_top1: evaluation.top1 as f32,
+        eval_top5: evaluation.top5 as f32,
+        global_step: p.global_step,
+    }
+}
+
+enum Report {
+    Progress(Progress, bool),
+}
+
+/// [`Events`] over channels to the async side: progress goes to the reporter task; a commit
+/// blocks the checkpoint writer's thread until the coordinator answers.
+struct ChannelEvents {
+    reports: mpsc::UnboundedSender<Report>,
+    run: Run,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ChannelEvents {
+    fn new(run: Run) -> (ChannelEvents, mpsc::UnboundedReceiver<Report>) {
+        let (reports, receiver) = mpsc::unbounded_channel();
+        let runtime = tokio::runtime::Handle::current();
+        (
+            ChannelEvents {
+                reports,
+                run,
+                runtime,
+            },
+            receiver,
+        )
+    }
+}
+
+impl Events for ChannelEvents {
+    fn progress(&self, progress: &Progress, urgent: bool) {
+        let _ = self
+            .reports
+            .send(Report::Progress(progress.clone(), urgent));
+    }
+
+    fn commit(&self, manifest: &Manifest, dir: &Path) -> bool {
+        let run = &self.run;
+        let request = pb::CommitCheckpointRequest {
+            worker_id: run.worker_id.clone(),
+            job_id: run.job_id.clone(),
+            generation: run.generation,
+            checkpoint: Some(pb::CheckpointRef {
+                id: manifest.id.clone(),
+                path: dir.display().to_string(),
+                generation: manifest.generation,
+                epoch: manifest.epoch,
+                step: manifest.global_step,
+                stage: manifest.stage,
+                committed_at_ms: 0,
+            }),
+        };
+        self.runtime.block_on(async {
+            let mut pause = Duration::from_millis(200);
+            loop {
+                match rpc!(run.coordinator, commit_checkpoint, request.clone()) {
+                    Ok(reply) if reply.accepted => {
+                        tracing::info!(checkpoint = %manifest.id, "checkpoint committed");
+                        return true;
+                    }
+                    Ok(reply) => {
+                        tracing::warn!(checkpoint = %manifest.id, "checkpoint refused: {}", reply.reason);
+                        return false;
+                    }
+                    Err(status) if transient(&status) => {
+                        tracing::warn!(checkpoint = %manifest.id, "coordinator unreachable, commit retried: {}", status.message());
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    Err(status) => {
+                        tracing::error!(checkpoint = %manifest.id, "commit failed: {}", status.message());
+                        return false;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Shows progress here and, from rank 0, sends it to the coordinator at most once a second (at
+/// once when urgent); stops the run if the coordinator says the generation is over. Returns the last
+/// progress once the trainer is done.
+async fn report_progress(
+    run: Run,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    stop: Arc<StopSignal>,
+    progress_bar: bool,
+    send: bool,
+) -> Option<Progress> {
+    let Run {
+        coordinator,
+        worker_id,
+        job_id,
+        generation,
+    } = run;
+    let mut display = crate::display::Display::new(progress_bar, &job_id);
+    let mut last: Option<Progress> = None;
+    let mut sent = Instant::now() - Duration::from_secs(10);
+    while let Some(Report::Progress(progress, urgent)) = reports.recv().await {
+        display.show(&progress, urgent);
+        last = Some(progress.clone());
+        if !send || (!urgent && sent.elapsed() < Duration::from_secs(1)) {
+            continue;
+        }
+        sent = Instant::now();
+        let request = pb::ReportProgressRequest {
+            worker_id: worker_id.clone(),
+            job_id: job_id.clone(),
+            generation,
+            progress: Some(to_pb(&progress)),
+            finished: false,
+            error: String::new(),
+        };
+        match rpc!(coordinator, report_progress, request) {
+            Ok(reply) if !reply.current => stop.stop(&format!(
+                "generation {generation} of {job_id} is no longer current"
+            )),
+            Ok(_) => {}
+            Err(status) => tracing::debug!("progress not reported: {}", status.message()),
+        }
+    }
+    display.finish();
+    last
+}

@@ -1,0 +1,191 @@
+//! Checkpoints: written in the background, atomically, and verified before use (DESIGN.md,
+//! idea 5).
+//!
+//! Rank 0 takes a [`Snapshot`] (a copy of model, optimizer and EMA state in host memory: the
+//! only time training waits), and a [`Writer`] thread writes it into a temporary directory —
+//! `model.safetensors`, `training.safetensors`, then `manifest.json` with each file's size and
+//! SHA-256 — flushes everything to disk, renames the directory to its final name and flushes
+//! the parent. Only then is the checkpoint offered to the coordinator, and only committed
+//! checkpoints are ever resumed from. At most one write is in flight.
+
+use crate::state_io::{self, Written};
+use crate::training_state::{MODEL_FILE, Snapshot, TRAINING_FILE};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Everything needed to continue a run from a checkpoint, besides the tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub job: String,
+    pub generation: u64,
+    /// Steps done: the run continues with this global step.
+    pub global_step: u64,
+    /// The sample-plan cursor of the next step.
+    pub epoch: u32,
+    pub step: u64,
+    pub steps_per_epoch: u64,
+    pub stage: u32,
+    /// Written at the end of a stage (kept by retention).
+    pub stage_end: bool,
+    pub seed: u64,
+    pub world_size: u32,
+    pub model: String,
+    pub classes: u32,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {message}")]
+    Io { path: String, message: String },
+    #[error("checkpoint {path}: {message}")]
+    Corrupt { path: String, message: String },
+    #[error(transparent)]
+    State(#[from] state_io::StateError),
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
+    move |e| CheckpointError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The checkpoint id of generation `generation` after `global_step` steps: unique within a job
+/// even when a rollback repeats steps.
+pub fn checkpoint_id(generation: u64, global_step: u64) -> String {
+    format!("step-{global_step:09}-g{generation}")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Writes `snapshot` as checkpoint `manifest.id` under `parent`, atomically; returns its
+/// directory and the manifest with the files' digests.
+pub fn write(
+    snapshot: &Snapshot,
+    parent: &Path,
+    mut manifest: Manifest,
+) -> Result<(PathBuf, Manifest), CheckpointError> {
+    let final_dir = parent.join(&manifest.id);
+    let temp = parent.join(format!(".tmp-{}", manifest.id));
+    std::fs::create_dir_all(parent).map_err(io_error(parent))?;
+    if temp.exists() {
+        // Left by a writer that died mid-write: never committed, safe to replace.
+        std::fs::remove_dir_all(&temp).map_err(io_error(&temp))?;
+    }
+    let files = snapshot.write(&temp)?;
+    manifest.format = FORMAT;
+    manifest.files = files
+        .into_iter()
+        .map(|(name, Written { bytes, sha256 })| (name.to_owned(), FileDigest { bytes, sha256 }))
+        .collect();
+    let manifest_path = temp.join(MANIFEST_FILE);
+    let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+    std::fs::File::create(&manifest_path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &text)?;
+            f.sync_all()
+        })
+        .map_err(io_error(&manifest_path))?;
+    sync_dir(&temp)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
+    }
+    std::fs::rename(&temp, &final_dir).map_err(io_error(&final_dir))?;
+    sync_dir(parent)?;
+    Ok((final_dir, manifest))
+}
+
+/// Reads `dir`'s manifest and checks every file against its size and SHA-256.
+pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: dir.display().to_string(),
+        message,
+    };
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&manifest_path).map_err(io_error(&manifest_path))?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| corrupt(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(corrupt(format!(
+            "format {} is not the supported {FORMAT}",
+            manifest.format
+        )));
+    }
+    for name in [MODEL_FILE, TRAINING_FILE] {
+        let expected = manifest
+            .files
+            .get(name)
+            .ok_or_else(|| corrupt(format!("the manifest lists no {name}")))?;
+        let path = dir.join(name);
+        let found = state_io::digest(&path).map_err(io_error(&path))?;
+        if found.bytes != expected.bytes {
+            return Err(corrupt(format!(
+                "{name} has {} bytes, the manifest says {} (truncated?)",
+                found.bytes, expected.bytes
+            )));
+        }
+        if found.sha256 != expected.sha256 {
+            return Err(corrupt(format!(
+                "{name} fails its checksum (SHA-256 {}, the manifest says {})",
+                found.sha256, expected.sha256
+            )));
+        }
+    }
+    Ok(manifest)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Writes checkpoints on a background thread, one at a time.
+#[derive(Default)]
+pub struct Writer {
+    in_flight: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Waits for the write in flight, if any.
+    pub fn wait(&mut self) {
+        if let Some(handle) = self.in_flight.take() {
+            handle.join().expect("the checkpoint writer does not panic");
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        self.in_flight.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Runs `work` (a write and what follows it) in the background, after the previous one.
+    pub fn submit(&mut self, work: Job) {
+        self.wait();
+        self.in_flight = Some(
+            std::thread::Builder::new()
+                .name("checkpoint-writer".to_owned())
+                .spawn(work)
+                .expect("spawning the checkpoint writer"),
+        );
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.wait();
+    }
+}

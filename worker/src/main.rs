@@ -1,0 +1,121 @@
+//! `ladder-worker`: one process per GPU (or CPU worker). Registers with the coordinator, keeps
+//! its lease and trains whatever it is assigned. See `ladder-worker --help`.
+
+use clap::Parser;
+use ladder_worker::agent::{self, Config};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+use tch::Device;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Ladder's worker: one rank of a training job.")]
+struct Args {
+    /// Coordinator URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "LADDER_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// The coordinator's worker token.
+    #[arg(long, env = "LADDER_WORKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify an https:// coordinator.
+    #[arg(long, env = "LADDER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A stable name for this worker slot, shown by `ladder status`.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Threads for libtorch's CPU operators (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The host or address other workers reach this one's CPU ring on.
+    #[arg(long, default_value = "127.0.0.1")]
+    ring_host: String,
+    /// Seconds a collective waits on a silent peer before giving up.
+    #[arg(long, default_value_t = 120)]
+    collective_timeout_s: u64,
+    /// Gradient elements per allreduce call.
+    #[arg(long, default_value_t = 16 << 20)]
+    bucket_elements: i64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => Err(format!(
+                "--device {text:?}: expected `cpu` or `cuda:N` (N the GPU's index)"
+            )),
+        },
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check_device(device: Device) -> Result<(), String> {
+    if let Device::Cuda(n) = device {
+        let available = tch::Cuda::device_count() as usize;
+        if n >= available {
+            return Err(format!(
+                "--device cuda:{n}: this machine has {available} CUDA device(s) visible to libtorch"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logs(args.log_format);
+    let device = match parse_device(&args.device).and_then(|d| check_device(d).map(|()| d)) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("ladder-worker: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let config = Config {
+        coordinator: args.coordinator,
+        token: args.token.unwrap_or_default(),
+        tls_ca: args.tls_ca,
+        device,
+        name: args.name,
+        ring_host: args.ring_host,
+        collective_timeout: Duration::from_secs(args.collective_timeout_s),
+        bucket_elements: args.bucket_elements,
+        progress_bar: std::io::stderr().is_terminal(),
+    };
+    if let Err(e) = agent::run(config).await {
+        eprintln!("ladder-worker: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,80 @@
+//! What a training run tells the outside world, and how the outside world stops it. The
+//! trainer knows nothing of gRPC: the worker process implements [`Events`] over its
+//! coordinator session; tests can implement it in memory.
+
+use crate::checkpoint::Manifest;
+use ladder_collective::AbortHandle;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// The latest evaluation on the held-out split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// The epoch (0-based) after which it ran.
+    pub epoch: u32,
+    pub top1: f64,
+    pub top5: f64,
+    pub samples: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub stage: u32,
+    pub epoch: u32,
+    /// Steps done in `epoch`.
+    pub step: u64,
+    pub steps_per_epoch: u64,
+    /// Steps done since the start of the run.
+    pub global_step: u64,
+    /// Mean training loss over the steps since the last report, across all ranks.
+    pub loss: f64,
+    /// Images per second of the whole job (all ranks).
+    pub images_per_second: f64,
+    pub image_size: u32,
+    pub graph_builds: u32,
+    pub eta_seconds: f64,
+    pub evaluation: Option<Evaluation>,
+}
+
+/// How a run reaches its coordinator. Called from the training thread, except `commit`, which
+/// the checkpoint writer calls from its own.
+pub trait Events: Send + Sync {
+    /// The run's progress; `urgent` at boundaries (epoch, stage, evaluation), else the
+    /// receiver may coalesce.
+    fn progress(&self, progress: &Progress, urgent: bool);
+    /// Offers a written checkpoint to the coordinator; true once committed.
+    fn commit(&self, manifest: &Manifest, dir: &Path) -> bool;
+}
+
+/// Stops a run from outside: the trainer checks it before every step, and a collective blocked
+/// on a dead peer is aborted at once.
+#[derive(Default)]
+pub struct StopSignal {
+    state: Mutex<(Option<String>, Vec<AbortHandle>)>,
+}
+
+impl StopSignal {
+    pub fn stop(&self, reason: &str) {
+        let mut state = self.state.lock().expect("stop signal lock");
+        if state.0.is_none() {
+            state.0 = Some(reason.to_owned());
+        }
+        for handle in &state.1 {
+            handle.abort();
+        }
+    }
+
+    /// Why the run must stop, once asked to.
+    pub fn reason(&self) -> Option<String> {
+        self.state.lock().expect("stop signal lock").0.clone()
+    }
+
+    /// Aborts `handle` on stop (at once if the stop came already).
+    pub fn watch(&self, handle: AbortHandle) {
+        let mut state = self.state.lock().expect("stop signal lock");
+        if state.0.is_some() {
+            handle.abort();
+        }
+        state.1.push(handle);
+    }
+}

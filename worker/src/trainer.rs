@@ -1,0 +1,664 @@
+//! The lockstep training loop of one rank (DESIGN.md, ideas 1-4), top to bottom:
+//!
+//! ```text
+//! for each epoch from the cursor:           (stage plan: size, micro-batch, regularization)
+//!     at a new shape: prepare it once         (cuDNN autotuning, allocator warm-up: a graph build)
+//!     for each step:                          (sample plan: this rank's micro-batches)
+//!         micro-batches -> forward/backward, accumulating into the flat gradient buffer
+//!         one allreduce of the gradients (and of BatchNorm statistics)
+//!         RMSProp, EMA, progress
+//!         every N steps: checkpoint (rank 0, written in the background)
+//!     at the end of a stage: evaluate with EMA weights, checkpoint
+//! ```
+//!
+//! Every rank runs the same number of steps, so no rank waits on an allreduce that another
+//! never starts. Dropout and stochastic-depth masks are seeded per micro-batch by (job seed,
+//! epoch, step, micro-batch index), mixup likewise, and augmentation per sample: the run is a
+//! function of the spec, whatever the world size and wherever it resumed.
+
+use crate::checkpoint::{self, Manifest, Writer};
+use crate::data_parallel::{all_reduce_gradients, all_reduce_tensor};
+use crate::ema::Ema;
+use crate::feed::{self, Cursor};
+use crate::flat::{FlatState, Layout};
+use crate::loss;
+use crate::model::{EfficientNetV2, Regularization};
+use crate::optim::{LearningRate, RmsProp};
+use crate::precision;
+use crate::report::{Evaluation, Events, Progress, StopSignal};
+use crate::training_state::TrainingState;
+use ladder_collective::{Collective, CollectiveError};
+use ladder_core::rng::Stream;
+use ladder_core::sample::{SamplePlan, rank_micro_batches};
+use ladder_core::spec::JobSpec;
+use ladder_core::stage::{EpochParams, StagePlan, micro_batch_for, round_to_multiple_of_8};
+use ladder_data::loader::{Dataset, Loader, MicroBatch};
+use ladder_data::mixup;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor, nn};
+
+const DROPOUT_STREAM: u64 = 0x4452_4f50; // "DROP"
+
+/// What the coordinator assigned this worker.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub spec: JobSpec,
+    /// A committed checkpoint's directory to continue from.
+    pub restore_from: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub device: Device,
+    /// Gradient elements per allreduce call.
+    pub bucket_elements: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Asked to stop (a new generation, a cancelled job): not a failure of the job.
+    #[error("stopped: {0}")]
+    Stopped(String),
+    /// A peer is gone or hung: the coordinator ends the generation.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// The job cannot go on (its data, its checkpoint or its spec is unusable).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub graph_builds: u32,
+    pub evaluation: Option<Evaluation>,
+    pub global_step: u64,
+}
+
+/// Smoothed step time and loss, for images/s, ETA and the reported loss.
+struct Meter {
+    step_seconds: Option<f64>,
+    loss: Option<f64>,
+    last: Instant,
+}
+
+impl Meter {
+    fn smooth(old: Option<f64>, new: f64) -> f64 {
+        old.map_or(new, |o| 0.9 * o + 0.1 * new)
+    }
+
+    fn restart(&mut self) {
+        self.last = Instant::now();
+    }
+
+    fn step(&mut self, loss: f64) {
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        self.step_seconds = Some(Self::smooth(self.step_seconds, seconds));
+        self.loss = Some(Self::smooth(self.loss, loss));
+    }
+}
+
+pub struct Trainer {
+    job: Assignment,
+    options: Options,
+    spec: Arc<JobSpec>,
+    stages: Arc<StagePlan>,
+    plan: Arc<SamplePlan>,
+    dataset: Arc<Dataset>,
+    eval_set: Option<Arc<Dataset>>,
+    vs: nn::VarStore,
+    model: EfficientNetV2,
+    flat: FlatState,
+    optimizer: RmsProp,
+    ema: Ema,
+    lr: LearningRate,
+    collective: Box<dyn Collective>,
+    events: Arc<dyn Events>,
+    stop: Arc<StopSignal>,
+    writer: Writer,
+    start: Cursor,
+    prepared: BTreeSet<(u32, u32)>,
+    graph_builds: u32,
+    evaluation: Option<Evaluation>,
+    meter: Meter,
+}
+
+fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
+    move |message| TrainError::Fatal(format!("{what}: {message}"))
+}
+
+fn decode_threads(spec: &JobSpec) -> usize {
+    match spec.data.decode_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+impl Trainer {
+    /// Opens the data, builds the model (identically on every rank: initialized from the job
+    /// seed) and restores the checkpoint if there is one.
+    pub fn new(
+        job: Assignment,
+        options: Options,
+        collective: Box<dyn Collective>,
+        events: Arc<dyn Events>,
+        stop: Arc<StopSignal>,
+    ) -> Result<Trainer, TrainError> {
+        let spec = Arc::new(job.spec.clone());
+        stop.watch(collective.abort_handle());
+        let dataset = Dataset::open(&spec.data.manifest)
+            .map_err(|e| fatal("training data")(e.to_string()))?;
+        let eval_set = match &spec.data.eval_manifest {
+            Some(path) => Some(Arc::new(
+                Dataset::open(path).map_err(|e| fatal("held-out data")(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let plan = SamplePlan::new(
+            &dataset.shard_sizes(),
+            spec.schedule.seed,
+            spec.data.shard_window,
+            spec.batch.global,
+        )
+        .map_err(|e| fatal("sample plan")(e.to_string()))?;
+        let stages = StagePlan::new(&spec);
+        for e in stages.stage_starts() {
+            plan.micro_batches_per_step(e.micro_batch, job.world_size)
+                .map_err(|e| fatal("world size")(e.to_string()))?;
+        }
+        let device = options.device;
+        tch::manual_seed(spec.schedule.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = EfficientNetV2::from_spec(&vs.root(), &spec.model);
+        let layout = match device {
+            Device::Cpu => Layout::Contiguous,
+            _ => Layout::ChannelsLast,
+        };
+        let flat = FlatState::new(&vs, layout);
+        let mut optimizer = RmsProp::new(&flat, &spec.optimizer);
+        let mut ema = Ema::new(&flat, spec.optimizer.ema_decay);
+        let steps_per_epoch = plan.steps_per_epoch();
+        let start = match &job.restore_from {
+            None => Cursor::START,
+            Some(dir) => {
+                let manifest =
+                    checkpoint::verify(dir).map_err(|e| TrainError::Fatal(e.to_string()))?;
+                if manifest.steps_per_epoch != steps_per_epoch {
+                    return Err(TrainError::Fatal(format!(
+                        "checkpoint {} was written with {} steps per epoch, the data now gives {}: the dataset or the global batch changed",
+                        dir.display(),
+                        manifest.steps_per_epoch,
+                        steps_per_epoch
+                    )));
+                }
+                TrainingState {
+                    vs: &vs,
+                    flat: &flat,
+                    optimizer: &mut optimizer,
+                    ema: &mut ema,
+                }
+                .load(dir)
+                .map_err(|e| TrainError::Fatal(e.to_string()))?;
+                tracing::info!(checkpoint = %dir.display(), epoch = manifest.epoch, step = manifest.step, "restored");
+                Cursor {
+                    epoch: manifest.epoch,
+                    step: manifest.step,
+                }
+            }
+        };
+        let lr = LearningRate::new(
+            &spec.optimizer,
+            spec.batch.global,
+            steps_per_epoch,
+            spec.schedule.epochs,
+        );
+        Ok(Trainer {
+            job,
+            options,
+            stages: Arc::new(stages),
+            plan: Arc::new(plan),
+            dataset: Arc::new(dataset),
+            eval_set,
+            vs,
+            model,
+            flat,
+            optimizer,
+            ema,
+            lr,
+            collective,
+            events,
+            stop,
+            writer: Writer::default(),
+            start,
+            prepared: BTreeSet::new(),
+            graph_builds: 0,
+            evaluation: None,
+            meter: Meter {
+                step_seconds: None,
+                loss: None,
+                last: Instant::now(),
+            },
+            spec,
+        })
+    }
+
+    pub fn start(&self) -> Cursor {
+        self.start
+    }
+
+    /// The flat parameters (for tests that compare ranks).
+    pub fn flat(&self) -> &FlatState {
+        &self.flat
+    }
+
+    fn loader(
+        &self,
+        dataset: &Arc<Dataset>,
+        requests: impl Iterator<Item = ladder_data::loader::BatchRequest> + Send + 'static,
+    ) -> Loader {
+        Loader::new(
+            dataset.clone(),
+            decode_threads(&self.spec),
+            self.spec.data.prefetch_mb as usize * (1 << 20),
+            requests,
+        )
+    }
+
+    /// Trains from the start cursor to the end of the run.
+    pub fn run(&mut self) -> Result<Outcome, TrainError> {
+        let steps_per_epoch = self.plan.steps_per_epoch();
+        let (rank, world) = (self.job.rank, self.job.world_size);
+        let loader = self.loader(
+            &self.dataset.clone(),
+            feed::train_requests(
+                self.spec.clone(),
+                self.plan.clone(),
+                self.stages.clone(),
+                rank,
+                world,
+                self.start,
+            ),
+        );
+        let stages = self.stages.clone();
+        let mut cursor = self.start;
+        while (cursor.epoch as usize) < stages.epochs.len() {
+            let e = &stages.epochs[cursor.epoch as usize];
+            self.prepare(e)?;
+            self.model.set_regularization(Regularization {
+                dropout: e.dropout,
+                stochastic_depth: e.stochastic_depth,
+            });
+            let micro_per_step = self
+                .plan
+                .micro_batches_per_step(e.micro_batch, world)
+                .map_err(|err| TrainError::Fatal(err.to_string()))?;
+            self.meter.restart();
+            for step in cursor.step..steps_per_epoch {
+                if let Some(reason) = self.stop.reason() {
+                    return Err(TrainError::Stopped(reason));
+                }
+                let loss = self.train_step(&loader, e, step, micro_per_step)?;
+                self.meter.step(loss);
+                let done = Cursor {
+                    epoch: e.epoch,
+                    step: step + 1,
+                };
+                let global_step = done.global_step(steps_per_epoch);
+                let epoch_end = step + 1 == steps_per_epoch;
+                self.events.progress(&self.progress(e, done), epoch_end);
+                let every = self.spec.checkpoint.every_steps as u64;
+                if every > 0 && global_step.is_multiple_of(every) && !epoch_end {
+                    self.checkpoint(e, done, false);
+                }
+            }
+            let next = Cursor {
+                epoch: e.epoch + 1,
+                step: 0,
+            };
+            let stage_end = stages
+                .epochs
+                .get(next.epoch as usize)
+                .is_none_or(|n| n.stage != e.stage);
+            if stage_end {
+                self.evaluation = self.evaluate(e.epoch)?;
+                let mut progress = self.progress(e, next);
+                (progress.epoch, progress.step) = (e.epoch, steps_per_epoch);
+                self.events.progress(&progress, true);
+            }
+            let every = self.spec.checkpoint.every_steps as u64;
+            if stage_end || (every > 0 && next.global_step(steps_per_epoch).is_multiple_of(every)) {
+                self.checkpoint(e, next, stage_end);
+            }
+            cursor = next;
+        }
+        self.writer.wait();
+        Ok(Outcome {
+            graph_builds: self.graph_builds,
+            evaluation: self.evaluation,
+            global_step: cursor.global_step(steps_per_epoch),
+        })
+    }
+
+    fn progress(&self, e: &EpochParams, done: Cursor) -> Progress {
+        let steps_per_epoch = self.plan.steps_per_epoch();
+        let step_seconds = self.meter.step_seconds.unwrap_or(0.0);
+        // What is left, in steps weighted by their pixels relative to this stage's.
+        let pixels = |size: u32| (size as f64).powi(2);
+        let remaining: f64 = self.stages.epochs[done.epoch as usize..]
+            .iter()
+            .map(|later| {
+                let steps = if later.epoch == done.epoch {
+                    steps_per_epoch - done.step
+                } else {
+                    steps_per_epoch
+                };
+                steps as f64 * pixels(later.image_size) / pixels(e.image_size)
+            })
+            .sum();
+        Progress {
+            stage: e.stage,
+            epoch: done.epoch,
+            step: done.step,
+            steps_per_epoch,
+            global_step: done.global_step(steps_per_epoch),
+            loss: self.meter.loss.unwrap_or(0.0),
+            images_per_second: if step_seconds > 0.0 {
+                self.spec.batch.global as f64 / step_seconds
+            } else {
+                0.0
+            },
+            image_size: e.image_size,
+            graph_builds: self.graph_builds,
+            eta_seconds: remaining * step_seconds,
+            evaluation: self.evaluation,
+        }
+    }
+
+    fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        let device = self.options.device;
+        let logits = if device.is_cuda() {
+            precision::autocast_bf16(device, || self.model.forward(images, train))
+                .expect("bfloat16 autocast is available with CUDA")
+        } else {
+            self.model.forward(images, train)
+        };
+        logits.to_kind(Kind::Float)
+    }
+
+    fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
+        let n = batch.labels.len() as i64;
+        let size = batch.size as i64;
+        let images = Tensor::from_slice(&batch.images)
+            .view([n, 3, size, size])
+            .to_device(self.options.device);
+        let images = if self.options.device.is_cuda() {
+            precision::channels_last(&images)
+        } else {
+            images
+        };
+        let labels = Tensor::from_slice(&batch.labels).to_device(self.options.device);
+        (images, labels)
+    }
+
+    /// Prepares the shape-specialized state of `e`'s shape, once per distinct shape: a
+    /// forward and backward pass on a batch of that shape lets cuDNN pick its algorithms and the
+    /// caching allocator size its pools. Nothing of the model's state changes.
+    fn prepare(&mut self, e: &EpochParams) -> Result<(), TrainError> {
+        let shape = (e.image_size, e.micro_batch);
+        if !self.prepared.insert(shape) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if self.options.device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let statistics = self.flat.buffers.copy();
+        let size = e.image_size as i64;
+        let images = Tensor::zeros(
+            [e.micro_batch as i64, 3, size, size],
+            (Kind::Float, self.options.device),
+        );
+        let images = if self.options.device.is_cuda() {
+            precision::channels_last(&images)
+        } else {
+            images
+        };
+        self.forward(&images, true).mean(Kind::Float).backward();
+        self.flat.zero_grads();
+        tch::no_grad(|| self.flat.buffers.shallow_clone().copy_(&statistics));
+        if let Device::Cuda(ordinal) = self.options.device {
+            tch::Cuda::synchronize(ordinal as i64);
+        }
+        self.graph_builds += 1;
+        tracing::info!(
+            size = e.image_size,
+            micro_batch = e.micro_batch,
+            builds = self.graph_builds,
+            seconds = started.elapsed().as_secs_f64(),
+            "prepared a new shape"
+        );
+        Ok(())
+    }
+
+    /// One global step: this rank's micro-batches, the allreduce, the update. Returns the mean
+    /// loss over the global batch.
+    fn train_step(
+        &mut self,
+        loader: &Loader,
+        e: &EpochParams,
+        step: u64,
+        micro_per_step: u32,
+    ) -> Result<f64, TrainError> {
+        let spec = self.spec.clone();
+        let (rank, world) = (self.job.rank, self.job.world_size);
+        let classes = spec.model.classes as i64;
+        self.flat.zero_grads();
+        let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
+        for k in rank_micro_batches(micro_per_step, rank, world) {
+            let batch = loader
+                .next()
+                .expect("the requests cover every step of the run")
+                .map_err(|e| TrainError::Fatal(e.to_string()))?;
+            for skip in &batch.skipped {
+                tracing::warn!("{skip}");
+            }
+            if batch.size != e.image_size || batch.labels.len() != e.micro_batch as usize {
+                return Err(TrainError::Fatal(format!(
+                    "a micro-batch of {} images at {} px inside a stage of {} at {} px: shapes must not change inside a stage",
+                    batch.labels.len(),
+                    batch.size,
+                    e.micro_batch,
+                    e.image_size
+                )));
+            }
+            let (images, labels) = self.to_device(&batch);
+            let targets = loss::smooth(
+                &loss::one_hot(&labels, classes),
+                spec.optimizer.label_smoothing,
+            );
+            let (images, targets) = match mixup::draw(
+                spec.schedule.seed,
+                e.epoch,
+                step,
+                k,
+                e.mixup_alpha,
+                batch.labels.len(),
+            ) {
+                Some((lambda, order)) => {
+                    let order: Vec<i64> = order.into_iter().map(|i| i as i64).collect();
+                    let order = Tensor::from_slice(&order).to_device(self.options.device);
+                    loss::mixup(&images, &targets, lambda, &order)
+                }
+                None => (images, targets),
+            };
+            let mut masks = Stream::new(
+                spec.schedule.seed,
+                &[DROPOUT_STREAM, e.epoch as u64, step, k as u64],
+            );
+            tch::manual_seed((masks.next_u64() >> 1) as i64);
+            let loss = loss::soft_cross_entropy(&self.forward(&images, true), &targets);
+            (&loss / micro_per_step as f64).backward();
+            tch::no_grad(|| {
+                let _ = loss_sum.shallow_clone().g_add_(&loss.detach());
+            });
+        }
+        let collective = self.collective.as_mut();
+        all_reduce_gradients(&self.flat, collective, self.options.bucket_elements)?;
+        if world > 1 {
+            // Every rank keeps the mean of the ranks' BatchNorm statistics, so that all ranks
+            // (and so any rank's checkpoint) hold the same bytes.
+            all_reduce_tensor(&self.flat.buffers, collective)?;
+            tch::no_grad(|| {
+                let _ = self
+                    .flat
+                    .buffers
+                    .shallow_clone()
+                    .g_div_scalar_(world as f64);
+            });
+        }
+        all_reduce_tensor(&loss_sum, collective)?;
+        let global_step = Cursor {
+            epoch: e.epoch,
+            step,
+        }
+        .global_step(self.plan.steps_per_epoch());
+        self.optimizer.step(&self.flat, self.lr.at(global_step));
+        self.ema.update(&self.flat, global_step);
+        Ok(loss_sum.double_value(&[0]) / micro_per_step as f64)
+    }
+
+    /// Top-1 and top-5 on the held-out split with the EMA weights, each rank evaluating every
+    /// `world`-th sample; `None` without a held-out split.
+    fn evaluate(&mut self, epoch: u32) -> Result<Option<Evaluation>, TrainError> {
+        let Some(eval_set) = self.eval_set.clone() else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let spec = self.spec.clone();
+        let size = spec.schedule.eval_size;
+        let batch = micro_batch_for(
+            size,
+            round_to_multiple_of_8(spec.schedule.max_size as f64),
+            spec.batch.micro_at_max_size,
+            spec.batch.micro_max,
+        );
+        let requests = feed::eval_requests(
+            &spec,
+            eval_set.len(),
+            size,
+            batch,
+            self.job.rank,
+            self.job.world_size,
+        );
+        let loader = self.loader(&eval_set, requests.into_iter());
+        let live = (self.flat.params.copy(), self.flat.buffers.copy());
+        let swap_in = |params: &Tensor, buffers: &Tensor| {
+            tch::no_grad(|| {
+                self.flat.params.shallow_clone().copy_(params);
+                self.flat.buffers.shallow_clone().copy_(buffers);
+            })
+        };
+        swap_in(&self.ema.params, &self.ema.buffers);
+        let classes = spec.model.classes as i64;
+        let counts = Tensor::zeros([3], (Kind::Float, self.options.device));
+        let result = (|| -> Result<(), TrainError> {
+            while let Some(batch) = loader.next() {
+                let batch = batch.map_err(|e| TrainError::Fatal(e.to_string()))?;
+                let (images, labels) = self.to_device(&batch);
+                let logits = tch::no_grad(|| self.forward(&images, false));
+                let top = logits.topk(classes.min(5), 1, true, true).1;
+                let hits = top.eq_tensor(&labels.unsqueeze(1));
+                let top1 = hits.narrow(1, 0, 1).sum(Kind::Float);
+                let top5 = hits.sum(Kind::Float);
+                let n = Tensor::from(batch.labels.len() as f32).to_device(self.options.device);
+                let _ = counts
+                    .shallow_clone()
+                    .g_add_(&Tensor::stack(&[top1, top5, n], 0));
+            }
+            Ok(())
+        })();
+        swap_in(&live.0, &live.1);
+        result?;
+        all_reduce_tensor(&counts, self.collective.as_mut())?;
+        let counts = Vec::<f32>::try_from(&counts.to_device(Device::Cpu)).expect("3 floats");
+        let samples = counts[2] as u64;
+        let evaluation = Evaluation {
+            epoch,
+            top1: counts[0] as f64 / samples.max(1) as f64,
+            top5: counts[1] as f64 / samples.max(1) as f64,
+            samples,
+        };
+        tracing::info!(
+            epoch = epoch + 1,
+            top1 = evaluation.top1,
+            top5 = evaluation.top5,
+            samples,
+            seconds = started.elapsed().as_secs_f64(),
+            "evaluated the EMA weights"
+        );
+        Ok(Some(evaluation))
+    }
+
+    /// Rank 0 snapshots the state and writes it in the background; training goes on.
+    fn checkpoint(&mut self, e: &EpochParams, next: Cursor, stage_end: bool) {
+        if self.job.rank != 0 {
+            return;
+        }
+        let started = Instant::now();
+        if self.writer.busy() {
+            tracing::warn!("the previous checkpoint is still being written; waiting for it");
+        }
+        self.writer.wait();
+        let snapshot = TrainingState {
+            vs: &self.vs,
+            flat: &self.flat,
+            optimizer: &mut self.optimizer,
+            ema: &mut self.ema,
+        }
+        .snapshot();
+        let steps_per_epoch = self.plan.steps_per_epoch();
+        let global_step = next.global_step(steps_per_epoch);
+        let manifest = Manifest {
+            format: 0,
+            id: checkpoint::checkpoint_id(self.job.generation, global_step),
+            job: self.job.job_id.clone(),
+            generation: self.job.generation,
+            global_step,
+            epoch: next.epoch,
+            step: next.step,
+            steps_per_epoch,
+            stage: e.stage,
+            stage_end,
+            seed: self.spec.schedule.seed,
+            world_size: self.job.world_size,
+            model: self.spec.model.variant.to_string(),
+            classes: self.spec.model.classes,
+            files: Default::default(),
+        };
+        let parent = self.spec.checkpoint.dir.join(&self.job.job_id);
+        let events = self.events.clone();
+        tracing::debug!(
+            blocked_ms = started.elapsed().as_secs_f64() * 1e3,
+            "checkpoint snapshot taken"
+        );
+        self.writer.submit(Box::new(move || {
+            match checkpoint::write(&snapshot, &parent, manifest) {
+                Ok((dir, manifest)) => {
+                    if !events.commit(&manifest, &dir) {
+                        tracing::warn!(checkpoint = %manifest.id, "the coordinator did not commit the checkpoint");
+                    }
+                }
+                Err(e) => tracing::error!("checkpoint not written, training goes on: {e}"),
+            }
+        }));
+    }
+}
