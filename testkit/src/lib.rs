@@ -220,6 +220,59 @@ impl Drop for CoordinatorProcess {
     }
 }
 
+/// A running `ladder-worker` on CPU with one libtorch thread and one decoding thread's worth
+/// of data, logging to `log`.
+pub struct WorkerProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn start(coordinator: &str, log: &Path, extra: &[&str]) -> WorkerProcess {
+        let child = Command::new(binary("ladder-worker"))
+            .args(["--coordinator", coordinator, "--threads", "1"])
+            .args(extra)
+            .env("LADDER_WORKER_TOKEN", WORKER_TOKEN)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("worker log"))
+            .spawn()
+            .expect("starting ladder-worker");
+        WorkerProcess {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (for example `-STOP`, `-CONT`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {}", self.pid());
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 pub type Authed = InterceptedService<Channel, Bearer>;
 
 #[derive(Clone)]

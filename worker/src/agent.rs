@@ -46,6 +46,8 @@ pub struct Config {
     pub bucket_elements: i64,
     /// A progress bar (terminal) or log lines.
     pub progress_bar: bool,
+    /// See [`Options::replica_digests`].
+    pub replica_digests: Option<PathBuf>,
 }
 
 /// A connection to whichever coordinator answers, re-established after transport failures.
@@ -323,6 +325,7 @@ impl Worker {
         let options = Options {
             device: self.config.device,
             bucket_elements: self.config.bucket_elements,
+            replica_digests: self.config.replica_digests.clone(),
         };
         let timeout = self.config.collective_timeout;
         let training_stop = stop.clone();

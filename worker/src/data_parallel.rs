@@ -53,3 +53,38 @@ pub fn all_reduce_gradients(
     }
     Ok(())
 }
+
+/// Makes the BatchNorm running statistics `buffers` what one rank would have computed alone,
+/// given their values `start` before the step and this rank's block `block` of the step's
+/// `micro_per_step` micro-batches.
+///
+/// Each micro-batch moves a running statistic `r` to `d * r + (1 - d) * mu_k` (`d` = 1 -
+/// momentum). Run in global order over the step's `M` micro-batches from `r0`, that is
+/// `d^M r0 + sum_k (1 - d) d^(M-1-k) mu_k`. A rank that ran its block `[a, b)` from `r0` holds
+/// `r = d^(b-a) r0 + sum_(k in block) (1 - d) d^(b-1-k) mu_k`, so its share of the sum is
+/// `d^(M-b) (r - d^(b-a) r0)`: the shares are summed across ranks and added to `d^M r0`. Every
+/// rank ends with the same bytes, and the statistics do not depend on the world size (up to
+/// float rounding).
+pub fn all_reduce_batch_norm_statistics(
+    buffers: &Tensor,
+    start: &Tensor,
+    momentum: f64,
+    block: Range<u32>,
+    micro_per_step: u32,
+    collective: &mut dyn Collective,
+) -> Result<(), CollectiveError> {
+    let keep = 1.0 - momentum;
+    let own = (block.end - block.start) as i32;
+    let after = (micro_per_step - block.end) as i32;
+    tch::no_grad(|| {
+        let share = (buffers - start * keep.powi(own)) * keep.powi(after);
+        let _ = buffers.shallow_clone().copy_(&share);
+    });
+    all_reduce_tensor(buffers, collective)?;
+    tch::no_grad(|| {
+        let _ = buffers
+            .shallow_clone()
+            .g_add_(&(start * keep.powi(micro_per_step as i32)));
+    });
+    Ok(())
+}

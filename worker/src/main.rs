@@ -42,6 +42,10 @@ struct Args {
     /// Gradient elements per allreduce call.
     #[arg(long, default_value_t = 16 << 20)]
     bucket_elements: i64,
+    /// After every step, append the global step and a SHA-256 of the parameters and BatchNorm
+    /// statistics to FILE (a check that replicas agree: every rank writes the same lines).
+    #[arg(long, value_name = "FILE")]
+    replica_digests: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -113,6 +117,7 @@ async fn main() {
         collective_timeout: Duration::from_secs(args.collective_timeout_s),
         bucket_elements: args.bucket_elements,
         progress_bar: std::io::stderr().is_terminal(),
+        replica_digests: args.replica_digests,
     };
     if let Err(e) = agent::run(config).await {
         eprintln!("ladder-worker: error: {e:#}");

@@ -17,7 +17,9 @@
 //! function of the spec, whatever the world size and wherever it resumed.
 
 use crate::checkpoint::{self, Manifest, Writer};
-use crate::data_parallel::{all_reduce_gradients, all_reduce_tensor};
+use crate::data_parallel::{
+    all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor,
+};
 use crate::ema::Ema;
 use crate::feed::{self, Cursor};
 use crate::flat::{FlatState, Layout};
@@ -26,6 +28,7 @@ use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
 use crate::report::{Evaluation, Events, Progress, StopSignal};
+use crate::state_io;
 use crate::training_state::TrainingState;
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::rng::Stream;
@@ -34,6 +37,7 @@ use ladder_core::spec::JobSpec;
 use ladder_core::stage::{EpochParams, StagePlan, micro_batch_for, round_to_multiple_of_8};
 use ladder_data::loader::{Dataset, Loader, MicroBatch};
 use ladder_data::mixup;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +63,9 @@ pub struct Options {
     pub device: Device,
     /// Gradient elements per allreduce call.
     pub bucket_elements: i64,
+    /// Append `global_step sha256` of the parameters and BatchNorm statistics here after every
+    /// step: replicas that agree write the same lines.
+    pub replica_digests: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +320,7 @@ impl Trainer {
                     step: step + 1,
                 };
                 let global_step = done.global_step(steps_per_epoch);
+                self.record_digest(global_step)?;
                 let epoch_end = step + 1 == steps_per_epoch;
                 self.events.progress(&self.progress(e, done), epoch_end);
                 let every = self.spec.checkpoint.every_steps as u64;
@@ -346,6 +354,26 @@ impl Trainer {
             evaluation: self.evaluation,
             global_step: cursor.global_step(steps_per_epoch),
         })
+    }
+
+    fn record_digest(&self, global_step: u64) -> Result<(), TrainError> {
+        let Some(path) = &self.options.replica_digests else {
+            return Ok(());
+        };
+        let mut hasher = Sha256::new();
+        for t in [&self.flat.params, &self.flat.buffers] {
+            let host = t.to_device(Device::Cpu).contiguous();
+            let len = host.numel() * host.kind().elt_size_in_bytes();
+            // SAFETY: a contiguous host tensor of `len` bytes, alive across the call.
+            hasher.update(unsafe { std::slice::from_raw_parts(host.data_ptr().cast::<u8>(), len) });
+        }
+        let line = format!("{global_step} {}\n", state_io::hex(&hasher.finalize()));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()))
+            .map_err(|e| TrainError::Fatal(format!("{}: {e}", path.display())))
     }
 
     fn progress(&self, e: &EpochParams, done: Cursor) -> Progress {
@@ -462,6 +490,7 @@ impl Trainer {
         let (rank, world) = (self.job.rank, self.job.world_size);
         let classes = spec.model.classes as i64;
         self.flat.zero_grads();
+        let statistics = (self.job.world_size > 1).then(|| self.flat.buffers.copy());
         let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
         for k in rank_micro_batches(micro_per_step, rank, world) {
             let batch = loader
@@ -514,16 +543,14 @@ impl Trainer {
         let collective = self.collective.as_mut();
         all_reduce_gradients(&self.flat, collective, self.options.bucket_elements)?;
         if world > 1 {
-            // Every rank keeps the mean of the ranks' BatchNorm statistics, so that all ranks
-            // (and so any rank's checkpoint) hold the same bytes.
-            all_reduce_tensor(&self.flat.buffers, collective)?;
-            tch::no_grad(|| {
-                let _ = self
-                    .flat
-                    .buffers
-                    .shallow_clone()
-                    .g_div_scalar_(world as f64);
-            });
+            all_reduce_batch_norm_statistics(
+                &self.flat.buffers,
+                &statistics.expect("copied when world > 1"),
+                spec.model.bn_momentum,
+                rank_micro_batches(micro_per_step, rank, world),
+                micro_per_step,
+                collective,
+            )?;
         }
         all_reduce_tensor(&loss_sum, collective)?;
         let global_step = Cursor {

@@ -1,9 +1,10 @@
 //! Data-parallel training over the TCP ring: ranks stay byte-identical step after step, and two
-//! ranks train as one rank does on the same global batch (up to float summation order).
+//! ranks train as one rank does on the same global batch (up to float summation order), their
+//! BatchNorm statistics included.
 
 use ladder_collective::ring::TcpRing;
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::data_parallel::all_reduce_gradients;
+use ladder_worker::data_parallel::{all_reduce_batch_norm_statistics, all_reduce_gradients};
 use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::loss;
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
@@ -11,6 +12,8 @@ use ladder_worker::optim::RmsProp;
 use std::net::TcpListener;
 use std::time::Duration;
 use tch::{Device, Tensor, nn};
+
+const MOMENTUM: f64 = 0.1;
 
 struct Replica {
     _vs: nn::VarStore,
@@ -24,7 +27,7 @@ fn replica() -> Replica {
     let vs = nn::VarStore::new(Device::Cpu);
     let bn = BatchNormConfig {
         eps: 1e-3,
-        momentum: 0.01,
+        momentum: MOMENTUM,
     };
     let model = EfficientNetV2::new(&vs.root(), &Architecture::of(Variant::Tiny), 4, bn);
     let flat = FlatState::new(&vs, Layout::Contiguous);
@@ -57,9 +60,10 @@ fn step(
     step: u64,
     mine: std::ops::Range<u64>,
     micro_total: u64,
-    reduce: &mut dyn FnMut(&FlatState),
+    reduce: &mut dyn FnMut(&FlatState, &Tensor),
 ) {
     r.flat.zero_grads();
+    let statistics = r.flat.buffers.copy();
     for k in mine {
         let (images, labels) = micro_batch(step, k);
         let targets = loss::smooth(&loss::one_hot(&labels, 4), 0.1);
@@ -67,7 +71,7 @@ fn step(
             / micro_total as f64;
         l.backward();
     }
-    reduce(&r.flat);
+    reduce(&r.flat, &statistics);
     r.optimizer.step(&r.flat, 0.01);
 }
 
@@ -78,7 +82,7 @@ fn two_ranks_stay_identical_and_match_one_rank() {
     // Reference: one rank doing all four micro-batches of each step.
     let mut single = replica();
     for s in 0..steps {
-        step(&mut single, s, 0..micro_total, micro_total, &mut |_| {});
+        step(&mut single, s, 0..micro_total, micro_total, &mut |_, _| {});
     }
 
     let listeners: Vec<TcpListener> = (0..2)
@@ -86,7 +90,7 @@ fn two_ranks_stay_identical_and_match_one_rank() {
         .collect();
     let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut replicas: Vec<Replica> = (0..2).map(|_| replica()).collect();
-    let params: Vec<Vec<f32>> = std::thread::scope(|scope| {
+    let states: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = replicas
             .iter_mut()
             .zip(listeners)
@@ -105,29 +109,50 @@ fn two_ranks_stay_identical_and_match_one_rank() {
                     let per_rank = micro_total / 2;
                     let mine = rank as u64 * per_rank..(rank as u64 + 1) * per_rank;
                     for s in 0..steps {
-                        step(r, s, mine.clone(), micro_total, &mut |flat| {
-                            all_reduce_gradients(flat, &mut ring, 10_000).unwrap()
+                        step(r, s, mine.clone(), micro_total, &mut |flat, start| {
+                            all_reduce_gradients(flat, &mut ring, 10_000).unwrap();
+                            all_reduce_batch_norm_statistics(
+                                &flat.buffers,
+                                start,
+                                MOMENTUM,
+                                mine.start as u32..mine.end as u32,
+                                micro_total as u32,
+                                &mut ring,
+                            )
+                            .unwrap();
                         });
                     }
-                    Vec::<f32>::try_from(&r.flat.params).unwrap()
+                    (
+                        Vec::<f32>::try_from(&r.flat.params).unwrap(),
+                        Vec::<f32>::try_from(&r.flat.buffers).unwrap(),
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let same_bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
     assert!(
-        params[0]
-            .iter()
-            .zip(&params[1])
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        same_bits(&states[0].0, &states[1].0),
         "the ranks' parameters are byte-identical after every step"
     );
+    assert!(
+        same_bits(&states[0].1, &states[1].1),
+        "so are their BatchNorm statistics"
+    );
     let reference = Vec::<f32>::try_from(&single.flat.params).unwrap();
-    let worst = params[0]
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
     // Only the order of the float additions differs: far below an update (lr 0.01).
-    assert!(worst < 1e-4, "two ranks drift from one rank by {worst:e}");
+    let drift = worst(&states[0].0, &reference);
+    assert!(drift < 1e-4, "two ranks drift from one rank by {drift:e}");
+    // The running statistics are the one rank's, not an average of the ranks' (which would be
+    // off by about momentum x the spread of the micro-batch means, ~1e-3 here).
+    let reference = Vec::<f32>::try_from(&single.flat.buffers).unwrap();
+    let drift = worst(&states[0].1, &reference);
+    assert!(drift < 1e-5, "BatchNorm statistics drift by {drift:e}");
 }
