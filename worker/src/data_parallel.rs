@@ -78,7 +78,7 @@ pub fn all_reduce_batch_norm_statistics(
     let after = (micro_per_step - block.end) as i32;
     tch::no_grad(|| {
         let share = (buffers - start * keep.powi(own)) * keep.powi(after);
-        let _ = buffers.shallow_clone().copy_(&share);
+        buffers.shallow_clone().copy_(&share);
     });
     all_reduce_tensor(buffers, collective)?;
     tch::no_grad(|| {
