@@ -190,10 +190,10 @@ fn job_details(job: &pb::Job) -> String {
     let p = job.progress.unwrap_or_default();
     let last = job.checkpoints.last().map_or("none".to_owned(), |c| {
         format!(
-            "{} (epoch {}, step {}) at {}",
+            "{} (after global step {}, stage {}) at {}",
             c.id,
-            c.epoch + 1,
             c.step,
+            c.stage + 1,
             c.path
         )
     });

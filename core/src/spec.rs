@@ -370,9 +370,20 @@ impl JobSpec {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
+        // Lexically: `configs/../run` becomes `run` (symbolic links are left as they are).
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                let mut clean = PathBuf::new();
+                for part in base.join(&*p).components() {
+                    match part {
+                        std::path::Component::CurDir => {}
+                        std::path::Component::ParentDir if clean.file_name().is_some() => {
+                            clean.pop();
+                        }
+                        other => clean.push(other),
+                    }
+                }
+                *p = clean;
             }
         };
         resolve(&mut self.data.manifest);
