@@ -1,7 +1,9 @@
-//! Collectives behind one trait. [`ring::TcpRing`] is the CPU implementation: a ring allreduce
+//! Collectives behind one trait: [`nccl::NcclCommunicator`] for GPU memory, loaded at run time;
+//! [`ring::TcpRing`] for host memory, a ring allreduce
 //! over TCP (reduce-scatter, then all-gather) whose results are bitwise identical on every rank,
 //! with timeouts and an abort that unblocks a rank stuck on a dead or hung peer.
 
+pub mod nccl;
 pub mod ring;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ use crate::checkpoint::Manifest;
 use crate::report::{Events, Progress, StopSignal};
 use crate::trainer::{self, Options, TrainError, Trainer};
 use ladder_collective::Collective;
+use ladder_collective::nccl::{self, NcclCommunicator};
 use ladder_collective::ring::TcpRing;
 use ladder_core::spec::JobSpec;
 use ladder_proto::client::{self, Authed};
@@ -259,45 +260,19 @@ impl Worker {
             .as_ref()
             .filter(|c| !c.path.is_empty())
             .map(|c| PathBuf::from(&c.path));
-        let listener = match TcpListener::bind((self.config.ring_host.as_str(), 0)) {
-            Ok(l) => l,
-            Err(e) => {
-                let why = format!("cannot listen on {}: {e}", self.config.ring_host);
-                self.finish(&job_id, generation, None, Err(why)).await;
-                return;
-            }
-        };
-        let address = listener
-            .local_addr()
-            .expect("a bound listener has an address");
-        let Some(payloads) = self
-            .rendezvous(
-                &job_id,
-                generation,
-                rank,
-                address.to_string().into_bytes(),
-                &stop,
-            )
-            .await
-        else {
-            tracing::info!(job = %job_id, generation, "generation ended before the rendezvous completed");
-            return;
-        };
-        let addresses: Result<Vec<SocketAddr>, String> = payloads
-            .iter()
-            .enumerate()
-            .map(|(r, p)| {
-                String::from_utf8_lossy(p)
-                    .parse()
-                    .map_err(|e| format!("rank {r} published an unusable address {p:?}: {e}"))
-            })
-            .collect();
-        let addresses = match addresses {
-            Ok(a) => a,
+        let (transport, payload) = match Transport::open(&self.config, rank) {
+            Ok(opened) => opened,
             Err(why) => {
                 self.finish(&job_id, generation, None, Err(why)).await;
                 return;
             }
+        };
+        let Some(payloads) = self
+            .rendezvous(&job_id, generation, rank, payload, &stop)
+            .await
+        else {
+            tracing::info!(job = %job_id, generation, "generation ended before the rendezvous completed");
+            return;
         };
 
         let run = Run {
@@ -330,8 +305,7 @@ impl Worker {
         let timeout = self.config.collective_timeout;
         let training_stop = stop.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let ring = TcpRing::connect(rank, listener, &addresses, generation, timeout)?;
-            let collective: Box<dyn Collective> = Box::new(ring);
+            let collective = transport.connect(rank, &payloads, generation, timeout)?;
             let mut trainer =
                 Trainer::new(job, options, collective, Arc::new(events), training_stop)?;
             trainer.run()
@@ -476,6 +450,83 @@ async fn heartbeat(
             }
             Err(status) => tracing::warn!("heartbeat failed: {}", status.message()),
         }
+    }
+}
+
+/// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA.
+enum Transport {
+    /// This rank's ring listener, bound before its address is published.
+    Ring(TcpListener),
+    Nccl {
+        device: i32,
+    },
+}
+
+impl Transport {
+    /// Prepares this rank's side and what it publishes in the rendezvous: its ring address,
+    /// or (rank 0 on CUDA) the NCCL unique id.
+    fn open(config: &Config, rank: u32) -> Result<(Transport, Vec<u8>), String> {
+        match config.device {
+            Device::Cuda(device) => {
+                let payload = if rank == 0 {
+                    nccl::unique_id().map_err(|e| e.to_string())?.to_vec()
+                } else {
+                    Vec::new()
+                };
+                Ok((
+                    Transport::Nccl {
+                        device: device as i32,
+                    },
+                    payload,
+                ))
+            }
+            _ => {
+                let listener = TcpListener::bind((config.ring_host.as_str(), 0))
+                    .map_err(|e| format!("cannot listen on {}: {e}", config.ring_host))?;
+                let address = listener
+                    .local_addr()
+                    .map_err(|e| format!("the ring listener has no address: {e}"))?;
+                Ok((Transport::Ring(listener), address.to_string().into_bytes()))
+            }
+        }
+    }
+
+    /// Joins the generation's collective from every rank's published payload.
+    fn connect(
+        self,
+        rank: u32,
+        payloads: &[Vec<u8>],
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Box<dyn Collective>, TrainError> {
+        let world = payloads.len() as u32;
+        Ok(match self {
+            Transport::Ring(listener) => {
+                let addresses = payloads
+                    .iter()
+                    .enumerate()
+                    .map(|(r, p)| {
+                        String::from_utf8_lossy(p)
+                            .parse::<SocketAddr>()
+                            .map_err(|e| {
+                                TrainError::Fatal(format!(
+                                    "rank {r} published an unusable ring address {p:?}: {e}"
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Box::new(TcpRing::connect(
+                    rank, listener, &addresses, generation, timeout,
+                )?)
+            }
+            Transport::Nccl { device } => Box::new(NcclCommunicator::init(
+                rank,
+                world,
+                &payloads[0],
+                device,
+                timeout,
+            )?),
+        })
     }
 }
 

@@ -93,8 +93,7 @@ fn check_device(device: Device) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
     init_logs(args.log_format);
     let device = match parse_device(&args.device).and_then(|d| check_device(d).map(|()| d)) {
@@ -104,6 +103,13 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Before any thread starts: this may restart the process with libnccl on the search path.
+    if device.is_cuda()
+        && let Err(e) = ladder_worker::nccl_library::ensure_loadable()
+    {
+        eprintln!("ladder-worker: error: {e}");
+        std::process::exit(2);
+    }
     if args.threads > 0 {
         tch::set_num_threads(args.threads as i32);
     }
@@ -119,7 +125,8 @@ async fn main() {
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
     };
-    if let Err(e) = agent::run(config).await {
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    if let Err(e) = runtime.block_on(agent::run(config)) {
         eprintln!("ladder-worker: error: {e:#}");
         std::process::exit(1);
     }

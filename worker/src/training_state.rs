@@ -77,7 +77,10 @@ impl TrainingState<'_> {
 
     /// Copies the state to host memory: the only part of a checkpoint that holds up training.
     pub fn snapshot(&self) -> Snapshot {
-        let host = |t: &Tensor| t.to_device(Device::Cpu).copy();
+        let host = |t: &Tensor| match t.device() {
+            Device::Cpu => t.copy(),
+            _ => t.to_device(Device::Cpu),
+        };
         let flat = self.flat;
         // Variables outside the flat buffers: BatchNorm's integer batch counters.
         let loose = state_io::named(self.vs, "")

@@ -1,0 +1,275 @@
+//! NCCL, loaded at run time through cudarc: it builds without a CUDA toolkit, and a worker
+//! without GPUs never touches it.
+//!
+//! Rank 0 makes the unique id ([`unique_id`]); the coordinator's rendezvous passes it to the
+//! other ranks. The communicator is created non-blocking, and every wait — its creation, each
+//! allreduce — polls with a deadline: a peer that died or hangs makes the call fail after
+//! `timeout` (or at once on [`Collective::abort_handle`]), and the communicator is then aborted
+//! with `ncclCommAbort`, never left hanging. Reductions run on the legacy default stream, the
+//! one libtorch's tensors are computed on.
+
+use crate::{AbortHandle, Collective, CollectiveError};
+use cudarc::nccl::result as nccl;
+use cudarc::nccl::sys;
+use cudarc::runtime::sys as cuda;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes of an `ncclUniqueId`.
+pub const UNIQUE_ID_BYTES: usize = 128;
+/// The `ncclConfig_t` layout this build passes (NCCL 2.28's).
+const CONFIG_VERSION: u32 = 22800;
+const CONFIG_MAGIC: u32 = 0xcafe_beef;
+const UNDEFINED: i32 = i32::MIN;
+
+fn error(rank: u32, message: impl Into<String>) -> CollectiveError {
+    CollectiveError::Nccl {
+        rank,
+        message: message.into(),
+    }
+}
+
+/// Whether libnccl and the CUDA runtime can be loaded; the error says what is missing.
+pub fn available() -> Result<(), CollectiveError> {
+    // SAFETY: the probes only try to dlopen the libraries.
+    let nccl = unsafe { sys::is_culib_present() };
+    let runtime = unsafe { cuda::is_culib_present() };
+    match (nccl, runtime) {
+        (true, true) => Ok(()),
+        (false, _) => Err(CollectiveError::Unsupported(
+            "libnccl.so cannot be loaded: NCCL comes from the nvidia-nccl wheel of the torch install; \
+             put a directory holding libnccl.so (a link to its libnccl.so.2) on LD_LIBRARY_PATH"
+                .to_owned(),
+        )),
+        (true, false) => Err(CollectiveError::Unsupported(
+            "the CUDA runtime (libcudart.so.13) cannot be loaded".to_owned(),
+        )),
+    }
+}
+
+/// A new NCCL unique id, made by rank 0 and shared through the rendezvous.
+pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
+    available()?;
+    let id = nccl::get_uniqueid().map_err(|e| error(0, format!("ncclGetUniqueId: {e:?}")))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+pub struct NcclCommunicator {
+    comm: sys::ncclComm_t,
+    rank: u32,
+    world: u32,
+    timeout: Duration,
+    aborted: Arc<AtomicBool>,
+    /// Set once ncclCommAbort ran: the communicator must not be used or destroyed again.
+    dead: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one thread at a time (which `&mut
+// self` guarantees).
+unsafe impl Send for NcclCommunicator {}
+
+impl NcclCommunicator {
+    /// Joins the communicator as `rank` of `world` on CUDA device `device`, with rank 0's
+    /// unique id. Fails after `timeout` if the other ranks do not join.
+    pub fn init(
+        rank: u32,
+        world: u32,
+        id: &[u8],
+        device: i32,
+        timeout: Duration,
+    ) -> Result<NcclCommunicator, CollectiveError> {
+        available()?;
+        let id: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| {
+            error(
+                rank,
+                format!(
+                    "the unique id has {} bytes, not {UNIQUE_ID_BYTES}",
+                    id.len()
+                ),
+            )
+        })?;
+        let id = sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        // SAFETY: plain runtime call.
+        let set = unsafe { cuda::cudaSetDevice(device) };
+        if set != cuda::cudaError::cudaSuccess {
+            return Err(error(rank, format!("cudaSetDevice({device}): {set:?}")));
+        }
+        let mut config = sys::ncclConfig_t {
+            size: std::mem::size_of::<sys::ncclConfig_t>(),
+            magic: CONFIG_MAGIC,
+            version: CONFIG_VERSION,
+            blocking: 0,
+            cgaClusterSize: UNDEFINED,
+            minCTAs: UNDEFINED,
+            maxCTAs: UNDEFINED,
+            netName: std::ptr::null(),
+            splitShare: UNDEFINED,
+            trafficClass: UNDEFINED,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEFINED,
+            CTAPolicy: UNDEFINED,
+            shrinkShare: UNDEFINED,
+            nvlsCTAs: UNDEFINED,
+            nChannelsPerNetPeer: UNDEFINED,
+            nvlinkCentricSched: UNDEFINED,
+        };
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` and `config` outlive the call; the id is a valid unique id's bytes.
+        unsafe {
+            nccl::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config)
+        }
+        .map_err(|e| error(rank, format!("ncclCommInitRankConfig: {e:?}")))?;
+        let mut communicator = NcclCommunicator {
+            comm,
+            rank,
+            world,
+            timeout,
+            aborted: Arc::new(AtomicBool::new(false)),
+            dead: false,
+        };
+        communicator.wait_for_comm("joining the communicator")?;
+        Ok(communicator)
+    }
+
+    fn check_aborted(&self) -> Result<(), CollectiveError> {
+        if self.aborted.load(Ordering::SeqCst) || self.dead {
+            Err(CollectiveError::Aborted { rank: self.rank })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Aborts the communicator after a failure, so no kernel waits on a peer forever.
+    fn abort_now(&mut self) {
+        if !self.dead {
+            self.dead = true;
+            // SAFETY: the communicator is valid and no longer used after this.
+            let _ = unsafe { nccl::comm_abort(self.comm) };
+        }
+    }
+
+    fn fail(&mut self, e: CollectiveError) -> CollectiveError {
+        self.abort_now();
+        e
+    }
+
+    /// Polls until `done` says the operation finished, the deadline passes or an abort comes.
+    fn poll(
+        &mut self,
+        during: &'static str,
+        mut done: impl FnMut(&Self) -> Result<bool, CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            if self.aborted.load(Ordering::SeqCst) {
+                let rank = self.rank;
+                return Err(self.fail(CollectiveError::Aborted { rank }));
+            }
+            match done(self) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+            if Instant::now() >= deadline {
+                let (rank, timeout) = (self.rank, self.timeout);
+                return Err(self.fail(error(
+                    rank,
+                    format!("no progress within {timeout:?} ({during}): a peer is gone or hung"),
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
+    }
+
+    /// The communicator's asynchronous state: `Ok(true)` when idle, `Ok(false)` in progress.
+    fn comm_state(&self) -> Result<bool, CollectiveError> {
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is valid; `state` outlives the call.
+        unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+        match state {
+            sys::ncclResult_t::ncclSuccess => Ok(true),
+            sys::ncclResult_t::ncclInProgress => Ok(false),
+            other => Err(error(self.rank, format!("{other:?}"))),
+        }
+    }
+
+    fn wait_for_comm(&mut self, during: &'static str) -> Result<(), CollectiveError> {
+        self.poll(during, |c| c.comm_state())
+    }
+}
+
+impl Collective for NcclCommunicator {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    fn world_size(&self) -> u32 {
+        self.world
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        let aborted = self.aborted.clone();
+        // The waiting thread sees the flag within 2 ms and aborts the communicator itself.
+        AbortHandle::new(move || aborted.store(true, Ordering::SeqCst))
+    }
+
+    fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Unsupported(
+            "NCCL reduces GPU memory; host buffers go through the TCP ring".to_owned(),
+        ))
+    }
+
+    unsafe fn all_reduce_sum_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        self.check_aborted()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let buffer = ptr as *mut std::ffi::c_void;
+        // SAFETY: the caller guarantees `ptr` addresses `len` floats on this device; the null
+        // stream is the legacy default stream, ordered after the work that wrote them.
+        let queued = unsafe {
+            nccl::all_reduce(
+                buffer,
+                buffer,
+                len,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        if let Err(e) = queued {
+            let rank = self.rank;
+            return Err(self.fail(error(rank, format!("ncclAllReduce: {e:?}"))));
+        }
+        self.wait_for_comm("queuing the allreduce")?;
+        // Wait for the reduction itself without blocking in the driver, so that a hung peer
+        // turns into a timeout instead of a hang.
+        self.poll("allreduce", |c| {
+            // SAFETY: querying the legacy default stream.
+            match unsafe { cuda::cudaStreamQuery(std::ptr::null_mut()) } {
+                cuda::cudaError::cudaSuccess => c.comm_state(),
+                cuda::cudaError::cudaErrorNotReady => c.comm_state().map(|_| false),
+                other => Err(error(c.rank, format!("cudaStreamQuery: {other:?}"))),
+            }
+        })
+    }
+}
+
+impl Drop for NcclCommunicator {
+    fn drop(&mut self) {
+        if !self.dead {
+            // SAFETY: the communicator is valid and idle (every call waited for completion).
+            let _ = unsafe { nccl::comm_destroy(self.comm) };
+        }
+    }
+}
