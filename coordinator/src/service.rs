@@ -83,6 +83,7 @@ fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointRef {
         step: c.step,
         stage: c.stage,
         committed_at_ms: c.committed_at_ms,
+        stage_end: c.stage_end,
     }
 }
 
@@ -95,6 +96,7 @@ fn checkpoint_from_pb(c: pb::CheckpointRef) -> CheckpointRecord {
         step: c.step,
         stage: c.stage,
         committed_at_ms: c.committed_at_ms,
+        stage_end: c.stage_end,
     }
 }
 
@@ -303,6 +305,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             progress: r.progress.map(progress_from_pb).unwrap_or_default(),
             finished: r.finished,
             error: r.error,
+            bad_checkpoint: r.bad_checkpoint,
         };
         let current = self
             .0
@@ -365,13 +368,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             )
             .await?;
         Ok(Response::new(match outcome {
-            Ok(()) => pb::CommitCheckpointResponse {
+            Ok(retired) => pb::CommitCheckpointResponse {
                 accepted: true,
                 reason: String::new(),
+                retired: retired.iter().map(checkpoint_to_pb).collect(),
             },
             Err(reason) => pb::CommitCheckpointResponse {
                 accepted: false,
                 reason,
+                retired: Vec::new(),
             },
         }))
     }

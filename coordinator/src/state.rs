@@ -86,6 +86,8 @@ pub struct CheckpointRecord {
     pub step: u64,
     pub stage: u32,
     pub committed_at_ms: i64,
+    #[serde(default)]
+    pub stage_end: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +173,8 @@ pub struct ProgressReport {
     pub progress: ProgressRecord,
     pub finished: bool,
     pub error: String,
+    /// The checkpoint the worker was told to restore from, when it failed verification.
+    pub bad_checkpoint: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +216,26 @@ struct Inner {
     workers: BTreeMap<String, WorkerRecord>,
     next_job: u64,
     next_worker: u64,
+}
+
+/// Retention: keeps the newest `keep` checkpoints (at least one, so the last good one is never
+/// retired) and every stage end; removes the others from `checkpoints` and returns them.
+pub fn retire(checkpoints: &mut Vec<CheckpointRecord>, keep: usize) -> Vec<CheckpointRecord> {
+    let keep = keep.max(1);
+    let mut by_step: Vec<(u64, String)> =
+        checkpoints.iter().map(|c| (c.step, c.id.clone())).collect();
+    by_step.sort();
+    let newest: Vec<String> = by_step
+        .iter()
+        .rev()
+        .take(keep)
+        .map(|(_, id)| id.clone())
+        .collect();
+    let (kept, retired) = checkpoints
+        .drain(..)
+        .partition(|c| c.stage_end || newest.contains(&c.id));
+    *checkpoints = kept;
+    retired
 }
 
 pub struct Coordinator {
@@ -686,6 +710,29 @@ impl Coordinator {
         let mut job = job.clone();
         let boundary = job.progress.epoch != report.progress.epoch
             || job.progress.stage != report.progress.stage;
+        if !report.bad_checkpoint.is_empty() {
+            let bad = report.bad_checkpoint;
+            job.checkpoints.retain(|c| c.id != bad);
+            let fallback = job
+                .checkpoints
+                .iter()
+                .rfind(|c| job.restore_from.as_ref().is_none_or(|r| c.step <= r.step))
+                .cloned();
+            self.release_workers(&mut inner, &mut job).await?;
+            job.state = JobState::Queued;
+            job.message = format!(
+                "checkpoint {bad} is unusable ({}); restarting from {}",
+                report.error,
+                fallback
+                    .as_ref()
+                    .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
+            );
+            job.restore_from = fallback;
+            tracing::warn!(job = %job_id, "{}", job.message);
+            self.commit_job(&mut inner, job).await?;
+            self.schedule(&mut inner).await?;
+            return Ok(false);
+        }
         job.progress = report.progress;
         if !report.error.is_empty() {
             self.release_workers(&mut inner, &mut job).await?;
@@ -717,7 +764,7 @@ impl Coordinator {
         job_id: &str,
         generation: u64,
         checkpoint: CheckpointRecord,
-    ) -> Result<std::result::Result<(), String>> {
+    ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
         let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
             return Ok(Err(format!(
@@ -738,8 +785,10 @@ impl Coordinator {
         };
         tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
         job.checkpoints.push(checkpoint);
+        let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
+        let retired = retire(&mut job.checkpoints, keep as usize);
         self.commit_job(&mut inner, job).await?;
-        Ok(Ok(()))
+        Ok(Ok(retired))
     }
 
     // ------------------------------------------------------------ membership
@@ -863,5 +912,42 @@ impl Coordinator {
             self.assignments_changed.notify_waiters();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(step: u64, stage_end: bool) -> CheckpointRecord {
+        CheckpointRecord {
+            id: format!("step-{step}"),
+            path: format!("/ckpt/step-{step}"),
+            generation: 1,
+            epoch: 0,
+            step,
+            stage: 0,
+            committed_at_ms: 0,
+            stage_end,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_every_stage_end() {
+        let mut all: Vec<CheckpointRecord> = [(10, false), (20, true), (30, false), (40, false)]
+            .into_iter()
+            .map(|(s, e)| checkpoint(s, e))
+            .collect();
+        let retired = retire(&mut all, 1);
+        let ids = |v: &[CheckpointRecord]| v.iter().map(|c| c.step).collect::<Vec<_>>();
+        assert_eq!(ids(&all), vec![20, 40]);
+        assert_eq!(ids(&retired), vec![10, 30]);
+        // Keeping zero still keeps the newest: the last good checkpoint is never retired.
+        let mut one = vec![checkpoint(5, false)];
+        assert!(retire(&mut one, 0).is_empty());
+        assert_eq!(ids(&one), vec![5]);
+        let mut many: Vec<CheckpointRecord> = (1..=5).map(|s| checkpoint(s, false)).collect();
+        retire(&mut many, 3);
+        assert_eq!(ids(&many), vec![3, 4, 5]);
     }
 }

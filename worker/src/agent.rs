@@ -250,7 +250,7 @@ impl Worker {
         let spec = match JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}")) {
             Ok(spec) => spec,
             Err(e) => {
-                self.finish(&job_id, generation, None, Err(e.to_string()))
+                self.finish(&job_id, generation, None, Ending::Failed(e.to_string()))
                     .await;
                 return;
             }
@@ -259,11 +259,15 @@ impl Worker {
             .restore_from
             .as_ref()
             .filter(|c| !c.path.is_empty())
-            .map(|c| PathBuf::from(&c.path));
+            .map(|c| trainer::Restore {
+                id: c.id.clone(),
+                dir: PathBuf::from(&c.path),
+            });
         let (transport, payload) = match Transport::open(&self.config, rank) {
             Ok(opened) => opened,
             Err(why) => {
-                self.finish(&job_id, generation, None, Err(why)).await;
+                self.finish(&job_id, generation, None, Ending::Failed(why))
+                    .await;
                 return;
             }
         };
@@ -321,7 +325,8 @@ impl Worker {
             Ok(outcome) => {
                 tracing::info!(job = %job_id, graph_builds = outcome.graph_builds, "run finished");
                 if rank == 0 {
-                    self.finish(&job_id, generation, last, Ok(())).await;
+                    self.finish(&job_id, generation, last, Ending::Finished)
+                        .await;
                 }
             }
             Err(TrainError::Stopped(why)) => {
@@ -334,9 +339,15 @@ impl Worker {
                     "collective failed, waiting for the coordinator to end the generation: {e}"
                 ),
             },
+            Err(TrainError::BadCheckpoint { id, reason }) => {
+                tracing::error!(job = %job_id, checkpoint = %id, "cannot restore: {reason}");
+                let ending = Ending::BadCheckpoint { id, reason };
+                self.finish(&job_id, generation, last, ending).await;
+            }
             Err(TrainError::Fatal(why)) => {
                 tracing::error!(job = %job_id, "cannot go on: {why}");
-                self.finish(&job_id, generation, last, Err(why)).await;
+                self.finish(&job_id, generation, last, Ending::Failed(why))
+                    .await;
             }
         }
     }
@@ -377,23 +388,24 @@ impl Worker {
         }
     }
 
-    /// Tells the coordinator the run ended (rank 0 on success; any rank on a fatal error),
+    /// Tells the coordinator how the run ended (rank 0 on success; any rank on an error),
     /// retrying while it is unreachable.
-    async fn finish(
-        &self,
-        job_id: &str,
-        generation: u64,
-        last: Option<Progress>,
-        result: Result<(), String>,
-    ) {
-        let request = pb::ReportProgressRequest {
+    async fn finish(&self, job_id: &str, generation: u64, last: Option<Progress>, ending: Ending) {
+        let mut request = pb::ReportProgressRequest {
             worker_id: self.id.clone(),
             job_id: job_id.to_owned(),
             generation,
             progress: last.as_ref().map(to_pb),
-            finished: result.is_ok(),
-            error: result.err().unwrap_or_default(),
+            ..Default::default()
         };
+        match ending {
+            Ending::Finished => request.finished = true,
+            Ending::Failed(why) => request.error = why,
+            Ending::BadCheckpoint { id, reason } => {
+                request.bad_checkpoint = id;
+                request.error = reason;
+            }
+        }
         let started = Instant::now();
         loop {
             match rpc!(self.coordinator, report_progress, request.clone()) {
@@ -451,6 +463,18 @@ async fn heartbeat(
             Err(status) => tracing::warn!("heartbeat failed: {}", status.message()),
         }
     }
+}
+
+/// How a run ended, as the coordinator is told.
+enum Ending {
+    Finished,
+    /// The job cannot go on.
+    Failed(String),
+    /// The checkpoint to restore from is corrupt: the coordinator falls back to the previous.
+    BadCheckpoint {
+        id: String,
+        reason: String,
+    },
 }
 
 /// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA.
@@ -606,6 +630,7 @@ impl Events for ChannelEvents {
                 step: manifest.global_step,
                 stage: manifest.stage,
                 committed_at_ms: 0,
+                stage_end: manifest.stage_end,
             }),
         };
         self.runtime.block_on(async {
@@ -614,6 +639,15 @@ impl Events for ChannelEvents {
                 match rpc!(run.coordinator, commit_checkpoint, request.clone()) {
                     Ok(reply) if reply.accepted => {
                         tracing::info!(checkpoint = %manifest.id, "checkpoint committed");
+                        // Retention dropped these from the job's record first: deleting them
+                        // can never lose the last good checkpoint, even if this process dies
+                        // half-way (what is left is merely unreferenced).
+                        for old in reply.retired {
+                            match std::fs::remove_dir_all(&old.path) {
+                                Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
+                                Err(e) => tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path),
+                            }
+                        }
                         return true;
                     }
                     Ok(reply) => {
@@ -666,8 +700,7 @@ async fn report_progress(
             job_id: job_id.clone(),
             generation,
             progress: Some(to_pb(&progress)),
-            finished: false,
-            error: String::new(),
+            ..Default::default()
         };
         match rpc!(coordinator, report_progress, request) {
             Ok(reply) if !reply.current => stop.stop(&format!(

@@ -54,8 +54,14 @@ pub struct Assignment {
     pub rank: u32,
     pub world_size: u32,
     pub spec: JobSpec,
-    /// A committed checkpoint's directory to continue from.
-    pub restore_from: Option<PathBuf>,
+    /// A committed checkpoint to continue from.
+    pub restore_from: Option<Restore>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Restore {
+    pub id: String,
+    pub dir: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +82,10 @@ pub enum TrainError {
     /// A peer is gone or hung: the coordinator ends the generation.
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    /// The checkpoint to restore from fails verification (truncated, checksum): the previous
+    /// one should be used.
+    #[error("checkpoint {id}: {reason}")]
+    BadCheckpoint { id: String, reason: String },
     /// The job cannot go on (its data, its checkpoint or its spec is unusable).
     #[error("{0}")]
     Fatal(String),
@@ -196,9 +206,11 @@ impl Trainer {
         let steps_per_epoch = plan.steps_per_epoch();
         let start = match &job.restore_from {
             None => Cursor::START,
-            Some(dir) => {
-                let manifest =
-                    checkpoint::verify(dir).map_err(|e| TrainError::Fatal(e.to_string()))?;
+            Some(Restore { id, dir }) => {
+                let manifest = checkpoint::verify(dir).map_err(|e| TrainError::BadCheckpoint {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
                 if manifest.steps_per_epoch != steps_per_epoch {
                     return Err(TrainError::Fatal(format!(
                         "checkpoint {} was written with {} steps per epoch, the data now gives {}: the dataset or the global batch changed",

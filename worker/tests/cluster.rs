@@ -46,6 +46,7 @@ micro_max = 16
 [checkpoint]
 dir = "checkpoints"
 every_steps = 25
+keep = 1
 [workers]
 min = {workers}
 max = {workers}
