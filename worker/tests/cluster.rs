@@ -1,63 +1,15 @@
 //! Data-parallel training across processes: a real coordinator and 2 or 3 real `ladder-worker`
 //! processes on loopback train `tiny` on a synthetic JPEG dataset through three size stages.
 
+mod common;
+
+use common::{Cluster, EPOCHS, STEPS_PER_EPOCH, write_spec};
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use ladder_proto::v1 as pb;
-use ladder_testkit::{CoordinatorProcess, SUBMIT_TOKEN, WorkerProcess, job_client};
+use ladder_testkit::{SUBMIT_TOKEN, job_client};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// Three stages (32, 48 and 64 px) of two epochs; micro-batches of 16, 8 and 8 make 6, 12 and
-/// 12 per global batch of 96, which 1, 2 and 3 ranks all divide.
-fn write_spec(dir: &Path, workers: u32) -> PathBuf {
-    let data = dir.join("data");
-    let train = ladder_data::synth::write(&data.join("train"), 10, 960, 4, 1).expect("train split");
-    let val = ladder_data::synth::write(&data.join("val"), 10, 200, 2, 2).expect("held-out split");
-    let text = format!(
-        r#"[job]
-name = "cluster"
-[model]
-variant = "tiny"
-classes = 10
-[data]
-manifest = "{train}"
-eval_manifest = "{val}"
-decode_threads = 1
-[schedule]
-epochs = 6
-stage_epochs = 2
-seed = 7
-min_size = 32
-max_size = 64
-eval_size = 64
-min_dropout = 0.0
-max_dropout = 0.1
-stochastic_depth = 0.1
-min_randaugment = 2
-max_randaugment = 6
-[optimizer]
-lr_per_256 = 0.064
-warmup_epochs = 1
-[batch]
-global = 96
-micro_at_max_size = 8
-micro_max = 16
-[checkpoint]
-dir = "checkpoints"
-every_steps = 25
-keep = 1
-[workers]
-min = {workers}
-max = {workers}
-"#,
-        train = train.manifest_path.display(),
-        val = val.manifest_path.display(),
-    );
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, text).expect("writing the spec");
-    path
-}
 
 /// Submits the spec and follows the job until it ends; returns every state it was seen in.
 fn run_job(url: &str, spec: &JobSpec, timeout: Duration) -> Vec<pb::Job> {
@@ -97,37 +49,15 @@ fn run_job(url: &str, spec: &JobSpec, timeout: Duration) -> Vec<pb::Job> {
 
 fn train_with(workers: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let spec_path = write_spec(dir.path(), workers);
-    let spec = JobSpec::load(&spec_path).expect("a valid spec");
+    let spec = write_spec(dir.path(), (workers, workers), 25, 1);
     let plan = StagePlan::new(&spec);
-    let logs = dir.path().join("logs");
-    let coordinator = CoordinatorProcess::start(
-        &format!("redb:{}", dir.path().join("state.redb").display()),
-        &logs,
-        &[],
-    );
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_workers(workers as usize);
     let digests: Vec<PathBuf> = (0..workers)
         .map(|i| dir.path().join(format!("digests-{i}.txt")))
         .collect();
-    let processes: Vec<WorkerProcess> = digests
-        .iter()
-        .enumerate()
-        .map(|(i, file)| {
-            WorkerProcess::start(
-                &coordinator.url(),
-                &logs.join(format!("worker-{i}.log")),
-                &["--replica-digests", file.to_str().expect("utf-8 path")],
-            )
-        })
-        .collect();
-    let seen = run_job(&coordinator.url(), &spec, Duration::from_secs(600));
-    let logs_text = || {
-        processes
-            .iter()
-            .map(|p| p.log_text())
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let seen = run_job(&cluster.url(), &spec, Duration::from_secs(600));
+    let logs_text = || cluster.logs();
     let last = seen.last().expect("the job was seen");
     assert_eq!(
         pb::JobState::try_from(last.state),
@@ -178,14 +108,14 @@ fn train_with(workers: u32) {
     assert_eq!(stage_evaluations, vec![2, 4, 6], "one evaluation per stage");
 
     // After every step all ranks hold the same bytes.
-    let steps_per_epoch = 960 / 96;
+    let steps_per_epoch = STEPS_PER_EPOCH as usize;
     let texts: Vec<String> = digests
         .iter()
         .map(|f| std::fs::read_to_string(f).expect("digest file"))
         .collect();
     assert_eq!(
         texts[0].lines().count(),
-        6 * steps_per_epoch,
+        EPOCHS as usize * steps_per_epoch,
         "a line per step"
     );
     for (rank, text) in texts.iter().enumerate().skip(1) {
@@ -194,11 +124,23 @@ fn train_with(workers: u32) {
         }
     }
 
-    // Checkpoints were committed, the last one at the end of the run.
-    let committed = &last.checkpoints;
-    assert!(committed.len() >= 3, "{committed:?}");
-    assert_eq!(committed.last().unwrap().step, 6 * steps_per_epoch as u64);
-    for c in committed.iter().rev().take(2) {
+    // Checkpoints were committed, the last one at the end of the run; retention (keep = 1)
+    // kept the three stage ends (steps 20, 40, 60) and deleted the others (25, 50) from disk.
+    let committed: Vec<u64> = last.checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(committed, vec![20, 40, 60], "{:?}", last.checkpoints);
+    let job_dir = Path::new(&last.checkpoints[0].path).parent().unwrap();
+    let mut on_disk: Vec<String> = std::fs::read_dir(job_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut expected: Vec<String> = last.checkpoints.iter().map(|c| c.id.clone()).collect();
+    expected.sort();
+    assert_eq!(
+        on_disk, expected,
+        "retired checkpoints are deleted, kept ones are not"
+    );
+    for c in &last.checkpoints {
         ladder_worker::checkpoint::verify(Path::new(&c.path))
             .expect("a committed checkpoint verifies");
     }

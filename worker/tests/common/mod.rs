@@ -1,0 +1,253 @@
+//! A training cluster on loopback for the multi-process tests: a real coordinator (embedded
+//! store), real `ladder-worker` processes, a synthetic JPEG dataset and a three-stage spec.
+#![allow(dead_code)] // each test binary uses part of it
+
+use ladder_core::spec::JobSpec;
+use ladder_proto::v1 as pb;
+use ladder_testkit::{CoordinatorProcess, SUBMIT_TOKEN, WorkerProcess, job_client};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Steps per epoch of the spec below: 960 samples / global batch 96.
+pub const STEPS_PER_EPOCH: u64 = 10;
+pub const EPOCHS: u64 = 6;
+
+/// Three stages (32, 48 and 64 px) of two epochs; micro-batches of 16, 8 and 8 make 6, 12 and
+/// 12 per global batch of 96, which 1, 2 and 3 ranks all divide.
+pub fn write_spec(dir: &Path, workers: (u32, u32), every_steps: u32, keep: u32) -> JobSpec {
+    let data = dir.join("data");
+    if !data.join("train/manifest.json").exists() {
+        ladder_data::synth::write(&data.join("train"), 10, 960, 4, 1).expect("train split");
+        ladder_data::synth::write(&data.join("val"), 10, 200, 2, 2).expect("held-out split");
+    }
+    let text = format!(
+        r#"[job]
+name = "cluster"
+[model]
+variant = "tiny"
+classes = 10
+[data]
+manifest = "data/train/manifest.json"
+eval_manifest = "data/val/manifest.json"
+decode_threads = 1
+[schedule]
+epochs = {EPOCHS}
+stage_epochs = 2
+seed = 7
+min_size = 32
+max_size = 64
+eval_size = 64
+min_dropout = 0.0
+max_dropout = 0.1
+stochastic_depth = 0.1
+min_randaugment = 2
+max_randaugment = 6
+min_mixup = 0.0
+max_mixup = 0.2
+[optimizer]
+lr_per_256 = 0.064
+warmup_epochs = 1
+[batch]
+global = 96
+micro_at_max_size = 8
+micro_max = 16
+[checkpoint]
+dir = "checkpoints"
+every_steps = {every_steps}
+keep = {keep}
+[workers]
+min = {}
+max = {}
+"#,
+        workers.0, workers.1
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("writing the spec");
+    JobSpec::load(&path).expect("a valid spec")
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub coordinator: Option<CoordinatorProcess>,
+    pub workers: Vec<WorkerProcess>,
+    runtime: tokio::runtime::Runtime,
+    started_workers: usize,
+}
+
+impl Cluster {
+    pub fn new(dir: &Path) -> Cluster {
+        let mut cluster = Cluster {
+            dir: dir.to_owned(),
+            coordinator: None,
+            workers: Vec::new(),
+            runtime: tokio::runtime::Runtime::new().expect("tokio runtime"),
+            started_workers: 0,
+        };
+        cluster.start_coordinator();
+        cluster
+    }
+
+    /// Starts (or restarts) the coordinator on the cluster's store.
+    pub fn start_coordinator(&mut self) {
+        let store = format!("redb:{}", self.dir.join("state.redb").display());
+        self.coordinator = Some(CoordinatorProcess::start(
+            &store,
+            &self.dir.join("logs"),
+            &[],
+        ));
+    }
+
+    pub fn url(&self) -> String {
+        self.coordinator.as_ref().expect("a coordinator").url()
+    }
+
+    /// Starts `n` workers; each writes its replica digests to `digests-<i>.txt`.
+    pub fn add_workers(&mut self, n: usize) {
+        for _ in 0..n {
+            let i = self.started_workers;
+            self.started_workers += 1;
+            let digests = self.dir.join(format!("digests-{i}.txt"));
+            self.workers.push(WorkerProcess::start(
+                &self.url(),
+                &self.dir.join("logs").join(format!("worker-{i}.log")),
+                &["--replica-digests", digests.to_str().expect("utf-8 path")],
+            ));
+        }
+    }
+
+    pub fn kill_workers(&mut self) {
+        for mut w in self.workers.drain(..) {
+            w.kill9();
+        }
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.kill9();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.join("logs"))
+            .into_iter()
+            .flatten()
+        {
+            let path = entry.expect("log entry").path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("---- {}\n", path.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn submit(&self, spec: &JobSpec) -> String {
+        let url = self.url();
+        self.runtime.block_on(async {
+            job_client(&url, SUBMIT_TOKEN)
+                .await
+                .submit_job(pb::SubmitJobRequest {
+                    spec_toml: spec.to_toml(),
+                })
+                .await
+                .expect("submit")
+                .into_inner()
+                .job
+                .expect("a job")
+                .id
+        })
+    }
+
+    pub fn job(&self, id: &str) -> pb::Job {
+        let url = self.url();
+        self.runtime.block_on(async {
+            job_client(&url, SUBMIT_TOKEN)
+                .await
+                .get_job(pb::GetJobRequest { id: id.to_owned() })
+                .await
+                .expect("get job")
+                .into_inner()
+        })
+    }
+
+    pub fn cancel(&self, id: &str) {
+        let url = self.url();
+        self.runtime.block_on(async {
+            job_client(&url, SUBMIT_TOKEN)
+                .await
+                .cancel_job(pb::CancelJobRequest { id: id.to_owned() })
+                .await
+                .expect("cancel");
+        });
+    }
+
+    pub fn resume(&self, id: &str, workers: u32) -> pb::Job {
+        let url = self.url();
+        self.runtime.block_on(async {
+            job_client(&url, SUBMIT_TOKEN)
+                .await
+                .resume_job(pb::ResumeJobRequest {
+                    id: id.to_owned(),
+                    checkpoint_id: String::new(),
+                    workers,
+                })
+                .await
+                .expect("resume")
+                .into_inner()
+        })
+    }
+
+    /// Polls the job every 50 ms until `done` holds; panics with the logs after `timeout`.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&pb::Job) -> bool,
+    ) -> pb::Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id);
+            if done(&job) {
+                return job;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; job: {job:#?}\nlogs:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_until_ended(&self, id: &str, timeout: Duration) -> pb::Job {
+        self.wait_for(id, "the job to end", timeout, |j| {
+            matches!(
+                pb::JobState::try_from(j.state),
+                Ok(pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled)
+            )
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_workers();
+        self.kill_coordinator();
+    }
+}
+
+pub fn state_of(job: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(job.state).unwrap_or(pb::JobState::Unspecified)
+}
+
+/// The final checkpoint's manifest (the last committed one).
+pub fn final_manifest(job: &pb::Job) -> ladder_worker::checkpoint::Manifest {
+    let last = job.checkpoints.last().expect("a committed checkpoint");
+    ladder_worker::checkpoint::verify(Path::new(&last.path)).expect("the final checkpoint verifies")
+}
