@@ -147,6 +147,11 @@ pub struct Trainer {
     graph_builds: u32,
     evaluation: Option<Evaluation>,
     meter: Meter,
+    /// Every BatchNorm's `num_batches_tracked`, and the value they all hold: the micro-batches
+    /// of all ranks so far (so the count does not depend on the world size, and the warm-up of
+    /// a graph build does not count).
+    batch_counters: Vec<Tensor>,
+    batches_tracked: i64,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -234,6 +239,13 @@ impl Trainer {
                 }
             }
         };
+        let batch_counters: Vec<Tensor> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with("num_batches_tracked"))
+            .map(|(_, t)| t)
+            .collect();
+        let batches_tracked = batch_counters.first().map_or(0, |t| t.int64_value(&[]));
         let lr = LearningRate::new(
             &spec.optimizer,
             spec.batch.global,
@@ -266,6 +278,8 @@ impl Trainer {
                 loss: None,
                 last: Instant::now(),
             },
+            batch_counters,
+            batches_tracked,
             spec,
         })
     }
@@ -475,6 +489,7 @@ impl Trainer {
         self.forward(&images, true).mean(Kind::Float).backward();
         self.flat.zero_grads();
         tch::no_grad(|| self.flat.buffers.shallow_clone().copy_(&statistics));
+        self.set_batch_counters();
         if let Device::Cuda(ordinal) = self.options.device {
             tch::Cuda::synchronize(ordinal as i64);
         }
@@ -572,7 +587,17 @@ impl Trainer {
         .global_step(self.plan.steps_per_epoch());
         self.optimizer.step(&self.flat, self.lr.at(global_step));
         self.ema.update(&self.flat, global_step);
+        self.batches_tracked += micro_per_step as i64;
+        self.set_batch_counters();
         Ok(loss_sum.double_value(&[0]) / micro_per_step as f64)
+    }
+
+    fn set_batch_counters(&self) {
+        tch::no_grad(|| {
+            for counter in &self.batch_counters {
+                let _ = counter.shallow_clone().fill_(self.batches_tracked);
+            }
+        });
     }
 
     /// Top-1 and top-5 on the held-out split with the EMA weights, each rank evaluating every
