@@ -209,7 +209,7 @@ fn job_details(job: &pb::Job) -> String {
         "-".to_owned()
     };
     format!(
-        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\nmessage      {}",
+        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\nmessage      {}\nincident     {}",
         job.id,
         job.name,
         state_name(job.state),
@@ -232,7 +232,12 @@ fn job_details(job: &pb::Job) -> String {
             job.workers.join(", ")
         },
         last,
-        job.message
+        job.message,
+        if job.last_incident.is_empty() {
+            "none"
+        } else {
+            &job.last_incident
+        }
     )
 }
 

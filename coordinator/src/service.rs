@@ -111,6 +111,7 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
         progress: Some(progress_to_pb(&job.progress)),
         checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
         message: job.message.clone(),
+        last_incident: job.last_incident.clone(),
         created_at_ms: job.created_at_ms,
         updated_at_ms: job.updated_at_ms,
         stage_count: job.stage_count,

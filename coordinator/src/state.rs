@@ -102,6 +102,8 @@ pub struct JobRecord {
     pub progress: ProgressRecord,
     pub checkpoints: Vec<CheckpointRecord>,
     pub message: String,
+    #[serde(default)]
+    pub last_incident: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub stage_count: u32,
@@ -447,6 +449,7 @@ impl Coordinator {
             checkpoints: Vec::new(),
             message: "waiting for workers".to_owned(),
             created_at_ms: now,
+            last_incident: String::new(),
             updated_at_ms: now,
             stage_count: stages.stage_count(),
             epochs: spec.schedule.epochs,
@@ -728,6 +731,7 @@ impl Coordinator {
                     .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
             );
             job.restore_from = fallback;
+            job.last_incident = format!("generation {generation}: {}", job.message);
             tracing::warn!(job = %job_id, "{}", job.message);
             self.commit_job(&mut inner, job).await?;
             self.schedule(&mut inner).await?;
@@ -841,6 +845,7 @@ impl Coordinator {
                 .as_ref()
                 .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
         );
+        job.last_incident = job.message.clone();
         tracing::warn!(job = %job_id, "{}", job.message);
         self.commit_job(inner, job).await?;
         Ok(())

@@ -153,9 +153,13 @@ impl CoordinatorProcess {
         std::fs::create_dir_all(log_dir).expect("log dir");
         let log = log_dir.join(format!("coordinator-{}.log", free_port()));
         let mut command = Command::new(binary("ladder-coordinator"));
-        command.args(["--listen", "127.0.0.1:0", "--store", store]);
+        command.args(["--store", store]);
         // Short defaults keep the tests fast; `extra` may set its own.
-        for (flag, value) in [("--lease-ttl-ms", "2000"), ("--rendezvous-grace-ms", "500")] {
+        for (flag, value) in [
+            ("--listen", "127.0.0.1:0"),
+            ("--lease-ttl-ms", "2000"),
+            ("--rendezvous-grace-ms", "500"),
+        ] {
             if !extra.contains(&flag) {
                 command.args([flag, value]);
             }

@@ -72,6 +72,8 @@ pub struct Cluster {
     pub workers: Vec<WorkerProcess>,
     runtime: tokio::runtime::Runtime,
     started_workers: usize,
+    /// The coordinator's address, kept across restarts so that workers find it again.
+    listen: String,
 }
 
 impl Cluster {
@@ -82,6 +84,7 @@ impl Cluster {
             workers: Vec::new(),
             runtime: tokio::runtime::Runtime::new().expect("tokio runtime"),
             started_workers: 0,
+            listen: format!("127.0.0.1:{}", ladder_testkit::free_port()),
         };
         cluster.start_coordinator();
         cluster
@@ -93,7 +96,7 @@ impl Cluster {
         self.coordinator = Some(CoordinatorProcess::start(
             &store,
             &self.dir.join("logs"),
-            &[],
+            &["--listen", &self.listen],
         ));
     }
 
@@ -240,6 +243,34 @@ impl Drop for Cluster {
         self.kill_workers();
         self.kill_coordinator();
     }
+}
+
+/// The worker id a worker process registered as, from its log.
+pub fn worker_id(worker: &WorkerProcess) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = worker.log_text();
+        if let Some(at) = log.find("registered") {
+            let rest = &log[at..];
+            if let Some(start) = rest.find("w-") {
+                return rest[start..start + 8].to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never registered:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The global steps a worker trained, in order, from its `--replica-digests` file.
+pub fn trained_steps(dir: &Path, worker: usize) -> Vec<u64> {
+    std::fs::read_to_string(dir.join(format!("digests-{worker}.txt")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 pub fn state_of(job: &pb::Job) -> pb::JobState {
