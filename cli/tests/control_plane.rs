@@ -522,7 +522,10 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
 
         let mut worker = worker_client(&url, WORKER_TOKEN).await;
         let status = worker
-            .heartbeat(pb::HeartbeatRequest { worker_id: lost })
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: lost,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::NotFound);

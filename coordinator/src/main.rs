@@ -49,6 +49,11 @@ struct Args {
     /// How long a job that could start on fewer workers waits for more to register.
     #[arg(long, default_value_t = 5_000)]
     rendezvous_grace_ms: u64,
+    /// A running job whose workers all make no progress for this long has its hung workers
+    /// (those not waiting on the others) expelled and restarts from its latest checkpoint.
+    /// Shape preparation, evaluation and checkpoint snapshots count as progress.
+    #[arg(long, default_value_t = 300_000)]
+    stall_timeout_ms: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the
     /// leader dies.
     #[arg(long, default_value_t = 5)]
@@ -161,6 +166,7 @@ async fn run(args: Args) -> Result<()> {
     let config = Config {
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         rendezvous_grace: Duration::from_millis(args.rendezvous_grace_ms),
+        stall_timeout: Duration::from_millis(args.stall_timeout_ms),
     };
     let coordinator = Coordinator::recover(store, config).await?;
 

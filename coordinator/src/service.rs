@@ -272,7 +272,11 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
-            .heartbeat(required(&r.worker_id, "worker_id")?)
+            .heartbeat(
+                required(&r.worker_id, "worker_id")?,
+                r.activity,
+                r.in_collective,
+            )
             .await?;
         Ok(Response::new(match assignment {
             Some(a) => pb::HeartbeatResponse {

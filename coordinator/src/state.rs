@@ -156,6 +156,14 @@ pub struct WorkerRecord {
     pub assignment: Option<WorkerAssignment>,
     #[serde(skip)]
     pub lease_expires_ms: i64,
+    /// The training thread's activity counter from the last heartbeat, when it last changed
+    /// (or the assignment began), and whether it waits in a collective.
+    #[serde(skip)]
+    pub activity: u64,
+    #[serde(skip)]
+    pub active_ms: i64,
+    #[serde(skip)]
+    pub in_collective: bool,
 }
 
 /// What a worker is told to do.
@@ -201,6 +209,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// How long a schedulable job waits for more workers before starting on fewer.
     pub rendezvous_grace: Duration,
+    /// How long a running job may go without any of its workers making progress before the
+    /// workers that are not waiting on the others are declared stalled.
+    pub stall_timeout: Duration,
 }
 
 impl Default for Config {
@@ -208,6 +219,7 @@ impl Default for Config {
         Config {
             lease_ttl: Duration::from_secs(10),
             rendezvous_grace: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -292,6 +304,7 @@ impl Coordinator {
         for (key, bytes) in store.list("workers/").await? {
             let mut worker: WorkerRecord = decode(&key, &bytes)?;
             worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
+            worker.active_ms = now;
             inner.workers.insert(worker.id.clone(), worker);
         }
         if let Some(bytes) = store.get(COUNTERS_KEY).await? {
@@ -379,6 +392,8 @@ impl Coordinator {
         };
         let mut worker = worker.clone();
         worker.assignment = assignment;
+        // Stalls are timed from the start of an assignment.
+        worker.active_ms = now_ms();
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker);
         Ok(())
@@ -571,6 +586,9 @@ impl Coordinator {
             registered_at_ms: now,
             assignment: None,
             lease_expires_ms: now + self.config.lease_ttl.as_millis() as i64,
+            activity: 0,
+            active_ms: now,
+            in_collective: false,
         };
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker.clone());
@@ -587,11 +605,23 @@ impl Coordinator {
         })
     }
 
-    /// Renews the worker's lease; returns its current assignment.
-    pub async fn heartbeat(&self, worker_id: &str) -> Result<Option<WorkerAssignment>> {
+    /// Renews the worker's lease and records its training thread's activity; returns its
+    /// current assignment.
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        activity: u64,
+        in_collective: bool,
+    ) -> Result<Option<WorkerAssignment>> {
         let mut inner = self.inner.lock().await;
         let worker = Self::worker_mut(&mut inner, worker_id)?;
-        worker.lease_expires_ms = now_ms() + worker.lease_ttl_ms as i64;
+        let now = now_ms();
+        worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
+        if activity != worker.activity {
+            worker.activity = activity;
+            worker.active_ms = now;
+        }
+        worker.in_collective = in_collective;
         Ok(worker.assignment.clone())
     }
 
@@ -823,7 +853,64 @@ impl Coordinator {
                 .await?;
             }
         }
+        self.expel_stalled(&mut inner, now).await?;
         self.schedule(&mut inner).await
+    }
+
+    /// A running job none of whose workers made progress for `stall_timeout`: the workers not
+    /// waiting in a collective (the ones the others wait on) are hung. They are expelled (their
+    /// next heartbeat is refused) and the generation ends, as if they had died.
+    async fn expel_stalled(&self, inner: &mut Inner, now: i64) -> Result<()> {
+        let stall = self.config.stall_timeout.as_millis() as i64;
+        let running: Vec<(String, Vec<String>)> = inner
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .map(|j| (j.id.clone(), j.workers.clone()))
+            .collect();
+        for (job_id, workers) in running {
+            let records: Vec<&WorkerRecord> = workers
+                .iter()
+                .filter_map(|w| inner.workers.get(w))
+                .collect();
+            if records.is_empty() || records.iter().any(|w| now - w.active_ms < stall) {
+                continue;
+            }
+            // If everyone waits in the collective, the network between them is the suspect:
+            // nobody is expelled and the generation restarts with all of them.
+            let hung: Vec<String> = records
+                .iter()
+                .filter(|w| !w.in_collective)
+                .map(|w| w.id.clone())
+                .collect();
+            let rank = |id: &String| workers.iter().position(|w| w == id).unwrap_or(0);
+            let named: Vec<String> = hung
+                .iter()
+                .map(|id| format!("worker {id} (rank {})", rank(id)))
+                .collect();
+            let why = if named.is_empty() {
+                format!(
+                    "no worker made progress for {} s, all waiting in the collective",
+                    stall / 1000
+                )
+            } else {
+                format!(
+                    "{} stalled: no progress for {} s while the others wait on it",
+                    named.join(", "),
+                    stall / 1000
+                )
+            };
+            for id in &hung {
+                tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
+                self.store
+                    .delete(&worker_key(id))
+                    .await
+                    .map_err(|e| self.store_failed(e))?;
+                inner.workers.remove(id);
+            }
+            self.membership_lost(inner, &job_id, &why).await?;
+        }
+        Ok(())
     }
 
     /// A worker of `job_id` is gone: end the generation and queue the job for the next.

@@ -14,7 +14,7 @@
 //! retried, and a checkpoint commit waits for it.
 
 use crate::checkpoint::Manifest;
-use crate::report::{Events, Progress, StopSignal};
+use crate::report::{Events, Liveness, Progress, StopSignal};
 use crate::trainer::{self, Options, TrainError, Trainer};
 use ladder_collective::Collective;
 use ladder_collective::nccl::{self, NcclCommunicator};
@@ -49,6 +49,8 @@ pub struct Config {
     pub progress_bar: bool,
     /// See [`Options::replica_digests`].
     pub replica_digests: Option<PathBuf>,
+    /// See [`Options::hang_before_step`].
+    pub hang_before_step: Option<u64>,
 }
 
 /// A connection to whichever coordinator answers, re-established after transport failures.
@@ -136,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             lease: Duration::from_millis(registration.lease_ttl_ms as u64),
             coordinator: coordinator.clone(),
             config: config.clone(),
+            liveness: Arc::new(Liveness::default()),
         };
         tracing::info!(worker = %worker.id, device = %device_name(config.device), "registered");
         worker.serve().await?;
@@ -167,6 +170,7 @@ struct Worker {
     lease: Duration,
     coordinator: Arc<Coordinator>,
     config: Config,
+    liveness: Arc<Liveness>,
 }
 
 /// A job generation this worker took part in.
@@ -194,6 +198,7 @@ impl Worker {
             self.id.clone(),
             self.lease,
             running.clone(),
+            self.liveness.clone(),
             lost_tx,
         ));
         let mut ended: Option<Generation> = None;
@@ -305,13 +310,21 @@ impl Worker {
             device: self.config.device,
             bucket_elements: self.config.bucket_elements,
             replica_digests: self.config.replica_digests.clone(),
+            hang_before_step: self.config.hang_before_step,
         };
+        let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;
         let training_stop = stop.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let collective = transport.connect(rank, &payloads, generation, timeout)?;
-            let mut trainer =
-                Trainer::new(job, options, collective, Arc::new(events), training_stop)?;
+            let mut trainer = Trainer::new(
+                job,
+                options,
+                collective,
+                Arc::new(events),
+                training_stop,
+                liveness,
+            )?;
             trainer.run()
         })
         .await
@@ -424,7 +437,8 @@ impl Worker {
     }
 }
 
-/// Renews the lease every TTL/3. A heartbeat naming another generation than the one running
+/// Renews the lease every TTL/3, telling the training thread's liveness. A heartbeat naming
+/// another generation than the one running
 /// stops it (the coordinator ended it); an unknown worker (lease expired) stops it and ends
 /// the registration.
 async fn heartbeat(
@@ -432,6 +446,7 @@ async fn heartbeat(
     worker_id: String,
     lease: Duration,
     running: Running,
+    liveness: Arc<Liveness>,
     lost: tokio::sync::watch::Sender<bool>,
 ) {
     let mut interval = tokio::time::interval(lease / 3);
@@ -440,6 +455,8 @@ async fn heartbeat(
         interval.tick().await;
         let request = pb::HeartbeatRequest {
             worker_id: worker_id.clone(),
+            activity: liveness.activity(),
+            in_collective: liveness.in_collective(),
         };
         let result = rpc!(coordinator, heartbeat, request);
         let current = running.lock().expect("running lock").clone();

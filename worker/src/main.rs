@@ -46,6 +46,10 @@ struct Args {
     /// statistics to FILE (a check that replicas agree: every rank writes the same lines).
     #[arg(long, value_name = "FILE")]
     replica_digests: Option<PathBuf>,
+    /// Fault injection for tests: the training thread hangs for good before this global step
+    /// while heartbeats go on (the coordinator's stall detection must expel this worker).
+    #[arg(long, value_name = "STEP", hide = true)]
+    inject_hang_before_step: Option<u64>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -124,6 +128,7 @@ fn main() {
         bucket_elements: args.bucket_elements,
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
+        hang_before_step: args.inject_hang_before_step,
     };
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     if let Err(e) = runtime.block_on(agent::run(config)) {

@@ -6,6 +6,7 @@ use crate::checkpoint::Manifest;
 use ladder_collective::AbortHandle;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The latest evaluation on the held-out split.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,5 +77,37 @@ impl StopSignal {
             handle.abort();
         }
         state.1.push(handle);
+    }
+}
+
+/// What the heartbeat tells the coordinator about the training thread: an activity counter it
+/// advances as it works, and whether it is waiting on the other ranks. A counter that stops
+/// while the thread is not in a collective is a hung worker.
+#[derive(Default)]
+pub struct Liveness {
+    activity: AtomicU64,
+    in_collective: AtomicBool,
+}
+
+impl Liveness {
+    pub fn tick(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `f` (a collective) marked as waiting on the other ranks.
+    pub fn collective<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.in_collective.store(true, Ordering::Relaxed);
+        let result = f();
+        self.in_collective.store(false, Ordering::Relaxed);
+        self.tick();
+        result
+    }
+
+    pub fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    pub fn in_collective(&self) -> bool {
+        self.in_collective.load(Ordering::Relaxed)
     }
 }

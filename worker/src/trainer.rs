@@ -27,7 +27,7 @@ use crate::loss;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
-use crate::report::{Evaluation, Events, Progress, StopSignal};
+use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
 use crate::training_state::TrainingState;
 use ladder_collective::{Collective, CollectiveError};
@@ -72,6 +72,9 @@ pub struct Options {
     /// Append `global_step sha256` of the parameters and BatchNorm statistics here after every
     /// step: replicas that agree write the same lines.
     pub replica_digests: Option<PathBuf>,
+    /// Fault injection for tests: the training thread hangs for good before this global step
+    /// (heartbeats go on), as a stuck kernel or a deadlock would.
+    pub hang_before_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +144,7 @@ pub struct Trainer {
     collective: Box<dyn Collective>,
     events: Arc<dyn Events>,
     stop: Arc<StopSignal>,
+    liveness: Arc<Liveness>,
     writer: Writer,
     start: Cursor,
     prepared: BTreeSet<(u32, u32)>,
@@ -174,6 +178,7 @@ impl Trainer {
         collective: Box<dyn Collective>,
         events: Arc<dyn Events>,
         stop: Arc<StopSignal>,
+        liveness: Arc<Liveness>,
     ) -> Result<Trainer, TrainError> {
         let spec = Arc::new(job.spec.clone());
         stop.watch(collective.abort_handle());
@@ -268,6 +273,7 @@ impl Trainer {
             collective,
             events,
             stop,
+            liveness,
             writer: Writer::default(),
             start,
             prepared: BTreeSet::new(),
@@ -339,8 +345,23 @@ impl Trainer {
                 if let Some(reason) = self.stop.reason() {
                     return Err(TrainError::Stopped(reason));
                 }
+                let about_to = Cursor {
+                    epoch: e.epoch,
+                    step,
+                }
+                .global_step(steps_per_epoch);
+                if self.options.hang_before_step == Some(about_to) {
+                    tracing::warn!(
+                        step = about_to,
+                        "hanging on purpose (--inject-hang-before-step)"
+                    );
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
                 let loss = self.train_step(&loader, e, step, micro_per_step)?;
                 self.meter.step(loss);
+                self.liveness.tick();
                 let done = Cursor {
                     epoch: e.epoch,
                     step: step + 1,
@@ -494,6 +515,7 @@ impl Trainer {
             tch::Cuda::synchronize(ordinal as i64);
         }
         self.graph_builds += 1;
+        self.liveness.tick();
         tracing::info!(
             size = e.image_size,
             micro_batch = e.micro_batch,
@@ -568,18 +590,23 @@ impl Trainer {
             });
         }
         let collective = self.collective.as_mut();
-        all_reduce_gradients(&self.flat, collective, self.options.bucket_elements)?;
-        if world > 1 {
-            all_reduce_batch_norm_statistics(
-                &self.flat.buffers,
-                &statistics.expect("copied when world > 1"),
-                spec.model.bn_momentum,
-                rank_micro_batches(micro_per_step, rank, world),
-                micro_per_step,
-                collective,
-            )?;
-        }
-        all_reduce_tensor(&loss_sum, collective)?;
+        let flat = &self.flat;
+        let bucket_elements = self.options.bucket_elements;
+        self.liveness
+            .collective(|| -> Result<(), CollectiveError> {
+                all_reduce_gradients(flat, collective, bucket_elements)?;
+                if world > 1 {
+                    all_reduce_batch_norm_statistics(
+                        &flat.buffers,
+                        &statistics.expect("copied when world > 1"),
+                        spec.model.bn_momentum,
+                        rank_micro_batches(micro_per_step, rank, world),
+                        micro_per_step,
+                        collective,
+                    )?;
+                }
+                all_reduce_tensor(&loss_sum, collective)
+            })?;
         let global_step = Cursor {
             epoch: e.epoch,
             step,
@@ -644,6 +671,7 @@ impl Trainer {
                 let top1 = hits.narrow(1, 0, 1).sum(Kind::Float);
                 let top5 = hits.sum(Kind::Float);
                 let n = Tensor::from(batch.labels.len() as f32).to_device(self.options.device);
+                self.liveness.tick();
                 let _ = counts
                     .shallow_clone()
                     .g_add_(&Tensor::stack(&[top1, top5, n], 0));
@@ -652,7 +680,9 @@ impl Trainer {
         })();
         swap_in(&live.0, &live.1);
         result?;
-        all_reduce_tensor(&counts, self.collective.as_mut())?;
+        let collective = self.collective.as_mut();
+        self.liveness
+            .collective(|| all_reduce_tensor(&counts, collective))?;
         let counts = Vec::<f32>::try_from(&counts.to_device(Device::Cpu)).expect("3 floats");
         let samples = counts[2] as u64;
         let evaluation = Evaluation {

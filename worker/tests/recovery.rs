@@ -242,3 +242,29 @@ fn a_coordinator_killed_mid_training_loses_nothing() {
         "checkpoints were committed after the restart: {committed:?}"
     );
 }
+
+#[test]
+fn a_worker_that_hangs_while_its_heartbeat_goes_on_is_expelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (1, 2), 5, 100);
+    let mut cluster = Cluster::with_flags(dir.path(), &["--stall-timeout-ms", "3000"]);
+    cluster.add_worker(&["--inject-hang-before-step", "12"]);
+    cluster.add_worker(&[]);
+    let hung = worker_id(&cluster.workers[0]);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_for(&id, "the hung worker to be expelled", TIMEOUT, |j| {
+        j.last_incident.contains("stalled")
+    });
+    assert!(
+        job.last_incident.contains(&hung),
+        "the incident names the hung worker, not the one waiting on it: {}",
+        job.last_incident
+    );
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    assert_eq!(
+        *trained_steps(dir.path(), 1).last().unwrap(),
+        TOTAL_STEPS,
+        "the healthy worker finished the job alone"
+    );
+}

@@ -74,10 +74,16 @@ pub struct Cluster {
     started_workers: usize,
     /// The coordinator's address, kept across restarts so that workers find it again.
     listen: String,
+    coordinator_flags: Vec<String>,
 }
 
 impl Cluster {
     pub fn new(dir: &Path) -> Cluster {
+        Cluster::with_flags(dir, &[])
+    }
+
+    /// A cluster whose coordinator gets `flags` too.
+    pub fn with_flags(dir: &Path, flags: &[&str]) -> Cluster {
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             coordinator: None,
@@ -85,6 +91,7 @@ impl Cluster {
             runtime: tokio::runtime::Runtime::new().expect("tokio runtime"),
             started_workers: 0,
             listen: format!("127.0.0.1:{}", ladder_testkit::free_port()),
+            coordinator_flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         cluster.start_coordinator();
         cluster
@@ -93,10 +100,11 @@ impl Cluster {
     /// Starts (or restarts) the coordinator on the cluster's store.
     pub fn start_coordinator(&mut self) {
         let store = format!("redb:{}", self.dir.join("state.redb").display());
+        let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
         self.coordinator = Some(CoordinatorProcess::start(
             &store,
             &self.dir.join("logs"),
-            &["--listen", &self.listen],
+            &[["--listen", self.listen.as_str()].as_slice(), &flags].concat(),
         ));
     }
 
@@ -107,15 +115,22 @@ impl Cluster {
     /// Starts `n` workers; each writes its replica digests to `digests-<i>.txt`.
     pub fn add_workers(&mut self, n: usize) {
         for _ in 0..n {
-            let i = self.started_workers;
-            self.started_workers += 1;
-            let digests = self.dir.join(format!("digests-{i}.txt"));
-            self.workers.push(WorkerProcess::start(
-                &self.url(),
-                &self.dir.join("logs").join(format!("worker-{i}.log")),
-                &["--replica-digests", digests.to_str().expect("utf-8 path")],
-            ));
+            self.add_worker(&[]);
         }
+    }
+
+    /// Starts a worker with `flags` too.
+    pub fn add_worker(&mut self, flags: &[&str]) {
+        let i = self.started_workers;
+        self.started_workers += 1;
+        let digests = self.dir.join(format!("digests-{i}.txt"));
+        let mut args = vec!["--replica-digests", digests.to_str().expect("utf-8 path")];
+        args.extend_from_slice(flags);
+        self.workers.push(WorkerProcess::start(
+            &self.url(),
+            &self.dir.join("logs").join(format!("worker-{i}.log")),
+            &args,
+        ));
     }
 
     pub fn kill_workers(&mut self) {
