@@ -448,6 +448,7 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
         let beat = worker
             .heartbeat(pb::HeartbeatRequest {
                 worker_id: worker_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
