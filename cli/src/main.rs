@@ -186,6 +186,20 @@ fn job_line(job: &pb::Job) -> String {
     line
 }
 
+/// Samples per epoch in the model's committed history, and how many were skipped.
+fn trained_summary(job: &pb::Job) -> String {
+    if job.trained.is_empty() {
+        return "nothing committed yet".to_owned();
+    }
+    let per_epoch: Vec<String> = job.trained.iter().map(|t| t.samples.to_string()).collect();
+    let skipped: u64 = job.trained.iter().map(|t| t.skipped).sum();
+    format!(
+        "{} samples per epoch (epochs 1-{}), {skipped} skipped",
+        per_epoch.join(" "),
+        job.trained.len()
+    )
+}
+
 fn job_details(job: &pb::Job) -> String {
     let p = job.progress.unwrap_or_default();
     let last = job.checkpoints.last().map_or("none".to_owned(), |c| {
@@ -209,7 +223,7 @@ fn job_details(job: &pb::Job) -> String {
         "-".to_owned()
     };
     format!(
-        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\nmessage      {}\nincident     {}",
+        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\ntrained      {}\nmessage      {}\nincident     {}",
         job.id,
         job.name,
         state_name(job.state),
@@ -232,6 +246,7 @@ fn job_details(job: &pb::Job) -> String {
             job.workers.join(", ")
         },
         last,
+        trained_summary(job),
         job.message,
         if job.last_incident.is_empty() {
             "none"

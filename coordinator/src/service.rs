@@ -2,7 +2,7 @@
 //! translating between the wire types and [`crate::state`].
 
 use crate::state::{
-    Assignment, CheckpointRecord, Coordinator, CoordinatorError, JobRecord, JobState,
+    Assignment, CheckpointRecord, Coordinator, CoordinatorError, JobRecord, JobState, LedgerEntry,
     ProgressRecord, ProgressReport,
 };
 use ladder_proto::v1 as pb;
@@ -112,6 +112,16 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
         checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
         message: job.message.clone(),
         last_incident: job.last_incident.clone(),
+        trained: job
+            .trained()
+            .into_iter()
+            .map(|(epoch, samples, digest, skipped)| pb::EpochTally {
+                epoch,
+                samples,
+                digest,
+                skipped,
+            })
+            .collect(),
         created_at_ms: job.created_at_ms,
         updated_at_ms: job.updated_at_ms,
         stage_count: job.stage_count,
@@ -370,6 +380,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 &r.job_id,
                 r.generation,
                 checkpoint_from_pb(checkpoint),
+                r.trained
+                    .into_iter()
+                    .map(|t| LedgerEntry {
+                        checkpoint_step: 0,
+                        epoch: t.epoch,
+                        samples: t.samples,
+                        digest: t.digest,
+                        skipped: t.skipped,
+                    })
+                    .collect(),
             )
             .await?;
         Ok(Response::new(match outcome {

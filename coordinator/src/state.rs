@@ -90,6 +90,17 @@ pub struct CheckpointRecord {
     pub stage_end: bool,
 }
 
+/// What the steps up to a committed checkpoint trained of one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The global step of the checkpoint that committed it.
+    pub checkpoint_step: u64,
+    pub epoch: u32,
+    pub samples: u64,
+    pub digest: u64,
+    pub skipped: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
@@ -113,6 +124,9 @@ pub struct JobRecord {
     /// Set by `resume --workers N`.
     pub requested_world_size: Option<u32>,
     pub restore_from: Option<CheckpointRecord>,
+    /// What each committed checkpoint's steps trained, in commit order: the model's history.
+    #[serde(default)]
+    pub ledger: Vec<LedgerEntry>,
     /// Rendezvous payloads by rank for the current generation: workers publish them again
     /// after a coordinator restart, so they are not persisted.
     #[serde(skip)]
@@ -125,6 +139,21 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
+    pub fn trained(&self) -> Vec<(u32, u64, u64, u64)> {
+        let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+        for e in &self.ledger {
+            let t = per_epoch.entry(e.epoch).or_default();
+            t.0 += e.samples;
+            t.1 = t.1.wrapping_add(e.digest);
+            t.2 += e.skipped;
+        }
+        per_epoch
+            .into_iter()
+            .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
+            .collect()
+    }
+
     fn world_sizes_now(&self) -> Vec<u32> {
         match self.requested_world_size {
             Some(n) => self
@@ -465,6 +494,7 @@ impl Coordinator {
             message: "waiting for workers".to_owned(),
             created_at_ms: now,
             last_incident: String::new(),
+            ledger: Vec::new(),
             updated_at_ms: now,
             stage_count: stages.stage_count(),
             epochs: spec.schedule.epochs,
@@ -798,6 +828,7 @@ impl Coordinator {
         job_id: &str,
         generation: u64,
         checkpoint: CheckpointRecord,
+        trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
         let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
@@ -818,6 +849,10 @@ impl Coordinator {
             ..checkpoint
         };
         tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
+        job.ledger.extend(trained.into_iter().map(|e| LedgerEntry {
+            checkpoint_step: checkpoint.step,
+            ..e
+        }));
         job.checkpoints.push(checkpoint);
         let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
         let retired = retire(&mut job.checkpoints, keep as usize);
@@ -982,6 +1017,10 @@ impl Coordinator {
             }
             let mut job = inner.jobs[&job_id].clone();
             job.generation += 1;
+            // The new generation starts from `restore_from`: what was committed after it is
+            // no longer the model's history.
+            let restored = job.restore_from.as_ref().map_or(0, |c| c.step);
+            job.ledger.retain(|e| e.checkpoint_step <= restored);
             job.workers = idle[..fit as usize].to_vec();
             job.state = JobState::Rendezvous;
             job.ready_since_ms = None;

@@ -19,6 +19,7 @@ use std::ops::Range;
 
 const SHARD_ORDER_STREAM: u64 = 0x5348_4152; // "SHAR"
 const WINDOW_STREAM: u64 = 0x5749_4e44; // "WIND"
+const TALLY_STREAM: u64 = 0x5441_4c59; // "TALY"
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -160,6 +161,57 @@ impl SamplePlan {
     /// shuffled lazily as positions inside them are asked for.
     pub fn epoch(&self, epoch: u32) -> EpochOrder<&SamplePlan> {
         EpochOrder::new(self, epoch)
+    }
+}
+
+/// What was trained of one epoch: how many samples, and an order-free digest of which (the
+/// wrapping sum of a 64-bit mix of each (epoch, sample id)). Tallies add up across steps,
+/// ranks and checkpoints; two tallies of the same epoch agree only if the same samples were
+/// used the same number of times (a sample lost and another counted twice changes the digest,
+/// except with probability about 2^-64).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochTally {
+    pub samples: u64,
+    pub digest: u64,
+    /// Samples the plan gave that could not be used (not in `samples` or `digest`).
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+impl EpochTally {
+    /// A sample's contribution to its epoch's digest.
+    pub fn mark(epoch: u32, id: u64) -> u64 {
+        Stream::new(id, &[TALLY_STREAM, epoch as u64]).next_u64()
+    }
+
+    pub fn add_samples(&mut self, epoch: u32, ids: &[u64]) {
+        for &id in ids {
+            self.samples += 1;
+            self.digest = self.digest.wrapping_add(Self::mark(epoch, id));
+        }
+    }
+
+    pub fn merge(&mut self, other: EpochTally) {
+        self.samples += other.samples;
+        self.digest = self.digest.wrapping_add(other.digest);
+        self.skipped += other.skipped;
+    }
+
+    /// Takes back what `merge(other)` added.
+    pub fn unmerge(&mut self, other: EpochTally) {
+        self.samples -= other.samples;
+        self.digest = self.digest.wrapping_sub(other.digest);
+        self.skipped -= other.skipped;
+    }
+
+    /// What training every step of `epoch` of `plan` exactly once adds up to.
+    pub fn expected<P: Borrow<SamplePlan>>(plan: P, epoch: u32) -> EpochTally {
+        let p = plan.borrow();
+        let used = p.steps_per_epoch() * p.global_batch() as u64;
+        let ids = EpochOrder::new(p, epoch).samples(0..used);
+        let mut tally = EpochTally::default();
+        tally.add_samples(epoch, &ids);
+        tally
     }
 }
 

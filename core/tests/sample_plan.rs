@@ -171,3 +171,37 @@ fn bad_plans_are_errors_that_say_why() {
     assert!(plan.micro_batches_per_step(24, 1).is_err());
     assert_eq!(rank_micro_batches(8, 1, 4), 2..4);
 }
+
+#[test]
+fn epoch_tallies_add_up_across_ranks_and_catch_a_sample_used_twice() {
+    use ladder_core::sample::EpochTally;
+    let plan = SamplePlan::new(&[40, 33, 27, 60], 9, 2, 24).unwrap();
+    let expected = EpochTally::expected(&plan, 1);
+    assert_eq!(expected.samples, plan.steps_per_epoch() * 24);
+    for world in [1u32, 2, 3] {
+        let mut order = plan.epoch(1);
+        let mut total = EpochTally::default();
+        for rank in 0..world {
+            for step in 0..plan.steps_per_epoch() {
+                for ids in order.rank_step(step, 4, rank, world).unwrap() {
+                    let mut part = EpochTally::default();
+                    part.add_samples(1, &ids);
+                    total.merge(part);
+                }
+            }
+        }
+        assert_eq!(total, expected, "world size {world}");
+    }
+    let mut ids = plan.epoch(1).samples(0..expected.samples);
+    ids[5] = ids[6];
+    let mut twice = EpochTally::default();
+    twice.add_samples(1, &ids);
+    assert_eq!(twice.samples, expected.samples);
+    assert_ne!(twice.digest, expected.digest, "one lost, one twice");
+    let mut other_epoch = EpochTally::default();
+    other_epoch.add_samples(2, &plan.epoch(1).samples(0..expected.samples));
+    assert_ne!(
+        other_epoch.digest, expected.digest,
+        "the epoch is part of the mark"
+    );
+}

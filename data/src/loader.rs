@@ -234,6 +234,8 @@ pub struct BatchRequest {
 /// A finished micro-batch: `images` is N x 3 x size x size, row-major.
 #[derive(Debug)]
 pub struct MicroBatch {
+    /// The requested samples, in order (a skipped one's place holds another's pixels).
+    pub ids: Vec<u64>,
     pub images: Vec<f32>,
     pub labels: Vec<i64>,
     pub size: u32,
@@ -309,6 +311,7 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         labels[position] = raw[donor].label as i64;
     }
     Ok(MicroBatch {
+        ids: request.ids.clone(),
         images,
         labels,
         size,

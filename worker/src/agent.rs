@@ -649,6 +649,16 @@ impl Events for ChannelEvents {
                 committed_at_ms: 0,
                 stage_end: manifest.stage_end,
             }),
+            trained: manifest
+                .trained
+                .iter()
+                .map(|(&epoch, t)| pb::EpochTally {
+                    epoch,
+                    samples: t.samples,
+                    digest: t.digest,
+                    skipped: t.skipped,
+                })
+                .collect(),
         };
         self.runtime.block_on(async {
             let mut pause = Duration::from_millis(200);

@@ -10,6 +10,7 @@
 
 use crate::state_io::{self, Written};
 use crate::training_state::{MODEL_FILE, Snapshot, TRAINING_FILE};
+use ladder_core::sample::EpochTally;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,10 @@ pub struct Manifest {
     pub model: String,
     pub classes: u32,
     pub files: BTreeMap<String, FileDigest>,
+    /// What the steps since the previous committed checkpoint of this run trained, per epoch
+    /// (the coordinator's ledger of the model's history adds these up).
+    #[serde(default)]
+    pub trained: BTreeMap<u32, EpochTally>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,23 @@ pub fn all_reduce_range(
     }
 }
 
+/// Bits per float of [`u64_to_floats`]: sums of up to 4096 ranks' limbs stay below 2^24, where
+/// float32 holds every integer exactly.
+const LIMB_BITS: u32 = 12;
+pub const U64_FLOATS: usize = 6;
+
+/// A 64-bit value as six float32 limbs of 12 bits, so that a float32 sum over ranks followed by
+/// [`floats_to_u64`] is the exact wrapping sum of the values.
+pub fn u64_to_floats(value: u64) -> [f32; U64_FLOATS] {
+    std::array::from_fn(|i| ((value >> (LIMB_BITS * i as u32)) & 0xfff) as f32)
+}
+
+pub fn floats_to_u64(limbs: &[f32]) -> u64 {
+    limbs.iter().enumerate().fold(0u64, |sum, (i, &limb)| {
+        sum.wrapping_add((limb as u64).wrapping_shl(LIMB_BITS * i as u32))
+    })
+}
+
 /// Sums the whole of `tensor` across the ranks.
 pub fn all_reduce_tensor(
     tensor: &Tensor,
@@ -87,4 +104,23 @@ pub fn all_reduce_batch_norm_statistics(
             .g_add_(&(start * keep.powi(micro_per_step as i32)));
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn u64_limbs_sum_exactly() {
+        let values = [u64::MAX, 0x0123_4567_89ab_cdef, 1, 0xfff0_0000_0000_0fff];
+        let mut sums = [0f32; U64_FLOATS];
+        for v in values {
+            for (s, l) in sums.iter_mut().zip(u64_to_floats(v)) {
+                *s += l;
+            }
+        }
+        let expected = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        assert_eq!(floats_to_u64(&sums), expected);
+        assert_eq!(floats_to_u64(&u64_to_floats(u64::MAX)), u64::MAX);
+    }
 }

@@ -18,7 +18,8 @@
 
 use crate::checkpoint::{self, Manifest, Writer};
 use crate::data_parallel::{
-    all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor,
+    all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor, floats_to_u64,
+    u64_to_floats,
 };
 use crate::ema::Ema;
 use crate::feed::{self, Cursor};
@@ -32,15 +33,15 @@ use crate::state_io;
 use crate::training_state::TrainingState;
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::rng::Stream;
-use ladder_core::sample::{SamplePlan, rank_micro_batches};
+use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::{EpochParams, StagePlan, micro_batch_for, round_to_multiple_of_8};
 use ladder_data::loader::{Dataset, Loader, MicroBatch};
 use ladder_data::mixup;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -156,6 +157,9 @@ pub struct Trainer {
     /// a graph build does not count).
     batch_counters: Vec<Tensor>,
     batches_tracked: i64,
+    /// What the steps since the last committed checkpoint (or the restore) trained, per
+    /// epoch, over all ranks: sent with the next commit, and taken off once it is accepted.
+    untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -286,6 +290,7 @@ impl Trainer {
             },
             batch_counters,
             batches_tracked,
+            untallied: Arc::default(),
             spec,
         })
     }
@@ -541,6 +546,7 @@ impl Trainer {
         self.flat.zero_grads();
         let statistics = (self.job.world_size > 1).then(|| self.flat.buffers.copy());
         let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
+        let mut tally = EpochTally::default();
         for k in rank_micro_batches(micro_per_step, rank, world) {
             let batch = loader
                 .next()
@@ -549,6 +555,14 @@ impl Trainer {
             for skip in &batch.skipped {
                 tracing::warn!("{skip}");
             }
+            let used: Vec<u64> = batch
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| !batch.skipped.iter().any(|s| s.id == *id))
+                .collect();
+            tally.add_samples(e.epoch, &used);
+            tally.skipped += batch.skipped.len() as u64;
             if batch.size != e.image_size || batch.labels.len() != e.micro_batch as usize {
                 return Err(TrainError::Fatal(format!(
                     "a micro-batch of {} images at {} px inside a stage of {} at {} px: shapes must not change inside a stage",
@@ -589,6 +603,17 @@ impl Trainer {
                 let _ = loss_sum.shallow_clone().g_add_(&loss.detach());
             });
         }
+        // The step's loss and what it trained, summed over the ranks in one small allreduce
+        // (the digest as exact 12-bit limbs).
+        let mut counts = vec![tally.samples as f32, tally.skipped as f32];
+        counts.extend(u64_to_floats(tally.digest));
+        let stats = Tensor::cat(
+            &[
+                loss_sum,
+                Tensor::from_slice(&counts).to_device(self.options.device),
+            ],
+            0,
+        );
         let collective = self.collective.as_mut();
         let flat = &self.flat;
         let bucket_elements = self.options.bucket_elements;
@@ -605,7 +630,7 @@ impl Trainer {
                         collective,
                     )?;
                 }
-                all_reduce_tensor(&loss_sum, collective)
+                all_reduce_tensor(&stats, collective)
             })?;
         let global_step = Cursor {
             epoch: e.epoch,
@@ -616,7 +641,18 @@ impl Trainer {
         self.ema.update(&self.flat, global_step);
         self.batches_tracked += micro_per_step as i64;
         self.set_batch_counters();
-        Ok(loss_sum.double_value(&[0]) / micro_per_step as f64)
+        let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
+        self.untallied
+            .lock()
+            .expect("tally lock")
+            .entry(e.epoch)
+            .or_default()
+            .merge(EpochTally {
+                samples: stats[1] as u64,
+                skipped: stats[2] as u64,
+                digest: floats_to_u64(&stats[3..]),
+            });
+        Ok(stats[0] as f64 / micro_per_step as f64)
     }
 
     fn set_batch_counters(&self) {
@@ -737,7 +773,9 @@ impl Trainer {
             model: self.spec.model.variant.to_string(),
             classes: self.spec.model.classes,
             files: Default::default(),
+            trained: self.untallied.lock().expect("tally lock").clone(),
         };
+        let untallied = self.untallied.clone();
         let parent = self.spec.checkpoint.dir.join(&self.job.job_id);
         let events = self.events.clone();
         tracing::debug!(
@@ -747,7 +785,13 @@ impl Trainer {
         self.writer.submit(Box::new(move || {
             match checkpoint::write(&snapshot, &parent, manifest) {
                 Ok((dir, manifest)) => {
-                    if !events.commit(&manifest, &dir) {
+                    if events.commit(&manifest, &dir) {
+                        let mut untallied = untallied.lock().expect("tally lock");
+                        for (epoch, sent) in &manifest.trained {
+                            untallied.entry(*epoch).or_default().unmerge(*sent);
+                        }
+                        untallied.retain(|_, t| *t != EpochTally::default());
+                    } else {
                         tracing::warn!(checkpoint = %manifest.id, "the coordinator did not commit the checkpoint");
                     }
                 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Cluster, EPOCHS, STEPS_PER_EPOCH, write_spec};
+use common::{Cluster, EPOCHS, STEPS_PER_EPOCH, assert_every_sample_once, write_spec};
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use ladder_proto::v1 as pb;
@@ -67,6 +67,8 @@ fn train_with(workers: u32) {
         logs_text()
     );
     let progress = last.progress.expect("progress");
+
+    assert_every_sample_once(last, &spec);
 
     // One graph build per distinct shape, and the shapes are the stages'.
     assert_eq!(plan.stage_count(), 3);

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    Cluster, EPOCHS, STEPS_PER_EPOCH, final_manifest, state_of, trained_steps, worker_id,
-    write_spec,
+    Cluster, EPOCHS, STEPS_PER_EPOCH, assert_every_sample_once, final_manifest, state_of,
+    trained_steps, worker_id, write_spec,
 };
 use ladder_proto::v1 as pb;
 use ladder_worker::state_io;
@@ -91,6 +91,7 @@ fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert!(job.generation >= 2, "the job ran a second generation");
+    assert_every_sample_once(&job, &spec);
     assert_eq!(
         final_manifest(&job).files,
         reference_files,
@@ -120,6 +121,7 @@ fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
         let job = cluster.wait_until_ended(&id, TIMEOUT);
         assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
         assert_eq!(job.workers.len(), 0);
+        assert_every_sample_once(&job, &spec);
         let difference = model_difference(&job, &reference);
         eprintln!("resumed on {workers} worker(s): largest relative difference {difference:e}");
         // Only the order of float additions differs (the ring's sums, the BatchNorm
@@ -132,18 +134,37 @@ fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
     }
 }
 
-/// Waits until worker `index` of the cluster's digests trains a step it already trained: the
-/// replay after a rollback to a checkpoint. Returns when that happened.
-fn wait_for_replay(dir: &Path, workers: &[usize], timeout: Duration) -> Instant {
-    let deadline = Instant::now() + timeout;
+/// Waits until the job runs a generation after `generation` and one of `workers` has trained
+/// a step in it (the survivors cannot finish a step of the old generation without the lost
+/// rank). Returns when that step was seen.
+fn wait_for_next_generation_step(
+    cluster: &Cluster,
+    id: &str,
+    generation: u64,
+    workers: &[usize],
+) -> Instant {
+    cluster.wait_for(id, "the next generation", TIMEOUT, |j| {
+        j.generation > generation && state_of(j) == pb::JobState::Running
+    });
+    let before: Vec<usize> = workers
+        .iter()
+        .map(|&w| trained_steps(&cluster.dir, w).len())
+        .collect();
+    let deadline = Instant::now() + TIMEOUT;
     loop {
-        for &w in workers {
-            let steps = trained_steps(dir, w);
-            if steps.windows(2).any(|p| p[1] <= p[0]) {
-                return Instant::now();
-            }
+        if workers
+            .iter()
+            .zip(&before)
+            .any(|(&w, &n)| trained_steps(&cluster.dir, w).len() > n)
+        {
+            return Instant::now();
         }
-        assert!(Instant::now() < deadline, "no replay within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no step in the new generation: {:#?}\n{}",
+            cluster.job(id),
+            cluster.logs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -155,15 +176,15 @@ fn a_killed_worker_and_a_stopped_worker_are_replaced_without_a_hang() {
     let mut cluster = Cluster::new(dir.path());
     cluster.add_workers(3);
     let id = cluster.submit(&spec);
-    wait_for_checkpoint_after(&cluster, &id, 10);
+    let running = wait_for_checkpoint_after(&cluster, &id, 10);
 
     // SIGKILL one of three mid-epoch: the lease expires, the survivors abort their ring,
     // restore the latest checkpoint and go on as two (the spec's minimum).
     let killed = worker_id(&cluster.workers[0]);
     cluster.workers[0].kill9();
     let killed_at = Instant::now();
-    let replayed = wait_for_replay(dir.path(), &[1, 2], Duration::from_secs(60));
-    let recovery = replayed - killed_at;
+    let stepped = wait_for_next_generation_step(&cluster, &id, running.generation, &[1, 2]);
+    let recovery = stepped - killed_at;
     eprintln!(
         "SIGKILL: next step {:.1} s after the kill",
         recovery.as_secs_f64()
@@ -202,6 +223,7 @@ fn a_killed_worker_and_a_stopped_worker_are_replaced_without_a_hang() {
     assert_eq!(cluster.workers[1].pid(), stopped);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert!(job.generation >= 3, "two membership changes");
+    assert_every_sample_once(&job, &spec);
 }
 
 #[test]
@@ -262,6 +284,7 @@ fn a_worker_that_hangs_while_its_heartbeat_goes_on_is_expelled() {
     );
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    assert_every_sample_once(&job, &spec);
     assert_eq!(
         *trained_steps(dir.path(), 1).last().unwrap(),
         TOTAL_STEPS,

@@ -297,3 +297,32 @@ pub fn final_manifest(job: &pb::Job) -> ladder_worker::checkpoint::Manifest {
     let last = job.checkpoints.last().expect("a committed checkpoint");
     ladder_worker::checkpoint::verify(Path::new(&last.path)).expect("the final checkpoint verifies")
 }
+
+/// Every sample of every epoch trained exactly once in the job's committed history (the
+/// coordinator's ledger), as the sample plan orders them; none skipped.
+pub fn assert_every_sample_once(job: &pb::Job, spec: &JobSpec) {
+    let manifest = ladder_core::dataset::Manifest::load(&spec.data.manifest).expect("manifest");
+    let plan = ladder_core::sample::SamplePlan::new(
+        &manifest.shard_sizes(),
+        spec.schedule.seed,
+        spec.data.shard_window,
+        spec.batch.global,
+    )
+    .expect("plan");
+    let epochs: Vec<u32> = job.trained.iter().map(|t| t.epoch).collect();
+    assert_eq!(
+        epochs,
+        (0..EPOCHS as u32).collect::<Vec<_>>(),
+        "{:?}",
+        job.trained
+    );
+    for t in &job.trained {
+        let expected = ladder_core::sample::EpochTally::expected(&plan, t.epoch);
+        assert_eq!(
+            (t.samples, t.digest, t.skipped),
+            (expected.samples, expected.digest, 0),
+            "epoch {}: every sample once",
+            t.epoch
+        );
+    }
+}
