@@ -411,6 +411,7 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
                 step: 3,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
