@@ -30,7 +30,7 @@ use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
 use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
-use crate::training_state::TrainingState;
+use crate::training_state::{Snapshot, TrainingState};
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::rng::Stream;
 use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
@@ -160,6 +160,8 @@ pub struct Trainer {
     /// What the steps since the last committed checkpoint (or the restore) trained, per
     /// epoch, over all ranks: sent with the next commit, and taken off once it is accepted.
     untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
+    /// The last snapshot's host memory, back from the writer: the next snapshot copies into it.
+    spare_snapshot: Arc<Mutex<Option<Snapshot>>>,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -291,6 +293,7 @@ impl Trainer {
             batch_counters,
             batches_tracked,
             untallied: Arc::default(),
+            spare_snapshot: Arc::default(),
             spec,
         })
     }
@@ -754,7 +757,7 @@ impl Trainer {
             optimizer: &mut self.optimizer,
             ema: &mut self.ema,
         }
-        .snapshot();
+        .snapshot(self.spare_snapshot.lock().expect("snapshot lock").take());
         let steps_per_epoch = self.plan.steps_per_epoch();
         let global_step = next.global_step(steps_per_epoch);
         let manifest = Manifest {
@@ -776,6 +779,7 @@ impl Trainer {
             trained: self.untallied.lock().expect("tally lock").clone(),
         };
         let untallied = self.untallied.clone();
+        let spare = self.spare_snapshot.clone();
         let parent = self.spec.checkpoint.dir.join(&self.job.job_id);
         let events = self.events.clone();
         tracing::debug!(
@@ -797,6 +801,7 @@ impl Trainer {
                 }
                 Err(e) => tracing::error!("checkpoint not written, training goes on: {e}"),
             }
+            *spare.lock().expect("snapshot lock") = Some(snapshot);
         }));
     }
 }

@@ -72,34 +72,62 @@ impl TrainingState<'_> {
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        self.snapshot().write(dir).map(|_| ())
+        self.snapshot(None).write(dir).map(|_| ())
+    }
+
+    /// The live tensors a snapshot copies, in a fixed order: the six flat buffers, then the
+    /// variables outside them (BatchNorm's integer batch counters), by name.
+    fn sources(&self) -> (Vec<Tensor>, Vec<String>) {
+        let flat = self.flat;
+        let mut tensors = vec![
+            flat.params.shallow_clone(),
+            flat.buffers.shallow_clone(),
+            self.optimizer.mean_square.shallow_clone(),
+            self.optimizer.momentum_buffer.shallow_clone(),
+            self.ema.params.shallow_clone(),
+            self.ema.buffers.shallow_clone(),
+        ];
+        let mut names = Vec::new();
+        for (name, t) in state_io::named(self.vs, "") {
+            if !flat.param_slots.iter().any(|s| s.name == name)
+                && !flat.buffer_slots.iter().any(|s| s.name == name)
+            {
+                tensors.push(t);
+                names.push(name);
+            }
+        }
+        (tensors, names)
     }
 
     /// Copies the state to host memory: the only part of a checkpoint that holds up training.
-    pub fn snapshot(&self) -> Snapshot {
-        let host = |t: &Tensor| match t.device() {
-            Device::Cpu => t.copy(),
-            _ => t.to_device(Device::Cpu),
+    /// Pass the previous snapshot (its write finished) to copy into its memory instead of
+    /// allocating: fresh pages cost more than the copy itself.
+    pub fn snapshot(&self, reuse: Option<Snapshot>) -> Snapshot {
+        let (sources, names) = self.sources();
+        let fits = |s: &Snapshot| {
+            s.host.len() == sources.len()
+                && s.host.iter().zip(&sources).all(|(h, t)| h.size() == t.size() && h.kind() == t.kind())
         };
-        let flat = self.flat;
-        // Variables outside the flat buffers: BatchNorm's integer batch counters.
-        let loose = state_io::named(self.vs, "")
-            .into_iter()
-            .filter(|(name, _)| {
-                !flat.param_slots.iter().any(|s| &s.name == name)
-                    && !flat.buffer_slots.iter().any(|s| &s.name == name)
-            })
-            .map(|(name, t)| (name, host(&t)))
-            .collect();
+        let host = match reuse.filter(fits) {
+            Some(previous) => previous.host,
+            None => sources
+                .iter()
+                .map(|t| {
+                    let host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
+                    // Page-locked memory lets the device copy run at full speed.
+                    if t.device().is_cuda() { host.pin_memory(t.device()) } else { host }
+                })
+                .collect(),
+        };
+        tch::no_grad(|| {
+            for (h, t) in host.iter().zip(&sources) {
+                h.shallow_clone().copy_(t);
+            }
+        });
         Snapshot {
-            slots: Arc::new((flat.param_slots.clone(), flat.buffer_slots.clone())),
-            params: host(&flat.params),
-            buffers: host(&flat.buffers),
-            loose,
-            mean_square: host(&self.optimizer.mean_square),
-            momentum: host(&self.optimizer.momentum_buffer),
-            ema_params: host(&self.ema.params),
-            ema_buffers: host(&self.ema.buffers),
+            slots: Arc::new((self.flat.param_slots.clone(), self.flat.buffer_slots.clone())),
+            host,
+            loose_names: names,
         }
     }
 
@@ -136,13 +164,10 @@ impl TrainingState<'_> {
 /// another thread while training continues.
 pub struct Snapshot {
     slots: Arc<(Vec<Slot>, Vec<Slot>)>,
-    params: Tensor,
-    buffers: Tensor,
-    loose: Vec<(String, Tensor)>,
-    mean_square: Tensor,
-    momentum: Tensor,
-    ema_params: Tensor,
-    ema_buffers: Tensor,
+    /// Params, buffers, mean square, momentum, EMA params, EMA buffers, then the loose
+    /// variables named by `loose_names`.
+    host: Vec<Tensor>,
+    loose_names: Vec<String>,
 }
 
 impl Snapshot {
@@ -151,15 +176,16 @@ impl Snapshot {
         let (param_slots, buffer_slots) = &*self.slots;
         let mut named: Vec<(String, Tensor)> = param_slots
             .iter()
-            .map(|s| (s.name.clone(), s.view(&self.params)))
+            .map(|s| (s.name.clone(), s.view(&self.host[0])))
             .chain(
                 buffer_slots
                     .iter()
-                    .map(|s| (s.name.clone(), s.view(&self.buffers))),
+                    .map(|s| (s.name.clone(), s.view(&self.host[1]))),
             )
             .chain(
-                self.loose
+                self.loose_names
                     .iter()
+                    .zip(&self.host[6..])
                     .map(|(n, t)| (n.clone(), t.shallow_clone())),
             )
             .collect();
@@ -173,10 +199,10 @@ impl Snapshot {
         Buffers {
             param_slots,
             buffer_slots,
-            mean_square: &self.mean_square,
-            momentum: &self.momentum,
-            ema_params: &self.ema_params,
-            ema_buffers: &self.ema_buffers,
+            mean_square: &self.host[2],
+            momentum: &self.host[3],
+            ema_params: &self.host[4],
+            ema_buffers: &self.host[5],
         }
         .training_views()
     }

@@ -1,0 +1,108 @@
+//! Ladder's side of `scripts/bench checkpoint`: EfficientNetV2-L's training state (model,
+//! RMSProp mean square and momentum, EMA) checkpointed as the trainer does. Prints one JSON line:
+//! the time training is blocked (the host snapshot), the background write's time (safetensors,
+//! SHA-256, fsync, rename), the bytes written, and the time a plain sequential write of as many
+//! bytes takes (the disk's speed, measured between Ladder's rounds).
+//!
+//! usage: bench_checkpoint DIR ROUNDS (at least 2)
+
+use ladder_core::spec::{ModelSpec, OptimizerSpec, Variant};
+use ladder_worker::checkpoint::{self, Manifest};
+use ladder_worker::ema::Ema;
+use ladder_worker::flat::{FlatState, Layout};
+use ladder_worker::model::EfficientNetV2;
+use ladder_worker::optim::RmsProp;
+use ladder_worker::training_state::TrainingState;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, nn};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().expect("usage: bench_checkpoint DIR ROUNDS"));
+    let rounds: usize = args.next().map_or(3, |r| r.parse().expect("ROUNDS"));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = ModelSpec {
+        variant: Variant::L,
+        classes: 1000,
+        bn_eps: 1e-3,
+        bn_momentum: 0.01,
+    };
+    let _model = EfficientNetV2::from_spec(&vs.root(), &spec);
+    let flat = FlatState::new(&vs, Layout::Contiguous);
+    let mut optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
+    let mut ema = Ema::new(&flat, 0.9999);
+    let (mut blocked, mut written, mut disk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = 0;
+    let mut spare = None;
+    for round in 0..rounds {
+        let state = TrainingState {
+            vs: &vs,
+            flat: &flat,
+            optimizer: &mut optimizer,
+            ema: &mut ema,
+        };
+        let start = Instant::now();
+        let snapshot = state.snapshot(spare.take());
+        blocked.push(start.elapsed().as_secs_f64());
+        let manifest = Manifest {
+            format: 0,
+            id: checkpoint::checkpoint_id(1, round as u64),
+            job: "bench".to_owned(),
+            generation: 1,
+            global_step: round as u64,
+            epoch: 0,
+            step: round as u64,
+            steps_per_epoch: 1,
+            stage: 0,
+            stage_end: false,
+            seed: 0,
+            world_size: 1,
+            model: "l".to_owned(),
+            classes: 1000,
+            files: Default::default(),
+            trained: Default::default(),
+        };
+        let start = Instant::now();
+        let (path, manifest) = checkpoint::write(&snapshot, &dir, manifest).expect("writing");
+        written.push(start.elapsed().as_secs_f64());
+        bytes = manifest.files.values().map(|f| f.bytes).sum::<u64>();
+        std::fs::remove_dir_all(path).expect("cleaning up");
+        spare = Some(snapshot);
+        disk.push(plain_write(&dir, bytes));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // The first snapshot allocates its host memory; later ones copy into it (what a run does
+    // from its second checkpoint on).
+    let first = blocked[0];
+    let mut steady = blocked[1..].to_vec();
+    println!(
+        "{{\"first_blocked_s\": {first}, \"blocked_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"bytes\": {bytes}}}",
+        median(&mut steady),
+        median(&mut written),
+        median(&mut disk)
+    );
+}
+
+/// The disk's sequential write speed, measured between Ladder's rounds: `bytes` written in
+/// 8 MiB `write` calls to one new file, then fsync (what `dd bs=8M conv=fsync` does).
+fn plain_write(dir: &std::path::Path, bytes: u64) -> f64 {
+    use std::io::Write;
+    let path = dir.join("disk-speed.bin");
+    let chunk: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let start = Instant::now();
+    let mut file = std::fs::File::create(&path).expect("disk test file");
+    let mut written = 0u64;
+    while written < bytes {
+        let n = chunk.len().min((bytes - written) as usize);
+        file.write_all(&chunk[..n]).expect("writing the disk test file");
+        written += n as u64;
+    }
+    file.sync_all().expect("fsync");
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_file(path).expect("cleaning up");
+    seconds
+}
