@@ -1,6 +1,8 @@
 //! Ladder's side of `scripts/bench checkpoint`: EfficientNetV2-L's training state (model,
 //! RMSProp mean square and momentum, EMA) checkpointed as the trainer does. Prints one JSON line:
-//! the time training is blocked (the host snapshot), the background write's time (safetensors,
+//! the time training is blocked (starting the snapshot, then waiting for its copy, which runs
+//! beside a real forward and backward pass of L), what a snapshot taken all at once would
+//! block, that pass's time alone and beside the copy, the background write's time (safetensors,
 //! SHA-256, fsync, rename), the bytes written, and the time a plain sequential write of as many
 //! bytes takes (the disk's speed, measured between Ladder's rounds).
 //!
@@ -15,7 +17,7 @@ use ladder_worker::optim::RmsProp;
 use ladder_worker::training_state::TrainingState;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Device, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -28,11 +30,20 @@ fn main() {
         bn_eps: 1e-3,
         bn_momentum: 0.01,
     };
-    let _model = EfficientNetV2::from_spec(&vs.root(), &spec);
+    let model = EfficientNetV2::from_spec(&vs.root(), &spec);
     let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
     let mut ema = Ema::new(&flat, 0.9999);
     let (mut blocked, mut written, mut disk) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut synchronous, mut step_alone, mut step_beside) = (Vec::new(), Vec::new(), Vec::new());
+    // The next step's forward and backward passes, which the snapshot's copy runs beside.
+    let images = Tensor::randn([2, 3, 128, 128], (Kind::Float, Device::Cpu));
+    let step = || {
+        let start = Instant::now();
+        flat.zero_grads();
+        model.forward(&images, true).mean(Kind::Float).backward();
+        start.elapsed().as_secs_f64()
+    };
     let mut bytes = 0;
     let mut spare = None;
     for round in 0..rounds {
@@ -42,9 +53,20 @@ fn main() {
             optimizer: &mut optimizer,
             ema: &mut ema,
         };
+        // What a snapshot taken all at once would block for.
         let start = Instant::now();
-        let snapshot = state.snapshot(spare.take());
-        blocked.push(start.elapsed().as_secs_f64());
+        let full = state.snapshot(spare.take());
+        synchronous.push(start.elapsed().as_secs_f64());
+        step_alone.push(step());
+        // What the trainer does: start the snapshot, run the next step's passes, then wait for
+        // the copy before the optimizer update.
+        let start = Instant::now();
+        let pending = state.begin_snapshot(Some(full));
+        let started = start.elapsed().as_secs_f64();
+        step_beside.push(step());
+        let start = Instant::now();
+        let snapshot = pending.finish();
+        blocked.push(started + start.elapsed().as_secs_f64());
         let manifest = Manifest {
             format: 0,
             id: checkpoint::checkpoint_id(1, round as u64),
@@ -75,13 +97,16 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    // The first snapshot allocates its host memory; later ones copy into it (what a run does
-    // from its second checkpoint on).
-    let first = blocked[0];
-    let mut steady = blocked[1..].to_vec();
+    // The first synchronous snapshot allocates its host memory; later ones copy into it (what
+    // a run does from its second checkpoint on).
+    let first = synchronous[0];
+    let mut steady = synchronous[1..].to_vec();
     println!(
-        "{{\"first_blocked_s\": {first}, \"blocked_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"bytes\": {bytes}}}",
+        "{{\"blocked_s\": {}, \"synchronous_s\": {}, \"first_synchronous_s\": {first}, \"step_alone_s\": {}, \"step_beside_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"bytes\": {bytes}}}",
+        median(&mut blocked),
         median(&mut steady),
+        median(&mut step_alone),
+        median(&mut step_beside),
         median(&mut written),
         median(&mut disk)
     );
@@ -92,13 +117,16 @@ fn main() {
 fn plain_write(dir: &std::path::Path, bytes: u64) -> f64 {
     use std::io::Write;
     let path = dir.join("disk-speed.bin");
-    let chunk: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let chunk: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let start = Instant::now();
     let mut file = std::fs::File::create(&path).expect("disk test file");
     let mut written = 0u64;
     while written < bytes {
         let n = chunk.len().min((bytes - written) as usize);
-        file.write_all(&chunk[..n]).expect("writing the disk test file");
+        file.write_all(&chunk[..n])
+            .expect("writing the disk test file");
         written += n as u64;
     }
     file.sync_all().expect("fsync");

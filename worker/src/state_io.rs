@@ -99,18 +99,21 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<Written, State
             hex(&hasher.finalize())
         });
         let written = write_pieces(path, &pieces);
-        (written, hasher.join().expect("the hashing thread does not panic"))
+        (
+            written,
+            hasher.join().expect("the hashing thread does not panic"),
+        )
     });
     let bytes = written.map_err(|e| fail(e.to_string()))?;
     Ok(Written { bytes, sha256 })
 }
 
 /// Bytes written between two requests to start writing back to disk.
-const WRITEBACK_EVERY: u64 = 64 << 20;
+const WRITEBACK_EVERY: u64 = 256 << 20;
 
 /// Writes `pieces` into a new file at `path` and flushes it to disk; returns its size.
 ///
-/// Every 64 MiB the kernel is asked to start writing the new range back (without waiting),
+/// Every 256 MiB the kernel is asked to start writing the new range back (without waiting),
 /// so the disk works while later bytes are copied and the final flush has little left: dirty
 /// pages never pile up to the point where the kernel throttles the writer.
 fn write_pieces(path: &Path, pieces: &[&[u8]]) -> std::io::Result<u64> {

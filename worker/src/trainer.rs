@@ -30,7 +30,7 @@ use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
 use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
-use crate::training_state::{Snapshot, TrainingState};
+use crate::training_state::{PendingSnapshot, Snapshot, TrainingState};
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::rng::Stream;
 use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
@@ -162,6 +162,8 @@ pub struct Trainer {
     untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
     /// The last snapshot's host memory, back from the writer: the next snapshot copies into it.
     spare_snapshot: Arc<Mutex<Option<Snapshot>>>,
+    /// A checkpoint whose snapshot is still being copied, with how long starting it took.
+    pending_checkpoint: Option<(PendingSnapshot, Manifest, std::time::Duration)>,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -294,6 +296,7 @@ impl Trainer {
             batches_tracked,
             untallied: Arc::default(),
             spare_snapshot: Arc::default(),
+            pending_checkpoint: None,
             spec,
         })
     }
@@ -403,6 +406,7 @@ impl Trainer {
             }
             cursor = next;
         }
+        self.complete_checkpoint();
         self.writer.wait();
         Ok(Outcome {
             graph_builds: self.graph_builds,
@@ -640,6 +644,7 @@ impl Trainer {
             step,
         }
         .global_step(self.plan.steps_per_epoch());
+        self.complete_checkpoint();
         self.optimizer.step(&self.flat, self.lr.at(global_step));
         self.ema.update(&self.flat, global_step);
         self.batches_tracked += micro_per_step as i64;
@@ -669,6 +674,7 @@ impl Trainer {
     /// Top-1 and top-5 on the held-out split with the EMA weights, each rank evaluating every
     /// `world`-th sample; `None` without a held-out split.
     fn evaluate(&mut self, epoch: u32) -> Result<Option<Evaluation>, TrainError> {
+        self.complete_checkpoint();
         let Some(eval_set) = self.eval_set.clone() else {
             return Ok(None);
         };
@@ -746,10 +752,12 @@ impl Trainer {
         if self.job.rank != 0 {
             return;
         }
+        self.complete_checkpoint();
         let started = Instant::now();
         if self.writer.busy() {
             tracing::warn!("the previous checkpoint is still being written; waiting for it");
         }
+        // At most one write in flight; it gives back the host memory the next snapshot reuses.
         self.writer.wait();
         let snapshot = TrainingState {
             vs: &self.vs,
@@ -757,7 +765,7 @@ impl Trainer {
             optimizer: &mut self.optimizer,
             ema: &mut self.ema,
         }
-        .snapshot(self.spare_snapshot.lock().expect("snapshot lock").take());
+        .begin_snapshot(self.spare_snapshot.lock().expect("snapshot lock").take());
         let steps_per_epoch = self.plan.steps_per_epoch();
         let global_step = next.global_step(steps_per_epoch);
         let manifest = Manifest {
@@ -778,14 +786,27 @@ impl Trainer {
             files: Default::default(),
             trained: self.untallied.lock().expect("tally lock").clone(),
         };
+        self.pending_checkpoint = Some((snapshot, manifest, started.elapsed()));
+        self.liveness.tick();
+    }
+
+    /// Waits for the pending snapshot's copy (it ran beside this step's forward and backward
+    /// passes) and hands it to the background writer. Called before anything changes the
+    /// parameters, optimizer state or EMA.
+    fn complete_checkpoint(&mut self) {
+        let Some((pending, manifest, taken)) = self.pending_checkpoint.take() else {
+            return;
+        };
+        let waited = Instant::now();
+        let snapshot = pending.finish();
+        tracing::debug!(
+            blocked_ms = (taken + waited.elapsed()).as_secs_f64() * 1e3,
+            "checkpoint snapshot taken"
+        );
         let untallied = self.untallied.clone();
         let spare = self.spare_snapshot.clone();
         let parent = self.spec.checkpoint.dir.join(&self.job.job_id);
         let events = self.events.clone();
-        tracing::debug!(
-            blocked_ms = started.elapsed().as_secs_f64() * 1e3,
-            "checkpoint snapshot taken"
-        );
         self.writer.submit(Box::new(move || {
             match checkpoint::write(&snapshot, &parent, manifest) {
                 Ok((dir, manifest)) => {

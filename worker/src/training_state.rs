@@ -99,35 +99,71 @@ impl TrainingState<'_> {
         (tensors, names)
     }
 
-    /// Copies the state to host memory: the only part of a checkpoint that holds up training.
-    /// Pass the previous snapshot (its write finished) to copy into its memory instead of
-    /// allocating: fresh pages cost more than the copy itself.
+    /// Copies the state to host memory, all at once. Pass the previous snapshot (its write
+    /// finished) to copy into its memory instead of allocating: fresh pages cost more than the
+    /// copy itself.
     pub fn snapshot(&self, reuse: Option<Snapshot>) -> Snapshot {
+        self.begin_snapshot(reuse).finish()
+    }
+
+    /// Starts a snapshot without holding up training: what a training step changes before its
+    /// optimizer update (BatchNorm statistics and counters, changed by the forward pass) is
+    /// copied now; the large buffers that only the optimizer and the EMA change (parameters,
+    /// RMSProp state, EMA weights) are copied on a thread while the next step runs its forward
+    /// and backward passes. [`PendingSnapshot::finish`] must come before that step's update.
+    pub fn begin_snapshot(&self, reuse: Option<Snapshot>) -> PendingSnapshot {
         let (sources, names) = self.sources();
         let fits = |s: &Snapshot| {
             s.host.len() == sources.len()
-                && s.host.iter().zip(&sources).all(|(h, t)| h.size() == t.size() && h.kind() == t.kind())
+                && s.host
+                    .iter()
+                    .zip(&sources)
+                    .all(|(h, t)| h.size() == t.size() && h.kind() == t.kind())
         };
-        let host = match reuse.filter(fits) {
+        let host: Vec<Tensor> = match reuse.filter(fits) {
             Some(previous) => previous.host,
             None => sources
                 .iter()
                 .map(|t| {
                     let host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
                     // Page-locked memory lets the device copy run at full speed.
-                    if t.device().is_cuda() { host.pin_memory(t.device()) } else { host }
+                    if t.device().is_cuda() {
+                        host.pin_memory(t.device())
+                    } else {
+                        host
+                    }
                 })
                 .collect(),
         };
-        tch::no_grad(|| {
-            for (h, t) in host.iter().zip(&sources) {
-                h.shallow_clone().copy_(t);
-            }
-        });
-        Snapshot {
-            slots: Arc::new((self.flat.param_slots.clone(), self.flat.buffer_slots.clone())),
-            host,
-            loose_names: names,
+        let copy = |pairs: &[(Tensor, Tensor)]| {
+            tch::no_grad(|| {
+                for (h, t) in pairs {
+                    h.shallow_clone().copy_(t);
+                }
+            })
+        };
+        let (now, later): (Vec<_>, Vec<_>) = host
+            .iter()
+            .zip(&sources)
+            .enumerate()
+            .map(|(i, (h, t))| (i, (h.shallow_clone(), t.shallow_clone())))
+            .partition(|(i, _)| !OPTIMIZER_CHANGED.contains(i));
+        copy(&now.into_iter().map(|(_, p)| p).collect::<Vec<_>>());
+        let later: Vec<(Tensor, Tensor)> = later.into_iter().map(|(_, p)| p).collect();
+        let copier = std::thread::Builder::new()
+            .name("snapshot-copy".to_owned())
+            .spawn(move || copy(&later))
+            .expect("spawning the snapshot copy");
+        PendingSnapshot {
+            snapshot: Snapshot {
+                slots: Arc::new((
+                    self.flat.param_slots.clone(),
+                    self.flat.buffer_slots.clone(),
+                )),
+                host,
+                loose_names: names,
+            },
+            copier,
         }
     }
 
@@ -157,6 +193,27 @@ impl TrainingState<'_> {
             "",
             &training_path.display().to_string(),
         )
+    }
+}
+
+/// Positions in [`TrainingState::sources`] of the buffers only the optimizer and the EMA
+/// change: parameters, mean square, momentum, EMA parameters, EMA statistics.
+const OPTIMIZER_CHANGED: [usize; 5] = [0, 2, 3, 4, 5];
+
+/// A snapshot whose large buffers are still being copied (see
+/// [`TrainingState::begin_snapshot`]).
+pub struct PendingSnapshot {
+    snapshot: Snapshot,
+    copier: std::thread::JoinHandle<()>,
+}
+
+impl PendingSnapshot {
+    /// Waits for the copy; the state may change from here on.
+    pub fn finish(self) -> Snapshot {
+        self.copier
+            .join()
+            .expect("the snapshot copy does not panic");
+        self.snapshot
     }
 }
 
