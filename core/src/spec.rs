@@ -63,6 +63,10 @@ pub struct ModelSpec {
     /// BatchNorm momentum in PyTorch's convention (TF's 0.99 is PyTorch's 0.01).
     #[serde(default = "defaults::bn_momentum")]
     pub bn_momentum: f64,
+    /// Pretrained weights to start from (fine-tuning): a torchvision state dict saved as
+    /// safetensors. The classifier starts fresh when the class counts differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -391,6 +395,9 @@ impl JobSpec {
             resolve(p);
         }
         resolve(&mut self.checkpoint.dir);
+        if let Some(p) = self.model.init_from.as_mut() {
+            resolve(p);
+        }
     }
 
     /// Micro-batches per global step at the largest micro-batch: every world size must divide
@@ -437,6 +444,14 @@ impl JobSpec {
             m.bn_momentum > 0.0 && m.bn_momentum <= 1.0,
             "in (0, 1] (PyTorch's convention: TF's 0.99 is 0.01)",
         );
+        if let Some(path) = &m.init_from {
+            c.check(
+                "model.init_from",
+                format!("{path:?}"),
+                path.extension().is_some_and(|e| e == "safetensors"),
+                "a .safetensors file (convert a .pth with: python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('IN.pth'), 'OUT.safetensors')\")",
+            );
+        }
 
         let d = &self.data;
         c.check(

@@ -98,6 +98,10 @@ fn malformed() -> Vec<(String, &'static [&'static str])> {
             &["unknown variant `huge`", "tiny"],
         ),
         (
+            with("classes = 10", "classes = 10\ninit_from = \"s.pth\""),
+            &["model.init_from", "s.pth", ".safetensors", "save_file"],
+        ),
+        (
             with("classes = 10", "classes = 1"),
             &["model.classes = 1", "between 2"],
         ),

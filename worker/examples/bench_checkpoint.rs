@@ -29,6 +29,7 @@ fn main() {
         classes: 1000,
         bn_eps: 1e-3,
         bn_momentum: 0.01,
+        init_from: None,
     };
     let model = EfficientNetV2::from_spec(&vs.root(), &spec);
     let flat = FlatState::new(&vs, Layout::Contiguous);

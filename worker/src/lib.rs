@@ -20,6 +20,7 @@ pub mod model;
 pub mod nccl_library;
 pub mod optim;
 pub mod precision;
+pub mod pretrained;
 pub mod report;
 pub mod state_io;
 pub mod trainer;

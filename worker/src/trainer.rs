@@ -28,6 +28,7 @@ use crate::loss;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
+use crate::pretrained;
 use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
 use crate::training_state::{PendingSnapshot, Snapshot, TrainingState};
@@ -214,6 +215,11 @@ impl Trainer {
         tch::manual_seed(spec.schedule.seed as i64);
         let vs = nn::VarStore::new(device);
         let model = EfficientNetV2::from_spec(&vs.root(), &spec.model);
+        if let (None, Some(path)) = (&job.restore_from, &spec.model.init_from) {
+            let fresh = pretrained::initialize(&vs, path)
+                .map_err(|e| fatal("model.init_from")(e.to_string()))?;
+            tracing::info!(weights = %path.display(), fresh = ?fresh, "initialized from pretrained weights");
+        }
         let layout = match device {
             Device::Cpu => Layout::Contiguous,
             _ => Layout::ChannelsLast,

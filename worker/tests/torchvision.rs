@@ -7,6 +7,7 @@ use ladder_worker::ema::Ema;
 use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
+use ladder_worker::pretrained;
 use ladder_worker::state_io;
 use ladder_worker::training_state::{MODEL_FILE, TrainingState};
 use std::collections::HashMap;
@@ -192,4 +193,48 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
     let ours = tch::no_grad(|| model.forward(&x, false));
     let err = max_relative_error(&ours, &theirs);
     assert!(err < 1e-4, "torchvision's logits differ by {err:e}");
+}
+
+#[test]
+fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let imagenet = dir.path().join("s-1000.safetensors");
+    reference(&["pretrained", "s", "1000", imagenet.to_str().unwrap()]);
+    let weights: HashMap<String, Tensor> = state_io::read(&imagenet).unwrap().into_iter().collect();
+
+    // Fine-tuning on 10 classes: everything but the classifier comes from the file.
+    let (vs, _model) = torchvision_s();
+    let fresh = pretrained::initialize(&vs, &imagenet).unwrap();
+    assert_eq!(fresh, vec!["classifier.1.bias", "classifier.1.weight"]);
+    for (name, var) in state_io::named(&vs, "") {
+        if name.starts_with("classifier.") {
+            assert_eq!(var.size()[0], 10);
+        } else {
+            assert!(var.equal(&weights[&name]), "{name} comes from the file");
+        }
+    }
+    // Same classes: the classifier is loaded too.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = EfficientNetV2::new(
+        &vs.root(),
+        &Architecture::of(Variant::S),
+        1000,
+        TORCHVISION_BN,
+    );
+    assert!(pretrained::initialize(&vs, &imagenet).unwrap().is_empty());
+    let classifier = &state_io::named(&vs, "")
+        .into_iter()
+        .find(|(n, _)| n == "classifier.1.weight")
+        .unwrap()
+        .1;
+    assert!(classifier.equal(&weights["classifier.1.weight"]));
+
+    // Another variant's weights are refused, naming the problems, and nothing changes.
+    let m = dir.path().join("m.safetensors");
+    reference(&["pretrained", "m", "1000", m.to_str().unwrap()]);
+    let (vs, _model) = torchvision_s();
+    let before = state_io::named(&vs, "")[0].1.copy();
+    let err = pretrained::initialize(&vs, &m).unwrap_err().to_string();
+    assert!(err.contains("unexpected") && err.contains("shape"), "{err}");
+    assert!(state_io::named(&vs, "")[0].1.equal(&before));
 }

@@ -6,6 +6,8 @@ usage: torchvision_reference.py tensors VARIANT OUT.safetensors
          BatchNorm buffers after it ("after.")
        torchvision_reference.py shapes VARIANT CLASSES OUT.json
          every state-dict name with its shape and dtype, and the parameter count
+       torchvision_reference.py pretrained VARIANT CLASSES OUT.safetensors
+         a seeded model's state dict as a user saves pretrained weights for `model.init_from`
        torchvision_reference.py load VARIANT CLASSES MODEL.safetensors INPUT.safetensors OUT.safetensors
          loads a Ladder model file with load_state_dict (strict) and writes its eval logits
          for the "input" tensor of INPUT
@@ -68,6 +70,12 @@ def shapes(variant, classes, out):
         json.dump({"state": entries, "parameters": parameters}, f)
 
 
+def pretrained(variant, classes, out):
+    torch.manual_seed(1)
+    model = build(variant, classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+
+
 def load(variant, classes, model_file, input_file, out):
     model = build(variant, classes)
     model.load_state_dict(load_file(model_file), strict=True)
@@ -80,6 +88,8 @@ def load(variant, classes, model_file, input_file, out):
 if __name__ == "__main__":
     if sys.argv[1] == "tensors":
         tensors(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "pretrained":
+        pretrained(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif sys.argv[1] == "shapes":
         shapes(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
