@@ -14,6 +14,8 @@ use tch::{Tensor, nn};
 
 const CLASSIFIER: &str = "classifier.";
 
+type Named = (String, Tensor);
+
 /// Loads `path` into `vs`; returns the names left at their fresh initialization.
 pub fn initialize(vs: &nn::VarStore, path: &Path) -> Result<Vec<String>, StateError> {
     let origin = path.display().to_string();
@@ -25,12 +27,12 @@ pub fn initialize(vs: &nn::VarStore, path: &Path) -> Result<Vec<String>, StateEr
                 .iter()
                 .any(|(n, t)| n == name && t.size() != var.size())
     });
-    let (targets, fresh): (Vec<(String, Tensor)>, Vec<(String, Tensor)>) = ours
+    let starts_fresh = |name: &str| classifier_differs && name.starts_with(CLASSIFIER);
+    let (fresh, targets): (Vec<Named>, Vec<Named>) =
+        ours.into_iter().partition(|(name, _)| starts_fresh(name));
+    let given: Vec<Named> = file
         .into_iter()
-        .partition(|(name, _)| !(classifier_differs && name.starts_with(CLASSIFIER)));
-    let given: Vec<(String, Tensor)> = file
-        .into_iter()
-        .filter(|(name, _)| !(classifier_differs && name.starts_with(CLASSIFIER)))
+        .filter(|(name, _)| !starts_fresh(name))
         .collect();
     state_io::load_into(&targets, &given, "", &origin)?;
     Ok(fresh.into_iter().map(|(name, _)| name).collect())
