@@ -7,6 +7,7 @@ use ladder_coordinator::auth::{Role, Tokens};
 use ladder_coordinator::service::{JobApi, WorkerApi};
 use ladder_coordinator::state::{Config, Coordinator};
 use ladder_coordinator::store::{EtcdStore, RedbStore, SharedStore, StoreAddress};
+use ladder_core::logging::{self, LogFormat};
 use ladder_proto::v1::job_service_server::JobServiceServer;
 use ladder_proto::v1::worker_service_server::WorkerServiceServer;
 use std::net::SocketAddr;
@@ -59,14 +60,8 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     leader_ttl_s: i64,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, default_value = "text", value_name = "text|json")]
     log_format: LogFormat,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
@@ -82,18 +77,6 @@ fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
     Ok(token)
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 async fn shutdown_signal() -> &'static str {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
@@ -106,7 +89,7 @@ async fn shutdown_signal() -> &'static str {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    init_logs(args.log_format);
+    logging::init(args.log_format);
     if let Err(e) = run(args).await {
         eprintln!("ladder-coordinator: error: {e:#}");
         std::process::exit(1);

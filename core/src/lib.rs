@@ -4,6 +4,7 @@
 //! random streams they are built on ([`rng`]).
 
 pub mod dataset;
+pub mod logging;
 pub mod rng;
 pub mod sample;
 pub mod spec;

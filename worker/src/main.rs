@@ -2,6 +2,7 @@
 //! its lease and trains whatever it is assigned. See `ladder-worker --help`.
 
 use clap::Parser;
+use ladder_core::logging::{self, LogFormat};
 use ladder_worker::agent::{self, Config};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -51,14 +52,8 @@ struct Args {
     #[arg(long, value_name = "STEP", hide = true)]
     inject_hang_before_step: Option<u64>,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, default_value = "text", value_name = "text|json")]
     log_format: LogFormat,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 fn parse_device(text: &str) -> Result<Device, String> {
@@ -70,18 +65,6 @@ fn parse_device(text: &str) -> Result<Device, String> {
                 "--device {text:?}: expected `cpu` or `cuda:N` (N the GPU's index)"
             )),
         },
-    }
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -99,7 +82,7 @@ fn check_device(device: Device) -> Result<(), String> {
 
 fn main() {
     let args = Args::parse();
-    init_logs(args.log_format);
+    logging::init(args.log_format);
     let device = match parse_device(&args.device).and_then(|d| check_device(d).map(|()| d)) {
         Ok(d) => d,
         Err(e) => {
