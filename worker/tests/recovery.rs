@@ -291,3 +291,45 @@ fn a_worker_that_hangs_while_its_heartbeat_goes_on_is_expelled() {
         "the healthy worker finished the job alone"
     );
 }
+
+#[test]
+fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (1, 2), 5, 100);
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    wait_for_checkpoint_after(&cluster, &id, 10);
+    cluster.cancel(&id);
+    cluster.kill_workers();
+    let job = cluster.job(&id);
+    let (bad, previous) = match job.checkpoints.as_slice() {
+        [.., previous, bad] => (bad.clone(), previous.clone()),
+        _ => panic!("two committed checkpoints: {:?}", job.checkpoints),
+    };
+    // Cut the newest checkpoint's training state short, as a full disk or a dying node would.
+    let file = Path::new(&bad.path).join("training.safetensors");
+    let length = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    cluster.add_workers(2);
+    cluster.resume(&id, 0);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    assert!(
+        job.last_incident.contains(&bad.id) && job.last_incident.contains("truncated"),
+        "the corrupt checkpoint is reported: {}",
+        job.last_incident
+    );
+    assert!(
+        job.last_incident.contains(&previous.id),
+        "and the previous one used: {}",
+        job.last_incident
+    );
+    assert!(!job.checkpoints.iter().any(|c| c.id == bad.id));
+    assert_every_sample_once(&job, &spec);
+}
