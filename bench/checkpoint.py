@@ -35,7 +35,9 @@ def main():
     slowdown = max(0.0, ladder["step_beside_s"] - ladder["step_alone_s"])
     cost = ladder["blocked_s"] + slowdown
     blocked_ratio = cost / torch["save_s"]
-    throughput_ratio = ladder_bps / disk_bps
+    # Each round's write against the disk test right after it (the disk's speed swings by 2x
+    # on these machines within a minute), then the median of those ratios.
+    throughput_ratio = ladder["paired_ratio"]
     mb = 1e6
     print(f"EfficientNetV2-L state: {ladder['bytes'] / mb:.0f} MB (Ladder), "
           f"{torch['bytes'] / mb:.0f} MB (torch.save); medians of {ROUNDS} rounds")
@@ -49,7 +51,8 @@ def main():
           f"   first, allocating: {ladder['first_synchronous_s']:.3f}")
     print(f"{'write incl. fsync, s':<42} {ladder['write_s']:>9.3f} {torch['save_fsync_s']:>11.3f}")
     print(f"{'write throughput vs disk, MB/s':<42} {ladder_bps / mb:>9.0f} {disk_bps / mb:>11.0f} "
-          f"{throughput_ratio:>7.2f}   (disk: 8 MiB writes + fsync, between rounds; goal >= 0.80)")
+          f"{throughput_ratio:>7.2f}   (goal >= 0.80)")
+    print("  (disk: 8 MiB writes + fsync after each round; the ratio is the median of the rounds' ratios)")
     ok = blocked_ratio <= 0.10 and throughput_ratio >= 0.80
     print("goals met" if ok else "goal missed")
     sys.exit(0 if ok else 1)

@@ -100,16 +100,18 @@ fn main() {
     };
     // The first synchronous snapshot allocates its host memory; later ones copy into it (what
     // a run does from its second checkpoint on).
+    let mut paired: Vec<f64> = disk.iter().zip(&written).map(|(d, w)| d / w).collect();
     let first = synchronous[0];
     let mut steady = synchronous[1..].to_vec();
     println!(
-        "{{\"blocked_s\": {}, \"synchronous_s\": {}, \"first_synchronous_s\": {first}, \"step_alone_s\": {}, \"step_beside_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"bytes\": {bytes}}}",
+        "{{\"blocked_s\": {}, \"synchronous_s\": {}, \"first_synchronous_s\": {first}, \"step_alone_s\": {}, \"step_beside_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"paired_ratio\": {}, \"bytes\": {bytes}}}",
         median(&mut blocked),
         median(&mut steady),
         median(&mut step_alone),
         median(&mut step_beside),
         median(&mut written),
-        median(&mut disk)
+        median(&mut disk),
+        median(&mut paired)
     );
 }
 
