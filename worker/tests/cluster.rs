@@ -4,48 +4,10 @@
 mod common;
 
 use common::{Cluster, EPOCHS, STEPS_PER_EPOCH, assert_every_sample_once, write_spec};
-use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use ladder_proto::v1 as pb;
-use ladder_testkit::{SUBMIT_TOKEN, job_client};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-/// Submits the spec and follows the job until it ends; returns every state it was seen in.
-fn run_job(url: &str, spec: &JobSpec, timeout: Duration) -> Vec<pb::Job> {
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    runtime.block_on(async {
-        let mut client = job_client(url, SUBMIT_TOKEN).await;
-        let job = client
-            .submit_job(pb::SubmitJobRequest {
-                spec_toml: spec.to_toml(),
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .job
-            .expect("a job");
-        let mut events = client
-            .watch_job(pb::WatchJobRequest { id: job.id })
-            .await
-            .expect("watch")
-            .into_inner();
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, events.message()).await {
-                Ok(Ok(Some(event))) => seen.extend(event.job),
-                Ok(Ok(None)) => return seen,
-                Ok(Err(status)) => panic!("watch failed: {status}"),
-                Err(_) => panic!(
-                    "the job did not end within {timeout:?}; last seen: {:#?}",
-                    seen.last()
-                ),
-            }
-        }
-    })
-}
+use std::time::Duration;
 
 fn train_with(workers: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -56,7 +18,8 @@ fn train_with(workers: u32) {
     let digests: Vec<PathBuf> = (0..workers)
         .map(|i| dir.path().join(format!("digests-{i}.txt")))
         .collect();
-    let seen = run_job(&cluster.url(), &spec, Duration::from_secs(600));
+    let id = cluster.submit(&spec);
+    let seen = cluster.watch_until_ended(&id, Duration::from_secs(600));
     let logs_text = || cluster.logs();
     let last = seen.last().expect("the job was seen");
     assert_eq!(

@@ -180,6 +180,33 @@ impl Cluster {
         })
     }
 
+    /// Follows the job with WatchJob until it ends; returns every state it was seen in.
+    pub fn watch_until_ended(&self, id: &str, timeout: Duration) -> Vec<pb::Job> {
+        let url = self.url();
+        self.runtime.block_on(async {
+            let mut events = job_client(&url, SUBMIT_TOKEN)
+                .await
+                .watch_job(pb::WatchJobRequest { id: id.to_owned() })
+                .await
+                .expect("watch")
+                .into_inner();
+            let deadline = Instant::now() + timeout;
+            let mut seen = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, events.message()).await {
+                    Ok(Ok(Some(event))) => seen.extend(event.job),
+                    Ok(Ok(None)) => return seen,
+                    Ok(Err(status)) => panic!("watch failed: {status}"),
+                    Err(_) => panic!(
+                        "the job did not end within {timeout:?}; last seen: {:#?}",
+                        seen.last()
+                    ),
+                }
+            }
+        })
+    }
+
     pub fn job(&self, id: &str) -> pb::Job {
         let url = self.url();
         self.runtime.block_on(async {
