@@ -30,6 +30,23 @@ fn error(rank: u32, message: impl Into<String>) -> CollectiveError {
     }
 }
 
+/// An NCCL failure in words: the result code, NCCL's string for it and its last error message.
+fn explain(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: NCCL returns NUL-terminated static or per-communicator strings.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    // SAFETY: plain queries; a null communicator asks for the last error of any.
+    let (name, last) = unsafe { (sys::ncclGetErrorString(code), sys::ncclGetLastError(comm)) };
+    format!("{code:?} ({}); last error: {}", text(name), text(last))
+}
+
 /// Whether libnccl and the CUDA runtime can be loaded; the error says what is missing.
 pub fn available() -> Result<(), CollectiveError> {
     // SAFETY: the probes only try to dlopen the libraries.
@@ -51,7 +68,12 @@ pub fn available() -> Result<(), CollectiveError> {
 /// A new NCCL unique id, made by rank 0 and shared through the rendezvous.
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
     available()?;
-    let id = nccl::get_uniqueid().map_err(|e| error(0, format!("ncclGetUniqueId: {e:?}")))?;
+    let id = nccl::get_uniqueid().map_err(|e| {
+        error(
+            0,
+            format!("ncclGetUniqueId: {}", explain(std::ptr::null_mut(), e.0)),
+        )
+    })?;
     Ok(id.internal.map(|c| c as u8))
 }
 
@@ -121,7 +143,12 @@ impl NcclCommunicator {
         unsafe {
             nccl::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config)
         }
-        .map_err(|e| error(rank, format!("ncclCommInitRankConfig: {e:?}")))?;
+        .map_err(|e| {
+            error(
+                rank,
+                format!("ncclCommInitRankConfig: {}", explain(comm, e.0)),
+            )
+        })?;
         let mut communicator = NcclCommunicator {
             comm,
             rank,
@@ -194,7 +221,7 @@ impl NcclCommunicator {
         match state {
             sys::ncclResult_t::ncclSuccess => Ok(true),
             sys::ncclResult_t::ncclInProgress => Ok(false),
-            other => Err(error(self.rank, format!("{other:?}"))),
+            other => Err(error(self.rank, explain(self.comm, other))),
         }
     }
 
@@ -249,7 +276,8 @@ impl Collective for NcclCommunicator {
         };
         if let Err(e) = queued {
             let rank = self.rank;
-            return Err(self.fail(error(rank, format!("ncclAllReduce: {e:?}"))));
+            let why = explain(self.comm, e.0);
+            return Err(self.fail(error(rank, format!("ncclAllReduce of {len} floats: {why}"))));
         }
         self.wait_for_comm("queuing the allreduce")?;
         // Wait for the reduction itself without blocking in the driver, so that a hung peer

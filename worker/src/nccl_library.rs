@@ -4,7 +4,8 @@
 //! that library — `LADDER_NCCL_LIBRARY` if set, else the copy this process already mapped, else
 //! the one beside the torch install — links it as `libnccl.so` in a private directory, and
 //! restarts itself once with that directory first on `LD_LIBRARY_PATH` (the loader reads the
-//! variable only at start).
+//! variable only at start). It does the same when `libnccl.so` resolves to another copy than
+//! the one libtorch loaded (a system CUDA install), so one process never holds two NCCLs.
 
 use ladder_collective::nccl;
 use std::ffi::OsString;
@@ -25,6 +26,7 @@ fn mapped(prefix: &str) -> Vec<PathBuf> {
                 .is_some_and(|n| n.starts_with(prefix))
         })
         .collect();
+    found.sort();
     found.dedup();
     found
 }
@@ -45,8 +47,18 @@ fn locate() -> Option<PathBuf> {
 /// Returns when NCCL loads; may restart the process (never returns then); errors say what to
 /// set.
 pub fn ensure_loadable() -> Result<(), String> {
+    // The copy libtorch_cuda brought in, before anything else loads one.
+    let torch_copy = mapped("libnccl.so").into_iter().next();
     if nccl::available().is_ok() {
-        return Ok(());
+        // Another libnccl.so on the search path (a system CUDA install, say) would put two
+        // NCCLs of different versions in one process: use libtorch's unless told otherwise.
+        let loaded = mapped("libnccl.so");
+        let same = torch_copy
+            .as_ref()
+            .is_none_or(|t| loaded.iter().all(|p| p == t));
+        if same || std::env::var_os("LADDER_NCCL_LIBRARY").is_some() {
+            return Ok(());
+        }
     }
     let hint = "set LADDER_NCCL_LIBRARY to the path of libnccl.so.2 (site-packages/nvidia/nccl/lib of the torch install)";
     if std::env::var_os(RESTARTED).is_some() {

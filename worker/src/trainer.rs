@@ -100,8 +100,6 @@ pub enum TrainError {
 #[derive(Debug)]
 pub struct Outcome {
     pub graph_builds: u32,
-    pub evaluation: Option<Evaluation>,
-    pub global_step: u64,
 }
 
 /// Smoothed step time and loss, for images/s, ETA and the reported loss.
@@ -149,13 +147,14 @@ pub struct Trainer {
     liveness: Arc<Liveness>,
     writer: Writer,
     start: Cursor,
+    /// The (image size, micro-batch) shapes prepared so far: one graph build each.
     prepared: BTreeSet<(u32, u32)>,
-    graph_builds: u32,
     evaluation: Option<Evaluation>,
     meter: Meter,
-    /// Every BatchNorm's `num_batches_tracked`, and the value they all hold: the micro-batches
-    /// of all ranks so far (so the count does not depend on the world size, and the warm-up of
-    /// a graph build does not count).
+    /// Every BatchNorm's `num_batches_tracked`, and the value a checkpoint gives them all: the
+    /// micro-batches of all ranks so far (so the count does not depend on the world size, and
+    /// the warm-up of a graph build does not count). Forward passes count their own rank's in
+    /// between; nothing reads them but a checkpoint.
     batch_counters: Vec<Tensor>,
     batches_tracked: i64,
     /// What the steps since the last committed checkpoint (or the restore) trained, per
@@ -163,6 +162,8 @@ pub struct Trainer {
     untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
     /// The last snapshot's host memory, back from the writer: the next snapshot copies into it.
     spare_snapshot: Arc<Mutex<Option<Snapshot>>>,
+    /// The BatchNorm statistics at the start of the step, for combining them across ranks.
+    step_start_statistics: Tensor,
     /// A checkpoint whose snapshot is still being copied, with how long starting it took.
     pending_checkpoint: Option<(PendingSnapshot, Manifest, std::time::Duration)>,
 }
@@ -258,6 +259,7 @@ impl Trainer {
                 }
             }
         };
+        let step_start_statistics = flat.buffers.zeros_like();
         let batch_counters: Vec<Tensor> = vs
             .variables()
             .into_iter()
@@ -291,7 +293,6 @@ impl Trainer {
             writer: Writer::default(),
             start,
             prepared: BTreeSet::new(),
-            graph_builds: 0,
             evaluation: None,
             meter: Meter {
                 step_seconds: None,
@@ -303,17 +304,13 @@ impl Trainer {
             untallied: Arc::default(),
             spare_snapshot: Arc::default(),
             pending_checkpoint: None,
+            step_start_statistics,
             spec,
         })
     }
 
-    pub fn start(&self) -> Cursor {
-        self.start
-    }
-
-    /// The flat parameters (for tests that compare ranks).
-    pub fn flat(&self) -> &FlatState {
-        &self.flat
+    fn graph_builds(&self) -> u32 {
+        self.prepared.len() as u32
     }
 
     fn loader(
@@ -415,9 +412,7 @@ impl Trainer {
         self.complete_checkpoint();
         self.writer.wait();
         Ok(Outcome {
-            graph_builds: self.graph_builds,
-            evaluation: self.evaluation,
-            global_step: cursor.global_step(steps_per_epoch),
+            graph_builds: self.graph_builds(),
         })
     }
 
@@ -470,7 +465,7 @@ impl Trainer {
                 0.0
             },
             image_size: e.image_size,
-            graph_builds: self.graph_builds,
+            graph_builds: self.graph_builds(),
             eta_seconds: remaining * step_seconds,
             evaluation: self.evaluation,
         }
@@ -528,16 +523,14 @@ impl Trainer {
         self.forward(&images, true).mean(Kind::Float).backward();
         self.flat.zero_grads();
         tch::no_grad(|| self.flat.buffers.shallow_clone().copy_(&statistics));
-        self.set_batch_counters();
         if let Device::Cuda(ordinal) = self.options.device {
             tch::Cuda::synchronize(ordinal as i64);
         }
-        self.graph_builds += 1;
         self.liveness.tick();
         tracing::info!(
             size = e.image_size,
             micro_batch = e.micro_batch,
-            builds = self.graph_builds,
+            builds = self.graph_builds(),
             seconds = started.elapsed().as_secs_f64(),
             "prepared a new shape"
         );
@@ -557,7 +550,13 @@ impl Trainer {
         let (rank, world) = (self.job.rank, self.job.world_size);
         let classes = spec.model.classes as i64;
         self.flat.zero_grads();
-        let statistics = (self.job.world_size > 1).then(|| self.flat.buffers.copy());
+        if world > 1 {
+            tch::no_grad(|| {
+                self.step_start_statistics
+                    .shallow_clone()
+                    .copy_(&self.flat.buffers)
+            });
+        }
         let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
         let mut tally = EpochTally::default();
         for k in rank_micro_batches(micro_per_step, rank, world) {
@@ -636,7 +635,7 @@ impl Trainer {
                 if world > 1 {
                     all_reduce_batch_norm_statistics(
                         &flat.buffers,
-                        &statistics.expect("copied when world > 1"),
+                        &self.step_start_statistics,
                         spec.model.bn_momentum,
                         rank_micro_batches(micro_per_step, rank, world),
                         micro_per_step,
@@ -654,7 +653,6 @@ impl Trainer {
         self.optimizer.step(&self.flat, self.lr.at(global_step));
         self.ema.update(&self.flat, global_step);
         self.batches_tracked += micro_per_step as i64;
-        self.set_batch_counters();
         let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
         self.untallied
             .lock()
@@ -765,6 +763,7 @@ impl Trainer {
         }
         // At most one write in flight; it gives back the host memory the next snapshot reuses.
         self.writer.wait();
+        self.set_batch_counters();
         let snapshot = TrainingState {
             vs: &self.vs,
             flat: &self.flat,
