@@ -60,17 +60,6 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A real etcd server on loopback, stopped on drop.
 pub struct Etcd {
     child: Child,
@@ -79,14 +68,40 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Starts etcd on fresh loopback ports. Ports are picked free but not held, so another
+    /// process may take one before etcd binds it; etcd then exits, and the start is retried on
+    /// new ports. On a loaded machine etcd's first fsyncs can take many seconds, hence the
+    /// generous wait.
     pub fn start() -> Etcd {
+        const ATTEMPTS: usize = 3;
         let dir = tempfile::tempdir().expect("etcd data dir");
-        let data = dir.path().join("data");
+        let mut failures = Vec::new();
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start(dir.path(), attempt) {
+                Ok((child, endpoint)) => {
+                    return Etcd {
+                        child,
+                        endpoint,
+                        _dir: dir,
+                    };
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "etcd did not start in {ATTEMPTS} attempts:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    fn try_start(dir: &Path, attempt: usize) -> Result<(Child, String), String> {
+        let data = dir.join(format!("data-{attempt}"));
+        let log_path = dir.join(format!("etcd-{attempt}.log"));
         let (client, peer) = (free_port(), free_port());
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
+        let log = std::fs::File::create(&log_path).expect("etcd log");
+        let mut child = Command::new("etcd")
             .args(["--name", "n0", "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &client_url])
@@ -99,15 +114,31 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("starting etcd: is etcd-server installed? run scripts/bootstrap");
-        wait_until(
-            "etcd to accept connections",
-            Duration::from_secs(20),
-            || std::net::TcpStream::connect(("127.0.0.1", client)).ok(),
-        );
-        Etcd {
-            child,
-            endpoint: format!("127.0.0.1:{client}"),
-            _dir: dir,
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                return Ok((child, format!("127.0.0.1:{client}")));
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "attempt {attempt}: etcd on ports {client}/{peer} exited ({status}):\n{}",
+                    log_tail()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "attempt {attempt}: etcd on port {client} accepted no connection in 60 s:\n{}",
+                    log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
