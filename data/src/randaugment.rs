@@ -53,23 +53,13 @@ fn apply_op_body(image: &mut Image, op: usize, magnitude: f64, negative: bool) {
             ],
         ),
         5 => rotate(image, 30.0 * level * sign),
-        6 => blend(
-            image,
-            &Image::new(image.width, image.height),
-            1.0 + 0.9 * level * sign,
-        ),
-        7 => {
-            let gray = grayscale(image);
-            blend(image, &gray, 1.0 + 0.9 * level * sign)
-        }
+        6 => blend_constant(image, 0, 1.0 + 0.9 * level * sign),
+        7 => blend_grayscale(image, 1.0 + 0.9 * level * sign),
         8 => {
             let mean = mean_gray(image);
             blend_constant(image, mean, 1.0 + 0.9 * level * sign)
         }
-        9 => {
-            let blurred = smooth(image);
-            blend(image, &blurred, 1.0 + 0.9 * level * sign)
-        }
+        9 => sharpness(image, 1.0 + 0.9 * level * sign),
         10 => posterize(image, 8 - (magnitude / 7.5).round().clamp(0.0, 8.0) as u32),
         11 => solarize(image, 255.0 * (1.0 - level)),
         12 => autocontrast(image),
@@ -83,10 +73,10 @@ fn apply_op_body(image: &mut Image, op: usize, magnitude: f64, negative: bool) {
 #[inline(always)]
 fn affine(image: &mut Image, m: [f64; 6]) {
     const ONE: f64 = 65536.0;
-    let source = image.pixels.clone();
     let (w, h) = (image.width as i64, image.height as i64);
     let (step_x, step_y) = ((m[0] * ONE) as i64, (m[3] * ONE) as i64);
-    for (y, row) in image.pixels.chunks_exact_mut(w as usize * 3).enumerate() {
+    let mut output = take_scratch(image.pixels.len());
+    for (y, row) in output.chunks_exact_mut(w as usize * 3).enumerate() {
         let yf = y as f64 + 0.5;
         let mut sx = ((m[0] * 0.5 + m[1] * yf + m[2]) * ONE) as i64;
         let mut sy = ((m[3] * 0.5 + m[4] * yf + m[5]) * ONE) as i64;
@@ -94,7 +84,7 @@ fn affine(image: &mut Image, m: [f64; 6]) {
             let (ix, iy) = (sx >> 16, sy >> 16);
             if ix >= 0 && ix < w && iy >= 0 && iy < h {
                 let j = ((iy * w + ix) * 3) as usize;
-                out.copy_from_slice(&source[j..j + 3]);
+                out.copy_from_slice(&image.pixels[j..j + 3]);
             } else {
                 out.fill(0);
             }
@@ -102,6 +92,25 @@ fn affine(image: &mut Image, m: [f64; 6]) {
             sy += step_y;
         }
     }
+    replace_pixels(image, output);
+}
+
+thread_local! {
+    // A second image buffer per thread, so operations that read pixels they overwrite need no
+    // allocation per image (large ones would cost page faults each time).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's scratch buffer, `len` bytes long (contents unspecified).
+fn take_scratch(len: usize) -> Vec<u8> {
+    let mut buffer = SCRATCH.take();
+    buffer.resize(len, 0);
+    buffer
+}
+
+/// Makes `output` the image's pixels; the old pixels become the thread's scratch buffer.
+fn replace_pixels(image: &mut Image, output: Vec<u8>) {
+    SCRATCH.set(std::mem::replace(&mut image.pixels, output));
 }
 
 /// Rotation by `degrees` counter-clockwise about the center.
@@ -116,25 +125,36 @@ fn rotate(image: &mut Image, degrees: f64) {
     );
 }
 
-/// `other + factor * (image - other)`, clipped: PIL's ImageEnhance (Image.blend), in 8.8 fixed
-/// point.
+/// `other + factor * (value - other)`, clipped: PIL's ImageEnhance (Image.blend) in 8.8 fixed
+/// point, with `factor` already scaled by 256.
 #[inline(always)]
-fn blend(image: &mut Image, other: &Image, factor: f64) {
-    let factor = (factor * 256.0).round() as i32;
-    for (p, &o) in image.pixels.iter_mut().zip(&other.pixels) {
-        let v = ((o as i32) << 8) + factor * (*p as i32 - o as i32);
-        *p = (v >> 8).clamp(0, 255) as u8;
-    }
+fn blend_value(value: u8, other: u8, factor: i32) -> u8 {
+    let v = ((other as i32) << 8) + factor * (value as i32 - other as i32);
+    (v >> 8).clamp(0, 255) as u8
+}
+
+fn fixed_factor(factor: f64) -> i32 {
+    (factor * 256.0).round() as i32
 }
 
 /// Blend towards one grey level (brightness: 0; contrast: the mean).
 #[inline(always)]
 fn blend_constant(image: &mut Image, level: u8, factor: f64) {
-    let factor = (factor * 256.0).round() as i32;
-    let base = (level as i32) << 8;
+    let factor = fixed_factor(factor);
     for p in &mut image.pixels {
-        let v = base + factor * (*p as i32 - level as i32);
-        *p = (v >> 8).clamp(0, 255) as u8;
+        *p = blend_value(*p, level, factor);
+    }
+}
+
+/// Blend towards the image's own greyscale (PIL's ImageEnhance.Color).
+#[inline(always)]
+fn blend_grayscale(image: &mut Image, factor: f64) {
+    let factor = fixed_factor(factor);
+    for px in image.pixels.chunks_exact_mut(3) {
+        let gray = luma(px);
+        for p in px {
+            *p = blend_value(*p, gray, factor);
+        }
     }
 }
 
@@ -145,61 +165,41 @@ fn luma(p: &[u8]) -> u8 {
 }
 
 #[inline(always)]
-fn grayscale(image: &Image) -> Image {
-    let pixels = image
-        .pixels
-        .chunks_exact(3)
-        .flat_map(|p| [luma(p); 3])
-        .collect();
-    Image {
-        width: image.width,
-        height: image.height,
-        pixels,
-    }
-}
-
-#[inline(always)]
 fn mean_gray(image: &Image) -> u8 {
     let n = (image.pixels.len() / 3).max(1) as u64;
     let sum: u64 = image.pixels.chunks_exact(3).map(|p| luma(p) as u64).sum();
     ((sum as f64 / n as f64) + 0.5) as u8
 }
 
-/// PIL's SMOOTH filter (3x3, center weight 5, total 13; border pixels kept): a 3x3 box sum,
-/// computed separably, plus 4 times the center.
+/// Blend towards PIL's SMOOTH filter (3x3, center weight 5, total 13; border pixels kept):
+/// ImageEnhance.Sharpness. The 3x3 sums are a running sum of three column sums.
 #[inline(always)]
-fn smooth(image: &Image) -> Image {
-    let mut out = image.clone();
+fn sharpness(image: &mut Image, factor: f64) {
     let (w, h) = (image.width as usize, image.height as usize);
     if w < 3 || h < 3 {
-        return out;
+        return;
     }
+    let factor = fixed_factor(factor);
     let stride = w * 3;
-    // Horizontal sums of three neighbours, per row.
-    let mut rows = vec![0u16; h * stride];
-    for (src, dst) in image
-        .pixels
-        .chunks_exact(stride)
-        .zip(rows.chunks_exact_mut(stride))
-    {
-        for i in 3..stride - 3 {
-            dst[i] = src[i - 3] as u16 + src[i] as u16 + src[i + 3] as u16;
-        }
-    }
+    let mut output = take_scratch(image.pixels.len());
+    // Border rows and columns keep their pixels.
+    output.copy_from_slice(&image.pixels);
     for y in 1..h - 1 {
+        let rows = &image.pixels[(y - 1) * stride..(y + 2) * stride];
         let (above, here, below) = (
-            &rows[(y - 1) * stride..y * stride],
-            &rows[y * stride..(y + 1) * stride],
-            &rows[(y + 1) * stride..(y + 2) * stride],
+            &rows[..stride],
+            &rows[stride..2 * stride],
+            &rows[2 * stride..],
         );
-        let center = &image.pixels[y * stride..(y + 1) * stride];
-        let dst = &mut out.pixels[y * stride..(y + 1) * stride];
+        let column = |i: usize| above[i] as u32 + here[i] as u32 + below[i] as u32;
+        let dst = &mut output[y * stride..(y + 1) * stride];
         for i in 3..stride - 3 {
-            let total = above[i] as u32 + here[i] as u32 + below[i] as u32 + 4 * center[i] as u32;
-            dst[i] = ((total + 6) / 13) as u8;
+            let total = column(i - 3) + column(i) + column(i + 3) + 4 * here[i] as u32;
+            let smooth = ((total + 6) / 13) as u8;
+            dst[i] = blend_value(here[i], smooth, factor);
         }
     }
-    out
+    replace_pixels(image, output);
 }
 
 #[inline(always)]
