@@ -3,8 +3,9 @@
 //! the time training is blocked (starting the snapshot, then waiting for its copy, which runs
 //! beside a real forward and backward pass of L), what a snapshot taken all at once would
 //! block, that pass's time alone and beside the copy, the background write's time (safetensors,
-//! SHA-256, fsync, rename), the bytes written, and the time a plain sequential write of as many
-//! bytes takes (the disk's speed, measured between Ladder's rounds).
+//! SHA-256, fsync, rename), the bytes written, and the time the disk takes for a plain
+//! sequential write of as many bytes, measured after each of Ladder's rounds both through the
+//! page cache and with direct I/O (the faster of the two is the disk's speed for that round).
 //!
 //! usage: bench_checkpoint DIR ROUNDS (at least 2)
 
@@ -92,7 +93,7 @@ fn main() {
         bytes = manifest.files.values().map(|f| f.bytes).sum::<u64>();
         std::fs::remove_dir_all(path).expect("cleaning up");
         spare = Some(snapshot);
-        disk.push(plain_write(&dir, bytes));
+        disk.push(plain_write(&dir, bytes, false).min(plain_write(&dir, bytes, true)));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -103,8 +104,10 @@ fn main() {
     let mut paired: Vec<f64> = disk.iter().zip(&written).map(|(d, w)| d / w).collect();
     let first = synchronous[0];
     let mut steady = synchronous[1..].to_vec();
+    let rounds = |v: &[f64]| format!("{v:?}");
+    let (write_rounds, disk_rounds) = (rounds(&written), rounds(&disk));
     println!(
-        "{{\"blocked_s\": {}, \"synchronous_s\": {}, \"first_synchronous_s\": {first}, \"step_alone_s\": {}, \"step_beside_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"paired_ratio\": {}, \"bytes\": {bytes}}}",
+        "{{\"blocked_s\": {}, \"synchronous_s\": {}, \"first_synchronous_s\": {first}, \"step_alone_s\": {}, \"step_beside_s\": {}, \"write_s\": {}, \"disk_s\": {}, \"paired_ratio\": {}, \"bytes\": {bytes}, \"write_rounds_s\": {write_rounds}, \"disk_rounds_s\": {disk_rounds}}}",
         median(&mut blocked),
         median(&mut steady),
         median(&mut step_alone),
@@ -116,18 +119,31 @@ fn main() {
 }
 
 /// The disk's sequential write speed, measured between Ladder's rounds: `bytes` written in
-/// 8 MiB `write` calls to one new file, then fsync (what `dd bs=8M conv=fsync` does).
-fn plain_write(dir: &std::path::Path, bytes: u64) -> f64 {
+/// 8 MiB `write` calls to one new file, then fsync — what `dd bs=8M conv=fsync` does, with
+/// `oflag=direct` when `direct`. Returns the seconds.
+fn plain_write(dir: &std::path::Path, bytes: u64, direct: bool) -> f64 {
     use std::io::Write;
-    let path = dir.join("disk-speed.bin");
-    let chunk: Vec<u8> = (0..8u32 << 20)
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 8 << 20;
+    // Direct I/O needs a page-aligned buffer.
+    let mut memory: Vec<u8> = (0..CHUNK as u32 + 4096)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
+    let skip = memory.as_ptr().align_offset(4096);
+    let chunk = &mut memory[skip..skip + CHUNK];
+    let path = dir.join("disk-speed.bin");
     let start = Instant::now();
-    let mut file = std::fs::File::create(&path).expect("disk test file");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(&path)
+        .expect("disk test file");
     let mut written = 0u64;
     while written < bytes {
-        let n = chunk.len().min((bytes - written) as usize);
+        // Direct writes stay whole pages; the last one rounds the size up by under 4 KiB.
+        let n = CHUNK.min((bytes - written).next_multiple_of(4096) as usize);
         file.write_all(&chunk[..n])
             .expect("writing the disk test file");
         written += n as u64;

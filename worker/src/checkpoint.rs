@@ -3,13 +3,13 @@
 //!
 //! Rank 0 takes a [`Snapshot`] (a copy of model, optimizer and EMA state in host memory: the
 //! only time training waits), and a [`Writer`] thread writes it into a temporary directory —
-//! `model.safetensors`, `training.safetensors`, then `manifest.json` with each file's size and
+//! the state files ([`STATE_FILES`]) at once, then `manifest.json` with each file's size and
 //! SHA-256 — flushes everything to disk, renames the directory to its final name and flushes
 //! the parent. Only then is the checkpoint offered to the coordinator, and only committed
 //! checkpoints are ever resumed from. At most one write is in flight.
 
 use crate::state_io::{self, Written};
-use crate::training_state::{MODEL_FILE, Snapshot, TRAINING_FILE};
+use crate::training_state::{STATE_FILES, Snapshot};
 use ladder_core::sample::EpochTally;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-const FORMAT: u32 = 1;
+/// 2: the training state in four files (1 had `training.safetensors`).
+const FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {
@@ -134,7 +135,7 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
             manifest.format
         )));
     }
-    for name in [MODEL_FILE, TRAINING_FILE] {
+    for name in STATE_FILES {
         let expected = manifest
             .files
             .get(name)

@@ -48,104 +48,257 @@ fn dtype_name(kind: Kind) -> Option<&'static str> {
     })
 }
 
-/// Writes `tensors` in safetensors format, streaming: the bytes are hashed as they go out, and
-/// the file is flushed to disk (fsync) before this returns. Views with other layouts
-/// (channels-last weights) and device tensors are written in standard order from host memory.
+/// Writes `tensors` (any device, any layout) as a safetensors file, in standard order, flushed
+/// to disk; see [`FileImage::write`].
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<Written, StateError> {
-    let fail = |message: String| StateError::File {
+    let entries = tensors
+        .iter()
+        .map(|(name, t)| Entry {
+            name: name.clone(),
+            kind: t.kind(),
+            shape: t.size(),
+        })
+        .collect();
+    let image = FileImage::new(entries, None).map_err(|message| StateError::File {
         path: path.display().to_string(),
         message,
-    };
-    let host: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(name, t)| (name.as_str(), t.to_device(Device::Cpu).contiguous()))
-        .collect();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, t) in &host {
-        let dtype = dtype_name(t.kind()).ok_or_else(|| {
-            fail(format!(
-                "{name}: dtype {:?} has no safetensors name",
-                t.kind()
-            ))
-        })?;
-        let len = t.numel() * t.kind().elt_size_in_bytes();
-        header.insert(
-            (*name).to_owned(),
-            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
-    // The data starts 8-byte aligned, as the format recommends; padding is spaces.
-    header.resize(header.len().next_multiple_of(8), b' ');
-    let length = (header.len() as u64).to_le_bytes();
-    let mut pieces: Vec<&[u8]> = vec![&length, &header];
-    for (_, t) in &host {
-        let len = t.numel() * t.kind().elt_size_in_bytes();
-        if len > 0 {
-            // SAFETY: `t` is a contiguous host tensor of `len` bytes that outlives `pieces`.
-            pieces.push(unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) });
+    })?;
+    tch::no_grad(|| {
+        for ((_, t), i) in tensors.iter().zip(image.order()) {
+            image.view(i).copy_(t);
         }
-    }
-    // Hashing runs beside the writing (both only read the tensors), so the SHA-256 costs no
-    // time when the disk is the slower of the two.
-    let (written, sha256) = std::thread::scope(|scope| {
-        let hasher = scope.spawn(|| {
-            let mut hasher = Sha256::new();
-            for piece in &pieces {
-                hasher.update(piece);
-            }
-            hex(&hasher.finalize())
-        });
-        let written = write_pieces(path, &pieces);
-        (
-            written,
-            hasher.join().expect("the hashing thread does not panic"),
-        )
     });
-    let bytes = written.map_err(|e| fail(e.to_string()))?;
-    Ok(Written { bytes, sha256 })
+    image.write(path)
 }
 
-/// Bytes written between two requests to start writing back to disk.
-const WRITEBACK_EVERY: u64 = 256 << 20;
+/// File images start at a multiple of this address and their data at a multiple of this
+/// offset (the JSON header is padded with spaces, as the format allows): what direct I/O needs
+/// on any disk, whose sectors are 512 or 4096 bytes.
+const ALIGN: usize = 4096;
 
-/// Writes `pieces` into a new file at `path` and flushes it to disk; returns its size.
+/// Bytes per `write` call of a file image.
+const WRITE_CHUNK: usize = 64 << 20;
+
+/// One tensor of a [`FileImage`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// A safetensors file laid out in host memory exactly as it goes to disk: header, then every
+/// tensor's bytes. Tensors are copied straight into their places ([`FileImage::view`]), and
+/// [`FileImage::write`] hands the memory to the disk as it is (direct I/O: no copy into the
+/// page cache, which on a small machine costs as much CPU as hashing, and no dirty pages for
+/// the kernel to throttle) while a second thread computes its SHA-256.
 ///
-/// Every 256 MiB the kernel is asked to start writing the new range back (without waiting),
-/// so the disk works while later bytes are copied and the final flush has little left: dirty
-/// pages never pile up to the point where the kernel throttles the writer.
-fn write_pieces(path: &Path, pieces: &[&[u8]]) -> std::io::Result<u64> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::create(path)?;
-    // Small pieces (headers, biases) are gathered; large ones go to the file in 8 MiB writes.
-    let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
-    let (mut bytes, mut flushed) = (0u64, 0u64);
-    for piece in pieces {
-        for chunk in piece.chunks(8 << 20) {
-            out.write_all(chunk)?;
-            bytes += chunk.len() as u64;
-            if bytes - flushed >= WRITEBACK_EVERY {
-                out.flush()?;
-                // SAFETY: a plain syscall on an open file descriptor.
-                unsafe {
-                    libc::sync_file_range(
-                        out.get_ref().as_raw_fd(),
-                        flushed as i64,
-                        (bytes - flushed) as i64,
-                        libc::SYNC_FILE_RANGE_WRITE,
-                    );
-                }
-                flushed = bytes;
-            }
+/// The data lie in order of decreasing element size, so every tensor is aligned to its own
+/// element size without gaps (the format allows no holes); [`FileImage::order`] tells where
+/// each entry went.
+pub struct FileImage {
+    /// The file, then zeros up to a multiple of [`ALIGN`], at an aligned address.
+    buffer: Tensor,
+    entries: Vec<Entry>,
+    /// Per entry (in the caller's order), its byte offset in the file.
+    offsets: Vec<usize>,
+    len: usize,
+}
+
+impl FileImage {
+    /// Lays out `entries` and allocates the image, page-locked for copies from `pin`'s device
+    /// when given. Fails on a dtype safetensors has no name for.
+    pub fn new(entries: Vec<Entry>, pin: Option<Device>) -> Result<FileImage, String> {
+        let mut placed: Vec<usize> = (0..entries.len()).collect();
+        placed.sort_by_key(|&i| std::cmp::Reverse(entries[i].kind.elt_size_in_bytes()));
+        let mut header = serde_json::Map::new();
+        let mut data_offsets = vec![0usize; entries.len()];
+        let mut offset = 0usize;
+        for &i in &placed {
+            let entry = &entries[i];
+            let dtype = dtype_name(entry.kind).ok_or_else(|| {
+                format!(
+                    "{}: dtype {:?} has no safetensors name",
+                    entry.name, entry.kind
+                )
+            })?;
+            header.insert(
+                entry.name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": entry.shape, "data_offsets": [offset, offset + entry.bytes()]}),
+            );
+            data_offsets[i] = offset;
+            offset += entry.bytes();
+        }
+        let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
+        header.resize((8 + header.len()).next_multiple_of(ALIGN) - 8, b' ');
+        let data_start = 8 + header.len();
+        let len = data_start + offset;
+        let padded = len.next_multiple_of(ALIGN);
+        let memory = Tensor::empty([(padded + ALIGN) as i64], (Kind::Uint8, Device::Cpu));
+        let memory = match pin {
+            Some(device) if device.is_cuda() => memory.pin_memory(device),
+            _ => memory,
+        };
+        let skip =
+            (memory.data_ptr() as usize).next_multiple_of(ALIGN) - memory.data_ptr() as usize;
+        let buffer = memory.narrow(0, skip as i64, padded as i64);
+        let image = FileImage {
+            buffer,
+            offsets: data_offsets.iter().map(|o| data_start + o).collect(),
+            entries,
+            len,
+        };
+        // SAFETY: the buffer is a contiguous host tensor of `padded` bytes that `image` owns, and
+        // no view of it exists yet.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(image.buffer.data_ptr().cast::<u8>(), padded) };
+        bytes[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes[8..data_start].copy_from_slice(&header);
+        bytes[len..].fill(0);
+        Ok(image)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The entries' indices, in the caller's order (for zipping with the caller's tensors).
+    pub fn order(&self) -> std::ops::Range<usize> {
+        0..self.entries.len()
+    }
+
+    /// Entry `i`'s place in the image, as a tensor of its dtype and shape in standard order.
+    pub fn view(&self, i: usize) -> Tensor {
+        let entry = &self.entries[i];
+        self.buffer
+            .narrow(0, self.offsets[i] as i64, entry.bytes() as i64)
+            .view_dtype(entry.kind)
+            .view(entry.shape.as_slice())
+    }
+
+    /// `numel` elements of `kind` from entry `first`'s start on, flat: the place of several
+    /// consecutive entries, for one copy instead of one per entry.
+    pub fn span(&self, first: usize, numel: i64, kind: Kind) -> Tensor {
+        self.buffer
+            .narrow(
+                0,
+                self.offsets[first] as i64,
+                numel * kind.elt_size_in_bytes() as i64,
+            )
+            .view_dtype(kind)
+    }
+
+    /// The file's bytes followed by zero padding to a multiple of [`ALIGN`].
+    fn padded_bytes(&self) -> &[u8] {
+        // SAFETY: the buffer is a contiguous host tensor of that many bytes, owned by `self`;
+        // views are written only while the image is borrowed mutably by its owner's copy.
+        unsafe {
+            std::slice::from_raw_parts(self.buffer.data_ptr().cast::<u8>(), self.buffer.numel())
         }
     }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    // The data and the size; the directory entry is flushed by the checkpoint's rename.
-    file.sync_data()?;
-    Ok(bytes)
+
+    /// Writes the image to a new file at `path`, flushed to disk (fsync), hashing it on a
+    /// second thread meanwhile.
+    pub fn write(&self, path: &Path) -> Result<Written, StateError> {
+        write_images(&[(path, self)]).map(|mut written| written.remove(0))
+    }
+}
+
+/// Writes each image to its path, all at once, every file flushed to disk; the first error, if
+/// any. The SHA-256s are computed meanwhile by one thread per core (at most one per file),
+/// largest file first, so that hashing keeps up with a fast disk.
+pub fn write_images(images: &[(&Path, &FileImage)]) -> Result<Vec<Written>, StateError> {
+    // Tensors may not cross threads by reference; their bytes may.
+    let jobs: Vec<(&Path, &[u8], usize)> = images
+        .iter()
+        .map(|(path, image)| (*path, image.padded_bytes(), image.len))
+        .collect();
+    let mut largest_first: Vec<usize> = (0..jobs.len()).collect();
+    largest_first.sort_by_key(|&i| std::cmp::Reverse(jobs[i].2));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let digests: Vec<std::sync::OnceLock<String>> =
+        jobs.iter().map(|_| std::sync::OnceLock::new()).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..cores.min(jobs.len()) {
+            scope.spawn(|| {
+                while let Some(&i) =
+                    largest_first.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    let (_, padded, len) = jobs[i];
+                    let mut hasher = Sha256::new();
+                    hasher.update(&padded[..len]);
+                    let _ = digests[i].set(hex(&hasher.finalize()));
+                }
+            });
+        }
+        let writers: Vec<_> = jobs
+            .iter()
+            .map(|&(path, padded, len)| {
+                scope.spawn(move || {
+                    write_padded(path, padded, len).map_err(|e| StateError::File {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+                })
+            })
+            .collect();
+        let written: Result<Vec<()>, StateError> = writers
+            .into_iter()
+            .map(|w| w.join().expect("a checkpoint file writer does not panic"))
+            .collect();
+        written
+    })?;
+    Ok(jobs
+        .iter()
+        .zip(digests)
+        .map(|(&(_, _, len), digest)| Written {
+            bytes: len as u64,
+            sha256: digest.into_inner().expect("every file was hashed"),
+        })
+        .collect())
+}
+
+/// Writes the first `len` of `padded` (an image from [`FileImage`]) to a new file at `path`:
+/// direct I/O where the file system takes it, else through the page cache.
+fn write_padded(path: &Path, padded: &[u8], len: usize) -> std::io::Result<()> {
+    match write_direct(path, padded, len) {
+        // tmpfs and some network file systems refuse direct I/O.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => write_buffered(path, &padded[..len]),
+        other => other,
+    }
+}
+
+fn write_direct(path: &Path, padded: &[u8], len: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    for chunk in padded.chunks(WRITE_CHUNK) {
+        file.write_all(chunk)?;
+    }
+    // The padding goes, so the file is exactly the safetensors bytes.
+    file.set_len(len as u64)?;
+    file.sync_data()
+}
+
+fn write_buffered(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    for chunk in bytes.chunks(WRITE_CHUNK) {
+        file.write_all(chunk)?;
+    }
+    file.sync_data()
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -257,5 +410,87 @@ fn matched<'a>(
             origin: origin.to_owned(),
             problems,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        let float = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]) / 7.0;
+        vec![
+            ("b.bias".to_owned(), Tensor::from_slice(&[1.5f32, -2.0])),
+            // Transposed: written in standard order, as `contiguous()` would give.
+            ("a.weight".to_owned(), float.tr()),
+            ("bn.num_batches_tracked".to_owned(), Tensor::from(42i64)),
+            ("mask".to_owned(), Tensor::from_slice(&[1u8, 0, 1])),
+            ("half".to_owned(), float.to_kind(Kind::BFloat16)),
+            (
+                "empty".to_owned(),
+                Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+            ),
+        ]
+    }
+
+    /// A directory on the disk the build lives on (`/tmp` may be tmpfs, without direct I/O).
+    fn disk_dir() -> tempfile::TempDir {
+        let deps = std::env::current_exe().expect("test executable");
+        tempfile::tempdir_in(deps.parent().expect("target/debug/deps")).expect("temp dir")
+    }
+
+    #[test]
+    fn a_file_image_reads_back_exactly_and_its_data_start_page_aligned() {
+        let dir = disk_dir();
+        let path = dir.path().join("state.safetensors");
+        let tensors = tensors();
+        let written = write(&path, &tensors).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(written.bytes, bytes.len() as u64);
+        assert_eq!(written, digest(&path).unwrap());
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header) % ALIGN, 0, "data start at a page boundary");
+        let back = read(&path).unwrap();
+        assert_eq!(back.len(), tensors.len());
+        for (name, t) in &tensors {
+            let (_, found) = back.iter().find(|(n, _)| n == name).unwrap();
+            assert_eq!(found.kind(), t.kind(), "{name}");
+            assert!(found.equal(t), "{name}");
+        }
+    }
+
+    #[test]
+    fn direct_and_buffered_writes_make_the_same_file() {
+        let dir = disk_dir();
+        let entries = tensors()
+            .iter()
+            .map(|(name, t)| Entry {
+                name: name.clone(),
+                kind: t.kind(),
+                shape: t.size(),
+            })
+            .collect();
+        let image = FileImage::new(entries, None).unwrap();
+        for ((_, t), i) in tensors().iter().zip(image.order()) {
+            image.view(i).copy_(t);
+        }
+        let (direct, buffered) = (dir.path().join("direct"), dir.path().join("buffered"));
+        write_direct(&direct, image.padded_bytes(), image.len)
+            .expect("the disk under target/ takes direct I/O");
+        write_buffered(&buffered, &image.padded_bytes()[..image.len]).unwrap();
+        let direct = std::fs::read(direct).unwrap();
+        assert_eq!(direct.len(), image.len, "the padding is cut off");
+        assert_eq!(direct, std::fs::read(buffered).unwrap());
+    }
+
+    #[test]
+    fn a_dtype_without_a_safetensors_name_is_refused_by_name() {
+        let entry = Entry {
+            name: "complex".to_owned(),
+            kind: Kind::ComplexFloat,
+            shape: vec![2],
+        };
+        let err = FileImage::new(vec![entry], None).err().unwrap();
+        assert!(err.contains("complex: dtype ComplexFloat"), "{err}");
     }
 }

@@ -1,24 +1,31 @@
-//! A training run's state on disk, in two safetensors files of a directory:
+//! A training run's state on disk, in four safetensors files of a directory:
 //!
 //! - `model.safetensors`: the model's weights and BatchNorm buffers under torchvision's names,
 //!   loadable as is with `torchvision.models.efficientnet_v2_*().load_state_dict(...)`;
-//! - `training.safetensors`: RMSProp's `optimizer.mean_square.NAME` and
-//!   `optimizer.momentum.NAME`, and the moving averages `ema.NAME` of every parameter and
-//!   floating-point buffer.
+//! - `optimizer.mean_square.safetensors` and `optimizer.momentum.safetensors`: RMSProp's state,
+//!   as `optimizer.mean_square.NAME` and `optimizer.momentum.NAME`;
+//! - `ema.safetensors`: the moving averages `ema.NAME` of every parameter and floating-point
+//!   buffer.
 //!
+//! Four files of the model's size rather than one, so that they are written and hashed on
+//! several cores at once (SHA-256 runs at about 2 GB/s per core, slower than a fast disk).
 //! Loading checks every name, shape and dtype and changes nothing unless all match. A
-//! [`Snapshot`] is the same state copied to host memory, to be written while training goes on.
+//! [`Snapshot`] is the same state copied to host memory, to be written while training goes on:
+//! it is the files themselves, byte for byte ([`FileImage`]), so writing them copies nothing.
 
 use crate::ema::Ema;
 use crate::flat::{FlatState, Slot};
 use crate::optim::RmsProp;
-use crate::state_io::{self, StateError, Written};
+use crate::state_io::{self, Entry, FileImage, StateError, Written};
 use std::path::Path;
-use std::sync::Arc;
-use tch::{Device, Tensor, nn};
+use tch::{Tensor, nn};
 
 pub const MODEL_FILE: &str = "model.safetensors";
-pub const TRAINING_FILE: &str = "training.safetensors";
+pub const MEAN_SQUARE_FILE: &str = "optimizer.mean_square.safetensors";
+pub const MOMENTUM_FILE: &str = "optimizer.momentum.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
+/// The files of a training state, in the order of [`Snapshot::write`]'s result.
+pub const STATE_FILES: [&str; 4] = [MODEL_FILE, MEAN_SQUARE_FILE, MOMENTUM_FILE, EMA_FILE];
 
 /// Everything that changes while training, borrowed from its owners.
 pub struct TrainingState<'a> {
@@ -28,55 +35,38 @@ pub struct TrainingState<'a> {
     pub ema: &'a mut Ema,
 }
 
-/// The flat buffers of a training state and the slots that name their pieces.
-struct Buffers<'a> {
-    param_slots: &'a [Slot],
-    buffer_slots: &'a [Slot],
-    mean_square: &'a Tensor,
-    momentum: &'a Tensor,
-    ema_params: &'a Tensor,
-    ema_buffers: &'a Tensor,
-}
+/// The flat buffers of a training state, in [`TrainingState::sources`]' order, with the file
+/// each goes to and the prefix of its tensors' names there.
+const FLAT_SOURCES: [(&str, &str); 6] = [
+    (MODEL_FILE, ""),
+    (MODEL_FILE, ""),
+    (MEAN_SQUARE_FILE, "optimizer.mean_square."),
+    (MOMENTUM_FILE, "optimizer.momentum."),
+    (EMA_FILE, "ema."),
+    (EMA_FILE, "ema."),
+];
 
-impl Buffers<'_> {
-    /// `training.safetensors`'s tensors, as views of the buffers.
-    fn training_views(&self) -> Vec<(String, Tensor)> {
-        let views = |slots: &[Slot], flat: &Tensor, prefix: &str| {
-            slots
-                .iter()
-                .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
-                .collect::<Vec<_>>()
-        };
-        let mut named = views(self.param_slots, self.mean_square, "optimizer.mean_square.");
-        named.extend(views(
-            self.param_slots,
-            self.momentum,
-            "optimizer.momentum.",
-        ));
-        named.extend(views(self.param_slots, self.ema_params, "ema."));
-        named.extend(views(self.buffer_slots, self.ema_buffers, "ema."));
-        named
-    }
+/// Positions in [`TrainingState::sources`] of the buffers only the optimizer and the EMA
+/// change: parameters, mean square, momentum, EMA parameters, EMA statistics.
+const OPTIMIZER_CHANGED: [usize; 5] = [0, 2, 3, 4, 5];
+
+fn file_index(name: &str) -> usize {
+    STATE_FILES
+        .iter()
+        .position(|f| *f == name)
+        .expect("one of the state files")
 }
 
 impl TrainingState<'_> {
-    fn buffers(&self) -> Buffers<'_> {
-        Buffers {
-            param_slots: &self.flat.param_slots,
-            buffer_slots: &self.flat.buffer_slots,
-            mean_square: &self.optimizer.mean_square,
-            momentum: &self.optimizer.momentum_buffer,
-            ema_params: &self.ema.params,
-            ema_buffers: &self.ema.buffers,
-        }
-    }
-
-    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        self.snapshot(None).write(dir).map(|_| ())
+    /// The slots of each flat source: parameters' for parameter-shaped buffers, buffers' for
+    /// the BatchNorm statistics and their averages.
+    fn flat_slots(&self) -> [&[Slot]; 6] {
+        let (params, buffers) = (&self.flat.param_slots[..], &self.flat.buffer_slots[..]);
+        [params, buffers, params, params, params, buffers]
     }
 
     /// The live tensors a snapshot copies, in a fixed order: the six flat buffers, then the
-    /// variables outside them (BatchNorm's integer batch counters), by name.
+    /// variables outside them (BatchNorm's integer batch counters), with their names.
     fn sources(&self) -> (Vec<Tensor>, Vec<String>) {
         let flat = self.flat;
         let mut tensors = vec![
@@ -99,6 +89,69 @@ impl TrainingState<'_> {
         (tensors, names)
     }
 
+    /// Each file's entries, and where each source goes: its file and its first entry there.
+    fn layout(&self, sources: &[Tensor], loose_names: &[String]) -> Layout {
+        let mut files: [Vec<Entry>; STATE_FILES.len()] = Default::default();
+        let mut placements = Vec::with_capacity(sources.len());
+        for ((source, (file, prefix)), slots) in
+            sources.iter().zip(FLAT_SOURCES).zip(self.flat_slots())
+        {
+            let entries = &mut files[file_index(file)];
+            placements.push((file_index(file), entries.len()));
+            entries.extend(slots.iter().map(|slot| Entry {
+                name: format!("{prefix}{}", slot.name),
+                kind: source.kind(),
+                shape: slot.shape.clone(),
+            }));
+        }
+        for (source, name) in sources[FLAT_SOURCES.len()..].iter().zip(loose_names) {
+            let entries = &mut files[file_index(MODEL_FILE)];
+            placements.push((file_index(MODEL_FILE), entries.len()));
+            entries.push(Entry {
+                name: name.clone(),
+                kind: source.kind(),
+                shape: source.size(),
+            });
+        }
+        Layout { files, placements }
+    }
+
+    /// Pairs of (place in the snapshot, live tensor) that copy the whole state: one pair per
+    /// flat buffer, or one per variable where the live buffer keeps convolution weights
+    /// channels-last (the files hold standard order).
+    fn copies(
+        &self,
+        images: &[FileImage],
+        sources: &[Tensor],
+        layout: &Layout,
+    ) -> Vec<Vec<(Tensor, Tensor)>> {
+        let slots = self.flat_slots();
+        sources
+            .iter()
+            .zip(&layout.placements)
+            .enumerate()
+            .map(|(i, (source, &(file, first)))| {
+                let image = &images[file];
+                match slots.get(i) {
+                    Some(slots) if slots.iter().any(|s| s.channels_last) => slots
+                        .iter()
+                        .enumerate()
+                        .map(|(k, slot)| (image.view(first + k), slot.view(source)))
+                        .collect(),
+                    Some(_) => vec![(
+                        image.span(first, source.numel() as i64, source.kind()),
+                        source.shallow_clone(),
+                    )],
+                    None => vec![(image.view(first), source.shallow_clone())],
+                }
+            })
+            .collect()
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        self.snapshot(None).write(dir).map(|_| ())
+    }
+
     /// Copies the state to host memory, all at once. Pass the previous snapshot (its write
     /// finished) to copy into its memory instead of allocating: fresh pages cost more than the
     /// copy itself.
@@ -113,92 +166,95 @@ impl TrainingState<'_> {
     /// and backward passes. [`PendingSnapshot::finish`] must come before that step's update.
     pub fn begin_snapshot(&self, reuse: Option<Snapshot>) -> PendingSnapshot {
         let (sources, names) = self.sources();
-        let fits = |s: &Snapshot| {
-            s.host.len() == sources.len()
-                && s.host
+        let layout = self.layout(&sources, &names);
+        let images = match reuse.filter(|s| s.fits(&layout)) {
+            Some(previous) => previous.images,
+            None => {
+                // Page-locked memory lets the device copy run at full speed.
+                let pin = Some(self.flat.params.device()).filter(|d| d.is_cuda());
+                layout
+                    .files
                     .iter()
-                    .zip(&sources)
-                    .all(|(h, t)| h.size() == t.size() && h.kind() == t.kind())
-        };
-        let host: Vec<Tensor> = match reuse.filter(fits) {
-            Some(previous) => previous.host,
-            None => sources
-                .iter()
-                .map(|t| {
-                    let host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
-                    // Page-locked memory lets the device copy run at full speed.
-                    if t.device().is_cuda() {
-                        host.pin_memory(t.device())
-                    } else {
-                        host
-                    }
-                })
-                .collect(),
+                    .map(|entries| {
+                        FileImage::new(entries.clone(), pin)
+                            .expect("a training state holds float32 and int64 tensors only")
+                    })
+                    .collect()
+            }
         };
         let copy = |pairs: &[(Tensor, Tensor)]| {
             tch::no_grad(|| {
-                for (h, t) in pairs {
-                    h.shallow_clone().copy_(t);
+                for (target, source) in pairs {
+                    target.shallow_clone().copy_(source);
                 }
             })
         };
-        let (now, later): (Vec<_>, Vec<_>) = host
-            .iter()
-            .zip(&sources)
+        let (now, later): (Vec<_>, Vec<_>) = self
+            .copies(&images, &sources, &layout)
+            .into_iter()
             .enumerate()
-            .map(|(i, (h, t))| (i, (h.shallow_clone(), t.shallow_clone())))
             .partition(|(i, _)| !OPTIMIZER_CHANGED.contains(i));
-        copy(&now.into_iter().map(|(_, p)| p).collect::<Vec<_>>());
-        let later: Vec<(Tensor, Tensor)> = later.into_iter().map(|(_, p)| p).collect();
+        copy(&now.into_iter().flat_map(|(_, p)| p).collect::<Vec<_>>());
+        let later: Vec<(Tensor, Tensor)> = later.into_iter().flat_map(|(_, p)| p).collect();
         let copier = std::thread::Builder::new()
             .name("snapshot-copy".to_owned())
             .spawn(move || copy(&later))
             .expect("spawning the snapshot copy");
         PendingSnapshot {
-            snapshot: Snapshot {
-                slots: Arc::new((
-                    self.flat.param_slots.clone(),
-                    self.flat.buffer_slots.clone(),
-                )),
-                host,
-                loose_names: names,
-            },
+            snapshot: Snapshot { images },
             copier,
         }
     }
 
+    /// Views of the live moving averages under `ema.safetensors`' names.
+    fn ema_views(&self) -> Vec<(String, Tensor)> {
+        let mut named = views(&self.flat.param_slots, &self.ema.params, "ema.");
+        named.extend(views(&self.flat.buffer_slots, &self.ema.buffers, "ema."));
+        named
+    }
+
     pub fn load(&mut self, dir: &Path) -> Result<(), StateError> {
-        let model_path = dir.join(MODEL_FILE);
-        let training_path = dir.join(TRAINING_FILE);
-        let model = state_io::read(&model_path)?;
-        let training = state_io::read(&training_path)?;
-        // Check both files before changing anything.
-        let targets = self.buffers().training_views();
-        state_io::check(
-            &state_io::named(self.vs, ""),
-            &model,
-            "",
-            &model_path.display().to_string(),
-        )?;
-        state_io::check(
-            &targets,
-            &training,
-            "",
-            &training_path.display().to_string(),
-        )?;
-        state_io::load(self.vs, &model, "", &model_path.display().to_string())?;
-        state_io::load_into(
-            &targets,
-            &training,
-            "",
-            &training_path.display().to_string(),
-        )
+        let slots = &self.flat.param_slots;
+        let targets = [
+            state_io::named(self.vs, ""),
+            views(slots, &self.optimizer.mean_square, "optimizer.mean_square."),
+            views(
+                slots,
+                &self.optimizer.momentum_buffer,
+                "optimizer.momentum.",
+            ),
+            self.ema_views(),
+        ];
+        let mut files = Vec::with_capacity(STATE_FILES.len());
+        for name in STATE_FILES {
+            let path = dir.join(name);
+            files.push((state_io::read(&path)?, path.display().to_string()));
+        }
+        // Check every file before changing anything.
+        for (targets, (tensors, origin)) in targets.iter().zip(&files) {
+            state_io::check(targets, tensors, "", origin)?;
+        }
+        for (targets, (tensors, origin)) in targets.iter().zip(&files) {
+            state_io::load_into(targets, tensors, "", origin)?;
+        }
+        Ok(())
     }
 }
 
-/// Positions in [`TrainingState::sources`] of the buffers only the optimizer and the EMA
-/// change: parameters, mean square, momentum, EMA parameters, EMA statistics.
-const OPTIMIZER_CHANGED: [usize; 5] = [0, 2, 3, 4, 5];
+/// `prefix + slot name` and the slot's view of `flat`, per slot.
+fn views(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+    slots
+        .iter()
+        .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
+        .collect()
+}
+
+/// What a snapshot of a training state looks like: each file's entries, and per source (see
+/// [`TrainingState::sources`]) its file and first entry.
+struct Layout {
+    files: [Vec<Entry>; STATE_FILES.len()],
+    placements: Vec<(usize, usize)>,
+}
 
 /// A snapshot whose large buffers are still being copied (see
 /// [`TrainingState::begin_snapshot`]).
@@ -217,68 +273,34 @@ impl PendingSnapshot {
     }
 }
 
-/// A training state copied to host memory, independent of the live one: it can be written on
-/// another thread while training continues.
+/// A training state copied to host memory as the images of its files, independent of the
+/// live state: it can be written on another thread while training continues.
 pub struct Snapshot {
-    slots: Arc<(Vec<Slot>, Vec<Slot>)>,
-    /// Params, buffers, mean square, momentum, EMA params, EMA buffers, then the loose
-    /// variables named by `loose_names`.
-    host: Vec<Tensor>,
-    loose_names: Vec<String>,
+    /// In [`STATE_FILES`] order.
+    images: Vec<FileImage>,
 }
 
 impl Snapshot {
-    /// `model.safetensors`'s tensors, in name order.
-    pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        let (param_slots, buffer_slots) = &*self.slots;
-        let mut named: Vec<(String, Tensor)> = param_slots
+    fn fits(&self, layout: &Layout) -> bool {
+        self.images
             .iter()
-            .map(|s| (s.name.clone(), s.view(&self.host[0])))
-            .chain(
-                buffer_slots
-                    .iter()
-                    .map(|s| (s.name.clone(), s.view(&self.host[1]))),
-            )
-            .chain(
-                self.loose_names
-                    .iter()
-                    .zip(&self.host[6..])
-                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
-            )
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
+            .zip(&layout.files)
+            .all(|(image, entries)| image.entries() == entries.as_slice())
     }
 
-    /// `training.safetensors`'s tensors.
-    pub fn training_tensors(&self) -> Vec<(String, Tensor)> {
-        let (param_slots, buffer_slots) = &*self.slots;
-        Buffers {
-            param_slots,
-            buffer_slots,
-            mean_square: &self.host[2],
-            momentum: &self.host[3],
-            ema_params: &self.host[4],
-            ema_buffers: &self.host[5],
-        }
-        .training_views()
-    }
-
-    /// Writes both files into `dir` (created if missing), each flushed to disk.
-    pub fn write(&self, dir: &Path) -> Result<[(&'static str, Written); 2], StateError> {
+    /// Writes the files into `dir` (created if missing), all at once, each flushed to disk.
+    pub fn write(&self, dir: &Path) -> Result<Vec<(&'static str, Written)>, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| StateError::File {
             path: dir.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok([
-            (
-                MODEL_FILE,
-                state_io::write(&dir.join(MODEL_FILE), &self.model_tensors())?,
-            ),
-            (
-                TRAINING_FILE,
-                state_io::write(&dir.join(TRAINING_FILE), &self.training_tensors())?,
-            ),
-        ])
+        let paths: Vec<_> = STATE_FILES.iter().map(|name| dir.join(name)).collect();
+        let images: Vec<(&Path, &FileImage)> = paths
+            .iter()
+            .map(|p| p.as_path())
+            .zip(&self.images)
+            .collect();
+        let written = state_io::write_images(&images)?;
+        Ok(STATE_FILES.into_iter().zip(written).collect())
     }
 }

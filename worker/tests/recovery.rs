@@ -10,6 +10,7 @@ use common::{
 };
 use ladder_proto::v1 as pb;
 use ladder_worker::state_io;
+use ladder_worker::training_state::MOMENTUM_FILE;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -308,7 +309,7 @@ fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
         _ => panic!("two committed checkpoints: {:?}", job.checkpoints),
     };
     // Cut the newest checkpoint's training state short, as a full disk or a dying node would.
-    let file = Path::new(&bad.path).join("training.safetensors");
+    let file = Path::new(&bad.path).join(MOMENTUM_FILE);
     let length = std::fs::metadata(&file).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)

@@ -4,7 +4,7 @@ use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
 use ladder_worker::state_io::{self, StateError};
-use ladder_worker::training_state::{MODEL_FILE, TRAINING_FILE, TrainingState};
+use ladder_worker::training_state::{EMA_FILE, MODEL_FILE, TrainingState};
 use tch::{Device, Kind, Tensor, nn};
 
 const BN: BatchNormConfig = BatchNormConfig {
@@ -132,8 +132,8 @@ fn mismatched_state_is_refused_with_every_problem_named_and_nothing_changed() {
     );
     assert!(err.contains("unexpected features.99.weight"), "{err}");
 
-    std::fs::write(dir.path().join(TRAINING_FILE), b"truncated").unwrap();
+    std::fs::write(dir.path().join(EMA_FILE), b"truncated").unwrap();
     let mut same = Run::new(3, 5);
     let err = same.state().load(dir.path()).unwrap_err().to_string();
-    assert!(err.contains(TRAINING_FILE), "names the broken file: {err}");
+    assert!(err.contains(EMA_FILE), "names the broken file: {err}");
 }
