@@ -51,23 +51,10 @@ fn dtype_name(kind: Kind) -> Option<&'static str> {
 /// Writes `tensors` (any device, any layout) as a safetensors file, in standard order, flushed
 /// to disk; see [`FileImage::write`].
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<Written, StateError> {
-    let entries = tensors
-        .iter()
-        .map(|(name, t)| Entry {
-            name: name.clone(),
-            kind: t.kind(),
-            shape: t.size(),
-        })
-        .collect();
-    let image = FileImage::new(entries, None).map_err(|message| StateError::File {
+    let image = FileImage::of(tensors).map_err(|message| StateError::File {
         path: path.display().to_string(),
         message,
     })?;
-    tch::no_grad(|| {
-        for ((_, t), i) in tensors.iter().zip(image.order()) {
-            image.view(i).copy_(t);
-        }
-    });
     image.write(path)
 }
 
@@ -97,11 +84,11 @@ impl Entry {
 /// tensor's bytes. Tensors are copied straight into their places ([`FileImage::view`]), and
 /// [`FileImage::write`] hands the memory to the disk as it is (direct I/O: no copy into the
 /// page cache, which on a small machine costs as much CPU as hashing, and no dirty pages for
-/// the kernel to throttle) while a second thread computes its SHA-256.
+/// the kernel to throttle) while another thread computes its SHA-256.
 ///
-/// The data lie in order of decreasing element size, so every tensor is aligned to its own
-/// element size without gaps (the format allows no holes); [`FileImage::order`] tells where
-/// each entry went.
+/// The data lie in order of decreasing element size (entries of one size in the caller's
+/// order), so every tensor is aligned to its own element size without gaps, which the format
+/// does not allow. Entries are addressed by their index in the caller's list.
 pub struct FileImage {
     /// The file, then zeros up to a multiple of [`ALIGN`], at an aligned address.
     buffer: Tensor,
@@ -164,13 +151,27 @@ impl FileImage {
         Ok(image)
     }
 
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+    /// An image holding `tensors` (any device, any layout) in standard order.
+    pub fn of(tensors: &[(String, Tensor)]) -> Result<FileImage, String> {
+        let entries = tensors
+            .iter()
+            .map(|(name, t)| Entry {
+                name: name.clone(),
+                kind: t.kind(),
+                shape: t.size(),
+            })
+            .collect();
+        let image = FileImage::new(entries, None)?;
+        tch::no_grad(|| {
+            for (i, (_, t)) in tensors.iter().enumerate() {
+                image.view(i).copy_(t);
+            }
+        });
+        Ok(image)
     }
 
-    /// The entries' indices, in the caller's order (for zipping with the caller's tensors).
-    pub fn order(&self) -> std::ops::Range<usize> {
-        0..self.entries.len()
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
     }
 
     /// Entry `i`'s place in the image, as a tensor of its dtype and shape in standard order.
@@ -183,7 +184,8 @@ impl FileImage {
     }
 
     /// `numel` elements of `kind` from entry `first`'s start on, flat: the place of several
-    /// consecutive entries, for one copy instead of one per entry.
+    /// entries that follow each other in the caller's list with one dtype (so also in the
+    /// image), for one copy instead of one per entry.
     pub fn span(&self, first: usize, numel: i64, kind: Kind) -> Tensor {
         self.buffer
             .narrow(
@@ -196,15 +198,16 @@ impl FileImage {
 
     /// The file's bytes followed by zero padding to a multiple of [`ALIGN`].
     fn padded_bytes(&self) -> &[u8] {
-        // SAFETY: the buffer is a contiguous host tensor of that many bytes, owned by `self`;
-        // views are written only while the image is borrowed mutably by its owner's copy.
+        // SAFETY: the buffer is a contiguous host tensor of that many bytes, owned by `self`.
+        // Copies into its views are over before its bytes are read: a snapshot is handed out
+        // only after its copy thread is joined (`PendingSnapshot::finish`).
         unsafe {
             std::slice::from_raw_parts(self.buffer.data_ptr().cast::<u8>(), self.buffer.numel())
         }
     }
 
-    /// Writes the image to a new file at `path`, flushed to disk (fsync), hashing it on a
-    /// second thread meanwhile.
+    /// Writes the image to a new file at `path`, flushed to disk (fsync), hashing it on
+    /// another thread meanwhile.
     pub fn write(&self, path: &Path) -> Result<Written, StateError> {
         write_images(&[(path, self)]).map(|mut written| written.remove(0))
     }
@@ -462,18 +465,7 @@ mod tests {
     #[test]
     fn direct_and_buffered_writes_make_the_same_file() {
         let dir = disk_dir();
-        let entries = tensors()
-            .iter()
-            .map(|(name, t)| Entry {
-                name: name.clone(),
-                kind: t.kind(),
-                shape: t.size(),
-            })
-            .collect();
-        let image = FileImage::new(entries, None).unwrap();
-        for ((_, t), i) in tensors().iter().zip(image.order()) {
-            image.view(i).copy_(t);
-        }
+        let image = FileImage::of(&tensors()).unwrap();
         let (direct, buffered) = (dir.path().join("direct"), dir.path().join("buffered"));
         write_direct(&direct, image.padded_bytes(), image.len)
             .expect("the disk under target/ takes direct I/O");
