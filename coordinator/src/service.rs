@@ -321,6 +321,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             finished: r.finished,
             error: r.error,
             bad_checkpoint: r.bad_checkpoint,
+            collective_error: r.collective_error,
         };
         let current = self
             .0

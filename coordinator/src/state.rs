@@ -136,7 +136,19 @@ pub struct JobRecord {
     pub ready_since_ms: Option<i64>,
     #[serde(skip)]
     pub progress_persisted_ms: i64,
+    /// The collective failures reported in the current generation, by worker.
+    #[serde(skip)]
+    pub collective_failures: BTreeMap<String, String>,
+    /// Generations in a row that ended with every rank's collective failing and no checkpoint
+    /// committed since: at [`COLLECTIVE_FAILURES_TO_GIVE_UP`] the job fails.
+    #[serde(default)]
+    pub failed_generations: u32,
 }
+
+/// Generations in a row, without a checkpoint between, whose collectives all fail before the
+/// job is failed: the same failure again and again (a bad NCCL setup, a broken network path)
+/// is not worth retrying forever, while one or two can be a passing fault.
+pub const COLLECTIVE_FAILURES_TO_GIVE_UP: u32 = 3;
 
 impl JobRecord {
     /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
@@ -214,6 +226,8 @@ pub struct ProgressReport {
     pub error: String,
     /// The checkpoint the worker was told to restore from, when it failed verification.
     pub bad_checkpoint: String,
+    /// Why this rank's collective failed, when it did (a peer's error, a timeout, NCCL's).
+    pub collective_error: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -441,6 +455,7 @@ impl Coordinator {
             }
         }
         job.rendezvous.clear();
+        job.collective_failures.clear();
         self.assignments_changed.notify_waiters();
         self.rendezvous_changed.notify_waiters();
         Ok(())
@@ -504,6 +519,8 @@ impl Coordinator {
             rendezvous: BTreeMap::new(),
             ready_since_ms: None,
             progress_persisted_ms: 0,
+            collective_failures: BTreeMap::new(),
+            failed_generations: 0,
         };
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
@@ -584,6 +601,7 @@ impl Coordinator {
         }
         job.requested_world_size = workers;
         job.restore_from = restore;
+        job.failed_generations = 0;
         job.state = JobState::Queued;
         job.message = match &job.restore_from {
             Some(c) => format!("resuming from checkpoint {}", c.id),
@@ -797,6 +815,24 @@ impl Coordinator {
             self.schedule(&mut inner).await?;
             return Ok(false);
         }
+        if !report.collective_error.is_empty() {
+            job.collective_failures
+                .insert(worker_id.to_owned(), report.collective_error);
+            let every_live_rank = job
+                .workers
+                .iter()
+                .filter(|w| inner.workers.contains_key(*w))
+                .all(|w| job.collective_failures.contains_key(w));
+            if !every_live_rank {
+                // A rank that did not fail is dead or hung: its lease or the stall detection
+                // ends the generation, naming it.
+                inner.jobs.insert(job.id.clone(), job);
+                return Ok(true);
+            }
+            self.collectives_failed(&mut inner, job).await?;
+            self.schedule(&mut inner).await?;
+            return Ok(false);
+        }
         job.progress = report.progress;
         if !report.error.is_empty() {
             self.release_workers(&mut inner, &mut job).await?;
@@ -854,6 +890,7 @@ impl Coordinator {
             ..e
         }));
         job.checkpoints.push(checkpoint);
+        job.failed_generations = 0;
         let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
         let retired = retire(&mut job.checkpoints, keep as usize);
         self.commit_job(&mut inner, job).await?;
@@ -946,6 +983,43 @@ impl Coordinator {
             self.membership_lost(inner, &job_id, &why).await?;
         }
         Ok(())
+    }
+
+    /// Every live rank of `job`'s generation reported its collective failing: the workers are
+    /// alive, so waiting for a lease or a stall would only waste time. The generation ends and
+    /// starts again from the latest checkpoint, unless it is the same story too many times in
+    /// a row.
+    async fn collectives_failed(&self, inner: &mut Inner, mut job: JobRecord) -> Result<()> {
+        let errors: Vec<String> = job
+            .workers
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, w)| {
+                job.collective_failures
+                    .get(w)
+                    .map(|e| format!("rank {rank}: {e}"))
+            })
+            .collect();
+        let why = format!(
+            "the collective failed on every rank ({})",
+            errors.join("; ")
+        );
+        job.failed_generations += 1;
+        if job.failed_generations < COLLECTIVE_FAILURES_TO_GIVE_UP {
+            let job_id = job.id.clone();
+            inner.jobs.insert(job_id.clone(), job);
+            return self.membership_lost(inner, &job_id, &why).await;
+        }
+        self.release_workers(inner, &mut job).await?;
+        job.state = JobState::Failed;
+        job.message = format!(
+            "{why}, in {} generations in a row without a checkpoint: giving up; fix the cause, \
+             then `ladder resume {}`",
+            job.failed_generations, job.id
+        );
+        job.last_incident = format!("generation {}: {}", job.generation, job.message);
+        tracing::error!(job = %job.id, "{}", job.message);
+        self.commit_job(inner, job).await.map(|_| ())
     }
 
     /// A worker of `job_id` is gone: end the generation and queue the job for the next.

@@ -15,7 +15,7 @@
 
 use crate::checkpoint::Manifest;
 use crate::report::{Events, Liveness, Progress, StopSignal};
-use crate::trainer::{self, Options, TrainError, Trainer};
+use crate::trainer::{self, Faults, Options, TrainError, Trainer};
 use ladder_collective::Collective;
 use ladder_collective::nccl::{self, NcclCommunicator};
 use ladder_collective::ring::TcpRing;
@@ -49,8 +49,7 @@ pub struct Config {
     pub progress_bar: bool,
     /// See [`Options::replica_digests`].
     pub replica_digests: Option<PathBuf>,
-    /// See [`Options::hang_before_step`].
-    pub hang_before_step: Option<u64>,
+    pub faults: Faults,
 }
 
 /// A connection to whichever coordinator answers, re-established after transport failures.
@@ -310,7 +309,7 @@ impl Worker {
             device: self.config.device,
             bucket_elements: self.config.bucket_elements,
             replica_digests: self.config.replica_digests.clone(),
-            hang_before_step: self.config.hang_before_step,
+            faults: self.config.faults,
         };
         let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;
@@ -347,10 +346,14 @@ impl Worker {
             }
             Err(TrainError::Collective(e)) => match stop.reason() {
                 Some(why) => tracing::warn!(job = %job_id, generation, "stopped: {why}"),
-                None => tracing::warn!(
-                    job = %job_id, generation,
-                    "collective failed, waiting for the coordinator to end the generation: {e}"
-                ),
+                None => {
+                    tracing::warn!(
+                        job = %job_id, generation,
+                        "collective failed, waiting for the coordinator to end the generation: {e}"
+                    );
+                    let ending = Ending::CollectiveFailed(e.to_string());
+                    self.finish(&job_id, generation, last, ending).await;
+                }
             },
             Err(TrainError::BadCheckpoint { id, reason }) => {
                 tracing::error!(job = %job_id, checkpoint = %id, "cannot restore: {reason}");
@@ -418,6 +421,7 @@ impl Worker {
                 request.bad_checkpoint = id;
                 request.error = reason;
             }
+            Ending::CollectiveFailed(why) => request.collective_error = why,
         }
         let started = Instant::now();
         loop {
@@ -492,6 +496,9 @@ enum Ending {
         id: String,
         reason: String,
     },
+    /// This rank's collective failed: once every live rank says so, the coordinator ends the
+    /// generation.
+    CollectiveFailed(String),
 }
 
 /// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA.

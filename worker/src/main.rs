@@ -4,6 +4,7 @@
 use clap::Parser;
 use ladder_core::logging::{self, LogFormat};
 use ladder_worker::agent::{self, Config};
+use ladder_worker::trainer::Faults;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +52,10 @@ struct Args {
     /// while heartbeats go on (the coordinator's stall detection must expel this worker).
     #[arg(long, value_name = "STEP", hide = true)]
     inject_hang_before_step: Option<u64>,
+    /// Fault injection for tests: the collective fails with an error before this global step,
+    /// every time the run comes to it.
+    #[arg(long, value_name = "STEP", hide = true)]
+    inject_collective_error_before_step: Option<u64>,
     /// Log format.
     #[arg(long, default_value = "text", value_name = "text|json")]
     log_format: LogFormat,
@@ -111,7 +116,10 @@ fn main() {
         bucket_elements: args.bucket_elements,
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
-        hang_before_step: args.inject_hang_before_step,
+        faults: Faults {
+            hang_before_step: args.inject_hang_before_step,
+            collective_error_before_step: args.inject_collective_error_before_step,
+        },
     };
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     if let Err(e) = runtime.block_on(agent::run(config)) {

@@ -74,9 +74,18 @@ pub struct Options {
     /// Append `global_step sha256` of the parameters and BatchNorm statistics here after every
     /// step: replicas that agree write the same lines.
     pub replica_digests: Option<PathBuf>,
-    /// Fault injection for tests: the training thread hangs for good before this global step
-    /// (heartbeats go on), as a stuck kernel or a deadlock would.
+    pub faults: Faults,
+}
+
+/// Faults the tests inject (hidden worker flags), each before a global step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// The training thread hangs for good (heartbeats go on), as a stuck kernel or a deadlock
+    /// would.
     pub hang_before_step: Option<u64>,
+    /// The collective fails with an error, each time the run comes to the step, as a
+    /// misconfigured NCCL does.
+    pub collective_error_before_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,7 +373,23 @@ impl Trainer {
                     step,
                 }
                 .global_step(steps_per_epoch);
-                if self.options.hang_before_step == Some(about_to) {
+                let faults = self.options.faults;
+                if faults.collective_error_before_step == Some(about_to) {
+                    // What a peer that resets the connection looks like.
+                    return Err(TrainError::Collective(CollectiveError::Peer {
+                        rank,
+                        peer: (rank + 1) % world,
+                        during: "allreduce",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            format!(
+                                "injected before step {about_to} \
+                                 (--inject-collective-error-before-step)"
+                            ),
+                        ),
+                    }));
+                }
+                if faults.hang_before_step == Some(about_to) {
                     tracing::warn!(
                         step = about_to,
                         "hanging on purpose (--inject-hang-before-step)"

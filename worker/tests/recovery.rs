@@ -334,3 +334,39 @@ fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
     assert!(!job.checkpoints.iter().any(|c| c.id == bad.id));
     assert_every_sample_once(&job, &spec);
 }
+
+#[test]
+fn a_collective_failing_on_every_rank_ends_the_generation_at_once_and_the_job_when_it_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (2, 2), 5, 100);
+    // The default stall timeout (300 s): the job must not wait for it.
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_worker(&["--inject-collective-error-before-step", "12"]);
+    cluster.add_worker(&[]);
+    let started = Instant::now();
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    let elapsed = started.elapsed();
+    assert_eq!(
+        state_of(&job),
+        pb::JobState::Failed,
+        "{}\n{}",
+        job.message,
+        cluster.logs()
+    );
+    assert!(
+        job.message.contains("the collective failed on every rank")
+            && job.message.contains("injected before step 12")
+            && job.message.contains("3 generations in a row"),
+        "{}",
+        job.message
+    );
+    assert_eq!(
+        job.generation, 3,
+        "the checkpoint at step 10 came before the first failure, none after"
+    );
+    assert!(
+        elapsed < Duration::from_secs(120),
+        "each generation ended when its ranks reported, not by stall detection: {elapsed:?}"
+    );
+}
