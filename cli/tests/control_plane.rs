@@ -474,6 +474,52 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
 }
 
 #[test]
+fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let coordinator = redb_coordinator(dir.path(), &["--lease-ttl-ms", "4000"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let idle = rt.block_on(async {
+        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
+        worker
+            .register(pb::RegisterRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id
+    });
+    coordinator.kill9();
+
+    // The idle worker may have died with the coordinator: the job waits for a sign of life
+    // instead of its lease running out.
+    let restarted = redb_coordinator(dir.path(), &["--lease-ttl-ms", "4000"]);
+    let cli = submitter(&restarted);
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = cli.ok(&["status", &id]);
+    assert!(status.contains("queued"), "{status}");
+    rt.block_on(async {
+        let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;
+        worker
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: idle.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let assignment = worker
+            .await_assignment(pb::AwaitAssignmentRequest {
+                worker_id: idle,
+                wait_ms: 5_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(assignment.job_id, id, "assigned once it sent a heartbeat");
+    });
+}
+
+#[test]
 fn redb_state_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("redb:{}", dir.path().join("state.redb").display());

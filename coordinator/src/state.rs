@@ -205,6 +205,11 @@ pub struct WorkerRecord {
     pub active_ms: i64,
     #[serde(skip)]
     pub in_collective: bool,
+    /// Whether this coordinator process has heard from the worker (it registered or sent a
+    /// heartbeat). Workers recovered from the store after a restart may be long dead: they
+    /// keep the assignments they had, but get no new one before they show they are alive.
+    #[serde(skip)]
+    pub heard_from: bool,
 }
 
 /// What a worker is told to do.
@@ -637,6 +642,7 @@ impl Coordinator {
             activity: 0,
             active_ms: now,
             in_collective: false,
+            heard_from: true,
         };
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker.clone());
@@ -670,7 +676,12 @@ impl Coordinator {
             worker.active_ms = now;
         }
         worker.in_collective = in_collective;
-        Ok(worker.assignment.clone())
+        let newly_heard = !std::mem::replace(&mut worker.heard_from, true);
+        let assignment = worker.assignment.clone();
+        if newly_heard {
+            self.schedule(&mut inner).await?;
+        }
+        Ok(assignment)
     }
 
     fn assignment_of(inner: &Inner, worker_id: &str) -> Result<Option<Assignment>> {
@@ -1063,7 +1074,7 @@ impl Coordinator {
             let idle: Vec<String> = inner
                 .workers
                 .values()
-                .filter(|w| w.assignment.is_none() && w.lease_expires_ms >= now)
+                .filter(|w| w.assignment.is_none() && w.lease_expires_ms >= now && w.heard_from)
                 .map(|w| w.id.clone())
                 .collect();
             let job = &inner.jobs[&job_id];
