@@ -46,8 +46,8 @@ def main():
         for size in SIZES:
             ours, theirs = [], []
             for _ in range(ROUNDS):
-                ours.append(run([ladder, corpus, str(size), "2"]))
-                theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "1"]))
+                ours.append(run([ladder, corpus, str(size), "5"]))
+                theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "2"]))
             a, b = statistics.median(ours), statistics.median(theirs)
             print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}")
     batch_formats(batch_binary)
