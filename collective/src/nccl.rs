@@ -47,6 +47,31 @@ fn explain(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
     format!("{code:?} ({}); last error: {}", text(name), text(last))
 }
 
+/// Where `buffer` lives as CUDA sees it from this thread, and which device this thread and the
+/// communicator use: what NCCL checks before it answers `ncclInvalidArgument`.
+fn describe_buffer(comm: sys::ncclComm_t, buffer: *const std::ffi::c_void) -> String {
+    let mut attributes = std::mem::MaybeUninit::<cuda::cudaPointerAttributes>::zeroed();
+    let (mut current, mut comm_device) = (-1, -1);
+    // SAFETY: plain queries writing into locals; a zeroed attribute record is a valid one
+    // (unregistered memory on device 0).
+    let found = unsafe {
+        cuda::cudaGetDevice(&mut current);
+        sys::ncclCommCuDevice(comm, &mut comm_device);
+        cuda::cudaPointerGetAttributes(attributes.as_mut_ptr(), buffer)
+    };
+    let memory = if found == cuda::cudaError::cudaSuccess {
+        // SAFETY: zeroed, then filled in by the successful call.
+        let a = unsafe { attributes.assume_init() };
+        format!("{:?} on device {}", a.type_, a.device)
+    } else {
+        format!("unknown to CUDA ({found:?})")
+    };
+    format!(
+        "buffer {buffer:p}: {memory}; this thread's device {current}, the communicator's \
+         {comm_device}"
+    )
+}
+
 /// Whether libnccl and the CUDA runtime can be loaded; the error says what is missing.
 pub fn available() -> Result<(), CollectiveError> {
     // SAFETY: the probes only try to dlopen the libraries.
@@ -277,7 +302,11 @@ impl Collective for NcclCommunicator {
         if let Err(e) = queued {
             let rank = self.rank;
             let why = explain(self.comm, e.0);
-            return Err(self.fail(error(rank, format!("ncclAllReduce of {len} floats: {why}"))));
+            let place = describe_buffer(self.comm, buffer);
+            return Err(self.fail(error(
+                rank,
+                format!("ncclAllReduce of {len} floats: {why}; {place}"),
+            )));
         }
         self.wait_for_comm("queuing the allreduce")?;
         // Wait for the reduction itself without blocking in the driver, so that a hung peer
