@@ -240,9 +240,17 @@ impl NcclCommunicator {
 
     /// The communicator's asynchronous state: `Ok(true)` when idle, `Ok(false)` in progress.
     fn comm_state(&self) -> Result<bool, CollectiveError> {
-        let mut state = sys::ncclResult_t::ncclSuccess;
+        let mut state = sys::ncclResult_t::ncclInProgress;
         // SAFETY: the communicator is valid; `state` outlives the call.
-        unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+        let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+        if queried != sys::ncclResult_t::ncclSuccess {
+            // The state is unknown: taking it for idle would send the next call into a
+            // communicator that is not ready.
+            return Err(error(
+                self.rank,
+                format!("ncclCommGetAsyncError: {}", explain(self.comm, queried)),
+            ));
+        }
         match state {
             sys::ncclResult_t::ncclSuccess => Ok(true),
             sys::ncclResult_t::ncclInProgress => Ok(false),
