@@ -136,7 +136,8 @@ pub struct JobRecord {
     pub ready_since_ms: Option<i64>,
     #[serde(skip)]
     pub progress_persisted_ms: i64,
-    /// The collective failures reported in the current generation, by worker.
+    /// The collective failures reported in the current generation, by worker. Not persisted:
+    /// after a coordinator restart the generation ends through leases or stall detection.
     #[serde(skip)]
     pub collective_failures: BTreeMap<String, String>,
     /// Generations in a row that ended with every rank's collective failing and no checkpoint
@@ -945,13 +946,19 @@ impl Coordinator {
     /// next heartbeat is refused) and the generation ends, as if they had died.
     async fn expel_stalled(&self, inner: &mut Inner, now: i64) -> Result<()> {
         let stall = self.config.stall_timeout.as_millis() as i64;
-        let running: Vec<(String, Vec<String>)> = inner
+        let running: Vec<(String, Vec<String>, BTreeMap<String, String>)> = inner
             .jobs
             .values()
             .filter(|j| j.state == JobState::Running)
-            .map(|j| (j.id.clone(), j.workers.clone()))
+            .map(|j| {
+                (
+                    j.id.clone(),
+                    j.workers.clone(),
+                    j.collective_failures.clone(),
+                )
+            })
             .collect();
-        for (job_id, workers) in running {
+        for (job_id, workers, reported) in running {
             let records: Vec<&WorkerRecord> = workers
                 .iter()
                 .filter_map(|w| inner.workers.get(w))
@@ -961,9 +968,10 @@ impl Coordinator {
             }
             // If everyone waits in the collective, the network between them is the suspect:
             // nobody is expelled and the generation restarts with all of them.
+            // A worker that reported its collective failing is waiting for the others too.
             let hung: Vec<String> = records
                 .iter()
-                .filter(|w| !w.in_collective)
+                .filter(|w| !w.in_collective && !reported.contains_key(&w.id))
                 .map(|w| w.id.clone())
                 .collect();
             let rank = |id: &String| workers.iter().position(|w| w == id).unwrap_or(0);

@@ -59,6 +59,12 @@ pub enum CheckpointError {
     Io { path: String, message: String },
     #[error("checkpoint {path}: {message}")]
     Corrupt { path: String, message: String },
+    /// Written by another version of Ladder: intact, but not readable by this one.
+    #[error(
+        "checkpoint {path} has format {found}; this Ladder reads format {FORMAT}: continue \
+         the job with the Ladder that wrote it"
+    )]
+    OtherFormat { path: String, found: u32 },
     #[error(transparent)]
     State(#[from] state_io::StateError),
 }
@@ -96,7 +102,10 @@ pub fn write(
         // Left by a writer that died mid-write: never committed, safe to replace.
         std::fs::remove_dir_all(&temp).map_err(io_error(&temp))?;
     }
-    let files = snapshot.write(&temp)?;
+    let files = snapshot.write(&temp).inspect_err(|_| {
+        // A full disk must not fill up further with the rest of a failed checkpoint.
+        let _ = std::fs::remove_dir_all(&temp);
+    })?;
     manifest.format = FORMAT;
     manifest.files = files
         .into_iter()
@@ -130,10 +139,10 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| corrupt(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
     if manifest.format != FORMAT {
-        return Err(corrupt(format!(
-            "format {} is not the supported {FORMAT}",
-            manifest.format
-        )));
+        return Err(CheckpointError::OtherFormat {
+            path: dir.display().to_string(),
+            found: manifest.format,
+        });
     }
     for name in STATE_FILES {
         let expected = manifest
@@ -193,5 +202,32 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_of_another_format_is_refused_as_such_not_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = serde_json::json!({
+            "format": 1, "id": "step-000000010-g1", "job": "job-000001", "generation": 1,
+            "global_step": 10, "epoch": 0, "step": 10, "steps_per_epoch": 20, "stage": 0,
+            "stage_end": false, "seed": 0, "world_size": 2, "model": "tiny", "classes": 10,
+            "files": {},
+        });
+        std::fs::write(dir.path().join(MANIFEST_FILE), old.to_string()).unwrap();
+        let err = verify(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::OtherFormat { found: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("format 1; this Ladder reads format 2"),
+            "{err}"
+        );
     }
 }

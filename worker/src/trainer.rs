@@ -241,9 +241,15 @@ impl Trainer {
         let start = match &job.restore_from {
             None => Cursor::START,
             Some(Restore { id, dir }) => {
-                let manifest = checkpoint::verify(dir).map_err(|e| TrainError::BadCheckpoint {
-                    id: id.clone(),
-                    reason: e.to_string(),
+                let manifest = checkpoint::verify(dir).map_err(|e| match e {
+                    // Intact: the coordinator must not drop it as damaged.
+                    checkpoint::CheckpointError::OtherFormat { .. } => {
+                        TrainError::Fatal(e.to_string())
+                    }
+                    _ => TrainError::BadCheckpoint {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    },
                 })?;
                 if manifest.steps_per_epoch != steps_per_epoch {
                     return Err(TrainError::Fatal(format!(

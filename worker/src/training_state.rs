@@ -132,6 +132,10 @@ impl TrainingState<'_> {
             .enumerate()
             .map(|(i, (source, &(file, first)))| {
                 let image = &images[file];
+                if source.numel() == 0 {
+                    // A model without BatchNorm has no buffers: nothing to copy, no entry.
+                    return Vec::new();
+                }
                 match slots.get(i) {
                     Some(slots) if slots.iter().any(|s| s.channels_last) => slots
                         .iter()

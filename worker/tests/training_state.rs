@@ -137,3 +137,27 @@ fn mismatched_state_is_refused_with_every_problem_named_and_nothing_changed() {
     let err = same.state().load(dir.path()).unwrap_err().to_string();
     assert!(err.contains(EMA_FILE), "names the broken file: {err}");
 }
+
+#[test]
+fn a_model_without_batchnorm_buffers_saves_and_loads() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _fc = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+    let flat = FlatState::new(&vs, Layout::Contiguous);
+    assert_eq!(flat.buffers.numel(), 0, "no buffers to copy");
+    let mut optimizer = RmsProp::new(&flat, &OptimizerSpec::default());
+    let mut ema = Ema::new(&flat, 0.999);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = TrainingState {
+        vs: &vs,
+        flat: &flat,
+        optimizer: &mut optimizer,
+        ema: &mut ema,
+    };
+    state.save(dir.path()).unwrap();
+    let before = flat.params.copy();
+    tch::no_grad(|| {
+        let _ = flat.params.shallow_clone().fill_(0.0);
+    });
+    state.load(dir.path()).unwrap();
+    assert!(flat.params.equal(&before));
+}
