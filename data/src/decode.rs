@@ -216,16 +216,12 @@ fn decode_jpeg(
         .unwrap_or(8);
     // SAFETY: the handle is live.
     h.check(unsafe { tj::tj3Set(h.0, tj::TJPARAM_TJPARAM_STOPONWARNING as libc::c_int, 1) })?;
-    // libjpeg-turbo lists its factors in lowest terms (1/2, not 4/8).
-    let common = [8, 4, 2, 1]
-        .into_iter()
-        .find(|d| num % d == 0 && 8 % d == 0)
-        .unwrap_or(1);
+    // libjpeg-turbo lists its factors in lowest terms: 1/8, 1/4, 1/2, 1/1.
     let factor = tj::tjscalingfactor {
-        num: num / common,
-        denom: 8 / common,
+        num: 1,
+        denom: 8 / num,
     };
-    // SAFETY: as above; 1..=8 / 8 are scaling factors libjpeg-turbo always supports.
+    // SAFETY: as above; these four are scaling factors libjpeg-turbo always supports.
     h.check(unsafe { tj::tj3SetScalingFactor(h.0, factor) })?;
     // A scaled decode is resampled again right after, which hides the fast IDCT's small
     // error; a full-size decode keeps the accurate one (the pixels Pillow gives).

@@ -108,7 +108,7 @@ fn resize_with(kernels: Kernels, image: &Image, source: Rect, width: u32, height
     let mut out = Image::new(width, height);
     match kernels {
         Kernels::Portable => {
-            portable::horizontal(input, in_stride, &mut middle, out_stride, &horizontal);
+            portable::horizontal(input, in_stride, &mut middle, out_stride, &horizontal, 0);
             portable::vertical(&middle, &mut out.pixels, out_stride, &vertical, first_row);
         }
         #[cfg(target_arch = "x86_64")]
@@ -124,22 +124,24 @@ fn resize_with(kernels: Kernels, image: &Image, source: Rect, width: u32, height
 mod portable {
     use super::{Coefficients, ROUND, clip};
 
-    /// The horizontal pass over rows of `in_stride` bytes into rows of `out_stride` bytes.
+    /// The horizontal pass over rows of `in_stride` bytes into rows of `out_stride` bytes,
+    /// from output pixel `first` of each row on.
     pub fn horizontal(
         input: &[u8],
         in_stride: usize,
         middle: &mut [u8],
         out_stride: usize,
         c: &Coefficients,
+        first: usize,
     ) {
         for (src, dst) in input
             .chunks_exact(in_stride)
             .zip(middle.chunks_exact_mut(out_stride))
         {
-            let pixels = dst
+            let pixels = dst[first * 3..]
                 .chunks_exact_mut(3)
-                .zip(&c.start)
-                .zip(c.weights.chunks_exact(c.taps));
+                .zip(&c.start[first..])
+                .zip(c.weights[first * c.taps..].chunks_exact(c.taps));
             for ((out, &start), ws) in pixels {
                 let window = &src[start * 3..start * 3 + c.taps * 3];
                 let mut acc = [ROUND; 3];
@@ -249,22 +251,7 @@ mod avx2 {
             // SAFETY: AVX2 as this function; the first `fast` windows leave a byte to spare.
             unsafe { kernel(src, &mut dst[..fast * 3], &c.start[..fast], &lanes, c.taps) };
         }
-        if fast < pixels {
-            let tail = Coefficients {
-                start: c.start[fast..].to_vec(),
-                taps: c.taps,
-                weights: c.weights[fast * c.taps..].to_vec(),
-            };
-            let rest_stride = (pixels - fast) * 3;
-            let mut rest = vec![0u8; rest_stride * (input.len() / in_stride)];
-            portable::horizontal(input, in_stride, &mut rest, rest_stride, &tail);
-            for (dst, part) in middle
-                .chunks_exact_mut(out_stride)
-                .zip(rest.chunks_exact(rest_stride))
-            {
-                dst[fast * 3..].copy_from_slice(part);
-            }
-        }
+        portable::horizontal(input, in_stride, middle, out_stride, c, fast);
     }
 
     /// One row's pixel pairs with `TAPS` taps (0: `taps`, not unrolled).

@@ -35,13 +35,13 @@ const TORCHVISION_BN: BatchNormConfig = BatchNormConfig {
     momentum: 0.1,
 };
 
-/// S with 10 classes and torchvision's BatchNorm settings, as the reference script builds it.
-fn torchvision_s() -> (nn::VarStore, EfficientNetV2) {
+/// S with torchvision's BatchNorm settings, as the reference script builds it.
+fn torchvision_s(classes: i64) -> (nn::VarStore, EfficientNetV2) {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = EfficientNetV2::new(
         &vs.root(),
         &Architecture::of(Variant::S),
-        10,
+        classes,
         TORCHVISION_BN,
     );
     (vs, model)
@@ -65,7 +65,7 @@ fn s_matches_torchvision_in_eval_and_train_mode() {
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
 
-    let (vs, model) = torchvision_s();
+    let (vs, model) = torchvision_s(10);
     state_io::load(&vs, &state, "state.", "torchvision S").unwrap();
 
     let x = &tensors["input"];
@@ -157,7 +157,7 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
     tch::set_num_threads(1);
     tch::manual_seed(5);
     let dir = tempfile::tempdir().unwrap();
-    let (vs, model) = torchvision_s();
+    let (vs, model) = torchvision_s(10);
     let flat = FlatState::new(&vs, Layout::Contiguous);
     let mut optimizer = RmsProp::new(&flat, &Default::default());
     let mut ema = Ema::new(&flat, 0.9999);
@@ -203,7 +203,7 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     let weights: HashMap<String, Tensor> = state_io::read(&imagenet).unwrap().into_iter().collect();
 
     // Fine-tuning on 10 classes: everything but the classifier comes from the file.
-    let (vs, _model) = torchvision_s();
+    let (vs, _model) = torchvision_s(10);
     let fresh = pretrained::initialize(&vs, &imagenet).unwrap();
     assert_eq!(fresh, vec!["classifier.1.bias", "classifier.1.weight"]);
     for (name, var) in state_io::named(&vs, "") {
@@ -214,13 +214,7 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
         }
     }
     // Same classes: the classifier is loaded too.
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _model = EfficientNetV2::new(
-        &vs.root(),
-        &Architecture::of(Variant::S),
-        1000,
-        TORCHVISION_BN,
-    );
+    let (vs, _model) = torchvision_s(1000);
     assert!(pretrained::initialize(&vs, &imagenet).unwrap().is_empty());
     let classifier = &state_io::named(&vs, "")
         .into_iter()
@@ -232,7 +226,7 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     // Another variant's weights are refused, naming the problems, and nothing changes.
     let m = dir.path().join("m.safetensors");
     reference(&["pretrained", "m", "1000", m.to_str().unwrap()]);
-    let (vs, _model) = torchvision_s();
+    let (vs, _model) = torchvision_s(10);
     let before = state_io::named(&vs, "")[0].1.copy();
     let err = pretrained::initialize(&vs, &m).unwrap_err().to_string();
     assert!(err.contains("unexpected") && err.contains("shape"), "{err}");
