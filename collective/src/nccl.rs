@@ -90,6 +90,36 @@ pub fn available() -> Result<(), CollectiveError> {
     }
 }
 
+/// The NCCL and CUDA this process loaded, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
+/// 13.0".
+pub fn versions() -> Result<String, CollectiveError> {
+    available()?;
+    let nccl = nccl::get_nccl_version().map_err(|e| {
+        error(
+            0,
+            format!("ncclGetVersion: {}", explain(std::ptr::null_mut(), e.0)),
+        )
+    })?;
+    let (mut runtime, mut driver) = (0, 0);
+    // SAFETY: plain queries writing into locals; a machine without a driver reports 0.
+    unsafe {
+        cuda::cudaRuntimeGetVersion(&mut runtime);
+        cuda::cudaDriverGetVersion(&mut driver);
+    }
+    let cuda_version = |v: i32| match v {
+        0 => "none".to_owned(),
+        v => format!("{}.{}", v / 1000, v % 1000 / 10),
+    };
+    Ok(format!(
+        "NCCL {}.{}.{}, CUDA runtime {}, driver {}",
+        nccl / 10000,
+        nccl % 10000 / 100,
+        nccl % 100,
+        cuda_version(runtime),
+        cuda_version(driver)
+    ))
+}
+
 /// A new NCCL unique id, made by rank 0 and shared through the rendezvous.
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
     available()?;
@@ -238,24 +268,29 @@ impl NcclCommunicator {
         }
     }
 
-    /// The communicator's asynchronous state: `Ok(true)` when idle, `Ok(false)` in progress.
-    fn comm_state(&self) -> Result<bool, CollectiveError> {
+    /// The communicator's asynchronous state: `Ok(true)` when idle, `Ok(false)` in progress,
+    /// else what failed, in words.
+    fn async_state(&self) -> Result<bool, String> {
         let mut state = sys::ncclResult_t::ncclInProgress;
         // SAFETY: the communicator is valid; `state` outlives the call.
         let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
         if queried != sys::ncclResult_t::ncclSuccess {
             // The state is unknown: taking it for idle would send the next call into a
             // communicator that is not ready.
-            return Err(error(
-                self.rank,
-                format!("ncclCommGetAsyncError: {}", explain(self.comm, queried)),
+            return Err(format!(
+                "ncclCommGetAsyncError: {}",
+                explain(self.comm, queried)
             ));
         }
         match state {
             sys::ncclResult_t::ncclSuccess => Ok(true),
             sys::ncclResult_t::ncclInProgress => Ok(false),
-            other => Err(error(self.rank, explain(self.comm, other))),
+            other => Err(explain(self.comm, other)),
         }
+    }
+
+    fn comm_state(&self) -> Result<bool, CollectiveError> {
+        self.async_state().map_err(|e| error(self.rank, e))
     }
 
     fn wait_for_comm(&mut self, during: &'static str) -> Result<(), CollectiveError> {
@@ -292,6 +327,16 @@ impl Collective for NcclCommunicator {
         self.check_aborted()?;
         if len == 0 {
             return Ok(());
+        }
+        // NCCL refuses a call on a communicator whose state turned to an error after its last
+        // call (a failure in one of NCCL's own threads) with that error: say it is not this
+        // call's arguments.
+        if let Err(why) = self.async_state() {
+            let rank = self.rank;
+            return Err(self.fail(error(
+                rank,
+                format!("the communicator failed before this allreduce of {len} floats: {why}"),
+            )));
         }
         let buffer = ptr as *mut std::ffi::c_void;
         // SAFETY: the caller guarantees `ptr` addresses `len` floats on this device; the null

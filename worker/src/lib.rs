@@ -17,6 +17,7 @@ pub mod feed;
 pub mod flat;
 pub mod loss;
 pub mod model;
+pub mod nccl_check;
 pub mod nccl_library;
 pub mod optim;
 pub mod precision;

@@ -4,6 +4,7 @@
 use clap::Parser;
 use ladder_core::logging::{self, LogFormat};
 use ladder_worker::agent::{self, Config};
+use ladder_worker::nccl_check;
 use ladder_worker::trainer::Faults;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -56,6 +57,11 @@ struct Args {
     /// every time the run comes to it.
     #[arg(long, value_name = "STEP", hide = true)]
     inject_collective_error_before_step: Option<u64>,
+    /// Check that this GPU can run the gradient allreduce (NCCL found, a one-rank
+    /// communicator, a sum of a CUDA buffer), print what was loaded and exit: 0 when it works.
+    /// Needs --device cuda:N; joins no coordinator.
+    #[arg(long)]
+    check_nccl: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_name = "text|json")]
     log_format: LogFormat,
@@ -85,9 +91,49 @@ fn check_device(device: Device) -> Result<(), String> {
     Ok(())
 }
 
+/// `--check-nccl`: the library first (it needs no GPU), then the device and the check.
+fn check_nccl(device: Device, timeout: Duration) -> ! {
+    let Device::Cuda(ordinal) = device else {
+        eprintln!("ladder-worker: error: --check-nccl needs --device cuda:N");
+        std::process::exit(2);
+    };
+    let library = ladder_worker::nccl_library::ensure_loadable()
+        .and_then(|()| nccl_check::describe_library());
+    match library {
+        Ok(library) => println!("library: {library}"),
+        Err(e) => {
+            eprintln!("ladder-worker: error: {e}");
+            std::process::exit(2);
+        }
+    }
+    if let Err(e) = check_device(device) {
+        eprintln!("ladder-worker: error: {e}");
+        std::process::exit(2);
+    }
+    match nccl_check::run(ordinal, timeout) {
+        Ok(()) => {
+            println!("NCCL check passed on cuda:{ordinal}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("ladder-worker: NCCL check failed on cuda:{ordinal}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     logging::init(args.log_format);
+    if args.check_nccl {
+        match parse_device(&args.device) {
+            Ok(device) => check_nccl(device, Duration::from_secs(args.collective_timeout_s)),
+            Err(e) => {
+                eprintln!("ladder-worker: error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     let device = match parse_device(&args.device).and_then(|d| check_device(d).map(|()| d)) {
         Ok(d) => d,
         Err(e) => {

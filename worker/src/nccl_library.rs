@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 const RESTARTED: &str = "LADDER_NCCL_RESTARTED";
 
 /// Libraries this process has mapped whose file name starts with `prefix`.
-fn mapped(prefix: &str) -> Vec<PathBuf> {
+pub fn mapped(prefix: &str) -> Vec<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut found: Vec<PathBuf> = maps
         .lines()

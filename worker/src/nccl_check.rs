@@ -1,0 +1,59 @@
+//! `ladder-worker --device cuda:N --check-nccl`: whether this GPU node can run the gradient
+//! allreduce, before it joins a job. It says which NCCL and CUDA the worker loaded and from
+//! where, makes a one-rank communicator the way training does (non-blocking, polled with a
+//! deadline), and sums a CUDA tensor through the training path
+//! ([`data_parallel::all_reduce_tensor`]), checking that the bytes come back whole.
+//!
+//! One rank exercises no transport between GPUs: it checks what a node's setup gets wrong (the
+//! library found, its versions, the communicator, device buffers and streams). Each step is
+//! printed as it ends, so a hang or a crash still shows how far the check came.
+
+use crate::data_parallel;
+use crate::nccl_library;
+use ladder_collective::nccl::{self, NcclCommunicator};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// Floats per allreduce: the default gradient bucket's size.
+const ELEMENTS: i64 = 16 << 20;
+const ROUNDS: usize = 3;
+
+/// Which NCCL this process loaded, its versions and its file.
+pub fn describe_library() -> Result<String, String> {
+    let versions = nccl::versions().map_err(|e| e.to_string())?;
+    let files = nccl_library::mapped("libnccl.so");
+    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    Ok(format!("{versions}; loaded from {}", files.join(", ")))
+}
+
+/// Runs the check on CUDA device `device`, printing each step; the error says which failed.
+pub fn run(device: usize, timeout: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let id = nccl::unique_id().map_err(|e| format!("making the unique id: {e}"))?;
+    let mut communicator = NcclCommunicator::init(0, 1, &id, device as i32, timeout)
+        .map_err(|e| format!("making a one-rank communicator: {e}"))?;
+    println!(
+        "communicator: one rank on cuda:{device}, ready in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let cuda = Device::Cuda(device);
+    let buffer = Tensor::arange(ELEMENTS, (Kind::Float, cuda));
+    let expected = buffer.copy();
+    for round in 1..=ROUNDS {
+        let started = Instant::now();
+        data_parallel::all_reduce_tensor(&buffer, &mut communicator)
+            .map_err(|e| format!("allreduce {round} of {ROUNDS}: {e}"))?;
+        tch::Cuda::synchronize(device as i64);
+        if !buffer.equal(&expected) {
+            return Err(format!(
+                "allreduce {round} of {ROUNDS}: one rank's sum changed the buffer"
+            ));
+        }
+        println!(
+            "allreduce {round}/{ROUNDS}: {ELEMENTS} floats in place on the default stream, \
+             bytes intact, {:.2} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
