@@ -90,6 +90,14 @@ pub fn available() -> Result<(), CollectiveError> {
     }
 }
 
+/// Loads libnccl for the rest of the process (cudarc otherwise loads it at the first call).
+pub fn load() -> Result<(), CollectiveError> {
+    available()?;
+    // SAFETY: the library was just found loadable; loading it runs no code of ours.
+    let _ = unsafe { sys::culib() };
+    Ok(())
+}
+
 /// The NCCL and CUDA this process loaded, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
 /// 13.0".
 pub fn versions() -> Result<String, CollectiveError> {

@@ -4,14 +4,17 @@
 //! that library — `LADDER_NCCL_LIBRARY` if set, else the copy this process already mapped, else
 //! the one beside the torch install — links it as `libnccl.so` in a private directory, and
 //! restarts itself once with that directory first on `LD_LIBRARY_PATH` (the loader reads the
-//! variable only at start). It does the same when `libnccl.so` resolves to another copy than
+//! variable only at start); the restarted worker loads NCCL for good and removes the link. It
+//! does the same when `libnccl.so` resolves to another copy than
 //! the one libtorch loaded (a system CUDA install), so one process never holds two NCCLs.
 
 use ladder_collective::nccl;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-const RESTARTED: &str = "LADDER_NCCL_RESTARTED";
+/// Set on the restart: the private directory holding the `libnccl.so` link, removed once NCCL
+/// is loaded for good.
+const LINK_DIR: &str = "LADDER_NCCL_LINK_DIR";
 
 /// Libraries this process has mapped whose file name starts with `prefix`.
 pub fn mapped(prefix: &str) -> Vec<PathBuf> {
@@ -57,11 +60,16 @@ pub fn ensure_loadable() -> Result<(), String> {
             .as_ref()
             .is_none_or(|t| loaded.iter().all(|p| p == t));
         if same || std::env::var_os("LADDER_NCCL_LIBRARY").is_some() {
+            if let Some(dir) = std::env::var_os(LINK_DIR) {
+                // Loaded for the life of the process: the link has done its work.
+                nccl::load().map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_dir_all(dir);
+            }
             return Ok(());
         }
     }
     let hint = "set LADDER_NCCL_LIBRARY to the path of libnccl.so.2 (site-packages/nvidia/nccl/lib of the torch install)";
-    if std::env::var_os(RESTARTED).is_some() {
+    if std::env::var_os(LINK_DIR).is_some() {
         return Err(format!(
             "NCCL still cannot be loaded after linking it as libnccl.so: {hint}"
         ));
@@ -79,7 +87,7 @@ pub fn ensure_loadable() -> Result<(), String> {
         std::process::Command::new("/proc/self/exe")
             .args(std::env::args_os().skip(1))
             .env("LD_LIBRARY_PATH", search)
-            .env(RESTARTED, "1"),
+            .env(LINK_DIR, &dir),
     );
     Err(format!("restarting the worker: {error}"))
 }
