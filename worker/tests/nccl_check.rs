@@ -1,5 +1,6 @@
 //! `ladder-worker --check-nccl`, the real binary: it finds torch's NCCL and names it (restarting
-//! itself with the library linked where cudarc looks), then checks the GPU. Without a GPU it must
+//! itself with the library linked where cudarc looks, a link it then removes), then checks the
+//! GPU. Without a GPU it must
 //! stop there with a clear error; with one, the whole check must pass.
 
 use ladder_testkit::binary;
@@ -30,6 +31,15 @@ fn reports_torchs_nccl_then_checks_the_gpu() {
         library.contains("nvidia/nccl/lib/libnccl.so.2"),
         "not torch's nvidia-nccl wheel: {library}"
     );
+    // The link the worker restarted with is gone once NCCL is loaded.
+    if let Some((_, rest)) = stderr.split_once("libnccl.so linked in ") {
+        let dir: String = rest
+            .chars()
+            .take_while(|c| !c.is_whitespace() && !c.is_control())
+            .collect();
+        assert!(dir.contains("ladder-nccl-"), "{stderr}");
+        assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    }
     if tch::Cuda::device_count() == 0 {
         assert_eq!(code, Some(2), "{stdout}\n{stderr}");
         assert!(
