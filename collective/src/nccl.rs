@@ -48,15 +48,15 @@ fn explain(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
 }
 
 /// Where `buffer` lives as CUDA sees it from this thread, and which device this thread and the
-/// communicator use: what NCCL checks before it answers `ncclInvalidArgument`.
-fn describe_buffer(comm: sys::ncclComm_t, buffer: *const std::ffi::c_void) -> String {
+/// communicator (on `comm_device`) use: what NCCL checks before it answers
+/// `ncclInvalidArgument`.
+fn describe_buffer(comm_device: i32, buffer: *const std::ffi::c_void) -> String {
     let mut attributes = std::mem::MaybeUninit::<cuda::cudaPointerAttributes>::zeroed();
-    let (mut current, mut comm_device) = (-1, -1);
+    let mut current = -1;
     // SAFETY: plain queries writing into locals; a zeroed attribute record is a valid one
     // (unregistered memory on device 0).
     let found = unsafe {
         cuda::cudaGetDevice(&mut current);
-        sys::ncclCommCuDevice(comm, &mut comm_device);
         cuda::cudaPointerGetAttributes(attributes.as_mut_ptr(), buffer)
     };
     let memory = if found == cuda::cudaError::cudaSuccess {
@@ -90,12 +90,64 @@ pub fn available() -> Result<(), CollectiveError> {
     }
 }
 
-/// Loads libnccl for the rest of the process (cudarc otherwise loads it at the first call).
+/// Loads libnccl for the rest of the process (cudarc otherwise loads it at the first call), and
+/// checks that it is the only NCCL in the process (see [`single_copy`]).
 pub fn load() -> Result<(), CollectiveError> {
     available()?;
     // SAFETY: the library was just found loadable; loading it runs no code of ours.
     let _ = unsafe { sys::culib() };
-    Ok(())
+    single_copy()
+}
+
+/// Fails when the libnccl cudarc loaded is not the one the process's global scope resolves
+/// NCCL's names to (libtorch_cuda's, which the loader mapped at start).
+///
+/// Two copies cannot work together: libnccl calls some of its own exported functions through
+/// the dynamic linker (`ncclCommGetAsyncError` among them), which binds them to the copy
+/// loaded first. The other copy's calls then run that copy's code on its own communicators,
+/// whose layout differs between builds, and are refused as invalid, logged in the wrong
+/// copy's last error.
+pub fn single_copy() -> Result<(), CollectiveError> {
+    const PROBE: &std::ffi::CStr = c"ncclCommGetAsyncError";
+    // SAFETY: looking up a symbol's address; nothing is called.
+    let (ours, global) = unsafe {
+        let ours = sys::culib()
+            .get::<unsafe extern "C" fn()>(PROBE.to_bytes_with_nul())
+            .map(|f| *f as *const std::ffi::c_void)
+            .map_err(|e| {
+                CollectiveError::Unsupported(format!("libnccl has no ncclCommGetAsyncError: {e}"))
+            })?;
+        (
+            ours,
+            libc::dlsym(libc::RTLD_DEFAULT, PROBE.as_ptr()).cast_const(),
+        )
+    };
+    if global.is_null() || global == ours {
+        return Ok(());
+    }
+    Err(CollectiveError::Unsupported(format!(
+        "two NCCL libraries are loaded in this process: {} (the one NCCL's own calls bind to, \
+         libtorch's) and {} (the one the worker calls); they cannot share communicators",
+        library_file(global),
+        library_file(ours)
+    )))
+}
+
+/// The file of the library holding `address`.
+fn library_file(address: *const std::ffi::c_void) -> String {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr fills `info` and returns non-zero when it knows the address; the file name
+    // it points to lives as long as the library stays loaded.
+    unsafe {
+        if libc::dladdr(address, info.as_mut_ptr()) != 0 && !info.assume_init().dli_fname.is_null()
+        {
+            std::ffi::CStr::from_ptr(info.assume_init().dli_fname)
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            format!("{address:p}")
+        }
+    }
 }
 
 /// The NCCL and CUDA this process loaded, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
@@ -130,7 +182,7 @@ pub fn versions() -> Result<String, CollectiveError> {
 
 /// A new NCCL unique id, made by rank 0 and shared through the rendezvous.
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
-    available()?;
+    load()?;
     let id = nccl::get_uniqueid().map_err(|e| {
         error(
             0,
@@ -142,6 +194,8 @@ pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
 
 pub struct NcclCommunicator {
     comm: sys::ncclComm_t,
+    /// The CUDA device it reduces on.
+    device: i32,
     rank: u32,
     world: u32,
     timeout: Duration,
@@ -164,7 +218,7 @@ impl NcclCommunicator {
         device: i32,
         timeout: Duration,
     ) -> Result<NcclCommunicator, CollectiveError> {
-        available()?;
+        load()?;
         let id: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| {
             error(
                 rank,
@@ -214,6 +268,7 @@ impl NcclCommunicator {
         })?;
         let mut communicator = NcclCommunicator {
             comm,
+            device,
             rank,
             world,
             timeout,
@@ -363,7 +418,7 @@ impl Collective for NcclCommunicator {
         if let Err(e) = queued {
             let rank = self.rank;
             let why = explain(self.comm, e.0);
-            let place = describe_buffer(self.comm, buffer);
+            let place = describe_buffer(self.device, buffer);
             return Err(self.fail(error(
                 rank,
                 format!("ncclAllReduce of {len} floats: {why}; {place}"),

@@ -1,12 +1,12 @@
-//! Finding libnccl for a CUDA worker. cudarc loads NCCL by the name `libnccl.so`, but torch's
-//! nvidia-nccl wheel ships only `libnccl.so.2` (in `site-packages/nvidia/nccl/lib`, which
-//! libtorch_cuda already loaded as a dependency). If the name does not load, the worker finds
-//! that library — `LADDER_NCCL_LIBRARY` if set, else the copy this process already mapped, else
-//! the one beside the torch install — links it as `libnccl.so` in a private directory, and
-//! restarts itself once with that directory first on `LD_LIBRARY_PATH` (the loader reads the
-//! variable only at start); the restarted worker loads NCCL for good and removes the link. It
-//! does the same when `libnccl.so` resolves to another copy than
-//! the one libtorch loaded (a system CUDA install), so one process never holds two NCCLs.
+//! Finding libnccl for a CUDA worker, and only one. cudarc loads NCCL by the name `libnccl.so`,
+//! but torch's nvidia-nccl wheel ships only `libnccl.so.2` (in `site-packages/nvidia/nccl/lib`),
+//! which libtorch_cuda loaded at start as a dependency. That copy must be the one cudarc loads
+//! too: a second NCCL in the process (a system install's `libnccl.so`) breaks both (see
+//! [`nccl::single_copy`]). When the name does not load, or loads another copy, the worker links
+//! libtorch's copy (else `LADDER_NCCL_LIBRARY`, else the one beside the torch install) as
+//! `libnccl.so` in a private directory and restarts itself once with that directory first on
+//! `LD_LIBRARY_PATH` (the loader reads the variable only at start); the restarted worker loads
+//! NCCL for good and removes the link.
 
 use ladder_collective::nccl;
 use std::ffi::OsString;
@@ -34,47 +34,43 @@ pub fn mapped(prefix: &str) -> Vec<PathBuf> {
     found
 }
 
-fn locate() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("LADDER_NCCL_LIBRARY") {
-        return Some(PathBuf::from(path));
-    }
-    if let Some(path) = mapped("libnccl.so").into_iter().next() {
-        return Some(path);
-    }
-    mapped("libtorch_cuda.so").into_iter().find_map(|torch| {
-        let candidate = torch.parent()?.join("../../nvidia/nccl/lib/libnccl.so.2");
-        candidate.exists().then_some(candidate)
-    })
+/// The libnccl.so.2 to link as `libnccl.so`: libtorch's (mapped at start), else
+/// `LADDER_NCCL_LIBRARY`, else the one beside the torch install.
+fn locate(torch_copy: Option<PathBuf>) -> Option<PathBuf> {
+    torch_copy
+        .or_else(|| std::env::var_os("LADDER_NCCL_LIBRARY").map(PathBuf::from))
+        .or_else(|| {
+            mapped("libtorch_cuda.so").into_iter().find_map(|torch| {
+                let candidate = torch.parent()?.join("../../nvidia/nccl/lib/libnccl.so.2");
+                candidate.exists().then_some(candidate)
+            })
+        })
 }
 
-/// Returns when NCCL loads; may restart the process (never returns then); errors say what to
-/// set.
+/// Returns when NCCL is loaded, and is the process's only NCCL; may restart the process (never
+/// returns then); errors say what to set.
 pub fn ensure_loadable() -> Result<(), String> {
-    // The copy libtorch_cuda brought in, before anything else loads one.
+    // The copy libtorch_cuda brought in at start, before anything else loads one.
     let torch_copy = mapped("libnccl.so").into_iter().next();
-    if nccl::available().is_ok() {
-        // Another libnccl.so on the search path (a system CUDA install, say) would put two
-        // NCCLs of different versions in one process: use libtorch's unless told otherwise.
-        let loaded = mapped("libnccl.so");
-        let same = torch_copy
-            .as_ref()
-            .is_none_or(|t| loaded.iter().all(|p| p == t));
-        if same || std::env::var_os("LADDER_NCCL_LIBRARY").is_some() {
-            if let Some(dir) = std::env::var_os(LINK_DIR) {
+    let restarted = std::env::var_os(LINK_DIR);
+    let loaded = match nccl::load() {
+        Ok(()) => {
+            if let Some(dir) = restarted {
                 // Loaded for the life of the process: the link has done its work.
-                nccl::load().map_err(|e| e.to_string())?;
                 let _ = std::fs::remove_dir_all(dir);
             }
             return Ok(());
         }
-    }
-    let hint = "set LADDER_NCCL_LIBRARY to the path of libnccl.so.2 (site-packages/nvidia/nccl/lib of the torch install)";
-    if std::env::var_os(LINK_DIR).is_some() {
+        Err(e) => e.to_string(),
+    };
+    if restarted.is_some() {
         return Err(format!(
-            "NCCL still cannot be loaded after linking it as libnccl.so: {hint}"
+            "NCCL is still not usable after linking libtorch's as libnccl.so: {loaded}"
         ));
     }
-    let library = locate().ok_or_else(|| format!("libnccl.so.2 not found: {hint}"))?;
+    let hint = "set LADDER_NCCL_LIBRARY to the path of libnccl.so.2 (site-packages/nvidia/nccl/lib of the torch install)";
+    let library =
+        locate(torch_copy).ok_or_else(|| format!("{loaded}; libnccl.so.2 not found: {hint}"))?;
     let dir = std::env::temp_dir().join(format!("ladder-nccl-{}", std::process::id()));
     link(&dir, &library).map_err(|e| format!("linking {}: {e}", library.display()))?;
     let mut search = OsString::from(dir.as_os_str());
@@ -82,7 +78,7 @@ pub fn ensure_loadable() -> Result<(), String> {
         search.push(":");
         search.push(old);
     }
-    tracing::info!(library = %library.display(), "restarting with libnccl.so linked in {}", dir.display());
+    tracing::info!(library = %library.display(), why = %loaded, "restarting with libnccl.so linked in {}", dir.display());
     let error = std::os::unix::process::CommandExt::exec(
         std::process::Command::new("/proc/self/exe")
             .args(std::env::args_os().skip(1))

@@ -1,17 +1,22 @@
 //! `ladder-worker --check-nccl`, the real binary: it finds torch's NCCL and names it (restarting
-//! itself with the library linked where cudarc looks, a link it then removes), then checks the
-//! GPU. Without a GPU it must
-//! stop there with a clear error; with one, the whole check must pass.
+//! itself with the library linked where cudarc looks, a link it then removes), keeps a second
+//! NCCL out of the process, then checks the GPU. Without a GPU it must stop there with a clear
+//! error; with one, the whole check must pass.
 
 use ladder_testkit::binary;
 use std::process::Command;
 
 fn check(device: &str) -> (Option<i32>, String, String) {
-    let output = Command::new(binary("ladder-worker"))
+    check_with(device, |_| {})
+}
+
+fn check_with(device: &str, setup: impl FnOnce(&mut Command)) -> (Option<i32>, String, String) {
+    let mut command = Command::new(binary("ladder-worker"));
+    command
         .args(["--device", device, "--check-nccl"])
-        .env_remove("LADDER_NCCL_LIBRARY")
-        .output()
-        .expect("running ladder-worker");
+        .env_remove("LADDER_NCCL_LIBRARY");
+    setup(&mut command);
+    let output = command.output().expect("running ladder-worker");
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -19,27 +24,21 @@ fn check(device: &str) -> (Option<i32>, String, String) {
     )
 }
 
-#[test]
-fn reports_torchs_nccl_then_checks_the_gpu() {
-    let (code, stdout, stderr) = check("cuda:0");
+/// The files the worker says its NCCL was loaded from.
+fn loaded_from(stdout: &str, stderr: &str) -> Vec<String> {
     let library = stdout
         .lines()
         .find_map(|l| l.strip_prefix("library: "))
         .unwrap_or_else(|| panic!("no library line:\n{stdout}\n{stderr}"));
     assert!(library.starts_with("NCCL 2."), "{library}");
-    assert!(
-        library.contains("nvidia/nccl/lib/libnccl.so.2"),
-        "not torch's nvidia-nccl wheel: {library}"
-    );
-    // The link the worker restarted with is gone once NCCL is loaded.
-    if let Some((_, rest)) = stderr.split_once("libnccl.so linked in ") {
-        let dir: String = rest
-            .chars()
-            .take_while(|c| !c.is_whitespace() && !c.is_control())
-            .collect();
-        assert!(dir.contains("ladder-nccl-"), "{stderr}");
-        assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
-    }
+    let (_, files) = library
+        .split_once("; loaded from ")
+        .unwrap_or_else(|| panic!("no files named: {library}"));
+    files.split(", ").map(str::to_owned).collect()
+}
+
+/// Without a GPU the check ends at the device; with one, it passes.
+fn assert_ends_at_the_device(code: Option<i32>, stdout: &str, stderr: &str) {
     if tch::Cuda::device_count() == 0 {
         assert_eq!(code, Some(2), "{stdout}\n{stderr}");
         assert!(
@@ -50,6 +49,53 @@ fn reports_torchs_nccl_then_checks_the_gpu() {
         assert_eq!(code, Some(0), "{stdout}\n{stderr}");
         assert!(stdout.contains("NCCL check passed on cuda:0"), "{stdout}");
     }
+}
+
+#[test]
+fn reports_torchs_nccl_then_checks_the_gpu() {
+    let (code, stdout, stderr) = check("cuda:0");
+    let files = loaded_from(&stdout, &stderr);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0].ends_with("nvidia/nccl/lib/libnccl.so.2"),
+        "not torch's nvidia-nccl wheel: {files:?}"
+    );
+    // The link the worker restarted with is gone once NCCL is loaded.
+    if let Some((_, rest)) = stderr.split_once("libnccl.so linked in ") {
+        let dir: String = rest
+            .chars()
+            .take_while(|c| !c.is_whitespace() && !c.is_control())
+            .collect();
+        assert!(dir.contains("ladder-nccl-"), "{stderr}");
+        assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    }
+    assert_ends_at_the_device(code, &stdout, &stderr);
+}
+
+/// A system install's `libnccl.so` first on the search path (here a copy of torch's: another
+/// file, so the loader maps it a second time) must not end up beside libtorch's NCCL.
+#[test]
+fn a_second_nccl_on_the_search_path_is_left_out() {
+    let torch_copy = ladder_worker::nccl_library::mapped("libnccl.so.2")
+        .into_iter()
+        .next()
+        .expect("libtorch_cuda loads torch's libnccl.so.2 into this test too");
+    let system = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(&torch_copy, system.path().join("libnccl.so")).expect("copying libnccl");
+    let (code, stdout, stderr) = check_with("cuda:0", |command| {
+        command.env("LD_LIBRARY_PATH", system.path());
+    });
+    assert!(
+        stderr.contains("two NCCL libraries are loaded in this process"),
+        "the second copy went unnoticed:\n{stderr}"
+    );
+    let files = loaded_from(&stdout, &stderr);
+    assert_eq!(files.len(), 1, "two copies stayed loaded: {files:?}");
+    assert!(
+        files[0].ends_with("nvidia/nccl/lib/libnccl.so.2"),
+        "{files:?}"
+    );
+    assert_ends_at_the_device(code, &stdout, &stderr);
 }
 
 #[test]
