@@ -4,8 +4,8 @@
 
 use ladder_proto::v1 as pb;
 use ladder_testkit::{
-    CoordinatorProcess, Etcd, SUBMIT_TOKEN, WORKER_TOKEN, binary, job_client, worker_client,
-    write_dataset, write_spec,
+    CoordinatorProcess, Etcd, SUBMIT_TOKEN, WORKER_TOKEN, binary, free_port, job_client,
+    worker_client, write_dataset, write_spec,
 };
 use std::path::Path;
 use std::process::{Command, Output};
@@ -729,9 +729,44 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
     let logs = dir.path().join("logs");
     let ttl = ["--leader-ttl-s", "2"];
     let leader = CoordinatorProcess::start(&etcd.store(), &logs, &ttl);
-    let standby = CoordinatorProcess::spawn(&etcd.store(), &logs, &ttl);
+    let standby_address = format!("127.0.0.1:{}", free_port());
+    let standby = CoordinatorProcess::spawn(
+        &etcd.store(),
+        &logs,
+        &["--leader-ttl-s", "2", "--listen", &standby_address],
+    );
     let cli = submitter(&leader);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+
+    // The standby has bound its port (it logs campaigning after) but does not answer: a client
+    // that lists it first must move on to the leader instead of waiting on it.
+    let bound = Instant::now();
+    while !std::fs::read_dir(&logs).unwrap().any(|entry| {
+        std::fs::read_to_string(entry.unwrap().path())
+            .is_ok_and(|log| log.contains("standby: campaigning"))
+    }) {
+        assert!(bound.elapsed() < Duration::from_secs(30), "no standby");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let both = format!("http://{standby_address},{}", leader.url());
+    let mut status = Command::new(binary("ladder"))
+        .args(["status", &id])
+        .env("LADDER_COORDINATOR", &both)
+        .env("LADDER_TOKEN", SUBMIT_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = Instant::now();
+    while status.try_wait().unwrap().is_none() {
+        if asked.elapsed() > Duration::from_secs(20) {
+            let _ = status.kill();
+            panic!("a client listing the standby first still waits on it after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = status.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("queued"));
 
     let killed = Instant::now();
     leader.kill9();

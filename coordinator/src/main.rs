@@ -170,7 +170,11 @@ async fn run(args: Args) -> Result<()> {
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // Served only from here on, once leading: clients probe it to tell the leader from a
+    // standby, which accepts connections on its bound port but never answers.
+    let (_health, health_service) = tonic_health::server::health_reporter();
     let server = builder
+        .add_service(health_service)
         .add_service(JobServiceServer::with_interceptor(
             JobApi(coordinator.clone()),
             tokens.require(Role::Submitter),

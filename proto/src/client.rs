@@ -1,12 +1,15 @@
 //! Connecting to a coordinator: the same for the CLI and the workers. A client may name several
-//! coordinators (an etcd-backed control plane with standbys); they are tried in order, and a
-//! standby answers nothing until it leads.
+//! coordinators (an etcd-backed control plane with standbys); they are tried in order. A standby
+//! has bound its port, so connections to it succeed, but it answers nothing until it leads: a
+//! coordinator counts as reached only once it answers the standard gRPC health check.
 
 use std::path::Path;
 use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -52,6 +55,29 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// How long a connected coordinator has to answer the health check.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the coordinator behind `channel` serves: it answers the health check (any gRPC
+/// answer counts, so a coordinator without the health service passes too).
+async fn answers(channel: Channel) -> Result<(), String> {
+    let mut health = HealthClient::new(channel);
+    let check = health.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(ANSWER_TIMEOUT, check).await {
+        Err(_) => Err(format!(
+            "connected, but no answer within {ANSWER_TIMEOUT:?} (a standby coordinator that does \
+             not lead?)"
+        )),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            Err(format!("unavailable: {}", status.message()))
+        }
+        Ok(Err(_)) => Ok(()),
+    }
+}
+
 /// Connects to the first of the comma-separated `urls` that answers. `missing_token` says
 /// where the token should have come from, for the error when it is empty.
 pub async fn connect(
@@ -91,7 +117,10 @@ pub async fn connect(
                 .map_err(|e| bad_url(error_chain(&e)))?;
         }
         match endpoint.connect().await {
-            Ok(channel) => return Ok(InterceptedService::new(channel, bearer)),
+            Ok(channel) => match answers(channel.clone()).await {
+                Ok(()) => return Ok(InterceptedService::new(channel, bearer)),
+                Err(why) => failures.push(format!("{url}: {why}")),
+            },
             Err(e) => failures.push(format!("{url}: {}", error_chain(&e))),
         }
     }
