@@ -916,3 +916,137 @@ fn dataset_synth_and_import_write_indexed_shards() {
     labels.sort();
     assert_eq!(labels, [0, 0, 0, 1, 1]);
 }
+
+/// The spec at `spec`, changed by `edit`, written beside it as `name`.
+fn spec_with(spec: &Path, name: &str, edit: impl Fn(&str) -> String) -> std::path::PathBuf {
+    let text = edit(&std::fs::read_to_string(spec).unwrap());
+    let path = spec.with_file_name(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn submit_refuses_paths_a_worker_could_not_use_and_another_jobs_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let coordinator = redb_coordinator(dir.path(), &[]);
+    let cli = submitter(&coordinator);
+
+    // A fresh store numbers jobs from 1 again: job-000001's checkpoints here are another job's.
+    let foreign = dir.path().join("checkpoints/job-000001/step-000000002-g1");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("model.safetensors"), b"another job's weights").unwrap();
+    let err = cli.fails(&["submit", spec.to_str().unwrap()]);
+    assert!(err.contains("checkpoint.dir"), "{err}");
+    assert!(err.contains("already holds files"), "{err}");
+    assert_eq!(
+        std::fs::read(foreign.join("model.safetensors")).unwrap(),
+        b"another job's weights"
+    );
+
+    let unwritable = spec_with(&spec, "unwritable.toml", |t| {
+        t.replace(
+            r#"dir = "checkpoints""#,
+            r#"dir = "/proc/ladder-checkpoints""#,
+        )
+    });
+    let err = cli.fails(&["submit", unwritable.to_str().unwrap()]);
+    assert!(
+        err.contains("checkpoint.dir: /proc/ladder-checkpoints cannot be written"),
+        "{err}"
+    );
+
+    let fresh = |t: &str| t.replace(r#"dir = "checkpoints""#, r#"dir = "fresh""#);
+    let no_eval = spec_with(&spec, "no-eval.toml", |t| {
+        fresh(t).replace(
+            "[data]\n",
+            "[data]\neval_manifest = \"missing/manifest.json\"\n",
+        )
+    });
+    let err = cli.fails(&["submit", no_eval.to_str().unwrap()]);
+    assert!(err.contains("data.eval_manifest"), "{err}");
+    assert!(err.contains("missing/manifest.json"), "{err}");
+
+    let no_init = spec_with(&spec, "no-init.toml", |t| {
+        fresh(t).replace(
+            "[model]\n",
+            "[model]\ninit_from = \"missing.safetensors\"\n",
+        )
+    });
+    let err = cli.fails(&["submit", no_init.to_str().unwrap()]);
+    assert!(err.contains("model.init_from"), "{err}");
+    assert!(err.contains("missing.safetensors is not a file"), "{err}");
+
+    // Nothing was queued, and a good spec still goes through as job-000001.
+    let good = spec_with(&spec, "good.toml", fresh);
+    assert_eq!(
+        last_line(&cli.ok(&["submit", good.to_str().unwrap()])),
+        "job-000001"
+    );
+}
+
+#[test]
+fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let coordinator = redb_coordinator(dir.path(), &[]);
+    let cli = submitter(&coordinator);
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+    rt.block_on(async {
+        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
+        // The same commit again (its first answer lost): accepted, not refused, since a refusal
+        // makes the worker delete the files.
+        let again = worker
+            .commit_checkpoint(pb::CommitCheckpointRequest {
+                worker_id: worker_id.clone(),
+                job_id: id.clone(),
+                generation,
+                checkpoint: Some(pb::CheckpointRef {
+                    id: "ckpt-e1-s3".into(),
+                    path: "/ckpt/e1-s3".into(),
+                    epoch: 1,
+                    step: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.accepted, "{}", again.reason);
+        for attempt in 1..=3 {
+            let reply = worker
+                .report_progress(pb::ReportProgressRequest {
+                    worker_id: worker_id.clone(),
+                    job_id: id.clone(),
+                    generation,
+                    checkpoint_error: "No space left on device (os error 28)".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let status = cli.ok(&["status", &id]);
+            if attempt < 3 {
+                assert!(reply.current);
+                assert!(status.contains("running"), "{status}");
+                assert!(
+                    status.contains(&format!("checkpoint not written ({attempt} in a row)")),
+                    "{status}"
+                );
+                // A report without progress leaves the job's progress as it was.
+                assert!(status.contains("epoch        2/4"), "{status}");
+            } else {
+                assert!(!reply.current);
+                assert!(status.contains("failed"), "{status}");
+                assert!(
+                    status.contains("3 checkpoints in a row could not be written"),
+                    "{status}"
+                );
+                assert!(status.contains("No space left on device"), "{status}");
+            }
+        }
+    });
+}

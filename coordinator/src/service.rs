@@ -317,11 +317,12 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let r = request.into_inner();
         let report = ProgressReport {
-            progress: r.progress.map(progress_from_pb).unwrap_or_default(),
+            progress: r.progress.map(progress_from_pb),
             finished: r.finished,
             error: r.error,
             bad_checkpoint: r.bad_checkpoint,
             collective_error: r.collective_error,
+            checkpoint_error: r.checkpoint_error,
         };
         let current = self
             .0

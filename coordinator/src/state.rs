@@ -20,9 +20,31 @@ use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, Notify, broadcast, watch};
+
+/// `checkpoint.dir` must be writable, and hold nothing yet for job `id`: job ids restart with a
+/// new store, and a job must never write over another job's checkpoints.
+fn check_checkpoint_dir(dir: &Path, id: &str) -> std::result::Result<(), String> {
+    let problem =
+        |e: std::io::Error| format!("checkpoint.dir: {} cannot be written: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(problem)?;
+    let probe = dir.join(format!(".ladder-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(problem)?;
+    let _ = std::fs::remove_file(&probe);
+    let own = dir.join(id);
+    if std::fs::read_dir(&own).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(format!(
+            "checkpoint.dir: {} already holds files, though no job {id} is known to this \
+             coordinator (a job of another coordinator store?): choose another checkpoint.dir, \
+             or move those files away",
+            own.display()
+        ));
+    }
+    Ok(())
+}
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -144,12 +166,20 @@ pub struct JobRecord {
     /// committed since: at [`COLLECTIVE_FAILURES_TO_GIVE_UP`] the job fails.
     #[serde(default)]
     pub failed_generations: u32,
+    /// Checkpoints in a row that could not be written: at [`CHECKPOINT_FAILURES_TO_GIVE_UP`]
+    /// the job fails.
+    #[serde(default)]
+    pub failed_checkpoints: u32,
 }
 
 /// Generations in a row, without a checkpoint between, whose collectives all fail before the
 /// job is failed: the same failure again and again (a bad NCCL setup, a broken network path)
 /// is not worth retrying forever, while one or two can be a passing fault.
 pub const COLLECTIVE_FAILURES_TO_GIVE_UP: u32 = 3;
+
+/// Checkpoints in a row that cannot be written before the job is failed: a full disk can pass,
+/// but training on for days without a checkpoint would put all of it at risk unseen.
+pub const CHECKPOINT_FAILURES_TO_GIVE_UP: u32 = 3;
 
 impl JobRecord {
     /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
@@ -227,13 +257,17 @@ pub struct Assignment {
 /// What a worker reports.
 #[derive(Clone, Debug, Default)]
 pub struct ProgressReport {
-    pub progress: ProgressRecord,
+    /// None when the report carries only an event (a failure, the end): the job's last
+    /// progress stays.
+    pub progress: Option<ProgressRecord>,
     pub finished: bool,
     pub error: String,
     /// The checkpoint the worker was told to restore from, when it failed verification.
     pub bad_checkpoint: String,
     /// Why this rank's collective failed, when it did (a peer's error, a timeout, NCCL's).
     pub collective_error: String,
+    /// Why rank 0 could not write a checkpoint, when it could not (training went on).
+    pub checkpoint_error: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -497,14 +531,29 @@ impl Coordinator {
             spec.batch.global,
         )
         .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
+        if let Some(eval) = &spec.data.eval_manifest {
+            Manifest::load(eval)
+                .map_err(|e| CoordinatorError::Invalid(format!("data.eval_manifest: {e}")))?;
+        }
+        if let Some(init) = &spec.model.init_from
+            && !init.is_file()
+        {
+            return Err(CoordinatorError::Invalid(format!(
+                "model.init_from: {} is not a file here (paths are checked on the \
+                 coordinator's machine)",
+                init.display()
+            )));
+        }
         let stages = StagePlan::new(&spec);
 
         let mut inner = self.inner.lock().await;
+        let id = format!("job-{:06}", inner.next_job + 1);
+        check_checkpoint_dir(&spec.checkpoint.dir, &id).map_err(CoordinatorError::Invalid)?;
         inner.next_job += 1;
         self.persist_counters(&inner).await?;
         let now = now_ms();
         let job = JobRecord {
-            id: format!("job-{:06}", inner.next_job),
+            id,
             name: spec.job.name.clone(),
             state: JobState::Queued,
             generation: 0,
@@ -527,6 +576,7 @@ impl Coordinator {
             progress_persisted_ms: 0,
             collective_failures: BTreeMap::new(),
             failed_generations: 0,
+            failed_checkpoints: 0,
         };
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
@@ -801,8 +851,10 @@ impl Coordinator {
             return Ok(false);
         };
         let mut job = job.clone();
-        let boundary = job.progress.epoch != report.progress.epoch
-            || job.progress.stage != report.progress.stage;
+        let boundary = report
+            .progress
+            .as_ref()
+            .is_some_and(|p| job.progress.epoch != p.epoch || job.progress.stage != p.stage);
         if !report.bad_checkpoint.is_empty() {
             let bad = report.bad_checkpoint;
             job.checkpoints.retain(|c| c.id != bad);
@@ -845,7 +897,50 @@ impl Coordinator {
             self.schedule(&mut inner).await?;
             return Ok(false);
         }
-        job.progress = report.progress;
+        if let Some(progress) = report.progress {
+            job.progress = ProgressRecord {
+                // A run resumed from a checkpoint has not evaluated yet: the last evaluation
+                // stays on show.
+                eval_epoch: if progress.eval_epoch > 0 {
+                    progress.eval_epoch
+                } else {
+                    job.progress.eval_epoch
+                },
+                eval_top1: if progress.eval_epoch > 0 {
+                    progress.eval_top1
+                } else {
+                    job.progress.eval_top1
+                },
+                eval_top5: if progress.eval_epoch > 0 {
+                    progress.eval_top5
+                } else {
+                    job.progress.eval_top5
+                },
+                ..progress
+            };
+        }
+        if !report.checkpoint_error.is_empty() {
+            job.failed_checkpoints += 1;
+            job.last_incident = format!(
+                "generation {generation}: checkpoint not written ({} in a row): {}",
+                job.failed_checkpoints, report.checkpoint_error
+            );
+            tracing::warn!(job = %job_id, "{}", job.last_incident);
+            if job.failed_checkpoints >= CHECKPOINT_FAILURES_TO_GIVE_UP {
+                self.release_workers(&mut inner, &mut job).await?;
+                job.state = JobState::Failed;
+                job.message = format!(
+                    "{} checkpoints in a row could not be written (the last: {}); stopped \
+                     rather than train on unsaved. Fix checkpoint.dir, then `ladder resume {}`",
+                    job.failed_checkpoints, report.checkpoint_error, job.id
+                );
+                self.commit_job(&mut inner, job).await?;
+                self.schedule(&mut inner).await?;
+                return Ok(false);
+            }
+            self.commit_job(&mut inner, job).await?;
+            return Ok(true);
+        }
         if !report.error.is_empty() {
             self.release_workers(&mut inner, &mut job).await?;
             job.state = JobState::Failed;
@@ -879,17 +974,20 @@ impl Coordinator {
         trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
+        if Self::job(&inner, job_id)?
+            .checkpoints
+            .iter()
+            .any(|c| c.id == checkpoint.id)
+        {
+            // A retry whose first attempt was committed but whose answer was lost: the same
+            // answer. A refusal must mean "not committed": the worker then deletes the files.
+            return Ok(Ok(Vec::new()));
+        }
         let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
             return Ok(Err(format!(
                 "generation {generation} of job {job_id} is not current"
             )));
         };
-        if job.checkpoints.iter().any(|c| c.id == checkpoint.id) {
-            return Ok(Err(format!(
-                "checkpoint {} is already committed",
-                checkpoint.id
-            )));
-        }
         let mut job = job.clone();
         let checkpoint = CheckpointRecord {
             generation,
@@ -903,6 +1001,7 @@ impl Coordinator {
         }));
         job.checkpoints.push(checkpoint);
         job.failed_generations = 0;
+        job.failed_checkpoints = 0;
         let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
         let retired = retire(&mut job.checkpoints, keep as usize);
         self.commit_job(&mut inner, job).await?;

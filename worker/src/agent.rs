@@ -14,7 +14,7 @@
 //! retried, and a checkpoint commit waits for it.
 
 use crate::checkpoint::Manifest;
-use crate::report::{Events, Liveness, Progress, StopSignal};
+use crate::report::{Commit, Events, Liveness, Progress, StopSignal};
 use crate::trainer::{self, Faults, Options, TrainError, Trainer};
 use ladder_collective::Collective;
 use ladder_collective::nccl::{self, NcclCommunicator};
@@ -640,7 +640,27 @@ impl Events for ChannelEvents {
             .send(Report::Progress(progress.clone(), urgent));
     }
 
-    fn commit(&self, manifest: &Manifest, dir: &Path) -> bool {
+    fn checkpoint_failed(&self, error: &str) {
+        let run = &self.run;
+        let request = pb::ReportProgressRequest {
+            worker_id: run.worker_id.clone(),
+            job_id: run.job_id.clone(),
+            generation: run.generation,
+            checkpoint_error: error.to_owned(),
+            ..Default::default()
+        };
+        if let Err(status) = self
+            .runtime
+            .block_on(async { rpc!(run.coordinator, report_progress, request) })
+        {
+            tracing::warn!(
+                "the failed checkpoint was not reported: {}",
+                status.message()
+            );
+        }
+    }
+
+    fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit {
         let run = &self.run;
         let request = pb::CommitCheckpointRequest {
             worker_id: run.worker_id.clone(),
@@ -682,21 +702,15 @@ impl Events for ChannelEvents {
                                 Err(e) => tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path),
                             }
                         }
-                        return true;
+                        return Commit::Committed;
                     }
-                    Ok(reply) => {
-                        tracing::warn!(checkpoint = %manifest.id, "checkpoint refused: {}", reply.reason);
-                        return false;
-                    }
+                    Ok(reply) => return Commit::Refused(reply.reason),
                     Err(status) if transient(&status) => {
                         tracing::warn!(checkpoint = %manifest.id, "coordinator unreachable, commit retried: {}", status.message());
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(5));
                     }
-                    Err(status) => {
-                        tracing::error!(checkpoint = %manifest.id, "commit failed: {}", status.message());
-                        return false;
-                    }
+                    Err(status) => return Commit::Unknown(status.message().to_owned()),
                 }
             }
         })

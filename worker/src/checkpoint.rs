@@ -121,7 +121,13 @@ pub fn write(
         .map_err(io_error(&manifest_path))?;
     sync_dir(&temp)?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
+        // Ids are unique within a job, so this is another job's (or a copy put there by hand):
+        // never written over.
+        let _ = std::fs::remove_dir_all(&temp);
+        return Err(CheckpointError::Io {
+            path: final_dir.display().to_string(),
+            message: "already exists; not replaced".to_owned(),
+        });
     }
     std::fs::rename(&temp, &final_dir).map_err(io_error(&final_dir))?;
     sync_dir(parent)?;

@@ -43,8 +43,20 @@ pub trait Events: Send + Sync {
     /// The run's progress; `urgent` at boundaries (epoch, stage, evaluation), else the
     /// receiver may coalesce.
     fn progress(&self, progress: &Progress, urgent: bool);
-    /// Offers a written checkpoint to the coordinator; true once committed.
-    fn commit(&self, manifest: &Manifest, dir: &Path) -> bool;
+    /// Offers a written checkpoint to the coordinator.
+    fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit;
+    /// A checkpoint could not be written (training goes on).
+    fn checkpoint_failed(&self, error: &str);
+}
+
+/// The coordinator's answer to a checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Commit {
+    Committed,
+    /// Not committed, and never will be: nothing refers to the files.
+    Refused(String),
+    /// No answer: it may have been committed.
+    Unknown(String),
 }
 
 /// Stops a run from outside: the trainer checks it before every step, and a collective blocked

@@ -29,7 +29,7 @@ use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision;
 use crate::pretrained;
-use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
+use crate::report::{Commit, Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
 use crate::training_state::{PendingSnapshot, Snapshot, TrainingState};
 use ladder_collective::{Collective, CollectiveError};
@@ -845,18 +845,27 @@ impl Trainer {
         let events = self.events.clone();
         self.writer.submit(Box::new(move || {
             match checkpoint::write(&snapshot, &parent, manifest) {
-                Ok((dir, manifest)) => {
-                    if events.commit(&manifest, &dir) {
+                Ok((dir, manifest)) => match events.commit(&manifest, &dir) {
+                    Commit::Committed => {
                         let mut untallied = untallied.lock().expect("tally lock");
                         for (epoch, sent) in &manifest.trained {
                             untallied.entry(*epoch).or_default().unmerge(*sent);
                         }
                         untallied.retain(|_, t| *t != EpochTally::default());
-                    } else {
-                        tracing::warn!(checkpoint = %manifest.id, "the coordinator did not commit the checkpoint");
                     }
+                    Commit::Refused(why) => {
+                        // Never to be resumed from: left on disk, it would only look like one.
+                        let removed = std::fs::remove_dir_all(&dir);
+                        tracing::warn!(checkpoint = %manifest.id, ?removed, "the coordinator refused the checkpoint ({why}); its files are deleted");
+                    }
+                    Commit::Unknown(why) => {
+                        tracing::warn!(checkpoint = %manifest.id, "no answer to the checkpoint's commit; its files stay: {why}");
+                    }
+                },
+                Err(e) => {
+                    tracing::error!("checkpoint not written, training goes on: {e}");
+                    events.checkpoint_failed(&e.to_string());
                 }
-                Err(e) => tracing::error!("checkpoint not written, training goes on: {e}"),
             }
             *spare.lock().expect("snapshot lock") = Some(snapshot);
         }));

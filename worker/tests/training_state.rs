@@ -161,3 +161,46 @@ fn a_model_without_batchnorm_buffers_saves_and_loads() {
     state.load(dir.path()).unwrap();
     assert!(flat.params.equal(&before));
 }
+
+#[test]
+fn a_checkpoint_never_replaces_an_existing_one() {
+    use ladder_worker::checkpoint::{self, Manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::new(1, 3);
+    let snapshot = run.state().snapshot(None);
+    let manifest = Manifest {
+        format: 0,
+        id: checkpoint::checkpoint_id(1, 2),
+        job: "job-000001".into(),
+        generation: 1,
+        global_step: 2,
+        epoch: 0,
+        step: 2,
+        steps_per_epoch: 10,
+        stage: 0,
+        stage_end: false,
+        seed: 0,
+        world_size: 1,
+        model: "tiny".into(),
+        classes: 3,
+        files: Default::default(),
+        trained: Default::default(),
+    };
+    // Another job's checkpoint of the same name (job ids restart with a new coordinator store).
+    let theirs = dir.path().join(&manifest.id);
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join(MODEL_FILE), b"theirs").unwrap();
+    let err = checkpoint::write(&snapshot, dir.path(), manifest.clone()).unwrap_err();
+    assert!(
+        err.to_string().contains("already exists; not replaced"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(theirs.join(MODEL_FILE)).unwrap(), b"theirs");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "the temporary directory is removed");
+
+    std::fs::remove_dir_all(&theirs).unwrap();
+    let (written, _) = checkpoint::write(&snapshot, dir.path(), manifest).unwrap();
+    assert_eq!(written, theirs);
+    checkpoint::verify(&written).unwrap();
+}
