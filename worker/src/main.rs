@@ -33,17 +33,17 @@ struct Args {
     /// A stable name for this worker slot, shown by `ladder status`.
     #[arg(long, default_value = "")]
     name: String,
-    /// Threads for libtorch's CPU operators (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Threads for libtorch's CPU operators (0: one per core; at most 1024).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    threads: u64,
     /// The host or address other workers reach this one's CPU ring on.
     #[arg(long, default_value = "127.0.0.1")]
     ring_host: String,
     /// Seconds a collective waits on a silent peer before giving up.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     collective_timeout_s: u64,
     /// Gradient elements per allreduce call.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(i64).range(1..))]
     bucket_elements: i64,
     /// After every step, append the global step and a SHA-256 of the parameters and BatchNorm
     /// statistics to FILE (a check that replicas agree: every rank writes the same lines).

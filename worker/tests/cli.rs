@@ -1,7 +1,9 @@
-//! `ladder-worker --check-nccl`, the real binary: it finds torch's NCCL and names it (restarting
-//! itself with the library linked where cudarc looks, a link it then removes), keeps a second
-//! NCCL out of the process, then checks the GPU. Without a GPU it must stop there with a clear
-//! error; with one, the whole check must pass.
+//! The `ladder-worker` binary's own checks, before it joins a coordinator.
+//!
+//! `--check-nccl`: it finds torch's NCCL and names it (restarting itself with the library
+//! linked where cudarc looks, a link it then removes), keeps a second NCCL out of the process,
+//! then checks the GPU. Without a GPU it must stop there with a clear error; with one, the whole
+//! check must pass.
 
 use ladder_testkit::binary;
 use std::process::Command;
@@ -106,4 +108,26 @@ fn needs_a_cuda_device() {
         stderr.contains("--check-nccl needs --device cuda:N"),
         "{stderr}"
     );
+}
+
+/// Values that would exhaust memory or threads are refused by name, before anything starts.
+#[test]
+fn flags_out_of_range_are_refused() {
+    for (flag, value, allowed) in [
+        ("--bucket-elements", "0", "1.."),
+        ("--bucket-elements", "-5", "1.."),
+        ("--threads", "100000", "0..=1024"),
+        ("--collective-timeout-s", "0", "1.."),
+    ] {
+        let output = Command::new(binary("ladder-worker"))
+            .arg(format!("{flag}={value}"))
+            .output()
+            .expect("running ladder-worker");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(allowed),
+            "{flag} {value}: {stderr}"
+        );
+    }
 }
