@@ -1,7 +1,7 @@
 //! `ladder`: the command line of Ladder. Talks to the coordinator named by
 //! `--coordinator` / `LADDER_COORDINATOR` with the token from `--token` / `LADDER_TOKEN`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ladder_core::dataset;
 use ladder_core::spec::JobSpec;
@@ -71,11 +71,11 @@ enum DatasetCommand {
     /// JPEG shards in DIR, indexed.
     Synth {
         dir: PathBuf,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
         classes: u32,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         samples: u64,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         shards: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -86,7 +86,7 @@ enum DatasetCommand {
         source: PathBuf,
         dest: PathBuf,
         /// Samples per shard.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         shard_samples: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -96,7 +96,7 @@ enum DatasetCommand {
     Index {
         dir: PathBuf,
         /// Number of classes (labels must be below it); default: the largest label + 1.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         classes: Option<u32>,
     },
 }
@@ -359,9 +359,6 @@ async fn run(cli: Cli) -> Result<()> {
             shards,
             seed,
         }) => {
-            if *classes < 2 || *samples == 0 || *shards == 0 {
-                bail!("--classes must be at least 2, --samples and --shards at least 1");
-            }
             print_index(&ladder_data::synth::write(
                 dir, *classes, *samples, *shards, *seed,
             )?);

@@ -1050,3 +1050,56 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         }
     });
 }
+
+#[test]
+fn dataset_tools_never_mix_into_an_existing_dataset_or_take_senseless_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cli = Cli {
+        url: String::new(),
+        token: "",
+    };
+    let path = data.to_str().unwrap();
+    cli.ok(&["dataset", "synth", path, "--samples", "30", "--shards", "2"]);
+    let manifest = std::fs::read(data.join("manifest.json")).unwrap();
+
+    let err = cli.fails(&["dataset", "synth", path, "--samples", "10", "--shards", "1"]);
+    assert!(
+        err.contains("already holds a dataset (2 shard(s))"),
+        "{err}"
+    );
+    let images = dir.path().join("images/cat");
+    std::fs::create_dir_all(&images).unwrap();
+    let err = cli.fails(&[
+        "dataset",
+        "import",
+        dir.path().join("images").to_str().unwrap(),
+        path,
+    ]);
+    assert!(err.contains("already holds a dataset"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("manifest.json")).unwrap(),
+        manifest,
+        "the dataset is untouched"
+    );
+
+    for args in [
+        vec!["dataset", "index", path, "--classes", "0"],
+        vec!["dataset", "synth", "elsewhere", "--samples", "0"],
+        vec!["dataset", "synth", "elsewhere", "--classes", "1"],
+        vec![
+            "dataset",
+            "import",
+            "images",
+            "elsewhere",
+            "--shard-samples",
+            "0",
+        ],
+    ] {
+        let out = cli.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not in"), "{args:?} names the range: {err}");
+    }
+    assert_eq!(std::fs::read(data.join("manifest.json")).unwrap(), manifest);
+}

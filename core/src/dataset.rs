@@ -82,6 +82,11 @@ pub enum DatasetError {
         count: usize,
         errors: Vec<DatasetError>,
     },
+    #[error(
+        "{dir} already holds a dataset ({shards} shard(s)): write into a new or empty \
+         directory, so that old and new shards are not indexed together"
+    )]
+    NotEmpty { dir: PathBuf, shards: usize },
     #[error("{path}: not a readable tar archive (after {members} good member(s)): {message}")]
     BadTar {
         path: PathBuf,
@@ -382,6 +387,25 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Data
 /// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
 /// Unreadable shards fail the whole command, naming each, and no manifest is written: a
 /// manifest that silently missed a shard would train on less data than the user thinks.
+/// Fails when `dir` holds shards already: a tool writing a dataset there would mix its shards
+/// with them (and `index_dir` takes every `*.tar`).
+pub fn ensure_no_shards(dir: &Path) -> Result<(), DatasetError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let shards = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar"))
+        .count();
+    if shards > 0 {
+        return Err(DatasetError::NotEmpty {
+            dir: dir.to_owned(),
+            shards,
+        });
+    }
+    Ok(())
+}
+
 pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, DatasetError> {
     // A directory entry that cannot be read fails the command: skipping it could skip a shard.
     let mut names = Vec::new();

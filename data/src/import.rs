@@ -33,6 +33,7 @@ pub fn import(
         let path = path.to_owned();
         move |source| DatasetError::Io { path, source }
     };
+    dataset::ensure_no_shards(destination)?;
     let mut classes: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(source).map_err(io(source))? {
         let entry = entry.map_err(io(source))?;
@@ -73,7 +74,7 @@ pub fn import(
     }
     Stream::new(seed, &[IMPORT_STREAM]).shuffle(&mut files);
     std::fs::create_dir_all(destination).map_err(io(destination))?;
-    for (shard, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
+    for (shard, chunk) in files.chunks(shard_samples as usize).enumerate() {
         let path = destination.join(format!("shard-{shard:06}.tar"));
         let mut tar = tar::Builder::new(std::fs::File::create(&path).map_err(io(&path))?);
         for (i, (file, label, ext)) in chunk.iter().enumerate() {

@@ -124,6 +124,7 @@ pub fn write(
         path: dir.to_owned(),
         source,
     };
+    dataset::ensure_no_shards(dir)?;
     std::fs::create_dir_all(dir).map_err(io)?;
     let per_shard = samples.div_ceil(shards.max(1) as u64);
     for shard in 0..shards {
