@@ -296,9 +296,15 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(|s| rpc_error("status", s))?
                     .into_inner();
+                let mut shown = String::new();
                 while let Some(event) = events.message().await.map_err(|s| rpc_error("watch", s))? {
-                    if let Some(job) = event.job {
-                        println!("{}", job_line(&job));
+                    let Some(job) = event.job else { continue };
+                    // Events come on every change of the record; a line only when what it
+                    // shows changed.
+                    let line = job_line(&job);
+                    if line != shown {
+                        println!("{line}");
+                        shown = line;
                     }
                 }
             } else {

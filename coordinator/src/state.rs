@@ -697,7 +697,7 @@ impl Coordinator {
         };
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker.clone());
-        tracing::info!(worker = %worker.id, %hostname, %device, "worker registered");
+        tracing::info!(worker = %worker.id, %hostname, %device, %name, "worker registered");
         self.schedule(&mut inner).await?;
         Ok(worker)
     }

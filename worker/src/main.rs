@@ -30,7 +30,8 @@ struct Args {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// A stable name for this worker slot, shown by `ladder status`.
+    /// A stable name for this worker slot, kept with its registration (the coordinator logs it
+    /// beside the worker id).
     #[arg(long, default_value = "")]
     name: String,
     /// Threads for libtorch's CPU operators (0: one per core; at most 1024).
