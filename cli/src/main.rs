@@ -57,7 +57,7 @@ enum Command {
         #[arg(long)]
         checkpoint: Option<String>,
         /// Run on exactly this many workers.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         workers: Option<u32>,
     },
     /// Dataset tools.
@@ -390,11 +390,25 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The error and its causes on one line, each cause once: many errors already quote their
+/// cause in their own message.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("ladder: error: {e:#}");
+        eprintln!("ladder: error: {}", error_text(&e));
         std::process::exit(1);
     }
 }

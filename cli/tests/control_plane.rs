@@ -983,6 +983,12 @@ fn submit_refuses_paths_a_worker_could_not_use_and_another_jobs_checkpoints() {
         last_line(&cli.ok(&["submit", good.to_str().unwrap()])),
         "job-000001"
     );
+    // Its log went to a file: plain text, no terminal colour codes.
+    for entry in std::fs::read_dir(dir.path().join("logs")).unwrap() {
+        let log = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(log.contains("job submitted"), "{log}");
+        assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    }
 }
 
 #[test]
@@ -1102,4 +1108,14 @@ fn dataset_tools_never_mix_into_an_existing_dataset_or_take_senseless_counts() {
         assert!(err.contains("is not in"), "{args:?} names the range: {err}");
     }
     assert_eq!(std::fs::read(data.join("manifest.json")).unwrap(), manifest);
+
+    // The cause is told once, though the message quotes it and is also its source.
+    let missing = dir.path().join("missing");
+    for args in [
+        vec!["dataset", "index", missing.to_str().unwrap()],
+        vec!["submit", missing.to_str().unwrap()],
+    ] {
+        let err = cli.fails(&args);
+        assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    }
 }

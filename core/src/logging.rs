@@ -32,10 +32,19 @@ impl fmt::Display for LogFormat {
 }
 
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match std::env::var("LADDER_LOG") {
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        Ok(directives) => tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+            eprintln!(
+                "warning: LADDER_LOG={directives:?} is not a log filter ({e}); logging at info"
+            );
+            tracing_subscriber::EnvFilter::new("info")
+        }),
+    };
+    // Colours only for a person at a terminal: log files stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
