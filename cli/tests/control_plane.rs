@@ -1101,6 +1101,7 @@ fn dataset_tools_never_mix_into_an_existing_dataset_or_take_senseless_counts() {
             "--shard-samples",
             "0",
         ],
+        vec!["resume", "job-000001", "--workers", "0"],
     ] {
         let out = cli.run(&args);
         let err = String::from_utf8_lossy(&out.stderr);
