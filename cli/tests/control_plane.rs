@@ -738,12 +738,12 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
     let cli = submitter(&leader);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
 
-    // The standby has bound its port (it logs campaigning after) but does not answer: a client
+    // The standby has bound its port (it campaigns after) but does not answer: a client
     // that lists it first must move on to the leader instead of waiting on it.
     let bound = Instant::now();
     while !std::fs::read_dir(&logs).unwrap().any(|entry| {
         std::fs::read_to_string(entry.unwrap().path())
-            .is_ok_and(|log| log.contains("standby: campaigning"))
+            .is_ok_and(|log| log.contains("campaigning for leadership"))
     }) {
         assert!(bound.elapsed() < Duration::from_secs(30), "no standby");
         std::thread::sleep(Duration::from_millis(50));

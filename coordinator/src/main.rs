@@ -22,8 +22,9 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
     about = "Ladder's coordinator: accepts training jobs and drives workers."
 )]
 struct Args {
-    /// Address to serve gRPC on. Without TLS only loopback addresses are allowed.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    /// Address to serve gRPC on (HOST:PORT; a host name is resolved). Without TLS only
+    /// loopback addresses are allowed.
+    #[arg(long, default_value = "127.0.0.1:7070", value_parser = listen_address)]
     listen: SocketAddr,
     /// Where state lives: `redb:PATH` (embedded, one coordinator) or
     /// `etcd://HOST:PORT[,HOST:PORT...]` (replicated; coordinators elect a leader).
@@ -64,6 +65,18 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// `HOST:PORT` with HOST an address or a name (`localhost:7070`): the first address it resolves
+/// to.
+fn listen_address(text: &str) -> std::result::Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addresses = text
+        .to_socket_addrs()
+        .map_err(|e| format!("expected HOST:PORT (127.0.0.1:7070, localhost:7070): {e}"))?;
+    addresses
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
+}
+
 fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
     let token = match file {
         Some(path) => std::fs::read_to_string(path)
@@ -72,7 +85,10 @@ fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
     };
     let token = token.trim().to_owned();
     if token.is_empty() {
-        bail!("no token: set {env} or pass {flag} (a file holding the token)");
+        match file {
+            Some(path) => bail!("{flag} {} is empty: put the token in it", path.display()),
+            None => bail!("no token: set {env} or pass {flag} (a file holding the token)"),
+        }
     }
     Ok(token)
 }
@@ -112,17 +128,28 @@ async fn run(args: Args) -> Result<()> {
     if tokens.submit == tokens.worker {
         bail!("the submit and worker tokens must differ, so that a worker node cannot submit jobs");
     }
+    // TLS files are read and parsed before anything else starts, so a bad one fails at once.
+    let mut builder = Server::builder();
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let cert = std::fs::read(cert)
-                .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
-            let key = std::fs::read(key)
-                .with_context(|| format!("cannot read --tls-key {}", key.display()))?;
-            Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        (Some(cert_path), Some(key_path)) => {
+            let cert = std::fs::read(cert_path)
+                .with_context(|| format!("cannot read --tls-cert {}", cert_path.display()))?;
+            let key = std::fs::read(key_path)
+                .with_context(|| format!("cannot read --tls-key {}", key_path.display()))?;
+            let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            builder = builder.tls_config(config).with_context(|| {
+                format!(
+                    "--tls-cert {} with --tls-key {} is not a usable PEM certificate chain and \
+                     private key",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?;
+            true
         }
-        _ => None,
+        _ => false,
     };
-    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure_allow_remote {
+    if !tls && !args.listen.ip().is_loopback() && !args.insecure_allow_remote {
         bail!(
             "refusing to serve on {} without TLS: tokens would cross the network in clear. \
              Pass --tls-cert and --tls-key, listen on a loopback address, or pass \
@@ -140,7 +167,7 @@ async fn run(args: Args) -> Result<()> {
         StoreAddress::Redb(path) => (Arc::new(RedbStore::open(path)?), None),
         StoreAddress::Etcd(endpoints) => {
             let mut store = EtcdStore::connect(endpoints).await?;
-            tracing::info!(%address, "standby: campaigning for leadership");
+            tracing::info!(%address, "campaigning for leadership");
             let lease = store.lead(&address.to_string(), args.leader_ttl_s).await?;
             tracing::info!(%address, "elected leader");
             (Arc::new(store), Some(lease))
@@ -166,10 +193,6 @@ async fn run(args: Args) -> Result<()> {
         })
     };
 
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
     // Served only from here on, once leading: clients probe it to tell the leader from a
     // standby, which accepts connections on its bound port but never answers.
     let (_health, health_service) = tonic_health::server::health_reporter();
