@@ -63,6 +63,20 @@ pub enum JobState {
     Cancelled,
 }
 
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The names `ladder status` shows.
+        f.write_str(match self {
+            JobState::Queued => "queued",
+            JobState::Rendezvous => "rendezvous",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        })
+    }
+}
+
 impl JobState {
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -597,7 +611,7 @@ impl Coordinator {
         let mut job = Self::job(&inner, id)?.clone();
         if job.state.is_terminal() {
             return Err(CoordinatorError::Conflict(format!(
-                "job {id} is already {:?}",
+                "job {id} is already {}",
                 job.state
             )));
         }
@@ -622,7 +636,7 @@ impl Coordinator {
         let mut job = Self::job(&inner, id)?.clone();
         if !job.state.is_terminal() {
             return Err(CoordinatorError::Conflict(format!(
-                "job {id} is {:?}; only a completed, failed or cancelled job can be resumed",
+                "job {id} is {}; only a completed, failed or cancelled job can be resumed",
                 job.state
             )));
         }

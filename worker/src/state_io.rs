@@ -13,17 +13,37 @@ use tch::{Device, Kind, Tensor, nn};
 pub enum StateError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
-    #[error("state does not match the model{}:\n  {}", if .origin.is_empty() { String::new() } else { format!(" ({})", .origin) }, .problems.join("\n  "))]
+    #[error("state does not match the model{}:\n  {}", if .origin.is_empty() { String::new() } else { format!(" ({})", .origin) }, listed(.problems))]
     Mismatch {
         origin: String,
         problems: Vec<String>,
     },
 }
 
+/// The problems one per line; past 20 (another variant's file has hundreds), a count of each
+/// kind and the first 20.
+fn listed(problems: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if problems.len() <= SHOWN {
+        return problems.join("\n  ");
+    }
+    let count = |kind: fn(&str) -> bool| problems.iter().filter(|p| kind(p)).count();
+    format!(
+        "{} problems: {} missing, {} unexpected, {} of another shape, {} of another dtype; the \
+         first {SHOWN}:\n  {}",
+        problems.len(),
+        count(|p| p.starts_with("missing ")),
+        count(|p| p.starts_with("unexpected ")),
+        count(|p| p.contains(": shape ")),
+        count(|p| p.contains(": dtype ")),
+        problems[..SHOWN].join("\n  ")
+    )
+}
+
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, StateError> {
     Tensor::read_safetensors(path).map_err(|e| StateError::File {
         path: path.display().to_string(),
-        message: e.to_string(),
+        message: format!("not a readable safetensors file: {e}"),
     })
 }
 
