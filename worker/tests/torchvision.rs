@@ -231,7 +231,7 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     let err = pretrained::initialize(&vs, &m).unwrap_err().to_string();
     assert!(err.contains("unexpected") && err.contains("shape"), "{err}");
     // Hundreds of problems: counted by kind, the first 20 listed.
-    assert!(err.contains("of another shape; the first 20:"), "{err}");
+    assert!(err.contains("of another dtype; the first 20:"), "{err}");
     assert!(err.lines().count() <= 22, "{err}");
     assert!(state_io::named(&vs, "")[0].1.equal(&before));
 }
