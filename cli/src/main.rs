@@ -155,10 +155,18 @@ fn running(job: &pb::Job) -> bool {
     pb::JobState::try_from(job.state) == Ok(pb::JobState::Running)
 }
 
+/// `step/steps per epoch`, or `-` before any worker said how many steps an epoch has.
+fn steps(p: &pb::Progress) -> String {
+    match p.steps_per_epoch {
+        0 => "-".to_owned(),
+        n => format!("{}/{n}", p.step),
+    }
+}
+
 fn job_line(job: &pb::Job) -> String {
     let p = job.progress.unwrap_or_default();
     let mut line = format!(
-        "{}  {:<10}  {:<24}  stage {}/{}  epoch {}/{}  step {}/{}  workers {}",
+        "{}  {:<10}  {:<24}  stage {}/{}  epoch {}/{}  step {}  workers {}",
         job.id,
         state_name(job.state),
         job.name,
@@ -166,8 +174,7 @@ fn job_line(job: &pb::Job) -> String {
         job.stage_count,
         p.epoch + 1,
         job.epochs,
-        p.step,
-        p.steps_per_epoch,
+        steps(&p),
         job.workers.len()
     );
     if p.global_step > 0 {
@@ -223,7 +230,7 @@ fn job_details(job: &pb::Job) -> String {
         "-".to_owned()
     };
     format!(
-        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}/{}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\ntrained      {}\nmessage      {}\nincident     {}",
+        "job          {}\nname         {}\nstate        {}\ngeneration   {}\nstage        {}/{}{}\nepoch        {}/{}\nstep         {}\nloss         {:.4}\nimages/s     {:.1}\nETA          {}\neval         {}\ngraph builds {}\nworkers      {}\ncheckpoint   {}\ntrained      {}\nmessage      {}\nincident     {}",
         job.id,
         job.name,
         state_name(job.state),
@@ -233,8 +240,7 @@ fn job_details(job: &pb::Job) -> String {
         stage_size,
         p.epoch + 1,
         job.epochs,
-        p.step,
-        p.steps_per_epoch,
+        steps(&p),
         p.loss,
         p.images_per_second,
         eta,

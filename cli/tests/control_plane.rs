@@ -881,6 +881,23 @@ fn dataset_synth_and_import_write_indexed_shards() {
         }
     }
     std::fs::write(tree.join("n01440764/notes.txt"), "not an image").unwrap();
+    // Named like images, but one is empty and one is text: left out, reported.
+    std::fs::write(tree.join("n01443537/empty.JPEG"), b"").unwrap();
+    std::fs::write(tree.join("n01443537/renamed.JPEG"), b"<html>404</html>").unwrap();
+    // A class folder without a usable image is refused, as torchvision's ImageFolder does.
+    std::fs::create_dir_all(tree.join("n99999999")).unwrap();
+    std::fs::write(tree.join("n99999999/empty.png"), b"").unwrap();
+    let refused = cli.fails(&[
+        "dataset",
+        "import",
+        tree.to_str().unwrap(),
+        dir.path().join("refused").to_str().unwrap(),
+    ]);
+    assert!(
+        refused.contains("class folder(s) with no usable image: n99999999"),
+        "{refused}"
+    );
+    std::fs::remove_dir_all(tree.join("n99999999")).unwrap();
     let dest = dir.path().join("imported");
     let output = cli.run(&[
         "dataset",
@@ -900,10 +917,10 @@ fn dataset_synth_and_import_write_indexed_shards() {
         stdout.contains("indexed 5 samples in 3 shards, 2 classes"),
         "{stdout}"
     );
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("notes.txt"),
-        "the stray file is reported"
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for stray in ["notes.txt", "empty.JPEG", "renamed.JPEG"] {
+        assert!(stderr.contains(stray), "{stray} is reported: {stderr}");
+    }
     let classes: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(dest.join("classes.json")).unwrap()).unwrap();
     assert_eq!(classes, ["n01440764", "n01443537"]);

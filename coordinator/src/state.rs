@@ -823,10 +823,10 @@ impl Coordinator {
             job.rendezvous.insert(rank, payload);
             if job.rendezvous.len() == job.workers.len() && job.state == JobState::Rendezvous {
                 job.state = JobState::Running;
-                job.message = format!(
-                    "running generation {generation} on {} workers",
-                    job.workers.len()
-                );
+                job.message = match job.workers.len() {
+                    1 => format!("running generation {generation} on 1 worker"),
+                    n => format!("running generation {generation} on {n} workers"),
+                };
                 self.commit_job(&mut inner, job).await?;
             } else {
                 inner.jobs.insert(job.id.clone(), job);

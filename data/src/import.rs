@@ -23,6 +23,27 @@ pub struct ImportReport {
     pub skipped: Vec<String>,
 }
 
+/// `jpg` or `png` by the file's first bytes (whatever its extension says); None when it is
+/// neither, or empty.
+fn image_format(path: &Path) -> std::io::Result<Option<&'static str>> {
+    let mut head = [0u8; 8];
+    let mut file = std::fs::File::open(path)?;
+    let mut read = 0;
+    while read < head.len() {
+        match std::io::Read::read(&mut file, &mut head[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    Ok(if head[..read].starts_with(&[0xff, 0xd8, 0xff]) {
+        Some("jpg")
+    } else if head[..read] == *b"\x89PNG\r\n\x1a\n" {
+        Some("png")
+    } else {
+        None
+    })
+}
+
 pub fn import(
     source: &Path,
     destination: &Path,
@@ -51,6 +72,7 @@ pub fn import(
     }
     let mut files: Vec<(PathBuf, u32, &'static str)> = Vec::new();
     let mut skipped = Vec::new();
+    let mut empty_classes = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let dir = source.join(class);
         let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -58,19 +80,40 @@ pub fn import(
             .map(|e| e.map(|e| e.path()).map_err(io(&dir)))
             .collect::<Result<_, _>>()?;
         names.sort();
+        let before = files.len();
         for path in names {
             let ext = path
                 .extension()
                 .map(|e| e.to_string_lossy().to_ascii_lowercase());
-            match ext.as_deref() {
-                Some("jpg" | "jpeg") => files.push((path, label as u32, "jpg")),
-                Some("png") => files.push((path, label as u32, "png")),
-                _ => skipped.push(format!(
+            if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
+                skipped.push(format!(
                     "{}: not a .jpg, .jpeg or .png file; left out",
+                    path.display()
+                ));
+                continue;
+            }
+            match image_format(&path).map_err(io(&path))? {
+                Some(format) => files.push((path, label as u32, format)),
+                None => skipped.push(format!(
+                    "{}: empty, or not a JPEG or PNG image by its first bytes; left out",
                     path.display()
                 )),
             }
         }
+        if files.len() == before {
+            empty_classes.push(class.as_str());
+        }
+    }
+    if !empty_classes.is_empty() {
+        // torchvision's ImageFolder refuses these too: a label with no image.
+        return Err(DatasetError::Format {
+            path: source.to_owned(),
+            what: "ImageFolder tree",
+            message: format!(
+                "class folder(s) with no usable image: {}",
+                empty_classes.join(", ")
+            ),
+        });
     }
     Stream::new(seed, &[IMPORT_STREAM]).shuffle(&mut files);
     std::fs::create_dir_all(destination).map_err(io(destination))?;
