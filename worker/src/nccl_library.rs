@@ -61,6 +61,11 @@ pub fn ensure_loadable() -> Result<(), String> {
             }
             return Ok(());
         }
+        // The usual case, torch's wheel shipping no `libnccl.so`, in words of its own: the
+        // loader's message is advice for a user, and the worker takes that advice itself.
+        Err(_) if nccl::available().is_err() => {
+            "no libnccl.so on the loader's search path".to_owned()
+        }
         Err(e) => e.to_string(),
     };
     if restarted.is_some() {
