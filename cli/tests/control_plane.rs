@@ -1137,3 +1137,26 @@ fn dataset_tools_never_mix_into_an_existing_dataset_or_take_senseless_counts() {
         assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     }
 }
+
+#[test]
+fn an_unreachable_etcd_is_named_without_debug_dumps() {
+    let port = free_port();
+    let out = Command::new(binary("ladder-coordinator"))
+        .args(["--store", &format!("etcd://127.0.0.1:{port}")])
+        .args(["--listen", "127.0.0.1:0"])
+        .env("LADDER_SUBMIT_TOKEN", SUBMIT_TOKEN)
+        .env("LADDER_WORKER_TOKEN", WORKER_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("store etcd http://127.0.0.1:{port}: Unavailable")),
+        "{err}"
+    );
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(
+        !err.contains("MetadataMap") && !err.contains("Status {"),
+        "{err}"
+    );
+}
