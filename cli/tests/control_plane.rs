@@ -1160,3 +1160,17 @@ fn an_unreachable_etcd_is_named_without_debug_dumps() {
         "{err}"
     );
 }
+
+#[test]
+fn a_ca_certificate_with_a_plain_http_url_is_refused() {
+    let out = Command::new(binary("ladder"))
+        .args(["list", "--tls-ca", "/nonexistent/ca.pem"])
+        .env("LADDER_COORDINATOR", "http://127.0.0.1:1")
+        .env("LADDER_TOKEN", SUBMIT_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http://127.0.0.1:1"), "{err}");
+    assert!(err.contains("so use https://"), "{err}");
+}

@@ -103,6 +103,12 @@ pub async fn connect(
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| bad_url(e.to_string()))?
             .connect_timeout(Duration::from_secs(3));
+        if tls_ca.is_some() && url.starts_with("http://") {
+            // The CA says the user expects TLS; going on in clear would send the token so.
+            return Err(bad_url(
+                "a CA certificate is given (--tls-ca / LADDER_TLS_CA), so use https://".to_owned(),
+            ));
+        }
         if url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = tls_ca {
