@@ -267,10 +267,31 @@ pub fn index_shard(
             kind,
         })
     };
-    let bad_tar = |members: usize, message: String| DatasetError::BadTar {
-        path: path.to_owned(),
-        members,
-        message,
+    // The tar reader quotes the bytes it choked on: shown escaped and cut short, never raw to
+    // a terminal.
+    let bad_tar = |members: usize, message: String| {
+        const SHOWN: usize = 160;
+        let escaped: String = message
+            .chars()
+            .flat_map(|c| {
+                let plain = c.is_ascii_graphic() || c == ' ';
+                let text = if plain {
+                    c.to_string()
+                } else {
+                    c.escape_default().to_string()
+                };
+                text.chars().collect::<Vec<_>>()
+            })
+            .collect();
+        let message = match escaped.char_indices().nth(SHOWN) {
+            Some((cut, _)) => format!("{}...", &escaped[..cut]),
+            None => escaped,
+        };
+        DatasetError::BadTar {
+            path: path.to_owned(),
+            members,
+            message,
+        }
     };
     let mut members = 0;
     let entries = archive.entries().map_err(|e| bad_tar(0, e.to_string()))?;
