@@ -400,24 +400,29 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
         .current;
     assert!(current);
     let commit = worker
-        .commit_checkpoint(pb::CommitCheckpointRequest {
-            worker_id: worker_id.clone(),
-            job_id: job_id.into(),
-            generation: assignment.generation,
-            checkpoint: Some(pb::CheckpointRef {
-                id: "ckpt-e1-s3".into(),
-                path: "/ckpt/e1-s3".into(),
-                epoch: 1,
-                step: 3,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .commit_checkpoint(first_checkpoint(&worker_id, job_id, assignment.generation))
         .await
         .unwrap()
         .into_inner();
     assert!(commit.accepted, "{}", commit.reason);
     (worker_id, assignment.generation)
+}
+
+/// The checkpoint [`run_one_worker`] commits.
+fn first_checkpoint(worker_id: &str, job_id: &str, generation: u64) -> pb::CommitCheckpointRequest {
+    pb::CommitCheckpointRequest {
+        worker_id: worker_id.into(),
+        job_id: job_id.into(),
+        generation,
+        checkpoint: Some(pb::CheckpointRef {
+            id: "ckpt-e1-s3".into(),
+            path: "/ckpt/e1-s3".into(),
+            epoch: 1,
+            step: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn state_survives_kill_9(store: &str, dir: &Path) {
@@ -1022,19 +1027,7 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         // The same commit again (its first answer lost): accepted, not refused, since a refusal
         // makes the worker delete the files.
         let again = worker
-            .commit_checkpoint(pb::CommitCheckpointRequest {
-                worker_id: worker_id.clone(),
-                job_id: id.clone(),
-                generation,
-                checkpoint: Some(pb::CheckpointRef {
-                    id: "ckpt-e1-s3".into(),
-                    path: "/ckpt/e1-s3".into(),
-                    epoch: 1,
-                    step: 3,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
+            .commit_checkpoint(first_checkpoint(&worker_id, &id, generation))
             .await
             .unwrap()
             .into_inner();
