@@ -396,25 +396,11 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// The error and its causes on one line, each cause once: many errors already quote their
-/// cause in their own message.
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("ladder: error: {}", error_text(&e));
+        eprintln!("ladder: error: {}", client::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }

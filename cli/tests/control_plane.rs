@@ -979,25 +979,25 @@ fn submit_refuses_paths_a_worker_could_not_use_and_another_jobs_checkpoints() {
     );
 
     let fresh = |t: &str| t.replace(r#"dir = "checkpoints""#, r#"dir = "fresh""#);
-    let no_eval = spec_with(&spec, "no-eval.toml", |t| {
-        fresh(t).replace(
+    // Paths a worker would fail on only once the job started.
+    for (section, line, expected) in [
+        (
             "[data]\n",
-            "[data]\neval_manifest = \"missing/manifest.json\"\n",
-        )
-    });
-    let err = cli.fails(&["submit", no_eval.to_str().unwrap()]);
-    assert!(err.contains("data.eval_manifest"), "{err}");
-    assert!(err.contains("missing/manifest.json"), "{err}");
-
-    let no_init = spec_with(&spec, "no-init.toml", |t| {
-        fresh(t).replace(
+            "eval_manifest = \"missing/manifest.json\"\n",
+            "data.eval_manifest",
+        ),
+        (
             "[model]\n",
-            "[model]\ninit_from = \"missing.safetensors\"\n",
-        )
-    });
-    let err = cli.fails(&["submit", no_init.to_str().unwrap()]);
-    assert!(err.contains("model.init_from"), "{err}");
-    assert!(err.contains("missing.safetensors is not a file"), "{err}");
+            "init_from = \"missing.safetensors\"\n",
+            "model.init_from: ",
+        ),
+    ] {
+        let missing = spec_with(&spec, "missing.toml", |t| {
+            fresh(t).replace(section, &format!("{section}{line}"))
+        });
+        let err = cli.fails(&["submit", missing.to_str().unwrap()]);
+        assert!(err.contains(expected) && err.contains("missing"), "{err}");
+    }
 
     // Nothing was queued, and a good spec still goes through as job-000001.
     let good = spec_with(&spec, "good.toml", fresh);

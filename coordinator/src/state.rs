@@ -911,27 +911,15 @@ impl Coordinator {
             self.schedule(&mut inner).await?;
             return Ok(false);
         }
-        if let Some(progress) = report.progress {
-            job.progress = ProgressRecord {
+        if let Some(mut progress) = report.progress {
+            if progress.eval_epoch == 0 {
                 // A run resumed from a checkpoint has not evaluated yet: the last evaluation
                 // stays on show.
-                eval_epoch: if progress.eval_epoch > 0 {
-                    progress.eval_epoch
-                } else {
-                    job.progress.eval_epoch
-                },
-                eval_top1: if progress.eval_epoch > 0 {
-                    progress.eval_top1
-                } else {
-                    job.progress.eval_top1
-                },
-                eval_top5: if progress.eval_epoch > 0 {
-                    progress.eval_top5
-                } else {
-                    job.progress.eval_top5
-                },
-                ..progress
-            };
+                let last = &job.progress;
+                (progress.eval_epoch, progress.eval_top1, progress.eval_top5) =
+                    (last.eval_epoch, last.eval_top1, last.eval_top5);
+            }
+            job.progress = progress;
         }
         if !report.checkpoint_error.is_empty() {
             job.failed_checkpoints += 1;

@@ -271,18 +271,7 @@ pub fn index_shard(
     // a terminal.
     let bad_tar = |members: usize, message: String| {
         const SHOWN: usize = 160;
-        let escaped: String = message
-            .chars()
-            .flat_map(|c| {
-                let plain = c.is_ascii_graphic() || c == ' ';
-                let text = if plain {
-                    c.to_string()
-                } else {
-                    c.escape_default().to_string()
-                };
-                text.chars().collect::<Vec<_>>()
-            })
-            .collect();
+        let escaped = message.escape_debug().to_string();
         let message = match escaped.char_indices().nth(SHOWN) {
             Some((cut, _)) => format!("{}...", &escaped[..cut]),
             None => escaped,
@@ -405,9 +394,6 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Data
     std::fs::rename(&tmp, path).map_err(io_error(path))
 }
 
-/// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
-/// Unreadable shards fail the whole command, naming each, and no manifest is written: a
-/// manifest that silently missed a shard would train on less data than the user thinks.
 /// Fails when `dir` holds shards already: a tool writing a dataset there would mix its shards
 /// with them (and `index_dir` takes every `*.tar`).
 pub fn ensure_no_shards(dir: &Path) -> Result<(), DatasetError> {
@@ -427,6 +413,9 @@ pub fn ensure_no_shards(dir: &Path) -> Result<(), DatasetError> {
     Ok(())
 }
 
+/// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
+/// Unreadable shards fail the whole command, naming each, and no manifest is written: a
+/// manifest that silently missed a shard would train on less data than the user thinks.
 pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, DatasetError> {
     // A directory entry that cannot be read fails the command: skipping it could skip a shard.
     let mut names = Vec::new();

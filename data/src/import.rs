@@ -117,7 +117,7 @@ pub fn import(
     }
     Stream::new(seed, &[IMPORT_STREAM]).shuffle(&mut files);
     std::fs::create_dir_all(destination).map_err(io(destination))?;
-    for (shard, chunk) in files.chunks(shard_samples as usize).enumerate() {
+    for (shard, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
         let path = destination.join(format!("shard-{shard:06}.tar"));
         let mut tar = tar::Builder::new(std::fs::File::create(&path).map_err(io(&path))?);
         for (i, (file, label, ext)) in chunk.iter().enumerate() {

@@ -45,14 +45,21 @@ pub enum ConnectError {
 
 /// The full chain of an error's causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `text` followed by `cause` and its causes, each told once: many errors already quote their
+/// cause in their own message, and transport errors nest the same text several times.
+pub fn with_causes(mut text: String, mut cause: Option<&dyn std::error::Error>) -> String {
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
     }
-    out
+    text
 }
 
 /// How long a connected coordinator has to answer the health check.

@@ -92,25 +92,22 @@ fn check_device(device: Device) -> Result<(), String> {
     Ok(())
 }
 
+/// A usage or setup error: exit code 2, as clap's own.
+fn setup_error(message: impl std::fmt::Display) -> ! {
+    eprintln!("ladder-worker: error: {message}");
+    std::process::exit(2);
+}
+
 /// `--check-nccl`: the library first (it needs no GPU), then the device and the check.
 fn check_nccl(device: Device, timeout: Duration) -> ! {
     let Device::Cuda(ordinal) = device else {
-        eprintln!("ladder-worker: error: --check-nccl needs --device cuda:N");
-        std::process::exit(2);
+        setup_error("--check-nccl needs --device cuda:N");
     };
     let library = ladder_worker::nccl_library::ensure_loadable()
-        .and_then(|()| nccl_check::describe_library());
-    match library {
-        Ok(library) => println!("library: {library}"),
-        Err(e) => {
-            eprintln!("ladder-worker: error: {e}");
-            std::process::exit(2);
-        }
-    }
-    if let Err(e) = check_device(device) {
-        eprintln!("ladder-worker: error: {e}");
-        std::process::exit(2);
-    }
+        .and_then(|()| nccl_check::describe_library())
+        .unwrap_or_else(|e| setup_error(e));
+    println!("library: {library}");
+    check_device(device).unwrap_or_else(|e| setup_error(e));
     match nccl_check::run(ordinal, timeout) {
         Ok(()) => {
             println!("NCCL check passed on cuda:{ordinal}");
@@ -126,28 +123,14 @@ fn check_nccl(device: Device, timeout: Duration) -> ! {
 fn main() {
     let args = Args::parse();
     logging::init(args.log_format);
+    let device = parse_device(&args.device).unwrap_or_else(|e| setup_error(e));
     if args.check_nccl {
-        match parse_device(&args.device) {
-            Ok(device) => check_nccl(device, Duration::from_secs(args.collective_timeout_s)),
-            Err(e) => {
-                eprintln!("ladder-worker: error: {e}");
-                std::process::exit(2);
-            }
-        }
+        check_nccl(device, Duration::from_secs(args.collective_timeout_s));
     }
-    let device = match parse_device(&args.device).and_then(|d| check_device(d).map(|()| d)) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("ladder-worker: error: {e}");
-            std::process::exit(2);
-        }
-    };
+    check_device(device).unwrap_or_else(|e| setup_error(e));
     // Before any thread starts: this may restart the process with libnccl on the search path.
-    if device.is_cuda()
-        && let Err(e) = ladder_worker::nccl_library::ensure_loadable()
-    {
-        eprintln!("ladder-worker: error: {e}");
-        std::process::exit(2);
+    if device.is_cuda() {
+        ladder_worker::nccl_library::ensure_loadable().unwrap_or_else(|e| setup_error(e));
     }
     if args.threads > 0 {
         tch::set_num_threads(args.threads as i32);

@@ -1,6 +1,7 @@
 use super::{Store, StoreError};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
+use ladder_proto::client::{error_chain, with_causes};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -122,23 +123,12 @@ fn backend(endpoints: &[String], e: etcd_client::Error) -> StoreError {
     // etcd-client's own text for a gRPC status or a transport failure carries Rust debug dumps
     // (metadata maps, nested structs): keep what a person can act on.
     let message = match &e {
-        etcd_client::Error::GRpcStatus(status) => {
-            let mut text = format!("{:?}: {}", status.code(), status.message());
-            let mut cause = std::error::Error::source(status);
-            while let Some(c) = cause {
-                let c_text = c.to_string();
-                if !text.contains(&c_text) {
-                    text.push_str(&format!(": {c_text}"));
-                }
-                cause = c.source();
-            }
-            text
-        }
+        etcd_client::Error::GRpcStatus(status) => with_causes(
+            format!("{:?}: {}", status.code(), status.message()),
+            std::error::Error::source(status),
+        ),
         etcd_client::Error::TransportError(transport) => {
-            format!(
-                "cannot reach etcd: {}",
-                ladder_proto::client::error_chain(transport)
-            )
+            format!("cannot reach etcd: {}", error_chain(transport))
         }
         other => other.to_string(),
     };
