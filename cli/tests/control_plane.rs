@@ -1032,6 +1032,34 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
             .unwrap()
             .into_inner();
         assert!(again.accepted, "{}", again.reason);
+        // Retention (3 kept): the fourth commit retires the first, and a retry of it whose
+        // answer was lost is told the same, so its files are still deleted.
+        let commit = |step: u64| {
+            let mut request = first_checkpoint(&worker_id, &id, generation);
+            let checkpoint = request.checkpoint.as_mut().unwrap();
+            checkpoint.id = format!("ckpt-s{step}");
+            checkpoint.path = format!("/ckpt/s{step}");
+            checkpoint.step = step;
+            let mut worker = worker.clone();
+            async move {
+                worker
+                    .commit_checkpoint(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        };
+        for step in [6, 9] {
+            assert!(commit(step).await.retired.is_empty());
+        }
+        let retired_ids = |reply: pb::CommitCheckpointResponse| -> Vec<String> {
+            assert!(reply.accepted, "{}", reply.reason);
+            reply.retired.into_iter().map(|c| c.id).collect()
+        };
+        assert_eq!(retired_ids(commit(12).await), ["ckpt-e1-s3"]);
+        assert_eq!(retired_ids(commit(12).await), ["ckpt-e1-s3"]);
+        // An older commit retried after newer ones: nothing more to delete.
+        assert!(retired_ids(commit(9).await).is_empty());
         for attempt in 1..=3 {
             let reply = worker
                 .report_progress(pb::ReportProgressRequest {

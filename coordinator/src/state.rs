@@ -184,6 +184,10 @@ pub struct JobRecord {
     /// the job fails.
     #[serde(default)]
     pub failed_checkpoints: u32,
+    /// What the newest commit retired: answered again to a retry of that commit whose first
+    /// answer was lost, so that its worker still deletes them.
+    #[serde(default)]
+    pub last_retired: Vec<CheckpointRecord>,
 }
 
 /// Generations in a row, without a checkpoint between, whose collectives all fail before the
@@ -591,6 +595,7 @@ impl Coordinator {
             collective_failures: BTreeMap::new(),
             failed_generations: 0,
             failed_checkpoints: 0,
+            last_retired: Vec::new(),
         };
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
@@ -976,14 +981,16 @@ impl Coordinator {
         trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
-        if Self::job(&inner, job_id)?
-            .checkpoints
-            .iter()
-            .any(|c| c.id == checkpoint.id)
-        {
+        let known = Self::job(&inner, job_id)?;
+        if let Some(position) = known.checkpoints.iter().position(|c| c.id == checkpoint.id) {
             // A retry whose first attempt was committed but whose answer was lost: the same
             // answer. A refusal must mean "not committed": the worker then deletes the files.
-            return Ok(Ok(Vec::new()));
+            let newest = position + 1 == known.checkpoints.len();
+            return Ok(Ok(if newest {
+                known.last_retired.clone()
+            } else {
+                Vec::new()
+            }));
         }
         let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
             return Ok(Err(format!(
@@ -1006,6 +1013,7 @@ impl Coordinator {
         job.failed_checkpoints = 0;
         let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
         let retired = retire(&mut job.checkpoints, keep as usize);
+        job.last_retired = retired.clone();
         self.commit_job(&mut inner, job).await?;
         Ok(Ok(retired))
     }

@@ -699,6 +699,7 @@ impl Events for ChannelEvents {
                         for old in reply.retired {
                             match std::fs::remove_dir_all(&old.path) {
                                 Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                                 Err(e) => tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path),
                             }
                         }
