@@ -193,16 +193,30 @@ fn job_line(job: &pb::Job) -> String {
     line
 }
 
-/// Samples per epoch in the model's committed history, and how many were skipped.
+/// Samples per epoch in the model's committed history, and how many were skipped. Runs of
+/// epochs with the same count are told once, so a run of hundreds of epochs fits on a line.
 fn trained_summary(job: &pb::Job) -> String {
     if job.trained.is_empty() {
         return "nothing committed yet".to_owned();
     }
-    let per_epoch: Vec<String> = job.trained.iter().map(|t| t.samples.to_string()).collect();
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    for tally in &job.trained {
+        match runs.last_mut() {
+            Some((samples, epochs)) if *samples == tally.samples => *epochs += 1,
+            _ => runs.push((tally.samples, 1)),
+        }
+    }
+    let per_epoch: Vec<String> = runs
+        .iter()
+        .map(|&(samples, epochs)| match epochs {
+            1 => samples.to_string(),
+            n => format!("{samples} x{n}"),
+        })
+        .collect();
     let skipped: u64 = job.trained.iter().map(|t| t.skipped).sum();
     format!(
         "{} samples per epoch (epochs 1-{}), {skipped} skipped",
-        per_epoch.join(" "),
+        per_epoch.join(", "),
         job.trained.len()
     )
 }
@@ -402,5 +416,26 @@ async fn main() {
     if let Err(e) = run(cli).await {
         eprintln!("ladder: error: {}", client::error_chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trained_epochs_with_equal_counts_are_told_once() {
+        let tally = |samples| pb::EpochTally {
+            samples,
+            skipped: 1,
+            ..Default::default()
+        };
+        let mut job = pb::Job::default();
+        assert_eq!(trained_summary(&job), "nothing committed yet");
+        job.trained = [60, 60, 60, 59, 60, 60].map(tally).to_vec();
+        assert_eq!(
+            trained_summary(&job),
+            "60 x3, 59, 60 x2 samples per epoch (epochs 1-6), 6 skipped"
+        );
     }
 }
