@@ -22,6 +22,10 @@ pub const UNIQUE_ID_BYTES: usize = 128;
 const CONFIG_VERSION: u32 = 22800;
 const CONFIG_MAGIC: u32 = 0xcafe_beef;
 const UNDEFINED: i32 = i32::MIN;
+/// The longest sleep between two polls of a wait. The training thread waits on each
+/// allreduce, and every step's reduction ends on the GPU at some moment within the last pause:
+/// short enough that the overshoot is a small share of a step.
+const LONGEST_PAUSE: Duration = Duration::from_micros(200);
 
 fn error(rank: u32, message: impl Into<String>) -> CollectiveError {
     CollectiveError::Nccl {
@@ -327,7 +331,7 @@ impl NcclCommunicator {
                 )));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
+            pause = (pause * 2).min(LONGEST_PAUSE);
         }
     }
 
@@ -372,7 +376,7 @@ impl Collective for NcclCommunicator {
 
     fn abort_handle(&self) -> AbortHandle {
         let aborted = self.aborted.clone();
-        // The waiting thread sees the flag within 2 ms and aborts the communicator itself.
+        // The waiting thread sees the flag within a pause and aborts the communicator itself.
         AbortHandle::new(move || aborted.store(true, Ordering::SeqCst))
     }
 

@@ -8,9 +8,11 @@ use crate::flat::FlatState;
 use ladder_core::spec::{LrSchedule, OptimizerSpec};
 use tch::Tensor;
 
-/// Elements updated together: small enough that a chunk of every buffer the update touches
-/// stays in cache across its half-dozen passes, large enough that per-call overhead is noise.
-const CHUNK: i64 = 1 << 18;
+/// Elements updated together on the CPU: small enough that a chunk of every buffer the update
+/// touches stays in cache across its half-dozen passes, large enough that per-call overhead is
+/// noise. On a GPU the whole buffer is one chunk: there each pass is a kernel launch, whose
+/// host cost would exceed its work on a small chunk, and no cache holds the buffers anyway.
+const CPU_CHUNK: i64 = 1 << 18;
 
 /// RMSProp state over the flat parameter buffer.
 pub struct RmsProp {
@@ -18,6 +20,8 @@ pub struct RmsProp {
     pub momentum_buffer: Tensor,
     /// `weight_decay` where decay applies, else 0.
     decay_factors: Tensor,
+    /// Elements updated together; as long as `scratch`.
+    chunk: i64,
     scratch: Tensor,
     decay: f64,
     momentum: f64,
@@ -26,14 +30,18 @@ pub struct RmsProp {
 
 impl RmsProp {
     pub fn new(flat: &FlatState, spec: &OptimizerSpec) -> RmsProp {
+        let total = flat.params.numel() as i64;
+        let chunk = if flat.params.device().is_cuda() {
+            total
+        } else {
+            CPU_CHUNK.min(total)
+        };
         RmsProp {
             mean_square: flat.params.ones_like(),
             momentum_buffer: flat.params.zeros_like(),
             decay_factors: &flat.decay_mask * spec.weight_decay,
-            scratch: Tensor::empty(
-                [CHUNK.min(flat.params.numel() as i64)],
-                (flat.params.kind(), flat.params.device()),
-            ),
+            chunk,
+            scratch: Tensor::empty([chunk], (flat.params.kind(), flat.params.device())),
             decay: spec.decay,
             momentum: spec.momentum,
             eps: spec.eps,
@@ -49,7 +57,7 @@ impl RmsProp {
         tch::no_grad(|| {
             let mut start = 0;
             while start < total {
-                let len = CHUNK.min(total - start);
+                let len = self.chunk.min(total - start);
                 let chunk = |t: &Tensor| t.narrow(0, start, len);
                 let (p, mut g) = (chunk(&flat.params), chunk(&flat.grads));
                 let (mut ms, mut mom) = (chunk(&self.mean_square), chunk(&self.momentum_buffer));

@@ -289,13 +289,13 @@ pub fn write_images(images: &[(&Path, &FileImage)]) -> Result<Vec<Written>, Stat
 }
 
 /// Writes the first `len` of `padded` (an image from [`FileImage`]) to a new file at `path`:
-/// direct I/O where the file system takes it, else through the page cache.
+/// direct I/O where it works, else through the page cache.
 fn write_padded(path: &Path, padded: &[u8], len: usize) -> std::io::Result<()> {
-    match write_direct(path, padded, len) {
-        // tmpfs and some network file systems refuse direct I/O.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => write_buffered(path, &padded[..len]),
-        other => other,
-    }
+    // Direct I/O fails in more ways than a plain write: tmpfs and some network file systems
+    // refuse it (EINVAL), and some drivers refuse DMA from page-locked memory such as a GPU
+    // snapshot's (EFAULT). Whatever the reason, the page cache gets a second chance; when it
+    // fails too, its error is the one about the disk itself (no space, no permission).
+    write_direct(path, padded, len).or_else(|_| write_buffered(path, &padded[..len]))
 }
 
 fn write_direct(path: &Path, padded: &[u8], len: usize) -> std::io::Result<()> {
