@@ -10,6 +10,10 @@ use ladder_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use std::path::PathBuf;
 
+/// Where the connection options show in `--help`: apart from each command's own (the dataset
+/// tools take them but never connect).
+const COORDINATOR_OPTIONS: &str = "Coordinator options (commands that talk to it)";
+
 #[derive(Parser)]
 #[command(
     version,
@@ -22,14 +26,26 @@ struct Cli {
         long,
         env = "LADDER_COORDINATOR",
         default_value = "http://127.0.0.1:7070",
-        global = true
+        global = true,
+        help_heading = COORDINATOR_OPTIONS
     )]
     coordinator: String,
     /// Submit token.
-    #[arg(long, env = "LADDER_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "LADDER_TOKEN",
+        hide_env_values = true,
+        global = true,
+        help_heading = COORDINATOR_OPTIONS
+    )]
     token: Option<String>,
     /// CA certificate (PEM) to verify an https:// coordinator.
-    #[arg(long, env = "LADDER_TLS_CA", global = true)]
+    #[arg(
+        long,
+        env = "LADDER_TLS_CA",
+        global = true,
+        help_heading = COORDINATOR_OPTIONS
+    )]
     tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -38,9 +54,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate a job spec locally, submit it, and print the new job's id (last line).
-    Submit { spec: PathBuf },
+    Submit {
+        /// The job spec (TOML); its relative paths are relative to its own directory.
+        spec: PathBuf,
+    },
     /// Show a job: state, stage, epoch, step, workers, throughput, last checkpoint.
     Status {
+        /// The job's id, as `submit` printed it.
         job: String,
         /// Keep showing the job as it changes, until it ends.
         #[arg(long)]
@@ -49,9 +69,13 @@ enum Command {
     /// List jobs, one per line, starting with the id.
     List,
     /// Cancel a job.
-    Cancel { job: String },
+    Cancel {
+        /// The job's id.
+        job: String,
+    },
     /// Continue an ended job from its latest committed checkpoint.
     Resume {
+        /// The job's id.
         job: String,
         /// Resume from this checkpoint instead of the latest.
         #[arg(long)]
@@ -70,30 +94,39 @@ enum DatasetCommand {
     /// Write a learnable synthetic dataset (classes told apart by shape, texture and colour) as
     /// JPEG shards in DIR, indexed.
     Synth {
+        /// A new or empty directory.
         dir: PathBuf,
+        /// Number of classes.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
         classes: u32,
+        /// Number of samples, spread evenly over the classes.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         samples: u64,
+        /// Number of shards.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         shards: u32,
+        /// Seed of the images and their order: the same seed writes the same bytes.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Turn an ImageFolder tree (SOURCE/<class>/<image>) into shuffled shards in DEST, with
     /// indexes, a manifest and DEST/classes.json.
     Import {
+        /// One folder per class, holding its JPEG or PNG images.
         source: PathBuf,
+        /// A new or empty directory.
         dest: PathBuf,
         /// Samples per shard.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         shard_samples: u32,
+        /// Seed of the shuffle across shards.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard and
     /// DIR/manifest.json.
     Index {
+        /// The directory of the shards.
         dir: PathBuf,
         /// Number of classes (labels must be below it); default: the largest label + 1.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
