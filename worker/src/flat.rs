@@ -47,6 +47,22 @@ impl Slot {
     }
 }
 
+/// A copy of `flat` (laid out by `slots`) with every variable in standard order, as the
+/// checkpoint files hold them: made on `flat`'s device, so that a channels-last buffer reaches
+/// the host in one transfer rather than one per variable.
+pub fn standard_order(flat: &Tensor, slots: &[Slot]) -> Tensor {
+    let standard = Tensor::empty([flat.numel() as i64], (flat.kind(), flat.device()));
+    tch::no_grad(|| {
+        for slot in slots {
+            standard
+                .narrow(0, slot.offset, slot.numel())
+                .view(slot.shape.as_slice())
+                .copy_(&slot.view(flat));
+        }
+    });
+    standard
+}
+
 pub struct FlatState {
     pub params: Tensor,
     pub grads: Tensor,

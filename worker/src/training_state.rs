@@ -14,7 +14,7 @@
 //! it is the files themselves, byte for byte ([`FileImage`]), so writing them copies nothing.
 
 use crate::ema::Ema;
-use crate::flat::{FlatState, Slot};
+use crate::flat::{self, FlatState, Slot};
 use crate::optim::RmsProp;
 use crate::state_io::{self, Entry, FileImage, StateError, Written};
 use std::path::Path;
@@ -116,15 +116,14 @@ impl TrainingState<'_> {
         Layout { files, placements }
     }
 
-    /// Pairs of (place in the snapshot, live tensor) that copy the whole state: one pair per
-    /// flat buffer, or one per variable where the live buffer keeps convolution weights
-    /// channels-last (the files hold standard order).
+    /// The copies of the whole state into the snapshot's images, one per source (none for an
+    /// empty one).
     fn copies(
         &self,
         images: &[FileImage],
         sources: &[Tensor],
         layout: &Layout,
-    ) -> Vec<Vec<(Tensor, Tensor)>> {
+    ) -> Vec<Option<Transfer>> {
         let slots = self.flat_slots();
         sources
             .iter()
@@ -134,20 +133,24 @@ impl TrainingState<'_> {
                 let image = &images[file];
                 if source.numel() == 0 {
                     // A model without BatchNorm has no buffers: nothing to copy, no entry.
-                    return Vec::new();
+                    return None;
                 }
-                match slots.get(i) {
-                    Some(slots) if slots.iter().any(|s| s.channels_last) => slots
-                        .iter()
-                        .enumerate()
-                        .map(|(k, slot)| (image.view(first + k), slot.view(source)))
-                        .collect(),
-                    Some(_) => vec![(
-                        image.span(first, source.numel() as i64, source.kind()),
-                        source.shallow_clone(),
-                    )],
-                    None => vec![(image.view(first), source.shallow_clone())],
-                }
+                let from = source.shallow_clone();
+                Some(match slots.get(i) {
+                    Some(slots) => Transfer {
+                        into: image.span(first, source.numel() as i64, source.kind()),
+                        from,
+                        reorder: slots
+                            .iter()
+                            .any(|s| s.channels_last)
+                            .then(|| slots.to_vec()),
+                    },
+                    None => Transfer {
+                        into: image.view(first),
+                        from,
+                        reorder: None,
+                    },
+                })
             })
             .collect()
     }
@@ -186,23 +189,19 @@ impl TrainingState<'_> {
                     .collect()
             }
         };
-        let copy = |pairs: &[(Tensor, Tensor)]| {
-            tch::no_grad(|| {
-                for (target, source) in pairs {
-                    target.shallow_clone().copy_(source);
-                }
-            })
-        };
         let (now, later): (Vec<_>, Vec<_>) = self
             .copies(&images, &sources, &layout)
             .into_iter()
             .enumerate()
             .partition(|(i, _)| !OPTIMIZER_CHANGED.contains(i));
-        copy(&now.into_iter().flat_map(|(_, p)| p).collect::<Vec<_>>());
-        let later: Vec<(Tensor, Tensor)> = later.into_iter().flat_map(|(_, p)| p).collect();
+        let transfers = |copies: Vec<(usize, Option<Transfer>)>| -> Vec<Transfer> {
+            copies.into_iter().filter_map(|(_, t)| t).collect()
+        };
+        transfers(now).iter().for_each(Transfer::run);
+        let later = transfers(later);
         let copier = std::thread::Builder::new()
             .name("snapshot-copy".to_owned())
-            .spawn(move || copy(&later))
+            .spawn(move || later.iter().for_each(Transfer::run))
             .expect("spawning the snapshot copy");
         PendingSnapshot {
             snapshot: Snapshot { images },
@@ -251,6 +250,29 @@ fn views(slots: &[Slot], flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
         .iter()
         .map(|s| (format!("{prefix}{}", s.name), s.view(flat)))
         .collect()
+}
+
+/// One copy of a snapshot: a live tensor into its place in a file image.
+struct Transfer {
+    into: Tensor,
+    from: Tensor,
+    /// The slots of `from` when it keeps convolution weights channels-last: the files hold
+    /// standard order, so it is reordered on its own device first (see
+    /// [`flat::standard_order`]). On a GPU, one transfer to the host per buffer instead of one
+    /// per variable, each of which would wait for the work queued before it.
+    reorder: Option<Vec<Slot>>,
+}
+
+impl Transfer {
+    fn run(&self) {
+        tch::no_grad(|| {
+            let from = match &self.reorder {
+                Some(slots) => flat::standard_order(&self.from, slots),
+                None => self.from.shallow_clone(),
+            };
+            self.into.shallow_clone().copy_(&from);
+        })
+    }
 }
 
 /// What a snapshot of a training state looks like: each file's entries, and per source (see
