@@ -59,12 +59,18 @@ pub fn all_reduce_tensor(
     all_reduce_range(tensor, 0..tensor.numel() as i64, collective)
 }
 
-/// Sums `flat.grads` across the ranks of `collective`, `bucket_elements` at a time.
+/// Sums `flat.grads` across the ranks of `collective`: `bucket_elements` at a time in host
+/// memory, in one call on a GPU (NCCL pipelines a buffer of any size itself, and every call is
+/// a wait for the GPU to drain).
 pub fn all_reduce_gradients(
     flat: &FlatState,
     collective: &mut dyn Collective,
     bucket_elements: i64,
 ) -> Result<(), CollectiveError> {
+    let bucket_elements = match flat.grads.device() {
+        Device::Cpu => bucket_elements,
+        _ => flat.grads.numel() as i64,
+    };
     for bucket in flat.buckets(bucket_elements) {
         all_reduce_range(&flat.grads, bucket, collective)?;
     }

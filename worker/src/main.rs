@@ -43,7 +43,8 @@ struct Args {
     /// Seconds a collective waits on a silent peer before giving up.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     collective_timeout_s: u64,
-    /// Gradient elements per allreduce call.
+    /// Gradient elements per allreduce call of the TCP ring (NCCL takes a GPU's gradients in
+    /// one call).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(i64).range(1..))]
     bucket_elements: i64,
     /// After every step, append the global step and a SHA-256 of the parameters and BatchNorm
