@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor, nn};
 
 const DROPOUT_STREAM: u64 = 0x4452_4f50; // "DROP"
@@ -111,11 +111,16 @@ pub struct Outcome {
     pub graph_builds: u32,
 }
 
-/// Smoothed step time and loss, for images/s, ETA and the reported loss.
+/// Smoothed step time and loss, for images/s, ETA and the reported loss; and the epoch's
+/// totals, for a line in the log that tells the time waiting for data apart from the rest.
 struct Meter {
     step_seconds: Option<f64>,
     loss: Option<f64>,
     last: Instant,
+    epoch_started: Instant,
+    /// This rank's images in the epoch so far, and the time it spent waiting for them.
+    epoch_images: u64,
+    data_wait: Duration,
 }
 
 impl Meter {
@@ -123,8 +128,39 @@ impl Meter {
         old.map_or(new, |o| 0.9 * o + 0.1 * new)
     }
 
+    fn new() -> Meter {
+        let now = Instant::now();
+        Meter {
+            step_seconds: None,
+            loss: None,
+            last: now,
+            epoch_started: now,
+            epoch_images: 0,
+            data_wait: Duration::ZERO,
+        }
+    }
+
+    /// At the start of an epoch, its shape prepared.
     fn restart(&mut self) {
         self.last = Instant::now();
+        self.epoch_started = self.last;
+        self.epoch_images = 0;
+        self.data_wait = Duration::ZERO;
+    }
+
+    /// Logs the epoch's images/s on this rank and the share of its time spent waiting for the
+    /// data path: near 0 when the model step is what limits, large when decoding is.
+    fn log_epoch(&self, epoch: u32) {
+        let seconds = self.epoch_started.elapsed().as_secs_f64();
+        if self.epoch_images == 0 || seconds <= 0.0 {
+            return;
+        }
+        tracing::info!(
+            epoch = epoch + 1,
+            images_per_second = %format!("{:.1}", self.epoch_images as f64 / seconds),
+            waiting_for_data = %format!("{:.1}%", 100.0 * self.data_wait.as_secs_f64() / seconds),
+            "epoch trained on this rank"
+        );
     }
 
     fn step(&mut self, loss: f64) {
@@ -174,7 +210,7 @@ pub struct Trainer {
     /// The BatchNorm statistics at the start of the step, for combining them across ranks.
     step_start_statistics: Tensor,
     /// A checkpoint whose snapshot is still being copied, with how long starting it took.
-    pending_checkpoint: Option<(PendingSnapshot, Manifest, std::time::Duration)>,
+    pending_checkpoint: Option<(PendingSnapshot, Manifest, Duration)>,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -309,11 +345,7 @@ impl Trainer {
             start,
             prepared: BTreeSet::new(),
             evaluation: None,
-            meter: Meter {
-                step_seconds: None,
-                loss: None,
-                last: Instant::now(),
-            },
+            meter: Meter::new(),
             batch_counters,
             batches_tracked,
             untallied: Arc::default(),
@@ -401,7 +433,7 @@ impl Trainer {
                         "hanging on purpose (--inject-hang-before-step)"
                     );
                     loop {
-                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                        std::thread::sleep(Duration::from_secs(3600));
                     }
                 }
                 let loss = self.train_step(&loader, e, step, micro_per_step)?;
@@ -420,6 +452,7 @@ impl Trainer {
                     self.checkpoint(e, done, false);
                 }
             }
+            self.meter.log_epoch(e.epoch);
             let next = Cursor {
                 epoch: e.epoch + 1,
                 step: 0,
@@ -591,10 +624,13 @@ impl Trainer {
         let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
         let mut tally = EpochTally::default();
         for k in rank_micro_batches(micro_per_step, rank, world) {
+            let waiting = Instant::now();
             let batch = loader
                 .next()
                 .expect("the requests cover every step of the run")
                 .map_err(|e| TrainError::Fatal(e.to_string()))?;
+            self.meter.data_wait += waiting.elapsed();
+            self.meter.epoch_images += batch.labels.len() as u64;
             for skip in &batch.skipped {
                 tracing::warn!("{skip}");
             }

@@ -72,6 +72,22 @@ fn train_with(workers: u32) {
     };
     assert_eq!(stage_evaluations, vec![2, 4, 6], "one evaluation per stage");
 
+    // Each rank logs every epoch's throughput and the share of it spent waiting for data.
+    for worker in &cluster.workers {
+        let log = worker.log_text();
+        let epochs: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("epoch trained on this rank"))
+            .collect();
+        assert_eq!(epochs.len(), EPOCHS as usize, "{log}");
+        assert!(
+            epochs
+                .iter()
+                .all(|l| l.contains("images_per_second=") && l.contains("waiting_for_data=")),
+            "{epochs:?}"
+        );
+    }
+
     // After every step all ranks hold the same bytes.
     let steps_per_epoch = STEPS_PER_EPOCH as usize;
     let texts: Vec<String> = digests
