@@ -1,5 +1,7 @@
-// What tch does not expose: autocast to a chosen dtype (tch's autocast is CUDA fp16 only).
+// What tch does not expose: autocast to a chosen dtype (tch's autocast is CUDA fp16 only), and
+// page-locked copies without the deprecated device argument (which warns on every call).
 // Exceptions never cross the C boundary; every entry point returns an error flag instead.
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
 namespace {
@@ -43,6 +45,16 @@ int ladder_autocast_enabled(int device) {
     return at::autocast::is_autocast_enabled(device_type(device)) ? 1 : 0;
   } catch (...) {
     return -1;
+  }
+}
+
+// A page-locked copy of the host tensor `t` (a new tensor the caller owns, as tch's are), or
+// nullptr when it cannot be made (libtorch without CUDA).
+at::Tensor* ladder_pin_memory(const at::Tensor* t) {
+  try {
+    return new at::Tensor(t->pin_memory());
+  } catch (...) {
+    return nullptr;
   }
 }
 }

@@ -1,13 +1,36 @@
-//! Devices and precision: fp32 on CPU; on CUDA, bfloat16 autocast and channels-last memory
-//! layout (see [`crate::flat::Layout`]). Autocast goes through Ladder's C++ shim, since tch's
-//! own autocast only knows CUDA float16.
+//! Devices and precision: fp32 on CPU; on CUDA, bfloat16 autocast, channels-last memory
+//! layout (see [`crate::flat::Layout`]) and uploads from page-locked memory. Autocast goes
+//! through Ladder's C++ shim, since tch's own autocast only knows CUDA float16; so does
+//! pinning, since tch's `pin_memory` passes a device argument libtorch warns about each time.
 
 use tch::{Device, Tensor};
+use torch_sys::C_tensor;
 
 unsafe extern "C" {
     fn ladder_autocast_enter_bf16(device: i32) -> i32;
     fn ladder_autocast_exit(device: i32, was_enabled: i32) -> i32;
     fn ladder_autocast_enabled(device: i32) -> i32;
+    fn ladder_pin_memory(tensor: *const C_tensor) -> *mut C_tensor;
+}
+
+/// A page-locked copy of the host tensor `x`, which a GPU copies from at full speed and
+/// without the host waiting; `None` where libtorch cannot make one (no CUDA).
+pub fn pinned(x: &Tensor) -> Option<Tensor> {
+    // SAFETY: `x` is a live tensor; the shim returns a new tensor that we own, or null.
+    let pinned = unsafe { ladder_pin_memory(x.as_ptr()) };
+    // SAFETY: non-null: a heap tensor from the shim, owned by nobody else.
+    (!pinned.is_null()).then(|| unsafe { Tensor::from_ptr(pinned) })
+}
+
+/// The host tensor `x` on `device`. To a GPU through page-locked memory, without waiting: a
+/// copy from pageable memory first waits for all the work queued on the GPU, which then idles
+/// while the host prepares what comes next. libtorch keeps the page-locked block from reuse
+/// until the copy has run, so it may be dropped at once.
+pub fn upload(x: &Tensor, device: Device) -> Tensor {
+    match device.is_cuda().then(|| pinned(x)).flatten() {
+        Some(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
+        None => x.to_device(device),
+    }
 }
 
 fn device_code(device: Device) -> i32 {

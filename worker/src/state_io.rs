@@ -148,9 +148,9 @@ impl FileImage {
         let len = data_start + offset;
         let padded = len.next_multiple_of(ALIGN);
         let memory = Tensor::empty([(padded + ALIGN) as i64], (Kind::Uint8, Device::Cpu));
-        let memory = match pin {
-            Some(device) if device.is_cuda() => memory.pin_memory(device),
-            _ => memory,
+        let memory = match pin.filter(|d| d.is_cuda()) {
+            Some(_) => crate::precision::pinned(&memory).unwrap_or(memory),
+            None => memory,
         };
         let skip =
             (memory.data_ptr() as usize).next_multiple_of(ALIGN) - memory.data_ptr() as usize;

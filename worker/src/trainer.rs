@@ -549,15 +549,16 @@ impl Trainer {
     fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
         let n = batch.labels.len() as i64;
         let size = batch.size as i64;
-        let images = Tensor::from_slice(&batch.images)
-            .view([n, 3, size, size])
-            .to_device(self.options.device);
+        let images = precision::upload(
+            &Tensor::from_slice(&batch.images).view([n, 3, size, size]),
+            self.options.device,
+        );
         let images = if self.options.device.is_cuda() {
             precision::channels_last(&images)
         } else {
             images
         };
-        let labels = Tensor::from_slice(&batch.labels).to_device(self.options.device);
+        let labels = precision::upload(&Tensor::from_slice(&batch.labels), self.options.device);
         (images, labels)
     }
 
@@ -666,7 +667,7 @@ impl Trainer {
             ) {
                 Some((lambda, order)) => {
                     let order: Vec<i64> = order.into_iter().map(|i| i as i64).collect();
-                    let order = Tensor::from_slice(&order).to_device(self.options.device);
+                    let order = precision::upload(&Tensor::from_slice(&order), self.options.device);
                     loss::mixup(&images, &targets, lambda, &order)
                 }
                 None => (images, targets),
@@ -689,7 +690,7 @@ impl Trainer {
         let stats = Tensor::cat(
             &[
                 loss_sum,
-                Tensor::from_slice(&counts).to_device(self.options.device),
+                precision::upload(&Tensor::from_slice(&counts), self.options.device),
             ],
             0,
         );
@@ -786,7 +787,10 @@ impl Trainer {
                 let hits = top.eq_tensor(&labels.unsqueeze(1));
                 let top1 = hits.narrow(1, 0, 1).sum(Kind::Float);
                 let top5 = hits.sum(Kind::Float);
-                let n = Tensor::from(batch.labels.len() as f32).to_device(self.options.device);
+                let n = precision::upload(
+                    &Tensor::from(batch.labels.len() as f32),
+                    self.options.device,
+                );
                 self.liveness.tick();
                 let _ = counts
                     .shallow_clone()

@@ -6,7 +6,9 @@ use ladder_worker::ema::Ema;
 use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
-use ladder_worker::precision::{autocast_bf16, autocast_enabled, channels_last, is_channels_last};
+use ladder_worker::precision::{
+    autocast_bf16, autocast_enabled, channels_last, is_channels_last, pinned, upload,
+};
 use ladder_worker::training_state::TrainingState;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -129,4 +131,20 @@ fn channels_last_buffers_compute_the_same_and_save_in_standard_order() {
     let a = tch::no_grad(|| model.forward(&input, false));
     let b = tch::no_grad(|| model2.forward(&x, false));
     assert!(relative(&a, &b) < 1e-5);
+}
+
+#[test]
+fn page_locked_copies_exist_only_with_cuda_and_uploads_keep_the_values() {
+    let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]);
+    match pinned(&x) {
+        // The shim turned libtorch's exception into a plain "cannot", with no CUDA to pin for.
+        None => assert!(!tch::Cuda::is_available()),
+        Some(p) => {
+            assert!(p.equal(&x) && p.device() == Device::Cpu);
+            let on_gpu = upload(&x, Device::Cuda(0));
+            assert!(on_gpu.to_device(Device::Cpu).equal(&x));
+        }
+    }
+    let on_cpu = upload(&x, Device::Cpu);
+    assert!(on_cpu.equal(&x));
 }
