@@ -549,16 +549,14 @@ impl Trainer {
     fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
         let n = batch.labels.len() as i64;
         let size = batch.size as i64;
-        let images = precision::upload(
-            &Tensor::from_slice(&batch.images).view([n, 3, size, size]),
-            self.options.device,
-        );
+        let images =
+            precision::upload_slice(&batch.images, &[n, 3, size, size], self.options.device);
         let images = if self.options.device.is_cuda() {
             precision::channels_last(&images)
         } else {
             images
         };
-        let labels = precision::upload(&Tensor::from_slice(&batch.labels), self.options.device);
+        let labels = precision::upload_slice(&batch.labels, &[n], self.options.device);
         (images, labels)
     }
 
@@ -667,7 +665,8 @@ impl Trainer {
             ) {
                 Some((lambda, order)) => {
                     let order: Vec<i64> = order.into_iter().map(|i| i as i64).collect();
-                    let order = precision::upload(&Tensor::from_slice(&order), self.options.device);
+                    let order =
+                        precision::upload_slice(&order, &[order.len() as i64], self.options.device);
                     loss::mixup(&images, &targets, lambda, &order)
                 }
                 None => (images, targets),
@@ -690,7 +689,7 @@ impl Trainer {
         let stats = Tensor::cat(
             &[
                 loss_sum,
-                precision::upload(&Tensor::from_slice(&counts), self.options.device),
+                precision::upload_slice(&counts, &[counts.len() as i64], self.options.device),
             ],
             0,
         );
