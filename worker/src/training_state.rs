@@ -258,20 +258,21 @@ struct Transfer {
     from: Tensor,
     /// The slots of `from` when it keeps convolution weights channels-last: the files hold
     /// standard order, so it is reordered on its own device first (see
-    /// [`flat::standard_order`]). On a GPU, one transfer to the host per buffer instead of one
-    /// per variable, each of which would wait for the work queued before it.
+    /// [`flat::copy_in_standard_order`]).
     reorder: Option<Vec<Slot>>,
 }
 
+/// Elements reordered at a time on the device (64 MB of float32) in [`Transfer::run`].
+const REORDER_GROUP_ELEMENTS: i64 = 1 << 24;
+
 impl Transfer {
     fn run(&self) {
-        tch::no_grad(|| {
-            let from = match &self.reorder {
-                Some(slots) => flat::standard_order(&self.from, slots),
-                None => self.from.shallow_clone(),
-            };
-            self.into.shallow_clone().copy_(&from);
-        })
+        match &self.reorder {
+            Some(slots) => {
+                flat::copy_in_standard_order(&self.from, slots, &self.into, REORDER_GROUP_ELEMENTS)
+            }
+            None => tch::no_grad(|| self.into.shallow_clone().copy_(&self.from)),
+        }
     }
 }
 
