@@ -1096,6 +1096,61 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
 }
 
 #[test]
+fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let coordinator = redb_coordinator(dir.path(), &[]);
+    let cli = submitter(&coordinator);
+    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+    // Steps 6 and 9 train 10 samples each of epoch 1 (the first commit, step 3, none).
+    rt.block_on(async {
+        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
+        for step in [6, 9] {
+            let mut request = first_checkpoint(&worker_id, &id, generation);
+            let checkpoint = request.checkpoint.as_mut().unwrap();
+            checkpoint.id = format!("ckpt-s{step}");
+            checkpoint.step = step;
+            request.trained = vec![pb::EpochTally {
+                epoch: 1,
+                samples: 10,
+                digest: step,
+                skipped: 0,
+            }];
+            let reply = worker
+                .commit_checkpoint(request)
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(reply.accepted, "{}", reply.reason);
+        }
+    });
+    assert!(cli.ok(&["status", &id]).contains("20 samples per epoch"));
+    cli.ok(&["cancel", &id]);
+    let resumed = cli.run(&["resume", &id, "--checkpoint", "ckpt-s6"]);
+    let said = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{said}");
+    assert!(
+        said.contains("(ckpt-s9)") && said.contains("the job's history"),
+        "{said}"
+    );
+    // The idle worker takes the next generation, which starts from step 6: step 9 and what it
+    // trained are gone from the record (the default restore point, `status`, the ledger).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = cli.ok(&["status", &id]);
+        if status.contains("generation   2") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no second generation: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.contains("checkpoint   ckpt-s6 "), "{status}");
+    assert!(status.contains("10 samples per epoch"), "{status}");
+}
+
+#[test]
 fn dataset_tools_never_mix_into_an_existing_dataset_or_take_senseless_counts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -200,6 +200,29 @@ pub const COLLECTIVE_FAILURES_TO_GIVE_UP: u32 = 3;
 pub const CHECKPOINT_FAILURES_TO_GIVE_UP: u32 = 3;
 
 impl JobRecord {
+    /// How many of `checkpoints` stay the model's history when the next generation starts
+    /// from `restore_from`: those up to it in commit order (all of them if it is not listed).
+    fn history_kept(&self) -> usize {
+        match &self.restore_from {
+            None => 0,
+            Some(from) => self
+                .checkpoints
+                .iter()
+                .position(|c| c.id == from.id)
+                .map_or(self.checkpoints.len(), |p| p + 1),
+        }
+    }
+
+    /// Rolls the record back to `restore_from` as a new generation starts from it: what was
+    /// committed after it — checkpoints, and what their steps trained — is no longer the model's
+    /// history. Returns the checkpoints dropped; their files stay where they are.
+    fn roll_back_to_restore_point(&mut self) -> Vec<CheckpointRecord> {
+        let restored = self.restore_from.as_ref().map_or(0, |c| c.step);
+        self.ledger.retain(|e| e.checkpoint_step <= restored);
+        let kept = self.history_kept();
+        self.checkpoints.split_off(kept)
+    }
+
     /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
     pub fn trained(&self) -> Vec<(u32, u64, u64, u64)> {
         let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
@@ -678,10 +701,21 @@ impl Coordinator {
         job.restore_from = restore;
         job.failed_generations = 0;
         job.state = JobState::Queued;
+        let later: Vec<&str> = job.checkpoints[job.history_kept()..]
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
         job.message = match &job.restore_from {
             Some(c) => format!("resuming from checkpoint {}", c.id),
             None => "resuming from the start: no committed checkpoint".to_owned(),
         };
+        if !later.is_empty() {
+            job.message.push_str(&format!(
+                "; the checkpoints committed after it ({}) leave the job's history once it \
+                 starts (their files stay)",
+                later.join(", ")
+            ));
+        }
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %id, "job resumed");
         self.schedule(&mut inner).await?;
@@ -1219,10 +1253,11 @@ impl Coordinator {
             }
             let mut job = inner.jobs[&job_id].clone();
             job.generation += 1;
-            // The new generation starts from `restore_from`: what was committed after it is
-            // no longer the model's history.
-            let restored = job.restore_from.as_ref().map_or(0, |c| c.step);
-            job.ledger.retain(|e| e.checkpoint_step <= restored);
+            let dropped: Vec<String> = job
+                .roll_back_to_restore_point()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
             job.workers = idle[..fit as usize].to_vec();
             job.state = JobState::Rendezvous;
             job.ready_since_ms = None;
@@ -1231,6 +1266,15 @@ impl Coordinator {
                 "generation {} assigned to {} worker(s), waiting for rendezvous",
                 job.generation, fit
             );
+            if !dropped.is_empty() {
+                let note = format!(
+                    "the checkpoints committed after its restore point ({}) left the job's \
+                     history (their files stay)",
+                    dropped.join(", ")
+                );
+                tracing::info!(job = %job.id, "{note}");
+                job.message = format!("{}; {note}", job.message);
+            }
             for (rank, worker_id) in job.workers.iter().enumerate() {
                 let assignment = WorkerAssignment {
                     job_id: job.id.clone(),
