@@ -160,7 +160,8 @@ pub struct JobRecord {
     /// Set by `resume --workers N`.
     pub requested_world_size: Option<u32>,
     pub restore_from: Option<CheckpointRecord>,
-    /// What each committed checkpoint's steps trained, in commit order: the model's history.
+    /// What each committed checkpoint's steps trained, in commit order: the model's history
+    /// (compacted at each commit, see [`compact_ledger`]).
     #[serde(default)]
     pub ledger: Vec<LedgerEntry>,
     /// Rendezvous payloads by rank for the current generation: workers publish them again
@@ -354,6 +355,40 @@ struct Inner {
     workers: BTreeMap<String, WorkerRecord>,
     next_job: u64,
     next_worker: u64,
+}
+
+/// Merges the ledger entries that no restore can tell apart, so that a job's record stays
+/// small however often it checkpoints. A restore goes back to a kept checkpoint (or to the
+/// start) and drops the entries committed after it, so the entries of one epoch committed
+/// after one kept checkpoint and up to the next stay or go together: they become one entry,
+/// counted as committed by that next checkpoint. Sums per epoch, after any restore, are those
+/// of the full ledger.
+pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord]) {
+    let mut bounds: Vec<u64> = kept.iter().map(|c| c.step).collect();
+    bounds.push(0);
+    bounds.sort_unstable();
+    let mut compact: Vec<LedgerEntry> = Vec::with_capacity(ledger.len());
+    for entry in ledger.drain(..) {
+        let bound = bounds
+            .get(bounds.partition_point(|&b| b < entry.checkpoint_step))
+            .copied()
+            .unwrap_or(entry.checkpoint_step);
+        match compact
+            .iter_mut()
+            .find(|c| c.checkpoint_step == bound && c.epoch == entry.epoch)
+        {
+            Some(merged) => {
+                merged.samples += entry.samples;
+                merged.digest = merged.digest.wrapping_add(entry.digest);
+                merged.skipped += entry.skipped;
+            }
+            None => compact.push(LedgerEntry {
+                checkpoint_step: bound,
+                ..entry
+            }),
+        }
+    }
+    *ledger = compact;
 }
 
 /// Retention: keeps the newest `keep` checkpoints (at least one, so the last good one is never
@@ -1047,6 +1082,7 @@ impl Coordinator {
         job.failed_checkpoints = 0;
         let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
         let retired = retire(&mut job.checkpoints, keep as usize);
+        compact_ledger(&mut job.ledger, &job.checkpoints);
         job.last_retired = retired.clone();
         self.commit_job(&mut inner, job).await?;
         Ok(Ok(retired))
@@ -1307,6 +1343,84 @@ mod tests {
             committed_at_ms: 0,
             stage_end,
         }
+    }
+
+    fn trained_after_restoring(
+        ledger: &[LedgerEntry],
+        restored: u64,
+    ) -> BTreeMap<u32, (u64, u64, u64)> {
+        let mut per_epoch = BTreeMap::new();
+        for e in ledger.iter().filter(|e| e.checkpoint_step <= restored) {
+            let t: &mut (u64, u64, u64) = per_epoch.entry(e.epoch).or_default();
+            t.0 += e.samples;
+            t.1 = t.1.wrapping_add(e.digest);
+            t.2 += e.skipped;
+        }
+        per_epoch
+    }
+
+    proptest::proptest! {
+        /// Whatever was committed and kept, a compacted ledger sums per epoch as the full one,
+        /// after a restore to any kept checkpoint or to the start, and never grows.
+        #[test]
+        fn a_compacted_ledger_is_the_same_history_after_any_restore(
+            commits in proptest::collection::vec(
+                (1u64..6, proptest::collection::vec((0u32..4, 0u64..100, proptest::num::u64::ANY, 0u64..3), 1..4), proptest::bool::ANY),
+                1..25,
+            ),
+        ) {
+            let mut ledger = Vec::new();
+            let mut kept = Vec::new();
+            let mut step = 0;
+            for (advance, trained, keep) in &commits {
+                step += advance;
+                ledger.extend(trained.iter().map(|&(epoch, samples, digest, skipped)| LedgerEntry {
+                    checkpoint_step: step,
+                    epoch,
+                    samples,
+                    digest,
+                    skipped,
+                }));
+                if *keep {
+                    kept.push(checkpoint(step, false));
+                }
+            }
+            kept.push(checkpoint(step, false));
+            let mut compact = ledger.clone();
+            compact_ledger(&mut compact, &kept);
+            proptest::prop_assert!(compact.len() <= ledger.len());
+            for restored in std::iter::once(0).chain(kept.iter().map(|c| c.step)) {
+                proptest::prop_assert_eq!(
+                    trained_after_restoring(&compact, restored),
+                    trained_after_restoring(&ledger, restored),
+                    "restored to step {}", restored
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_ledger_between_two_kept_checkpoints_becomes_one_entry_per_epoch() {
+        let entry = |checkpoint_step, epoch| LedgerEntry {
+            checkpoint_step,
+            epoch,
+            samples: 10,
+            digest: checkpoint_step,
+            skipped: 0,
+        };
+        let mut ledger = vec![
+            entry(5, 0),
+            entry(10, 0),
+            entry(10, 1),
+            entry(15, 1),
+            entry(20, 1),
+        ];
+        compact_ledger(&mut ledger, &[checkpoint(10, true), checkpoint(20, false)]);
+        let shape: Vec<(u64, u32, u64)> = ledger
+            .iter()
+            .map(|e| (e.checkpoint_step, e.epoch, e.samples))
+            .collect();
+        assert_eq!(shape, vec![(10, 0, 20), (10, 1, 10), (20, 1, 20)]);
     }
 
     #[test]
