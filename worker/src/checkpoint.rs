@@ -82,6 +82,43 @@ pub fn checkpoint_id(generation: u64, global_step: u64) -> String {
     format!("step-{global_step:09}-g{generation}")
 }
 
+/// The generation in a [`checkpoint_id`].
+fn generation_of(id: &str) -> Option<u64> {
+    id.strip_prefix("step-")?.rsplit_once("-g")?.1.parse().ok()
+}
+
+/// The directory a checkpoint is written in before it is renamed to its id.
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Removes the half-written checkpoints that writers of generations before `generation` left
+/// in `parent`: a worker killed mid-write leaves a directory the size of a checkpoint, which no
+/// later id would ever replace. Only the current generation's rank 0 writes in a job's
+/// directory, so nothing of an earlier one is still wanted (a writer of an earlier generation
+/// still running would see its commit refused and delete it anyway).
+fn remove_stale_temps(parent: &Path, generation: u64) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let stale = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+            .and_then(generation_of)
+            .is_some_and(|g| g < generation);
+        if stale {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "removed a checkpoint an earlier generation left half-written")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), "cannot remove a half-written checkpoint: {e}")
+                }
+            }
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -96,8 +133,9 @@ pub fn write(
     mut manifest: Manifest,
 ) -> Result<(PathBuf, Manifest), CheckpointError> {
     let final_dir = parent.join(&manifest.id);
-    let temp = parent.join(format!(".tmp-{}", manifest.id));
+    let temp = parent.join(format!("{TEMP_PREFIX}{}", manifest.id));
     std::fs::create_dir_all(parent).map_err(io_error(parent))?;
+    remove_stale_temps(parent, manifest.generation);
     if temp.exists() {
         // Left by a writer that died mid-write: never committed, safe to replace.
         std::fs::remove_dir_all(&temp).map_err(io_error(&temp))?;

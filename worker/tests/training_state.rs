@@ -190,14 +190,29 @@ fn a_checkpoint_never_replaces_an_existing_one() {
     let theirs = dir.path().join(&manifest.id);
     std::fs::create_dir_all(&theirs).unwrap();
     std::fs::write(theirs.join(MODEL_FILE), b"theirs").unwrap();
+    // What a worker of generation 0 killed mid-write left, and names that are not such.
+    for left_behind in [".tmp-step-000000001-g0", ".tmp-notes", "step-000000001-g0"] {
+        std::fs::create_dir_all(dir.path().join(left_behind)).unwrap();
+    }
     let err = checkpoint::write(&snapshot, dir.path(), manifest.clone()).unwrap_err();
     assert!(
         err.to_string().contains("already exists; not replaced"),
         "{err}"
     );
     assert_eq!(std::fs::read(theirs.join(MODEL_FILE)).unwrap(), b"theirs");
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-    assert_eq!(left.len(), 1, "the temporary directory is removed");
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [".tmp-notes", "step-000000001-g0", &manifest.id],
+        "our temporary directory and an earlier generation's are removed, nothing else"
+    );
+    for other in [".tmp-notes", "step-000000001-g0"] {
+        std::fs::remove_dir_all(dir.path().join(other)).unwrap();
+    }
 
     std::fs::remove_dir_all(&theirs).unwrap();
     let (written, _) = checkpoint::write(&snapshot, dir.path(), manifest).unwrap();
