@@ -1,6 +1,6 @@
 //! One suite, run against both real stores: the embedded redb file and an etcd server.
 
-use ladder_coordinator::store::{EtcdStore, RedbStore, Store, StoreError};
+use ladder_coordinator::store::{Compaction, EtcdStore, RedbStore, Store, StoreError};
 use ladder_testkit::Etcd;
 
 async fn suite(store: &dyn Store) {
@@ -63,6 +63,43 @@ async fn etcd_store() {
         .await
         .unwrap();
     suite(&store).await;
+}
+
+#[tokio::test]
+async fn the_etcd_store_compacts_the_history_it_no_longer_needs() {
+    let etcd = Etcd::start();
+    let endpoints = [format!("http://{}", etcd.endpoint)];
+    let store = EtcdStore::connect(&endpoints)
+        .await
+        .unwrap()
+        .with_compaction(Compaction {
+            kept_revisions: 10,
+            every_writes: 5,
+        });
+    for i in 0..40u32 {
+        store.put("jobs/a", i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    assert_eq!(
+        store.get("jobs/a").await.unwrap(),
+        Some(39u32.to_be_bytes().to_vec())
+    );
+    let mut raw = etcd_client::Client::connect(endpoints, None).await.unwrap();
+    let old = raw
+        .get(
+            "/ladder/jobs/a",
+            Some(etcd_client::GetOptions::new().with_revision(2)),
+        )
+        .await
+        .expect_err("revision 2 is long compacted");
+    assert!(old.to_string().contains("compacted"), "{old}");
+    let newest = raw.get("/ladder/jobs/a", None).await.unwrap();
+    let recent = newest.header().unwrap().revision() - 5;
+    raw.get(
+        "/ladder/jobs/a",
+        Some(etcd_client::GetOptions::new().with_revision(recent)),
+    )
+    .await
+    .expect("recent history is kept");
 }
 
 #[tokio::test]

@@ -2,11 +2,33 @@ use super::{Store, StoreError};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
 use ladder_proto::client::{error_chain, with_causes};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 const KEY_PREFIX: &str = "/ladder/";
 const ELECTION: &str = "/ladder-election/coordinator";
+
+/// How much of etcd's history the coordinator keeps, and how often it drops the rest. etcd
+/// keeps every past value until it is compacted: a coordinator that persists each running
+/// job's progress every few seconds would otherwise fill etcd's space quota (2 GiB by default)
+/// within weeks, after which etcd refuses every write.
+#[derive(Clone, Copy, Debug)]
+pub struct Compaction {
+    /// Revisions kept behind the newest (nothing reads older ones).
+    pub kept_revisions: i64,
+    /// Writes between two compactions.
+    pub every_writes: u64,
+}
+
+impl Default for Compaction {
+    fn default() -> Compaction {
+        Compaction {
+            kept_revisions: 10_000,
+            every_writes: 1_000,
+        }
+    }
+}
 
 /// The replicated store: an etcd v3 cluster. Several coordinators may run against it; the
 /// one that wins the election leads, and every write it makes is conditional on still holding
@@ -15,6 +37,8 @@ pub struct EtcdStore {
     client: Client,
     endpoints: Vec<String>,
     leader: Option<LeaderKey>,
+    compaction: Compaction,
+    writes: AtomicU64,
 }
 
 /// Held by the leading coordinator. `lost` resolves when the leadership lease could not be
@@ -36,6 +60,8 @@ impl EtcdStore {
             client,
             endpoints: endpoints.to_vec(),
             leader: None,
+            compaction: Compaction::default(),
+            writes: AtomicU64::new(0),
         };
         // Connecting is lazy: ask once so that a wrong address fails here, not later.
         store.get("meta/probe").await?;
@@ -89,33 +115,65 @@ impl EtcdStore {
         Ok(LeaderLease { lost })
     }
 
+    /// Sets how much history is kept (see [`Compaction`]).
+    pub fn with_compaction(mut self, compaction: Compaction) -> EtcdStore {
+        self.compaction = compaction;
+        self
+    }
+
     fn key(key: &str) -> String {
         format!("{KEY_PREFIX}{key}")
     }
 
     async fn guarded(&self, op: TxnOp) -> Result<(), StoreError> {
         let mut kv = self.client.kv_client();
-        match &self.leader {
-            None => {
-                kv.txn(Txn::new().and_then([op]))
-                    .await
-                    .map_err(|e| backend(&self.endpoints, e))?;
-            }
-            Some(leader) => {
-                let still_leader =
-                    Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
-                let response = kv
-                    .txn(Txn::new().when([still_leader]).and_then([op]))
-                    .await
-                    .map_err(|e| backend(&self.endpoints, e))?;
-                if !response.succeeded() {
-                    return Err(StoreError::NotLeader {
-                        store: self.describe(),
-                    });
-                }
-            }
+        let txn = match &self.leader {
+            None => Txn::new().and_then([op]),
+            Some(leader) => Txn::new()
+                .when([Compare::create_revision(
+                    leader.key(),
+                    CompareOp::Equal,
+                    leader.rev(),
+                )])
+                .and_then([op]),
+        };
+        let response = kv.txn(txn).await.map_err(|e| backend(&self.endpoints, e))?;
+        if !response.succeeded() {
+            return Err(StoreError::NotLeader {
+                store: self.describe(),
+            });
+        }
+        if let Some(header) = response.header() {
+            self.compact_now_and_then(header.revision()).await;
         }
         Ok(())
+    }
+
+    /// Every [`Compaction::every_writes`] writes, drops the history older than
+    /// [`Compaction::kept_revisions`] behind `revision` (the newest). A failure only costs
+    /// space until the next try, so it is logged, not returned.
+    async fn compact_now_and_then(&self, revision: i64) {
+        let Compaction {
+            kept_revisions,
+            every_writes,
+        } = self.compaction;
+        let writes = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if !writes.is_multiple_of(every_writes) || revision <= kept_revisions {
+            return;
+        }
+        let mut kv = self.client.kv_client();
+        if let Err(e) = kv.compact(revision - kept_revisions, None).await {
+            // Someone else (etcd's own auto-compaction, an operator) may have gone further.
+            if !e
+                .to_string()
+                .contains("required revision has been compacted")
+            {
+                tracing::warn!(
+                    "cannot compact etcd's history: {}",
+                    backend(&self.endpoints, e)
+                );
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 mod etcd;
 mod redb;
 
-pub use self::etcd::{EtcdStore, LeaderLease};
+pub use self::etcd::{Compaction, EtcdStore, LeaderLease};
 pub use self::redb::RedbStore;
 
 use async_trait::async_trait;
