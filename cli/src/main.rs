@@ -9,6 +9,7 @@ use ladder_proto::client::{self, Authed};
 use ladder_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Where the connection options show in `--help`: apart from each command's own (the dataset
 /// tools take them but never connect).
@@ -145,6 +146,100 @@ async fn connect(cli: &Cli) -> Result<Client> {
     )
     .await?;
     Ok(JobServiceClient::new(channel))
+}
+
+/// How long `status --watch` keeps trying to reach a coordinator again after losing it: longer
+/// than a restart or a failover to a standby takes.
+const WATCH_RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// Why a watch stopped before its job ended.
+enum WatchBreak {
+    /// Nothing another coordinator, or this one a moment later, would answer differently.
+    Final(anyhow::Error),
+    /// The coordinator went away (or is not back yet).
+    Lost(anyhow::Error),
+}
+
+/// `status --watch`: a line per change of `job` until it ends. When the coordinator goes away
+/// mid-watch (a restart, a failover to a standby) it is reached again, through the same list
+/// of addresses, for up to [`WATCH_RECONNECT_FOR`].
+async fn watch(cli: &Cli, job: &str) -> Result<()> {
+    let mut shown = String::new();
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        let reached = |e| match lost_since {
+            Some(_) => WatchBreak::Lost(e),
+            None => WatchBreak::Final(e),
+        };
+        let outcome = match connect(cli).await {
+            Ok(mut client) => follow(&mut client, job, &mut shown, &mut lost_since).await,
+            Err(e) => Err(reached(e)),
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(WatchBreak::Final(e)) => return Err(e),
+            Err(WatchBreak::Lost(e)) => {
+                let since = *lost_since.get_or_insert_with(|| {
+                    eprintln!("lost the coordinator ({e:#}); reaching it again");
+                    Instant::now()
+                });
+                if since.elapsed() > WATCH_RECONNECT_FOR {
+                    return Err(e.context(format!(
+                        "no coordinator answered for {} s",
+                        WATCH_RECONNECT_FOR.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Prints `job`'s changes from one coordinator until the job ends (`Ok`) or the watch breaks.
+async fn follow(
+    client: &mut Client,
+    job: &str,
+    shown: &mut String,
+    lost_since: &mut Option<Instant>,
+) -> std::result::Result<(), WatchBreak> {
+    let classify = |what: &str, status: tonic::Status| match status.code() {
+        tonic::Code::NotFound
+        | tonic::Code::InvalidArgument
+        | tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied => WatchBreak::Final(rpc_error(what, status)),
+        _ => WatchBreak::Lost(rpc_error(what, status)),
+    };
+    let mut events = client
+        .watch_job(pb::WatchJobRequest { id: job.to_owned() })
+        .await
+        .map_err(|s| classify("status", s))?
+        .into_inner();
+    let mut ended = false;
+    while let Some(event) = events.message().await.map_err(|s| classify("watch", s))? {
+        let Some(job) = event.job else { continue };
+        *lost_since = None;
+        ended = terminal(&job);
+        // Events come on every change of the record; a line only when what it shows changed.
+        let line = job_line(&job);
+        if line != *shown {
+            println!("{line}");
+            *shown = line;
+        }
+    }
+    if ended {
+        Ok(())
+    } else {
+        Err(WatchBreak::Lost(anyhow::anyhow!(
+            "the coordinator closed the watch before the job ended"
+        )))
+    }
+}
+
+fn terminal(job: &pb::Job) -> bool {
+    matches!(
+        pb::JobState::try_from(job.state),
+        Ok(pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
@@ -341,33 +436,15 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("submitted {} ({})", job.name, state_name(job.state));
             println!("{}", job.id);
         }
-        Command::Status { job, watch } => {
+        Command::Status { job, watch: true } => watch(&cli, job).await?,
+        Command::Status { job, watch: false } => {
             let mut client = connect(&cli).await?;
-            if *watch {
-                let mut events = client
-                    .watch_job(pb::WatchJobRequest { id: job.clone() })
-                    .await
-                    .map_err(|s| rpc_error("status", s))?
-                    .into_inner();
-                let mut shown = String::new();
-                while let Some(event) = events.message().await.map_err(|s| rpc_error("watch", s))? {
-                    let Some(job) = event.job else { continue };
-                    // Events come on every change of the record; a line only when what it
-                    // shows changed.
-                    let line = job_line(&job);
-                    if line != shown {
-                        println!("{line}");
-                        shown = line;
-                    }
-                }
-            } else {
-                let job = client
-                    .get_job(pb::GetJobRequest { id: job.clone() })
-                    .await
-                    .map_err(|s| rpc_error("status", s))?
-                    .into_inner();
-                println!("{}", job_details(&job));
-            }
+            let job = client
+                .get_job(pb::GetJobRequest { id: job.clone() })
+                .await
+                .map_err(|s| rpc_error("status", s))?
+                .into_inner();
+            println!("{}", job_details(&job));
         }
         Command::List => {
             let mut client = connect(&cli).await?;

@@ -773,6 +773,21 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("queued"));
 
+    // A watch outlives the leader: it reaches the standby once that leads, and follows the job
+    // to its end there.
+    let mut watch = Command::new(binary("ladder"))
+        .args(["status", "--watch", &id])
+        .env("LADDER_COORDINATOR", &both)
+        .env("LADDER_TOKEN", SUBMIT_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watched_lines = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut watched_lines, &mut first).unwrap();
+    assert!(first.contains("queued"), "{first}");
+
     let killed = Instant::now();
     leader.kill9();
     let standby = CoordinatorProcess::until_serving(standby, &logs, Duration::from_secs(15));
@@ -785,6 +800,20 @@ fn an_etcd_standby_takes_over_within_the_leader_ttl() {
     assert!(
         cli.ok(&["status", &id]).contains("queued"),
         "the new leader has the job"
+    );
+    cli.ok(&["cancel", &id]);
+    let mut lines = String::new();
+    std::io::Read::read_to_string(&mut watched_lines, &mut lines).unwrap();
+    let watched = watch.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&watched.stderr);
+    assert!(watched.status.success(), "{said}");
+    assert!(said.contains("lost the coordinator"), "{said}");
+    assert!(
+        lines
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("cancelled")),
+        "{lines}"
     );
 }
 
