@@ -59,6 +59,10 @@ struct Args {
     /// every time the run comes to it.
     #[arg(long, value_name = "STEP", hide = true)]
     inject_collective_error_before_step: Option<u64>,
+    /// Fault injection for tests: right after this global step's update the parameters turn
+    /// to NaN, as a diverged update leaves them.
+    #[arg(long, value_name = "STEP", hide = true)]
+    inject_nan_after_step: Option<u64>,
     /// Check that this GPU can run the gradient allreduce (NCCL found, a one-rank
     /// communicator, a sum of a CUDA buffer), print what was loaded and exit: 0 when it works.
     /// Needs --device cuda:N; joins no coordinator.
@@ -150,6 +154,7 @@ fn main() {
         faults: Faults {
             hang_before_step: args.inject_hang_before_step,
             collective_error_before_step: args.inject_collective_error_before_step,
+            nan_after_step: args.inject_nan_after_step,
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");

@@ -86,6 +86,9 @@ pub struct Faults {
     /// The collective fails with an error, each time the run comes to the step, as a
     /// misconfigured NCCL does.
     pub collective_error_before_step: Option<u64>,
+    /// The parameters turn to NaN right after this step's update, as a diverged one leaves
+    /// them.
+    pub nan_after_step: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +218,22 @@ pub struct Trainer {
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
     move |message| TrainError::Fatal(format!("{what}: {message}"))
+}
+
+/// The run ends on a non-finite loss or weights: training on would only burn device time, and
+/// the checkpoints it wrote would be worthless. Nothing after the last committed checkpoint is
+/// kept.
+fn diverged(what: String) -> TrainError {
+    TrainError::Fatal(format!(
+        "training diverged: {what}; no checkpoint is taken from here. `ladder resume` goes on \
+         from the last committed checkpoint (after a hardware fault, say); the same data and \
+         seed diverge again at the same step, which needs a new job with a lower \
+         optimizer.lr_per_256"
+    ))
+}
+
+fn finite(values: &Tensor) -> bool {
+    tch::no_grad(|| values.isfinite().all().int64_value(&[]) == 1)
 }
 
 fn decode_threads(spec: &JobSpec) -> usize {
@@ -437,6 +456,18 @@ impl Trainer {
                     }
                 }
                 let loss = self.train_step(&loader, e, step, micro_per_step)?;
+                // Every rank has the same summed loss, so all stop here together.
+                if !loss.is_finite() {
+                    return Err(diverged(format!(
+                        "the loss of global step {} was {loss}",
+                        about_to + 1
+                    )));
+                }
+                if faults.nan_after_step == Some(about_to + 1) {
+                    tch::no_grad(|| {
+                        let _ = self.flat.params.shallow_clone().fill_(f64::NAN);
+                    });
+                }
                 self.meter.step(loss);
                 self.liveness.tick();
                 let done = Cursor {
@@ -449,7 +480,7 @@ impl Trainer {
                 self.events.progress(&self.progress(e, done), epoch_end);
                 let every = self.spec.checkpoint.every_steps as u64;
                 if every > 0 && global_step.is_multiple_of(every) && !epoch_end {
-                    self.checkpoint(e, done, false);
+                    self.checkpoint(e, done, false)?;
                 }
             }
             self.meter.log_epoch(e.epoch);
@@ -469,7 +500,7 @@ impl Trainer {
             }
             let every = self.spec.checkpoint.every_steps as u64;
             if stage_end || (every > 0 && next.global_step(steps_per_epoch).is_multiple_of(every)) {
-                self.checkpoint(e, next, stage_end);
+                self.checkpoint(e, next, stage_end)?;
             }
             cursor = next;
         }
@@ -822,9 +853,28 @@ impl Trainer {
     }
 
     /// Rank 0 snapshots the state and writes it in the background; training goes on.
-    fn checkpoint(&mut self, e: &EpochParams, next: Cursor, stage_end: bool) {
+    fn checkpoint(
+        &mut self,
+        e: &EpochParams,
+        next: Cursor,
+        stage_end: bool,
+    ) -> Result<(), TrainError> {
+        // A diverged update can leave non-finite weights behind a finite loss; saved, they would
+        // push good checkpoints out of retention. Every rank holds the same bytes, so every rank
+        // checks and all stop together.
+        let global_step = next.global_step(self.plan.steps_per_epoch());
+        for (what, values) in [
+            ("parameters", &self.flat.params),
+            ("EMA weights", &self.ema.params),
+        ] {
+            if !finite(values) {
+                return Err(diverged(format!(
+                    "the {what} were no longer finite after global step {global_step}"
+                )));
+            }
+        }
         if self.job.rank != 0 {
-            return;
+            return Ok(());
         }
         self.complete_checkpoint();
         let started = Instant::now();
@@ -863,6 +913,7 @@ impl Trainer {
         };
         self.pending_checkpoint = Some((snapshot, manifest, started.elapsed()));
         self.liveness.tick();
+        Ok(())
     }
 
     /// Waits for the pending snapshot's copy (it ran beside this step's forward and backward

@@ -370,3 +370,57 @@ fn a_collective_failing_on_every_rank_ends_the_generation_at_once_and_the_job_wh
         "each generation ended when its ranks reported, not by stall detection: {elapsed:?}"
     );
 }
+
+/// Runs a job on one worker whose parameters turn to NaN after global step `poisoned`
+/// (checkpoints every 5 steps) and returns the ended job.
+fn diverging_run(poisoned: u64) -> pb::Job {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (1, 1), 5, 100);
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_worker(&["--inject-nan-after-step", &poisoned.to_string()]);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert_eq!(
+        state_of(&job),
+        pb::JobState::Failed,
+        "{}\n{}",
+        job.message,
+        cluster.logs()
+    );
+    job
+}
+
+#[test]
+fn a_diverged_run_stops_and_never_checkpoints_non_finite_weights() {
+    // Poisoned between two checkpoints: the next step's loss is NaN.
+    let job = diverging_run(7);
+    assert!(
+        job.message
+            .contains("training diverged: the loss of global step 8 was NaN"),
+        "{}",
+        job.message
+    );
+    let committed: Vec<u64> = job.checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(
+        committed,
+        vec![5],
+        "nothing after the divergence is committed"
+    );
+
+    // Poisoned by the update of a checkpoint step: the loss was still finite, the weights are
+    // not, and the checkpoint is not taken.
+    let job = diverging_run(10);
+    assert!(
+        job.message.contains(
+            "training diverged: the parameters were no longer finite after global step 10"
+        ),
+        "{}",
+        job.message
+    );
+    let committed: Vec<u64> = job.checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(
+        committed,
+        vec![5],
+        "the poisoned weights are never committed"
+    );
+}
