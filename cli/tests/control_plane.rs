@@ -425,6 +425,51 @@ fn first_checkpoint(worker_id: &str, job_id: &str, generation: u64) -> pb::Commi
     }
 }
 
+/// A job on a fresh redb coordinator, driven by [`run_one_worker`] to running with its first
+/// checkpoint committed.
+struct OneWorkerJob {
+    coordinator: CoordinatorProcess,
+    id: String,
+    worker_id: String,
+    generation: u64,
+    rt: tokio::runtime::Runtime,
+}
+
+impl OneWorkerJob {
+    fn start(dir: &Path) -> OneWorkerJob {
+        let spec = setup(dir, (1, 1));
+        let coordinator = redb_coordinator(dir, &[]);
+        let id = last_line(&submitter(&coordinator).ok(&["submit", spec.to_str().unwrap()]));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+        OneWorkerJob {
+            coordinator,
+            id,
+            worker_id,
+            generation,
+            rt,
+        }
+    }
+
+    /// Commits `ckpt-sSTEP` after global step `step`, with what its steps trained.
+    fn commit(&self, step: u64, trained: Vec<pb::EpochTally>) -> pb::CommitCheckpointResponse {
+        let mut request = first_checkpoint(&self.worker_id, &self.id, self.generation);
+        let checkpoint = request.checkpoint.as_mut().unwrap();
+        checkpoint.id = format!("ckpt-s{step}");
+        checkpoint.path = format!("/ckpt/s{step}");
+        checkpoint.step = step;
+        request.trained = trained;
+        self.rt.block_on(async {
+            worker_client(&self.coordinator.url(), WORKER_TOKEN)
+                .await
+                .commit_checkpoint(request)
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    }
+}
+
 fn state_survives_kill_9(store: &str, dir: &Path) {
     let spec = setup(dir, (1, 1));
     let logs = dir.join("logs");
@@ -1045,50 +1090,25 @@ fn submit_refuses_paths_a_worker_could_not_use_and_another_jobs_checkpoints() {
 #[test]
 fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = setup(dir.path(), (1, 1));
-    let coordinator = redb_coordinator(dir.path(), &[]);
-    let cli = submitter(&coordinator);
-    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
-    rt.block_on(async {
-        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
-        // The same commit again (its first answer lost): accepted, not refused, since a refusal
-        // makes the worker delete the files.
-        let again = worker
-            .commit_checkpoint(first_checkpoint(&worker_id, &id, generation))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(again.accepted, "{}", again.reason);
-        // Retention (3 kept): the fourth commit retires the first, and a retry of it whose
-        // answer was lost is told the same, so its files are still deleted.
-        let commit = |step: u64| {
-            let mut request = first_checkpoint(&worker_id, &id, generation);
-            let checkpoint = request.checkpoint.as_mut().unwrap();
-            checkpoint.id = format!("ckpt-s{step}");
-            checkpoint.path = format!("/ckpt/s{step}");
-            checkpoint.step = step;
-            let mut worker = worker.clone();
-            async move {
-                worker
-                    .commit_checkpoint(request)
-                    .await
-                    .unwrap()
-                    .into_inner()
-            }
-        };
-        for step in [6, 9] {
-            assert!(commit(step).await.retired.is_empty());
-        }
-        let retired_ids = |reply: pb::CommitCheckpointResponse| -> Vec<String> {
-            assert!(reply.accepted, "{}", reply.reason);
-            reply.retired.into_iter().map(|c| c.id).collect()
-        };
-        assert_eq!(retired_ids(commit(12).await), ["ckpt-e1-s3"]);
-        assert_eq!(retired_ids(commit(12).await), ["ckpt-e1-s3"]);
-        // An older commit retried after newer ones: nothing more to delete.
-        assert!(retired_ids(commit(9).await).is_empty());
+    let job = OneWorkerJob::start(dir.path());
+    let (id, worker_id, generation) = (&job.id, &job.worker_id, job.generation);
+    let cli = submitter(&job.coordinator);
+    // Retention (3 kept): the fourth commit retires the first, and a retry of it whose answer
+    // was lost is told the same, so its files are still deleted.
+    for step in [6, 9] {
+        assert!(job.commit(step, Vec::new()).retired.is_empty());
+    }
+    let retired_ids = |reply: pb::CommitCheckpointResponse| -> Vec<String> {
+        assert!(reply.accepted, "{}", reply.reason);
+        reply.retired.into_iter().map(|c| c.id).collect()
+    };
+    assert_eq!(retired_ids(job.commit(12, Vec::new())), ["ckpt-e1-s3"]);
+    assert_eq!(retired_ids(job.commit(12, Vec::new())), ["ckpt-e1-s3"]);
+    // An older commit retried after newer ones (its first answer lost): accepted, not refused,
+    // since a refusal makes the worker delete the files; nothing more to delete.
+    assert!(retired_ids(job.commit(9, Vec::new())).is_empty());
+    job.rt.block_on(async {
+        let mut worker = worker_client(&job.coordinator.url(), WORKER_TOKEN).await;
         for attempt in 1..=3 {
             let reply = worker
                 .report_progress(pb::ReportProgressRequest {
@@ -1101,7 +1121,7 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
                 .await
                 .unwrap()
                 .into_inner();
-            let status = cli.ok(&["status", &id]);
+            let status = cli.ok(&["status", id]);
             if attempt < 3 {
                 assert!(reply.current);
                 assert!(status.contains("running"), "{status}");
@@ -1127,37 +1147,22 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
 #[test]
 fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = setup(dir.path(), (1, 1));
-    let coordinator = redb_coordinator(dir.path(), &[]);
-    let cli = submitter(&coordinator);
-    let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+    let job = OneWorkerJob::start(dir.path());
+    let (cli, id) = (submitter(&job.coordinator), &job.id);
     // Steps 6 and 9 train 10 samples each of epoch 1 (the first commit, step 3, none).
-    rt.block_on(async {
-        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
-        for step in [6, 9] {
-            let mut request = first_checkpoint(&worker_id, &id, generation);
-            let checkpoint = request.checkpoint.as_mut().unwrap();
-            checkpoint.id = format!("ckpt-s{step}");
-            checkpoint.step = step;
-            request.trained = vec![pb::EpochTally {
-                epoch: 1,
-                samples: 10,
-                digest: step,
-                skipped: 0,
-            }];
-            let reply = worker
-                .commit_checkpoint(request)
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(reply.accepted, "{}", reply.reason);
-        }
-    });
-    assert!(cli.ok(&["status", &id]).contains("20 samples per epoch"));
-    cli.ok(&["cancel", &id]);
-    let resumed = cli.run(&["resume", &id, "--checkpoint", "ckpt-s6"]);
+    for step in [6, 9] {
+        let trained = vec![pb::EpochTally {
+            epoch: 1,
+            samples: 10,
+            digest: step,
+            skipped: 0,
+        }];
+        let reply = job.commit(step, trained);
+        assert!(reply.accepted, "{}", reply.reason);
+    }
+    assert!(cli.ok(&["status", id]).contains("20 samples per epoch"));
+    cli.ok(&["cancel", id]);
+    let resumed = cli.run(&["resume", id, "--checkpoint", "ckpt-s6"]);
     let said = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{said}");
     assert!(
@@ -1168,7 +1173,7 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     // trained are gone from the record (the default restore point, `status`, the ledger).
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        let status = cli.ok(&["status", &id]);
+        let status = cli.ok(&["status", id]);
         if status.contains("generation   2") {
             break status;
         }

@@ -17,6 +17,16 @@ use std::time::{Duration, Instant};
 const TOTAL_STEPS: u64 = EPOCHS * STEPS_PER_EPOCH;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
+fn assert_failed(job: &pb::Job, cluster: &Cluster) {
+    assert_eq!(
+        state_of(job),
+        pb::JobState::Failed,
+        "{}\n{}",
+        job.message,
+        cluster.logs()
+    );
+}
+
 fn completed(job: &pb::Job) -> bool {
     state_of(job) == pb::JobState::Completed
 }
@@ -347,13 +357,7 @@ fn a_collective_failing_on_every_rank_ends_the_generation_at_once_and_the_job_wh
     let id = cluster.submit(&spec);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     let elapsed = started.elapsed();
-    assert_eq!(
-        state_of(&job),
-        pb::JobState::Failed,
-        "{}\n{}",
-        job.message,
-        cluster.logs()
-    );
+    assert_failed(&job, &cluster);
     assert!(
         job.message.contains("the collective failed on every rank")
             && job.message.contains("injected before step 12")
@@ -371,56 +375,41 @@ fn a_collective_failing_on_every_rank_ends_the_generation_at_once_and_the_job_wh
     );
 }
 
-/// Runs a job on one worker whose parameters turn to NaN after global step `poisoned`
-/// (checkpoints every 5 steps) and returns the ended job.
-fn diverging_run(poisoned: u64) -> pb::Job {
+/// Runs a job on one worker whose parameters turn to NaN after global step `poisoned` (5 to
+/// 10; checkpoints every 5 steps): it must fail with only the step-5 checkpoint committed.
+/// Returns its message.
+fn diverging_run(poisoned: u64) -> String {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), (1, 1), 5, 100);
     let mut cluster = Cluster::new(dir.path());
     cluster.add_worker(&["--inject-nan-after-step", &poisoned.to_string()]);
     let id = cluster.submit(&spec);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
-    assert_eq!(
-        state_of(&job),
-        pb::JobState::Failed,
-        "{}\n{}",
-        job.message,
-        cluster.logs()
-    );
-    job
-}
-
-#[test]
-fn a_diverged_run_stops_and_never_checkpoints_non_finite_weights() {
-    // Poisoned between two checkpoints: the next step's loss is NaN.
-    let job = diverging_run(7);
-    assert!(
-        job.message
-            .contains("training diverged: the loss of global step 8 was NaN"),
-        "{}",
-        job.message
-    );
+    assert_failed(&job, &cluster);
     let committed: Vec<u64> = job.checkpoints.iter().map(|c| c.step).collect();
     assert_eq!(
         committed,
         vec![5],
         "nothing after the divergence is committed"
     );
+    job.message
+}
 
+#[test]
+fn a_diverged_run_stops_and_never_checkpoints_non_finite_weights() {
+    // Poisoned between two checkpoints: the next step's loss is NaN.
+    let message = diverging_run(7);
+    assert!(
+        message.contains("training diverged: the loss of global step 8 was NaN"),
+        "{message}"
+    );
     // Poisoned by the update of a checkpoint step: the loss was still finite, the weights are
     // not, and the checkpoint is not taken.
-    let job = diverging_run(10);
+    let message = diverging_run(10);
     assert!(
-        job.message.contains(
+        message.contains(
             "training diverged: the parameters were no longer finite after global step 10"
         ),
-        "{}",
-        job.message
-    );
-    let committed: Vec<u64> = job.checkpoints.iter().map(|c| c.step).collect();
-    assert_eq!(
-        committed,
-        vec![5],
-        "the poisoned weights are never committed"
+        "{message}"
     );
 }
