@@ -12,7 +12,8 @@
 //! key, and its place in the micro-batch is filled by the next usable sample of the same
 //! micro-batch (cyclically), augmented with the skipped sample's own random stream. The result
 //! depends only on the plan, so every rank and every rerun fills it the same way, and the
-//! micro-batch keeps its shape.
+//! micro-batch keeps its shape. A read that fails is first tried again for about 8 s, through a
+//! fresh handle, since shared file systems have outages of seconds.
 
 use crate::augment::{TrainTransform, eval_transform, sample_stream};
 use crate::batch::normalize_into;
@@ -22,12 +23,64 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 struct Shard {
     name: String,
-    file: File,
+    path: PathBuf,
+    /// Replaced when reads through it fail and one through a fresh handle works (an NFS
+    /// handle gone stale).
+    file: RwLock<File>,
     index: ShardIndex,
+}
+
+/// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
+/// (NFS, Lustre) have outages of seconds, which should cost a pause, not samples (or, when a
+/// whole micro-batch fails, the job).
+const READ_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
+impl Shard {
+    /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of
+    /// [`READ_RETRY_PAUSES`] while it fails.
+    fn read_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let first = self
+            .file
+            .read()
+            .expect("shard handle lock")
+            .read_exact_at(bytes, offset);
+        retry(first, &READ_RETRY_PAUSES, || {
+            let file = File::open(&self.path)?;
+            file.read_exact_at(bytes, offset)?;
+            *self.file.write().expect("shard handle lock") = file;
+            Ok(())
+        })
+    }
+}
+
+/// `first`, or, while the result is an error other than a short read (a truncated shard stays
+/// truncated), `again` after each pause in turn; the last result.
+fn retry(
+    first: std::io::Result<()>,
+    pauses: &[Duration],
+    mut again: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut result = first;
+    for pause in pauses {
+        match &result {
+            Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+                std::thread::sleep(*pause);
+                result = again();
+            }
+            _ => break,
+        }
+    }
+    result
 }
 
 /// An opened dataset: its shards and their indexes.
@@ -91,7 +144,8 @@ impl Dataset {
             total += entry.samples as u64;
             shards.push(Shard {
                 name: entry.path.clone(),
-                file,
+                path: shard_path,
+                file: RwLock::new(file),
                 index,
             });
         }
@@ -136,10 +190,7 @@ impl Dataset {
             let s = &self.shards[shard];
             let entry = &s.index.samples[index];
             let mut bytes = vec![0u8; entry.size as usize];
-            let read = s
-                .file
-                .read_exact_at(&mut bytes, entry.offset)
-                .map(|()| bytes);
+            let read = s.read_at(&mut bytes, entry.offset).map(|()| bytes);
             out[position] = Some(RawSample {
                 id: ids[position],
                 shard: s.name.clone(),
@@ -440,5 +491,46 @@ impl Drop for Loader {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_failed_read_is_tried_again_after_each_pause_but_a_short_one_is_final() {
+        let pauses = [Duration::ZERO; 3];
+        let failing = |kind| Err(Error::new(kind, "no"));
+        // An outage shorter than the pauses costs nothing.
+        let mut tries = 0;
+        let outage = retry(failing(ErrorKind::Other), &pauses, || {
+            tries += 1;
+            if tries < 2 {
+                failing(ErrorKind::Other)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(outage.is_ok());
+        assert_eq!(tries, 2);
+        // A longer one gives the last error after every pause.
+        tries = 0;
+        let gone = retry(failing(ErrorKind::Other), &pauses, || {
+            tries += 1;
+            failing(ErrorKind::NotFound)
+        });
+        assert_eq!(gone.unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(tries, 3);
+        // A truncated shard stays truncated: no further try.
+        tries = 0;
+        let short = retry(failing(ErrorKind::UnexpectedEof), &pauses, || {
+            tries += 1;
+            Ok(())
+        });
+        assert_eq!(short.unwrap_err().kind(), ErrorKind::UnexpectedEof);
+        assert_eq!(tries, 0);
+        assert!(retry(Ok(()), &pauses, || unreachable!()).is_ok());
     }
 }
