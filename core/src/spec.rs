@@ -216,7 +216,12 @@ pub struct BatchSpec {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSpec {
     pub dir: PathBuf,
+    /// A checkpoint every this many global steps (0: none by steps).
     pub every_steps: u32,
+    /// A checkpoint whenever this many minutes of training have passed since the last one
+    /// (0: none by time). Steps slow down as images grow through the stages; time does not.
+    #[serde(default)]
+    pub every_minutes: f64,
     #[serde(default = "defaults::keep")]
     pub keep: u32,
 }
@@ -643,10 +648,16 @@ impl JobSpec {
             "a directory on storage every worker can reach",
         );
         c.check(
+            "checkpoint.every_minutes",
+            k.every_minutes,
+            k.every_minutes.is_finite() && k.every_minutes >= 0.0,
+            "0 (none by time) or more",
+        );
+        c.check(
             "checkpoint.every_steps",
             k.every_steps,
-            k.every_steps >= 1,
-            "at least 1",
+            k.every_steps >= 1 || k.every_minutes > 0.0,
+            "at least 1, unless checkpoint.every_minutes is set",
         );
         c.check("checkpoint.keep", k.keep, k.keep >= 1, "at least 1");
 

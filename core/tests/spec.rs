@@ -63,6 +63,16 @@ fn the_base_spec_and_the_shipped_configs_are_valid() {
 }
 
 #[test]
+fn checkpoints_by_time_alone_are_allowed() {
+    let text = with("every_steps = 10", "every_steps = 0\nevery_minutes = 30");
+    let spec = JobSpec::parse(&text, "time.toml").unwrap();
+    assert_eq!(
+        (spec.checkpoint.every_steps, spec.checkpoint.every_minutes),
+        (0, 30.0)
+    );
+}
+
+#[test]
 fn paths_are_relative_to_the_spec_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.toml");
@@ -167,7 +177,18 @@ fn malformed() -> Vec<(String, &'static [&'static str])> {
         ),
         (
             with("every_steps = 10", "every_steps = 0"),
-            &["checkpoint.every_steps = 0"],
+            &[
+                "checkpoint.every_steps = 0",
+                "unless checkpoint.every_minutes",
+            ],
+        ),
+        (
+            with("every_steps = 10", "every_steps = 10\nevery_minutes = -1"),
+            &["checkpoint.every_minutes = -1"],
+        ),
+        (
+            with("every_steps = 10", "every_steps = 10\nevery_minutes = nan"),
+            &["checkpoint.every_minutes = NaN"],
         ),
         (
             with("min = 1\nmax = 2", "min = 0\nmax = 2"),

@@ -199,6 +199,8 @@ pub struct Trainer {
     prepared: BTreeSet<(u32, u32)>,
     evaluation: Option<Evaluation>,
     meter: Meter,
+    /// When the last checkpoint was taken (or the run started), for `checkpoint.every_minutes`.
+    last_checkpoint: Instant,
     /// Every BatchNorm's `num_batches_tracked`, and the value a checkpoint gives them all: the
     /// micro-batches of all ranks so far (so the count does not depend on the world size, and
     /// the warm-up of a graph build does not count). Forward passes count their own rank's in
@@ -365,6 +367,7 @@ impl Trainer {
             prepared: BTreeSet::new(),
             evaluation: None,
             meter: Meter::new(),
+            last_checkpoint: Instant::now(),
             batch_counters,
             batches_tracked,
             untallied: Arc::default(),
@@ -478,8 +481,7 @@ impl Trainer {
                 self.record_digest(global_step)?;
                 let epoch_end = step + 1 == steps_per_epoch;
                 self.events.progress(&self.progress(e, done), epoch_end);
-                let every = self.spec.checkpoint.every_steps as u64;
-                if every > 0 && global_step.is_multiple_of(every) && !epoch_end {
+                if !epoch_end && self.checkpoint_due(global_step) {
                     self.checkpoint(e, done, false)?;
                 }
             }
@@ -498,8 +500,7 @@ impl Trainer {
                 (progress.epoch, progress.step) = (e.epoch, steps_per_epoch);
                 self.events.progress(&progress, true);
             }
-            let every = self.spec.checkpoint.every_steps as u64;
-            if stage_end || (every > 0 && next.global_step(steps_per_epoch).is_multiple_of(every)) {
+            if stage_end || self.checkpoint_due(next.global_step(steps_per_epoch)) {
                 self.checkpoint(e, next, stage_end)?;
             }
             cursor = next;
@@ -509,6 +510,18 @@ impl Trainer {
         Ok(Outcome {
             graph_builds: self.graph_builds(),
         })
+    }
+
+    /// Whether a checkpoint is due after `global_step`: every `checkpoint.every_steps` steps,
+    /// and whenever `checkpoint.every_minutes` have passed since the last one (by this rank's
+    /// clock: rank 0's decides, since it writes).
+    fn checkpoint_due(&self, global_step: u64) -> bool {
+        let every = &self.spec.checkpoint;
+        let by_steps =
+            every.every_steps > 0 && global_step.is_multiple_of(every.every_steps as u64);
+        let by_time = every.every_minutes > 0.0
+            && self.last_checkpoint.elapsed().as_secs_f64() >= every.every_minutes * 60.0;
+        by_steps || by_time
     }
 
     fn record_digest(&self, global_step: u64) -> Result<(), TrainError> {
@@ -862,6 +875,7 @@ impl Trainer {
         // A diverged update can leave non-finite weights behind a finite loss; saved, they would
         // push good checkpoints out of retention. Every rank holds the same bytes, so every rank
         // checks and all stop together.
+        self.last_checkpoint = Instant::now();
         let global_step = next.global_step(self.plan.steps_per_epoch());
         for (what, values) in [
             ("parameters", &self.flat.params),

@@ -413,3 +413,24 @@ fn a_diverged_run_stops_and_never_checkpoints_non_finite_weights() {
         "{message}"
     );
 }
+
+#[test]
+fn checkpoints_come_by_time_too() {
+    let dir = tempfile::tempdir().unwrap();
+    // By steps only at step 1000, beyond the run's 60: the checkpoints between the stage ends
+    // (steps 20, 40, 60) come from the clock.
+    let mut spec = write_spec(dir.path(), (1, 1), 1000, 100);
+    spec.checkpoint.every_minutes = 0.002;
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_workers(1);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    let by_time: Vec<u64> = job
+        .checkpoints
+        .iter()
+        .filter(|c| !c.stage_end)
+        .map(|c| c.step)
+        .collect();
+    assert!(!by_time.is_empty(), "{:?}", job.checkpoints);
+}
