@@ -286,6 +286,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 required(&r.worker_id, "worker_id")?,
                 r.activity,
                 r.in_collective,
+                r.leaving,
             )
             .await?;
         Ok(Response::new(match assignment {
@@ -333,7 +334,11 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 report,
             )
             .await?;
-        Ok(Response::new(pb::ReportProgressResponse { current }))
+        let checkpoint_now = current && self.0.checkpoint_requested(&r.job_id).await;
+        Ok(Response::new(pb::ReportProgressResponse {
+            current,
+            checkpoint_now,
+        }))
     }
 
     async fn rendezvous(

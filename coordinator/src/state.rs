@@ -189,6 +189,10 @@ pub struct JobRecord {
     /// answer was lost, so that its worker still deletes them.
     #[serde(default)]
     pub last_retired: Vec<CheckpointRecord>,
+    /// A worker of the generation is leaving: rank 0 is told to checkpoint now, and the commit
+    /// ends the generation without the leaving workers.
+    #[serde(skip)]
+    pub checkpoint_requested: bool,
 }
 
 /// Generations in a row, without a checkpoint between, whose collectives all fail before the
@@ -283,6 +287,9 @@ pub struct WorkerRecord {
     /// keep the assignments they had, but get no new one before they show they are alive.
     #[serde(skip)]
     pub heard_from: bool,
+    /// Asked to stop (SIGTERM): its job checkpoints, then goes on without it.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// What a worker is told to do.
@@ -654,6 +661,7 @@ impl Coordinator {
             failed_generations: 0,
             failed_checkpoints: 0,
             last_retired: Vec::new(),
+            checkpoint_requested: false,
         };
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
@@ -782,6 +790,7 @@ impl Coordinator {
             active_ms: now,
             in_collective: false,
             heard_from: true,
+            leaving: false,
         };
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker.clone());
@@ -805,9 +814,18 @@ impl Coordinator {
         worker_id: &str,
         activity: u64,
         in_collective: bool,
+        leaving: bool,
     ) -> Result<Option<WorkerAssignment>> {
         let mut inner = self.inner.lock().await;
-        let worker = Self::worker_mut(&mut inner, worker_id)?;
+        if leaving {
+            self.worker_leaving(&mut inner, worker_id).await?;
+        }
+        let worker = match Self::worker_mut(&mut inner, worker_id) {
+            Ok(worker) => worker,
+            // Gone just now: it left while idle.
+            Err(_) if leaving => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let now = now_ms();
         worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
         if activity != worker.activity {
@@ -821,6 +839,58 @@ impl Coordinator {
             self.schedule(&mut inner).await?;
         }
         Ok(assignment)
+    }
+
+    /// `worker_id` was asked to stop. Idle, it is simply gone. In a running job, rank 0 is
+    /// told to checkpoint now (with its next progress report), and that checkpoint's commit
+    /// ends the generation without it (see [`Self::commit_checkpoint`]), so the job loses no
+    /// steps. Should no checkpoint come, its lease runs out as a dead worker's would.
+    async fn worker_leaving(&self, inner: &mut Inner, worker_id: &str) -> Result<()> {
+        let worker = Self::worker_mut(inner, worker_id)?;
+        if std::mem::replace(&mut worker.leaving, true) {
+            return Ok(());
+        }
+        let assignment = worker.assignment.clone();
+        let job = assignment
+            .as_ref()
+            .and_then(|a| inner.jobs.get_mut(&a.job_id));
+        match job {
+            Some(job) if job.state == JobState::Running => {
+                job.checkpoint_requested = true;
+                tracing::info!(worker = %worker_id, job = %job.id, "worker leaving on request; the job checkpoints first");
+            }
+            Some(job) => {
+                let job_id = job.id.clone();
+                tracing::info!(worker = %worker_id, job = %job_id, "worker leaving on request");
+                self.remove_worker(inner, worker_id).await?;
+                let why = format!("worker {worker_id} left on request");
+                self.membership_lost(inner, &job_id, &why).await?;
+            }
+            None => {
+                tracing::info!(worker = %worker_id, "idle worker leaving on request");
+                self.remove_worker(inner, worker_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets `worker_id`: its next call is answered "unknown worker".
+    async fn remove_worker(&self, inner: &mut Inner, worker_id: &str) -> Result<()> {
+        self.store
+            .delete(&worker_key(worker_id))
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        inner.workers.remove(worker_id);
+        Ok(())
+    }
+
+    /// Whether rank 0 of `job_id` should checkpoint now (a worker is leaving).
+    pub async fn checkpoint_requested(&self, job_id: &str) -> bool {
+        let inner = self.inner.lock().await;
+        inner
+            .jobs
+            .get(job_id)
+            .is_some_and(|j| j.checkpoint_requested)
     }
 
     fn assignment_of(inner: &Inner, worker_id: &str) -> Result<Option<Assignment>> {
@@ -1084,7 +1154,29 @@ impl Coordinator {
         let retired = retire(&mut job.checkpoints, keep as usize);
         compact_ledger(&mut job.ledger, &job.checkpoints);
         job.last_retired = retired.clone();
+        job.checkpoint_requested = false;
+        let leaving: Vec<(usize, String)> = job
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| inner.workers.get(*w).is_some_and(|w| w.leaving))
+            .map(|(rank, w)| (rank, w.clone()))
+            .collect();
         self.commit_job(&mut inner, job).await?;
+        if !leaving.is_empty() {
+            // The checkpoint the leaving workers waited for: the job goes on without them
+            // from it.
+            for (_, worker_id) in &leaving {
+                self.remove_worker(&mut inner, worker_id).await?;
+            }
+            let named: Vec<String> = leaving
+                .iter()
+                .map(|(rank, w)| format!("worker {w} (rank {rank})"))
+                .collect();
+            let why = format!("{} left on request", named.join(", "));
+            self.membership_lost(&mut inner, job_id, &why).await?;
+            self.schedule(&mut inner).await?;
+        }
         Ok(Ok(retired))
     }
 
@@ -1102,12 +1194,9 @@ impl Coordinator {
             .collect();
         for id in expired {
             tracing::warn!(worker = %id, "worker lease expired");
-            self.store
-                .delete(&worker_key(&id))
-                .await
-                .map_err(|e| self.store_failed(e))?;
-            let worker = inner.workers.remove(&id).expect("listed above");
-            if let Some(a) = worker.assignment {
+            let assignment = inner.workers[&id].assignment.clone();
+            self.remove_worker(&mut inner, &id).await?;
+            if let Some(a) = assignment {
                 self.membership_lost(
                     &mut inner,
                     &a.job_id,
@@ -1172,11 +1261,7 @@ impl Coordinator {
             };
             for id in &hung {
                 tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
-                self.store
-                    .delete(&worker_key(id))
-                    .await
-                    .map_err(|e| self.store_failed(e))?;
-                inner.workers.remove(id);
+                self.remove_worker(inner, id).await?;
             }
             self.membership_lost(inner, &job_id, &why).await?;
         }
@@ -1261,7 +1346,12 @@ impl Coordinator {
             let idle: Vec<String> = inner
                 .workers
                 .values()
-                .filter(|w| w.assignment.is_none() && w.lease_expires_ms >= now && w.heard_from)
+                .filter(|w| {
+                    w.assignment.is_none()
+                        && w.lease_expires_ms >= now
+                        && w.heard_from
+                        && !w.leaving
+                })
                 .map(|w| w.id.clone())
                 .collect();
             let job = &inner.jobs[&job_id];

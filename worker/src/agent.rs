@@ -26,6 +26,7 @@ use pb::worker_service_client::WorkerServiceClient;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tch::Device;
 use tokio::sync::{Mutex, mpsc};
@@ -124,12 +125,66 @@ fn device_name(device: Device) -> String {
     }
 }
 
-/// Runs the worker until it fails to reach any coordinator for good or gets a fatal error.
+/// How long a worker asked to stop waits for its job's checkpoint before it leaves anyway
+/// (preemption notices give 30 s to 2 minutes).
+const LEAVE_GRACE: Duration = Duration::from_secs(90);
+
+/// Whether the worker was asked to stop (SIGTERM), and a wake-up for those waiting on it.
+#[derive(Default)]
+struct Leave {
+    asked: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Leave {
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the worker was asked to stop.
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        if !self.asked() {
+            notified.await;
+        }
+    }
+}
+
+/// On SIGTERM (a node drain, a preemption notice): tell the coordinator, which has rank 0
+/// checkpoint and then goes on without this worker; leave once that happened. A second
+/// SIGTERM, or [`LEAVE_GRACE`] without the checkpoint, leaves at once.
+async fn leave_on_sigterm(leave: Arc<Leave>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::warn!("cannot handle SIGTERM: it will end the worker at once");
+        return;
+    };
+    term.recv().await;
+    tracing::warn!(
+        "asked to stop (SIGTERM): leaving after the job's next checkpoint, at most {} s from \
+         now; a second SIGTERM leaves at once",
+        LEAVE_GRACE.as_secs()
+    );
+    leave.asked.store(true, Ordering::SeqCst);
+    leave.notify.notify_waiters();
+    tokio::select! {
+        _ = term.recv() => tracing::warn!("second SIGTERM: leaving now"),
+        _ = tokio::time::sleep(LEAVE_GRACE) => {
+            tracing::warn!("no checkpoint came within {} s: leaving now", LEAVE_GRACE.as_secs())
+        }
+    }
+    std::process::exit(143);
+}
+
+/// Runs the worker until it fails to reach any coordinator for good, gets a fatal error, or
+/// leaves on request (SIGTERM).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let coordinator = Arc::new(Coordinator {
         config: config.clone(),
         client: Mutex::new(None),
     });
+    let leave = Arc::new(Leave::default());
+    tokio::spawn(leave_on_sigterm(leave.clone()));
     loop {
         let registration = register(&coordinator).await?;
         let worker = Worker {
@@ -138,9 +193,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             coordinator: coordinator.clone(),
             config: config.clone(),
             liveness: Arc::new(Liveness::default()),
+            leave: leave.clone(),
         };
         tracing::info!(worker = %worker.id, device = %device_name(config.device), "registered");
         worker.serve().await?;
+        if leave.asked() {
+            tracing::info!(worker = %worker.id, "left on request");
+            return Ok(());
+        }
         tracing::warn!(worker = %worker.id, "lease lost; registering again");
     }
 }
@@ -170,6 +230,7 @@ struct Worker {
     coordinator: Arc<Coordinator>,
     config: Config,
     liveness: Arc<Liveness>,
+    leave: Arc<Leave>,
 }
 
 /// A job generation this worker took part in.
@@ -198,16 +259,22 @@ impl Worker {
             self.lease,
             running.clone(),
             self.liveness.clone(),
+            self.leave.clone(),
             lost_tx,
         ));
         let mut ended: Option<Generation> = None;
         let result = loop {
+            if self.leave.asked() {
+                // Between generations: nothing here to wait for.
+                break Ok(());
+            }
             let request = pb::AwaitAssignmentRequest {
                 worker_id: self.id.clone(),
                 wait_ms: 5_000,
             };
             let assignment = tokio::select! {
                 _ = lost.changed() => break Ok(()),
+                _ = self.leave.wait() => break Ok(()),
                 a = async { rpc!(self.coordinator, await_assignment, request) } => a,
             };
             let assignment = match assignment {
@@ -290,10 +357,12 @@ impl Worker {
             generation,
         };
         let (events, reports) = ChannelEvents::new(run.clone());
+        let checkpoint_now = Arc::new(AtomicBool::new(false));
         let reporter = tokio::spawn(report_progress(
             run,
             reports,
             stop.clone(),
+            checkpoint_now.clone(),
             self.config.progress_bar,
             rank == 0,
         ));
@@ -310,6 +379,7 @@ impl Worker {
             bucket_elements: self.config.bucket_elements,
             replica_digests: self.config.replica_digests.clone(),
             faults: self.config.faults,
+            checkpoint_now,
         };
         let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;
@@ -451,16 +521,24 @@ async fn heartbeat(
     lease: Duration,
     running: Running,
     liveness: Arc<Liveness>,
+    leave: Arc<Leave>,
     lost: tokio::sync::watch::Sender<bool>,
 ) {
     let mut interval = tokio::time::interval(lease / 3);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told_leaving = false;
     loop {
-        interval.tick().await;
+        // Asked to stop: the coordinator hears it at once, not a third of a lease later.
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = leave.wait(), if !told_leaving => {}
+        }
+        told_leaving = leave.asked();
         let request = pb::HeartbeatRequest {
             worker_id: worker_id.clone(),
             activity: liveness.activity(),
             in_collective: liveness.in_collective(),
+            leaving: told_leaving,
         };
         let result = rpc!(coordinator, heartbeat, request);
         let current = running.lock().expect("running lock").clone();
@@ -725,6 +803,7 @@ async fn report_progress(
     run: Run,
     mut reports: mpsc::UnboundedReceiver<Report>,
     stop: Arc<StopSignal>,
+    checkpoint_now: Arc<AtomicBool>,
     progress_bar: bool,
     send: bool,
 ) -> Option<Progress> {
@@ -755,6 +834,9 @@ async fn report_progress(
             Ok(reply) if !reply.current => stop.stop(&format!(
                 "generation {generation} of {job_id} is no longer current"
             )),
+            Ok(reply) if reply.checkpoint_now => {
+                checkpoint_now.store(true, Ordering::SeqCst);
+            }
             Ok(_) => {}
             Err(status) => tracing::debug!("progress not reported: {}", status.message()),
         }

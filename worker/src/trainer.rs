@@ -42,6 +42,7 @@ use ladder_data::mixup;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor, nn};
@@ -75,6 +76,8 @@ pub struct Options {
     /// step: replicas that agree write the same lines.
     pub replica_digests: Option<PathBuf>,
     pub faults: Faults,
+    /// Set (on rank 0) when the coordinator asks for a checkpoint now: a worker is leaving.
+    pub checkpoint_now: Arc<AtomicBool>,
 }
 
 /// Faults the tests inject (hidden worker flags), each before a global step.
@@ -513,15 +516,16 @@ impl Trainer {
     }
 
     /// Whether a checkpoint is due after `global_step`: every `checkpoint.every_steps` steps,
-    /// and whenever `checkpoint.every_minutes` have passed since the last one (by this rank's
-    /// clock: rank 0's decides, since it writes).
+    /// whenever `checkpoint.every_minutes` have passed since the last one (by this rank's
+    /// clock: rank 0's decides, since it writes), and when the coordinator asked for one.
     fn checkpoint_due(&self, global_step: u64) -> bool {
         let every = &self.spec.checkpoint;
         let by_steps =
             every.every_steps > 0 && global_step.is_multiple_of(every.every_steps as u64);
         let by_time = every.every_minutes > 0.0
             && self.last_checkpoint.elapsed().as_secs_f64() >= every.every_minutes * 60.0;
-        by_steps || by_time
+        let asked = self.options.checkpoint_now.load(Ordering::SeqCst);
+        by_steps || by_time || asked
     }
 
     fn record_digest(&self, global_step: u64) -> Result<(), TrainError> {
@@ -876,6 +880,7 @@ impl Trainer {
         // push good checkpoints out of retention. Every rank holds the same bytes, so every rank
         // checks and all stop together.
         self.last_checkpoint = Instant::now();
+        self.options.checkpoint_now.store(false, Ordering::SeqCst);
         let global_step = next.global_step(self.plan.steps_per_epoch());
         for (what, values) in [
             ("parameters", &self.flat.params),

@@ -434,3 +434,50 @@ fn checkpoints_come_by_time_too() {
         .collect();
     assert!(!by_time.is_empty(), "{:?}", job.checkpoints);
 }
+
+#[test]
+fn a_worker_asked_to_stop_leaves_after_a_checkpoint_and_the_job_loses_no_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    // One stage, and by steps only at step 1000: any checkpoint but the run's end (step 60) is
+    // the one the leaving worker asked for.
+    let mut spec = write_spec(dir.path(), (1, 2), 1000, 100);
+    spec.schedule.stage_epochs = EPOCHS as u32;
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    let running = cluster.wait_for(&id, "step 5", TIMEOUT, |j| {
+        j.progress.is_some_and(|p| p.global_step >= 5)
+    });
+    cluster.workers[1].signal("-TERM");
+    let asked_at = running.progress.unwrap().global_step;
+    let left = cluster.workers[1].exit_within(Duration::from_secs(60));
+    assert!(
+        left.is_some_and(|s| s.success()),
+        "the worker did not leave by itself after the checkpoint: {left:?}\n{}",
+        cluster.logs()
+    );
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    let asked_for: Vec<&pb::CheckpointRef> =
+        job.checkpoints.iter().filter(|c| !c.stage_end).collect();
+    assert_eq!(
+        asked_for.len(),
+        1,
+        "{:?}\n{}",
+        job.checkpoints,
+        cluster.logs()
+    );
+    assert!(
+        asked_for[0].step >= asked_at,
+        "no step before the request is lost"
+    );
+    assert!(
+        job.last_incident.contains("left on request")
+            && job
+                .last_incident
+                .contains(&format!("restoring from checkpoint {}", asked_for[0].id)),
+        "{}",
+        job.last_incident
+    );
+    assert_every_sample_once(&job, &spec);
+}
