@@ -161,8 +161,8 @@ async fn leave_on_sigterm(leave: Arc<Leave>) {
     };
     term.recv().await;
     tracing::warn!(
-        "asked to stop (SIGTERM): leaving after the job's next checkpoint, at most {} s from \
-         now; a second SIGTERM leaves at once",
+        "asked to stop (SIGTERM): leaving, after a checkpoint of the job in training if there \
+         is one (at most {} s); a second SIGTERM leaves at once",
         LEAVE_GRACE.as_secs()
     );
     leave.asked.store(true, Ordering::SeqCst);
