@@ -334,7 +334,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 report,
             )
             .await?;
-        let checkpoint_now = current && self.0.checkpoint_requested(&r.job_id).await;
+        let checkpoint_now = current && self.0.take_checkpoint_request(&r.job_id).await;
         Ok(Response::new(pb::ReportProgressResponse {
             current,
             checkpoint_now,

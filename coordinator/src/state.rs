@@ -579,6 +579,7 @@ impl Coordinator {
         }
         job.rendezvous.clear();
         job.collective_failures.clear();
+        job.checkpoint_requested = false;
         self.assignments_changed.notify_waiters();
         self.rendezvous_changed.notify_waiters();
         Ok(())
@@ -847,7 +848,7 @@ impl Coordinator {
     /// steps. Should no checkpoint come, its lease runs out as a dead worker's would.
     async fn worker_leaving(&self, inner: &mut Inner, worker_id: &str) -> Result<()> {
         let worker = Self::worker_mut(inner, worker_id)?;
-        if std::mem::replace(&mut worker.leaving, true) {
+        if worker.leaving {
             return Ok(());
         }
         let assignment = worker.assignment.clone();
@@ -858,6 +859,9 @@ impl Coordinator {
             Some(job) if job.state == JobState::Running => {
                 job.checkpoint_requested = true;
                 tracing::info!(worker = %worker_id, job = %job.id, "worker leaving on request; the job checkpoints first");
+                // Marked only on this path: should the store refuse the removals of the others,
+                // the next heartbeat tries again.
+                Self::worker_mut(inner, worker_id)?.leaving = true;
             }
             Some(job) => {
                 let job_id = job.id.clone();
@@ -884,13 +888,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Whether rank 0 of `job_id` should checkpoint now (a worker is leaving).
-    pub async fn checkpoint_requested(&self, job_id: &str) -> bool {
-        let inner = self.inner.lock().await;
+    /// Whether rank 0 of `job_id` should checkpoint now (a worker is leaving): said once per
+    /// request, so that progress reports during the checkpoint's write do not ask for another.
+    pub async fn take_checkpoint_request(&self, job_id: &str) -> bool {
+        let mut inner = self.inner.lock().await;
         inner
             .jobs
-            .get(job_id)
-            .is_some_and(|j| j.checkpoint_requested)
+            .get_mut(job_id)
+            .is_some_and(|j| std::mem::take(&mut j.checkpoint_requested))
     }
 
     fn assignment_of(inner: &Inner, worker_id: &str) -> Result<Option<Assignment>> {
@@ -1165,17 +1170,26 @@ impl Coordinator {
         self.commit_job(&mut inner, job).await?;
         if !leaving.is_empty() {
             // The checkpoint the leaving workers waited for: the job goes on without them
-            // from it.
-            for (_, worker_id) in &leaving {
-                self.remove_worker(&mut inner, worker_id).await?;
-            }
+            // from it. The commit stands whatever happens here: a failure only leaves them to
+            // their leases.
             let named: Vec<String> = leaving
                 .iter()
                 .map(|(rank, w)| format!("worker {w} (rank {rank})"))
                 .collect();
             let why = format!("{} left on request", named.join(", "));
-            self.membership_lost(&mut inner, job_id, &why).await?;
-            self.schedule(&mut inner).await?;
+            let mut parted = Ok(());
+            for (_, worker_id) in &leaving {
+                parted = parted.and(self.remove_worker(&mut inner, worker_id).await);
+            }
+            let ended = match parted {
+                Ok(()) => self.membership_lost(&mut inner, job_id, &why).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ended {
+                tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
+            } else if let Err(e) = self.schedule(&mut inner).await {
+                tracing::warn!(job = %job_id, "no new generation yet: {e}");
+            }
         }
         Ok(Ok(retired))
     }

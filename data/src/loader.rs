@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 struct Shard {
     name: String,
@@ -32,8 +32,14 @@ struct Shard {
     /// Replaced when reads through it fail and one through a fresh handle works (an NFS
     /// handle gone stale).
     file: RwLock<File>,
+    /// When a read last failed through every pause: for [`FAIL_FAST_FOR`] after, reads try
+    /// once more at once and give up, so that a shard that stays unreadable costs each of its
+    /// samples an instant, not the whole wait.
+    gave_up: Mutex<Option<Instant>>,
     index: ShardIndex,
 }
+
+const FAIL_FAST_FOR: Duration = Duration::from_secs(60);
 
 /// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
 /// (NFS, Lustre) have outages of seconds, which should cost a pause, not samples (or, when a
@@ -54,12 +60,22 @@ impl Shard {
             .read()
             .expect("shard handle lock")
             .read_exact_at(bytes, offset);
-        retry(first, &READ_RETRY_PAUSES, || {
+        if first.is_ok() {
+            return first;
+        }
+        let mut gave_up = self.gave_up.lock().expect("shard state lock");
+        let pauses: &[Duration] = match *gave_up {
+            Some(at) if at.elapsed() < FAIL_FAST_FOR => &[Duration::ZERO],
+            _ => &READ_RETRY_PAUSES,
+        };
+        let result = retry(first, pauses, || {
             let file = File::open(&self.path)?;
             file.read_exact_at(bytes, offset)?;
             *self.file.write().expect("shard handle lock") = file;
             Ok(())
-        })
+        });
+        *gave_up = result.is_err().then(Instant::now);
+        result
     }
 }
 
@@ -146,6 +162,7 @@ impl Dataset {
                 name: entry.path.clone(),
                 path: shard_path,
                 file: RwLock::new(file),
+                gave_up: Mutex::new(None),
                 index,
             });
         }

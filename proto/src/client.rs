@@ -109,7 +109,11 @@ pub async fn connect(
         };
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| bad_url(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3));
+            .connect_timeout(Duration::from_secs(3))
+            // A coordinator whose machine vanished never closes its streams: pings find out.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         if tls_ca.is_some() && url.starts_with("http://") {
             // The CA says the user expects TLS; going on in clear would send the token so.
             return Err(bad_url(

@@ -308,7 +308,28 @@ impl Worker {
             }
         };
         heartbeat.abort();
+        if self.leave.asked() {
+            self.tell_leaving().await;
+        }
         result
+    }
+
+    /// Makes sure the coordinator heard that this worker leaves (the heartbeat task may have
+    /// been stopped with its message in flight), so that it hands it no job meanwhile.
+    async fn tell_leaving(&self) {
+        let request = pb::HeartbeatRequest {
+            worker_id: self.id.clone(),
+            leaving: true,
+            ..Default::default()
+        };
+        let told = tokio::time::timeout(Duration::from_secs(2), async {
+            rpc!(self.coordinator, heartbeat, request)
+        })
+        .await;
+        // An answer of any kind will do: "unknown worker" means it is gone already.
+        if told.is_err() {
+            tracing::warn!("the coordinator did not answer; its lease will tell it");
+        }
     }
 
     /// Rendezvous, train, report the end. Every way out leaves the worker ready for the next

@@ -508,11 +508,29 @@ impl Trainer {
             }
             cursor = next;
         }
+        // No next step's loss will show weights that went bad in the last update.
+        self.ensure_finite_weights(cursor)?;
         self.complete_checkpoint();
         self.writer.wait();
         Ok(Outcome {
             graph_builds: self.graph_builds(),
         })
+    }
+
+    /// Fails when the parameters or EMA weights after `done` are no longer finite.
+    fn ensure_finite_weights(&self, done: Cursor) -> Result<(), TrainError> {
+        let global_step = done.global_step(self.plan.steps_per_epoch());
+        for (what, values) in [
+            ("parameters", &self.flat.params),
+            ("EMA weights", &self.ema.params),
+        ] {
+            if !finite(values) {
+                return Err(diverged(format!(
+                    "the {what} were no longer finite after global step {global_step}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether a checkpoint is due after `global_step`: every `checkpoint.every_steps` steps,
@@ -876,23 +894,17 @@ impl Trainer {
         next: Cursor,
         stage_end: bool,
     ) -> Result<(), TrainError> {
-        // A diverged update can leave non-finite weights behind a finite loss; saved, they would
-        // push good checkpoints out of retention. Every rank holds the same bytes, so every rank
-        // checks and all stop together.
         self.last_checkpoint = Instant::now();
         self.options.checkpoint_now.store(false, Ordering::SeqCst);
-        let global_step = next.global_step(self.plan.steps_per_epoch());
-        for (what, values) in [
-            ("parameters", &self.flat.params),
-            ("EMA weights", &self.ema.params),
-        ] {
-            if !finite(values) {
-                return Err(diverged(format!(
-                    "the {what} were no longer finite after global step {global_step}"
-                )));
-            }
-        }
         if self.job.rank != 0 {
+            return Ok(());
+        }
+        // A diverged update can leave non-finite weights behind a finite loss; saved, they would
+        // push good checkpoints out of retention. Not saved, then: the next step's loss, the
+        // same on every rank, ends the run on all of them together (the run's last checkpoint
+        // has no next step: `ensure_finite_weights` stands in for it).
+        if let Err(e) = self.ensure_finite_weights(next) {
+            tracing::error!("checkpoint not taken: {e}");
             return Ok(());
         }
         self.complete_checkpoint();
