@@ -41,6 +41,16 @@ struct Shard {
 
 const FAIL_FAST_FOR: Duration = Duration::from_secs(60);
 
+/// The pauses before the further tries of a failed read from a shard whose reads last gave up
+/// at `gave_up`: one more try at once, through a fresh handle, within [`FAIL_FAST_FOR`] of it.
+fn pauses_after(gave_up: Option<Instant>) -> &'static [Duration] {
+    const AT_ONCE: [Duration; 1] = [Duration::ZERO];
+    match gave_up {
+        Some(at) if at.elapsed() < FAIL_FAST_FOR => &AT_ONCE,
+        _ => &READ_RETRY_PAUSES,
+    }
+}
+
 /// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
 /// (NFS, Lustre) have outages of seconds, which should cost a pause, not samples (or, when a
 /// whole micro-batch fails, the job).
@@ -64,11 +74,7 @@ impl Shard {
             return first;
         }
         let mut gave_up = self.gave_up.lock().expect("shard state lock");
-        let pauses: &[Duration] = match *gave_up {
-            Some(at) if at.elapsed() < FAIL_FAST_FOR => &[Duration::ZERO],
-            _ => &READ_RETRY_PAUSES,
-        };
-        let result = retry(first, pauses, || {
+        let result = retry(first, pauses_after(*gave_up), || {
             let file = File::open(&self.path)?;
             file.read_exact_at(bytes, offset)?;
             *self.file.write().expect("shard handle lock") = file;
@@ -549,5 +555,14 @@ mod tests {
         assert_eq!(short.unwrap_err().kind(), ErrorKind::UnexpectedEof);
         assert_eq!(tries, 0);
         assert!(retry(Ok(()), &pauses, || unreachable!()).is_ok());
+    }
+
+    #[test]
+    fn a_shard_that_gave_up_lately_fails_fast_then_waits_again() {
+        assert_eq!(pauses_after(None), READ_RETRY_PAUSES);
+        assert_eq!(pauses_after(Some(Instant::now())), [Duration::ZERO]);
+        if let Some(long_ago) = Instant::now().checked_sub(FAIL_FAST_FOR * 2) {
+            assert_eq!(pauses_after(Some(long_ago)), READ_RETRY_PAUSES);
+        }
     }
 }
