@@ -230,17 +230,7 @@ impl JobRecord {
 
     /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
     pub fn trained(&self) -> Vec<(u32, u64, u64, u64)> {
-        let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
-        for e in &self.ledger {
-            let t = per_epoch.entry(e.epoch).or_default();
-            t.0 += e.samples;
-            t.1 = t.1.wrapping_add(e.digest);
-            t.2 += e.skipped;
-        }
-        per_epoch
-            .into_iter()
-            .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
-            .collect()
+        sum_per_epoch(&self.ledger)
     }
 
     fn world_sizes_now(&self) -> Vec<u32> {
@@ -362,6 +352,23 @@ struct Inner {
     workers: BTreeMap<String, WorkerRecord>,
     next_job: u64,
     next_worker: u64,
+}
+
+/// Per epoch, the sum of `entries`: (epoch, samples, digest, skipped).
+fn sum_per_epoch<'a>(
+    entries: impl IntoIterator<Item = &'a LedgerEntry>,
+) -> Vec<(u32, u64, u64, u64)> {
+    let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+    for e in entries {
+        let t = per_epoch.entry(e.epoch).or_default();
+        t.0 += e.samples;
+        t.1 = t.1.wrapping_add(e.digest);
+        t.2 += e.skipped;
+    }
+    per_epoch
+        .into_iter()
+        .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
+        .collect()
 }
 
 /// Merges the ledger entries that no restore can tell apart, so that a job's record stays
@@ -859,16 +866,16 @@ impl Coordinator {
             Some(job) if job.state == JobState::Running => {
                 job.checkpoint_requested = true;
                 tracing::info!(worker = %worker_id, job = %job.id, "worker leaving on request; the job checkpoints first");
-                // Marked only on this path: should the store refuse the removals of the others,
-                // the next heartbeat tries again.
+                // Marked here only: on the paths below the worker is removed, and should the
+                // store refuse that, the next heartbeat tries again.
                 Self::worker_mut(inner, worker_id)?.leaving = true;
             }
             Some(job) => {
                 let job_id = job.id.clone();
                 tracing::info!(worker = %worker_id, job = %job_id, "worker leaving on request");
-                self.remove_worker(inner, worker_id).await?;
                 let why = format!("worker {worker_id} left on request");
-                self.membership_lost(inner, &job_id, &why).await?;
+                self.part(inner, &job_id, &[worker_id.to_owned()], &why)
+                    .await?;
             }
             None => {
                 tracing::info!(worker = %worker_id, "idle worker leaving on request");
@@ -876,6 +883,22 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// `workers` leave `job_id`: they are forgotten, and its generation ends and the job is
+    /// given to whoever is idle.
+    async fn part(
+        &self,
+        inner: &mut Inner,
+        job_id: &str,
+        workers: &[String],
+        why: &str,
+    ) -> Result<()> {
+        for worker_id in workers {
+            self.remove_worker(inner, worker_id).await?;
+        }
+        self.membership_lost(inner, job_id, why).await?;
+        self.schedule(inner).await
     }
 
     /// Forgets `worker_id`: its next call is answered "unknown worker".
@@ -1159,7 +1182,6 @@ impl Coordinator {
         let retired = retire(&mut job.checkpoints, keep as usize);
         compact_ledger(&mut job.ledger, &job.checkpoints);
         job.last_retired = retired.clone();
-        job.checkpoint_requested = false;
         let leaving: Vec<(usize, String)> = job
             .workers
             .iter()
@@ -1177,18 +1199,9 @@ impl Coordinator {
                 .map(|(rank, w)| format!("worker {w} (rank {rank})"))
                 .collect();
             let why = format!("{} left on request", named.join(", "));
-            let mut parted = Ok(());
-            for (_, worker_id) in &leaving {
-                parted = parted.and(self.remove_worker(&mut inner, worker_id).await);
-            }
-            let ended = match parted {
-                Ok(()) => self.membership_lost(&mut inner, job_id, &why).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ended {
+            let workers: Vec<String> = leaving.into_iter().map(|(_, w)| w).collect();
+            if let Err(e) = self.part(&mut inner, job_id, &workers, &why).await {
                 tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
-            } else if let Err(e) = self.schedule(&mut inner).await {
-                tracing::warn!(job = %job_id, "no new generation yet: {e}");
             }
         }
         Ok(Ok(retired))
@@ -1449,18 +1462,8 @@ mod tests {
         }
     }
 
-    fn trained_after_restoring(
-        ledger: &[LedgerEntry],
-        restored: u64,
-    ) -> BTreeMap<u32, (u64, u64, u64)> {
-        let mut per_epoch = BTreeMap::new();
-        for e in ledger.iter().filter(|e| e.checkpoint_step <= restored) {
-            let t: &mut (u64, u64, u64) = per_epoch.entry(e.epoch).or_default();
-            t.0 += e.samples;
-            t.1 = t.1.wrapping_add(e.digest);
-            t.2 += e.skipped;
-        }
-        per_epoch
+    fn trained_after_restoring(ledger: &[LedgerEntry], restored: u64) -> Vec<(u32, u64, u64, u64)> {
+        sum_per_epoch(ledger.iter().filter(|e| e.checkpoint_step <= restored))
     }
 
     proptest::proptest! {

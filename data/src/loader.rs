@@ -39,6 +39,16 @@ struct Shard {
     index: ShardIndex,
 }
 
+/// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
+/// (NFS, Lustre) have outages of seconds, which should cost a pause, not samples (or, when a
+/// whole micro-batch fails, the job).
+const READ_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
 const FAIL_FAST_FOR: Duration = Duration::from_secs(60);
 
 /// The pauses before the further tries of a failed read from a shard whose reads last gave up
@@ -50,16 +60,6 @@ fn pauses_after(gave_up: Option<Instant>) -> &'static [Duration] {
         _ => &READ_RETRY_PAUSES,
     }
 }
-
-/// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
-/// (NFS, Lustre) have outages of seconds, which should cost a pause, not samples (or, when a
-/// whole micro-batch fails, the job).
-const READ_RETRY_PAUSES: [Duration; 4] = [
-    Duration::from_millis(100),
-    Duration::from_millis(500),
-    Duration::from_secs(2),
-    Duration::from_secs(5),
-];
 
 impl Shard {
     /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of

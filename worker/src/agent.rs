@@ -264,16 +264,13 @@ impl Worker {
         ));
         let mut ended: Option<Generation> = None;
         let result = loop {
-            if self.leave.asked() {
-                // Between generations: nothing here to wait for.
-                break Ok(());
-            }
             let request = pb::AwaitAssignmentRequest {
                 worker_id: self.id.clone(),
                 wait_ms: 5_000,
             };
             let assignment = tokio::select! {
                 _ = lost.changed() => break Ok(()),
+                // Asked to stop between generations (at once when that was earlier).
                 _ = self.leave.wait() => break Ok(()),
                 a = async { rpc!(self.coordinator, await_assignment, request) } => a,
             };

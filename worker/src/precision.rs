@@ -22,28 +22,23 @@ pub fn pinned(x: &Tensor) -> Option<Tensor> {
     (!pinned.is_null()).then(|| unsafe { Tensor::from_ptr(pinned) })
 }
 
-/// `data`, shaped `shape`, as a tensor on `device`: copied once on its way to a GPU (into
-/// page-locked memory, see [`upload`]), not first into a host tensor of its own.
+/// `data`, shaped `shape`, as a tensor on `device`. To a GPU it is copied once on the host,
+/// into page-locked memory, and from there without waiting: a copy from pageable memory first
+/// waits for all the work queued on the GPU, which then idles while the host prepares what
+/// comes next. libtorch keeps the page-locked block from reuse until the copy has run, so it
+/// may be dropped at once.
 pub fn upload_slice<T: tch::kind::Element>(data: &[T], shape: &[i64], device: Device) -> Tensor {
     if !device.is_cuda() {
         return Tensor::from_slice(data).view(shape);
     }
     assert_eq!(shape.iter().product::<i64>(), data.len() as i64);
     // SAFETY: the view covers exactly `data`, which outlives it; it is dropped inside this call,
-    // and `upload` to a GPU returns a new tensor after copying the view's bytes on the host
-    // (into page-locked memory, or synchronously from pageable memory).
+    // after its bytes were copied on the host (into page-locked memory, or synchronously from
+    // pageable memory when none can be had).
     let view = unsafe { Tensor::from_blob(data.as_ptr().cast(), shape, &[], T::KIND, Device::Cpu) };
-    upload(&view, device)
-}
-
-/// The host tensor `x` on `device`. To a GPU through page-locked memory, without waiting: a
-/// copy from pageable memory first waits for all the work queued on the GPU, which then idles
-/// while the host prepares what comes next. libtorch keeps the page-locked block from reuse
-/// until the copy has run, so it may be dropped at once.
-pub fn upload(x: &Tensor, device: Device) -> Tensor {
-    match device.is_cuda().then(|| pinned(x)).flatten() {
+    match pinned(&view) {
         Some(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
-        None => x.to_device(device),
+        None => view.to_device(device),
     }
 }
 

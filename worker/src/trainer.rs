@@ -485,7 +485,7 @@ impl Trainer {
                 let epoch_end = step + 1 == steps_per_epoch;
                 self.events.progress(&self.progress(e, done), epoch_end);
                 if !epoch_end && self.checkpoint_due(global_step) {
-                    self.checkpoint(e, done, false)?;
+                    self.checkpoint(e, done, false);
                 }
             }
             self.meter.log_epoch(e.epoch);
@@ -504,7 +504,7 @@ impl Trainer {
                 self.events.progress(&progress, true);
             }
             if stage_end || self.checkpoint_due(next.global_step(steps_per_epoch)) {
-                self.checkpoint(e, next, stage_end)?;
+                self.checkpoint(e, next, stage_end);
             }
             cursor = next;
         }
@@ -852,9 +852,10 @@ impl Trainer {
                 let hits = top.eq_tensor(&labels.unsqueeze(1));
                 let top1 = hits.narrow(1, 0, 1).sum(Kind::Float);
                 let top5 = hits.sum(Kind::Float);
-                let n = precision::upload(
-                    &Tensor::from(batch.labels.len() as f32),
-                    self.options.device,
+                let n = Tensor::full(
+                    [],
+                    batch.labels.len() as f64,
+                    (Kind::Float, self.options.device),
                 );
                 self.liveness.tick();
                 let _ = counts
@@ -888,16 +889,11 @@ impl Trainer {
     }
 
     /// Rank 0 snapshots the state and writes it in the background; training goes on.
-    fn checkpoint(
-        &mut self,
-        e: &EpochParams,
-        next: Cursor,
-        stage_end: bool,
-    ) -> Result<(), TrainError> {
+    fn checkpoint(&mut self, e: &EpochParams, next: Cursor, stage_end: bool) {
         self.last_checkpoint = Instant::now();
         self.options.checkpoint_now.store(false, Ordering::SeqCst);
         if self.job.rank != 0 {
-            return Ok(());
+            return;
         }
         // A diverged update can leave non-finite weights behind a finite loss; saved, they would
         // push good checkpoints out of retention. Not saved, then: the next step's loss, the
@@ -905,7 +901,7 @@ impl Trainer {
         // has no next step: `ensure_finite_weights` stands in for it).
         if let Err(e) = self.ensure_finite_weights(next) {
             tracing::error!("checkpoint not taken: {e}");
-            return Ok(());
+            return;
         }
         self.complete_checkpoint();
         let started = Instant::now();
@@ -944,7 +940,6 @@ impl Trainer {
         };
         self.pending_checkpoint = Some((snapshot, manifest, started.elapsed()));
         self.liveness.tick();
-        Ok(())
     }
 
     /// Waits for the pending snapshot's copy (it ran beside this step's forward and backward

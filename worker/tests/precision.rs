@@ -7,7 +7,7 @@ use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
 use ladder_worker::optim::RmsProp;
 use ladder_worker::precision::{
-    autocast_bf16, autocast_enabled, channels_last, is_channels_last, pinned, upload, upload_slice,
+    autocast_bf16, autocast_enabled, channels_last, is_channels_last, pinned, upload_slice,
 };
 use ladder_worker::training_state::TrainingState;
 use tch::{Device, Kind, Tensor, nn};
@@ -139,14 +139,8 @@ fn page_locked_copies_exist_only_with_cuda_and_uploads_keep_the_values() {
     match pinned(&x) {
         // The shim turned libtorch's exception into a plain "cannot", with no CUDA to pin for.
         None => assert!(!tch::Cuda::is_available()),
-        Some(p) => {
-            assert!(p.equal(&x) && p.device() == Device::Cpu);
-            let on_gpu = upload(&x, Device::Cuda(0));
-            assert!(on_gpu.to_device(Device::Cpu).equal(&x));
-        }
+        Some(p) => assert!(p.equal(&x) && p.device() == Device::Cpu),
     }
-    let on_cpu = upload(&x, Device::Cpu);
-    assert!(on_cpu.equal(&x));
     let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
     assert!(upload_slice(&values, &[3, 4], Device::Cpu).equal(&x));
     if tch::Cuda::is_available() {

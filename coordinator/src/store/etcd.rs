@@ -162,17 +162,14 @@ impl EtcdStore {
             return;
         }
         let mut kv = self.client.kv_client();
-        if let Err(e) = kv.compact(revision - kept_revisions, None).await {
-            // Someone else (etcd's own auto-compaction, an operator) may have gone further.
-            if !e
-                .to_string()
-                .contains("required revision has been compacted")
-            {
-                tracing::warn!(
-                    "cannot compact etcd's history: {}",
-                    backend(&self.endpoints, e)
-                );
-            }
+        match kv.compact(revision - kept_revisions, None).await {
+            // Someone else (etcd's own auto-compaction, an operator) went further already.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange => {}
+            Err(e) => tracing::warn!(
+                "cannot compact etcd's history: {}",
+                backend(&self.endpoints, e)
+            ),
+            Ok(_) => {}
         }
     }
 }
