@@ -10,12 +10,14 @@ c10::DeviceType device_type(int device) { return device == 1 ? c10::DeviceType::
 
 extern "C" {
 
-// Enters an autocast region on `device` (0 CPU, 1 CUDA) computing in bfloat16.
+// Enters an autocast region on `device` (0 CPU, 1 CUDA) computing in bfloat16; the dtype it
+// replaces goes to `*previous_dtype`, for the exit to restore.
 // Returns 1 if autocast was already enabled there, 0 if not, -1 on error.
-int ladder_autocast_enter_bf16(int device) {
+int ladder_autocast_enter_bf16(int device, int* previous_dtype) {
   try {
     auto type = device_type(device);
     bool was_enabled = at::autocast::is_autocast_enabled(type);
+    *previous_dtype = static_cast<int>(at::autocast::get_autocast_dtype(type));
     at::autocast::set_autocast_dtype(type, at::kBFloat16);
     at::autocast::set_autocast_enabled(type, true);
     at::autocast::increment_nesting();
@@ -25,14 +27,16 @@ int ladder_autocast_enter_bf16(int device) {
   }
 }
 
-// Leaves the region, restoring the previous state; the cast cache is cleared when the outermost
-// region ends, as torch.autocast does. Returns 0, or -1 on error.
-int ladder_autocast_exit(int device, int was_enabled) {
+// Leaves the region, restoring the previous state and dtype; the cast cache is cleared when the
+// outermost region ends, as torch.autocast does. Returns 0, or -1 on error.
+int ladder_autocast_exit(int device, int was_enabled, int previous_dtype) {
   try {
     if (at::autocast::decrement_nesting() == 0) {
       at::autocast::clear_cache();
     }
-    at::autocast::set_autocast_enabled(device_type(device), was_enabled == 1);
+    auto type = device_type(device);
+    at::autocast::set_autocast_enabled(type, was_enabled == 1);
+    at::autocast::set_autocast_dtype(type, static_cast<at::ScalarType>(previous_dtype));
     return 0;
   } catch (...) {
     return -1;

@@ -14,6 +14,7 @@
 //! retried, and a checkpoint commit waits for it.
 
 use crate::checkpoint::Manifest;
+use crate::precision::Precision;
 use crate::report::{Commit, Events, Liveness, Progress, StopSignal};
 use crate::trainer::{self, Faults, Options, TrainError, Trainer};
 use ladder_collective::Collective;
@@ -39,6 +40,7 @@ pub struct Config {
     pub token: String,
     pub tls_ca: Option<PathBuf>,
     pub device: Device,
+    pub precision: Precision,
     /// Operator-chosen stable name (shown by `ladder status`).
     pub name: String,
     /// The address other ranks reach this worker's ring listener on.
@@ -195,7 +197,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             liveness: Arc::new(Liveness::default()),
             leave: leave.clone(),
         };
-        tracing::info!(worker = %worker.id, device = %device_name(config.device), "registered");
+        tracing::info!(worker = %worker.id, device = %device_name(config.device), precision = ?config.precision, "registered");
         worker.serve().await?;
         if leave.asked() {
             tracing::info!(worker = %worker.id, "left on request");
@@ -394,6 +396,7 @@ impl Worker {
         };
         let options = Options {
             device: self.config.device,
+            precision: self.config.precision,
             bucket_elements: self.config.bucket_elements,
             replica_digests: self.config.replica_digests.clone(),
             faults: self.config.faults,

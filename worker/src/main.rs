@@ -5,6 +5,7 @@ use clap::Parser;
 use ladder_core::logging::{self, LogFormat};
 use ladder_worker::agent::{self, Config};
 use ladder_worker::nccl_check;
+use ladder_worker::precision::Precision;
 use ladder_worker::trainer::Faults;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -30,6 +31,10 @@ struct Args {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What training computes in: bfloat16 autocast with channels-last tensors (the default
+    /// on CUDA), or float32 in the standard layout (the default on CPU).
+    #[arg(long, value_name = "float32|bfloat16")]
+    precision: Option<Precision>,
     /// A stable name for this worker slot, kept with its registration (the coordinator logs it
     /// beside the worker id).
     #[arg(long, default_value = "")]
@@ -145,6 +150,7 @@ fn main() {
         token: args.token.unwrap_or_default(),
         tls_ca: args.tls_ca,
         device,
+        precision: args.precision.unwrap_or(Precision::default_for(device)),
         name: args.name,
         ring_host: args.ring_host,
         collective_timeout: Duration::from_secs(args.collective_timeout_s),

@@ -3,12 +3,43 @@
 //! through Ladder's C++ shim, since tch's own autocast only knows CUDA float16; so does
 //! pinning, since tch's `pin_memory` passes a device argument libtorch warns about each time.
 
+use crate::flat::Layout;
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
+/// What a worker trains in. The default follows the device: bfloat16 on CUDA, where tensor
+/// cores make it several times faster than float32, and float32 on CPU. Overriding it gives
+/// float32 on a GPU, to rule precision out when a run misbehaves, or a GPU's numerics and
+/// memory layouts on a CPU, where the tests exercise them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// float32 throughout, in the standard (NCHW) memory layout.
+    Float32,
+    /// bfloat16 autocast (float32 weights, optimizer state and losses), channels-last layout.
+    Bfloat16,
+}
+
+impl Precision {
+    pub fn default_for(device: Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bfloat16
+        } else {
+            Precision::Float32
+        }
+    }
+
+    /// How the flat buffers lay out convolution weights, and how images are fed.
+    pub fn layout(self) -> Layout {
+        match self {
+            Precision::Float32 => Layout::Contiguous,
+            Precision::Bfloat16 => Layout::ChannelsLast,
+        }
+    }
+}
+
 unsafe extern "C" {
-    fn ladder_autocast_enter_bf16(device: i32) -> i32;
-    fn ladder_autocast_exit(device: i32, was_enabled: i32) -> i32;
+    fn ladder_autocast_enter_bf16(device: i32, previous_dtype: *mut i32) -> i32;
+    fn ladder_autocast_exit(device: i32, was_enabled: i32, previous_dtype: i32) -> i32;
     fn ladder_autocast_enabled(device: i32) -> i32;
     fn ladder_pin_memory(tensor: *const C_tensor) -> *mut C_tensor;
 }
@@ -58,21 +89,22 @@ pub struct AutocastError(&'static str);
 /// float32, and the weights stay float32.
 pub fn autocast_bf16<T>(device: Device, f: impl FnOnce() -> T) -> Result<T, AutocastError> {
     let code = device_code(device);
-    // SAFETY: plain C calls into the shim; no pointers cross.
-    let was_enabled = unsafe { ladder_autocast_enter_bf16(code) };
+    let mut previous_dtype = 0;
+    // SAFETY: a plain C call into the shim, which writes one int through the pointer.
+    let was_enabled = unsafe { ladder_autocast_enter_bf16(code, &mut previous_dtype) };
     if was_enabled < 0 {
         return Err(AutocastError("enable"));
     }
     let result = f();
-    // SAFETY: as above.
-    if unsafe { ladder_autocast_exit(code, was_enabled) } < 0 {
+    // SAFETY: a plain C call; no pointers cross.
+    if unsafe { ladder_autocast_exit(code, was_enabled, previous_dtype) } < 0 {
         return Err(AutocastError("leave"));
     }
     Ok(result)
 }
 
 pub fn autocast_enabled(device: Device) -> bool {
-    // SAFETY: as above.
+    // SAFETY: a plain C call; no pointers cross.
     unsafe { ladder_autocast_enabled(device_code(device)) == 1 }
 }
 

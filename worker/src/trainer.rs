@@ -27,7 +27,7 @@ use crate::flat::{FlatState, Layout};
 use crate::loss;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
-use crate::precision;
+use crate::precision::{self, Precision};
 use crate::pretrained;
 use crate::report::{Commit, Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
@@ -70,6 +70,7 @@ pub struct Restore {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub device: Device,
+    pub precision: Precision,
     /// Gradient elements per allreduce call.
     pub bucket_elements: i64,
     /// Append `global_step sha256` of the parameters and BatchNorm statistics here after every
@@ -290,11 +291,7 @@ impl Trainer {
                 .map_err(|e| fatal("model.init_from")(e.to_string()))?;
             tracing::info!(weights = %path.display(), fresh = ?fresh, "initialized from pretrained weights");
         }
-        let layout = match device {
-            Device::Cpu => Layout::Contiguous,
-            _ => Layout::ChannelsLast,
-        };
-        let flat = FlatState::new(&vs, layout);
+        let flat = FlatState::new(&vs, options.precision.layout());
         let mut optimizer = RmsProp::new(&flat, &spec.optimizer);
         let mut ema = Ema::new(&flat, spec.optimizer.ema_decay);
         let steps_per_epoch = plan.steps_per_epoch();
@@ -603,11 +600,12 @@ impl Trainer {
 
     fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         let device = self.options.device;
-        let logits = if device.is_cuda() {
-            precision::autocast_bf16(device, || self.model.forward(images, train))
-                .expect("bfloat16 autocast is available with CUDA")
-        } else {
-            self.model.forward(images, train)
+        let logits = match self.options.precision {
+            Precision::Bfloat16 => {
+                precision::autocast_bf16(device, || self.model.forward(images, train))
+                    .expect("libtorch autocasts to bfloat16 on CPU and CUDA")
+            }
+            Precision::Float32 => self.model.forward(images, train),
         };
         logits.to_kind(Kind::Float)
     }
@@ -617,10 +615,9 @@ impl Trainer {
         let size = batch.size as i64;
         let images =
             precision::upload_slice(&batch.images, &[n, 3, size, size], self.options.device);
-        let images = if self.options.device.is_cuda() {
-            precision::channels_last(&images)
-        } else {
-            images
+        let images = match self.options.precision.layout() {
+            Layout::ChannelsLast => precision::channels_last(&images),
+            Layout::Contiguous => images,
         };
         let labels = precision::upload_slice(&batch.labels, &[n], self.options.device);
         (images, labels)
@@ -644,10 +641,9 @@ impl Trainer {
             [e.micro_batch as i64, 3, size, size],
             (Kind::Float, self.options.device),
         );
-        let images = if self.options.device.is_cuda() {
-            precision::channels_last(&images)
-        } else {
-            images
+        let images = match self.options.precision.layout() {
+            Layout::ChannelsLast => precision::channels_last(&images),
+            Layout::Contiguous => images,
         };
         self.forward(&images, true).mean(Kind::Float).backward();
         self.flat.zero_grads();

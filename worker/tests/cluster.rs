@@ -9,12 +9,13 @@ use ladder_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn train_with(workers: u32) {
+/// Trains the cluster spec on `workers` workers started with `flags`.
+fn train_with(workers: u32, flags: &[&str]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let spec = write_spec(dir.path(), (workers, workers), 25, 1);
     let plan = StagePlan::new(&spec);
     let mut cluster = Cluster::new(dir.path());
-    cluster.add_workers(workers as usize);
+    cluster.add_workers_with(workers as usize, flags);
     let digests: Vec<PathBuf> = (0..workers)
         .map(|i| dir.path().join(format!("digests-{i}.txt")))
         .collect();
@@ -72,9 +73,16 @@ fn train_with(workers: u32) {
     };
     assert_eq!(stage_evaluations, vec![2, 4, 6], "one evaluation per stage");
 
-    // Each rank logs every epoch's throughput and the share of it spent waiting for data.
+    // Each rank logs its precision, and every epoch's throughput and the share of it spent
+    // waiting for data.
+    let precision = if flags.contains(&"bfloat16") {
+        "precision=Bfloat16"
+    } else {
+        "precision=Float32"
+    };
     for worker in &cluster.workers {
         let log = worker.log_text();
+        assert!(log.contains(precision), "{precision} expected: {log}");
         let epochs: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("epoch trained on this rank"))
@@ -129,10 +137,17 @@ fn train_with(workers: u32) {
 
 #[test]
 fn two_workers_train_through_three_stages_in_lockstep() {
-    train_with(2);
+    train_with(2, &[]);
 }
 
 #[test]
 fn three_workers_train_through_three_stages_in_lockstep() {
-    train_with(3);
+    train_with(3, &[]);
+}
+
+/// What a GPU computes in (bfloat16 autocast, channels-last weights, gradients and
+/// activations), on CPU workers: the same checks as in float32.
+#[test]
+fn two_workers_train_in_bfloat16_and_channels_last() {
+    train_with(2, &["--precision", "bfloat16"]);
 }

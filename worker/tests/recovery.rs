@@ -31,11 +31,12 @@ fn completed(job: &pb::Job) -> bool {
     state_of(job) == pb::JobState::Completed
 }
 
-/// Trains the whole job on `workers` workers without interruption; returns the final job.
-fn straight_run(dir: &Path, workers: u32) -> pb::Job {
+/// Trains the whole job on `workers` workers started with `flags`, without interruption;
+/// returns the final job.
+fn straight_run(dir: &Path, workers: u32, flags: &[&str]) -> pb::Job {
     let spec = write_spec(dir, (1, 3), 5, 100);
     let mut cluster = Cluster::new(dir);
-    cluster.add_workers(workers as usize);
+    cluster.add_workers_with(workers as usize, flags);
     let id = cluster.submit(&spec);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
@@ -80,34 +81,38 @@ fn model_difference(a: &pb::Job, b: &pb::Job) -> f64 {
         .fold(0.0, f64::max)
 }
 
-#[test]
-fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
-    let reference = tempfile::tempdir().unwrap();
-    let reference = straight_run(reference.path(), 2);
-    let reference_files = final_manifest(&reference).files;
-
-    // Train about half, kill every process, restart the coordinator on its store and bring
-    // new workers: the job continues from its latest committed checkpoint by itself.
+/// Trains about half the job on 2 workers started with `flags`, kills every process, restarts
+/// the coordinator on its store and brings 2 new workers: the job must continue from its latest
+/// committed checkpoint by itself and end bit-identical to `reference`, the same job run
+/// straight through.
+fn assert_killed_and_restarted_run_is_bit_identical(reference: &pb::Job, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), (1, 3), 5, 100);
     let mut cluster = Cluster::new(dir.path());
-    cluster.add_workers(2);
+    cluster.add_workers_with(2, flags);
     let id = cluster.submit(&spec);
     let before = wait_for_checkpoint_after(&cluster, &id, TOTAL_STEPS / 2 - 5);
     cluster.kill_workers();
     cluster.kill_coordinator();
     let restored = before.checkpoints.last().unwrap().step;
     cluster.start_coordinator();
-    cluster.add_workers(2);
+    cluster.add_workers_with(2, flags);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert!(job.generation >= 2, "the job ran a second generation");
     assert_every_sample_once(&job, &spec);
     assert_eq!(
         final_manifest(&job).files,
-        reference_files,
-        "killed at step {restored}+ and resumed, the final model, optimizer and EMA are bit-identical"
+        final_manifest(reference).files,
+        "killed at step {restored}+ and resumed ({flags:?}), the final model, optimizer and EMA are bit-identical"
     );
+}
+
+#[test]
+fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
+    let reference = tempfile::tempdir().unwrap();
+    let reference = straight_run(reference.path(), 2, &[]);
+    assert_killed_and_restarted_run_is_bit_identical(&reference, &[]);
 
     // The same job, cancelled half-way and resumed by command on 3 workers, then on 1.
     for workers in [3u32, 1] {
@@ -143,6 +148,17 @@ fn a_run_resumed_mid_epoch_is_bit_identical_and_other_world_sizes_match() {
             "resumed on {workers} workers the model differs by {difference:e}"
         );
     }
+}
+
+/// The GPU's precision on CPU workers: the flat buffers are channels-last, so every snapshot
+/// reorders them to the files' standard order and every restore back; bfloat16 autocast runs
+/// the forward passes. A restart must still lose nothing, to the bit.
+#[test]
+fn a_bfloat16_channels_last_run_resumed_after_a_kill_is_bit_identical() {
+    let flags = ["--precision", "bfloat16"];
+    let reference = tempfile::tempdir().unwrap();
+    let reference = straight_run(reference.path(), 2, &flags);
+    assert_killed_and_restarted_run_is_bit_identical(&reference, &flags);
 }
 
 /// Waits until the job runs a generation after `generation` and one of `workers` has trained

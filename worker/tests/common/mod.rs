@@ -114,8 +114,13 @@ impl Cluster {
 
     /// Starts `n` workers; each writes its replica digests to `digests-<i>.txt`.
     pub fn add_workers(&mut self, n: usize) {
+        self.add_workers_with(n, &[]);
+    }
+
+    /// Starts `n` workers with `flags` too.
+    pub fn add_workers_with(&mut self, n: usize, flags: &[&str]) {
         for _ in 0..n {
-            self.add_worker(&[]);
+            self.add_worker(flags);
         }
     }
 
