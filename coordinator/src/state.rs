@@ -46,10 +46,22 @@ fn check_checkpoint_dir(dir: &Path, id: &str) -> std::result::Result<(), String>
     Ok(())
 }
 
+/// Wall-clock milliseconds since the Unix epoch: for what is shown and persisted.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Milliseconds on the monotonic clock since this process first asked. Leases, stalls and grace
+/// periods are timed on it (and never persisted), so that a step of the wall clock (NTP, a
+/// resumed virtual machine) neither expires every lease at once nor hides a dead worker.
+fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as i64
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +274,7 @@ pub struct WorkerRecord {
     pub lease_ttl_ms: u32,
     pub registered_at_ms: i64,
     pub assignment: Option<WorkerAssignment>,
+    /// On [`monotonic_ms`]'s clock, as the other times kept in memory only.
     #[serde(skip)]
     pub lease_expires_ms: i64,
     /// The training thread's activity counter from the last heartbeat, when it last changed
@@ -469,7 +482,7 @@ impl Coordinator {
     /// Rebuilds the coordinator's state from `store`.
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
-        let now = now_ms();
+        let now = monotonic_ms();
         for (key, bytes) in store.list("jobs/").await? {
             let job: JobRecord = decode(&key, &bytes)?;
             inner.jobs.insert(job.id.clone(), job);
@@ -548,7 +561,7 @@ impl Coordinator {
     async fn commit_job(&self, inner: &mut Inner, mut job: JobRecord) -> Result<JobRecord> {
         job.updated_at_ms = now_ms();
         self.persist_job(&job).await?;
-        job.progress_persisted_ms = job.updated_at_ms;
+        job.progress_persisted_ms = monotonic_ms();
         inner.jobs.insert(job.id.clone(), job.clone());
         let _ = self.job_changed.send(job.id.clone());
         Ok(job)
@@ -566,7 +579,7 @@ impl Coordinator {
         let mut worker = worker.clone();
         worker.assignment = assignment;
         // Stalls are timed from the start of an assignment.
-        worker.active_ms = now_ms();
+        worker.active_ms = monotonic_ms();
         self.persist_worker(&worker).await?;
         inner.workers.insert(worker.id.clone(), worker);
         Ok(())
@@ -784,14 +797,14 @@ impl Coordinator {
         let mut inner = self.inner.lock().await;
         inner.next_worker += 1;
         self.persist_counters(&inner).await?;
-        let now = now_ms();
+        let (now, wall) = (monotonic_ms(), now_ms());
         let worker = WorkerRecord {
             id: format!("w-{:06}", inner.next_worker),
             hostname: hostname.to_owned(),
             device: device.to_owned(),
             name: name.to_owned(),
             lease_ttl_ms: self.config.lease_ttl.as_millis() as u32,
-            registered_at_ms: now,
+            registered_at_ms: wall,
             assignment: None,
             lease_expires_ms: now + self.config.lease_ttl.as_millis() as i64,
             activity: 0,
@@ -834,7 +847,7 @@ impl Coordinator {
             Err(_) if leaving => return Ok(None),
             Err(e) => return Err(e),
         };
-        let now = now_ms();
+        let now = monotonic_ms();
         worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
         if activity != worker.activity {
             worker.activity = activity;
@@ -1129,7 +1142,9 @@ impl Coordinator {
             tracing::info!(job = %job_id, "job completed");
             self.commit_job(&mut inner, job).await?;
             self.schedule(&mut inner).await?;
-        } else if boundary || now_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS {
+        } else if boundary
+            || monotonic_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS
+        {
             self.commit_job(&mut inner, job).await?;
         } else {
             inner.jobs.insert(job.id.clone(), job);
@@ -1212,7 +1227,7 @@ impl Coordinator {
     /// Expires lapsed leases and assigns idle workers. Called periodically.
     pub async fn tick(&self) -> Result<()> {
         let mut inner = self.inner.lock().await;
-        let now = now_ms();
+        let now = monotonic_ms();
         let expired: Vec<String> = inner
             .workers
             .values()
@@ -1236,56 +1251,76 @@ impl Coordinator {
         self.schedule(&mut inner).await
     }
 
-    /// A running job none of whose workers made progress for `stall_timeout`: the workers not
-    /// waiting in a collective (the ones the others wait on) are hung. They are expelled (their
-    /// next heartbeat is refused) and the generation ends, as if they had died.
+    /// Workers that hold their job up for `stall_timeout` are hung: they are expelled (their
+    /// next heartbeat is refused) and the generation ends, as if they had died. In a running
+    /// generation none of whose workers made progress, those are the ones not waiting in a
+    /// collective (the ones the others wait on). In a rendezvous, those that never joined it:
+    /// a worker joins once its previous run has returned, and its heartbeat goes on while that
+    /// run's training thread is stuck (a GPU kernel, a driver, a file system).
     async fn expel_stalled(&self, inner: &mut Inner, now: i64) -> Result<()> {
         let stall = self.config.stall_timeout.as_millis() as i64;
-        let running: Vec<(String, Vec<String>, BTreeMap<String, String>)> = inner
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .map(|j| {
-                (
-                    j.id.clone(),
-                    j.workers.clone(),
-                    j.collective_failures.clone(),
-                )
-            })
-            .collect();
-        for (job_id, workers, reported) in running {
-            let records: Vec<&WorkerRecord> = workers
+        let mut stalled = Vec::new();
+        for job in inner.jobs.values() {
+            let rank = |id: &String| job.workers.iter().position(|w| w == id).unwrap_or(0);
+            let name = |id: &String| format!("worker {id} (rank {})", rank(id));
+            let records: Vec<&WorkerRecord> = job
+                .workers
                 .iter()
                 .filter_map(|w| inner.workers.get(w))
                 .collect();
-            if records.is_empty() || records.iter().any(|w| now - w.active_ms < stall) {
-                continue;
+            let idle_too_long = |w: &WorkerRecord| now - w.active_ms >= stall;
+            match job.state {
+                JobState::Running => {
+                    if records.is_empty() || !records.iter().all(|w| idle_too_long(w)) {
+                        continue;
+                    }
+                    // If everyone waits in the collective, the network between them is the
+                    // suspect: nobody is expelled and the generation restarts with all of them.
+                    // A worker that reported its collective failing waits for the others too.
+                    let hung: Vec<String> = records
+                        .iter()
+                        .filter(|w| {
+                            !w.in_collective && !job.collective_failures.contains_key(&w.id)
+                        })
+                        .map(|w| w.id.clone())
+                        .collect();
+                    let why = if hung.is_empty() {
+                        format!(
+                            "no worker made progress for {} s, all waiting in the collective",
+                            stall / 1000
+                        )
+                    } else {
+                        format!(
+                            "{} stalled: no progress for {} s while the others wait on it",
+                            hung.iter().map(name).collect::<Vec<_>>().join(", "),
+                            stall / 1000
+                        )
+                    };
+                    stalled.push((job.id.clone(), hung, why));
+                }
+                JobState::Rendezvous => {
+                    let hung: Vec<String> = records
+                        .iter()
+                        .filter(|w| idle_too_long(w))
+                        .filter(|w| !job.rendezvous.contains_key(&(rank(&w.id) as u32)))
+                        .map(|w| w.id.clone())
+                        .collect();
+                    if hung.is_empty() {
+                        continue;
+                    }
+                    let why = format!(
+                        "{} stalled: did not join generation {}'s rendezvous within {} s (its \
+                         previous run never returned)",
+                        hung.iter().map(name).collect::<Vec<_>>().join(", "),
+                        job.generation,
+                        stall / 1000
+                    );
+                    stalled.push((job.id.clone(), hung, why));
+                }
+                _ => {}
             }
-            // If everyone waits in the collective, the network between them is the suspect:
-            // nobody is expelled and the generation restarts with all of them.
-            // A worker that reported its collective failing is waiting for the others too.
-            let hung: Vec<String> = records
-                .iter()
-                .filter(|w| !w.in_collective && !reported.contains_key(&w.id))
-                .map(|w| w.id.clone())
-                .collect();
-            let rank = |id: &String| workers.iter().position(|w| w == id).unwrap_or(0);
-            let named: Vec<String> = hung
-                .iter()
-                .map(|id| format!("worker {id} (rank {})", rank(id)))
-                .collect();
-            let why = if named.is_empty() {
-                format!(
-                    "no worker made progress for {} s, all waiting in the collective",
-                    stall / 1000
-                )
-            } else {
-                format!(
-                    "{} stalled: no progress for {} s while the others wait on it",
-                    named.join(", "),
-                    stall / 1000
-                )
-            };
+        }
+        for (job_id, hung, why) in stalled {
             for id in &hung {
                 tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
                 self.remove_worker(inner, id).await?;
@@ -1361,7 +1396,7 @@ impl Coordinator {
     /// world size it allows, or, after `rendezvous_grace` with fewer idle workers, on the
     /// largest allowed size that the idle workers fill.
     async fn schedule(&self, inner: &mut Inner) -> Result<()> {
-        let now = now_ms();
+        let now = monotonic_ms();
         let grace = self.config.rendezvous_grace.as_millis() as i64;
         let queued: Vec<String> = inner
             .jobs

@@ -53,6 +53,9 @@ pub struct Config {
     /// See [`Options::replica_digests`].
     pub replica_digests: Option<PathBuf>,
     pub faults: Faults,
+    /// How long a stopped run's training thread may take to return before the worker counts
+    /// it stuck and exits.
+    pub stop_grace: Duration,
 }
 
 /// A connection to whichever coordinator answers, re-established after transport failures.
@@ -299,7 +302,9 @@ impl Worker {
             }
             let stop = Arc::new(StopSignal::default());
             *running.lock().expect("running lock") = Some((generation.clone(), stop.clone()));
-            self.run_assignment(assignment, stop).await;
+            if let Err(stuck) = self.run_assignment(assignment, stop).await {
+                break Err(stuck);
+            }
             *running.lock().expect("running lock") = None;
             ended = Some(generation);
             if *lost.borrow() {
@@ -332,8 +337,13 @@ impl Worker {
     }
 
     /// Rendezvous, train, report the end. Every way out leaves the worker ready for the next
-    /// assignment.
-    async fn run_assignment(&self, assignment: pb::Assignment, stop: Arc<StopSignal>) {
+    /// assignment but one: a training thread still running [`Config::stop_grace`] after its
+    /// run was stopped is stuck, and then the worker must exit (the error).
+    async fn run_assignment(
+        &self,
+        assignment: pb::Assignment,
+        stop: Arc<StopSignal>,
+    ) -> anyhow::Result<()> {
         let job_id = assignment.job_id.clone();
         let generation = assignment.generation;
         let (rank, world) = (assignment.rank, assignment.world_size);
@@ -343,7 +353,7 @@ impl Worker {
             Err(e) => {
                 self.finish(&job_id, generation, None, Ending::Failed(e.to_string()))
                     .await;
-                return;
+                return Ok(());
             }
         };
         let restore_from = assignment
@@ -359,7 +369,7 @@ impl Worker {
             Err(why) => {
                 self.finish(&job_id, generation, None, Ending::Failed(why))
                     .await;
-                return;
+                return Ok(());
             }
         };
         let Some(payloads) = self
@@ -367,7 +377,7 @@ impl Worker {
             .await
         else {
             tracing::info!(job = %job_id, generation, "generation ended before the rendezvous completed");
-            return;
+            return Ok(());
         };
 
         let run = Run {
@@ -405,20 +415,43 @@ impl Worker {
         let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;
         let training_stop = stop.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let collective = transport.connect(rank, &payloads, generation, timeout)?;
-            let mut trainer = Trainer::new(
-                job,
-                options,
-                collective,
-                Arc::new(events),
-                training_stop,
-                liveness,
-            )?;
-            trainer.run()
-        })
-        .await
-        .unwrap_or_else(|e| {
+        let mut training = tokio::task::spawn_blocking(move || {
+            let hang_when_stopped = options.faults.hang_when_stopped;
+            let result = transport
+                .connect(rank, &payloads, generation, timeout)
+                .and_then(|collective| {
+                    Trainer::new(
+                        job,
+                        options,
+                        collective,
+                        Arc::new(events),
+                        training_stop,
+                        liveness,
+                    )
+                })
+                .and_then(|mut trainer| trainer.run());
+            if hang_when_stopped && result.is_err() {
+                trainer::hang_for_good("at the end of the run (--inject-hang-when-stopped)");
+            }
+            result
+        });
+        let joined = tokio::select! {
+            joined = &mut training => joined,
+            () = stop.stopped() => {
+                match tokio::time::timeout(self.config.stop_grace, &mut training).await {
+                    Ok(joined) => joined,
+                    Err(_) => anyhow::bail!(
+                        "generation {generation} of {job_id} was stopped ({}) and its training \
+                         thread has not returned {} s later: it is stuck (in a GPU kernel, the \
+                         driver or a file system); exiting so that this worker can be started \
+                         again",
+                        stop.reason().unwrap_or_default(),
+                        self.config.stop_grace.as_secs()
+                    ),
+                }
+            }
+        };
+        let outcome = joined.unwrap_or_else(|e| {
             Err(TrainError::Fatal(format!(
                 "the training thread panicked: {e}"
             )))
@@ -457,6 +490,7 @@ impl Worker {
                     .await;
             }
         }
+        Ok(())
     }
 
     /// Publishes `payload` and waits for every rank's; `None` when the generation ended.
@@ -836,14 +870,15 @@ async fn report_progress(
     } = run;
     let mut display = crate::display::Display::new(progress_bar, &job_id);
     let mut last: Option<Progress> = None;
-    let mut sent = Instant::now() - Duration::from_secs(10);
+    let mut sent: Option<Instant> = None;
     while let Some(Report::Progress(progress, urgent)) = reports.recv().await {
         display.show(&progress, urgent);
         last = Some(progress.clone());
-        if !send || (!urgent && sent.elapsed() < Duration::from_secs(1)) {
+        let recently = sent.is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if !send || (!urgent && recently) {
             continue;
         }
-        sent = Instant::now();
+        sent = Some(Instant::now());
         let request = pb::ReportProgressRequest {
             worker_id: worker_id.clone(),
             job_id: job_id.clone(),

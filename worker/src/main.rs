@@ -52,6 +52,12 @@ struct Args {
     /// one call).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(i64).range(1..))]
     bucket_elements: i64,
+    /// Seconds a stopped run (its generation ended, its lease lost) has for its training
+    /// thread to return. One still running then is stuck (a GPU kernel, the driver, a file
+    /// system): the worker exits with code 1, so that a supervisor starts it again, instead of
+    /// holding its GPU doing nothing.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    stop_grace_s: u64,
     /// After every step, append the global step and a SHA-256 of the parameters and BatchNorm
     /// statistics to FILE (a check that replicas agree: every rank writes the same lines).
     #[arg(long, value_name = "FILE")]
@@ -68,6 +74,10 @@ struct Args {
     /// to NaN, as a diverged update leaves them.
     #[arg(long, value_name = "STEP", hide = true)]
     inject_nan_after_step: Option<u64>,
+    /// Fault injection for tests: the training thread hangs for good once its run was
+    /// stopped or failed, while heartbeats go on.
+    #[arg(long, hide = true)]
+    inject_hang_when_stopped: bool,
     /// Check that this GPU can run the gradient allreduce (NCCL found, a one-rank
     /// communicator, a sum of a CUDA buffer), print what was loaded and exit: 0 when it works.
     /// Needs --device cuda:N; joins no coordinator.
@@ -157,10 +167,12 @@ fn main() {
         bucket_elements: args.bucket_elements,
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
+        stop_grace: Duration::from_secs(args.stop_grace_s),
         faults: Faults {
             hang_before_step: args.inject_hang_before_step,
             collective_error_before_step: args.inject_collective_error_before_step,
             nan_after_step: args.inject_nan_after_step,
+            hang_when_stopped: args.inject_hang_when_stopped,
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");

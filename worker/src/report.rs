@@ -64,6 +64,7 @@ pub enum Commit {
 #[derive(Default)]
 pub struct StopSignal {
     state: Mutex<(Option<String>, Vec<AbortHandle>)>,
+    stopped: tokio::sync::Notify,
 }
 
 impl StopSignal {
@@ -74,6 +75,15 @@ impl StopSignal {
         }
         for handle in &state.1 {
             handle.abort();
+        }
+        self.stopped.notify_waiters();
+    }
+
+    /// Resolves once the run was asked to stop.
+    pub async fn stopped(&self) {
+        let notified = self.stopped.notified();
+        if self.reason().is_none() {
+            notified.await;
         }
     }
 

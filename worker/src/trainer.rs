@@ -93,6 +93,17 @@ pub struct Faults {
     /// The parameters turn to NaN right after this step's update, as a diverged one leaves
     /// them.
     pub nan_after_step: Option<u64>,
+    /// The training thread hangs for good once its run stopped or failed (heartbeats go on),
+    /// as one stuck in a driver call when its generation ends would.
+    pub hang_when_stopped: bool,
+}
+
+/// What an injected hang does: the calling thread never returns.
+pub fn hang_for_good(when: &str) -> ! {
+    tracing::warn!("hanging on purpose {when}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -450,13 +461,9 @@ impl Trainer {
                     }));
                 }
                 if faults.hang_before_step == Some(about_to) {
-                    tracing::warn!(
-                        step = about_to,
-                        "hanging on purpose (--inject-hang-before-step)"
-                    );
-                    loop {
-                        std::thread::sleep(Duration::from_secs(3600));
-                    }
+                    hang_for_good(&format!(
+                        "before step {about_to} (--inject-hang-before-step)"
+                    ));
                 }
                 let loss = self.train_step(&loader, e, step, micro_per_step)?;
                 // Every rank has the same summed loss, so all stop here together.

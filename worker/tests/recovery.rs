@@ -292,23 +292,33 @@ fn a_coordinator_killed_mid_training_loses_nothing() {
     );
 }
 
+/// The worker whose training thread hangs: it is expelled, and its process, which can no
+/// longer serve, exits `--stop-grace-s` later with code 1 (so that a supervisor restarts it).
+fn assert_expelled_and_exits(cluster: &mut Cluster, job: &pb::Job, hung: usize) {
+    let hung_id = worker_id(&cluster.workers[hung]);
+    assert!(
+        job.last_incident.contains(&hung_id),
+        "the incident names the hung worker, not the ones waiting on it: {}",
+        job.last_incident
+    );
+    let exit = cluster.workers[hung].exit_within(Duration::from_secs(60));
+    let log = cluster.workers[hung].log_text();
+    assert_eq!(exit.and_then(|e| e.code()), Some(1), "{log}");
+    assert!(log.contains("it is stuck"), "{log}");
+}
+
 #[test]
 fn a_worker_that_hangs_while_its_heartbeat_goes_on_is_expelled() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), (1, 2), 5, 100);
     let mut cluster = Cluster::with_flags(dir.path(), &["--stall-timeout-ms", "3000"]);
-    cluster.add_worker(&["--inject-hang-before-step", "12"]);
+    cluster.add_worker(&["--inject-hang-before-step", "12", "--stop-grace-s", "2"]);
     cluster.add_worker(&[]);
-    let hung = worker_id(&cluster.workers[0]);
     let id = cluster.submit(&spec);
     let job = cluster.wait_for(&id, "the hung worker to be expelled", TIMEOUT, |j| {
         j.last_incident.contains("stalled")
     });
-    assert!(
-        job.last_incident.contains(&hung),
-        "the incident names the hung worker, not the one waiting on it: {}",
-        job.last_incident
-    );
+    assert_expelled_and_exits(&mut cluster, &job, 0);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert_every_sample_once(&job, &spec);
@@ -317,6 +327,35 @@ fn a_worker_that_hangs_while_its_heartbeat_goes_on_is_expelled() {
         TOTAL_STEPS,
         "the healthy worker finished the job alone"
     );
+}
+
+/// A worker whose run was stopped (a peer died) but whose training thread never returns keeps
+/// heartbeating, so it looks idle and is given the next generation, whose rendezvous it never
+/// joins. The coordinator expels it after the stall timeout instead of waiting for good.
+#[test]
+fn a_worker_stuck_in_its_previous_run_is_expelled_from_the_rendezvous() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (2, 3), 5, 100);
+    let mut cluster = Cluster::with_flags(dir.path(), &["--stall-timeout-ms", "4000"]);
+    cluster.add_worker(&["--inject-hang-when-stopped", "--stop-grace-s", "600"]);
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    let running = wait_for_checkpoint_after(&cluster, &id, 10);
+    cluster.workers[2].kill9();
+    let job = cluster.wait_for(&id, "the stuck worker to be expelled", TIMEOUT, |j| {
+        j.last_incident.contains("rendezvous")
+    });
+    assert!(
+        job.last_incident.contains(&worker_id(&cluster.workers[0]))
+            && job.generation > running.generation,
+        "{}",
+        job.last_incident
+    );
+    // The one healthy survivor and a replacement finish the job.
+    cluster.add_workers(1);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
+    assert_every_sample_once(&job, &spec);
 }
 
 #[test]
