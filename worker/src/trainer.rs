@@ -785,11 +785,14 @@ impl Trainer {
             step,
         }
         .global_step(self.plan.steps_per_epoch());
+        // Read before the update is queued: the collective has completed, so this waits for
+        // nothing on a GPU, and the update then runs there while this thread prepares the next
+        // step (read after it, the host would wait for the update to finish).
+        let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
         self.complete_checkpoint();
         self.optimizer.step(&self.flat, self.lr.at(global_step));
         self.ema.update(&self.flat, global_step);
         self.batches_tracked += micro_per_step as i64;
-        let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
         self.untallied
             .lock()
             .expect("tally lock")
