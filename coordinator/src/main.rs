@@ -53,7 +53,8 @@ struct Args {
     rendezvous_grace_ms: u64,
     /// A running job whose workers all make no progress for this long has its hung workers
     /// (those not waiting on the others) expelled and restarts from its latest checkpoint.
-    /// Shape preparation, evaluation and checkpoint snapshots count as progress.
+    /// Shape preparation, evaluation and checkpoint snapshots count as progress. A worker that
+    /// does not join its new generation's rendezvous within this long is expelled too.
     #[arg(long, default_value_t = 300_000)]
     stall_timeout_ms: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the

@@ -130,6 +130,13 @@ fn device_name(device: Device) -> String {
     }
 }
 
+/// A stopped run's training thread that no longer progresses: the worker cannot serve again
+/// and must exit, without the process's exit handlers, which may wait on that thread's driver
+/// call too (see `main`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Stuck(String);
+
 /// How long a worker asked to stop waits for its job's checkpoint before it leaves anyway
 /// (preemption notices give 30 s to 2 minutes).
 const LEAVE_GRACE: Duration = Duration::from_secs(90);
@@ -303,7 +310,7 @@ impl Worker {
             let stop = Arc::new(StopSignal::default());
             *running.lock().expect("running lock") = Some((generation.clone(), stop.clone()));
             if let Err(stuck) = self.run_assignment(assignment, stop).await {
-                break Err(stuck);
+                break Err(stuck.into());
             }
             *running.lock().expect("running lock") = None;
             ended = Some(generation);
@@ -337,13 +344,13 @@ impl Worker {
     }
 
     /// Rendezvous, train, report the end. Every way out leaves the worker ready for the next
-    /// assignment but one: a training thread still running [`Config::stop_grace`] after its
-    /// run was stopped is stuck, and then the worker must exit (the error).
+    /// assignment but one: a stopped run whose training thread makes no progress for
+    /// [`Config::stop_grace`] is stuck, and then the worker must exit.
     async fn run_assignment(
         &self,
         assignment: pb::Assignment,
         stop: Arc<StopSignal>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Stuck> {
         let job_id = assignment.job_id.clone();
         let generation = assignment.generation;
         let (rank, world) = (assignment.rank, assignment.world_size);
@@ -437,19 +444,19 @@ impl Worker {
         });
         let joined = tokio::select! {
             joined = &mut training => joined,
-            () = stop.stopped() => {
-                match tokio::time::timeout(self.config.stop_grace, &mut training).await {
-                    Ok(joined) => joined,
-                    Err(_) => anyhow::bail!(
+            () = stop.stopped() => tokio::select! {
+                joined = &mut training => joined,
+                () = self.liveness.still_for(self.config.stop_grace) => {
+                    return Err(Stuck(format!(
                         "generation {generation} of {job_id} was stopped ({}) and its training \
-                         thread has not returned {} s later: it is stuck (in a GPU kernel, the \
-                         driver or a file system); exiting so that this worker can be started \
-                         again",
+                         thread has made no progress for {} s since, nor returned: it is stuck \
+                         (in a GPU kernel, the driver or a file system); exiting so that this \
+                         worker can be started again",
                         stop.reason().unwrap_or_default(),
                         self.config.stop_grace.as_secs()
-                    ),
+                    )));
                 }
-            }
+            },
         };
         let outcome = joined.unwrap_or_else(|e| {
             Err(TrainError::Fatal(format!(

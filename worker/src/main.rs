@@ -52,10 +52,10 @@ struct Args {
     /// one call).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(i64).range(1..))]
     bucket_elements: i64,
-    /// Seconds a stopped run (its generation ended, its lease lost) has for its training
-    /// thread to return. One still running then is stuck (a GPU kernel, the driver, a file
-    /// system): the worker exits with code 1, so that a supervisor starts it again, instead of
-    /// holding its GPU doing nothing.
+    /// Seconds a stopped run's training thread (its generation ended, its lease lost) may go
+    /// without progress before it returns. One that does is stuck (a GPU kernel, the driver, a
+    /// file system): the worker exits with code 1, so that a supervisor starts it again, instead
+    /// of holding its GPU doing nothing.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     stop_grace_s: u64,
     /// After every step, append the global step and a SHA-256 of the parameters and BatchNorm
@@ -178,6 +178,11 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     if let Err(e) = runtime.block_on(agent::run(config)) {
         eprintln!("ladder-worker: error: {e:#}");
+        if e.is::<agent::Stuck>() {
+            // SAFETY: ends the process at once; the exit handlers and static destructors of
+            // libtorch and CUDA could wait for the stuck thread's driver call.
+            unsafe { libc::_exit(1) };
+        }
         std::process::exit(1);
     }
 }

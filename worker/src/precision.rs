@@ -1,7 +1,8 @@
-//! Devices and precision: fp32 on CPU; on CUDA, bfloat16 autocast, channels-last memory
-//! layout (see [`crate::flat::Layout`]) and uploads from page-locked memory. Autocast goes
-//! through Ladder's C++ shim, since tch's own autocast only knows CUDA float16; so does
-//! pinning, since tch's `pin_memory` passes a device argument libtorch warns about each time.
+//! Devices and precision: float32, or bfloat16 autocast with channels-last memory layout (see
+//! [`crate::flat::Layout`]; the default on CUDA), and uploads from page-locked memory on CUDA.
+//! Autocast goes through Ladder's C++ shim, since tch's own autocast only knows CUDA float16; so
+//! does pinning, since tch's `pin_memory` passes a device argument libtorch warns about each
+//! time.
 
 use crate::flat::Layout;
 use tch::{Device, Tensor};
@@ -88,19 +89,58 @@ pub struct AutocastError(&'static str);
 /// in bfloat16, numerically sensitive operations (softmax, losses, BatchNorm statistics) stay in
 /// float32, and the weights stay float32.
 pub fn autocast_bf16<T>(device: Device, f: impl FnOnce() -> T) -> Result<T, AutocastError> {
-    let code = device_code(device);
-    let mut previous_dtype = 0;
-    // SAFETY: a plain C call into the shim, which writes one int through the pointer.
-    let was_enabled = unsafe { ladder_autocast_enter_bf16(code, &mut previous_dtype) };
-    if was_enabled < 0 {
-        return Err(AutocastError("enable"));
-    }
+    let region = AutocastRegion::enter(device)?;
     let result = f();
-    // SAFETY: a plain C call; no pointers cross.
-    if unsafe { ladder_autocast_exit(code, was_enabled, previous_dtype) } < 0 {
-        return Err(AutocastError("leave"));
-    }
+    region.leave()?;
     Ok(result)
+}
+
+/// An autocast region entered on this thread. It is left even when `f` panics (libtorch errors
+/// panic in tch): a thread left autocasting would cast in later runs it serves, and its cast
+/// cache, cleared only when the outermost region ends, would keep serving bfloat16 copies of
+/// weights updated since.
+struct AutocastRegion {
+    device: i32,
+    was_enabled: i32,
+    previous_dtype: i32,
+}
+
+impl AutocastRegion {
+    fn enter(device: Device) -> Result<AutocastRegion, AutocastError> {
+        let device = device_code(device);
+        let mut previous_dtype = 0;
+        // SAFETY: a plain C call into the shim, which writes one int through the pointer.
+        let was_enabled = unsafe { ladder_autocast_enter_bf16(device, &mut previous_dtype) };
+        if was_enabled < 0 {
+            return Err(AutocastError("enable"));
+        }
+        Ok(AutocastRegion {
+            device,
+            was_enabled,
+            previous_dtype,
+        })
+    }
+
+    fn exit(&self) -> Result<(), AutocastError> {
+        // SAFETY: a plain C call; no pointers cross.
+        match unsafe { ladder_autocast_exit(self.device, self.was_enabled, self.previous_dtype) } {
+            0 => Ok(()),
+            _ => Err(AutocastError("leave")),
+        }
+    }
+
+    fn leave(self) -> Result<(), AutocastError> {
+        let left = self.exit();
+        std::mem::forget(self);
+        left
+    }
+}
+
+impl Drop for AutocastRegion {
+    /// Only on a panic inside the region: [`AutocastRegion::leave`] ends it otherwise.
+    fn drop(&mut self) {
+        let _ = self.exit();
+    }
 }
 
 pub fn autocast_enabled(device: Device) -> bool {

@@ -7,6 +7,7 @@ use ladder_collective::AbortHandle;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 /// The latest evaluation on the held-out split.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -123,6 +124,21 @@ impl Liveness {
         self.in_collective.store(false, Ordering::Relaxed);
         self.tick();
         result
+    }
+
+    /// Resolves once the activity counter has not moved for `quiet`.
+    pub async fn still_for(&self, quiet: Duration) {
+        let poll = (quiet / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let (mut seen, mut since) = (self.activity(), tokio::time::Instant::now());
+        loop {
+            tokio::time::sleep(poll).await;
+            let now = self.activity();
+            if now != seen {
+                (seen, since) = (now, tokio::time::Instant::now());
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+        }
     }
 
     pub fn activity(&self) -> u64 {

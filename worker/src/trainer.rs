@@ -851,6 +851,9 @@ impl Trainer {
         let counts = Tensor::zeros([3], (Kind::Float, self.options.device));
         let result = (|| -> Result<(), TrainError> {
             while let Some(batch) = loader.next() {
+                if let Some(reason) = self.stop.reason() {
+                    return Err(TrainError::Stopped(reason));
+                }
                 let batch = batch.map_err(|e| TrainError::Fatal(e.to_string()))?;
                 let (images, labels) = self.to_device(&batch);
                 let logits = tch::no_grad(|| self.forward(&images, false));

@@ -148,3 +148,15 @@ fn page_locked_copies_exist_only_with_cuda_and_uploads_keep_the_values() {
         assert!(on_gpu.to_device(Device::Cpu).equal(&x));
     }
 }
+
+#[test]
+fn a_panic_inside_an_autocast_region_leaves_it() {
+    let panicked = std::panic::catch_unwind(|| {
+        autocast_bf16(Device::Cpu, || panic!("a libtorch error inside the region"))
+    });
+    assert!(panicked.is_err());
+    assert!(
+        !autocast_enabled(Device::Cpu),
+        "the thread no longer autocasts after the panic"
+    );
+}
