@@ -69,6 +69,9 @@ enum Command {
     },
     /// List jobs, one per line, starting with the id.
     List,
+    /// List registered workers, one per line, starting with the id: name, host, device, the
+    /// job and rank it trains (or idle), and its signs of life.
+    Workers,
     /// Cancel a job.
     Cancel {
         /// The job's id.
@@ -267,6 +270,49 @@ fn duration(seconds: f32) -> String {
     }
 }
 
+/// One registered worker: who and where, what it does, and its signs of life (how long its
+/// training thread has been quiet, when its lease runs out).
+fn worker_line(w: &pb::WorkerInfo) -> String {
+    let seconds = |ms: i64| duration(ms as f32 / 1000.0);
+    let shown = |text: &str| {
+        if text.is_empty() {
+            "-".to_owned()
+        } else {
+            text.to_owned()
+        }
+    };
+    let mut line = format!(
+        "{}  {}  {}  {}  ",
+        w.id,
+        shown(&w.name),
+        shown(&w.hostname),
+        shown(&w.device)
+    );
+    if w.job_id.is_empty() {
+        line.push_str("idle");
+    } else {
+        line.push_str(&format!(
+            "{} rank {} (generation {})  quiet {}",
+            w.job_id,
+            w.rank,
+            w.generation,
+            seconds(w.quiet_ms)
+        ));
+        if w.in_collective {
+            line.push_str(", waiting on the other ranks");
+        }
+    }
+    if w.leaving {
+        line.push_str("  leaving");
+    }
+    if w.heard_from {
+        line.push_str(&format!("  lease {}", seconds(w.lease_remaining_ms)));
+    } else {
+        line.push_str("  not heard from since the coordinator started");
+    }
+    line
+}
+
 /// What the last evaluation measured, if one ran.
 fn eval_summary(p: &pb::Progress) -> Option<String> {
     (p.eval_epoch > 0).then(|| {
@@ -456,6 +502,18 @@ async fn run(cli: Cli) -> Result<()> {
                 .jobs;
             for job in &jobs {
                 println!("{}", job_line(job));
+            }
+        }
+        Command::Workers => {
+            let mut client = connect(&cli).await?;
+            let workers = client
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .map_err(|s| rpc_error("workers", s))?
+                .into_inner()
+                .workers;
+            for worker in &workers {
+                println!("{}", worker_line(worker));
             }
         }
         Command::Cancel { job } => {

@@ -523,6 +523,8 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
     });
 }
 
+/// Also what `ladder workers` shows meanwhile: the recovered worker not heard from, then its
+/// job and rank, beside a new idle one.
 #[test]
 fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive() {
     let dir = tempfile::tempdir().unwrap();
@@ -548,6 +550,12 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
     std::thread::sleep(Duration::from_millis(500));
     let status = cli.ok(&["status", &id]);
     assert!(status.contains("queued"), "{status}");
+    let workers = cli.ok(&["workers"]);
+    assert_eq!(
+        workers.trim_end(),
+        format!("{idle}  -  -  -  idle  not heard from since the coordinator started"),
+        "`ladder workers` says why the job waits"
+    );
     rt.block_on(async {
         let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;
         worker
@@ -559,14 +567,36 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
             .unwrap();
         let assignment = worker
             .await_assignment(pb::AwaitAssignmentRequest {
-                worker_id: idle,
+                worker_id: idle.clone(),
                 wait_ms: 5_000,
             })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(assignment.job_id, id, "assigned once it sent a heartbeat");
+        worker
+            .register(pb::RegisterRequest {
+                hostname: "node-7".into(),
+                device: "cuda:3".into(),
+                name: "slot-b".into(),
+            })
+            .await
+            .unwrap();
     });
+    let workers = cli.ok(&["workers"]);
+    let lines: Vec<&str> = workers.lines().collect();
+    assert_eq!(lines.len(), 2, "{workers}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{idle}  -  -  -  {id} rank 0 (generation 1)  quiet "
+        )),
+        "{workers}"
+    );
+    assert!(lines[0].contains("  lease "), "{workers}");
+    assert!(
+        lines[1].contains("  slot-b  node-7  cuda:3  idle  lease "),
+        "{workers}"
+    );
 }
 
 #[test]

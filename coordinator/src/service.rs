@@ -185,6 +185,37 @@ impl pb::job_service_server::JobService for JobApi {
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .0
+            .workers()
+            .await
+            .into_iter()
+            .map(|(w, lease_remaining_ms, quiet_ms)| {
+                let assignment = w.assignment.unwrap_or_default();
+                pb::WorkerInfo {
+                    id: w.id,
+                    name: w.name,
+                    hostname: w.hostname,
+                    device: w.device,
+                    job_id: assignment.job_id,
+                    generation: assignment.generation,
+                    rank: assignment.rank,
+                    leaving: w.leaving,
+                    heard_from: w.heard_from,
+                    registered_at_ms: w.registered_at_ms,
+                    lease_remaining_ms,
+                    quiet_ms,
+                    in_collective: w.in_collective,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,

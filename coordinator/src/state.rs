@@ -258,7 +258,7 @@ impl JobRecord {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerAssignment {
     pub job_id: String,
     pub generation: u64,
@@ -696,6 +696,18 @@ impl Coordinator {
 
     pub async fn list(&self) -> Vec<JobRecord> {
         self.inner.lock().await.jobs.values().cloned().collect()
+    }
+
+    /// Every registered worker, in id order, with how long until its lease runs out and how
+    /// long its training thread has been quiet (both in milliseconds, from now).
+    pub async fn workers(&self) -> Vec<(WorkerRecord, i64, i64)> {
+        let now = monotonic_ms();
+        let inner = self.inner.lock().await;
+        inner
+            .workers
+            .values()
+            .map(|w| (w.clone(), w.lease_expires_ms - now, now - w.active_ms))
+            .collect()
     }
 
     pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
