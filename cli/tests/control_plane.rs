@@ -1172,6 +1172,44 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
             }
         }
     });
+    // Resumed, the job's next rank 0 is told what the newest commit retired, to delete what
+    // is left of it (the worker told first may have died before it did).
+    cli.ok(&["resume", id]);
+    let assignment = job.rt.block_on(async {
+        let mut worker = worker_client(&job.coordinator.url(), WORKER_TOKEN).await;
+        let beat = worker
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                ..Default::default()
+            })
+            .await;
+        // Its lease (2 s) may have run out on a slow machine: then a new worker takes the job.
+        let alive = match beat {
+            Ok(_) => worker_id.clone(),
+            Err(_) => {
+                worker
+                    .register(pb::RegisterRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .worker_id
+            }
+        };
+        worker
+            .await_assignment(pb::AwaitAssignmentRequest {
+                worker_id: alive,
+                wait_ms: 10_000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(
+        (assignment.rank, assignment.generation),
+        (0, generation + 1)
+    );
+    let retired: Vec<&str> = assignment.retired.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(retired, ["ckpt-e1-s3"]);
 }
 
 #[test]

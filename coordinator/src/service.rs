@@ -137,6 +137,7 @@ fn assignment_to_pb(a: Assignment) -> pb::Assignment {
         world_size: a.world_size,
         spec_toml: a.spec_toml,
         restore_from: a.restore_from.as_ref().map(checkpoint_to_pb),
+        retired: a.retired.iter().map(checkpoint_to_pb).collect(),
     }
 }
 

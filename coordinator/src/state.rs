@@ -304,6 +304,9 @@ pub struct Assignment {
     pub world_size: u32,
     pub spec_toml: String,
     pub restore_from: Option<CheckpointRecord>,
+    /// To rank 0: what the newest commit retired, in case its files outlived the worker told
+    /// to delete them.
+    pub retired: Vec<CheckpointRecord>,
 }
 
 /// What a worker reports.
@@ -959,6 +962,10 @@ impl Coordinator {
                 world_size: job.workers.len() as u32,
                 spec_toml: job.spec_toml.clone(),
                 restore_from: job.restore_from.clone(),
+                retired: match a.rank {
+                    0 => job.last_retired.clone(),
+                    _ => Vec::new(),
+                },
             })
         }))
     }

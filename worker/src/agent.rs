@@ -355,6 +355,7 @@ impl Worker {
         let generation = assignment.generation;
         let (rank, world) = (assignment.rank, assignment.world_size);
         tracing::info!(job = %job_id, generation, rank, world, "assigned");
+        delete_retired(&assignment.retired);
         let spec = match JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}")) {
             Ok(spec) => spec,
             Err(e) => {
@@ -833,16 +834,7 @@ impl Events for ChannelEvents {
                 match rpc!(run.coordinator, commit_checkpoint, request.clone()) {
                     Ok(reply) if reply.accepted => {
                         tracing::info!(checkpoint = %manifest.id, "checkpoint committed");
-                        // Retention dropped these from the job's record first: deleting them
-                        // can never lose the last good checkpoint, even if this process dies
-                        // half-way (what is left is merely unreferenced).
-                        for old in reply.retired {
-                            match std::fs::remove_dir_all(&old.path) {
-                                Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                                Err(e) => tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path),
-                            }
-                        }
+                        delete_retired(&reply.retired);
                         return Commit::Committed;
                     }
                     Ok(reply) => return Commit::Refused(reply.reason),
@@ -855,6 +847,22 @@ impl Events for ChannelEvents {
                 }
             }
         })
+    }
+}
+
+/// Deletes checkpoints retention retired. It dropped them from the job's record first, so
+/// deleting them can never lose the last good checkpoint, even if this process dies half-way:
+/// what is left is merely unreferenced, and the next generation's rank 0 is told to delete it
+/// again.
+fn delete_retired(retired: &[pb::CheckpointRef]) {
+    for old in retired {
+        match std::fs::remove_dir_all(&old.path) {
+            Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path)
+            }
+        }
     }
 }
 
