@@ -434,10 +434,10 @@ fn job_details(job: &pb::Job) -> String {
         eta,
         eval_summary(&p).unwrap_or_else(|| "none yet".to_owned()),
         p.graph_builds,
-        if job.workers.is_empty() {
-            "none".to_owned()
-        } else {
-            job.workers.join(", ")
+        match (job.workers.is_empty(), job.waiting.is_empty()) {
+            (true, true) => "none".to_owned(),
+            (true, false) => format!("none; {}", job.waiting),
+            (false, _) => job.workers.join(", "),
         },
         last,
         trained_summary(job),

@@ -94,6 +94,24 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
         "{status}"
     );
     assert!(status.contains("stage        1/2"), "{status}");
+    assert!(
+        status.contains("workers      none; waiting for workers: 0 idle, 1 needed\n"),
+        "{status}"
+    );
+    // One idle worker for a job that could use two: it waits the rendezvous grace for more.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut worker = worker_client(&coordinator.url(), WORKER_TOKEN).await;
+        worker
+            .register(pb::RegisterRequest::default())
+            .await
+            .unwrap();
+    });
+    let status = cli.ok(&["status", &id]);
+    assert!(
+        status.contains("workers      none; 1 idle: starting on 1 in ")
+            && status.contains(" s unless 2 are idle by then\n"),
+        "{status}"
+    );
 
     assert!(cli.ok(&["cancel", &id]).contains("cancelled"));
     let err = cli.fails(&["cancel", &id]);
@@ -550,6 +568,13 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
     std::thread::sleep(Duration::from_millis(500));
     let status = cli.ok(&["status", &id]);
     assert!(status.contains("queued"), "{status}");
+    assert!(
+        status.contains(
+            "workers      none; waiting for workers: 0 idle, 1 needed (1 more registered, not \
+             heard from since the coordinator started)"
+        ),
+        "`ladder status` says what a queued job waits for: {status}"
+    );
     let workers = cli.ok(&["workers"]);
     assert_eq!(
         workers.trim_end(),

@@ -112,6 +112,11 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
         checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
         message: job.message.clone(),
         last_incident: job.last_incident.clone(),
+        waiting: if job.state == JobState::Queued {
+            job.waiting.clone()
+        } else {
+            String::new()
+        },
         trained: job
             .trained()
             .into_iter()

@@ -205,6 +205,10 @@ pub struct JobRecord {
     /// ends the generation without the leaving workers.
     #[serde(skip)]
     pub checkpoint_requested: bool,
+    /// While queued: what the job waits for (the idle workers it lacks, or the grace before it
+    /// starts on fewer), as the scheduler last saw it.
+    #[serde(skip)]
+    pub waiting: String,
 }
 
 /// Generations in a row, without a checkpoint between, whose collectives all fail before the
@@ -686,6 +690,7 @@ impl Coordinator {
             failed_checkpoints: 0,
             last_retired: Vec::new(),
             checkpoint_requested: false,
+            waiting: String::new(),
         };
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
@@ -1435,7 +1440,12 @@ impl Coordinator {
                 })
                 .map(|w| w.id.clone())
                 .collect();
-            let job = &inner.jobs[&job_id];
+            let unheard = inner
+                .workers
+                .values()
+                .filter(|w| w.assignment.is_none() && !w.heard_from)
+                .count();
+            let job = inner.jobs.get_mut(&job_id).expect("queued job exists");
             let sizes = job.world_sizes_now();
             let best = sizes.iter().copied().max().unwrap_or(0);
             let Some(fit) = sizes
@@ -1444,20 +1454,31 @@ impl Coordinator {
                 .filter(|&n| n as usize <= idle.len())
                 .max()
             else {
-                if let Some(job) = inner.jobs.get_mut(&job_id) {
-                    job.ready_since_ms = None;
-                }
+                job.ready_since_ms = None;
+                let least = sizes.iter().copied().min().unwrap_or(0);
+                job.waiting = format!(
+                    "waiting for workers: {} idle, {least} needed{}",
+                    idle.len(),
+                    match unheard {
+                        0 => String::new(),
+                        n => format!(
+                            " ({n} more registered, not heard from since the coordinator \
+                             started)"
+                        ),
+                    }
+                );
                 continue;
             };
-            let ready_since = *inner
-                .jobs
-                .get_mut(&job_id)
-                .expect("queued job exists")
-                .ready_since_ms
-                .get_or_insert(now);
+            let ready_since = *job.ready_since_ms.get_or_insert(now);
             if fit < best && now - ready_since < grace {
+                job.waiting = format!(
+                    "{} idle: starting on {fit} in {} s unless {best} are idle by then",
+                    idle.len(),
+                    (ready_since + grace - now + 999) / 1000
+                );
                 continue;
             }
+            job.waiting.clear();
             let mut job = inner.jobs[&job_id].clone();
             job.generation += 1;
             let dropped: Vec<String> = job
