@@ -364,6 +364,10 @@ fn job_line(job: &pb::Job) -> String {
         line.push_str("  ");
         line.push_str(&eval);
     }
+    if !job.waiting.is_empty() {
+        line.push_str("  ");
+        line.push_str(&job.waiting);
+    }
     line
 }
 

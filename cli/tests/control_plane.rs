@@ -85,7 +85,8 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
     );
     let list = cli.ok(&["list"]);
     assert!(
-        list.lines().any(|l| l.starts_with(&format!("{id} "))),
+        list.lines().any(|l| l.starts_with(&format!("{id} "))
+            && l.ends_with("  waiting for workers: 0 idle, 1 needed")),
         "{list}"
     );
     let status = cli.ok(&["status", &id]);

@@ -1416,6 +1416,17 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Records what queued `job_id` waits for; watchers hear of a change.
+    fn set_waiting(&self, job_id: &str, waiting: String, inner: &mut Inner) {
+        let Some(job) = inner.jobs.get_mut(job_id) else {
+            return;
+        };
+        if job.waiting != waiting {
+            job.waiting = waiting;
+            let _ = self.job_changed.send(job_id.to_owned());
+        }
+    }
+
     /// Gives idle workers to queued jobs, oldest job first. A job starts at once on the largest
     /// world size it allows, or, after `rendezvous_grace` with fewer idle workers, on the
     /// largest allowed size that the idle workers fill.
@@ -1456,7 +1467,7 @@ impl Coordinator {
             else {
                 job.ready_since_ms = None;
                 let least = sizes.iter().copied().min().unwrap_or(0);
-                job.waiting = format!(
+                let waiting = format!(
                     "waiting for workers: {} idle, {least} needed{}",
                     idle.len(),
                     match unheard {
@@ -1467,15 +1478,17 @@ impl Coordinator {
                         ),
                     }
                 );
+                self.set_waiting(&job_id, waiting, inner);
                 continue;
             };
             let ready_since = *job.ready_since_ms.get_or_insert(now);
             if fit < best && now - ready_since < grace {
-                job.waiting = format!(
+                let waiting = format!(
                     "{} idle: starting on {fit} in {} s unless {best} are idle by then",
                     idle.len(),
                     (ready_since + grace - now + 999) / 1000
                 );
+                self.set_waiting(&job_id, waiting, inner);
                 continue;
             }
             job.waiting.clear();
