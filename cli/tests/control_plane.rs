@@ -1200,7 +1200,6 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
     });
     // Resumed, the job's next rank 0 is told what the newest commit retired, to delete what
     // is left of it (the worker told first may have died before it did).
-    cli.ok(&["resume", id]);
     let assignment = job.rt.block_on(async {
         let mut worker = worker_client(&job.coordinator.url(), WORKER_TOKEN).await;
         let beat = worker
@@ -1209,7 +1208,9 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
                 ..Default::default()
             })
             .await;
-        // Its lease (2 s) may have run out on a slow machine: then a new worker takes the job.
+        cli.ok(&["resume", id]);
+        // Its lease (2 s) may have run out on a slow machine: then a new worker takes the job
+        // (in a later generation if the old one was assigned it first).
         let alive = match beat {
             Ok(_) => worker_id.clone(),
             Err(_) => {
@@ -1230,10 +1231,8 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
             .unwrap()
             .into_inner()
     });
-    assert_eq!(
-        (assignment.rank, assignment.generation),
-        (0, generation + 1)
-    );
+    assert_eq!(assignment.rank, 0);
+    assert!(assignment.generation > generation);
     let retired: Vec<&str> = assignment.retired.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(retired, ["ckpt-e1-s3"]);
 }

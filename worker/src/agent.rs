@@ -355,7 +355,9 @@ impl Worker {
         let generation = assignment.generation;
         let (rank, world) = (assignment.rank, assignment.world_size);
         tracing::info!(job = %job_id, generation, rank, world, "assigned");
-        delete_retired(&assignment.retired);
+        // Off the async threads: a network file system may take its time.
+        let retired = assignment.retired.clone();
+        tokio::task::spawn_blocking(move || delete_retired(&retired));
         let spec = match JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}")) {
             Ok(spec) => spec,
             Err(e) => {
