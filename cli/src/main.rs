@@ -273,20 +273,16 @@ fn duration(seconds: f32) -> String {
 /// One registered worker: who and where, what it does, and its signs of life (how long its
 /// training thread has been quiet, when its lease runs out).
 fn worker_line(w: &pb::WorkerInfo) -> String {
+    fn or_dash(text: &str) -> &str {
+        if text.is_empty() { "-" } else { text }
+    }
     let seconds = |ms: i64| duration(ms as f32 / 1000.0);
-    let shown = |text: &str| {
-        if text.is_empty() {
-            "-".to_owned()
-        } else {
-            text.to_owned()
-        }
-    };
     let mut line = format!(
         "{}  {}  {}  {}  ",
         w.id,
-        shown(&w.name),
-        shown(&w.hostname),
-        shown(&w.device)
+        or_dash(&w.name),
+        or_dash(&w.hostname),
+        or_dash(&w.device)
     );
     if w.job_id.is_empty() {
         line.push_str("idle");

@@ -1347,9 +1347,8 @@ impl Coordinator {
         for (job_id, hung, why) in stalled {
             for id in &hung {
                 tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
-                self.remove_worker(inner, id).await?;
             }
-            self.membership_lost(inner, &job_id, &why).await?;
+            self.part(inner, &job_id, &hung, &why).await?;
         }
         Ok(())
     }

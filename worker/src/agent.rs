@@ -141,31 +141,10 @@ pub struct Stuck(String);
 /// (preemption notices give 30 s to 2 minutes).
 const LEAVE_GRACE: Duration = Duration::from_secs(90);
 
-/// Whether the worker was asked to stop (SIGTERM), and a wake-up for those waiting on it.
-#[derive(Default)]
-struct Leave {
-    asked: AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Leave {
-    fn asked(&self) -> bool {
-        self.asked.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once the worker was asked to stop.
-    async fn wait(&self) {
-        let notified = self.notify.notified();
-        if !self.asked() {
-            notified.await;
-        }
-    }
-}
-
 /// On SIGTERM (a node drain, a preemption notice): tell the coordinator, which has rank 0
 /// checkpoint and then goes on without this worker; leave once that happened. A second
 /// SIGTERM, or [`LEAVE_GRACE`] without the checkpoint, leaves at once.
-async fn leave_on_sigterm(leave: Arc<Leave>) {
+async fn leave_on_sigterm(leave: Arc<StopSignal>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         tracing::warn!("cannot handle SIGTERM: it will end the worker at once");
@@ -177,8 +156,7 @@ async fn leave_on_sigterm(leave: Arc<Leave>) {
          is one (at most {} s); a second SIGTERM leaves at once",
         LEAVE_GRACE.as_secs()
     );
-    leave.asked.store(true, Ordering::SeqCst);
-    leave.notify.notify_waiters();
+    leave.stop("SIGTERM");
     tokio::select! {
         _ = term.recv() => tracing::warn!("second SIGTERM: leaving now"),
         _ = tokio::time::sleep(LEAVE_GRACE) => {
@@ -195,7 +173,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         client: Mutex::new(None),
     });
-    let leave = Arc::new(Leave::default());
+    // Set once the worker is asked to stop (SIGTERM).
+    let leave = Arc::new(StopSignal::default());
     tokio::spawn(leave_on_sigterm(leave.clone()));
     loop {
         let registration = register(&coordinator).await?;
@@ -209,7 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         tracing::info!(worker = %worker.id, device = %device_name(config.device), precision = ?config.precision, "registered");
         worker.serve().await?;
-        if leave.asked() {
+        if leave.is_stopped() {
             tracing::info!(worker = %worker.id, "left on request");
             return Ok(());
         }
@@ -242,7 +221,7 @@ struct Worker {
     coordinator: Arc<Coordinator>,
     config: Config,
     liveness: Arc<Liveness>,
-    leave: Arc<Leave>,
+    leave: Arc<StopSignal>,
 }
 
 /// A job generation this worker took part in.
@@ -283,7 +262,7 @@ impl Worker {
             let assignment = tokio::select! {
                 _ = lost.changed() => break Ok(()),
                 // Asked to stop between generations (at once when that was earlier).
-                _ = self.leave.wait() => break Ok(()),
+                _ = self.leave.stopped() => break Ok(()),
                 a = async { rpc!(self.coordinator, await_assignment, request) } => a,
             };
             let assignment = match assignment {
@@ -319,7 +298,7 @@ impl Worker {
             }
         };
         heartbeat.abort();
-        if self.leave.asked() {
+        if self.leave.is_stopped() {
             self.tell_leaving().await;
         }
         result
@@ -513,7 +492,7 @@ impl Worker {
         stop: &StopSignal,
     ) -> Option<Vec<Vec<u8>>> {
         loop {
-            if stop.reason().is_some() {
+            if stop.is_stopped() {
                 return None;
             }
             let request = pb::RendezvousRequest {
@@ -586,7 +565,7 @@ async fn heartbeat(
     lease: Duration,
     running: Running,
     liveness: Arc<Liveness>,
-    leave: Arc<Leave>,
+    leave: Arc<StopSignal>,
     lost: tokio::sync::watch::Sender<bool>,
 ) {
     let mut interval = tokio::time::interval(lease / 3);
@@ -596,9 +575,9 @@ async fn heartbeat(
         // Asked to stop: the coordinator hears it at once, not a third of a lease later.
         tokio::select! {
             _ = interval.tick() => {}
-            _ = leave.wait(), if !told_leaving => {}
+            _ = leave.stopped(), if !told_leaving => {}
         }
-        told_leaving = leave.asked();
+        told_leaving = leave.is_stopped();
         let request = pb::HeartbeatRequest {
             worker_id: worker_id.clone(),
             activity: liveness.activity(),

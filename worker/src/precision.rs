@@ -10,7 +10,7 @@ use torch_sys::C_tensor;
 
 /// What a worker trains in. The default follows the device: bfloat16 on CUDA, where tensor
 /// cores make it several times faster than float32, and float32 on CPU. Overriding it gives
-/// float32 on a GPU, to rule precision out when a run misbehaves, or a GPU's numerics and
+/// float32 on a GPU, to rule precision out when a run misbehaves, or a GPU's precision and
 /// memory layouts on a CPU, where the tests exercise them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
@@ -34,6 +34,14 @@ impl Precision {
         match self {
             Precision::Float32 => Layout::Contiguous,
             Precision::Bfloat16 => Layout::ChannelsLast,
+        }
+    }
+
+    /// A batch of NCHW images laid out as [`Self::layout`] feeds them to the model.
+    pub fn lay_out_images(self, images: Tensor) -> Tensor {
+        match self.layout() {
+            Layout::ChannelsLast => channels_last(&images),
+            Layout::Contiguous => images,
         }
     }
 }

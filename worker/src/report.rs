@@ -61,7 +61,7 @@ pub enum Commit {
 }
 
 /// Stops a run from outside: the trainer checks it before every step, and a collective blocked
-/// on a dead peer is aborted at once.
+/// on a dead peer is aborted at once. Async code awaits it too (also the worker's own SIGTERM).
 #[derive(Default)]
 pub struct StopSignal {
     state: Mutex<(Option<String>, Vec<AbortHandle>)>,
@@ -83,9 +83,13 @@ impl StopSignal {
     /// Resolves once the run was asked to stop.
     pub async fn stopped(&self) {
         let notified = self.stopped.notified();
-        if self.reason().is_none() {
+        if !self.is_stopped() {
             notified.await;
         }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.state.lock().expect("stop signal lock").0.is_some()
     }
 
     /// Why the run must stop, once asked to.

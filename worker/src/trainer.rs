@@ -23,7 +23,7 @@ use crate::data_parallel::{
 };
 use crate::ema::Ema;
 use crate::feed::{self, Cursor};
-use crate::flat::{FlatState, Layout};
+use crate::flat::FlatState;
 use crate::loss;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
@@ -622,10 +622,7 @@ impl Trainer {
         let size = batch.size as i64;
         let images =
             precision::upload_slice(&batch.images, &[n, 3, size, size], self.options.device);
-        let images = match self.options.precision.layout() {
-            Layout::ChannelsLast => precision::channels_last(&images),
-            Layout::Contiguous => images,
-        };
+        let images = self.options.precision.lay_out_images(images);
         let labels = precision::upload_slice(&batch.labels, &[n], self.options.device);
         (images, labels)
     }
@@ -648,10 +645,7 @@ impl Trainer {
             [e.micro_batch as i64, 3, size, size],
             (Kind::Float, self.options.device),
         );
-        let images = match self.options.precision.layout() {
-            Layout::ChannelsLast => precision::channels_last(&images),
-            Layout::Contiguous => images,
-        };
+        let images = self.options.precision.lay_out_images(images);
         self.forward(&images, true).mean(Kind::Float).backward();
         self.flat.zero_grads();
         tch::no_grad(|| self.flat.buffers.shallow_clone().copy_(&statistics));
