@@ -4,8 +4,8 @@
 
 use ladder_proto::v1 as pb;
 use ladder_testkit::{
-    CoordinatorProcess, Etcd, SUBMIT_TOKEN, WORKER_TOKEN, binary, free_port, job_client,
-    worker_client, write_dataset, write_spec,
+    CoordinatorProcess, Etcd, Registered, SUBMIT_TOKEN, WORKER_TOKEN, binary, checkpoint_ref,
+    free_port, job_client, worker_client, write_dataset, write_spec,
 };
 use std::path::Path;
 use std::process::{Command, Output};
@@ -220,7 +220,7 @@ fn tokens_are_required_and_roles_are_separate() {
 }
 
 #[test]
-fn the_coordinator_refuses_a_public_address_without_tls_and_a_missing_token() {
+fn the_coordinator_refuses_a_public_address_without_tls_a_missing_token_and_senseless_timeouts() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("redb:{}", dir.path().join("state.redb").display());
     let out = Command::new(binary("ladder-coordinator"))
@@ -252,6 +252,33 @@ fn the_coordinator_refuses_a_public_address_without_tls_and_a_missing_token() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("redb:PATH"));
+
+    // Leases and timeouts out of range: a lease of 0 would expire every worker at once, one of
+    // 2^32 ms would wrap around; a stall cannot be judged between two heartbeats.
+    for (flags, says) in [
+        (&["--lease-ttl-ms", "0"][..], "--lease-ttl-ms"),
+        (&["--lease-ttl-ms", "4294967296"][..], "--lease-ttl-ms"),
+        (&["--leader-ttl-s", "0"][..], "--leader-ttl-s"),
+        (
+            &["--rendezvous-grace-ms", "99999999999"][..],
+            "--rendezvous-grace-ms",
+        ),
+        (
+            &["--lease-ttl-ms", "20000", "--stall-timeout-ms", "5000"][..],
+            "shorter than --lease-ttl-ms",
+        ),
+    ] {
+        let out = Command::new(binary("ladder-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--store", &store])
+            .args(flags)
+            .env("LADDER_SUBMIT_TOKEN", "a")
+            .env("LADDER_WORKER_TOKEN", "b")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
 }
 
 /// A CA and a server certificate for localhost signed by it, made with openssl.
@@ -356,10 +383,11 @@ fn tls_serves_clients_that_trust_the_certificate() {
     assert!(!plain.is_empty(), "plaintext is not served on a TLS port");
 }
 
-/// Registers a worker and drives it to a running job with a committed checkpoint.
-async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
+/// Registers a worker and drives it to a running job (of a spec [`setup`] wrote in `dir`) with
+/// a committed checkpoint.
+async fn run_one_worker(url: &str, job_id: &str, dir: &Path) -> (pb::WorkerIdentity, u64) {
     let mut worker = worker_client(url, WORKER_TOKEN).await;
-    let worker_id = worker
+    let identity = worker
         .register(pb::RegisterRequest {
             hostname: "test".into(),
             device: "cpu".into(),
@@ -368,10 +396,10 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
         .await
         .unwrap()
         .into_inner()
-        .worker_id;
+        .identity();
     let assignment = worker
         .await_assignment(pb::AwaitAssignmentRequest {
-            worker_id: worker_id.clone(),
+            worker: Some(identity.clone()),
             wait_ms: 10_000,
         })
         .await
@@ -381,7 +409,7 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
     assert_eq!((assignment.rank, assignment.world_size), (0, 1));
     let rendezvous = worker
         .rendezvous(pb::RendezvousRequest {
-            worker_id: worker_id.clone(),
+            worker: Some(identity.clone()),
             job_id: job_id.into(),
             generation: assignment.generation,
             rank: 0,
@@ -407,7 +435,7 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
     };
     let current = worker
         .report_progress(pb::ReportProgressRequest {
-            worker_id: worker_id.clone(),
+            worker: Some(identity.clone()),
             job_id: job_id.into(),
             generation: assignment.generation,
             progress: Some(progress),
@@ -419,26 +447,33 @@ async fn run_one_worker(url: &str, job_id: &str) -> (String, u64) {
         .current;
     assert!(current);
     let commit = worker
-        .commit_checkpoint(first_checkpoint(&worker_id, job_id, assignment.generation))
+        .commit_checkpoint(first_checkpoint(
+            &identity,
+            job_id,
+            assignment.generation,
+            dir,
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(commit.accepted, "{}", commit.reason);
-    (worker_id, assignment.generation)
+    (identity, assignment.generation)
 }
 
-/// The checkpoint [`run_one_worker`] commits.
-fn first_checkpoint(worker_id: &str, job_id: &str, generation: u64) -> pb::CommitCheckpointRequest {
+/// The checkpoint [`run_one_worker`] commits: step 3, in epoch 1.
+fn first_checkpoint(
+    identity: &pb::WorkerIdentity,
+    job_id: &str,
+    generation: u64,
+    dir: &Path,
+) -> pb::CommitCheckpointRequest {
     pb::CommitCheckpointRequest {
-        worker_id: worker_id.into(),
+        worker: Some(identity.clone()),
         job_id: job_id.into(),
         generation,
         checkpoint: Some(pb::CheckpointRef {
-            id: "ckpt-e1-s3".into(),
-            path: "/ckpt/e1-s3".into(),
             epoch: 1,
-            step: 3,
-            ..Default::default()
+            ..checkpoint_ref(&dir.join("checkpoints"), job_id, generation, 3)
         }),
         ..Default::default()
     }
@@ -449,8 +484,9 @@ fn first_checkpoint(worker_id: &str, job_id: &str, generation: u64) -> pb::Commi
 struct OneWorkerJob {
     coordinator: CoordinatorProcess,
     id: String,
-    worker_id: String,
+    identity: pb::WorkerIdentity,
     generation: u64,
+    dir: std::path::PathBuf,
     rt: tokio::runtime::Runtime,
 }
 
@@ -460,23 +496,25 @@ impl OneWorkerJob {
         let coordinator = redb_coordinator(dir, &[]);
         let id = last_line(&submitter(&coordinator).ok(&["submit", spec.to_str().unwrap()]));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+        let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id, dir));
         OneWorkerJob {
             coordinator,
             id,
-            worker_id,
+            identity,
             generation,
+            dir: dir.to_owned(),
             rt,
         }
     }
 
-    /// Commits `ckpt-sSTEP` after global step `step`, with what its steps trained.
+    /// Commits the checkpoint of global step `step`, with what its steps trained.
     fn commit(&self, step: u64, trained: Vec<pb::EpochTally>) -> pb::CommitCheckpointResponse {
-        let mut request = first_checkpoint(&self.worker_id, &self.id, self.generation);
-        let checkpoint = request.checkpoint.as_mut().unwrap();
-        checkpoint.id = format!("ckpt-s{step}");
-        checkpoint.path = format!("/ckpt/s{step}");
-        checkpoint.step = step;
+        let mut request = first_checkpoint(&self.identity, &self.id, self.generation, &self.dir);
+        let checkpoints = self.dir.join("checkpoints");
+        request.checkpoint = Some(pb::CheckpointRef {
+            epoch: 1,
+            ..checkpoint_ref(&checkpoints, &self.id, self.generation, step)
+        });
         request.trained = trained;
         self.rt.block_on(async {
             worker_client(&self.coordinator.url(), WORKER_TOKEN)
@@ -496,7 +534,7 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
     let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (worker_id, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
+    let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id, dir));
     coordinator.kill9();
 
     let restarted = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
@@ -508,7 +546,7 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
         "{status}"
     );
     assert!(
-        status.contains("ckpt-e1-s3"),
+        status.contains("step-000000003-g1"),
         "the committed checkpoint survived: {status}"
     );
     assert!(status.contains("epoch        2/4"), "{status}");
@@ -517,7 +555,7 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
         let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;
         let beat = worker
             .heartbeat(pb::HeartbeatRequest {
-                worker_id: worker_id.clone(),
+                worker: Some(identity.clone()),
                 ..Default::default()
             })
             .await
@@ -557,7 +595,7 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
             .await
             .unwrap()
             .into_inner()
-            .worker_id
+            .identity()
     });
     coordinator.kill9();
 
@@ -579,21 +617,24 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
     let workers = cli.ok(&["workers"]);
     assert_eq!(
         workers.trim_end(),
-        format!("{idle}  -  -  -  idle  not heard from since the coordinator started"),
+        format!(
+            "{}  -  -  -  idle  not heard from since the coordinator started",
+            idle.id
+        ),
         "`ladder workers` says why the job waits"
     );
     rt.block_on(async {
         let mut worker = worker_client(&restarted.url(), WORKER_TOKEN).await;
         worker
             .heartbeat(pb::HeartbeatRequest {
-                worker_id: idle.clone(),
+                worker: Some(idle.clone()),
                 ..Default::default()
             })
             .await
             .unwrap();
         let assignment = worker
             .await_assignment(pb::AwaitAssignmentRequest {
-                worker_id: idle.clone(),
+                worker: Some(idle.clone()),
                 wait_ms: 5_000,
             })
             .await
@@ -614,7 +655,8 @@ fn after_a_restart_a_recovered_worker_gets_no_new_job_until_it_shows_it_is_alive
     assert_eq!(lines.len(), 2, "{workers}");
     assert!(
         lines[0].starts_with(&format!(
-            "{idle}  -  -  -  {id} rank 0 (generation 1)  quiet "
+            "{}  -  -  -  {id} rank 0 (generation 1)  quiet ",
+            idle.id
         )),
         "{workers}"
     );
@@ -649,7 +691,7 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = coordinator.url();
-        let (lost, generation) = run_one_worker(&url, &id).await;
+        let (lost, generation) = run_one_worker(&url, &id, dir.path()).await;
         // The worker stops heartbeating; its lease runs out.
         let mut jobs = job_client(&url, SUBMIT_TOKEN).await;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -669,7 +711,7 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert!(
-            job.message.contains(&lost) && job.message.contains("lease expired"),
+            job.message.contains(&lost.id) && job.message.contains("lease expired"),
             "{}",
             job.message
         );
@@ -677,7 +719,7 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
         let mut worker = worker_client(&url, WORKER_TOKEN).await;
         let status = worker
             .heartbeat(pb::HeartbeatRequest {
-                worker_id: lost,
+                worker: Some(lost),
                 ..Default::default()
             })
             .await
@@ -694,10 +736,10 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
             .await
             .unwrap()
             .into_inner()
-            .worker_id;
+            .identity();
         let assignment = worker
             .await_assignment(pb::AwaitAssignmentRequest {
-                worker_id: replacement,
+                worker: Some(replacement),
                 wait_ms: 10_000,
             })
             .await
@@ -705,7 +747,7 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
             .into_inner();
         assert_eq!(assignment.job_id, id);
         assert_eq!(assignment.generation, generation + 1);
-        assert_eq!(assignment.restore_from.unwrap().id, "ckpt-e1-s3");
+        assert_eq!(assignment.restore_from.unwrap().id, "step-000000003-g1");
     });
 }
 
@@ -734,14 +776,14 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
                 .await
                 .unwrap()
                 .into_inner()
-                .worker_id;
+                .identity();
             ranks.push((w, id));
         }
         let mut assignments = Vec::new();
         for (w, wid) in ranks.iter_mut() {
             let a = w
                 .await_assignment(pb::AwaitAssignmentRequest {
-                    worker_id: wid.clone(),
+                    worker: Some(wid.clone()),
                     wait_ms: 10_000,
                 })
                 .await
@@ -759,7 +801,7 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
             let (mut w, wid, a, job) = (w.clone(), wid.clone(), a.clone(), id.clone());
             handles.push(tokio::spawn(async move {
                 w.rendezvous(pb::RendezvousRequest {
-                    worker_id: wid,
+                    worker: Some(wid),
                     job_id: job,
                     generation: a.generation,
                     rank: a.rank,
@@ -780,7 +822,7 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
         let (w, wid) = &mut ranks[0];
         let stale = w
             .report_progress(pb::ReportProgressRequest {
-                worker_id: wid.clone(),
+                worker: Some(wid.clone()),
                 job_id: id.clone(),
                 generation: assignments[0].generation - 1,
                 ..Default::default()
@@ -793,7 +835,7 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
         let (w, wid) = &mut ranks[rank0];
         let done = w
             .report_progress(pb::ReportProgressRequest {
-                worker_id: wid.clone(),
+                worker: Some(wid.clone()),
                 job_id: id.clone(),
                 generation: assignments[rank0].generation,
                 finished: true,
@@ -1147,7 +1189,7 @@ fn submit_refuses_paths_a_worker_could_not_use_and_another_jobs_checkpoints() {
 fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let job = OneWorkerJob::start(dir.path());
-    let (id, worker_id, generation) = (&job.id, &job.worker_id, job.generation);
+    let (id, identity, generation) = (&job.id, &job.identity, job.generation);
     let cli = submitter(&job.coordinator);
     // Retention (3 kept): the fourth commit retires the first, and a retry of it whose answer
     // was lost is told the same, so its files are still deleted.
@@ -1158,8 +1200,14 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         assert!(reply.accepted, "{}", reply.reason);
         reply.retired.into_iter().map(|c| c.id).collect()
     };
-    assert_eq!(retired_ids(job.commit(12, Vec::new())), ["ckpt-e1-s3"]);
-    assert_eq!(retired_ids(job.commit(12, Vec::new())), ["ckpt-e1-s3"]);
+    assert_eq!(
+        retired_ids(job.commit(12, Vec::new())),
+        ["step-000000003-g1"]
+    );
+    assert_eq!(
+        retired_ids(job.commit(12, Vec::new())),
+        ["step-000000003-g1"]
+    );
     // An older commit retried after newer ones (its first answer lost): accepted, not refused,
     // since a refusal makes the worker delete the files; nothing more to delete.
     assert!(retired_ids(job.commit(9, Vec::new())).is_empty());
@@ -1168,7 +1216,7 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         for attempt in 1..=3 {
             let reply = worker
                 .report_progress(pb::ReportProgressRequest {
-                    worker_id: worker_id.clone(),
+                    worker: Some(identity.clone()),
                     job_id: id.clone(),
                     generation,
                     checkpoint_error: "No space left on device (os error 28)".into(),
@@ -1204,7 +1252,7 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         let mut worker = worker_client(&job.coordinator.url(), WORKER_TOKEN).await;
         let beat = worker
             .heartbeat(pb::HeartbeatRequest {
-                worker_id: worker_id.clone(),
+                worker: Some(identity.clone()),
                 ..Default::default()
             })
             .await;
@@ -1212,19 +1260,17 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
         // Its lease (2 s) may have run out on a slow machine: then a new worker takes the job
         // (in a later generation if the old one was assigned it first).
         let alive = match beat {
-            Ok(_) => worker_id.clone(),
-            Err(_) => {
-                worker
-                    .register(pb::RegisterRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .worker_id
-            }
+            Ok(_) => identity.clone(),
+            Err(_) => worker
+                .register(pb::RegisterRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .identity(),
         };
         worker
             .await_assignment(pb::AwaitAssignmentRequest {
-                worker_id: alive,
+                worker: Some(alive),
                 wait_ms: 10_000,
             })
             .await
@@ -1234,7 +1280,7 @@ fn checkpoint_failures_are_incidents_until_the_job_is_failed_and_a_commit_retry_
     assert_eq!(assignment.rank, 0);
     assert!(assignment.generation > generation);
     let retired: Vec<&str> = assignment.retired.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(retired, ["ckpt-e1-s3"]);
+    assert_eq!(retired, ["step-000000003-g1"]);
 }
 
 #[test]
@@ -1255,11 +1301,11 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     }
     assert!(cli.ok(&["status", id]).contains("20 samples per epoch"));
     cli.ok(&["cancel", id]);
-    let resumed = cli.run(&["resume", id, "--checkpoint", "ckpt-s6"]);
+    let resumed = cli.run(&["resume", id, "--checkpoint", "step-000000006-g1"]);
     let said = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{said}");
     assert!(
-        said.contains("(ckpt-s9)") && said.contains("the job's history"),
+        said.contains("(step-000000009-g1)") && said.contains("the job's history"),
         "{said}"
     );
     // The idle worker takes the next generation, which starts from step 6: step 9 and what it
@@ -1273,7 +1319,10 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
         assert!(Instant::now() < deadline, "no second generation: {status}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(status.contains("checkpoint   ckpt-s6 "), "{status}");
+    assert!(
+        status.contains("checkpoint   step-000000006-g1 "),
+        "{status}"
+    );
     assert!(status.contains("10 samples per epoch"), "{status}");
 }
 

@@ -25,8 +25,15 @@ fn main() {
         .collect();
     let listener =
         TcpListener::bind(addresses[rank as usize]).expect("binding this rank's address");
-    let mut ring = TcpRing::connect(rank, listener, &addresses, 0, Duration::from_secs(60))
-        .expect("joining the ring");
+    let mut ring = TcpRing::connect(
+        rank,
+        listener,
+        &addresses,
+        0,
+        b"bench",
+        Duration::from_secs(60),
+    )
+    .expect("joining the ring");
     let mut results = Vec::new();
     for mb in sizes {
         let mut data = vec![1.0f32; mb * 1024 * 1024 / 4];

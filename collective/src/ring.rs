@@ -11,6 +11,8 @@
 //! arrives.
 
 use crate::{AbortHandle, Collective, CollectiveError};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -61,15 +63,193 @@ fn header(rank: u32, world: u32, generation: u64) -> [u8; 24] {
     h
 }
 
+/// The longest one connection may take over its handshake: a stranger that connects and stays
+/// silent holds the listener up this long at most, not until the ring's deadline.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
+/// A listener's challenge: [`MAGIC`] and a random nonce.
+const CHALLENGE: usize = 8 + NONCE;
+const NONCE: usize = 32;
+/// A connector's answer: its header and the HMAC-SHA256 of the nonce and that header.
+const ANSWER: usize = 24 + 32;
+/// The listener's last byte of a handshake: this connection is admitted.
+const ADMITTED: u8 = 1;
+
+/// What proves that the connecting side holds the generation's key: an HMAC over the
+/// listener's fresh nonce (so an answer seen once cannot be replayed) and the header it sends.
+fn proof(key: &hmac::Key, nonce: &[u8], header: &[u8; 24]) -> hmac::Tag {
+    let mut context = hmac::Context::with_key(key);
+    context.update(nonce);
+    context.update(header);
+    context.sign()
+}
+
+/// Who may join: `rank` of `world` in `generation`, holding `key`.
+struct Membership<'a> {
+    rank: u32,
+    world: u32,
+    generation: u64,
+    key: &'a hmac::Key,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Membership<'_> {
+    fn next_rank(&self) -> u32 {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> u32 {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Connects to the next rank (its listener already exists, retrying while it starts),
+    /// answers its challenge and waits to be admitted.
+    fn join_next(&self, address: &SocketAddr) -> Result<TcpStream, CollectiveError> {
+        let (rank, next_rank, timeout) = (self.rank, self.next_rank(), self.timeout);
+        let mut next = loop {
+            match TcpStream::connect_timeout(address, timeout) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < self.deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(peer_error(rank, next_rank, "connecting", timeout)(e)),
+            }
+        };
+        next.set_nodelay(true).ok();
+        next.set_write_timeout(Some(timeout)).ok();
+        next.set_read_timeout(Some(timeout)).ok();
+        let handshake = peer_error(rank, next_rank, "handshake", timeout);
+        let mut challenge = [0u8; CHALLENGE];
+        next.read_exact(&mut challenge).map_err(&handshake)?;
+        if &challenge[..8] != MAGIC {
+            return Err(CollectiveError::Handshake {
+                rank,
+                message: format!("{address} (rank {next_rank}) is not a Ladder ring listener"),
+            });
+        }
+        let mine = header(rank, self.world, self.generation);
+        let tag = proof(self.key, &challenge[8..], &mine);
+        next.write_all(&[&mine[..], tag.as_ref()].concat())
+            .map_err(&handshake)?;
+        let mut admitted = [0u8; 1];
+        match next.read_exact(&mut admitted) {
+            Ok(()) if admitted[0] == ADMITTED => Ok(next),
+            _ => Err(CollectiveError::Handshake {
+                rank,
+                message: format!(
+                    "rank {next_rank} at {address} did not admit this rank to generation {} \
+                     (a ring of another generation or key?)",
+                    self.generation
+                ),
+            }),
+        }
+    }
+
+    /// Admits the previous rank: a connection that does not prove it holds the key, or says
+    /// it is someone else, is dropped and the listener goes on waiting, so a stranger on the
+    /// port can neither join nor break the ring.
+    fn admit_previous(
+        &self,
+        listener: &TcpListener,
+        given_up: &AtomicBool,
+    ) -> Result<TcpStream, CollectiveError> {
+        let (rank, prev_rank, timeout) = (self.rank, self.prev_rank(), self.timeout);
+        listener.set_nonblocking(true).ok();
+        let mut refused: Option<(usize, String)> = None;
+        loop {
+            match listener.accept() {
+                Ok((stream, from)) => match self.challenge(stream) {
+                    Ok(prev) => return Ok(prev),
+                    Err(why) => {
+                        let count = refused.map_or(0, |(n, _)| n) + 1;
+                        refused = Some((count, format!("{from}: {why}")));
+                    }
+                },
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock
+                        && Instant::now() < self.deadline
+                        && !given_up.load(Ordering::SeqCst) =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return Err(match refused {
+                        None => CollectiveError::Timeout {
+                            rank,
+                            peer: prev_rank,
+                            timeout,
+                            during: "waiting for the previous rank to connect",
+                        },
+                        Some((count, last)) => CollectiveError::Handshake {
+                            rank,
+                            message: format!(
+                                "rank {prev_rank} did not join within {timeout:?}; {count} \
+                                 connection(s) refused, the last from {last}"
+                            ),
+                        },
+                    });
+                }
+                Err(e) => return Err(peer_error(rank, prev_rank, "accepting", timeout)(e)),
+            }
+        }
+    }
+
+    /// Challenges one connection; it is the previous rank if it answers with this
+    /// generation's key and says so.
+    fn challenge(&self, mut stream: TcpStream) -> Result<TcpStream, String> {
+        let wait = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), HANDSHAKE_WAIT);
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(wait)).ok();
+        stream.set_write_timeout(Some(wait)).ok();
+        let mut nonce = [0u8; NONCE];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "the system has no random numbers".to_owned())?;
+        let mut answer = [0u8; ANSWER];
+        stream
+            .write_all(&[&MAGIC[..], &nonce[..]].concat())
+            .and_then(|()| stream.read_exact(&mut answer))
+            .map_err(|e| format!("no answer to the challenge ({e})"))?;
+        let theirs: [u8; 24] = answer[..24].try_into().expect("24 bytes");
+        hmac::verify(self.key, &[&nonce[..], &theirs[..]].concat(), &answer[24..])
+            .map_err(|_| "it does not hold this generation's ring key".to_owned())?;
+        let prev_rank = self.prev_rank();
+        if theirs != header(prev_rank, self.world, self.generation) {
+            return Err(format!(
+                "expected rank {prev_rank} of {} in generation {}, it announced {:?}",
+                self.world,
+                self.generation,
+                (
+                    u32::from_le_bytes(theirs[8..12].try_into().expect("4 bytes")),
+                    u32::from_le_bytes(theirs[12..16].try_into().expect("4 bytes")),
+                    u64::from_le_bytes(theirs[16..24].try_into().expect("8 bytes"))
+                )
+            ));
+        }
+        stream
+            .write_all(&[ADMITTED])
+            .map_err(|e| format!("cannot admit it ({e})"))?;
+        stream.set_nodelay(true).ok();
+        stream.set_read_timeout(Some(self.timeout)).ok();
+        Ok(stream)
+    }
+}
+
 impl TcpRing {
     /// Joins the ring as `rank` of `addresses.len()`: `listener` is this rank's own (bound before
-    /// its address was published), `addresses[r]` rank `r`'s. `generation` must match on every
-    /// rank, so that a straggler from an older membership cannot join.
+    /// its address was published), `addresses[r]` rank `r`'s. Only the generation's ranks get
+    /// in: each connection proves it holds `key` (the generation's secret, from the
+    /// coordinator's rendezvous) and names `generation`, so neither a stranger on the port nor
+    /// a straggler from an older membership can join.
     pub fn connect(
         rank: u32,
         listener: TcpListener,
         addresses: &[SocketAddr],
         generation: u64,
+        key: &[u8],
         timeout: Duration,
     ) -> Result<TcpRing, CollectiveError> {
         let world = addresses.len() as u32;
@@ -84,62 +264,34 @@ impl TcpRing {
                 aborted,
             });
         }
-        let next_rank = (rank + 1) % world;
-        let prev_rank = (rank + world - 1) % world;
-        let deadline = Instant::now() + timeout;
-        // Connect to the next rank (its listener already exists), retrying while it starts.
-        let next = loop {
-            match TcpStream::connect_timeout(&addresses[next_rank as usize], timeout) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => return Err(peer_error(rank, next_rank, "connecting", timeout)(e)),
-            }
-        };
-        let mut next = next;
-        next.set_nodelay(true).ok();
-        next.set_write_timeout(Some(timeout)).ok();
-        next.write_all(&header(rank, world, generation))
-            .map_err(peer_error(rank, next_rank, "handshake", timeout))?;
-        // Accept the previous rank, refusing anyone else.
-        listener.set_nonblocking(true).ok();
-        let mut prev = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    return Err(CollectiveError::Timeout {
-                        rank,
-                        peer: prev_rank,
-                        timeout,
-                        during: "waiting for the previous rank to connect",
-                    });
-                }
-                Err(e) => return Err(peer_error(rank, prev_rank, "accepting", timeout)(e)),
-            }
-        };
-        prev.set_nonblocking(false).ok();
-        prev.set_nodelay(true).ok();
-        prev.set_read_timeout(Some(timeout)).ok();
-        let mut theirs = [0u8; 24];
-        prev.read_exact(&mut theirs)
-            .map_err(peer_error(rank, prev_rank, "handshake", timeout))?;
-        if theirs != header(prev_rank, world, generation) {
+        if key.is_empty() {
             return Err(CollectiveError::Handshake {
                 rank,
-                message: format!(
-                    "expected rank {prev_rank} of {world} in generation {generation}, got a peer announcing {:?}",
-                    (
-                        u32::from_le_bytes(theirs[8..12].try_into().expect("4 bytes")),
-                        u32::from_le_bytes(theirs[12..16].try_into().expect("4 bytes")),
-                        u64::from_le_bytes(theirs[16..24].try_into().expect("8 bytes"))
-                    )
-                ),
+                message: "no ring key: the coordinator gives one with the rendezvous".to_owned(),
             });
         }
+        let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+        let membership = Membership {
+            rank,
+            world,
+            generation,
+            key: &key,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
+        let given_up = AtomicBool::new(false);
+        // Both sides at once: every rank connects to its next while admitting its previous.
+        let (next, prev) = std::thread::scope(|scope| {
+            let admitting = scope.spawn(|| membership.admit_previous(&listener, &given_up));
+            let next = membership.join_next(&addresses[membership.next_rank() as usize]);
+            if next.is_err() {
+                given_up.store(true, Ordering::SeqCst);
+            }
+            let prev = admitting.join().expect("admitting does not panic");
+            (next, prev)
+        });
+        let (next, prev) = (next?, prev?);
+        next.set_read_timeout(None).ok();
         Ok(TcpRing {
             rank,
             world,

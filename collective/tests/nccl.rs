@@ -31,6 +31,7 @@ fn the_ring_refuses_device_memory_with_a_reason() {
         listener,
         &[address],
         1,
+        b"key",
         Duration::from_secs(5),
     )
     .unwrap();

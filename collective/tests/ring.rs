@@ -5,6 +5,9 @@ use ladder_collective::{Collective, CollectiveError};
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
+/// The generation's ring key, as the coordinator's rendezvous hands it out.
+const KEY: &[u8] = b"a generation's 32 random bytes..";
+
 fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     let listeners: Vec<TcpListener> = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
@@ -27,8 +30,8 @@ fn on_ring<T: Send>(
             .map(|(rank, listener)| {
                 let (addresses, body) = (&addresses, &body);
                 scope.spawn(move || {
-                    let ring =
-                        TcpRing::connect(rank as u32, listener, addresses, 7, timeout).unwrap();
+                    let ring = TcpRing::connect(rank as u32, listener, addresses, 7, KEY, timeout)
+                        .unwrap();
                     body(rank as u32, ring)
                 })
             })
@@ -82,6 +85,7 @@ fn a_ring_of_one_is_a_no_op_and_repeated_calls_work() {
         listeners.remove(0),
         &addresses,
         0,
+        KEY,
         Duration::from_secs(1),
     )
     .unwrap();
@@ -163,13 +167,78 @@ fn a_peer_from_another_generation_is_refused() {
     let other = {
         let addresses = addresses.clone();
         std::thread::spawn(move || {
-            TcpRing::connect(1, l1, &addresses, 8, Duration::from_secs(2)).map(|_| ())
+            TcpRing::connect(1, l1, &addresses, 8, KEY, Duration::from_secs(2)).map(|_| ())
         })
     };
-    let err = TcpRing::connect(0, l0, &addresses, 7, Duration::from_secs(2))
+    let err = TcpRing::connect(0, l0, &addresses, 7, KEY, Duration::from_secs(2))
         .err()
         .unwrap();
     assert!(matches!(err, CollectiveError::Handshake { .. }), "{err}");
     assert!(err.to_string().contains("generation 7"), "{err}");
     assert!(other.join().unwrap().is_err());
+}
+
+/// A stranger reaches rank 0's port before rank 1 does: one connects and stays silent, one
+/// answers the challenge without the key. Neither joins, neither breaks the ring: rank 1 is
+/// admitted once it comes, and the sums are right.
+#[test]
+fn strangers_on_the_port_are_not_admitted_and_do_not_break_the_ring() {
+    use std::io::{Read, Write};
+    let (mut listeners, addresses) = listeners(2);
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    let timeout = Duration::from_secs(20);
+    let rank0 = {
+        let addresses = addresses.clone();
+        std::thread::spawn(move || {
+            let mut ring = TcpRing::connect(0, l0, &addresses, 7, KEY, timeout)?;
+            let mut data = vec![1.0f32; 1000];
+            ring.all_reduce_sum(&mut data).map(|()| data)
+        })
+    };
+    let silent = std::net::TcpStream::connect(addresses[0]).unwrap();
+    let mut forger = std::net::TcpStream::connect(addresses[0]).unwrap();
+    let mut challenge = [0u8; 40];
+    forger
+        .read_exact(&mut challenge)
+        .unwrap_or_else(|_| panic!("the listener challenges every connection in turn"));
+    // Rank 1's header with a made-up proof.
+    let mut answer = vec![0u8; 56];
+    answer[..8].copy_from_slice(b"LADRING1");
+    answer[8..12].copy_from_slice(&1u32.to_le_bytes());
+    answer[12..16].copy_from_slice(&2u32.to_le_bytes());
+    answer[16..24].copy_from_slice(&7u64.to_le_bytes());
+    forger.write_all(&answer).unwrap();
+    let mut admitted = [0u8; 1];
+    assert!(
+        !matches!(forger.read(&mut admitted), Ok(1)),
+        "a connection without the key was admitted"
+    );
+    let mut ring = TcpRing::connect(1, l1, &addresses, 7, KEY, timeout).unwrap();
+    let mut data = vec![2.0f32; 1000];
+    ring.all_reduce_sum(&mut data).unwrap();
+    assert!(data.iter().all(|&x| x == 3.0));
+    assert!(rank0.join().unwrap().unwrap().iter().all(|&x| x == 3.0));
+    drop(silent);
+}
+
+#[test]
+fn ranks_with_different_keys_refuse_each_other() {
+    let (mut listeners, addresses) = listeners(2);
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    let timeout = Duration::from_secs(2);
+    let other = {
+        let addresses = addresses.clone();
+        std::thread::spawn(move || {
+            TcpRing::connect(1, l1, &addresses, 7, b"another key", timeout).map(|_| ())
+        })
+    };
+    let err = TcpRing::connect(0, l0, &addresses, 7, KEY, timeout)
+        .err()
+        .unwrap();
+    // Each refuses the other: neither holds the key the other checks against.
+    assert!(err.to_string().contains("did not admit this rank"), "{err}");
+    let theirs = other.join().unwrap().unwrap_err().to_string();
+    assert!(theirs.contains("did not admit this rank"), "{theirs}");
 }

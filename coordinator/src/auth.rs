@@ -1,6 +1,11 @@
-//! Bearer tokens: the submit token for `JobService`, the worker token for `WorkerService`.
-//! The two are distinct, so a compromised worker node cannot submit or cancel jobs.
+//! Who may call: bearer tokens (the submit token for `JobService`, the worker token for
+//! `WorkerService`; distinct, so a compromised worker node cannot submit or cancel jobs), the
+//! per-worker secrets that tell one worker from another (the worker token is on every node, so
+//! it proves only that the caller is some worker), and the per-generation ring keys that keep
+//! everyone else out of a generation's TCP ring.
 
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +27,56 @@ impl Role {
 pub struct Tokens {
     pub submit: String,
     pub worker: String,
+}
+
+/// A worker as it names itself on a call: its id and the secret its registration returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerIdentity {
+    pub id: String,
+    pub secret: String,
+}
+
+/// A worker's secret, made at registration: the worker is told the secret, the store keeps
+/// only its SHA-256 (a copy of the store does not let anyone act as a worker).
+pub struct WorkerSecret {
+    pub secret: String,
+    pub sha256: String,
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the operating system gives random numbers");
+    bytes
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex(digest::digest(&digest::SHA256, text.as_bytes()).as_ref())
+}
+
+impl WorkerSecret {
+    pub fn generate() -> WorkerSecret {
+        let secret = hex(&random_bytes::<32>());
+        WorkerSecret {
+            sha256: sha256_hex(&secret),
+            secret,
+        }
+    }
+
+    /// Whether `presented` is the secret whose SHA-256 is `sha256` (never for an empty hash).
+    pub fn matches(sha256: &str, presented: &str) -> bool {
+        !sha256.is_empty() && same(&sha256_hex(presented), sha256)
+    }
+}
+
+/// A new generation's ring key: 32 random bytes.
+pub fn ring_key() -> Vec<u8> {
+    random_bytes::<32>().to_vec()
 }
 
 /// Compares without an early exit, so response time says nothing about a token's prefix.
@@ -82,6 +137,23 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_secret_matches_only_itself() {
+        let a = WorkerSecret::generate();
+        let b = WorkerSecret::generate();
+        assert_ne!(a.secret, b.secret);
+        assert_eq!(a.secret.len(), 64);
+        assert!(WorkerSecret::matches(&a.sha256, &a.secret));
+        assert!(!WorkerSecret::matches(&a.sha256, &b.secret));
+        assert!(!WorkerSecret::matches(&a.sha256, ""));
+        assert!(
+            !WorkerSecret::matches("", ""),
+            "a record without a hash never matches"
+        );
+        assert_eq!(ring_key().len(), 32);
+        assert_ne!(ring_key(), ring_key());
+    }
 
     #[test]
     fn tokens_compare_exactly() {

@@ -45,21 +45,24 @@ struct Args {
     /// Serve without TLS on a non-loopback address (tokens then cross the network in clear).
     #[arg(long)]
     insecure_allow_remote: bool,
-    /// A worker that has not sent a heartbeat for this long is considered lost.
-    #[arg(long, default_value_t = 10_000)]
+    /// A worker that has not sent a heartbeat for this long is considered lost (1 s to
+    /// 10 min; workers heartbeat every third of it).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     lease_ttl_ms: u64,
-    /// How long a job that could start on fewer workers waits for more to register.
-    #[arg(long, default_value_t = 5_000)]
+    /// How long a job that could start on fewer workers waits for more to register (at most an
+    /// hour).
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     rendezvous_grace_ms: u64,
     /// A running job whose workers all make no progress for this long has its hung workers
     /// (those not waiting on the others) expelled and restarts from its latest checkpoint.
     /// Shape preparation, evaluation and checkpoint snapshots count as progress. A worker that
-    /// does not join its new generation's rendezvous within this long is expelled too.
-    #[arg(long, default_value_t = 300_000)]
+    /// does not join its new generation's rendezvous within this long is expelled too. At
+    /// least the lease (progress is seen through heartbeats), at most a week.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
     stall_timeout_ms: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the
-    /// leader dies.
-    #[arg(long, default_value_t = 5)]
+    /// leader dies (2 s to 5 min).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(2..=300))]
     leader_ttl_s: i64,
     /// Log format.
     #[arg(long, default_value = "text", value_name = "text|json")]
@@ -114,6 +117,14 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.stall_timeout_ms < args.lease_ttl_ms {
+        bail!(
+            "--stall-timeout-ms {} is shorter than --lease-ttl-ms {}: a worker's progress is \
+             seen through its heartbeats, so a stall can only be judged over at least one lease",
+            args.stall_timeout_ms,
+            args.lease_ttl_ms
+        );
+    }
     let tokens = Tokens {
         submit: read_token(
             args.submit_token_file.as_ref(),

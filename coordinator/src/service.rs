@@ -1,9 +1,10 @@
 //! The gRPC face of the coordinator: `ladder.v1.JobService` and `ladder.v1.WorkerService`,
 //! translating between the wire types and [`crate::state`].
 
+use crate::auth::WorkerIdentity;
 use crate::state::{
     Assignment, CheckpointRecord, Coordinator, CoordinatorError, JobRecord, JobState, LedgerEntry,
-    ProgressRecord, ProgressReport,
+    ProgressRecord, ProgressReport, RendezvousOutcome,
 };
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
@@ -148,6 +149,18 @@ fn assignment_to_pb(a: Assignment) -> pb::Assignment {
 
 fn wait(ms: u32) -> Duration {
     Duration::from_millis(ms as u64).min(MAX_WAIT)
+}
+
+/// The caller's identity, which every worker call after Register carries.
+fn identity(worker: Option<pb::WorkerIdentity>) -> Result<WorkerIdentity, Status> {
+    let worker = worker.ok_or_else(|| {
+        Status::invalid_argument("worker is required: the id and secret registration returned")
+    })?;
+    required(&worker.id, "worker.id")?;
+    Ok(WorkerIdentity {
+        id: worker.id,
+        secret: worker.secret,
+    })
 }
 
 fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
@@ -305,10 +318,11 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = request.into_inner();
-        let worker = self.0.register(&r.hostname, &r.device, &r.name).await?;
+        let (worker, secret) = self.0.register(&r.hostname, &r.device, &r.name).await?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: worker.id,
             lease_ttl_ms: worker.lease_ttl_ms,
+            worker_secret: secret,
         }))
     }
 
@@ -319,12 +333,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
-            .heartbeat(
-                required(&r.worker_id, "worker_id")?,
-                r.activity,
-                r.in_collective,
-                r.leaving,
-            )
+            .heartbeat(&identity(r.worker)?, r.activity, r.in_collective, r.leaving)
             .await?;
         Ok(Response::new(match assignment {
             Some(a) => pb::HeartbeatResponse {
@@ -342,7 +351,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
-            .await_assignment(required(&r.worker_id, "worker_id")?, wait(r.wait_ms))
+            .await_assignment(&identity(r.worker)?, wait(r.wait_ms))
             .await?;
         Ok(Response::new(
             assignment.map(assignment_to_pb).unwrap_or_default(),
@@ -362,19 +371,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             collective_error: r.collective_error,
             checkpoint_error: r.checkpoint_error,
         };
-        let current = self
+        let answer = self
             .0
-            .report_progress(
-                required(&r.worker_id, "worker_id")?,
-                &r.job_id,
-                r.generation,
-                report,
-            )
+            .report_progress(&identity(r.worker)?, &r.job_id, r.generation, report)
             .await?;
-        let checkpoint_now = current && self.0.take_checkpoint_request(&r.job_id).await;
         Ok(Response::new(pb::ReportProgressResponse {
-            current,
-            checkpoint_now,
+            current: answer.current,
+            checkpoint_now: answer.checkpoint_now,
         }))
     }
 
@@ -386,7 +389,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let outcome = self
             .0
             .rendezvous(
-                required(&r.worker_id, "worker_id")?,
+                &identity(r.worker)?,
                 &r.job_id,
                 r.generation,
                 r.rank,
@@ -395,15 +398,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             )
             .await?;
         Ok(Response::new(match outcome {
-            None => pb::RendezvousResponse {
-                payloads: Vec::new(),
-                complete: false,
-                current: false,
-            },
-            Some(payloads) => pb::RendezvousResponse {
-                complete: !payloads.is_empty(),
-                payloads,
+            RendezvousOutcome::Stale => pb::RendezvousResponse::default(),
+            RendezvousOutcome::Waiting => pb::RendezvousResponse {
                 current: true,
+                ..Default::default()
+            },
+            RendezvousOutcome::Complete { payloads, ring_key } => pb::RendezvousResponse {
+                payloads,
+                complete: true,
+                current: true,
+                ring_key,
             },
         }))
     }
@@ -420,7 +424,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let outcome = self
             .0
             .commit_checkpoint(
-                required(&r.worker_id, "worker_id")?,
+                &identity(r.worker)?,
                 &r.job_id,
                 r.generation,
                 checkpoint_from_pb(checkpoint),

@@ -13,8 +13,11 @@
 //! heartbeats renew them in memory only, and recovery grants every known worker a fresh TTL,
 //! since no worker could reach a coordinator that was down.
 
+use crate::auth::{self, WorkerIdentity};
 use crate::store::{SharedStore, StoreError};
+use ladder_core::cut;
 use ladder_core::dataset::Manifest;
+use ladder_core::location::{self, CheckpointId};
 use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
@@ -180,6 +183,10 @@ pub struct JobRecord {
     /// after a coordinator restart, so they are not persisted.
     #[serde(skip)]
     pub rendezvous: BTreeMap<u32, Vec<u8>>,
+    /// The current generation's ring key (see [`auth::ring_key`]), handed to its ranks with
+    /// the completed rendezvous; made anew with the rendezvous after a restart.
+    #[serde(skip)]
+    pub ring_key: Vec<u8>,
     /// When enough workers for some allowed world size were first idle.
     #[serde(skip)]
     pub ready_since_ms: Option<i64>,
@@ -277,6 +284,11 @@ pub struct WorkerRecord {
     pub name: String,
     pub lease_ttl_ms: u32,
     pub registered_at_ms: i64,
+    /// The SHA-256 of the secret its registration returned (see [`auth::WorkerSecret`]). A
+    /// record without one (written before workers had secrets) never authenticates: its
+    /// worker registers again.
+    #[serde(default)]
+    pub secret_sha256: String,
     pub assignment: Option<WorkerAssignment>,
     /// On [`monotonic_ms`]'s clock, as the other times kept in memory only.
     #[serde(skip)]
@@ -311,6 +323,29 @@ pub struct Assignment {
     /// To rank 0: what the newest commit retired, in case its files outlived the worker told
     /// to delete them.
     pub retired: Vec<CheckpointRecord>,
+}
+
+/// Where a rendezvous stands for one of its ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RendezvousOutcome {
+    /// The generation is no longer current.
+    Stale,
+    /// Not every rank has published yet.
+    Waiting,
+    /// Every rank's payload by rank, and the generation's ring key.
+    Complete {
+        payloads: Vec<Vec<u8>>,
+        ring_key: Vec<u8>,
+    },
+}
+
+/// What a worker is told in answer to its progress report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgressAnswer {
+    /// False when the generation is stale: the worker stops.
+    pub current: bool,
+    /// To rank 0 only: a worker is leaving, checkpoint at the next step.
+    pub checkpoint_now: bool,
 }
 
 /// What a worker reports.
@@ -605,6 +640,7 @@ impl Coordinator {
             }
         }
         job.rendezvous.clear();
+        job.ring_key.clear();
         job.collective_failures.clear();
         job.checkpoint_requested = false;
         self.assignments_changed.notify_waiters();
@@ -683,6 +719,7 @@ impl Coordinator {
             requested_world_size: None,
             restore_from: None,
             rendezvous: BTreeMap::new(),
+            ring_key: Vec::new(),
             ready_since_ms: None,
             progress_persisted_ms: 0,
             collective_failures: BTreeMap::new(),
@@ -813,11 +850,18 @@ impl Coordinator {
 
     // --------------------------------------------------------------- workers
 
-    pub async fn register(&self, hostname: &str, device: &str, name: &str) -> Result<WorkerRecord> {
+    /// Registers a worker; returns its record and the secret that identifies it from now on.
+    pub async fn register(
+        &self,
+        hostname: &str,
+        device: &str,
+        name: &str,
+    ) -> Result<(WorkerRecord, String)> {
         let mut inner = self.inner.lock().await;
         inner.next_worker += 1;
         self.persist_counters(&inner).await?;
         let (now, wall) = (monotonic_ms(), now_ms());
+        let secret = auth::WorkerSecret::generate();
         let worker = WorkerRecord {
             id: format!("w-{:06}", inner.next_worker),
             hostname: hostname.to_owned(),
@@ -825,6 +869,7 @@ impl Coordinator {
             name: name.to_owned(),
             lease_ttl_ms: self.config.lease_ttl.as_millis() as u32,
             registered_at_ms: wall,
+            secret_sha256: secret.sha256,
             assignment: None,
             lease_expires_ms: now + self.config.lease_ttl.as_millis() as i64,
             activity: 0,
@@ -837,7 +882,23 @@ impl Coordinator {
         inner.workers.insert(worker.id.clone(), worker.clone());
         tracing::info!(worker = %worker.id, %hostname, %device, %name, "worker registered");
         self.schedule(&mut inner).await?;
-        Ok(worker)
+        Ok((worker, secret.secret))
+    }
+
+    /// The record of the worker `who` names, if its secret is that worker's. Any other
+    /// answer is the same "unknown worker": a caller learns nothing about which ids exist.
+    fn authenticated<'a>(inner: &'a Inner, who: &WorkerIdentity) -> Result<&'a WorkerRecord> {
+        inner
+            .workers
+            .get(&who.id)
+            .filter(|w| auth::WorkerSecret::matches(&w.secret_sha256, &who.secret))
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "unknown worker {:?}: its lease expired, it never registered, or the call \
+                     does not carry its secret; register again",
+                    cut(&who.id)
+                ))
+            })
     }
 
     fn worker_mut<'a>(inner: &'a mut Inner, id: &str) -> Result<&'a mut WorkerRecord> {
@@ -852,12 +913,21 @@ impl Coordinator {
     /// current assignment.
     pub async fn heartbeat(
         &self,
-        worker_id: &str,
+        who: &WorkerIdentity,
         activity: u64,
         in_collective: bool,
         leaving: bool,
     ) -> Result<Option<WorkerAssignment>> {
         let mut inner = self.inner.lock().await;
+        let worker_id = who.id.as_str();
+        if let Err(e) = Self::authenticated(&inner, who) {
+            // Gone just now: it left while idle, and says so again.
+            return if leaving && !inner.workers.contains_key(worker_id) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
         if leaving {
             self.worker_leaving(&mut inner, worker_id).await?;
         }
@@ -944,20 +1014,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Whether rank 0 of `job_id` should checkpoint now (a worker is leaving): said once per
-    /// request, so that progress reports during the checkpoint's write do not ask for another.
-    pub async fn take_checkpoint_request(&self, job_id: &str) -> bool {
-        let mut inner = self.inner.lock().await;
-        inner
-            .jobs
-            .get_mut(job_id)
-            .is_some_and(|j| std::mem::take(&mut j.checkpoint_requested))
-    }
-
-    fn assignment_of(inner: &Inner, worker_id: &str) -> Result<Option<Assignment>> {
-        let worker = inner.workers.get(worker_id).ok_or_else(|| {
-            CoordinatorError::NotFound(format!("unknown worker {worker_id:?}; register again"))
-        })?;
+    fn assignment_of(inner: &Inner, who: &WorkerIdentity) -> Result<Option<Assignment>> {
+        let worker = Self::authenticated(inner, who)?;
         Ok(worker.assignment.as_ref().and_then(|a| {
             let job = inner.jobs.get(&a.job_id)?;
             Some(Assignment {
@@ -978,7 +1036,7 @@ impl Coordinator {
     /// The worker's assignment, waiting up to `wait` for one.
     pub async fn await_assignment(
         &self,
-        worker_id: &str,
+        who: &WorkerIdentity,
         wait: Duration,
     ) -> Result<Option<Assignment>> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -986,7 +1044,7 @@ impl Coordinator {
             let notified = self.assignments_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(a) = Self::assignment_of(&*self.inner.lock().await, worker_id)? {
+            if let Some(a) = Self::assignment_of(&*self.inner.lock().await, who)? {
                 return Ok(Some(a));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -995,41 +1053,56 @@ impl Coordinator {
         }
     }
 
-    /// Checks that `worker_id` holds `rank` of `job_id`'s generation `generation`.
+    /// The job and the rank `who` holds in it, if `who` is a worker of `job_id`'s generation
+    /// `generation` and that generation is current. The rank is the coordinator's, never one a
+    /// request names.
     fn current<'a>(
         inner: &'a Inner,
-        worker_id: &str,
+        who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
-    ) -> Result<Option<&'a JobRecord>> {
+    ) -> Result<Option<(&'a JobRecord, u32)>> {
+        let worker = Self::authenticated(inner, who)?;
         let job = Self::job(inner, job_id)?;
-        let holds = inner
-            .workers
-            .get(worker_id)
-            .and_then(|w| w.assignment.as_ref())
-            .is_some_and(|a| a.job_id == job_id && a.generation == generation);
-        Ok((holds && job.generation == generation && job.state.is_active()).then_some(job))
+        let rank = worker
+            .assignment
+            .as_ref()
+            .filter(|a| a.job_id == job_id && a.generation == generation)
+            .and_then(|_| job.workers.iter().position(|w| *w == who.id));
+        Ok(rank
+            .filter(|_| job.generation == generation && job.state.is_active())
+            .map(|rank| (job, rank as u32)))
     }
 
-    /// Publishes `payload` for `rank` and waits up to `wait` for every rank's. Returns `None`
-    /// when the generation is stale, else the payloads once complete (empty while waiting).
+    /// Publishes `payload` for the rank `who` holds (a request naming another `rank` is
+    /// refused) and waits up to `wait` for every rank's.
     pub async fn rendezvous(
         &self,
-        worker_id: &str,
+        who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
         rank: u32,
         payload: Vec<u8>,
         wait: Duration,
-    ) -> Result<Option<Vec<Vec<u8>>>> {
+    ) -> Result<RendezvousOutcome> {
         let deadline = tokio::time::Instant::now() + wait;
         {
             let mut inner = self.inner.lock().await;
-            let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
-                return Ok(None);
+            let Some((job, assigned)) = Self::current(&inner, who, job_id, generation)? else {
+                return Ok(RendezvousOutcome::Stale);
             };
+            if rank != assigned {
+                return Err(CoordinatorError::Invalid(format!(
+                    "worker {} holds rank {assigned} of generation {generation} of {job_id}, \
+                     not rank {rank}",
+                    who.id
+                )));
+            }
             let mut job = job.clone();
-            job.rendezvous.insert(rank, payload);
+            job.rendezvous.insert(assigned, payload);
+            if job.ring_key.is_empty() {
+                job.ring_key = auth::ring_key();
+            }
             if job.rendezvous.len() == job.workers.len() && job.state == JobState::Rendezvous {
                 job.state = JobState::Running;
                 job.message = match job.workers.len() {
@@ -1048,32 +1121,63 @@ impl Coordinator {
             notified.as_mut().enable();
             {
                 let inner = self.inner.lock().await;
-                let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
-                    return Ok(None);
+                let Some((job, _)) = Self::current(&inner, who, job_id, generation)? else {
+                    return Ok(RendezvousOutcome::Stale);
                 };
                 if job.rendezvous.len() == job.workers.len() {
-                    return Ok(Some(job.rendezvous.values().cloned().collect()));
+                    return Ok(RendezvousOutcome::Complete {
+                        payloads: job.rendezvous.values().cloned().collect(),
+                        ring_key: job.ring_key.clone(),
+                    });
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Some(Vec::new()));
+                return Ok(RendezvousOutcome::Waiting);
             }
         }
     }
 
-    /// Records a worker's progress. Returns false when the generation is stale.
+    /// Records a worker's progress; tells rank 0 when to checkpoint for a leaving worker.
     pub async fn report_progress(
         &self,
-        worker_id: &str,
+        who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
         report: ProgressReport,
-    ) -> Result<bool> {
+    ) -> Result<ProgressAnswer> {
         let mut inner = self.inner.lock().await;
-        let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
-            return Ok(false);
+        let Some((job, rank)) = Self::current(&inner, who, job_id, generation)? else {
+            return Ok(ProgressAnswer::default());
         };
-        let mut job = job.clone();
+        let job = job.clone();
+        let current = self
+            .record_progress(&mut inner, &who.id, job, report)
+            .await?;
+        // Said once per request, so that progress reports during the checkpoint's write do not
+        // ask for another; and to rank 0 only, the one that writes checkpoints.
+        let checkpoint_now = current
+            && rank == 0
+            && inner
+                .jobs
+                .get_mut(job_id)
+                .is_some_and(|j| std::mem::take(&mut j.checkpoint_requested));
+        Ok(ProgressAnswer {
+            current,
+            checkpoint_now,
+        })
+    }
+
+    /// Records what `worker_id` reported of `job`'s current generation. Returns false when the
+    /// generation ended with it.
+    async fn record_progress(
+        &self,
+        inner: &mut Inner,
+        worker_id: &str,
+        mut job: JobRecord,
+        report: ProgressReport,
+    ) -> Result<bool> {
+        let (job_id, generation) = (job.id.clone(), job.generation);
+        let job_id = job_id.as_str();
         let boundary = report
             .progress
             .as_ref()
@@ -1086,7 +1190,7 @@ impl Coordinator {
                 .iter()
                 .rfind(|c| job.restore_from.as_ref().is_none_or(|r| c.step <= r.step))
                 .cloned();
-            self.release_workers(&mut inner, &mut job).await?;
+            self.release_workers(inner, &mut job).await?;
             job.state = JobState::Queued;
             job.message = format!(
                 "checkpoint {bad} is unusable ({}); restarting from {}",
@@ -1098,8 +1202,8 @@ impl Coordinator {
             job.restore_from = fallback;
             job.last_incident = format!("generation {generation}: {}", job.message);
             tracing::warn!(job = %job_id, "{}", job.message);
-            self.commit_job(&mut inner, job).await?;
-            self.schedule(&mut inner).await?;
+            self.commit_job(inner, job).await?;
+            self.schedule(inner).await?;
             return Ok(false);
         }
         if !report.collective_error.is_empty() {
@@ -1116,8 +1220,8 @@ impl Coordinator {
                 inner.jobs.insert(job.id.clone(), job);
                 return Ok(true);
             }
-            self.collectives_failed(&mut inner, job).await?;
-            self.schedule(&mut inner).await?;
+            self.collectives_failed(inner, job).await?;
+            self.schedule(inner).await?;
             return Ok(false);
         }
         if let Some(mut progress) = report.progress {
@@ -1138,38 +1242,38 @@ impl Coordinator {
             );
             tracing::warn!(job = %job_id, "{}", job.last_incident);
             if job.failed_checkpoints >= CHECKPOINT_FAILURES_TO_GIVE_UP {
-                self.release_workers(&mut inner, &mut job).await?;
+                self.release_workers(inner, &mut job).await?;
                 job.state = JobState::Failed;
                 job.message = format!(
                     "{} checkpoints in a row could not be written (the last: {}); stopped \
                      rather than train on unsaved. Fix checkpoint.dir, then `ladder resume {}`",
                     job.failed_checkpoints, report.checkpoint_error, job.id
                 );
-                self.commit_job(&mut inner, job).await?;
-                self.schedule(&mut inner).await?;
+                self.commit_job(inner, job).await?;
+                self.schedule(inner).await?;
                 return Ok(false);
             }
-            self.commit_job(&mut inner, job).await?;
+            self.commit_job(inner, job).await?;
             return Ok(true);
         }
         if !report.error.is_empty() {
-            self.release_workers(&mut inner, &mut job).await?;
+            self.release_workers(inner, &mut job).await?;
             job.state = JobState::Failed;
             job.message = format!("worker {worker_id} failed: {}", report.error);
             tracing::warn!(job = %job_id, worker = %worker_id, error = %report.error, "job failed");
-            self.commit_job(&mut inner, job).await?;
-            self.schedule(&mut inner).await?;
+            self.commit_job(inner, job).await?;
+            self.schedule(inner).await?;
         } else if report.finished {
-            self.release_workers(&mut inner, &mut job).await?;
+            self.release_workers(inner, &mut job).await?;
             job.state = JobState::Completed;
             job.message = "completed".to_owned();
             tracing::info!(job = %job_id, "job completed");
-            self.commit_job(&mut inner, job).await?;
-            self.schedule(&mut inner).await?;
+            self.commit_job(inner, job).await?;
+            self.schedule(inner).await?;
         } else if boundary
             || monotonic_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS
         {
-            self.commit_job(&mut inner, job).await?;
+            self.commit_job(inner, job).await?;
         } else {
             inner.jobs.insert(job.id.clone(), job);
             let _ = self.job_changed.send(job_id.to_owned());
@@ -1177,16 +1281,20 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// Records a checkpoint that a worker of the current generation has written completely.
+    /// Records a checkpoint that rank 0 of the current generation has written completely, in
+    /// the directory the coordinator names for it (`checkpoint.dir/JOB/ID`, its id naming this
+    /// generation and its step): a commit of any other path is refused, since that path is
+    /// later handed out to be restored from and deleted.
     pub async fn commit_checkpoint(
         &self,
-        worker_id: &str,
+        who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
         checkpoint: CheckpointRecord,
         trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
+        Self::authenticated(&inner, who)?;
         let known = Self::job(&inner, job_id)?;
         if let Some(position) = known.checkpoints.iter().position(|c| c.id == checkpoint.id) {
             // A retry whose first attempt was committed but whose answer was lost: the same
@@ -1198,13 +1306,45 @@ impl Coordinator {
                 Vec::new()
             }));
         }
-        let Some(job) = Self::current(&inner, worker_id, job_id, generation)? else {
+        let Some((job, rank)) = Self::current(&inner, who, job_id, generation)? else {
             return Ok(Err(format!(
                 "generation {generation} of job {job_id} is not current"
             )));
         };
+        if rank != 0 {
+            return Ok(Err(format!(
+                "only rank 0 commits checkpoints; worker {} is rank {rank}",
+                who.id
+            )));
+        }
+        let spec =
+            JobSpec::parse(&job.spec_toml, &job.id).map_err(|e| CoordinatorError::Corrupt {
+                key: job_key(&job.id),
+                message: e.to_string(),
+            })?;
+        let named = CheckpointId {
+            generation,
+            global_step: checkpoint.step,
+        };
+        if checkpoint.id != named.to_string() {
+            return Ok(Err(format!(
+                "checkpoint {:?} of step {} in generation {generation} must be named {named}",
+                cut(&checkpoint.id),
+                checkpoint.step
+            )));
+        }
+        let path = match location::check_checkpoint_path(
+            &spec.checkpoint.dir,
+            job_id,
+            &checkpoint.id,
+            &checkpoint.path,
+        ) {
+            Ok(path) => path.display().to_string(),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
         let mut job = job.clone();
         let checkpoint = CheckpointRecord {
+            path,
             generation,
             committed_at_ms: now_ms(),
             ..checkpoint
@@ -1217,8 +1357,7 @@ impl Coordinator {
         job.checkpoints.push(checkpoint);
         job.failed_generations = 0;
         job.failed_checkpoints = 0;
-        let keep = JobSpec::parse(&job.spec_toml, &job.id).map_or(u32::MAX, |s| s.checkpoint.keep);
-        let retired = retire(&mut job.checkpoints, keep as usize);
+        let retired = retire(&mut job.checkpoints, spec.checkpoint.keep as usize);
         compact_ledger(&mut job.ledger, &job.checkpoints);
         job.last_retired = retired.clone();
         let leaving: Vec<(usize, String)> = job

@@ -1,11 +1,22 @@
 //! Ladder's shared core: what coordinator and worker must agree on, with no libtorch and no
 //! networking. The job spec ([`spec`]), the stage plan ([`stage`]), the sample plan
 //! ([`sample`]), the dataset manifest and shard index ([`dataset`]), and the deterministic
-//! random streams they are built on ([`rng`]).
+//! random streams they are built on ([`rng`]), and where checkpoints live ([`location`]).
 
 pub mod dataset;
+pub mod location;
 pub mod logging;
 pub mod rng;
 pub mod sample;
 pub mod spec;
 pub mod stage;
+
+/// `text` as a message quotes it: cut short after 80 characters, so that a megabyte of bad
+/// input is not echoed back whole.
+pub fn cut(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`venv_python`]: the bootstrap venv's Python, where the peers (torchvision, Pillow,
 //!   webdataset) live.
 
+use ladder_proto::v1 as pb;
 use ladder_proto::v1::job_service_client::JobServiceClient;
 use ladder_proto::v1::worker_service_client::WorkerServiceClient;
 use std::io::{BufRead, BufReader};
@@ -354,6 +355,46 @@ pub async fn job_client(url: &str, token: &str) -> JobServiceClient<Authed> {
 
 pub async fn worker_client(url: &str, token: &str) -> WorkerServiceClient<Authed> {
     WorkerServiceClient::with_interceptor(channel(url).await, Bearer(token.to_owned()))
+}
+
+/// What a worker's registration gives it to name itself on every later call.
+pub trait Registered {
+    fn identity(self) -> pb::WorkerIdentity;
+}
+
+impl Registered for pb::RegisterResponse {
+    fn identity(self) -> pb::WorkerIdentity {
+        pb::WorkerIdentity {
+            id: self.worker_id,
+            secret: self.worker_secret,
+        }
+    }
+}
+
+/// The reference rank 0 commits for the checkpoint of global step `step` in generation
+/// `generation` of `job_id`, whose spec's `checkpoint.dir` is `checkpoints`: the id and the
+/// path the coordinator names for it.
+pub fn checkpoint_ref(
+    checkpoints: &Path,
+    job_id: &str,
+    generation: u64,
+    step: u64,
+) -> pb::CheckpointRef {
+    let id = ladder_core::location::CheckpointId {
+        generation,
+        global_step: step,
+    }
+    .to_string();
+    pb::CheckpointRef {
+        path: ladder_core::location::checkpoint_dir(checkpoints, job_id, &id)
+            .expect("a valid job id")
+            .display()
+            .to_string(),
+        id,
+        generation,
+        step,
+        ..Default::default()
+    }
 }
 
 /// Writes `shards` WebDataset shards of `per_shard` samples into `dir` and indexes them.

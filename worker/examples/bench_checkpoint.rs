@@ -71,7 +71,11 @@ fn main() {
         blocked.push(started + start.elapsed().as_secs_f64());
         let manifest = Manifest {
             format: 0,
-            id: checkpoint::checkpoint_id(1, round as u64),
+            id: ladder_core::location::CheckpointId {
+                generation: 1,
+                global_step: round as u64,
+            }
+            .to_string(),
             job: "bench".to_owned(),
             generation: 1,
             global_step: round as u64,

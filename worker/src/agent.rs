@@ -20,6 +20,7 @@ use crate::trainer::{self, Faults, Options, TrainError, Trainer};
 use ladder_collective::Collective;
 use ladder_collective::nccl::{self, NcclCommunicator};
 use ladder_collective::ring::TcpRing;
+use ladder_core::location;
 use ladder_core::spec::JobSpec;
 use ladder_proto::client::{self, Authed};
 use ladder_proto::v1 as pb;
@@ -179,22 +180,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         let registration = register(&coordinator).await?;
         let worker = Worker {
-            id: registration.worker_id.clone(),
+            identity: pb::WorkerIdentity {
+                id: registration.worker_id,
+                secret: registration.worker_secret,
+            },
             lease: Duration::from_millis(registration.lease_ttl_ms as u64),
             coordinator: coordinator.clone(),
             config: config.clone(),
             liveness: Arc::new(Liveness::default()),
             leave: leave.clone(),
         };
-        tracing::info!(worker = %worker.id, device = %device_name(config.device), precision = ?config.precision, "registered");
+        let id = &worker.identity.id;
+        tracing::info!(worker = %id, device = %device_name(config.device), precision = ?config.precision, "registered");
         worker.serve().await?;
         if leave.is_stopped() {
-            tracing::info!(worker = %worker.id, "left on request");
+            tracing::info!(worker = %id, "left on request");
             return Ok(());
         }
-        tracing::warn!(worker = %worker.id, "lease lost; registering again");
+        tracing::warn!(worker = %id, "lease lost; registering again");
     }
 }
+
+/// The leases a worker accepts (the coordinator's `--lease-ttl-ms` takes no others).
+const LEASES: std::ops::RangeInclusive<u32> = 1_000..=600_000;
 
 async fn register(coordinator: &Coordinator) -> anyhow::Result<pb::RegisterResponse> {
     let request = pb::RegisterRequest {
@@ -205,6 +213,13 @@ async fn register(coordinator: &Coordinator) -> anyhow::Result<pb::RegisterRespo
     let started = Instant::now();
     loop {
         match rpc!(coordinator, register, request.clone()) {
+            Ok(response) if !LEASES.contains(&response.lease_ttl_ms) => anyhow::bail!(
+                "the coordinator gave a lease of {} ms: a worker heartbeats every third of its \
+                 lease, so it takes leases of {} to {} ms only",
+                response.lease_ttl_ms,
+                LEASES.start(),
+                LEASES.end()
+            ),
             Ok(response) => return Ok(response),
             Err(status) if transient(&status) && started.elapsed() < Duration::from_secs(600) => {
                 tracing::warn!("cannot register yet: {}", status.message());
@@ -216,7 +231,7 @@ async fn register(coordinator: &Coordinator) -> anyhow::Result<pb::RegisterRespo
 }
 
 struct Worker {
-    id: String,
+    identity: pb::WorkerIdentity,
     lease: Duration,
     coordinator: Arc<Coordinator>,
     config: Config,
@@ -234,9 +249,12 @@ type Running = Arc<std::sync::Mutex<Option<(Generation, Arc<StopSignal>)>>>;
 #[derive(Clone)]
 struct Run {
     coordinator: Arc<Coordinator>,
-    worker_id: String,
+    worker: pb::WorkerIdentity,
     job_id: String,
     generation: u64,
+    /// The spec's `checkpoint.dir`: retired checkpoints are deleted only inside its
+    /// `JOB` directory.
+    checkpoint_root: PathBuf,
 }
 
 impl Worker {
@@ -246,7 +264,7 @@ impl Worker {
         let running: Running = Default::default();
         let heartbeat = tokio::spawn(heartbeat(
             self.coordinator.clone(),
-            self.id.clone(),
+            self.identity.clone(),
             self.lease,
             running.clone(),
             self.liveness.clone(),
@@ -256,7 +274,7 @@ impl Worker {
         let mut ended: Option<Generation> = None;
         let result = loop {
             let request = pb::AwaitAssignmentRequest {
-                worker_id: self.id.clone(),
+                worker: Some(self.identity.clone()),
                 wait_ms: 5_000,
             };
             let assignment = tokio::select! {
@@ -308,7 +326,7 @@ impl Worker {
     /// been stopped with its message in flight), so that it hands it no job meanwhile.
     async fn tell_leaving(&self) {
         let request = pb::HeartbeatRequest {
-            worker_id: self.id.clone(),
+            worker: Some(self.identity.clone()),
             leaving: true,
             ..Default::default()
         };
@@ -334,25 +352,18 @@ impl Worker {
         let generation = assignment.generation;
         let (rank, world) = (assignment.rank, assignment.world_size);
         tracing::info!(job = %job_id, generation, rank, world, "assigned");
-        // Off the async threads: a network file system may take its time.
-        let retired = assignment.retired.clone();
-        tokio::task::spawn_blocking(move || delete_retired(&retired));
-        let spec = match JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}")) {
-            Ok(spec) => spec,
-            Err(e) => {
-                self.finish(&job_id, generation, None, Ending::Failed(e.to_string()))
+        let (spec, checkpoints, restore_from) = match checked_assignment(&assignment) {
+            Ok(checked) => checked,
+            Err(why) => {
+                self.finish(&job_id, generation, None, Ending::Failed(why))
                     .await;
                 return Ok(());
             }
         };
-        let restore_from = assignment
-            .restore_from
-            .as_ref()
-            .filter(|c| !c.path.is_empty())
-            .map(|c| trainer::Restore {
-                id: c.id.clone(),
-                dir: PathBuf::from(&c.path),
-            });
+        // Off the async threads: a network file system may take its time.
+        let retired = assignment.retired.clone();
+        let (root, job) = (spec.checkpoint.dir.clone(), job_id.clone());
+        tokio::task::spawn_blocking(move || delete_retired(&retired, &root, &job));
         let (transport, payload) = match Transport::open(&self.config, rank) {
             Ok(opened) => opened,
             Err(why) => {
@@ -361,7 +372,7 @@ impl Worker {
                 return Ok(());
             }
         };
-        let Some(payloads) = self
+        let Some((payloads, ring_key)) = self
             .rendezvous(&job_id, generation, rank, payload, &stop)
             .await
         else {
@@ -371,9 +382,10 @@ impl Worker {
 
         let run = Run {
             coordinator: self.coordinator.clone(),
-            worker_id: self.id.clone(),
+            worker: self.identity.clone(),
             job_id: job_id.clone(),
             generation,
+            checkpoint_root: spec.checkpoint.dir.clone(),
         };
         let (events, reports) = ChannelEvents::new(run.clone());
         let checkpoint_now = Arc::new(AtomicBool::new(false));
@@ -391,6 +403,7 @@ impl Worker {
             rank,
             world_size: world,
             spec,
+            checkpoints,
             restore_from,
         };
         let options = Options {
@@ -407,7 +420,7 @@ impl Worker {
         let mut training = tokio::task::spawn_blocking(move || {
             let hang_when_stopped = options.faults.hang_when_stopped;
             let result = transport
-                .connect(rank, &payloads, generation, timeout)
+                .connect(rank, &payloads, generation, &ring_key, timeout)
                 .and_then(|collective| {
                     Trainer::new(
                         job,
@@ -482,7 +495,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Publishes `payload` and waits for every rank's; `None` when the generation ended.
+    /// Publishes `payload` and waits for every rank's; returns them with the generation's ring
+    /// key, or `None` when the generation ended.
     async fn rendezvous(
         &self,
         job_id: &str,
@@ -490,13 +504,13 @@ impl Worker {
         rank: u32,
         payload: Vec<u8>,
         stop: &StopSignal,
-    ) -> Option<Vec<Vec<u8>>> {
+    ) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
         loop {
             if stop.is_stopped() {
                 return None;
             }
             let request = pb::RendezvousRequest {
-                worker_id: self.id.clone(),
+                worker: Some(self.identity.clone()),
                 job_id: job_id.to_owned(),
                 generation,
                 rank,
@@ -505,7 +519,7 @@ impl Worker {
             };
             match rpc!(self.coordinator, rendezvous, request) {
                 Ok(r) if !r.current => return None,
-                Ok(r) if r.complete => return Some(r.payloads),
+                Ok(r) if r.complete => return Some((r.payloads, r.ring_key)),
                 Ok(_) => {}
                 Err(status) if transient(&status) => {
                     tokio::time::sleep(Duration::from_millis(500)).await
@@ -522,7 +536,7 @@ impl Worker {
     /// retrying while it is unreachable.
     async fn finish(&self, job_id: &str, generation: u64, last: Option<Progress>, ending: Ending) {
         let mut request = pb::ReportProgressRequest {
-            worker_id: self.id.clone(),
+            worker: Some(self.identity.clone()),
             job_id: job_id.to_owned(),
             generation,
             progress: last.as_ref().map(to_pb),
@@ -561,7 +575,7 @@ impl Worker {
 /// the registration.
 async fn heartbeat(
     coordinator: Arc<Coordinator>,
-    worker_id: String,
+    worker: pb::WorkerIdentity,
     lease: Duration,
     running: Running,
     liveness: Arc<Liveness>,
@@ -579,7 +593,7 @@ async fn heartbeat(
         }
         told_leaving = leave.is_stopped();
         let request = pb::HeartbeatRequest {
-            worker_id: worker_id.clone(),
+            worker: Some(worker.clone()),
             activity: liveness.activity(),
             in_collective: liveness.in_collective(),
             leaving: told_leaving,
@@ -667,6 +681,7 @@ impl Transport {
         rank: u32,
         payloads: &[Vec<u8>],
         generation: u64,
+        ring_key: &[u8],
         timeout: Duration,
     ) -> Result<Box<dyn Collective>, TrainError> {
         let world = payloads.len() as u32;
@@ -686,7 +701,7 @@ impl Transport {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Box::new(TcpRing::connect(
-                    rank, listener, &addresses, generation, timeout,
+                    rank, listener, &addresses, generation, ring_key, timeout,
                 )?)
             }
             Transport::Nccl { device } => Box::new(NcclCommunicator::init(
@@ -765,7 +780,7 @@ impl Events for ChannelEvents {
     fn checkpoint_failed(&self, error: &str) {
         let run = &self.run;
         let request = pb::ReportProgressRequest {
-            worker_id: run.worker_id.clone(),
+            worker: Some(run.worker.clone()),
             job_id: run.job_id.clone(),
             generation: run.generation,
             checkpoint_error: error.to_owned(),
@@ -785,7 +800,7 @@ impl Events for ChannelEvents {
     fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit {
         let run = &self.run;
         let request = pb::CommitCheckpointRequest {
-            worker_id: run.worker_id.clone(),
+            worker: Some(run.worker.clone()),
             job_id: run.job_id.clone(),
             generation: run.generation,
             checkpoint: Some(pb::CheckpointRef {
@@ -815,7 +830,7 @@ impl Events for ChannelEvents {
                 match rpc!(run.coordinator, commit_checkpoint, request.clone()) {
                     Ok(reply) if reply.accepted => {
                         tracing::info!(checkpoint = %manifest.id, "checkpoint committed");
-                        delete_retired(&reply.retired);
+                        delete_retired(&reply.retired, &run.checkpoint_root, &run.job_id);
                         return Commit::Committed;
                     }
                     Ok(reply) => return Commit::Refused(reply.reason),
@@ -834,17 +849,49 @@ impl Events for ChannelEvents {
 /// Deletes checkpoints retention retired. It dropped them from the job's record first, so
 /// deleting them can never lose the last good checkpoint, even if this process dies half-way:
 /// what is left is merely unreferenced, and the next generation's rank 0 is told to delete it
-/// again.
-fn delete_retired(retired: &[pb::CheckpointRef]) {
+/// again. Only directories of `job_id` under `root` (the spec's `checkpoint.dir`) are deleted:
+/// whoever else a path names, this worker refuses.
+fn delete_retired(retired: &[pb::CheckpointRef], root: &Path, job_id: &str) {
     for old in retired {
-        match std::fs::remove_dir_all(&old.path) {
+        let dir = match location::check_checkpoint_path(root, job_id, &old.id, &old.path) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::error!("refusing to delete a retired checkpoint: {e}");
+                continue;
+            }
+        };
+        match std::fs::remove_dir_all(&dir) {
             Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", old.path)
+                tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", dir.display())
             }
         }
     }
+}
+
+/// The assignment's spec, the job's checkpoint directory and the checkpoint to restore, each
+/// checked: a job id or a checkpoint path that is not `checkpoint.dir/JOB/ID` is refused.
+fn checked_assignment(
+    assignment: &pb::Assignment,
+) -> Result<(JobSpec, PathBuf, Option<trainer::Restore>), String> {
+    let job_id = &assignment.job_id;
+    let spec = JobSpec::parse(&assignment.spec_toml, &format!("job {job_id}"))
+        .map_err(|e| e.to_string())?;
+    let root = &spec.checkpoint.dir;
+    let checkpoints = location::job_dir(root, job_id).map_err(|e| e.to_string())?;
+    let restore_from = match &assignment.restore_from {
+        Some(c) if !c.path.is_empty() => {
+            let dir = location::check_checkpoint_path(root, job_id, &c.id, &c.path)
+                .map_err(|e| format!("refusing to restore: {e}"))?;
+            Some(trainer::Restore {
+                id: c.id.clone(),
+                dir,
+            })
+        }
+        _ => None,
+    };
+    Ok((spec, checkpoints, restore_from))
 }
 
 /// Shows progress here and, from rank 0, sends it to the coordinator at most once a second (at
@@ -860,9 +907,10 @@ async fn report_progress(
 ) -> Option<Progress> {
     let Run {
         coordinator,
-        worker_id,
+        worker,
         job_id,
         generation,
+        ..
     } = run;
     let mut display = crate::display::Display::new(progress_bar, &job_id);
     let mut last: Option<Progress> = None;
@@ -876,7 +924,7 @@ async fn report_progress(
         }
         sent = Some(Instant::now());
         let request = pb::ReportProgressRequest {
-            worker_id: worker_id.clone(),
+            worker: Some(worker.clone()),
             job_id: job_id.clone(),
             generation,
             progress: Some(to_pb(&progress)),
@@ -895,4 +943,72 @@ async fn report_progress(
     }
     display.finish();
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spec whose `checkpoint.dir` is `dir/checkpoints`, as the coordinator hands it out.
+    fn spec_toml(dir: &Path) -> String {
+        let manifest = ladder_testkit::write_dataset(&dir.join("data"), 1, 4, 10);
+        let spec = ladder_testkit::write_spec(dir, "job", &manifest, (1, 1));
+        JobSpec::load(&spec).unwrap().to_toml()
+    }
+
+    #[test]
+    fn retired_checkpoints_are_deleted_only_inside_their_jobs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("checkpoints");
+        let job = "job-000001";
+        let ours = ladder_testkit::checkpoint_ref(&root, job, 1, 4);
+        let precious = dir.path().join("home");
+        let other_job = ladder_testkit::checkpoint_ref(&root, "job-000002", 1, 4);
+        for d in [Path::new(&ours.path), &precious, Path::new(&other_job.path)] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let forged = [
+            pb::CheckpointRef {
+                path: precious.display().to_string(),
+                ..ours.clone()
+            },
+            pb::CheckpointRef {
+                id: "../../home".into(),
+                path: precious.display().to_string(),
+                ..ours.clone()
+            },
+            other_job.clone(),
+        ];
+        delete_retired(&forged, &root, job);
+        assert!(precious.is_dir() && Path::new(&other_job.path).is_dir());
+        delete_retired(std::slice::from_ref(&ours), &root, job);
+        assert!(!Path::new(&ours.path).exists());
+    }
+
+    #[test]
+    fn an_assignment_restores_only_from_its_jobs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("checkpoints");
+        let assignment = |restore: pb::CheckpointRef| pb::Assignment {
+            job_id: "job-000001".into(),
+            generation: 2,
+            world_size: 1,
+            spec_toml: spec_toml(dir.path()),
+            restore_from: Some(restore),
+            ..Default::default()
+        };
+        let ours = ladder_testkit::checkpoint_ref(&root, "job-000001", 1, 4);
+        let (_, checkpoints, restore) = checked_assignment(&assignment(ours.clone())).unwrap();
+        assert_eq!(checkpoints, root.join("job-000001"));
+        assert_eq!(restore.unwrap().dir, Path::new(&ours.path));
+        let theirs = ladder_testkit::checkpoint_ref(&root, "job-000002", 1, 4);
+        let err = checked_assignment(&assignment(theirs)).unwrap_err();
+        assert!(err.contains("refusing to restore"), "{err}");
+        let bad_job = pb::Assignment {
+            job_id: "../job-000001".into(),
+            ..assignment(ours)
+        };
+        let err = checked_assignment(&bad_job).unwrap_err();
+        assert!(err.contains("not a job id"), "{err}");
+    }
 }

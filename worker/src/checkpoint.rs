@@ -10,6 +10,7 @@
 
 use crate::state_io::{self, Written};
 use crate::training_state::{STATE_FILES, Snapshot};
+use ladder_core::location::CheckpointId;
 use ladder_core::sample::EpochTally;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -76,17 +77,6 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-/// The checkpoint id of generation `generation` after `global_step` steps: unique within a job
-/// even when a rollback repeats steps.
-pub fn checkpoint_id(generation: u64, global_step: u64) -> String {
-    format!("step-{global_step:09}-g{generation}")
-}
-
-/// The generation in a [`checkpoint_id`].
-fn generation_of(id: &str) -> Option<u64> {
-    id.strip_prefix("step-")?.rsplit_once("-g")?.1.parse().ok()
-}
-
 /// The directory a checkpoint is written in before it is renamed to its id.
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -104,8 +94,8 @@ fn remove_stale_temps(parent: &Path, generation: u64) {
         let stale = name
             .to_str()
             .and_then(|n| n.strip_prefix(TEMP_PREFIX))
-            .and_then(generation_of)
-            .is_some_and(|g| g < generation);
+            .and_then(|id| CheckpointId::parse(id).ok())
+            .is_some_and(|id| id.generation < generation);
         if stale {
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {

@@ -33,6 +33,7 @@ use crate::report::{Commit, Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
 use crate::training_state::{PendingSnapshot, Snapshot, TrainingState};
 use ladder_collective::{Collective, CollectiveError};
+use ladder_core::location::CheckpointId;
 use ladder_core::rng::Stream;
 use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
 use ladder_core::spec::JobSpec;
@@ -57,6 +58,9 @@ pub struct Assignment {
     pub rank: u32,
     pub world_size: u32,
     pub spec: JobSpec,
+    /// The job's checkpoint directory, `checkpoint.dir/JOB` (see [`ladder_core::location::job_dir`]): the
+    /// only place this run writes checkpoints.
+    pub checkpoints: PathBuf,
     /// A committed checkpoint to continue from.
     pub restore_from: Option<Restore>,
 }
@@ -319,6 +323,14 @@ impl Trainer {
                         reason: e.to_string(),
                     },
                 })?;
+                if manifest.job != job.job_id {
+                    return Err(TrainError::Fatal(format!(
+                        "checkpoint {} belongs to job {}, not to {}: refusing to restore it",
+                        dir.display(),
+                        manifest.job,
+                        job.job_id
+                    )));
+                }
                 if manifest.steps_per_epoch != steps_per_epoch {
                     return Err(TrainError::Fatal(format!(
                         "checkpoint {} was written with {} steps per epoch, the data now gives {}: the dataset or the global batch changed",
@@ -925,7 +937,11 @@ impl Trainer {
         let global_step = next.global_step(steps_per_epoch);
         let manifest = Manifest {
             format: 0,
-            id: checkpoint::checkpoint_id(self.job.generation, global_step),
+            id: CheckpointId {
+                generation: self.job.generation,
+                global_step,
+            }
+            .to_string(),
             job: self.job.job_id.clone(),
             generation: self.job.generation,
             global_step,
@@ -960,7 +976,7 @@ impl Trainer {
         );
         let untallied = self.untallied.clone();
         let spare = self.spare_snapshot.clone();
-        let parent = self.spec.checkpoint.dir.join(&self.job.job_id);
+        let parent = self.job.checkpoints.clone();
         let events = self.events.clone();
         self.writer.submit(Box::new(move || {
             match checkpoint::write(&snapshot, &parent, manifest) {

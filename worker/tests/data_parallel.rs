@@ -103,6 +103,7 @@ fn two_ranks_stay_identical_and_match_one_rank() {
                         listener,
                         addresses,
                         1,
+                        b"ring key",
                         Duration::from_secs(20),
                     )
                     .unwrap();

@@ -170,7 +170,11 @@ fn a_checkpoint_never_replaces_an_existing_one() {
     let snapshot = run.state().snapshot(None);
     let manifest = Manifest {
         format: 0,
-        id: checkpoint::checkpoint_id(1, 2),
+        id: ladder_core::location::CheckpointId {
+            generation: 1,
+            global_step: 2,
+        }
+        .to_string(),
         job: "job-000001".into(),
         generation: 1,
         global_step: 2,

@@ -1,0 +1,316 @@
+//! The worker token sits on every node, so the coordinator trusts nothing a worker call says
+//! that it can check itself: who is calling (the secret from registration), which rank it holds
+//! (the assignment), where a checkpoint lives (`checkpoint.dir/JOB/ID`) and who may be told to
+//! write one (rank 0). The coordinator runs in-process on a real redb store.
+
+use ladder_coordinator::auth::WorkerIdentity;
+use ladder_coordinator::state::{
+    CheckpointRecord, Config, Coordinator, CoordinatorError, ProgressReport, RendezvousOutcome,
+};
+use ladder_coordinator::store::RedbStore;
+use ladder_core::spec::JobSpec;
+use ladder_testkit::{checkpoint_ref, write_dataset, write_spec};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A coordinator on a fresh store with one job of `workers` ranks submitted, and the job's
+/// checkpoint directory (`checkpoint.dir`).
+async fn coordinator_with_job(dir: &Path, workers: u32) -> (Arc<Coordinator>, String, PathBuf) {
+    let store = Arc::new(RedbStore::open(&dir.join("state.redb")).unwrap());
+    let config = Config {
+        lease_ttl: Duration::from_secs(60),
+        rendezvous_grace: Duration::ZERO,
+        stall_timeout: Duration::from_secs(600),
+    };
+    let coordinator = Coordinator::recover(store, config).await.unwrap();
+    let manifest = write_dataset(&dir.join("data"), 3, 20, 10);
+    let spec = JobSpec::load(&write_spec(dir, "job", &manifest, (workers, workers))).unwrap();
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
+    (coordinator, job.id, spec.checkpoint.dir)
+}
+
+async fn register(coordinator: &Coordinator) -> WorkerIdentity {
+    let (worker, secret) = coordinator.register("host", "cpu", "").await.unwrap();
+    WorkerIdentity {
+        id: worker.id,
+        secret,
+    }
+}
+
+/// Registers `n` workers and brings them through the rendezvous of the job's generation; returns
+/// them by rank, with the generation.
+async fn running(coordinator: &Arc<Coordinator>, n: usize) -> (Vec<WorkerIdentity>, u64) {
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        workers.push(register(coordinator).await);
+    }
+    let mut by_rank = vec![WorkerIdentity::default(); n];
+    let mut generation = 0;
+    let mut joins = Vec::new();
+    for worker in workers {
+        let a = coordinator
+            .await_assignment(&worker, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("every worker is assigned");
+        generation = a.generation;
+        by_rank[a.rank as usize] = worker.clone();
+        let coordinator = coordinator.clone();
+        joins.push(tokio::spawn(async move {
+            coordinator
+                .rendezvous(
+                    &worker,
+                    &a.job_id,
+                    a.generation,
+                    a.rank,
+                    vec![a.rank as u8],
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    for join in joins {
+        assert!(matches!(
+            join.await.unwrap(),
+            RendezvousOutcome::Complete { .. }
+        ));
+    }
+    (by_rank, generation)
+}
+
+fn checkpoint(root: &Path, job: &str, generation: u64, step: u64) -> CheckpointRecord {
+    let r = checkpoint_ref(root, job, generation, step);
+    CheckpointRecord {
+        id: r.id,
+        path: r.path,
+        generation,
+        epoch: 0,
+        step,
+        stage: 0,
+        committed_at_ms: 0,
+        stage_end: false,
+    }
+}
+
+#[tokio::test]
+async fn a_worker_is_known_by_its_secret_not_by_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, _) = coordinator_with_job(dir.path(), 1).await;
+    let (workers, generation) = running(&coordinator, 1).await;
+    let real = &workers[0];
+    // Anyone with the worker token can read an id off a log line; only the worker has the
+    // secret.
+    for forged in [
+        WorkerIdentity {
+            id: real.id.clone(),
+            secret: String::new(),
+        },
+        WorkerIdentity {
+            id: real.id.clone(),
+            secret: "0".repeat(64),
+        },
+    ] {
+        let refused = coordinator
+            .heartbeat(&forged, 0, false, true)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, CoordinatorError::NotFound(_)),
+            "{refused}"
+        );
+        let refused = coordinator
+            .report_progress(
+                &forged,
+                &job,
+                generation,
+                ProgressReport {
+                    error: "forged".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("secret"), "{refused}");
+        assert!(
+            coordinator
+                .await_assignment(&forged, Duration::ZERO)
+                .await
+                .is_err()
+        );
+    }
+    // The forged "leaving" and "failed" calls changed nothing.
+    let status = coordinator.get(&job).await.unwrap();
+    assert_eq!(status.state.to_string(), "running");
+    let listed = coordinator.workers().await;
+    assert!(!listed[0].0.leaving);
+    let assignment = coordinator
+        .heartbeat(real, 1, false, false)
+        .await
+        .unwrap()
+        .expect("the real worker is still assigned");
+    assert_eq!(assignment.generation, generation);
+}
+
+#[tokio::test]
+async fn a_rendezvous_files_a_payload_under_the_assigned_rank_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, _) = coordinator_with_job(dir.path(), 2).await;
+    let a = register(&coordinator).await;
+    let b = register(&coordinator).await;
+    let assigned = coordinator
+        .await_assignment(&a, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let other_rank = 1 - assigned.rank;
+    let refused = coordinator
+        .rendezvous(
+            &a,
+            &job,
+            assigned.generation,
+            other_rank,
+            b"10.0.0.66:1".to_vec(),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("holds rank {}", assigned.rank)),
+        "{refused}"
+    );
+    // The refused payload was not filed: the other worker, joining under its own rank, still
+    // waits for this one.
+    let b_assigned = coordinator
+        .await_assignment(&b, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = coordinator
+        .rendezvous(
+            &b,
+            &job,
+            b_assigned.generation,
+            b_assigned.rank,
+            b"b".to_vec(),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(waiting, RendezvousOutcome::Waiting);
+    let done = coordinator
+        .rendezvous(
+            &a,
+            &job,
+            assigned.generation,
+            assigned.rank,
+            b"a".to_vec(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let RendezvousOutcome::Complete { payloads, ring_key } = done else {
+        panic!("complete once both ranks published: {done:?}");
+    };
+    let mut expected = vec![Vec::new(); 2];
+    expected[assigned.rank as usize] = b"a".to_vec();
+    expected[b_assigned.rank as usize] = b"b".to_vec();
+    assert_eq!(payloads, expected);
+    assert_eq!(
+        ring_key.len(),
+        32,
+        "the generation's ring key comes with it"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_is_taken_from_rank_0_and_only_where_the_coordinator_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, root) = coordinator_with_job(dir.path(), 2).await;
+    let (ranks, generation) = running(&coordinator, 2).await;
+    let good = checkpoint(&root, &job, generation, 4);
+    let outside = |path: &str| CheckpointRecord {
+        path: path.to_owned(),
+        ..good.clone()
+    };
+    let home = dir.path().join("home");
+    let refusals = [
+        // Another directory: it would later be handed out to be deleted.
+        (outside(home.to_str().unwrap()), "must be at"),
+        (outside(&format!("{}/../..", good.path)), "must be at"),
+        // Another job's directory.
+        (checkpoint(&root, "job-000099", generation, 4), "must be at"),
+        // An id that is not this generation's checkpoint of this step.
+        (
+            CheckpointRecord {
+                id: "../../home".into(),
+                ..good.clone()
+            },
+            "must be named",
+        ),
+        (checkpoint(&root, &job, generation + 1, 4), "must be named"),
+    ];
+    for (refused, why) in refusals {
+        let outcome = coordinator
+            .commit_checkpoint(&ranks[0], &job, generation, refused.clone(), Vec::new())
+            .await
+            .unwrap();
+        let reason = outcome.expect_err("refused");
+        assert!(reason.contains(why), "{refused:?}: {reason}");
+    }
+    let from_rank_1 = coordinator
+        .commit_checkpoint(&ranks[1], &job, generation, good.clone(), Vec::new())
+        .await
+        .unwrap();
+    assert!(
+        from_rank_1.expect_err("refused").contains("only rank 0"),
+        "rank 1 does not write checkpoints"
+    );
+    assert!(coordinator.get(&job).await.unwrap().checkpoints.is_empty());
+    coordinator
+        .commit_checkpoint(&ranks[0], &job, generation, good.clone(), Vec::new())
+        .await
+        .unwrap()
+        .expect("the named directory is accepted");
+    let committed = coordinator.get(&job).await.unwrap().checkpoints;
+    assert_eq!(committed.len(), 1);
+    assert_eq!(
+        Path::new(&committed[0].path),
+        root.join(&job).join(&good.id)
+    );
+}
+
+#[tokio::test]
+async fn only_rank_0_is_asked_to_checkpoint_for_a_leaving_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, _) = coordinator_with_job(dir.path(), 2).await;
+    let (ranks, generation) = running(&coordinator, 2).await;
+    // Rank 1 is asked to stop (SIGTERM): rank 0 must checkpoint, so the job goes on without it.
+    coordinator
+        .heartbeat(&ranks[1], 0, false, true)
+        .await
+        .unwrap();
+    let report = || ProgressReport::default();
+    let rank_1 = coordinator
+        .report_progress(&ranks[1], &job, generation, report())
+        .await
+        .unwrap();
+    assert!(rank_1.current);
+    assert!(
+        !rank_1.checkpoint_now,
+        "rank 1 does not write checkpoints, and must not take rank 0's request"
+    );
+    let rank_0 = coordinator
+        .report_progress(&ranks[0], &job, generation, report())
+        .await
+        .unwrap();
+    assert!(rank_0.checkpoint_now);
+    let again = coordinator
+        .report_progress(&ranks[0], &job, generation, report())
+        .await
+        .unwrap();
+    assert!(!again.checkpoint_now, "said once per request");
+}
