@@ -7,14 +7,17 @@
 //! checkpoint. Workers notice a generation change through their heartbeat and drop the old
 //! collective.
 //!
-//! Every change is written to the store before it becomes visible (the state lock is held
-//! across the write, so memory and store change in the same order); a restarted coordinator
-//! rebuilds this state from the store alone. Worker leases are kept as records plus a TTL:
-//! heartbeats renew them in memory only, and recovery grants every known worker a fresh TTL,
-//! since no worker could reach a coordinator that was down.
+//! Each fact is saved once. A job's record holds its generation and its workers by rank; a
+//! worker's assignment is derived from it ([`Inner::show_job`]), never saved beside it, so no
+//! crash or store error between two writes can leave a worker assigned to a job that does not
+//! list it. Every change is one store transaction ([`Change`]), written before it becomes
+//! visible (the state lock is held across the write, so memory and store change in the same
+//! order); a restarted coordinator rebuilds this state from the store alone. Worker leases are
+//! kept as records plus a TTL: heartbeats renew them in memory only, and recovery grants every
+//! known worker a fresh TTL, since no worker could reach a coordinator that was down.
 
 use crate::auth::{self, WorkerIdentity};
-use crate::store::{SharedStore, StoreError};
+use crate::store::{SharedStore, StoreError, Write};
 use ladder_core::cut;
 use ladder_core::dataset::Manifest;
 use ladder_core::location::{self, CheckpointId};
@@ -228,6 +231,58 @@ pub const COLLECTIVE_FAILURES_TO_GIVE_UP: u32 = 3;
 pub const CHECKPOINT_FAILURES_TO_GIVE_UP: u32 = 3;
 
 impl JobRecord {
+    /// Frees every worker of the current generation (they become idle once this record is
+    /// shown) and forgets what the generation exchanged.
+    fn release(&mut self) {
+        self.workers.clear();
+        self.rendezvous.clear();
+        self.ring_key.clear();
+        self.collective_failures.clear();
+        self.checkpoint_requested = false;
+    }
+
+    /// The assignments this record makes: rank `r` of the current generation to
+    /// `workers[r]`, while the job is active.
+    fn assignments(&self) -> impl Iterator<Item = (&String, WorkerAssignment)> {
+        let active = self.state.is_active();
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(move |_| active)
+            .map(|(rank, w)| {
+                (
+                    w,
+                    WorkerAssignment {
+                        job_id: self.id.clone(),
+                        generation: self.generation,
+                        rank: rank as u32,
+                    },
+                )
+            })
+    }
+
+    /// The job queued again after a member of its generation was lost (`why`), to restore
+    /// from its latest checkpoint; `None` if the job is not training.
+    fn generation_ended(&self, why: &str) -> Option<JobRecord> {
+        if !self.state.is_active() {
+            return None;
+        }
+        let mut job = self.clone();
+        job.release();
+        job.state = JobState::Queued;
+        job.restore_from = job.checkpoints.last().cloned();
+        job.message = format!(
+            "{why}; generation {} ended, restoring from {}",
+            job.generation,
+            job.restore_from
+                .as_ref()
+                .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
+        );
+        job.last_incident = job.message.clone();
+        tracing::warn!(job = %job.id, "{}", job.message);
+        Some(job)
+    }
+
     /// How many of `checkpoints` stay the model's history when the next generation starts
     /// from `restore_from`: those up to it in commit order (all of them if it is not listed).
     fn history_kept(&self) -> usize {
@@ -289,6 +344,8 @@ pub struct WorkerRecord {
     /// worker registers again.
     #[serde(default)]
     pub secret_sha256: String,
+    /// Derived from the job that lists it (see [`Inner::show_job`]), never saved.
+    #[serde(skip)]
     pub assignment: Option<WorkerAssignment>,
     /// On [`monotonic_ms`]'s clock, as the other times kept in memory only.
     #[serde(skip)]
@@ -409,6 +466,64 @@ struct Inner {
     next_worker: u64,
 }
 
+impl Inner {
+    /// Shows `job` and derives its workers' assignments from it: a worker holds rank `r` of a
+    /// job's generation exactly while that job is active and lists it at rank `r`. Returns
+    /// whether any assignment changed.
+    fn show_job(&mut self, job: JobRecord) -> bool {
+        let old = self.jobs.get(&job.id);
+        let same = old.is_some_and(|o| {
+            o.state.is_active() == job.state.is_active()
+                && o.generation == job.generation
+                && o.workers == job.workers
+        });
+        if same {
+            self.jobs.insert(job.id.clone(), job);
+            return false;
+        }
+        let now = monotonic_ms();
+        let released: Vec<(String, WorkerAssignment)> = old
+            .map(|o| o.assignments().map(|(w, a)| (w.clone(), a)).collect())
+            .unwrap_or_default();
+        for (id, assignment) in released {
+            if let Some(w) = self.workers.get_mut(&id)
+                && w.assignment.as_ref() == Some(&assignment)
+            {
+                w.assignment = None;
+                w.active_ms = now;
+            }
+        }
+        for (id, assignment) in job.assignments() {
+            if let Some(w) = self.workers.get_mut(id) {
+                w.assignment = Some(assignment);
+                // Stalls are timed from the start of an assignment.
+                w.active_ms = now;
+            }
+        }
+        self.jobs.insert(job.id.clone(), job);
+        true
+    }
+}
+
+/// What one store transaction writes; shown in memory only once written.
+#[derive(Default)]
+struct Change {
+    jobs: Vec<JobRecord>,
+    workers: Vec<WorkerRecord>,
+    /// Workers to forget: their next call is answered "unknown worker".
+    forgotten: Vec<String>,
+    counters: Option<Counters>,
+}
+
+impl Change {
+    fn job(job: JobRecord) -> Change {
+        Change {
+            jobs: vec![job],
+            ..Change::default()
+        }
+    }
+}
+
 /// Per epoch, the sum of `entries`: (epoch, samples, digest, skipped).
 fn sum_per_epoch<'a>(
     entries: impl IntoIterator<Item = &'a LedgerEntry>,
@@ -525,15 +640,15 @@ impl Coordinator {
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
         let now = monotonic_ms();
-        for (key, bytes) in store.list("jobs/").await? {
-            let job: JobRecord = decode(&key, &bytes)?;
-            inner.jobs.insert(job.id.clone(), job);
-        }
         for (key, bytes) in store.list("workers/").await? {
             let mut worker: WorkerRecord = decode(&key, &bytes)?;
             worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
             worker.active_ms = now;
             inner.workers.insert(worker.id.clone(), worker);
+        }
+        for (key, bytes) in store.list("jobs/").await? {
+            let job: JobRecord = decode(&key, &bytes)?;
+            inner.show_job(job);
         }
         if let Some(bytes) = store.get(COUNTERS_KEY).await? {
             let counters: Counters = decode(COUNTERS_KEY, &bytes)?;
@@ -574,78 +689,66 @@ impl Coordinator {
         CoordinatorError::Store(e)
     }
 
-    async fn persist_job(&self, job: &JobRecord) -> Result<()> {
+    /// Writes `change` in one transaction, then shows it: the store and memory change
+    /// together or not at all.
+    async fn apply(&self, inner: &mut Inner, mut change: Change) -> Result<()> {
+        let wall = now_ms();
+        let mut writes = Vec::new();
+        for job in &mut change.jobs {
+            job.updated_at_ms = wall;
+            writes.push(Write::Put(job_key(&job.id), encode(job)));
+        }
+        for worker in &change.workers {
+            writes.push(Write::Put(worker_key(&worker.id), encode(worker)));
+        }
+        for id in &change.forgotten {
+            writes.push(Write::Delete(worker_key(id)));
+        }
+        if let Some(counters) = &change.counters {
+            writes.push(Write::Put(COUNTERS_KEY.to_owned(), encode(counters)));
+        }
         self.store
-            .put(&job_key(&job.id), encode(job))
+            .apply(writes)
             .await
-            .map_err(|e| self.store_failed(e))
-    }
-
-    async fn persist_worker(&self, worker: &WorkerRecord) -> Result<()> {
-        self.store
-            .put(&worker_key(&worker.id), encode(worker))
-            .await
-            .map_err(|e| self.store_failed(e))
-    }
-
-    async fn persist_counters(&self, inner: &Inner) -> Result<()> {
-        let counters = Counters {
-            next_job: inner.next_job,
-            next_worker: inner.next_worker,
-        };
-        self.store
-            .put(COUNTERS_KEY, encode(&counters))
-            .await
-            .map_err(|e| self.store_failed(e))
+            .map_err(|e| self.store_failed(e))?;
+        if let Some(counters) = change.counters {
+            inner.next_job = inner.next_job.max(counters.next_job);
+            inner.next_worker = inner.next_worker.max(counters.next_worker);
+        }
+        for id in &change.forgotten {
+            inner.workers.remove(id);
+        }
+        for worker in change.workers {
+            inner.workers.insert(worker.id.clone(), worker);
+        }
+        let persisted = monotonic_ms();
+        let mut reassigned = false;
+        for mut job in change.jobs {
+            job.progress_persisted_ms = persisted;
+            let id = job.id.clone();
+            reassigned |= inner.show_job(job);
+            let _ = self.job_changed.send(id);
+        }
+        if reassigned {
+            self.assignments_changed.notify_waiters();
+            self.rendezvous_changed.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Writes `job` and makes it visible.
-    async fn commit_job(&self, inner: &mut Inner, mut job: JobRecord) -> Result<JobRecord> {
-        job.updated_at_ms = now_ms();
-        self.persist_job(&job).await?;
-        job.progress_persisted_ms = monotonic_ms();
-        inner.jobs.insert(job.id.clone(), job.clone());
-        let _ = self.job_changed.send(job.id.clone());
-        Ok(job)
+    async fn commit_job(&self, inner: &mut Inner, job: JobRecord) -> Result<JobRecord> {
+        let id = job.id.clone();
+        self.apply(inner, Change::job(job)).await?;
+        Ok(inner.jobs[&id].clone())
     }
 
-    async fn set_assignment(
-        &self,
-        inner: &mut Inner,
-        worker_id: &str,
-        assignment: Option<WorkerAssignment>,
-    ) -> Result<()> {
-        let Some(worker) = inner.workers.get(worker_id) else {
-            return Ok(());
-        };
-        let mut worker = worker.clone();
-        worker.assignment = assignment;
-        // Stalls are timed from the start of an assignment.
-        worker.active_ms = monotonic_ms();
-        self.persist_worker(&worker).await?;
-        inner.workers.insert(worker.id.clone(), worker);
-        Ok(())
-    }
-
-    /// Frees every worker of `job`'s current generation.
-    async fn release_workers(&self, inner: &mut Inner, job: &mut JobRecord) -> Result<()> {
-        for id in std::mem::take(&mut job.workers) {
-            let held = inner
-                .workers
-                .get(&id)
-                .and_then(|w| w.assignment.as_ref())
-                .is_some_and(|a| a.job_id == job.id);
-            if held {
-                self.set_assignment(inner, &id, None).await?;
-            }
-        }
-        job.rendezvous.clear();
-        job.ring_key.clear();
-        job.collective_failures.clear();
-        job.checkpoint_requested = false;
-        self.assignments_changed.notify_waiters();
-        self.rendezvous_changed.notify_waiters();
-        Ok(())
+    /// Shows a change of `job` that is not saved (what a restart may lose: rendezvous
+    /// payloads, progress between two saves).
+    fn show_unsaved(&self, inner: &mut Inner, job: JobRecord) {
+        let id = job.id.clone();
+        inner.show_job(job);
+        let _ = self.job_changed.send(id);
     }
 
     fn job<'a>(inner: &'a Inner, id: &str) -> Result<&'a JobRecord> {
@@ -693,11 +796,22 @@ impl Coordinator {
         }
         let stages = StagePlan::new(&spec);
 
-        let mut inner = self.inner.lock().await;
-        let id = format!("job-{:06}", inner.next_job + 1);
-        check_checkpoint_dir(&spec.checkpoint.dir, &id).map_err(CoordinatorError::Invalid)?;
-        inner.next_job += 1;
-        self.persist_counters(&inner).await?;
+        // The directory is checked off the state lock and the async threads (checkpoint.dir
+        // may be on a slow network file system, and heartbeats must not wait for it), for the
+        // next id; should another submit take that id meanwhile, for the one after.
+        let (mut inner, id) = loop {
+            let next = self.inner.lock().await.next_job + 1;
+            let id = format!("job-{next:06}");
+            let (dir, checked) = (spec.checkpoint.dir.clone(), id.clone());
+            tokio::task::spawn_blocking(move || check_checkpoint_dir(&dir, &checked))
+                .await
+                .map_err(|e| CoordinatorError::Invalid(format!("checkpoint.dir: {e}")))?
+                .map_err(CoordinatorError::Invalid)?;
+            let inner = self.inner.lock().await;
+            if inner.next_job + 1 == next {
+                break (inner, id);
+            }
+        };
         let now = now_ms();
         let job = JobRecord {
             id,
@@ -729,10 +843,20 @@ impl Coordinator {
             checkpoint_requested: false,
             waiting: String::new(),
         };
-        let job = self.commit_job(&mut inner, job).await?;
+        let counters = Counters {
+            next_job: inner.next_job + 1,
+            next_worker: inner.next_worker,
+        };
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
-        self.schedule(&mut inner).await?;
-        Ok(inner.jobs[&job.id].clone())
+        let id = job.id.clone();
+        let change = Change {
+            jobs: vec![job],
+            counters: Some(counters),
+            ..Change::default()
+        };
+        self.apply(&mut inner, change).await?;
+        self.schedule_after_change(&mut inner).await;
+        Ok(inner.jobs[&id].clone())
     }
 
     pub async fn get(&self, id: &str) -> Result<JobRecord> {
@@ -764,12 +888,12 @@ impl Coordinator {
                 job.state
             )));
         }
-        self.release_workers(&mut inner, &mut job).await?;
+        job.release();
         job.state = JobState::Cancelled;
         job.message = "cancelled by request".to_owned();
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %id, "job cancelled");
-        self.schedule(&mut inner).await?;
+        self.schedule_after_change(&mut inner).await;
         Ok(job)
     }
 
@@ -839,7 +963,7 @@ impl Coordinator {
         }
         let job = self.commit_job(&mut inner, job).await?;
         tracing::info!(job = %id, "job resumed");
-        self.schedule(&mut inner).await?;
+        self.schedule_after_change(&mut inner).await;
         Ok(inner.jobs.get(&job.id).cloned().unwrap_or(job))
     }
 
@@ -858,12 +982,14 @@ impl Coordinator {
         name: &str,
     ) -> Result<(WorkerRecord, String)> {
         let mut inner = self.inner.lock().await;
-        inner.next_worker += 1;
-        self.persist_counters(&inner).await?;
+        let counters = Counters {
+            next_job: inner.next_job,
+            next_worker: inner.next_worker + 1,
+        };
         let (now, wall) = (monotonic_ms(), now_ms());
         let secret = auth::WorkerSecret::generate();
         let worker = WorkerRecord {
-            id: format!("w-{:06}", inner.next_worker),
+            id: format!("w-{:06}", counters.next_worker),
             hostname: hostname.to_owned(),
             device: device.to_owned(),
             name: name.to_owned(),
@@ -878,10 +1004,14 @@ impl Coordinator {
             heard_from: true,
             leaving: false,
         };
-        self.persist_worker(&worker).await?;
-        inner.workers.insert(worker.id.clone(), worker.clone());
+        let change = Change {
+            workers: vec![worker.clone()],
+            counters: Some(counters),
+            ..Change::default()
+        };
+        self.apply(&mut inner, change).await?;
         tracing::info!(worker = %worker.id, %hostname, %device, %name, "worker registered");
-        self.schedule(&mut inner).await?;
+        self.schedule_after_change(&mut inner).await;
         Ok((worker, secret.secret))
     }
 
@@ -947,7 +1077,7 @@ impl Coordinator {
         let newly_heard = !std::mem::replace(&mut worker.heard_from, true);
         let assignment = worker.assignment.clone();
         if newly_heard {
-            self.schedule(&mut inner).await?;
+            self.schedule_after_change(&mut inner).await;
         }
         Ok(assignment)
     }
@@ -982,14 +1112,18 @@ impl Coordinator {
             }
             None => {
                 tracing::info!(worker = %worker_id, "idle worker leaving on request");
-                self.remove_worker(inner, worker_id).await?;
+                let change = Change {
+                    forgotten: vec![worker_id.to_owned()],
+                    ..Change::default()
+                };
+                self.apply(inner, change).await?;
             }
         }
         Ok(())
     }
 
-    /// `workers` leave `job_id`: they are forgotten, and its generation ends and the job is
-    /// given to whoever is idle.
+    /// `workers` leave `job_id`: they are forgotten, and its generation ends (one
+    /// transaction) and the job is given to whoever is idle.
     async fn part(
         &self,
         inner: &mut Inner,
@@ -997,20 +1131,14 @@ impl Coordinator {
         workers: &[String],
         why: &str,
     ) -> Result<()> {
-        for worker_id in workers {
-            self.remove_worker(inner, worker_id).await?;
-        }
-        self.membership_lost(inner, job_id, why).await?;
-        self.schedule(inner).await
-    }
-
-    /// Forgets `worker_id`: its next call is answered "unknown worker".
-    async fn remove_worker(&self, inner: &mut Inner, worker_id: &str) -> Result<()> {
-        self.store
-            .delete(&worker_key(worker_id))
-            .await
-            .map_err(|e| self.store_failed(e))?;
-        inner.workers.remove(worker_id);
+        let ended = inner.jobs.get(job_id).and_then(|j| j.generation_ended(why));
+        let change = Change {
+            jobs: ended.into_iter().collect(),
+            forgotten: workers.to_vec(),
+            ..Change::default()
+        };
+        self.apply(inner, change).await?;
+        self.schedule_after_change(inner).await;
         Ok(())
     }
 
@@ -1111,7 +1239,7 @@ impl Coordinator {
                 };
                 self.commit_job(&mut inner, job).await?;
             } else {
-                inner.jobs.insert(job.id.clone(), job);
+                inner.show_job(job);
             }
             self.rendezvous_changed.notify_waiters();
         }
@@ -1190,7 +1318,7 @@ impl Coordinator {
                 .iter()
                 .rfind(|c| job.restore_from.as_ref().is_none_or(|r| c.step <= r.step))
                 .cloned();
-            self.release_workers(inner, &mut job).await?;
+            job.release();
             job.state = JobState::Queued;
             job.message = format!(
                 "checkpoint {bad} is unusable ({}); restarting from {}",
@@ -1203,7 +1331,7 @@ impl Coordinator {
             job.last_incident = format!("generation {generation}: {}", job.message);
             tracing::warn!(job = %job_id, "{}", job.message);
             self.commit_job(inner, job).await?;
-            self.schedule(inner).await?;
+            self.schedule_after_change(inner).await;
             return Ok(false);
         }
         if !report.collective_error.is_empty() {
@@ -1217,11 +1345,11 @@ impl Coordinator {
             if !every_live_rank {
                 // A rank that did not fail is dead or hung: its lease or the stall detection
                 // ends the generation, naming it.
-                inner.jobs.insert(job.id.clone(), job);
+                inner.show_job(job);
                 return Ok(true);
             }
             self.collectives_failed(inner, job).await?;
-            self.schedule(inner).await?;
+            self.schedule_after_change(inner).await;
             return Ok(false);
         }
         if let Some(mut progress) = report.progress {
@@ -1242,7 +1370,7 @@ impl Coordinator {
             );
             tracing::warn!(job = %job_id, "{}", job.last_incident);
             if job.failed_checkpoints >= CHECKPOINT_FAILURES_TO_GIVE_UP {
-                self.release_workers(inner, &mut job).await?;
+                job.release();
                 job.state = JobState::Failed;
                 job.message = format!(
                     "{} checkpoints in a row could not be written (the last: {}); stopped \
@@ -1250,33 +1378,32 @@ impl Coordinator {
                     job.failed_checkpoints, report.checkpoint_error, job.id
                 );
                 self.commit_job(inner, job).await?;
-                self.schedule(inner).await?;
+                self.schedule_after_change(inner).await;
                 return Ok(false);
             }
             self.commit_job(inner, job).await?;
             return Ok(true);
         }
         if !report.error.is_empty() {
-            self.release_workers(inner, &mut job).await?;
+            job.release();
             job.state = JobState::Failed;
             job.message = format!("worker {worker_id} failed: {}", report.error);
             tracing::warn!(job = %job_id, worker = %worker_id, error = %report.error, "job failed");
             self.commit_job(inner, job).await?;
-            self.schedule(inner).await?;
+            self.schedule_after_change(inner).await;
         } else if report.finished {
-            self.release_workers(inner, &mut job).await?;
+            job.release();
             job.state = JobState::Completed;
             job.message = "completed".to_owned();
             tracing::info!(job = %job_id, "job completed");
             self.commit_job(inner, job).await?;
-            self.schedule(inner).await?;
+            self.schedule_after_change(inner).await;
         } else if boundary
             || monotonic_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS
         {
             self.commit_job(inner, job).await?;
         } else {
-            inner.jobs.insert(job.id.clone(), job);
-            let _ = self.job_changed.send(job_id.to_owned());
+            self.show_unsaved(inner, job);
         }
         Ok(true)
     }
@@ -1399,16 +1526,18 @@ impl Coordinator {
             .collect();
         for id in expired {
             tracing::warn!(worker = %id, "worker lease expired");
-            let assignment = inner.workers[&id].assignment.clone();
-            self.remove_worker(&mut inner, &id).await?;
-            if let Some(a) = assignment {
-                self.membership_lost(
-                    &mut inner,
-                    &a.job_id,
-                    &format!("worker {id} lost (lease expired)"),
-                )
-                .await?;
-            }
+            let why = format!("worker {id} lost (lease expired)");
+            let ended = inner.workers[&id]
+                .assignment
+                .as_ref()
+                .and_then(|a| inner.jobs.get(&a.job_id))
+                .and_then(|job| job.generation_ended(&why));
+            let change = Change {
+                jobs: ended.into_iter().collect(),
+                forgotten: vec![id],
+                ..Change::default()
+            };
+            self.apply(&mut inner, change).await?;
         }
         self.expel_stalled(&mut inner, now).await?;
         self.schedule(&mut inner).await
@@ -1513,11 +1642,10 @@ impl Coordinator {
         );
         job.failed_generations += 1;
         if job.failed_generations < COLLECTIVE_FAILURES_TO_GIVE_UP {
-            let job_id = job.id.clone();
-            inner.jobs.insert(job_id.clone(), job);
-            return self.membership_lost(inner, &job_id, &why).await;
+            let ended = job.generation_ended(&why).expect("a training job");
+            return self.commit_job(inner, ended).await.map(|_| ());
         }
-        self.release_workers(inner, &mut job).await?;
+        job.release();
         job.state = JobState::Failed;
         job.message = format!(
             "{why}, in {} generations in a row without a checkpoint: giving up; fix the cause, \
@@ -1529,31 +1657,6 @@ impl Coordinator {
         self.commit_job(inner, job).await.map(|_| ())
     }
 
-    /// A worker of `job_id` is gone: end the generation and queue the job for the next.
-    async fn membership_lost(&self, inner: &mut Inner, job_id: &str, why: &str) -> Result<()> {
-        let Some(job) = inner.jobs.get(job_id) else {
-            return Ok(());
-        };
-        if !job.state.is_active() {
-            return Ok(());
-        }
-        let mut job = job.clone();
-        self.release_workers(inner, &mut job).await?;
-        job.state = JobState::Queued;
-        job.restore_from = job.checkpoints.last().cloned();
-        job.message = format!(
-            "{why}; generation {} ended, restoring from {}",
-            job.generation,
-            job.restore_from
-                .as_ref()
-                .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
-        );
-        job.last_incident = job.message.clone();
-        tracing::warn!(job = %job_id, "{}", job.message);
-        self.commit_job(inner, job).await?;
-        Ok(())
-    }
-
     /// Records what queued `job_id` waits for; watchers hear of a change.
     fn set_waiting(&self, job_id: &str, waiting: String, inner: &mut Inner) {
         let Some(job) = inner.jobs.get_mut(job_id) else {
@@ -1562,6 +1665,14 @@ impl Coordinator {
         if job.waiting != waiting {
             job.waiting = waiting;
             let _ = self.job_changed.send(job_id.to_owned());
+        }
+    }
+
+    /// Schedules after a change that is already saved: the change stands whatever happens
+    /// here, so a failure is logged, not returned (the next [`Self::tick`] tries again).
+    async fn schedule_after_change(&self, inner: &mut Inner) {
+        if let Err(e) = self.schedule(inner).await {
+            tracing::warn!("cannot assign workers now (tried again shortly): {e}");
         }
     }
 
@@ -1654,18 +1765,9 @@ impl Coordinator {
                 tracing::info!(job = %job.id, "{note}");
                 job.message = format!("{}; {note}", job.message);
             }
-            for (rank, worker_id) in job.workers.iter().enumerate() {
-                let assignment = WorkerAssignment {
-                    job_id: job.id.clone(),
-                    generation: job.generation,
-                    rank: rank as u32,
-                };
-                self.set_assignment(inner, worker_id, Some(assignment))
-                    .await?;
-            }
             tracing::info!(job = %job.id, generation = job.generation, workers = fit, "workers assigned");
+            // One write: the workers hold their ranks once the job lists them.
             self.commit_job(inner, job).await?;
-            self.assignments_changed.notify_waiters();
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! One suite, run against both real stores: the embedded redb file and an etcd server.
 
-use ladder_coordinator::store::{Compaction, EtcdStore, RedbStore, Store, StoreError};
+use ladder_coordinator::store::{
+    Compaction, EtcdStore, MAX_WRITES, RedbStore, Store, StoreError, Write,
+};
 use ladder_testkit::Etcd;
 
 async fn suite(store: &dyn Store) {
@@ -26,6 +28,27 @@ async fn suite(store: &dyn Store) {
     assert_eq!(store.get("jobs/a").await.unwrap(), None);
     assert_eq!(store.list("jobs/").await.unwrap().len(), 1);
     assert!(store.list("nothing/").await.unwrap().is_empty());
+
+    // A transaction: every write or none.
+    store
+        .apply(vec![
+            Write::Put("jobs/t".into(), b"t".to_vec()),
+            Write::Put("workers/t".into(), b"w".to_vec()),
+            Write::Delete("jobs/b".into()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.get("jobs/t").await.unwrap(), Some(b"t".to_vec()));
+    assert_eq!(store.get("workers/t").await.unwrap(), Some(b"w".to_vec()));
+    assert_eq!(store.get("jobs/b").await.unwrap(), None);
+    let too_many: Vec<Write> = (0..=MAX_WRITES)
+        .map(|i| Write::Put(format!("jobs/many-{i}"), Vec::new()))
+        .collect();
+    let err = store.apply(too_many).await.unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+    assert_eq!(store.get("jobs/many-0").await.unwrap(), None);
+    store.delete("jobs/t").await.unwrap();
+    store.put("jobs/b", b"2".to_vec()).await.unwrap();
 
     let big = vec![7u8; 512 * 1024];
     store.put("jobs/big", big.clone()).await.unwrap();
@@ -133,8 +156,18 @@ async fn a_deposed_etcd_leader_cannot_write() {
     .unwrap();
     let err = leader.put("jobs/x", b"stale".to_vec()).await.unwrap_err();
     assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
+    // A transaction in flight when the leadership went: none of it lands.
+    let err = leader
+        .apply(vec![
+            Write::Put("jobs/y".into(), b"stale".to_vec()),
+            Write::Delete("jobs/x".into()),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
     assert_eq!(
         leader.get("jobs/x").await.unwrap(),
         Some(b"from leader".to_vec())
     );
+    assert_eq!(leader.get("jobs/y").await.unwrap(), None);
 }

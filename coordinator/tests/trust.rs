@@ -3,96 +3,15 @@
 //! (the assignment), where a checkpoint lives (`checkpoint.dir/JOB/ID`) and who may be told to
 //! write one (rank 0). The coordinator runs in-process on a real redb store.
 
+mod common;
+
+use common::{checkpoint, coordinator_with_job, register, running};
 use ladder_coordinator::auth::WorkerIdentity;
 use ladder_coordinator::state::{
-    CheckpointRecord, Config, Coordinator, CoordinatorError, ProgressReport, RendezvousOutcome,
+    CheckpointRecord, CoordinatorError, ProgressReport, RendezvousOutcome,
 };
-use ladder_coordinator::store::RedbStore;
-use ladder_core::spec::JobSpec;
-use ladder_testkit::{checkpoint_ref, write_dataset, write_spec};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
-
-/// A coordinator on a fresh store with one job of `workers` ranks submitted, and the job's
-/// checkpoint directory (`checkpoint.dir`).
-async fn coordinator_with_job(dir: &Path, workers: u32) -> (Arc<Coordinator>, String, PathBuf) {
-    let store = Arc::new(RedbStore::open(&dir.join("state.redb")).unwrap());
-    let config = Config {
-        lease_ttl: Duration::from_secs(60),
-        rendezvous_grace: Duration::ZERO,
-        stall_timeout: Duration::from_secs(600),
-    };
-    let coordinator = Coordinator::recover(store, config).await.unwrap();
-    let manifest = write_dataset(&dir.join("data"), 3, 20, 10);
-    let spec = JobSpec::load(&write_spec(dir, "job", &manifest, (workers, workers))).unwrap();
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
-    (coordinator, job.id, spec.checkpoint.dir)
-}
-
-async fn register(coordinator: &Coordinator) -> WorkerIdentity {
-    let (worker, secret) = coordinator.register("host", "cpu", "").await.unwrap();
-    WorkerIdentity {
-        id: worker.id,
-        secret,
-    }
-}
-
-/// Registers `n` workers and brings them through the rendezvous of the job's generation; returns
-/// them by rank, with the generation.
-async fn running(coordinator: &Arc<Coordinator>, n: usize) -> (Vec<WorkerIdentity>, u64) {
-    let mut workers = Vec::new();
-    for _ in 0..n {
-        workers.push(register(coordinator).await);
-    }
-    let mut by_rank = vec![WorkerIdentity::default(); n];
-    let mut generation = 0;
-    let mut joins = Vec::new();
-    for worker in workers {
-        let a = coordinator
-            .await_assignment(&worker, Duration::from_secs(5))
-            .await
-            .unwrap()
-            .expect("every worker is assigned");
-        generation = a.generation;
-        by_rank[a.rank as usize] = worker.clone();
-        let coordinator = coordinator.clone();
-        joins.push(tokio::spawn(async move {
-            coordinator
-                .rendezvous(
-                    &worker,
-                    &a.job_id,
-                    a.generation,
-                    a.rank,
-                    vec![a.rank as u8],
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap()
-        }));
-    }
-    for join in joins {
-        assert!(matches!(
-            join.await.unwrap(),
-            RendezvousOutcome::Complete { .. }
-        ));
-    }
-    (by_rank, generation)
-}
-
-fn checkpoint(root: &Path, job: &str, generation: u64, step: u64) -> CheckpointRecord {
-    let r = checkpoint_ref(root, job, generation, step);
-    CheckpointRecord {
-        id: r.id,
-        path: r.path,
-        generation,
-        epoch: 0,
-        step,
-        stage: 0,
-        committed_at_ms: 0,
-        stage_end: false,
-    }
-}
 
 #[tokio::test]
 async fn a_worker_is_known_by_its_secret_not_by_its_id() {

@@ -1,4 +1,4 @@
-use super::{Store, StoreError};
+use super::{MAX_WRITES, Store, StoreError, Write};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
 use ladder_proto::client::{error_chain, with_causes};
@@ -125,17 +125,19 @@ impl EtcdStore {
         format!("{KEY_PREFIX}{key}")
     }
 
-    async fn guarded(&self, op: TxnOp) -> Result<(), StoreError> {
+    /// Runs `ops` as one transaction, on condition that this coordinator still holds the
+    /// leadership it won (when it campaigned): a deposed leader's writes fail, all of them.
+    async fn guarded(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
         let mut kv = self.client.kv_client();
         let txn = match &self.leader {
-            None => Txn::new().and_then([op]),
+            None => Txn::new().and_then(ops),
             Some(leader) => Txn::new()
                 .when([Compare::create_revision(
                     leader.key(),
                     CompareOp::Equal,
                     leader.rev(),
                 )])
-                .and_then([op]),
+                .and_then(ops),
         };
         let response = kv.txn(txn).await.map_err(|e| backend(&self.endpoints, e))?;
         if !response.succeeded() {
@@ -205,12 +207,24 @@ impl Store for EtcdStore {
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.guarded(TxnOp::put(Self::key(key), value, None)).await
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.guarded(TxnOp::delete(Self::key(key), None)).await
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_WRITES {
+            return Err(StoreError::TooLarge {
+                store: self.describe(),
+                writes: writes.len(),
+            });
+        }
+        let ops = writes
+            .into_iter()
+            .map(|write| match write {
+                Write::Put(key, value) => TxnOp::put(Self::key(&key), value, None),
+                Write::Delete(key) => TxnOp::delete(Self::key(&key), None),
+            })
+            .collect();
+        self.guarded(ops).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

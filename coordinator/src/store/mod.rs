@@ -3,9 +3,10 @@
 //! (a replicated control plane with leader election).
 //!
 //! Keys are `/`-separated paths (`jobs/job-000001`, `workers/w-...`); values are JSON records
-//! owned by [`crate::state`]. Every write is durable when the call returns: redb commits with
-//! fsync, etcd commits through raft. A coordinator that is no longer the leader cannot write:
-//! the etcd store guards every write with the leader's election key.
+//! owned by [`crate::state`]. Writes come in transactions ([`Store::apply`]): all of them or
+//! none, durable when the call returns (redb commits with fsync, etcd through raft). A
+//! coordinator that is no longer the leader cannot write: the etcd store makes every
+//! transaction conditional on the leader's election key.
 
 mod etcd;
 mod redb;
@@ -24,13 +25,33 @@ pub enum StoreError {
     NotLeader { store: String },
     #[error("invalid store address {0:?}: use redb:PATH or etcd://HOST:PORT[,HOST:PORT...]")]
     Address(String),
+    #[error(
+        "store {store}: a transaction of {writes} writes is more than the {MAX_WRITES} allowed"
+    )]
+    TooLarge { store: String, writes: usize },
 }
+
+/// One write of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// The most writes one transaction may hold: etcd's default `--max-txn-ops`.
+pub const MAX_WRITES: usize = 128;
 
 #[async_trait]
 pub trait Store: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
-    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Makes every write of `writes` or none of them (at most [`MAX_WRITES`]).
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.apply(vec![Write::Put(key.to_owned(), value)]).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.apply(vec![Write::Delete(key.to_owned())]).await
+    }
     /// Every key under `prefix` with its value, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Where the store lives, for messages.

@@ -1,4 +1,4 @@
-use super::{Store, StoreError};
+use super::{MAX_WRITES, Store, StoreError, Write};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -62,23 +62,31 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        let key = key.to_owned();
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_WRITES {
+            return Err(StoreError::TooLarge {
+                store: self.describe(),
+                writes: writes.len(),
+            });
+        }
         self.run(move |db| {
             let txn = db.begin_write()?;
-            txn.open_table(TABLE)?
-                .insert(key.as_str(), value.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let key = key.to_owned();
-        self.run(move |db| {
-            let txn = db.begin_write()?;
-            txn.open_table(TABLE)?.remove(key.as_str())?;
+            {
+                let mut table = txn.open_table(TABLE)?;
+                for write in &writes {
+                    match write {
+                        Write::Put(key, value) => {
+                            table.insert(key.as_str(), value.as_slice())?;
+                        }
+                        Write::Delete(key) => {
+                            table.remove(key.as_str())?;
+                        }
+                    }
+                }
+            }
             txn.commit()?;
             Ok(())
         })

@@ -1,0 +1,136 @@
+//! Each decision of the coordinator is one store transaction, and each fact is saved once (a
+//! worker's rank is derived from the job that lists it): a store failure in the middle of a
+//! decision leaves neither the store nor memory half-changed, and a restart recovers exactly
+//! what was decided. The coordinator runs in-process on a real redb store that fails on
+//! demand.
+
+mod common;
+
+use common::{FlakyStore, config, register, submit};
+use ladder_coordinator::auth::WorkerIdentity;
+use ladder_coordinator::state::{Coordinator, JobState, WorkerAssignment};
+use ladder_coordinator::store::SharedStore;
+use std::time::Duration;
+
+/// Each worker's assignment as `coordinator` answers its heartbeat.
+async fn assignments(
+    coordinator: &Coordinator,
+    workers: &[WorkerIdentity],
+) -> Vec<Option<WorkerAssignment>> {
+    let mut all = Vec::new();
+    for w in workers {
+        all.push(coordinator.heartbeat(w, 0, false, false).await.unwrap());
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_store_failure_in_the_middle_of_a_schedule_assigns_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let (job, _) = submit(&coordinator, dir.path(), 4).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(register(&coordinator).await);
+    }
+    // The fourth worker makes the job schedulable. Its registration is written; the schedule
+    // that follows fails to write the job, and the registration still stands.
+    store.fail_writes_to(Some("jobs/"));
+    workers.push(register(&coordinator).await);
+    assert_eq!(assignments(&coordinator, &workers).await, vec![None; 4]);
+    let queued = coordinator.get(&job).await.unwrap();
+    assert_eq!((queued.state, queued.generation), (JobState::Queued, 0));
+    assert!(queued.workers.is_empty());
+    for w in &workers {
+        assert!(
+            coordinator
+                .await_assignment(w, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_none(),
+            "{} was told a rank the store never saved",
+            w.id
+        );
+    }
+
+    // Healed, the next tick schedules all four in one transaction.
+    store.fail_writes_to(None);
+    let before = store.transactions();
+    coordinator.tick().await.unwrap();
+    assert_eq!(store.transactions() - before, 1, "one write for four ranks");
+    let assigned = assignments(&coordinator, &workers).await;
+    let mut ranks: Vec<u32> = assigned
+        .iter()
+        .map(|a| {
+            let a = a.as_ref().expect("every worker is assigned");
+            assert_eq!((a.job_id.as_str(), a.generation), (job.as_str(), 1));
+            a.rank
+        })
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1, 2, 3]);
+
+    // A coordinator started on the same store derives the same ranks from the job alone.
+    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    assert_eq!(assignments(&recovered, &workers).await, assigned);
+}
+
+#[tokio::test]
+async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let short_leases = ladder_coordinator::state::Config {
+        lease_ttl: Duration::from_millis(300),
+        ..config()
+    };
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, short_leases)
+        .await
+        .unwrap();
+    let (job, _) = submit(&coordinator, dir.path(), 2).await;
+    let workers = [register(&coordinator).await, register(&coordinator).await];
+    assert!(
+        assignments(&coordinator, &workers)
+            .await
+            .iter()
+            .all(Option::is_some)
+    );
+    // Only the first worker goes on heartbeating; the second's lease runs out while the store
+    // refuses every write: nothing changes, not even in memory.
+    store.fail_writes_to(Some(""));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    coordinator
+        .heartbeat(&workers[0], 1, false, false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    coordinator
+        .heartbeat(&workers[0], 2, false, false)
+        .await
+        .unwrap();
+    coordinator.tick().await.unwrap_err();
+    let still = coordinator.get(&job).await.unwrap();
+    assert_eq!(still.state, JobState::Rendezvous);
+    assert_eq!(still.workers.len(), 2);
+    // Healed: the worker is forgotten and the generation ends, together.
+    store.fail_writes_to(None);
+    coordinator.tick().await.unwrap();
+    let ended = coordinator.get(&job).await.unwrap();
+    assert_eq!(ended.state, JobState::Queued, "{}", ended.message);
+    assert!(ended.message.contains(&workers[1].id), "{}", ended.message);
+    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let known: Vec<String> = recovered
+        .workers()
+        .await
+        .into_iter()
+        .map(|(w, _, _)| w.id)
+        .collect();
+    assert_eq!(known, [workers[0].id.clone()]);
+    assert_eq!(recovered.get(&job).await.unwrap().state, JobState::Queued);
+}
