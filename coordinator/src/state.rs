@@ -8,13 +8,20 @@
 //! collective.
 //!
 //! Each fact is saved once. A job's record holds its generation and its workers by rank; a
-//! worker's assignment is derived from it ([`Inner::show_job`]), never saved beside it, so no
-//! crash or store error between two writes can leave a worker assigned to a job that does not
-//! list it. Every change is one store transaction ([`Change`]), written before it becomes
-//! visible (the state lock is held across the write, so memory and store change in the same
-//! order); a restarted coordinator rebuilds this state from the store alone. Worker leases are
-//! kept as records plus a TTL: heartbeats renew them in memory only, and recovery grants every
-//! known worker a fresh TTL, since no worker could reach a coordinator that was down.
+//! worker's assignment is derived from it ([`show_job`]), never saved beside it, so no crash or
+//! store error between two writes can leave a worker assigned to a job that does not list it.
+//! A restarted coordinator rebuilds everything from the store alone.
+//!
+//! Two locks, taken in this order:
+//! - `inner` (async): jobs and counters, what decisions read and write. Every decision is one
+//!   store transaction ([`Change`]), written before it becomes visible; the lock is held across
+//!   the write, so decisions are made one at a time, each from the state it replaces.
+//! - `roster` (plain, [`Roster`]): every worker with its signs of life and derived rank, and
+//!   each training job's newest progress. Held for memory work only, never across a write:
+//!   heartbeats and progress reports take nothing else, so a slow disk or etcd never makes a
+//!   healthy worker late. Heartbeats renew leases in memory only, and recovery grants every
+//!   known worker a fresh lease, since no worker could reach a coordinator that was down;
+//!   progress is saved by the next decision about its job or by [`Coordinator::tick`].
 
 use crate::auth::{self, WorkerIdentity};
 use crate::store::{SharedStore, StoreError, Write};
@@ -61,12 +68,13 @@ pub fn now_ms() -> i64 {
 
 /// Milliseconds on the monotonic clock since this process first asked. Leases, stalls and grace
 /// periods are timed on it (and never persisted), so that a step of the wall clock (NTP, a
-/// resumed virtual machine) neither expires every lease at once nor hides a dead worker.
+/// resumed virtual machine) neither expires every lease at once nor hides a dead worker. It is
+/// tokio's clock, which tests may pause and advance.
 fn monotonic_ms() -> i64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(tokio::time::Instant::now);
+    tokio::time::Instant::now()
+        .saturating_duration_since(start)
         .as_millis() as i64
 }
 
@@ -193,8 +201,6 @@ pub struct JobRecord {
     /// When enough workers for some allowed world size were first idle.
     #[serde(skip)]
     pub ready_since_ms: Option<i64>,
-    #[serde(skip)]
-    pub progress_persisted_ms: i64,
     /// The collective failures reported in the current generation, by worker. Not persisted:
     /// after a coordinator restart the generation ends through leases or stall detection.
     #[serde(skip)]
@@ -211,10 +217,6 @@ pub struct JobRecord {
     /// answer was lost, so that its worker still deletes them.
     #[serde(default)]
     pub last_retired: Vec<CheckpointRecord>,
-    /// A worker of the generation is leaving: rank 0 is told to checkpoint now, and the commit
-    /// ends the generation without the leaving workers.
-    #[serde(skip)]
-    pub checkpoint_requested: bool,
     /// While queued: what the job waits for (the idle workers it lacks, or the grace before it
     /// starts on fewer), as the scheduler last saw it.
     #[serde(skip)]
@@ -238,7 +240,6 @@ impl JobRecord {
         self.rendezvous.clear();
         self.ring_key.clear();
         self.collective_failures.clear();
-        self.checkpoint_requested = false;
     }
 
     /// The assignments this record makes: rank `r` of the current generation to
@@ -344,7 +345,7 @@ pub struct WorkerRecord {
     /// worker registers again.
     #[serde(default)]
     pub secret_sha256: String,
-    /// Derived from the job that lists it (see [`Inner::show_job`]), never saved.
+    /// Derived from the job that lists it (see `show_job`), never saved.
     #[serde(skip)]
     pub assignment: Option<WorkerAssignment>,
     /// On [`monotonic_ms`]'s clock, as the other times kept in memory only.
@@ -382,6 +383,17 @@ pub struct Assignment {
     pub retired: Vec<CheckpointRecord>,
 }
 
+impl ProgressReport {
+    /// Whether it says more than how far the run got.
+    fn has_event(&self) -> bool {
+        self.finished
+            || !self.error.is_empty()
+            || !self.bad_checkpoint.is_empty()
+            || !self.collective_error.is_empty()
+            || !self.checkpoint_error.is_empty()
+    }
+}
+
 /// Where a rendezvous stands for one of its ranks.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RendezvousOutcome {
@@ -405,7 +417,7 @@ pub struct ProgressAnswer {
     pub checkpoint_now: bool,
 }
 
-/// What a worker reports.
+/// What a worker reports: progress, and perhaps an event (the end, a failure).
 #[derive(Clone, Debug, Default)]
 pub struct ProgressReport {
     /// None when the report carries only an event (a failure, the end): the job's last
@@ -458,51 +470,160 @@ impl Default for Config {
     }
 }
 
+/// Jobs and counters: what decisions read and write. Behind the async lock held across each
+/// decision's store write, so that decisions are made one at a time, each from the state it
+/// replaces.
 #[derive(Default)]
 struct Inner {
     jobs: BTreeMap<String, JobRecord>,
-    workers: BTreeMap<String, WorkerRecord>,
     next_job: u64,
     next_worker: u64,
 }
 
-impl Inner {
-    /// Shows `job` and derives its workers' assignments from it: a worker holds rank `r` of a
-    /// job's generation exactly while that job is active and lists it at rank `r`. Returns
-    /// whether any assignment changed.
-    fn show_job(&mut self, job: JobRecord) -> bool {
-        let old = self.jobs.get(&job.id);
-        let same = old.is_some_and(|o| {
-            o.state.is_active() == job.state.is_active()
-                && o.generation == job.generation
-                && o.workers == job.workers
-        });
-        if same {
-            self.jobs.insert(job.id.clone(), job);
-            return false;
+/// Every registered worker (its saved record, its signs of life, and the rank it holds, derived
+/// from its job) and what each training job's rank 0 last reported. Behind a plain mutex that
+/// is held for memory work only, never across an await or a store write: heartbeats and
+/// progress reports touch nothing else, so they never wait for the disk or etcd.
+#[derive(Default)]
+struct Roster {
+    workers: BTreeMap<String, WorkerRecord>,
+    training: BTreeMap<String, Training>,
+}
+
+/// What a training job's rank 0 reported: kept here as it comes, saved with the job at every
+/// decision about it, at an epoch or stage boundary, and at least every
+/// [`PROGRESS_SAVED_EVERY_MS`] (by [`Coordinator::tick`]).
+#[derive(Clone, Debug, Default)]
+struct Training {
+    generation: u64,
+    /// The newest progress (the job's saved progress until rank 0 reports).
+    progress: ProgressRecord,
+    /// Reports received, and how many of them the last save held: a save in flight does not
+    /// count a report that came meanwhile as saved.
+    reported: u64,
+    saved: u64,
+    /// A report since the last save crossed an epoch or stage boundary.
+    boundary: bool,
+    saved_ms: i64,
+    /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
+    /// that commit ends the generation without it.
+    checkpoint_requested: bool,
+}
+
+impl Training {
+    fn record(&mut self, mut progress: ProgressRecord) {
+        if progress.eval_epoch == 0 {
+            // A run resumed from a checkpoint has not evaluated yet: the last evaluation stays
+            // on show.
+            let last = &self.progress;
+            (progress.eval_epoch, progress.eval_top1, progress.eval_top5) =
+                (last.eval_epoch, last.eval_top1, last.eval_top5);
         }
-        let now = monotonic_ms();
-        let released: Vec<(String, WorkerAssignment)> = old
-            .map(|o| o.assignments().map(|(w, a)| (w.clone(), a)).collect())
-            .unwrap_or_default();
-        for (id, assignment) in released {
-            if let Some(w) = self.workers.get_mut(&id)
-                && w.assignment.as_ref() == Some(&assignment)
-            {
-                w.assignment = None;
-                w.active_ms = now;
-            }
-        }
-        for (id, assignment) in job.assignments() {
-            if let Some(w) = self.workers.get_mut(id) {
-                w.assignment = Some(assignment);
-                // Stalls are timed from the start of an assignment.
-                w.active_ms = now;
-            }
-        }
-        self.jobs.insert(job.id.clone(), job);
-        true
+        self.boundary |=
+            self.progress.epoch != progress.epoch || self.progress.stage != progress.stage;
+        self.progress = progress;
+        self.reported += 1;
     }
+
+    fn save_due(&self, now: i64) -> bool {
+        self.reported != self.saved
+            && (self.boundary || now - self.saved_ms >= PROGRESS_SAVED_EVERY_MS)
+    }
+}
+
+impl Roster {
+    /// The record of the worker `who` names, if its secret is that worker's. Any other
+    /// answer is the same "unknown worker": a caller learns nothing about which ids exist.
+    fn authenticated(&mut self, who: &WorkerIdentity) -> Result<&mut WorkerRecord> {
+        self.workers
+            .get_mut(&who.id)
+            .filter(|w| auth::WorkerSecret::matches(&w.secret_sha256, &who.secret))
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "unknown worker {:?}: its lease expired, it never registered, or the call \
+                     does not carry its secret; register again",
+                    cut(&who.id)
+                ))
+            })
+    }
+
+    /// The rank `who` holds in generation `generation` of `job_id`, if that generation is
+    /// current. The rank is the coordinator's, never one a request names.
+    fn current_rank(
+        &mut self,
+        who: &WorkerIdentity,
+        job_id: &str,
+        generation: u64,
+    ) -> Result<Option<u32>> {
+        Ok(self
+            .authenticated(who)?
+            .assignment
+            .as_ref()
+            .filter(|a| a.job_id == job_id && a.generation == generation)
+            .map(|a| a.rank))
+    }
+
+    /// The job as it is now: its record with the newest progress of its generation.
+    fn latest(&self, mut job: JobRecord) -> JobRecord {
+        if let Some(t) = self
+            .training
+            .get(&job.id)
+            .filter(|t| t.generation == job.generation)
+        {
+            job.progress = t.progress.clone();
+        }
+        job
+    }
+}
+
+/// Shows `job` and derives its workers' assignments from it: a worker holds rank `r` of a
+/// job's generation exactly while that job is active and lists it at rank `r`. Returns whether
+/// any assignment changed.
+fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: JobRecord) -> bool {
+    let old = jobs.get(&job.id);
+    let same = old.is_some_and(|o| {
+        o.state.is_active() == job.state.is_active()
+            && o.generation == job.generation
+            && o.workers == job.workers
+    });
+    if same {
+        jobs.insert(job.id.clone(), job);
+        return false;
+    }
+    let now = monotonic_ms();
+    let released: Vec<(String, WorkerAssignment)> = old
+        .map(|o| o.assignments().map(|(w, a)| (w.clone(), a)).collect())
+        .unwrap_or_default();
+    for (id, assignment) in released {
+        if let Some(w) = roster.workers.get_mut(&id)
+            && w.assignment.as_ref() == Some(&assignment)
+        {
+            w.assignment = None;
+            w.active_ms = now;
+        }
+    }
+    for (id, assignment) in job.assignments() {
+        if let Some(w) = roster.workers.get_mut(id) {
+            w.assignment = Some(assignment);
+            // Stalls are timed from the start of an assignment.
+            w.active_ms = now;
+        }
+    }
+    if job.state.is_active() {
+        let training = roster.training.entry(job.id.clone()).or_default();
+        if training.generation != job.generation {
+            *training = Training {
+                generation: job.generation,
+                progress: job.progress.clone(),
+                saved_ms: now,
+                ..Training::default()
+            };
+        }
+    } else {
+        roster.training.remove(&job.id);
+    }
+    jobs.insert(job.id.clone(), job);
+    true
 }
 
 /// What one store transaction writes; shown in memory only once written.
@@ -599,6 +720,7 @@ pub struct Coordinator {
     store: SharedStore,
     config: Config,
     inner: Mutex<Inner>,
+    roster: std::sync::Mutex<Roster>,
     job_changed: broadcast::Sender<String>,
     assignments_changed: Notify,
     rendezvous_changed: Notify,
@@ -606,7 +728,9 @@ pub struct Coordinator {
     deposed: watch::Sender<Option<String>>,
 }
 
-const PROGRESS_PERSIST_EVERY_MS: i64 = 5_000;
+/// The longest a training job's progress goes unsaved (it is saved at once at an epoch or
+/// stage boundary, and with every decision about the job).
+const PROGRESS_SAVED_EVERY_MS: i64 = 5_000;
 
 fn job_key(id: &str) -> String {
     format!("jobs/{id}")
@@ -639,16 +763,17 @@ impl Coordinator {
     /// Rebuilds the coordinator's state from `store`.
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
+        let mut roster = Roster::default();
         let now = monotonic_ms();
         for (key, bytes) in store.list("workers/").await? {
             let mut worker: WorkerRecord = decode(&key, &bytes)?;
             worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
             worker.active_ms = now;
-            inner.workers.insert(worker.id.clone(), worker);
+            roster.workers.insert(worker.id.clone(), worker);
         }
         for (key, bytes) in store.list("jobs/").await? {
             let job: JobRecord = decode(&key, &bytes)?;
-            inner.show_job(job);
+            show_job(&mut inner.jobs, &mut roster, job);
         }
         if let Some(bytes) = store.get(COUNTERS_KEY).await? {
             let counters: Counters = decode(COUNTERS_KEY, &bytes)?;
@@ -658,7 +783,7 @@ impl Coordinator {
         tracing::info!(
             store = %store.describe(),
             jobs = inner.jobs.len(),
-            workers = inner.workers.len(),
+            workers = roster.workers.len(),
             "recovered state"
         );
         let (job_changed, _) = broadcast::channel(1024);
@@ -666,6 +791,7 @@ impl Coordinator {
             store,
             config,
             inner: Mutex::new(inner),
+            roster: std::sync::Mutex::new(roster),
             job_changed,
             assignments_changed: Notify::new(),
             rendezvous_changed: Notify::new(),
@@ -689,13 +815,34 @@ impl Coordinator {
         CoordinatorError::Store(e)
     }
 
+    /// The roster, for memory work only (see [`Roster`]).
+    fn roster(&self) -> std::sync::MutexGuard<'_, Roster> {
+        // Nothing is left half-changed by a panic while it is held: go on with it.
+        self.roster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Writes `change` in one transaction, then shows it: the store and memory change
-    /// together or not at all.
+    /// together or not at all. Each job written carries the newest progress of its generation.
     async fn apply(&self, inner: &mut Inner, mut change: Change) -> Result<()> {
         let wall = now_ms();
+        let mut saves = Vec::new();
+        {
+            let mut roster = self.roster();
+            for job in &mut change.jobs {
+                job.updated_at_ms = wall;
+                if let Some(t) = roster
+                    .training
+                    .get_mut(&job.id)
+                    .filter(|t| t.generation == job.generation)
+                {
+                    job.progress = t.progress.clone();
+                    t.boundary = false;
+                    saves.push((job.id.clone(), job.generation, t.reported));
+                }
+            }
+        }
         let mut writes = Vec::new();
-        for job in &mut change.jobs {
-            job.updated_at_ms = wall;
+        for job in &change.jobs {
             writes.push(Write::Put(job_key(&job.id), encode(job)));
         }
         for worker in &change.workers {
@@ -715,19 +862,31 @@ impl Coordinator {
             inner.next_job = inner.next_job.max(counters.next_job);
             inner.next_worker = inner.next_worker.max(counters.next_worker);
         }
-        for id in &change.forgotten {
-            inner.workers.remove(id);
-        }
-        for worker in change.workers {
-            inner.workers.insert(worker.id.clone(), worker);
-        }
-        let persisted = monotonic_ms();
         let mut reassigned = false;
-        for mut job in change.jobs {
-            job.progress_persisted_ms = persisted;
-            let id = job.id.clone();
-            reassigned |= inner.show_job(job);
-            let _ = self.job_changed.send(id);
+        {
+            let mut roster = self.roster();
+            let now = monotonic_ms();
+            for (id, generation, reported) in saves {
+                if let Some(t) = roster
+                    .training
+                    .get_mut(&id)
+                    .filter(|t| t.generation == generation)
+                {
+                    t.saved = reported;
+                    t.saved_ms = now;
+                }
+            }
+            for id in &change.forgotten {
+                roster.workers.remove(id);
+            }
+            for worker in change.workers {
+                roster.workers.insert(worker.id.clone(), worker);
+            }
+            for job in change.jobs {
+                let id = job.id.clone();
+                reassigned |= show_job(&mut inner.jobs, &mut roster, job);
+                let _ = self.job_changed.send(id);
+            }
         }
         if reassigned {
             self.assignments_changed.notify_waiters();
@@ -744,11 +903,9 @@ impl Coordinator {
     }
 
     /// Shows a change of `job` that is not saved (what a restart may lose: rendezvous
-    /// payloads, progress between two saves).
+    /// payloads, collective failures).
     fn show_unsaved(&self, inner: &mut Inner, job: JobRecord) {
-        let id = job.id.clone();
-        inner.show_job(job);
-        let _ = self.job_changed.send(id);
+        show_job(&mut inner.jobs, &mut self.roster(), job);
     }
 
     fn job<'a>(inner: &'a Inner, id: &str) -> Result<&'a JobRecord> {
@@ -835,12 +992,10 @@ impl Coordinator {
             rendezvous: BTreeMap::new(),
             ring_key: Vec::new(),
             ready_since_ms: None,
-            progress_persisted_ms: 0,
             collective_failures: BTreeMap::new(),
             failed_generations: 0,
             failed_checkpoints: 0,
             last_retired: Vec::new(),
-            checkpoint_requested: false,
             waiting: String::new(),
         };
         let counters = Counters {
@@ -859,20 +1014,23 @@ impl Coordinator {
         Ok(inner.jobs[&id].clone())
     }
 
+    /// The job as it is now (with the newest progress, saved or not).
     pub async fn get(&self, id: &str) -> Result<JobRecord> {
-        Self::job(&*self.inner.lock().await, id).cloned()
+        let job = Self::job(&*self.inner.lock().await, id)?.clone();
+        Ok(self.roster().latest(job))
     }
 
     pub async fn list(&self) -> Vec<JobRecord> {
-        self.inner.lock().await.jobs.values().cloned().collect()
+        let jobs: Vec<JobRecord> = self.inner.lock().await.jobs.values().cloned().collect();
+        let roster = self.roster();
+        jobs.into_iter().map(|job| roster.latest(job)).collect()
     }
 
     /// Every registered worker, in id order, with how long until its lease runs out and how
     /// long its training thread has been quiet (both in milliseconds, from now).
     pub async fn workers(&self) -> Vec<(WorkerRecord, i64, i64)> {
         let now = monotonic_ms();
-        let inner = self.inner.lock().await;
-        inner
+        self.roster()
             .workers
             .values()
             .map(|w| (w.clone(), w.lease_expires_ms - now, now - w.active_ms))
@@ -1015,32 +1173,10 @@ impl Coordinator {
         Ok((worker, secret.secret))
     }
 
-    /// The record of the worker `who` names, if its secret is that worker's. Any other
-    /// answer is the same "unknown worker": a caller learns nothing about which ids exist.
-    fn authenticated<'a>(inner: &'a Inner, who: &WorkerIdentity) -> Result<&'a WorkerRecord> {
-        inner
-            .workers
-            .get(&who.id)
-            .filter(|w| auth::WorkerSecret::matches(&w.secret_sha256, &who.secret))
-            .ok_or_else(|| {
-                CoordinatorError::NotFound(format!(
-                    "unknown worker {:?}: its lease expired, it never registered, or the call \
-                     does not carry its secret; register again",
-                    cut(&who.id)
-                ))
-            })
-    }
-
-    fn worker_mut<'a>(inner: &'a mut Inner, id: &str) -> Result<&'a mut WorkerRecord> {
-        inner.workers.get_mut(id).ok_or_else(|| {
-            CoordinatorError::NotFound(format!(
-                "unknown worker {id:?}: its lease expired or it never registered; register again"
-            ))
-        })
-    }
-
-    /// Renews the worker's lease and records its training thread's activity; returns its
-    /// current assignment.
+    /// Renews the worker's lease (from when the heartbeat arrived) and records its training
+    /// thread's activity; returns its current assignment. Only the roster is touched, unless
+    /// the worker leaves or is heard from for the first time since a restart (then a decision
+    /// follows).
     pub async fn heartbeat(
         &self,
         who: &WorkerIdentity,
@@ -1048,38 +1184,43 @@ impl Coordinator {
         in_collective: bool,
         leaving: bool,
     ) -> Result<Option<WorkerAssignment>> {
-        let mut inner = self.inner.lock().await;
-        let worker_id = who.id.as_str();
-        if let Err(e) = Self::authenticated(&inner, who) {
-            // Gone just now: it left while idle, and says so again.
-            return if leaving && !inner.workers.contains_key(worker_id) {
-                Ok(None)
-            } else {
-                Err(e)
+        let arrived = monotonic_ms();
+        {
+            let mut roster = self.roster();
+            let gone = leaving && !roster.workers.contains_key(&who.id);
+            let worker = match roster.authenticated(who) {
+                Ok(worker) => worker,
+                // Gone just now: it left while idle, and says so again.
+                Err(_) if gone => return Ok(None),
+                Err(e) => return Err(e),
             };
+            worker.lease_expires_ms = arrived + worker.lease_ttl_ms as i64;
+            if activity != worker.activity {
+                worker.activity = activity;
+                worker.active_ms = arrived;
+            }
+            worker.in_collective = in_collective;
+            if worker.heard_from && (!leaving || worker.leaving) {
+                return Ok(worker.assignment.clone());
+            }
         }
+        let mut inner = self.inner.lock().await;
         if leaving {
-            self.worker_leaving(&mut inner, worker_id).await?;
+            self.worker_leaving(&mut inner, &who.id).await?;
         }
-        let worker = match Self::worker_mut(&mut inner, worker_id) {
-            Ok(worker) => worker,
-            // Gone just now: it left while idle.
-            Err(_) if leaving => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let now = monotonic_ms();
-        worker.lease_expires_ms = now + worker.lease_ttl_ms as i64;
-        if activity != worker.activity {
-            worker.activity = activity;
-            worker.active_ms = now;
-        }
-        worker.in_collective = in_collective;
-        let newly_heard = !std::mem::replace(&mut worker.heard_from, true);
-        let assignment = worker.assignment.clone();
+        let newly_heard = self
+            .roster()
+            .workers
+            .get_mut(&who.id)
+            .is_some_and(|w| !std::mem::replace(&mut w.heard_from, true));
         if newly_heard {
             self.schedule_after_change(&mut inner).await;
         }
-        Ok(assignment)
+        Ok(self
+            .roster()
+            .workers
+            .get(&who.id)
+            .and_then(|w| w.assignment.clone()))
     }
 
     /// `worker_id` was asked to stop. Idle, it is simply gone. In a running job, rank 0 is
@@ -1087,27 +1228,38 @@ impl Coordinator {
     /// ends the generation without it (see [`Self::commit_checkpoint`]), so the job loses no
     /// steps. Should no checkpoint come, its lease runs out as a dead worker's would.
     async fn worker_leaving(&self, inner: &mut Inner, worker_id: &str) -> Result<()> {
-        let worker = Self::worker_mut(inner, worker_id)?;
-        if worker.leaving {
-            return Ok(());
-        }
-        let assignment = worker.assignment.clone();
-        let job = assignment
-            .as_ref()
-            .and_then(|a| inner.jobs.get_mut(&a.job_id));
-        match job {
-            Some(job) if job.state == JobState::Running => {
-                job.checkpoint_requested = true;
-                tracing::info!(worker = %worker_id, job = %job.id, "worker leaving on request; the job checkpoints first");
+        let assignment = {
+            let mut roster = self.roster();
+            let Some(worker) = roster.workers.get(worker_id) else {
+                return Ok(());
+            };
+            if worker.leaving {
+                return Ok(());
+            }
+            let assignment = worker.assignment.clone();
+            let running = assignment
+                .as_ref()
+                .and_then(|a| inner.jobs.get(&a.job_id))
+                .is_some_and(|job| job.state == JobState::Running);
+            if let (true, Some(a)) = (running, &assignment) {
+                tracing::info!(worker = %worker_id, job = %a.job_id, "worker leaving on request; the job checkpoints first");
+                if let Some(t) = roster.training.get_mut(&a.job_id) {
+                    t.checkpoint_requested = true;
+                }
                 // Marked here only: on the paths below the worker is removed, and should the
                 // store refuse that, the next heartbeat tries again.
-                Self::worker_mut(inner, worker_id)?.leaving = true;
+                if let Some(w) = roster.workers.get_mut(worker_id) {
+                    w.leaving = true;
+                }
+                return Ok(());
             }
-            Some(job) => {
-                let job_id = job.id.clone();
-                tracing::info!(worker = %worker_id, job = %job_id, "worker leaving on request");
+            assignment
+        };
+        match assignment {
+            Some(a) => {
+                tracing::info!(worker = %worker_id, job = %a.job_id, "worker leaving on request");
                 let why = format!("worker {worker_id} left on request");
-                self.part(inner, &job_id, &[worker_id.to_owned()], &why)
+                self.part(inner, &a.job_id, &[worker_id.to_owned()], &why)
                     .await?;
             }
             None => {
@@ -1142,8 +1294,9 @@ impl Coordinator {
         Ok(())
     }
 
-    fn assignment_of(inner: &Inner, who: &WorkerIdentity) -> Result<Option<Assignment>> {
-        let worker = Self::authenticated(inner, who)?;
+    fn assignment_of(&self, inner: &Inner, who: &WorkerIdentity) -> Result<Option<Assignment>> {
+        let mut roster = self.roster();
+        let worker = roster.authenticated(who)?;
         Ok(worker.assignment.as_ref().and_then(|a| {
             let job = inner.jobs.get(&a.job_id)?;
             Some(Assignment {
@@ -1172,7 +1325,7 @@ impl Coordinator {
             let notified = self.assignments_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(a) = Self::assignment_of(&*self.inner.lock().await, who)? {
+            if let Some(a) = self.assignment_of(&*self.inner.lock().await, who)? {
                 return Ok(Some(a));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -1185,21 +1338,15 @@ impl Coordinator {
     /// `generation` and that generation is current. The rank is the coordinator's, never one a
     /// request names.
     fn current<'a>(
+        &self,
         inner: &'a Inner,
         who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
     ) -> Result<Option<(&'a JobRecord, u32)>> {
-        let worker = Self::authenticated(inner, who)?;
+        let rank = self.roster().current_rank(who, job_id, generation)?;
         let job = Self::job(inner, job_id)?;
-        let rank = worker
-            .assignment
-            .as_ref()
-            .filter(|a| a.job_id == job_id && a.generation == generation)
-            .and_then(|_| job.workers.iter().position(|w| *w == who.id));
-        Ok(rank
-            .filter(|_| job.generation == generation && job.state.is_active())
-            .map(|rank| (job, rank as u32)))
+        Ok(rank.map(|rank| (job, rank)))
     }
 
     /// Publishes `payload` for the rank `who` holds (a request naming another `rank` is
@@ -1216,7 +1363,7 @@ impl Coordinator {
         let deadline = tokio::time::Instant::now() + wait;
         {
             let mut inner = self.inner.lock().await;
-            let Some((job, assigned)) = Self::current(&inner, who, job_id, generation)? else {
+            let Some((job, assigned)) = self.current(&inner, who, job_id, generation)? else {
                 return Ok(RendezvousOutcome::Stale);
             };
             if rank != assigned {
@@ -1239,7 +1386,7 @@ impl Coordinator {
                 };
                 self.commit_job(&mut inner, job).await?;
             } else {
-                inner.show_job(job);
+                self.show_unsaved(&mut inner, job);
             }
             self.rendezvous_changed.notify_waiters();
         }
@@ -1249,7 +1396,7 @@ impl Coordinator {
             notified.as_mut().enable();
             {
                 let inner = self.inner.lock().await;
-                let Some((job, _)) = Self::current(&inner, who, job_id, generation)? else {
+                let Some((job, _)) = self.current(&inner, who, job_id, generation)? else {
                     return Ok(RendezvousOutcome::Stale);
                 };
                 if job.rendezvous.len() == job.workers.len() {
@@ -1266,50 +1413,63 @@ impl Coordinator {
     }
 
     /// Records a worker's progress; tells rank 0 when to checkpoint for a leaving worker.
+    /// Progress alone touches the roster only (it is saved by the next decision or tick); a
+    /// report of an event (the end, a failure) is a decision.
     pub async fn report_progress(
         &self,
         who: &WorkerIdentity,
         job_id: &str,
         generation: u64,
-        report: ProgressReport,
+        mut report: ProgressReport,
     ) -> Result<ProgressAnswer> {
+        let (rank, checkpoint_now) = {
+            let mut roster = self.roster();
+            let Some(rank) = roster.current_rank(who, job_id, generation)? else {
+                return Ok(ProgressAnswer::default());
+            };
+            let training = roster.training.entry(job_id.to_owned()).or_default();
+            if let Some(progress) = report.progress.take() {
+                training.record(progress);
+            }
+            // Said once per request, so that progress reports during the checkpoint's write do
+            // not ask for another; and to rank 0 only, the one that writes checkpoints.
+            let checkpoint_now = rank == 0 && std::mem::take(&mut training.checkpoint_requested);
+            (rank, checkpoint_now)
+        };
+        let _ = self.job_changed.send(job_id.to_owned());
+        if !report.has_event() {
+            return Ok(ProgressAnswer {
+                current: true,
+                checkpoint_now,
+            });
+        }
         let mut inner = self.inner.lock().await;
-        let Some((job, rank)) = Self::current(&inner, who, job_id, generation)? else {
+        let Some((job, _)) = self.current(&inner, who, job_id, generation)? else {
             return Ok(ProgressAnswer::default());
         };
         let job = job.clone();
         let current = self
-            .record_progress(&mut inner, &who.id, job, report)
+            .record_event(&mut inner, &who.id, rank, job, report)
             .await?;
-        // Said once per request, so that progress reports during the checkpoint's write do not
-        // ask for another; and to rank 0 only, the one that writes checkpoints.
-        let checkpoint_now = current
-            && rank == 0
-            && inner
-                .jobs
-                .get_mut(job_id)
-                .is_some_and(|j| std::mem::take(&mut j.checkpoint_requested));
         Ok(ProgressAnswer {
             current,
-            checkpoint_now,
+            checkpoint_now: current && checkpoint_now,
         })
     }
 
-    /// Records what `worker_id` reported of `job`'s current generation. Returns false when the
-    /// generation ended with it.
-    async fn record_progress(
+    /// Records the event `worker_id` (rank `rank`) reported of `job`'s current generation
+    /// (its progress is in the roster already). Returns false when the generation ended with
+    /// it.
+    async fn record_event(
         &self,
         inner: &mut Inner,
         worker_id: &str,
+        rank: u32,
         mut job: JobRecord,
         report: ProgressReport,
     ) -> Result<bool> {
         let (job_id, generation) = (job.id.clone(), job.generation);
         let job_id = job_id.as_str();
-        let boundary = report
-            .progress
-            .as_ref()
-            .is_some_and(|p| job.progress.epoch != p.epoch || job.progress.stage != p.stage);
         if !report.bad_checkpoint.is_empty() {
             let bad = report.bad_checkpoint;
             job.checkpoints.retain(|c| c.id != bad);
@@ -1337,30 +1497,22 @@ impl Coordinator {
         if !report.collective_error.is_empty() {
             job.collective_failures
                 .insert(worker_id.to_owned(), report.collective_error);
-            let every_live_rank = job
-                .workers
-                .iter()
-                .filter(|w| inner.workers.contains_key(*w))
-                .all(|w| job.collective_failures.contains_key(w));
+            let every_live_rank = {
+                let roster = self.roster();
+                job.workers
+                    .iter()
+                    .filter(|w| roster.workers.contains_key(*w))
+                    .all(|w| job.collective_failures.contains_key(w))
+            };
             if !every_live_rank {
                 // A rank that did not fail is dead or hung: its lease or the stall detection
                 // ends the generation, naming it.
-                inner.show_job(job);
+                self.show_unsaved(inner, job);
                 return Ok(true);
             }
             self.collectives_failed(inner, job).await?;
             self.schedule_after_change(inner).await;
             return Ok(false);
-        }
-        if let Some(mut progress) = report.progress {
-            if progress.eval_epoch == 0 {
-                // A run resumed from a checkpoint has not evaluated yet: the last evaluation
-                // stays on show.
-                let last = &job.progress;
-                (progress.eval_epoch, progress.eval_top1, progress.eval_top5) =
-                    (last.eval_epoch, last.eval_top1, last.eval_top5);
-            }
-            job.progress = progress;
         }
         if !report.checkpoint_error.is_empty() {
             job.failed_checkpoints += 1;
@@ -1391,19 +1543,13 @@ impl Coordinator {
             tracing::warn!(job = %job_id, worker = %worker_id, error = %report.error, "job failed");
             self.commit_job(inner, job).await?;
             self.schedule_after_change(inner).await;
-        } else if report.finished {
+        } else if report.finished && rank == 0 {
             job.release();
             job.state = JobState::Completed;
             job.message = "completed".to_owned();
             tracing::info!(job = %job_id, "job completed");
             self.commit_job(inner, job).await?;
             self.schedule_after_change(inner).await;
-        } else if boundary
-            || monotonic_ms() - job.progress_persisted_ms >= PROGRESS_PERSIST_EVERY_MS
-        {
-            self.commit_job(inner, job).await?;
-        } else {
-            self.show_unsaved(inner, job);
         }
         Ok(true)
     }
@@ -1421,7 +1567,7 @@ impl Coordinator {
         trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
-        Self::authenticated(&inner, who)?;
+        self.roster().authenticated(who)?;
         let known = Self::job(&inner, job_id)?;
         if let Some(position) = known.checkpoints.iter().position(|c| c.id == checkpoint.id) {
             // A retry whose first attempt was committed but whose answer was lost: the same
@@ -1433,7 +1579,7 @@ impl Coordinator {
                 Vec::new()
             }));
         }
-        let Some((job, rank)) = Self::current(&inner, who, job_id, generation)? else {
+        let Some((job, rank)) = self.current(&inner, who, job_id, generation)? else {
             return Ok(Err(format!(
                 "generation {generation} of job {job_id} is not current"
             )));
@@ -1491,7 +1637,7 @@ impl Coordinator {
             .workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| inner.workers.get(*w).is_some_and(|w| w.leaving))
+            .filter(|(_, w)| self.roster().workers.get(*w).is_some_and(|w| w.leaving))
             .map(|(rank, w)| (rank, w.clone()))
             .collect();
         self.commit_job(&mut inner, job).await?;
@@ -1514,22 +1660,22 @@ impl Coordinator {
 
     // ------------------------------------------------------------ membership
 
-    /// Expires lapsed leases and assigns idle workers. Called periodically.
+    /// Expires lapsed leases, expels stalled workers, saves the progress that is due and
+    /// assigns idle workers. Called periodically.
     pub async fn tick(&self) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let now = monotonic_ms();
-        let expired: Vec<String> = inner
+        let expired: Vec<(String, Option<WorkerAssignment>)> = self
+            .roster()
             .workers
             .values()
             .filter(|w| w.lease_expires_ms < now)
-            .map(|w| w.id.clone())
+            .map(|w| (w.id.clone(), w.assignment.clone()))
             .collect();
-        for id in expired {
+        for (id, assignment) in expired {
             tracing::warn!(worker = %id, "worker lease expired");
             let why = format!("worker {id} lost (lease expired)");
-            let ended = inner.workers[&id]
-                .assignment
-                .as_ref()
+            let ended = assignment
                 .and_then(|a| inner.jobs.get(&a.job_id))
                 .and_then(|job| job.generation_ended(&why));
             let change = Change {
@@ -1539,84 +1685,47 @@ impl Coordinator {
             };
             self.apply(&mut inner, change).await?;
         }
-        self.expel_stalled(&mut inner, now).await?;
-        self.schedule(&mut inner).await
-    }
-
-    /// Workers that hold their job up for `stall_timeout` are hung: they are expelled (their
-    /// next heartbeat is refused) and the generation ends, as if they had died. In a running
-    /// generation none of whose workers made progress, those are the ones not waiting in a
-    /// collective (the ones the others wait on). In a rendezvous, those that never joined it:
-    /// a worker joins once its previous run has returned, and its heartbeat goes on while that
-    /// run's training thread is stuck (a GPU kernel, a driver, a file system).
-    async fn expel_stalled(&self, inner: &mut Inner, now: i64) -> Result<()> {
-        let stall = self.config.stall_timeout.as_millis() as i64;
-        let mut stalled = Vec::new();
-        for job in inner.jobs.values() {
-            let rank = |id: &String| job.workers.iter().position(|w| w == id).unwrap_or(0);
-            let name = |id: &String| format!("worker {id} (rank {})", rank(id));
-            let records: Vec<&WorkerRecord> = job
-                .workers
-                .iter()
-                .filter_map(|w| inner.workers.get(w))
-                .collect();
-            let idle_too_long = |w: &WorkerRecord| now - w.active_ms >= stall;
-            match job.state {
-                JobState::Running => {
-                    if records.is_empty() || !records.iter().all(|w| idle_too_long(w)) {
-                        continue;
-                    }
-                    // If everyone waits in the collective, the network between them is the
-                    // suspect: nobody is expelled and the generation restarts with all of them.
-                    // A worker that reported its collective failing waits for the others too.
-                    let hung: Vec<String> = records
-                        .iter()
-                        .filter(|w| {
-                            !w.in_collective && !job.collective_failures.contains_key(&w.id)
-                        })
-                        .map(|w| w.id.clone())
-                        .collect();
-                    let why = if hung.is_empty() {
-                        format!(
-                            "no worker made progress for {} s, all waiting in the collective",
-                            stall / 1000
-                        )
-                    } else {
-                        format!(
-                            "{} stalled: no progress for {} s while the others wait on it",
-                            hung.iter().map(name).collect::<Vec<_>>().join(", "),
-                            stall / 1000
-                        )
-                    };
-                    stalled.push((job.id.clone(), hung, why));
-                }
-                JobState::Rendezvous => {
-                    let hung: Vec<String> = records
-                        .iter()
-                        .filter(|w| idle_too_long(w))
-                        .filter(|w| !job.rendezvous.contains_key(&(rank(&w.id) as u32)))
-                        .map(|w| w.id.clone())
-                        .collect();
-                    if hung.is_empty() {
-                        continue;
-                    }
-                    let why = format!(
-                        "{} stalled: did not join generation {}'s rendezvous within {} s (its \
-                         previous run never returned)",
-                        hung.iter().map(name).collect::<Vec<_>>().join(", "),
-                        job.generation,
-                        stall / 1000
-                    );
-                    stalled.push((job.id.clone(), hung, why));
-                }
-                _ => {}
-            }
-        }
+        let stalled = stalled_workers(
+            &inner.jobs,
+            &self.roster().workers,
+            now,
+            self.config.stall_timeout.as_millis() as i64,
+        );
         for (job_id, hung, why) in stalled {
             for id in &hung {
                 tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
             }
-            self.part(inner, &job_id, &hung, &why).await?;
+            self.part(&mut inner, &job_id, &hung, &why).await?;
+        }
+        self.save_progress(&mut inner, now).await?;
+        self.schedule(&mut inner).await
+    }
+
+    /// Saves the progress of training jobs whose save is due (see [`Training`]), all in one
+    /// transaction (or a few, for more jobs than one may hold): a thousand reports between
+    /// two ticks cost one write.
+    async fn save_progress(&self, inner: &mut Inner, now: i64) -> Result<()> {
+        let due: Vec<JobRecord> = {
+            let roster = self.roster();
+            roster
+                .training
+                .iter()
+                .filter(|(_, t)| t.save_due(now))
+                .filter_map(|(id, t)| {
+                    inner
+                        .jobs
+                        .get(id)
+                        .filter(|j| j.generation == t.generation && j.state.is_active())
+                        .cloned()
+                })
+                .collect()
+        };
+        for jobs in due.chunks(crate::store::MAX_WRITES) {
+            let change = Change {
+                jobs: jobs.to_vec(),
+                ..Change::default()
+            };
+            self.apply(inner, change).await?;
         }
         Ok(())
     }
@@ -1689,22 +1798,15 @@ impl Coordinator {
             .map(|j| j.id.clone())
             .collect();
         for job_id in queued {
-            let idle: Vec<String> = inner
-                .workers
-                .values()
-                .filter(|w| {
-                    w.assignment.is_none()
-                        && w.lease_expires_ms >= now
-                        && w.heard_from
-                        && !w.leaving
-                })
-                .map(|w| w.id.clone())
-                .collect();
-            let unheard = inner
-                .workers
-                .values()
-                .filter(|w| w.assignment.is_none() && !w.heard_from)
-                .count();
+            let (idle, unheard) = {
+                let roster = self.roster();
+                let unassigned = || roster.workers.values().filter(|w| w.assignment.is_none());
+                let idle: Vec<String> = unassigned()
+                    .filter(|w| w.lease_expires_ms >= now && w.heard_from && !w.leaving)
+                    .map(|w| w.id.clone())
+                    .collect();
+                (idle, unassigned().filter(|w| !w.heard_from).count())
+            };
             let job = inner.jobs.get_mut(&job_id).expect("queued job exists");
             let sizes = job.world_sizes_now();
             let best = sizes.iter().copied().max().unwrap_or(0);
@@ -1771,6 +1873,78 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Which workers hold their job up for `stall` milliseconds at `now`, by job, with why: they are
+/// hung, and are expelled (their next heartbeat is refused) and the generation ends, as if they
+/// had died. In a running
+/// generation none of whose workers made progress, those are the ones not waiting in a
+/// collective (the ones the others wait on). In a rendezvous, those that never joined it: a
+/// worker joins once its previous run has returned, and its heartbeat goes on while that run's
+/// training thread is stuck (a GPU kernel, a driver, a file system).
+fn stalled_workers(
+    jobs: &BTreeMap<String, JobRecord>,
+    workers: &BTreeMap<String, WorkerRecord>,
+    now: i64,
+    stall: i64,
+) -> Vec<(String, Vec<String>, String)> {
+    let mut stalled = Vec::new();
+    for job in jobs.values() {
+        let rank = |id: &String| job.workers.iter().position(|w| w == id).unwrap_or(0);
+        let name = |id: &String| format!("worker {id} (rank {})", rank(id));
+        let records: Vec<&WorkerRecord> =
+            job.workers.iter().filter_map(|w| workers.get(w)).collect();
+        let idle_too_long = |w: &WorkerRecord| now - w.active_ms >= stall;
+        match job.state {
+            JobState::Running => {
+                if records.is_empty() || !records.iter().all(|w| idle_too_long(w)) {
+                    continue;
+                }
+                // If everyone waits in the collective, the network between them is the
+                // suspect: nobody is expelled and the generation restarts with all of them.
+                // A worker that reported its collective failing waits for the others too.
+                let hung: Vec<String> = records
+                    .iter()
+                    .filter(|w| !w.in_collective && !job.collective_failures.contains_key(&w.id))
+                    .map(|w| w.id.clone())
+                    .collect();
+                let why = if hung.is_empty() {
+                    format!(
+                        "no worker made progress for {} s, all waiting in the collective",
+                        stall / 1000
+                    )
+                } else {
+                    format!(
+                        "{} stalled: no progress for {} s while the others wait on it",
+                        hung.iter().map(name).collect::<Vec<_>>().join(", "),
+                        stall / 1000
+                    )
+                };
+                stalled.push((job.id.clone(), hung, why));
+            }
+            JobState::Rendezvous => {
+                let hung: Vec<String> = records
+                    .iter()
+                    .filter(|w| idle_too_long(w))
+                    .filter(|w| !job.rendezvous.contains_key(&(rank(&w.id) as u32)))
+                    .map(|w| w.id.clone())
+                    .collect();
+                if hung.is_empty() {
+                    continue;
+                }
+                let why = format!(
+                    "{} stalled: did not join generation {}'s rendezvous within {} s (its \
+                         previous run never returned)",
+                    hung.iter().map(name).collect::<Vec<_>>().join(", "),
+                    job.generation,
+                    stall / 1000
+                );
+                stalled.push((job.id.clone(), hung, why));
+            }
+            _ => {}
+        }
+    }
+    stalled
 }
 
 #[cfg(test)]

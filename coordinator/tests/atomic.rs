@@ -134,3 +134,95 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
     assert_eq!(known, [workers[0].id.clone()]);
     assert_eq!(recovered.get(&job).await.unwrap().state, JobState::Queued);
 }
+
+/// A store write that takes its time (a slow disk, etcd electing a leader) holds up the
+/// decisions behind it, never a heartbeat or a progress report: a healthy worker is not
+/// expelled because the disk was slow.
+#[tokio::test]
+async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let (job, _) = submit(&coordinator, dir.path(), 1).await;
+    let (workers, generation) = common::running(&coordinator, 1).await;
+    let report = |global_step| ladder_coordinator::state::ProgressReport {
+        progress: Some(ladder_coordinator::state::ProgressRecord {
+            epoch: 1,
+            global_step,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Reported before the cancel: the cancel's write carries it.
+    coordinator
+        .report_progress(&workers[0], &job, generation, report(7))
+        .await
+        .unwrap();
+    store.hold_writes(true);
+    let cancelling = {
+        let (coordinator, job) = (coordinator.clone(), job.clone());
+        tokio::spawn(async move { coordinator.cancel(&job).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!cancelling.is_finished(), "the cancel waits for its write");
+    let beat = tokio::time::timeout(
+        Duration::from_secs(2),
+        coordinator.heartbeat(&workers[0], 7, false, false),
+    )
+    .await
+    .expect("a heartbeat waited for a store write")
+    .unwrap();
+    assert_eq!(beat.map(|a| a.generation), Some(generation));
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        coordinator.report_progress(&workers[0], &job, generation, report(8)),
+    )
+    .await
+    .expect("a progress report waited for a store write")
+    .unwrap();
+    assert!(answer.current);
+    store.hold_writes(false);
+    cancelling.await.unwrap().unwrap();
+    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let saved = recovered.get(&job).await.unwrap();
+    assert_eq!(saved.state, JobState::Cancelled);
+    assert_eq!(saved.progress.global_step, 7);
+}
+
+/// Leases are judged on the monotonic clock from each heartbeat's arrival (here tokio's clock,
+/// paused and advanced by the test).
+#[tokio::test(start_paused = true)]
+async fn a_lease_runs_from_the_last_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let leases = ladder_coordinator::state::Config {
+        lease_ttl: Duration::from_secs(10),
+        ..config()
+    };
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, leases)
+        .await
+        .unwrap();
+    let worker = register(&coordinator).await;
+    tokio::time::advance(Duration::from_secs(9)).await;
+    coordinator
+        .heartbeat(&worker, 0, false, false)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(9)).await;
+    coordinator.tick().await.unwrap();
+    assert_eq!(
+        coordinator.workers().await.len(),
+        1,
+        "9 s since its heartbeat"
+    );
+    tokio::time::advance(Duration::from_millis(1_100)).await;
+    coordinator.tick().await.unwrap();
+    assert!(
+        coordinator.workers().await.is_empty(),
+        "10.1 s since its heartbeat: lost"
+    );
+}

@@ -21,6 +21,8 @@ use std::time::Duration;
 pub struct FlakyStore {
     inner: RedbStore,
     failing: Mutex<Option<String>>,
+    /// While true, transactions wait (a disk or etcd that takes its time).
+    held: tokio::sync::watch::Sender<bool>,
     pub transactions: AtomicUsize,
 }
 
@@ -29,6 +31,7 @@ impl FlakyStore {
         Arc::new(FlakyStore {
             inner: RedbStore::open(&dir.join("state.redb")).unwrap(),
             failing: Mutex::new(None),
+            held: tokio::sync::watch::channel(false).0,
             transactions: AtomicUsize::new(0),
         })
     }
@@ -37,6 +40,11 @@ impl FlakyStore {
     /// heals the store).
     pub fn fail_writes_to(&self, prefix: Option<&str>) {
         *self.failing.lock().unwrap() = prefix.map(str::to_owned);
+    }
+
+    /// Makes transactions wait until released (`false`).
+    pub fn hold_writes(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     pub fn transactions(&self) -> usize {
@@ -51,6 +59,7 @@ impl Store for FlakyStore {
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
         let failing = self.failing.lock().unwrap().clone();
         let hit = |key: &str| failing.as_deref().is_some_and(|p| key.starts_with(p));
         if writes.iter().any(|w| match w {
