@@ -60,6 +60,10 @@ struct Args {
     /// least the lease (progress is seen through heartbeats), at most a week.
     #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
     stall_timeout_ms: u64,
+    /// A running job below its largest world size takes idle workers (a node that came back)
+    /// at a checkpoint at least this long after its generation started (at most a day).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    regroup_interval_s: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the
     /// leader dies (2 s to 5 min).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(2..=300))]
@@ -189,6 +193,7 @@ async fn run(args: Args) -> Result<()> {
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         rendezvous_grace: Duration::from_millis(args.rendezvous_grace_ms),
         stall_timeout: Duration::from_millis(args.stall_timeout_ms),
+        regroup_interval: Duration::from_secs(args.regroup_interval_s),
     };
     let coordinator = Coordinator::recover(store, config).await?;
 

@@ -181,6 +181,9 @@ pub struct JobRecord {
     pub updated_at_ms: i64,
     pub stage_count: u32,
     pub epochs: u32,
+    /// Queued jobs are served highest priority first, then oldest first (`job.priority`).
+    #[serde(default)]
+    pub priority: i32,
     /// World sizes the spec allows (see `JobSpec::allowed_world_sizes`).
     pub world_sizes: Vec<u32>,
     /// Set by `resume --workers N`.
@@ -458,6 +461,9 @@ pub struct Config {
     /// How long a running job may go without any of its workers making progress before the
     /// workers that are not waiting on the others are declared stalled.
     pub stall_timeout: Duration,
+    /// A running job below its largest world size takes idle workers at a checkpoint at most
+    /// this long after its generation started (a regroup costs a rendezvous and a restore).
+    pub regroup_interval: Duration,
 }
 
 impl Default for Config {
@@ -466,6 +472,7 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(10),
             rendezvous_grace: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(300),
+            regroup_interval: Duration::from_secs(600),
         }
     }
 }
@@ -505,6 +512,8 @@ struct Training {
     /// A report since the last save crossed an epoch or stage boundary.
     boundary: bool,
     saved_ms: i64,
+    /// When the generation was assigned.
+    started_ms: i64,
     /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
     /// that commit ends the generation without it.
     checkpoint_requested: bool,
@@ -616,6 +625,7 @@ fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: Jo
                 generation: job.generation,
                 progress: job.progress.clone(),
                 saved_ms: now,
+                started_ms: now,
                 ..Training::default()
             };
         }
@@ -986,6 +996,7 @@ impl Coordinator {
             updated_at_ms: now,
             stage_count: stages.stage_count(),
             epochs: spec.schedule.epochs,
+            priority: spec.job.priority,
             world_sizes: spec.allowed_world_sizes(),
             requested_world_size: None,
             restore_from: None,
@@ -1363,7 +1374,7 @@ impl Coordinator {
         let deadline = tokio::time::Instant::now() + wait;
         {
             let mut inner = self.inner.lock().await;
-            let Some((job, assigned)) = self.current(&inner, who, job_id, generation)? else {
+            let Some((_, assigned)) = self.current(&inner, who, job_id, generation)? else {
                 return Ok(RendezvousOutcome::Stale);
             };
             if rank != assigned {
@@ -1373,22 +1384,26 @@ impl Coordinator {
                     who.id
                 )));
             }
-            let mut job = job.clone();
+            // In place: payloads are not saved, and a 1,024-rank rendezvous must not copy the
+            // job once per rank.
+            let job = inner.jobs.get_mut(job_id).expect("a current job");
             job.rendezvous.insert(assigned, payload);
             if job.ring_key.is_empty() {
                 job.ring_key = auth::ring_key();
             }
-            if job.rendezvous.len() == job.workers.len() && job.state == JobState::Rendezvous {
-                job.state = JobState::Running;
-                job.message = match job.workers.len() {
-                    1 => format!("running generation {generation} on 1 worker"),
-                    n => format!("running generation {generation} on {n} workers"),
-                };
-                self.commit_job(&mut inner, job).await?;
-            } else {
-                self.show_unsaved(&mut inner, job);
+            if job.rendezvous.len() == job.workers.len() {
+                if job.state == JobState::Rendezvous {
+                    let mut running = job.clone();
+                    running.state = JobState::Running;
+                    running.message = match running.workers.len() {
+                        1 => format!("running generation {generation} on 1 worker"),
+                        n => format!("running generation {generation} on {n} workers"),
+                    };
+                    self.commit_job(&mut inner, running).await?;
+                }
+                // The waiting ranks are woken once, when the last one has published.
+                self.rendezvous_changed.notify_waiters();
             }
-            self.rendezvous_changed.notify_waiters();
         }
         loop {
             let notified = self.rendezvous_changed.notified();
@@ -1623,6 +1638,7 @@ impl Coordinator {
             ..checkpoint
         };
         tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
+        let checkpoint_id = checkpoint.id.clone();
         job.ledger.extend(trained.into_iter().map(|e| LedgerEntry {
             checkpoint_step: checkpoint.step,
             ..e
@@ -1654,8 +1670,33 @@ impl Coordinator {
             if let Err(e) = self.part(&mut inner, job_id, &workers, &why).await {
                 tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
             }
+        } else if let Some(target) = self.grows_to(&inner, job_id) {
+            // Idle workers it could use (a node came back): the next generation starts from
+            // this checkpoint on more ranks, no step lost.
+            let why = format!(
+                "growing to {target} workers: idle workers join at checkpoint {checkpoint_id}"
+            );
+            if let Err(e) = self.regroup(&mut inner, job_id, &why).await {
+                tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
+            }
         }
         Ok(Ok(retired))
+    }
+
+    /// Ends `job_id`'s generation at the checkpoint just committed so that the next one takes
+    /// the idle workers too. Not an incident: the job's last incident stays.
+    async fn regroup(&self, inner: &mut Inner, job_id: &str, why: &str) -> Result<()> {
+        let Some(job) = inner.jobs.get(job_id) else {
+            return Ok(());
+        };
+        let Some(mut next) = job.generation_ended(why) else {
+            return Ok(());
+        };
+        next.last_incident = job.last_incident.clone();
+        tracing::info!(job = %job_id, "{why}");
+        self.commit_job(inner, next).await?;
+        self.schedule_after_change(inner).await;
+        Ok(())
     }
 
     // ------------------------------------------------------------ membership
@@ -1785,72 +1826,56 @@ impl Coordinator {
         }
     }
 
-    /// Gives idle workers to queued jobs, oldest job first. A job starts at once on the largest
-    /// world size it allows, or, after `rendezvous_grace` with fewer idle workers, on the
-    /// largest allowed size that the idle workers fill.
+    /// Gives idle workers to queued jobs in the order they are served (see [`place`]).
     async fn schedule(&self, inner: &mut Inner) -> Result<()> {
         let now = monotonic_ms();
-        let grace = self.config.rendezvous_grace.as_millis() as i64;
-        let queued: Vec<String> = inner
+        let mut queued: Vec<&JobRecord> = inner
             .jobs
             .values()
             .filter(|j| j.state == JobState::Queued)
-            .map(|j| j.id.clone())
             .collect();
-        for job_id in queued {
-            let (idle, unheard) = {
-                let roster = self.roster();
-                let unassigned = || roster.workers.values().filter(|w| w.assignment.is_none());
-                let idle: Vec<String> = unassigned()
-                    .filter(|w| w.lease_expires_ms >= now && w.heard_from && !w.leaving)
-                    .map(|w| w.id.clone())
-                    .collect();
-                (idle, unassigned().filter(|w| !w.heard_from).count())
-            };
+        queued.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.created_at_ms, j.id.clone()));
+        let queued: Vec<Queued> = queued
+            .into_iter()
+            .map(|j| Queued {
+                id: j.id.clone(),
+                sizes: j.world_sizes_now(),
+                ready_since_ms: j.ready_since_ms,
+            })
+            .collect();
+        let (idle, unheard) = {
+            let roster = self.roster();
+            let unassigned = || roster.workers.values().filter(|w| w.assignment.is_none());
+            let idle: Vec<String> = unassigned()
+                .filter(|w| w.lease_expires_ms >= now && w.heard_from && !w.leaving)
+                .map(|w| w.id.clone())
+                .collect();
+            (idle, unassigned().filter(|w| !w.heard_from).count())
+        };
+        let grace = self.config.rendezvous_grace.as_millis() as i64;
+        for (job_id, placement) in place(&queued, idle, unheard, now, grace) {
             let job = inner.jobs.get_mut(&job_id).expect("queued job exists");
-            let sizes = job.world_sizes_now();
-            let best = sizes.iter().copied().max().unwrap_or(0);
-            let Some(fit) = sizes
-                .iter()
-                .copied()
-                .filter(|&n| n as usize <= idle.len())
-                .max()
-            else {
-                job.ready_since_ms = None;
-                let least = sizes.iter().copied().min().unwrap_or(0);
-                let waiting = format!(
-                    "waiting for workers: {} idle, {least} needed{}",
-                    idle.len(),
-                    match unheard {
-                        0 => String::new(),
-                        n => format!(
-                            " ({n} more registered, not heard from since the coordinator \
-                             started)"
-                        ),
-                    }
-                );
-                self.set_waiting(&job_id, waiting, inner);
-                continue;
+            let workers = match placement {
+                Placement::Wait {
+                    why,
+                    ready_since_ms,
+                } => {
+                    job.ready_since_ms = ready_since_ms;
+                    self.set_waiting(&job_id, why, inner);
+                    continue;
+                }
+                Placement::Start(workers) => workers,
             };
-            let ready_since = *job.ready_since_ms.get_or_insert(now);
-            if fit < best && now - ready_since < grace {
-                let waiting = format!(
-                    "{} idle: starting on {fit} in {} s unless {best} are idle by then",
-                    idle.len(),
-                    (ready_since + grace - now + 999) / 1000
-                );
-                self.set_waiting(&job_id, waiting, inner);
-                continue;
-            }
             job.waiting.clear();
-            let mut job = inner.jobs[&job_id].clone();
+            let mut job = job.clone();
             job.generation += 1;
             let dropped: Vec<String> = job
                 .roll_back_to_restore_point()
                 .into_iter()
                 .map(|c| c.id)
                 .collect();
-            job.workers = idle[..fit as usize].to_vec();
+            let fit = workers.len();
+            job.workers = workers;
             job.state = JobState::Rendezvous;
             job.ready_since_ms = None;
             job.rendezvous.clear();
@@ -1873,6 +1898,138 @@ impl Coordinator {
         }
         Ok(())
     }
+
+    /// The larger world size `job_id` regroups to at a checkpoint just committed, if it runs
+    /// below its largest size, idle workers make a larger one, no queued job waits for them
+    /// (queued jobs are served first) and its generation started at least
+    /// [`Config::regroup_interval`] ago.
+    fn grows_to(&self, inner: &Inner, job_id: &str) -> Option<u32> {
+        let job = inner.jobs.get(job_id)?;
+        if job.state != JobState::Running
+            || inner.jobs.values().any(|j| j.state == JobState::Queued)
+        {
+            return None;
+        }
+        let now = monotonic_ms();
+        let roster = self.roster();
+        let started = roster.training.get(job_id)?.started_ms;
+        if now - started < self.config.regroup_interval.as_millis() as i64 {
+            return None;
+        }
+        let idle = roster
+            .workers
+            .values()
+            .filter(|w| {
+                w.assignment.is_none() && w.lease_expires_ms >= now && w.heard_from && !w.leaving
+            })
+            .count();
+        let current = job.workers.len();
+        job.world_sizes_now()
+            .into_iter()
+            .filter(|&n| n as usize > current && n as usize <= current + idle)
+            .max()
+    }
+}
+
+/// A queued job as the scheduler sees it.
+struct Queued {
+    id: String,
+    /// The world sizes it may start on.
+    sizes: Vec<u32>,
+    ready_since_ms: Option<i64>,
+}
+
+/// What the scheduler decides for a queued job.
+#[derive(Debug, PartialEq)]
+enum Placement {
+    /// A new generation on these workers (by rank).
+    Start(Vec<String>),
+    /// Not yet: why (shown by `ladder status`), and since when enough workers for some
+    /// allowed size were idle.
+    Wait {
+        why: String,
+        ready_since_ms: Option<i64>,
+    },
+}
+
+/// Gives `idle` workers to `queued` jobs, in the order they are served (highest priority, then
+/// oldest). A job starts at once on the largest world size it allows, or, after `grace` with
+/// fewer idle workers, on the largest allowed size that the idle workers fill. A job that
+/// cannot start holds the idle workers back from the jobs behind it (up to its smallest size,
+/// or its largest while it waits out the grace), so small jobs never starve a large one:
+/// workers gather for it as they come free. `unheard` workers are registered but not heard
+/// from since a restart (they are named in what a job waits for).
+fn place(
+    queued: &[Queued],
+    idle: Vec<String>,
+    unheard: usize,
+    now: i64,
+    grace: i64,
+) -> Vec<(String, Placement)> {
+    let mut free = idle;
+    let mut held = 0;
+    let mut placements = Vec::new();
+    for job in queued {
+        let best = job.sizes.iter().copied().max().unwrap_or(0);
+        let least = job.sizes.iter().copied().min().unwrap_or(0);
+        let behind = match held {
+            0 => String::new(),
+            n => format!("; {n} more held for the jobs served before it"),
+        };
+        let Some(fit) = job
+            .sizes
+            .iter()
+            .copied()
+            .filter(|&n| n as usize <= free.len())
+            .max()
+        else {
+            let why = format!(
+                "waiting for workers: {} idle, {least} needed{}{behind}",
+                free.len(),
+                match unheard {
+                    0 => String::new(),
+                    n => format!(
+                        " ({n} more registered, not heard from since the coordinator started)"
+                    ),
+                }
+            );
+            let hold = free.len().min(least as usize);
+            held += hold;
+            free.drain(..hold);
+            placements.push((
+                job.id.clone(),
+                Placement::Wait {
+                    why,
+                    ready_since_ms: None,
+                },
+            ));
+            continue;
+        };
+        let ready_since = job.ready_since_ms.unwrap_or(now);
+        if fit < best && now - ready_since < grace {
+            let why = format!(
+                "{} idle: starting on {fit} in {} s unless {best} are idle by then{behind}",
+                free.len(),
+                (ready_since + grace - now + 999) / 1000
+            );
+            let hold = free.len().min(best as usize);
+            held += hold;
+            free.drain(..hold);
+            placements.push((
+                job.id.clone(),
+                Placement::Wait {
+                    why,
+                    ready_since_ms: Some(ready_since),
+                },
+            ));
+            continue;
+        }
+        placements.push((
+            job.id.clone(),
+            Placement::Start(free.drain(..fit as usize).collect()),
+        ));
+    }
+    placements
 }
 
 /// Which workers hold their job up for `stall` milliseconds at `now`, by job, with why: they are
@@ -1966,6 +2123,92 @@ mod tests {
 
     fn trained_after_restoring(ledger: &[LedgerEntry], restored: u64) -> Vec<(u32, u64, u64, u64)> {
         sum_per_epoch(ledger.iter().filter(|e| e.checkpoint_step <= restored))
+    }
+
+    fn queued(id: &str, sizes: &[u32]) -> Queued {
+        Queued {
+            id: id.to_owned(),
+            sizes: sizes.to_vec(),
+            ready_since_ms: None,
+        }
+    }
+
+    fn workers(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("w{i}")).collect()
+    }
+
+    #[test]
+    fn a_job_that_cannot_start_holds_idle_workers_back_from_the_jobs_behind_it() {
+        let jobs = [queued("big", &[2]), queued("small", &[1])];
+        let placed = place(&jobs, workers(1), 0, 0, 5_000);
+        let Placement::Wait { why, .. } = &placed[1].1 else {
+            panic!("the small job behind the big one must wait: {placed:?}");
+        };
+        assert!(
+            why.contains("0 idle") && why.contains("1 more held"),
+            "{why}"
+        );
+        let placed = place(&jobs, workers(3), 0, 0, 5_000);
+        assert_eq!(placed[0].1, Placement::Start(workers(2)));
+        assert_eq!(placed[1].1, Placement::Start(vec!["w2".to_owned()]));
+    }
+
+    #[test]
+    fn a_job_waits_out_the_grace_for_its_largest_size_then_starts_on_fewer() {
+        let mut job = queued("j", &[1, 2]);
+        let placed = place(std::slice::from_ref(&job), workers(1), 0, 1_000, 5_000);
+        let Placement::Wait {
+            why,
+            ready_since_ms,
+        } = &placed[0].1
+        else {
+            panic!("{placed:?}");
+        };
+        assert!(why.contains("starting on 1 in 5 s unless 2"), "{why}");
+        assert_eq!(*ready_since_ms, Some(1_000));
+        job.ready_since_ms = Some(1_000);
+        let placed = place(std::slice::from_ref(&job), workers(1), 0, 6_000, 5_000);
+        assert_eq!(placed[0].1, Placement::Start(workers(1)));
+    }
+
+    proptest::proptest! {
+        /// However many jobs wait for however many workers: no worker is given twice, each job
+        /// starts on a size it allows, and a job that must wait is never passed by the jobs
+        /// behind it on the workers it could use.
+        #[test]
+        fn placements_are_disjoint_allowed_and_starve_no_one(
+            sizes in proptest::collection::vec(proptest::collection::btree_set(1u32..6, 1..3), 1..6),
+            idle in 0usize..12,
+        ) {
+            let jobs: Vec<Queued> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| queued(&format!("j{i}"), &s.iter().copied().collect::<Vec<_>>()))
+                .collect();
+            let placed = place(&jobs, workers(idle), 0, 0, 0);
+            let mut given = std::collections::BTreeSet::new();
+            // What the first job that must wait holds back for itself.
+            let mut held_back: Option<usize> = None;
+            for ((job, (id, placement)), allowed) in jobs.iter().zip(&placed).zip(&sizes) {
+                proptest::prop_assert_eq!(&job.id, id);
+                match placement {
+                    Placement::Start(ws) => {
+                        proptest::prop_assert!(allowed.contains(&(ws.len() as u32)));
+                        for w in ws {
+                            proptest::prop_assert!(given.insert(w.clone()), "{} given twice", w);
+                        }
+                    }
+                    Placement::Wait { .. } => {
+                        if held_back.is_none() {
+                            let least = *allowed.iter().next().unwrap() as usize;
+                            held_back = Some((idle - given.len()).min(least));
+                        }
+                    }
+                }
+            }
+            // The workers it holds went to nobody behind it.
+            proptest::prop_assert!(given.len() + held_back.unwrap_or(0) <= idle);
+        }
     }
 
     proptest::proptest! {

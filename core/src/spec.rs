@@ -27,6 +27,9 @@ pub struct JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub name: String,
+    /// Queued jobs are served highest priority first, then oldest first.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

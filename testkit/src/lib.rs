@@ -242,6 +242,10 @@ impl CoordinatorProcess {
         format!("http://{}", self.address)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

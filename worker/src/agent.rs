@@ -598,11 +598,20 @@ async fn heartbeat(
             in_collective: liveness.in_collective(),
             leaving: told_leaving,
         };
+        // The reply tells the assignment as of when the request was handled: it judges only a
+        // generation that was running before the request left (one assigned meanwhile, by a
+        // long poll that answered first, is not in it yet).
+        let sent_during = running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .map(|(generation, _)| generation.clone());
         let result = rpc!(coordinator, heartbeat, request);
         let current = running.lock().expect("running lock").clone();
         match result {
             Ok(reply) => {
                 if let Some(((job, generation), stop)) = current
+                    && sent_during.as_ref() == Some(&(job.clone(), generation))
                     && (reply.job_id != job || reply.generation != generation)
                 {
                     stop.stop(&format!(

@@ -90,6 +90,7 @@ pub fn config() -> Config {
         lease_ttl: Duration::from_secs(60),
         rendezvous_grace: Duration::ZERO,
         stall_timeout: Duration::from_secs(600),
+        regroup_interval: Duration::ZERO,
     }
 }
 
