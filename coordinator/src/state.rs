@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{Mutex, Notify, broadcast, watch};
+use tokio::sync::{Mutex, Notify, broadcast, oneshot, watch};
 
 /// `checkpoint.dir` must be writable, and hold nothing yet for job `id`: job ids restart with a
 /// new store, and a job must never write over another job's checkpoints.
@@ -335,7 +335,7 @@ pub struct WorkerAssignment {
     pub rank: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerRecord {
     pub id: String,
     pub hostname: String,
@@ -370,6 +370,10 @@ pub struct WorkerRecord {
     /// Asked to stop (SIGTERM): its job checkpoints, then goes on without it.
     #[serde(default)]
     pub leaving: bool,
+    /// Wakes this worker's long poll for an assignment when its assignment changes (one
+    /// worker's, not every idle worker's).
+    #[serde(skip)]
+    pub reassigned: Arc<Notify>,
 }
 
 /// What a worker is told to do.
@@ -609,6 +613,7 @@ fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: Jo
         {
             w.assignment = None;
             w.active_ms = now;
+            w.reassigned.notify_waiters();
         }
     }
     for (id, assignment) in job.assignments() {
@@ -616,6 +621,7 @@ fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: Jo
             w.assignment = Some(assignment);
             // Stalls are timed from the start of an assignment.
             w.active_ms = now;
+            w.reassigned.notify_waiters();
         }
     }
     if job.state.is_active() {
@@ -634,6 +640,14 @@ fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: Jo
     }
     jobs.insert(job.id.clone(), job);
     true
+}
+
+/// A registration waiting for its group's write.
+struct Registration {
+    hostname: String,
+    device: String,
+    name: String,
+    reply: oneshot::Sender<Result<(WorkerRecord, String)>>,
 }
 
 /// What one store transaction writes; shown in memory only once written.
@@ -731,8 +745,9 @@ pub struct Coordinator {
     config: Config,
     inner: Mutex<Inner>,
     roster: std::sync::Mutex<Roster>,
+    /// Registrations waiting to be written (see [`Coordinator::register`]).
+    registrations: std::sync::Mutex<Vec<Registration>>,
     job_changed: broadcast::Sender<String>,
-    assignments_changed: Notify,
     rendezvous_changed: Notify,
     /// Set when the store refuses this coordinator's writes: it must stop serving.
     deposed: watch::Sender<Option<String>>,
@@ -802,8 +817,8 @@ impl Coordinator {
             config,
             inner: Mutex::new(inner),
             roster: std::sync::Mutex::new(roster),
+            registrations: std::sync::Mutex::default(),
             job_changed,
-            assignments_changed: Notify::new(),
             rendezvous_changed: Notify::new(),
             deposed: watch::channel(None).0,
         }))
@@ -899,7 +914,6 @@ impl Coordinator {
             }
         }
         if reassigned {
-            self.assignments_changed.notify_waiters();
             self.rendezvous_changed.notify_waiters();
         }
         Ok(())
@@ -1144,44 +1158,103 @@ impl Coordinator {
     // --------------------------------------------------------------- workers
 
     /// Registers a worker; returns its record and the secret that identifies it from now on.
+    /// Registrations are written in groups (group commit): whoever gets the decision lock
+    /// writes every registration waiting by then in one transaction, so a cluster of ten
+    /// thousand workers starting at once costs a few hundred writes, not ten thousand.
     pub async fn register(
         &self,
         hostname: &str,
         device: &str,
         name: &str,
     ) -> Result<(WorkerRecord, String)> {
+        let (reply, mut answer) = oneshot::channel();
+        self.registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Registration {
+                hostname: hostname.to_owned(),
+                device: device.to_owned(),
+                name: name.to_owned(),
+                reply,
+            });
         let mut inner = self.inner.lock().await;
-        let counters = Counters {
-            next_job: inner.next_job,
-            next_worker: inner.next_worker + 1,
+        let mut wrote = false;
+        let result = loop {
+            // Written by whoever held the lock before (or by this call's last group).
+            if let Ok(result) = answer.try_recv() {
+                break result;
+            }
+            let group: Vec<Registration> = {
+                let mut waiting = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+                let n = waiting.len().min(crate::store::MAX_WRITES - 1);
+                waiting.drain(..n).collect()
+            };
+            self.write_registrations(&mut inner, group).await;
+            wrote = true;
         };
+        if wrote {
+            self.schedule_after_change(&mut inner).await;
+        }
+        result
+    }
+
+    /// Writes `group` in one transaction (with the worker counter) and answers each.
+    async fn write_registrations(&self, inner: &mut Inner, group: Vec<Registration>) {
         let (now, wall) = (monotonic_ms(), now_ms());
-        let secret = auth::WorkerSecret::generate();
-        let worker = WorkerRecord {
-            id: format!("w-{:06}", counters.next_worker),
-            hostname: hostname.to_owned(),
-            device: device.to_owned(),
-            name: name.to_owned(),
-            lease_ttl_ms: self.config.lease_ttl.as_millis() as u32,
-            registered_at_ms: wall,
-            secret_sha256: secret.sha256,
-            assignment: None,
-            lease_expires_ms: now + self.config.lease_ttl.as_millis() as i64,
-            activity: 0,
-            active_ms: now,
-            in_collective: false,
-            heard_from: true,
-            leaving: false,
-        };
+        let lease = self.config.lease_ttl.as_millis();
+        let mut next = inner.next_worker;
+        let made: Vec<(Registration, WorkerRecord, String)> = group
+            .into_iter()
+            .map(|r| {
+                next += 1;
+                let secret = auth::WorkerSecret::generate();
+                let worker = WorkerRecord {
+                    id: format!("w-{next:06}"),
+                    hostname: r.hostname.clone(),
+                    device: r.device.clone(),
+                    name: r.name.clone(),
+                    lease_ttl_ms: lease as u32,
+                    registered_at_ms: wall,
+                    secret_sha256: secret.sha256,
+                    assignment: None,
+                    lease_expires_ms: now + lease as i64,
+                    activity: 0,
+                    active_ms: now,
+                    in_collective: false,
+                    heard_from: true,
+                    leaving: false,
+                    reassigned: Arc::default(),
+                };
+                (r, worker, secret.secret)
+            })
+            .collect();
         let change = Change {
-            workers: vec![worker.clone()],
-            counters: Some(counters),
+            workers: made.iter().map(|(_, w, _)| w.clone()).collect(),
+            counters: Some(Counters {
+                next_job: inner.next_job,
+                next_worker: next,
+            }),
             ..Change::default()
         };
-        self.apply(&mut inner, change).await?;
-        tracing::info!(worker = %worker.id, %hostname, %device, %name, "worker registered");
-        self.schedule_after_change(&mut inner).await;
-        Ok((worker, secret.secret))
+        match self.apply(inner, change).await {
+            Ok(()) => {
+                for (r, worker, secret) in made {
+                    tracing::info!(worker = %worker.id, hostname = %r.hostname, device = %r.device, name = %r.name, "worker registered");
+                    let _ = r.reply.send(Ok((worker, secret)));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (r, _, _) in made {
+                    let _ = r
+                        .reply
+                        .send(Err(CoordinatorError::Store(StoreError::Backend {
+                            store: self.store.describe(),
+                            message: message.clone(),
+                        })));
+                }
+            }
+        }
     }
 
     /// Renews the worker's lease (from when the heartbeat arrived) and records its training
@@ -1325,18 +1398,26 @@ impl Coordinator {
         }))
     }
 
-    /// The worker's assignment, waiting up to `wait` for one.
+    /// The worker's assignment, waiting up to `wait` for one (an empty answer comes after a
+    /// random 50 to 100% of `wait`, so that the long polls of workers that started together
+    /// do not all end, and come again, at the same instant).
     pub async fn await_assignment(
         &self,
         who: &WorkerIdentity,
         wait: Duration,
     ) -> Result<Option<Assignment>> {
-        let deadline = tokio::time::Instant::now() + wait;
+        use std::hash::BuildHasher;
+        let spread = std::collections::hash_map::RandomState::new().hash_one(&who.id) as f64
+            / u64::MAX as f64;
+        let deadline = tokio::time::Instant::now() + wait.mul_f64(0.5 + 0.5 * spread);
         loop {
-            let notified = self.assignments_changed.notified();
+            let reassigned = self.roster().authenticated(who)?.reassigned.clone();
+            let notified = reassigned.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(a) = self.assignment_of(&*self.inner.lock().await, who)? {
+            // An idle worker waits on the roster alone, never behind a decision's write.
+            let assigned = self.roster().authenticated(who)?.assignment.is_some();
+            if assigned && let Some(a) = self.assignment_of(&*self.inner.lock().await, who)? {
                 return Ok(Some(a));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -1713,18 +1794,32 @@ impl Coordinator {
             .filter(|w| w.lease_expires_ms < now)
             .map(|w| (w.id.clone(), w.assignment.clone()))
             .collect();
+        // By job: the workers a job lost and the end of its generation are one transaction
+        // (a rack that went dark ends each job once), the idle ones go together.
+        let mut lost: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
         for (id, assignment) in expired {
             tracing::warn!(worker = %id, "worker lease expired");
-            let why = format!("worker {id} lost (lease expired)");
-            let ended = assignment
-                .and_then(|a| inner.jobs.get(&a.job_id))
-                .and_then(|job| job.generation_ended(&why));
-            let change = Change {
-                jobs: ended.into_iter().collect(),
-                forgotten: vec![id],
-                ..Change::default()
-            };
-            self.apply(&mut inner, change).await?;
+            lost.entry(assignment.map(|a| a.job_id))
+                .or_default()
+                .push(id);
+        }
+        for (job_id, workers) in lost {
+            for forgotten in workers.chunks(crate::store::MAX_WRITES - 1) {
+                let why = match forgotten {
+                    [one] => format!("worker {one} lost (lease expired)"),
+                    many => format!("workers {} lost (leases expired)", many.join(", ")),
+                };
+                let ended = job_id
+                    .as_ref()
+                    .and_then(|id| inner.jobs.get(id))
+                    .and_then(|job| job.generation_ended(&why));
+                let change = Change {
+                    jobs: ended.into_iter().collect(),
+                    forgotten: forgotten.to_vec(),
+                    ..Change::default()
+                };
+                self.apply(&mut inner, change).await?;
+            }
         }
         let stalled = stalled_workers(
             &inner.jobs,

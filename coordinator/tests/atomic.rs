@@ -226,3 +226,38 @@ async fn a_lease_runs_from_the_last_heartbeat() {
         "10.1 s since its heartbeat: lost"
     );
 }
+
+/// A cluster starting at once: registrations that wait while a write is in flight are written
+/// together (group commit), each still durable before its answer.
+#[tokio::test]
+async fn registrations_arriving_together_are_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let before = store.transactions();
+    store.hold_writes(true);
+    let registering: Vec<_> = (0..300)
+        .map(|_| {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move { register(&coordinator).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.hold_writes(false);
+    let mut ids = std::collections::BTreeSet::new();
+    for r in registering {
+        assert!(ids.insert(r.await.unwrap().id), "an id given twice");
+    }
+    assert_eq!(ids.len(), 300);
+    let writes = store.transactions() - before;
+    assert!(
+        writes <= 5,
+        "300 registrations took {writes} transactions (at most 127 each, and the first alone)"
+    );
+    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    assert_eq!(recovered.workers().await.len(), 300, "every one was saved");
+}
