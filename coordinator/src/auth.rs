@@ -30,11 +30,7 @@ pub struct Tokens {
 }
 
 /// A worker as it names itself on a call: its id and the secret its registration returned.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkerIdentity {
-    pub id: String,
-    pub secret: String,
-}
+pub type WorkerIdentity = ladder_proto::v1::WorkerIdentity;
 
 /// A worker's secret, made at registration: the worker is told the secret, the store keeps
 /// only its SHA-256 (a copy of the store does not let anyone act as a worker).

@@ -3,8 +3,8 @@
 
 use crate::auth::WorkerIdentity;
 use crate::state::{
-    Assignment, CheckpointRecord, Coordinator, CoordinatorError, JobRecord, JobState, LedgerEntry,
-    ProgressRecord, ProgressReport, RendezvousOutcome,
+    Coordinator, CoordinatorError, JobRecord, JobState, LedgerEntry, ProgressReport,
+    RendezvousOutcome,
 };
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
@@ -39,68 +39,6 @@ fn state_to_pb(state: JobState) -> pb::JobState {
     }
 }
 
-fn progress_to_pb(p: &ProgressRecord) -> pb::Progress {
-    pb::Progress {
-        stage: p.stage,
-        epoch: p.epoch,
-        step: p.step,
-        steps_per_epoch: p.steps_per_epoch,
-        loss: p.loss,
-        images_per_second: p.images_per_second,
-        image_size: p.image_size,
-        graph_builds: p.graph_builds,
-        eta_seconds: p.eta_seconds,
-        eval_epoch: p.eval_epoch,
-        eval_top1: p.eval_top1,
-        eval_top5: p.eval_top5,
-        global_step: p.global_step,
-    }
-}
-
-fn progress_from_pb(p: pb::Progress) -> ProgressRecord {
-    ProgressRecord {
-        stage: p.stage,
-        epoch: p.epoch,
-        step: p.step,
-        steps_per_epoch: p.steps_per_epoch,
-        loss: p.loss,
-        images_per_second: p.images_per_second,
-        image_size: p.image_size,
-        graph_builds: p.graph_builds,
-        eta_seconds: p.eta_seconds,
-        eval_epoch: p.eval_epoch,
-        eval_top1: p.eval_top1,
-        eval_top5: p.eval_top5,
-        global_step: p.global_step,
-    }
-}
-
-fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointRef {
-    pb::CheckpointRef {
-        id: c.id.clone(),
-        path: c.path.clone(),
-        generation: c.generation,
-        epoch: c.epoch,
-        step: c.step,
-        stage: c.stage,
-        committed_at_ms: c.committed_at_ms,
-        stage_end: c.stage_end,
-    }
-}
-
-fn checkpoint_from_pb(c: pb::CheckpointRef) -> CheckpointRecord {
-    CheckpointRecord {
-        id: c.id,
-        path: c.path,
-        generation: c.generation,
-        epoch: c.epoch,
-        step: c.step,
-        stage: c.stage,
-        committed_at_ms: c.committed_at_ms,
-        stage_end: c.stage_end,
-    }
-}
-
 pub fn job_to_pb(job: &JobRecord) -> pb::Job {
     pb::Job {
         id: job.id.clone(),
@@ -109,8 +47,8 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
         generation: job.generation,
         spec_toml: job.spec_toml.clone(),
         workers: job.workers.clone(),
-        progress: Some(progress_to_pb(&job.progress)),
-        checkpoints: job.checkpoints.iter().map(checkpoint_to_pb).collect(),
+        progress: Some(job.progress),
+        checkpoints: job.checkpoints.clone(),
         message: job.message.clone(),
         last_incident: job.last_incident.clone(),
         waiting: if job.state == JobState::Queued {
@@ -135,18 +73,6 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
     }
 }
 
-fn assignment_to_pb(a: Assignment) -> pb::Assignment {
-    pb::Assignment {
-        job_id: a.job_id,
-        generation: a.generation,
-        rank: a.rank,
-        world_size: a.world_size,
-        spec_toml: a.spec_toml,
-        restore_from: a.restore_from.as_ref().map(checkpoint_to_pb),
-        retired: a.retired.iter().map(checkpoint_to_pb).collect(),
-    }
-}
-
 fn wait(ms: u32) -> Duration {
     Duration::from_millis(ms as u64).min(MAX_WAIT)
 }
@@ -157,10 +83,7 @@ fn identity(worker: Option<pb::WorkerIdentity>) -> Result<WorkerIdentity, Status
         Status::invalid_argument("worker is required: the id and secret registration returned")
     })?;
     required(&worker.id, "worker.id")?;
-    Ok(WorkerIdentity {
-        id: worker.id,
-        secret: worker.secret,
-    })
+    Ok(worker)
 }
 
 fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
@@ -353,9 +276,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .0
             .await_assignment(&identity(r.worker)?, wait(r.wait_ms))
             .await?;
-        Ok(Response::new(
-            assignment.map(assignment_to_pb).unwrap_or_default(),
-        ))
+        Ok(Response::new(assignment.unwrap_or_default()))
     }
 
     async fn report_progress(
@@ -364,7 +285,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let r = request.into_inner();
         let report = ProgressReport {
-            progress: r.progress.map(progress_from_pb),
+            progress: r.progress,
             finished: r.finished,
             error: r.error,
             bad_checkpoint: r.bad_checkpoint,
@@ -375,10 +296,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .0
             .report_progress(&identity(r.worker)?, &r.job_id, r.generation, report)
             .await?;
-        Ok(Response::new(pb::ReportProgressResponse {
-            current: answer.current,
-            checkpoint_now: answer.checkpoint_now,
-        }))
+        Ok(Response::new(answer))
     }
 
     async fn rendezvous(
@@ -427,7 +345,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 &identity(r.worker)?,
                 &r.job_id,
                 r.generation,
-                checkpoint_from_pb(checkpoint),
+                checkpoint,
                 r.trained
                     .into_iter()
                     .map(|t| LedgerEntry {
@@ -444,7 +362,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             Ok(retired) => pb::CommitCheckpointResponse {
                 accepted: true,
                 reason: String::new(),
-                retired: retired.iter().map(checkpoint_to_pb).collect(),
+                retired,
             },
             Err(reason) => pb::CommitCheckpointResponse {
                 accepted: false,

@@ -116,41 +116,11 @@ impl JobState {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ProgressRecord {
-    pub stage: u32,
-    pub epoch: u32,
-    pub step: u64,
-    pub steps_per_epoch: u64,
-    pub loss: f32,
-    pub images_per_second: f32,
-    pub image_size: u32,
-    #[serde(default)]
-    pub graph_builds: u32,
-    #[serde(default)]
-    pub eta_seconds: f32,
-    #[serde(default)]
-    pub eval_epoch: u32,
-    #[serde(default)]
-    pub eval_top1: f32,
-    #[serde(default)]
-    pub eval_top5: f32,
-    #[serde(default)]
-    pub global_step: u64,
-}
+/// How far a job got, as rank 0 reports it: saved as the wire's message.
+pub type ProgressRecord = ladder_proto::v1::Progress;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointRecord {
-    pub id: String,
-    pub path: String,
-    pub generation: u64,
-    pub epoch: u32,
-    pub step: u64,
-    pub stage: u32,
-    pub committed_at_ms: i64,
-    #[serde(default)]
-    pub stage_end: bool,
-}
+/// A committed checkpoint: saved as the wire's message.
+pub type CheckpointRecord = ladder_proto::v1::CheckpointRef;
 
 /// What the steps up to a committed checkpoint trained of one epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,19 +346,9 @@ pub struct WorkerRecord {
     pub reassigned: Arc<Notify>,
 }
 
-/// What a worker is told to do.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Assignment {
-    pub job_id: String,
-    pub generation: u64,
-    pub rank: u32,
-    pub world_size: u32,
-    pub spec_toml: String,
-    pub restore_from: Option<CheckpointRecord>,
-    /// To rank 0: what the newest commit retired, in case its files outlived the worker told
-    /// to delete them.
-    pub retired: Vec<CheckpointRecord>,
-}
+/// What a worker is told to do (to rank 0, also what the newest commit retired, in case its
+/// files outlived the worker told to delete them).
+pub type Assignment = ladder_proto::v1::Assignment;
 
 impl ProgressReport {
     /// Whether it says more than how far the run got.
@@ -415,14 +375,9 @@ pub enum RendezvousOutcome {
     },
 }
 
-/// What a worker is told in answer to its progress report.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProgressAnswer {
-    /// False when the generation is stale: the worker stops.
-    pub current: bool,
-    /// To rank 0 only: a worker is leaving, checkpoint at the next step.
-    pub checkpoint_now: bool,
-}
+/// What a worker is told in answer to its progress report: whether its generation is current,
+/// and (rank 0) whether to checkpoint now for a leaving worker.
+pub type ProgressAnswer = ladder_proto::v1::ReportProgressResponse;
 
 /// What a worker reports: progress, and perhaps an event (the end, a failure).
 #[derive(Clone, Debug, Default)]
@@ -487,6 +442,8 @@ impl Default for Config {
 #[derive(Default)]
 struct Inner {
     jobs: BTreeMap<String, JobRecord>,
+    /// Each job's spec, parsed once (at submit, or when the coordinator starts).
+    specs: BTreeMap<String, Arc<JobSpec>>,
     next_job: u64,
     next_worker: u64,
 }
@@ -583,7 +540,7 @@ impl Roster {
             .get(&job.id)
             .filter(|t| t.generation == job.generation)
         {
-            job.progress = t.progress.clone();
+            job.progress = t.progress;
         }
         job
     }
@@ -629,7 +586,7 @@ fn show_job(jobs: &mut BTreeMap<String, JobRecord>, roster: &mut Roster, job: Jo
         if training.generation != job.generation {
             *training = Training {
                 generation: job.generation,
-                progress: job.progress.clone(),
+                progress: job.progress,
                 saved_ms: now,
                 started_ms: now,
                 ..Training::default()
@@ -798,6 +755,15 @@ impl Coordinator {
         }
         for (key, bytes) in store.list("jobs/").await? {
             let job: JobRecord = decode(&key, &bytes)?;
+            match JobSpec::parse(&job.spec_toml, &job.id) {
+                Ok(spec) => {
+                    inner.specs.insert(job.id.clone(), Arc::new(spec));
+                }
+                // Its workers would refuse it too; everything else of the job stays readable.
+                Err(e) => {
+                    tracing::error!(job = %job.id, "the job's saved spec does not parse: {e}")
+                }
+            }
             show_job(&mut inner.jobs, &mut roster, job);
         }
         if let Some(bytes) = store.get(COUNTERS_KEY).await? {
@@ -860,7 +826,7 @@ impl Coordinator {
                     .get_mut(&job.id)
                     .filter(|t| t.generation == job.generation)
                 {
-                    job.progress = t.progress.clone();
+                    job.progress = t.progress;
                     t.boundary = false;
                     saves.push((job.id.clone(), job.generation, t.reported));
                 }
@@ -1035,6 +1001,7 @@ impl Coordinator {
             ..Change::default()
         };
         self.apply(&mut inner, change).await?;
+        inner.specs.insert(id.clone(), Arc::new(spec));
         self.schedule_after_change(&mut inner).await;
         Ok(inner.jobs[&id].clone())
     }
@@ -1686,10 +1653,13 @@ impl Coordinator {
                 who.id
             )));
         }
-        let spec =
-            JobSpec::parse(&job.spec_toml, &job.id).map_err(|e| CoordinatorError::Corrupt {
-                key: job_key(&job.id),
-                message: e.to_string(),
+        let spec = inner
+            .specs
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::Corrupt {
+                key: job_key(job_id),
+                message: "its spec does not parse (see the coordinator's log at start)".into(),
             })?;
         let named = CheckpointId {
             generation,
