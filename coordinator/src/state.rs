@@ -1757,23 +1757,11 @@ impl Coordinator {
     pub async fn tick(&self) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let now = monotonic_ms();
-        let expired: Vec<(String, Option<WorkerAssignment>)> = self
-            .roster()
-            .workers
-            .values()
-            .filter(|w| w.lease_expires_ms < now)
-            .map(|w| (w.id.clone(), w.assignment.clone()))
-            .collect();
-        // By job: the workers a job lost and the end of its generation are one transaction
-        // (a rack that went dark ends each job once), the idle ones go together.
-        let mut lost: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
-        for (id, assignment) in expired {
-            tracing::warn!(worker = %id, "worker lease expired");
-            lost.entry(assignment.map(|a| a.job_id))
-                .or_default()
-                .push(id);
-        }
+        let lost = expired_leases(&self.roster().workers, now);
         for (job_id, workers) in lost {
+            for id in &workers {
+                tracing::warn!(worker = %id, "worker lease expired");
+            }
             for forgotten in workers.chunks(crate::store::MAX_WRITES - 1) {
                 let why = match forgotten {
                     [one] => format!("worker {one} lost (lease expired)"),
@@ -2097,6 +2085,22 @@ fn place(
     placements
 }
 
+/// The workers whose lease ran out before `now`, by the job they trained (`None`: idle). The
+/// workers a job lost and the end of its generation are then one transaction (a rack that went
+/// dark ends each job once), and the idle ones go together.
+fn expired_leases(
+    workers: &BTreeMap<String, WorkerRecord>,
+    now: i64,
+) -> BTreeMap<Option<String>, Vec<String>> {
+    let mut lost: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
+    for w in workers.values().filter(|w| w.lease_expires_ms < now) {
+        lost.entry(w.assignment.as_ref().map(|a| a.job_id.clone()))
+            .or_default()
+            .push(w.id.clone());
+    }
+    lost
+}
+
 /// Which workers hold their job up for `stall` milliseconds at `now`, by job, with why: they are
 /// hung, and are expelled (their next heartbeat is refused) and the generation ends, as if they
 /// had died. In a running
@@ -2188,6 +2192,52 @@ mod tests {
 
     fn trained_after_restoring(ledger: &[LedgerEntry], restored: u64) -> Vec<(u32, u64, u64, u64)> {
         sum_per_epoch(ledger.iter().filter(|e| e.checkpoint_step <= restored))
+    }
+
+    #[test]
+    fn expired_leases_are_grouped_by_the_job_their_workers_trained() {
+        let worker = |id: &str, expires: i64, job: Option<&str>| WorkerRecord {
+            id: id.to_owned(),
+            hostname: String::new(),
+            device: String::new(),
+            name: String::new(),
+            lease_ttl_ms: 1_000,
+            registered_at_ms: 0,
+            secret_sha256: String::new(),
+            assignment: job.map(|j| WorkerAssignment {
+                job_id: j.to_owned(),
+                generation: 1,
+                rank: 0,
+            }),
+            lease_expires_ms: expires,
+            activity: 0,
+            active_ms: 0,
+            in_collective: false,
+            heard_from: true,
+            leaving: false,
+            reassigned: Arc::default(),
+        };
+        let workers: BTreeMap<String, WorkerRecord> = [
+            worker("a", 100, Some("j1")),
+            worker("b", 99, Some("j1")),
+            worker("c", 500, Some("j1")),
+            worker("d", 50, None),
+            worker("e", 100, Some("j2")),
+        ]
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+        let lost = expired_leases(&workers, 100);
+        assert_eq!(lost.len(), 2, "{lost:?}");
+        assert_eq!(
+            lost[&Some("j1".to_owned())],
+            ["b"],
+            "a lease ending at now holds"
+        );
+        assert_eq!(lost[&None], ["d"]);
+        let later = expired_leases(&workers, 101);
+        assert_eq!(later[&Some("j1".to_owned())], ["a", "b"]);
+        assert_eq!(later[&Some("j2".to_owned())], ["e"]);
     }
 
     fn queued(id: &str, sizes: &[u32]) -> Queued {
