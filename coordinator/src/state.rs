@@ -2005,6 +2005,14 @@ enum Placement {
     },
 }
 
+/// Takes up to `n` of the `free` workers away from the jobs behind a waiting one; returns how
+/// many.
+fn hold_back(free: &mut Vec<String>, n: u32) -> usize {
+    let hold = free.len().min(n as usize);
+    free.drain(..hold);
+    hold
+}
+
 /// Gives `idle` workers to `queued` jobs, in the order they are served (highest priority, then
 /// oldest). A job starts at once on the largest world size it allows, or, after `grace` with
 /// fewer idle workers, on the largest allowed size that the idle workers fill. A job that
@@ -2046,9 +2054,7 @@ fn place(
                     ),
                 }
             );
-            let hold = free.len().min(least as usize);
-            held += hold;
-            free.drain(..hold);
+            held += hold_back(&mut free, least);
             placements.push((
                 job.id.clone(),
                 Placement::Wait {
@@ -2065,9 +2071,7 @@ fn place(
                 free.len(),
                 (ready_since + grace - now + 999) / 1000
             );
-            let hold = free.len().min(best as usize);
-            held += hold;
-            free.drain(..hold);
+            held += hold_back(&mut free, best);
             placements.push((
                 job.id.clone(),
                 Placement::Wait {

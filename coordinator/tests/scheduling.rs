@@ -33,7 +33,7 @@ async fn submit(
     (job.id, spec.checkpoint.dir)
 }
 
-async fn coordinator(dir: &Path, config: Config) -> Arc<Coordinator> {
+async fn start_coordinator(dir: &Path, config: Config) -> Arc<Coordinator> {
     let store = FlakyStore::open(dir);
     Coordinator::recover(store as SharedStore, config)
         .await
@@ -48,7 +48,7 @@ async fn state(coordinator: &Coordinator, job: &str) -> (JobState, usize) {
 #[tokio::test]
 async fn queued_jobs_are_served_by_priority_then_age_and_a_large_one_is_not_starved() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = coordinator(dir.path(), config()).await;
+    let coordinator = start_coordinator(dir.path(), config()).await;
     let (large, _) = submit(&coordinator, dir.path(), "large", (2, 2), 0).await;
     let (small, _) = submit(&coordinator, dir.path(), "small", (1, 1), 0).await;
     let (urgent, _) = submit(&coordinator, dir.path(), "urgent", (1, 1), 5).await;
@@ -74,7 +74,7 @@ async fn queued_jobs_are_served_by_priority_then_age_and_a_large_one_is_not_star
 #[tokio::test]
 async fn a_job_below_its_size_takes_idle_workers_at_its_next_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = coordinator(dir.path(), config()).await;
+    let coordinator = start_coordinator(dir.path(), config()).await;
     // Workers 1 to 2: it starts on the one there is (no grace in these tests).
     let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
@@ -108,21 +108,11 @@ async fn a_job_regroups_at_most_once_per_interval_and_never_ahead_of_a_queued_jo
         regroup_interval: Duration::from_secs(3_600),
         ..config()
     };
-    let coordinator = coordinator(dir.path(), hourly).await;
+    let coordinator = start_coordinator(dir.path(), hourly).await;
     let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     register(&coordinator).await;
-    coordinator
-        .commit_checkpoint(
-            &ranks[0],
-            &job,
-            generation,
-            checkpoint(&root, &job, generation, 6),
-            Vec::new(),
-        )
-        .await
-        .unwrap()
-        .expect("committed");
+    commit_step_6(&coordinator, &ranks[0], &job, &root, generation).await;
     assert_eq!(
         state(&coordinator, &job).await,
         (JobState::Running, 1),
@@ -130,22 +120,12 @@ async fn a_job_regroups_at_most_once_per_interval_and_never_ahead_of_a_queued_jo
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = coordinator_without_interval(dir.path()).await;
+    let coordinator = start_coordinator(dir.path(), config()).await;
     let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     let (queued, _) = submit(&coordinator, dir.path(), "queued", (2, 2), 0).await;
     register(&coordinator).await;
-    coordinator
-        .commit_checkpoint(
-            &ranks[0],
-            &job,
-            generation,
-            checkpoint(&root, &job, generation, 6),
-            Vec::new(),
-        )
-        .await
-        .unwrap()
-        .expect("committed");
+    commit_step_6(&coordinator, &ranks[0], &job, &root, generation).await;
     assert_eq!(
         state(&coordinator, &job).await,
         (JobState::Running, 1),
@@ -154,6 +134,23 @@ async fn a_job_regroups_at_most_once_per_interval_and_never_ahead_of_a_queued_jo
     assert_eq!(state(&coordinator, &queued).await, (JobState::Queued, 0));
 }
 
-async fn coordinator_without_interval(dir: &Path) -> Arc<Coordinator> {
-    coordinator(dir, config()).await
+/// Rank 0 commits the checkpoint of step 6 of `generation`.
+async fn commit_step_6(
+    coordinator: &Coordinator,
+    rank_0: &ladder_coordinator::auth::WorkerIdentity,
+    job: &str,
+    root: &Path,
+    generation: u64,
+) {
+    coordinator
+        .commit_checkpoint(
+            rank_0,
+            job,
+            generation,
+            checkpoint(root, job, generation, 6),
+            Vec::new(),
+        )
+        .await
+        .unwrap()
+        .expect("committed");
 }

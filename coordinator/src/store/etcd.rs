@@ -1,4 +1,4 @@
-use super::{MAX_WRITES, Store, StoreError, Write};
+use super::{Store, StoreError, Write};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
 use ladder_proto::client::{error_chain, with_causes};
@@ -207,16 +207,7 @@ impl Store for EtcdStore {
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        if writes.len() > MAX_WRITES {
-            return Err(StoreError::TooLarge {
-                store: self.describe(),
-                writes: writes.len(),
-            });
-        }
+    async fn transaction(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let ops = writes
             .into_iter()
             .map(|write| match write {

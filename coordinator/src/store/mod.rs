@@ -45,7 +45,20 @@ pub const MAX_WRITES: usize = 128;
 pub trait Store: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Makes every write of `writes` or none of them (at most [`MAX_WRITES`]).
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_WRITES {
+            return Err(StoreError::TooLarge {
+                store: self.describe(),
+                writes: writes.len(),
+            });
+        }
+        self.transaction(writes).await
+    }
+    /// The backend's transaction of 1 to [`MAX_WRITES`] writes: all of them or none.
+    async fn transaction(&self, writes: Vec<Write>) -> Result<(), StoreError>;
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.apply(vec![Write::Put(key.to_owned(), value)]).await
     }

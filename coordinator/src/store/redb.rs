@@ -1,4 +1,4 @@
-use super::{MAX_WRITES, Store, StoreError, Write};
+use super::{Store, StoreError, Write};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -62,16 +62,7 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        if writes.len() > MAX_WRITES {
-            return Err(StoreError::TooLarge {
-                store: self.describe(),
-                writes: writes.len(),
-            });
-        }
+    async fn transaction(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         self.run(move |db| {
             let txn = db.begin_write()?;
             {

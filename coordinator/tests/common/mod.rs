@@ -58,7 +58,7 @@ impl Store for FlakyStore {
         self.inner.get(key).await
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+    async fn transaction(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let _ = self.held.subscribe().wait_for(|held| !held).await;
         let failing = self.failing.lock().unwrap().clone();
         let hit = |key: &str| failing.as_deref().is_some_and(|p| key.starts_with(p));
@@ -71,7 +71,7 @@ impl Store for FlakyStore {
             });
         }
         self.transactions.fetch_add(1, Ordering::SeqCst);
-        self.inner.apply(writes).await
+        self.inner.transaction(writes).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
