@@ -2,10 +2,8 @@
 //! translating between the wire types and [`crate::state`].
 
 use crate::auth::WorkerIdentity;
-use crate::state::{
-    Coordinator, CoordinatorError, JobRecord, JobState, LedgerEntry, ProgressReport,
-    RendezvousOutcome,
-};
+use crate::records::{JobState, LedgerEntry};
+use crate::state::{Coordinator, CoordinatorError, JobView, ProgressReport, RendezvousOutcome};
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +37,8 @@ fn state_to_pb(state: JobState) -> pb::JobState {
     }
 }
 
-pub fn job_to_pb(job: &JobRecord) -> pb::Job {
+pub fn job_to_pb(view: &JobView) -> pb::Job {
+    let job = &view.record;
     pb::Job {
         id: job.id.clone(),
         name: job.name.clone(),
@@ -51,11 +50,7 @@ pub fn job_to_pb(job: &JobRecord) -> pb::Job {
         checkpoints: job.checkpoints.clone(),
         message: job.message.clone(),
         last_incident: job.last_incident.clone(),
-        waiting: if job.state == JobState::Queued {
-            job.waiting.clone()
-        } else {
-            String::new()
-        },
+        waiting: view.waiting.clone(),
         trained: job
             .trained()
             .into_iter()
@@ -136,21 +131,22 @@ impl pb::job_service_server::JobService for JobApi {
             .workers()
             .await
             .into_iter()
-            .map(|(w, lease_remaining_ms, quiet_ms)| {
+            .map(|view| {
+                let w = view.member;
                 let assignment = w.assignment.unwrap_or_default();
                 pb::WorkerInfo {
-                    id: w.id,
-                    name: w.name,
-                    hostname: w.hostname,
-                    device: w.device,
+                    id: w.record.id,
+                    name: w.record.name,
+                    hostname: w.record.hostname,
+                    device: w.record.device,
                     job_id: assignment.job_id,
                     generation: assignment.generation,
                     rank: assignment.rank,
                     leaving: w.leaving,
                     heard_from: w.heard_from,
-                    registered_at_ms: w.registered_at_ms,
-                    lease_remaining_ms,
-                    quiet_ms,
+                    registered_at_ms: w.record.registered_at_ms,
+                    lease_remaining_ms: view.lease_remaining_ms,
+                    quiet_ms: view.quiet_ms,
                     in_collective: w.in_collective,
                 }
             })
@@ -190,7 +186,7 @@ impl pb::job_service_server::JobService for JobApi {
         let stream = async_stream(move |tx| async move {
             let mut job = first;
             loop {
-                let ended = job.state.is_terminal();
+                let ended = job.record.state.is_terminal();
                 if tx
                     .send(Ok(pb::JobEvent {
                         job: Some(job_to_pb(&job)),

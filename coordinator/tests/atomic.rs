@@ -8,7 +8,8 @@ mod common;
 
 use common::{FlakyStore, config, register, submit};
 use ladder_coordinator::auth::WorkerIdentity;
-use ladder_coordinator::state::{Coordinator, JobState, WorkerAssignment};
+use ladder_coordinator::records::{JobState, WorkerAssignment};
+use ladder_coordinator::state::Coordinator;
 use ladder_coordinator::store::SharedStore;
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ async fn a_store_failure_in_the_middle_of_a_schedule_assigns_nobody() {
     store.fail_writes_to(Some("jobs/"));
     workers.push(register(&coordinator).await);
     assert_eq!(assignments(&coordinator, &workers).await, vec![None; 4]);
-    let queued = coordinator.get(&job).await.unwrap();
+    let queued = coordinator.get(&job).await.unwrap().record;
     assert_eq!((queued.state, queued.generation), (JobState::Queued, 0));
     assert!(queued.workers.is_empty());
     for w in &workers {
@@ -113,13 +114,13 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
         .await
         .unwrap();
     coordinator.tick().await.unwrap_err();
-    let still = coordinator.get(&job).await.unwrap();
+    let still = coordinator.get(&job).await.unwrap().record;
     assert_eq!(still.state, JobState::Rendezvous);
     assert_eq!(still.workers.len(), 2);
     // Healed: the worker is forgotten and the generation ends, together.
     store.fail_writes_to(None);
     coordinator.tick().await.unwrap();
-    let ended = coordinator.get(&job).await.unwrap();
+    let ended = coordinator.get(&job).await.unwrap().record;
     assert_eq!(ended.state, JobState::Queued, "{}", ended.message);
     assert!(ended.message.contains(&workers[1].id), "{}", ended.message);
     let recovered = Coordinator::recover(store.clone() as SharedStore, config())
@@ -129,10 +130,13 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
         .workers()
         .await
         .into_iter()
-        .map(|(w, _, _)| w.id)
+        .map(|w| w.member.record.id)
         .collect();
     assert_eq!(known, [workers[0].id.clone()]);
-    assert_eq!(recovered.get(&job).await.unwrap().state, JobState::Queued);
+    assert_eq!(
+        recovered.get(&job).await.unwrap().record.state,
+        JobState::Queued
+    );
 }
 
 /// A store write that takes its time (a slow disk, etcd electing a leader) holds up the
@@ -148,7 +152,7 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     let (job, _) = submit(&coordinator, dir.path(), 1).await;
     let (workers, generation) = common::running(&coordinator, 1).await;
     let report = |global_step| ladder_coordinator::state::ProgressReport {
-        progress: Some(ladder_coordinator::state::ProgressRecord {
+        progress: Some(ladder_coordinator::records::ProgressRecord {
             epoch: 1,
             global_step,
             ..Default::default()
@@ -188,7 +192,7 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     let recovered = Coordinator::recover(store.clone() as SharedStore, config())
         .await
         .unwrap();
-    let saved = recovered.get(&job).await.unwrap();
+    let saved = recovered.get(&job).await.unwrap().record;
     assert_eq!(saved.state, JobState::Cancelled);
     assert_eq!(saved.progress.global_step, 7);
 }

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{FlakyStore, checkpoint, config, register};
-use ladder_coordinator::state::{Config, Coordinator, JobState};
+use ladder_coordinator::records::JobState;
+use ladder_coordinator::state::{Config, Coordinator};
 use ladder_coordinator::store::SharedStore;
 use ladder_core::spec::JobSpec;
 use ladder_testkit::{write_dataset, write_spec};
@@ -29,7 +30,7 @@ async fn submit(
         .replace("[job]\n", &format!("[job]\npriority = {priority}\n"));
     std::fs::write(&spec_path, text).unwrap();
     let spec = JobSpec::load(&spec_path).unwrap();
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record;
     (job.id, spec.checkpoint.dir)
 }
 
@@ -42,7 +43,7 @@ async fn start_coordinator(dir: &Path, config: Config) -> Arc<Coordinator> {
 
 async fn state(coordinator: &Coordinator, job: &str) -> (JobState, usize) {
     let job = coordinator.get(job).await.unwrap();
-    (job.state, job.workers.len())
+    (job.record.state, job.record.workers.len())
 }
 
 #[tokio::test]
@@ -88,7 +89,7 @@ async fn a_job_below_its_size_takes_idle_workers_at_its_next_checkpoint() {
         .await
         .unwrap()
         .expect("committed");
-    let grown = coordinator.get(&job).await.unwrap();
+    let grown = coordinator.get(&job).await.unwrap().record;
     assert_eq!(grown.state, JobState::Rendezvous, "{}", grown.message);
     assert_eq!(grown.generation, generation + 1);
     assert_eq!(grown.workers.len(), 2);

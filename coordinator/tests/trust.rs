@@ -7,9 +7,8 @@ mod common;
 
 use common::{checkpoint, coordinator_with_job, register, running};
 use ladder_coordinator::auth::WorkerIdentity;
-use ladder_coordinator::state::{
-    CheckpointRecord, CoordinatorError, ProgressReport, RendezvousOutcome,
-};
+use ladder_coordinator::records::CheckpointRecord;
+use ladder_coordinator::state::{CoordinatorError, ProgressReport, RendezvousOutcome};
 use std::path::Path;
 use std::time::Duration;
 
@@ -60,10 +59,10 @@ async fn a_worker_is_known_by_its_secret_not_by_its_id() {
         );
     }
     // The forged "leaving" and "failed" calls changed nothing.
-    let status = coordinator.get(&job).await.unwrap();
+    let status = coordinator.get(&job).await.unwrap().record;
     assert_eq!(status.state.to_string(), "running");
     let listed = coordinator.workers().await;
-    assert!(!listed[0].0.leaving);
+    assert!(!listed[0].member.leaving);
     let assignment = coordinator
         .heartbeat(real, 1, false, false)
         .await
@@ -188,13 +187,21 @@ async fn a_commit_is_taken_from_rank_0_and_only_where_the_coordinator_names_it()
         from_rank_1.expect_err("refused").contains("only rank 0"),
         "rank 1 does not write checkpoints"
     );
-    assert!(coordinator.get(&job).await.unwrap().checkpoints.is_empty());
+    assert!(
+        coordinator
+            .get(&job)
+            .await
+            .unwrap()
+            .record
+            .checkpoints
+            .is_empty()
+    );
     coordinator
         .commit_checkpoint(&ranks[0], &job, generation, good.clone(), Vec::new())
         .await
         .unwrap()
         .expect("the named directory is accepted");
-    let committed = coordinator.get(&job).await.unwrap().checkpoints;
+    let committed = coordinator.get(&job).await.unwrap().record.checkpoints;
     assert_eq!(committed.len(), 1);
     assert_eq!(
         Path::new(&committed[0].path),

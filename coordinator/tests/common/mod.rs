@@ -5,7 +5,8 @@
 
 use async_trait::async_trait;
 use ladder_coordinator::auth::WorkerIdentity;
-use ladder_coordinator::state::{CheckpointRecord, Config, Coordinator, RendezvousOutcome};
+use ladder_coordinator::records::CheckpointRecord;
+use ladder_coordinator::state::{Config, Coordinator, RendezvousOutcome};
 use ladder_coordinator::store::{RedbStore, SharedStore, Store, StoreError, Write};
 use ladder_core::spec::JobSpec;
 use ladder_testkit::{checkpoint_ref, write_dataset, write_spec};
@@ -99,7 +100,7 @@ pub fn config() -> Config {
 pub async fn submit(coordinator: &Coordinator, dir: &Path, workers: u32) -> (String, PathBuf) {
     let manifest = write_dataset(&dir.join("data"), 3, 20, 10);
     let spec = JobSpec::load(&write_spec(dir, "job", &manifest, (workers, workers))).unwrap();
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record;
     (job.id, spec.checkpoint.dir)
 }
 
