@@ -11,6 +11,26 @@ use pb::job_service_client::JobServiceClient;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// `println!` that ends the program quietly when standard output is a closed pipe (`ladder
+/// status JOB | head -3`), as ripgrep does: the reader wanted no more.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ladder: error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Where the connection options show in `--help`: apart from each command's own (the dataset
 /// tools take them but never connect).
 const COORDINATOR_OPTIONS: &str = "Coordinator options (commands that talk to it)";
@@ -225,7 +245,7 @@ async fn follow(
         // Events come on every change of the record; a line only when what it shows changed.
         let line = job_line(&job);
         if line != *shown {
-            println!("{line}");
+            say!("{line}");
             *shown = line;
         }
     }
@@ -455,7 +475,7 @@ fn print_index(report: &dataset::IndexReport) {
         eprintln!("warning: {issue}");
     }
     let m = &report.manifest;
-    println!(
+    say!(
         "indexed {} samples in {} shards, {} classes, {} issue(s); wrote {}",
         m.total_samples,
         m.shards.len(),
@@ -480,7 +500,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .job
                 .context("the coordinator returned no job")?;
             eprintln!("submitted {} ({})", job.name, state_name(job.state));
-            println!("{}", job.id);
+            say!("{}", job.id);
         }
         Command::Status { job, watch: true } => watch(&cli, job).await?,
         Command::Status { job, watch: false } => {
@@ -490,7 +510,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| rpc_error("status", s))?
                 .into_inner();
-            println!("{}", job_details(&job));
+            say!("{}", job_details(&job));
         }
         Command::List => {
             let mut client = connect(&cli).await?;
@@ -501,7 +521,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner()
                 .jobs;
             for job in &jobs {
-                println!("{}", job_line(job));
+                say!("{}", job_line(job));
             }
         }
         Command::Workers => {
@@ -513,7 +533,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner()
                 .workers;
             for worker in &workers {
-                println!("{}", worker_line(worker));
+                say!("{}", worker_line(worker));
             }
         }
         Command::Cancel { job } => {
@@ -523,7 +543,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| rpc_error("cancel", s))?
                 .into_inner();
-            println!("{}", job_line(&job));
+            say!("{}", job_line(&job));
         }
         Command::Resume {
             job,
@@ -541,7 +561,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| rpc_error("resume", s))?
                 .into_inner();
             eprintln!("{}", job.message);
-            println!("{}", job_line(&job));
+            say!("{}", job_line(&job));
         }
         Command::Dataset(DatasetCommand::Index { dir, classes }) => {
             print_index(&dataset::index_dir(dir, *classes)?);
@@ -568,7 +588,7 @@ async fn run(cli: Cli) -> Result<()> {
                 eprintln!("warning: {skipped}");
             }
             print_index(&report.index);
-            println!(
+            say!(
                 "{} classes; class names in {}",
                 report.classes.len(),
                 dest.join(ladder_data::import::CLASS_MAP_FILE).display()

@@ -155,10 +155,51 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
         err.contains("data.manifest") && err.contains("nowhere/manifest.json"),
         "{err}"
     );
+    // A megabyte of bad value is not echoed back whole.
+    let huge = "x".repeat(1 << 20);
+    let long_name = dir.path().join("long-name.toml");
+    std::fs::write(
+        &long_name,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("name = \"tiny-job\"", &format!("name = \"{huge}\"")),
+    )
+    .unwrap();
+    let out = cli.run(&["submit", long_name.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("job.name = ") && err.len() < 1_000,
+        "{}",
+        &err[..err.len().min(300)]
+    );
+    let err = cli.fails(&["status", &huge[..100_000]]);
+    assert!(
+        err.contains("no job ") && err.len() < 1_000,
+        "{}",
+        &err[..err.len().min(300)]
+    );
     assert_eq!(
         cli.ok(&["list"]).lines().count(),
         1,
         "nothing else was submitted"
+    );
+
+    // Output into a pipe its reader closed ends quietly.
+    let mut listing = Command::new(binary("ladder"))
+        .args(["status", &id])
+        .env("LADDER_COORDINATOR", &cli.url)
+        .env("LADDER_TOKEN", cli.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(listing.stdout.take());
+    let out = listing.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

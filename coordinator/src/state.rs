@@ -197,7 +197,10 @@ impl Inner {
 
     fn job(&self, id: &str) -> Result<&JobRecord> {
         self.jobs.get(id).ok_or_else(|| {
-            CoordinatorError::NotFound(format!("no job {id:?}; `ladder list` shows the jobs"))
+            CoordinatorError::NotFound(format!(
+                "no job {:?}; `ladder list` shows the jobs",
+                cut(id)
+            ))
         })
     }
 }
@@ -595,7 +598,8 @@ impl Coordinator {
                         let known: Vec<&str> =
                             job.checkpoints.iter().map(|c| c.id.as_str()).collect();
                         CoordinatorError::NotFound(format!(
-                            "job {id} has no committed checkpoint {cid:?}; it has: {}",
+                            "job {id} has no committed checkpoint {:?}; it has: {}",
+                            cut(cid),
                             if known.is_empty() {
                                 "none".to_owned()
                             } else {

@@ -364,7 +364,14 @@ impl JobSpec {
     pub fn parse(text: &str, origin: &str) -> Result<JobSpec, SpecError> {
         let spec: JobSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
             origin: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            // toml quotes the offending line: cut short, as a megabyte-long line may be.
+            message: e
+                .to_string()
+                .trim_end()
+                .lines()
+                .map(crate::cut)
+                .collect::<Vec<_>>()
+                .join("\n"),
         })?;
         let problems = spec.problems();
         if problems.is_empty() {
@@ -710,7 +717,7 @@ impl Checker {
         if !ok {
             self.problems.push(Problem {
                 field: field.to_owned(),
-                value: value.to_string(),
+                value: crate::cut(&value.to_string()),
                 allowed: allowed.into(),
             });
         }
