@@ -276,6 +276,20 @@ fn the_coordinator_refuses_a_public_address_without_tls_a_missing_token_and_sens
         err.contains("without TLS") && err.contains("--tls-cert"),
         "{err}"
     );
+    // The metrics and the status page follow the same rule.
+    let out = Command::new(binary("ladder-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
+        .args(["--store", &store])
+        .env("LADDER_SUBMIT_TOKEN", "a")
+        .env("LADDER_WORKER_TOKEN", "b")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(--http-listen) without TLS") && err.contains("--tls-cert"),
+        "{err}"
+    );
 
     let out = Command::new(binary("ladder-coordinator"))
         .args(["--listen", "127.0.0.1:0", "--store", &store])
@@ -393,6 +407,7 @@ fn make_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std
 fn tls_serves_clients_that_trust_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_certificates(dir.path());
+    let http = format!("127.0.0.1:{}", free_port());
     let coordinator = redb_coordinator(
         dir.path(),
         &[
@@ -400,7 +415,42 @@ fn tls_serves_clients_that_trust_the_certificate() {
             cert.to_str().unwrap(),
             "--tls-key",
             key.to_str().unwrap(),
+            "--http-listen",
+            &http,
         ],
+    );
+    // The metrics are served over TLS with the same certificate.
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-connect", &http, "-servername", "localhost"])
+        .args([
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-verify_return_error",
+            "-quiet",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = client.stdin.take().unwrap();
+        stdin
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        // -quiet goes on past the end of input, until the server closes the connection.
+    }
+    let scraped = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&scraped.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("ladder_workers{state=\"idle\"} 0"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&scraped.stderr)
+    );
+    assert!(
+        ladder_testkit::http_get(&http, "/metrics").is_err(),
+        "plain HTTP is not served on the TLS port"
     );
     let https = format!("https://localhost:{}", coordinator.address.port());
     let trusted = Command::new(binary("ladder"))

@@ -1,4 +1,6 @@
 pub mod auth;
+pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod records;
 pub mod runtime;

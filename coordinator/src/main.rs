@@ -4,6 +4,8 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ladder_coordinator::auth::{Role, Tokens};
+use ladder_coordinator::http;
+use ladder_coordinator::metrics::RpcTimerLayer;
 use ladder_coordinator::service::{JobApi, WorkerApi};
 use ladder_coordinator::state::{Config, Coordinator};
 use ladder_coordinator::store::{EtcdStore, RedbStore, SharedStore, StoreAddress};
@@ -45,6 +47,11 @@ struct Args {
     /// Serve without TLS on a non-loopback address (tokens then cross the network in clear).
     #[arg(long)]
     insecure_allow_remote: bool,
+    /// Address to serve HTTP on (HOST:PORT): Prometheus metrics at /metrics. Off unless given;
+    /// the same rules as --listen (TLS with the same certificate, or loopback, or
+    /// --insecure-allow-remote).
+    #[arg(long, value_parser = listen_address)]
+    http_listen: Option<SocketAddr>,
     /// A worker that has not sent a heartbeat for this long is considered lost (1 s to
     /// 10 min; workers heartbeat every third of it).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
@@ -146,38 +153,60 @@ async fn run(args: Args) -> Result<()> {
     }
     // TLS files are read and parsed before anything else starts, so a bad one fails at once.
     let mut builder = Server::builder();
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert_path), Some(key_path)) => {
-            let cert = std::fs::read(cert_path)
-                .with_context(|| format!("cannot read --tls-cert {}", cert_path.display()))?;
-            let key = std::fs::read(key_path)
-                .with_context(|| format!("cannot read --tls-key {}", key_path.display()))?;
-            let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            builder = builder.tls_config(config).with_context(|| {
-                format!(
-                    "--tls-cert {} with --tls-key {} is not a usable PEM certificate chain and \
-                     private key",
-                    cert_path.display(),
-                    key_path.display()
-                )
-            })?;
-            true
+    let mut http_tls = None;
+    if let (Some(cert_path), Some(key_path)) = (&args.tls_cert, &args.tls_key) {
+        let cert = std::fs::read(cert_path)
+            .with_context(|| format!("cannot read --tls-cert {}", cert_path.display()))?;
+        let key = std::fs::read(key_path)
+            .with_context(|| format!("cannot read --tls-key {}", key_path.display()))?;
+        let unusable = || {
+            format!(
+                "--tls-cert {} with --tls-key {} is not a usable PEM certificate chain and \
+                 private key",
+                cert_path.display(),
+                key_path.display()
+            )
+        };
+        if args.http_listen.is_some() {
+            http_tls = Some(
+                http::tls_config(&cert, &key)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(unusable)?,
+            );
         }
-        _ => false,
-    };
-    if !tls && !args.listen.ip().is_loopback() && !args.insecure_allow_remote {
-        bail!(
-            "refusing to serve on {} without TLS: tokens would cross the network in clear. \
-             Pass --tls-cert and --tls-key, listen on a loopback address, or pass \
-             --insecure-allow-remote on a trusted network",
-            args.listen
-        );
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        builder = builder.tls_config(config).with_context(unusable)?;
+    }
+    let tls = args.tls_cert.is_some();
+    for (flag, address) in [
+        ("--listen", Some(args.listen)),
+        ("--http-listen", args.http_listen),
+    ] {
+        if let Some(address) = address
+            && !tls
+            && !address.ip().is_loopback()
+            && !args.insecure_allow_remote
+        {
+            bail!(
+                "refusing to serve on {address} ({flag}) without TLS: tokens and job details \
+                 would cross the network in clear. Pass --tls-cert and --tls-key, listen on a \
+                 loopback address, or pass --insecure-allow-remote on a trusted network"
+            );
+        }
     }
     // Bind before campaigning, so a bad address fails fast; serve only once leading.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
+    let http_listener = match args.http_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} (--http-listen)"))?,
+        ),
+        None => None,
+    };
 
     let (store, mut leadership): (SharedStore, _) = match &args.store {
         StoreAddress::Redb(path) => (Arc::new(RedbStore::open(path)?), None),
@@ -214,6 +243,7 @@ async fn run(args: Args) -> Result<()> {
     // standby, which accepts connections on its bound port but never answers.
     let (_health, health_service) = tonic_health::server::health_reporter();
     let server = builder
+        .layer(RpcTimerLayer(coordinator.clone()))
         .add_service(health_service)
         .add_service(JobServiceServer::with_interceptor(
             JobApi(coordinator.clone()),
@@ -224,6 +254,22 @@ async fn run(args: Args) -> Result<()> {
             tokens.require(Role::Worker),
         ));
     println!("ladder-coordinator listening on {address}");
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = http_listener {
+        let scheme = if http_tls.is_some() { "https" } else { "http" };
+        println!(
+            "ladder-coordinator metrics at {scheme}://{}/metrics",
+            listener.local_addr()?
+        );
+        tokio::spawn(http::serve(
+            listener,
+            http::router(coordinator.clone()),
+            http_tls,
+            async {
+                let _ = http_stopped.await;
+            },
+        ));
+    }
 
     let mut deposed = coordinator.deposed();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -251,6 +297,7 @@ async fn run(args: Args) -> Result<()> {
     };
     ticker.abort();
     let _ = stop_tx.send(());
+    let _ = http_stop.send(());
     if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), serving)
         .await
         .unwrap_or(Ok(Ok(())))

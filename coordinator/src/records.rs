@@ -8,6 +8,7 @@
 use crate::policy::sum_per_epoch;
 use crate::state::CoordinatorError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,19 +23,23 @@ pub enum JobState {
 
 impl std::fmt::Display for JobState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The names `ladder status` shows.
-        f.write_str(match self {
+        f.write_str(self.name())
+    }
+}
+
+impl JobState {
+    /// The name `ladder status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
             JobState::Queued => "queued",
             JobState::Rendezvous => "rendezvous",
             JobState::Running => "running",
             JobState::Completed => "completed",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
-        })
+        }
     }
-}
 
-impl JobState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -106,6 +111,55 @@ pub struct JobRecord {
     /// answer was lost, so that its worker still deletes them.
     #[serde(default)]
     pub last_retired: Vec<CheckpointRecord>,
+    /// Incidents so far, by [`Incident::name`].
+    #[serde(default)]
+    pub incidents: BTreeMap<String, u64>,
+    /// Checkpoints committed so far (retired ones included).
+    #[serde(default)]
+    pub checkpoints_committed: u64,
+}
+
+/// What can go wrong in a job, as each is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incident {
+    /// A worker's lease ran out.
+    WorkerLost,
+    /// A worker held its job up (hung in a step, or never joined a rendezvous).
+    WorkerStalled,
+    /// A worker was asked to stop (a node drained or preempted).
+    WorkerLeft,
+    /// Every rank's collective failed.
+    CollectiveFailed,
+    /// The checkpoint to restore from failed verification.
+    CheckpointUnusable,
+    /// Rank 0 could not write a checkpoint.
+    CheckpointNotWritten,
+    /// A worker reported an error that ends the job.
+    WorkerFailed,
+}
+
+impl Incident {
+    pub const ALL: [Incident; 7] = [
+        Incident::WorkerLost,
+        Incident::WorkerStalled,
+        Incident::WorkerLeft,
+        Incident::CollectiveFailed,
+        Incident::CheckpointUnusable,
+        Incident::CheckpointNotWritten,
+        Incident::WorkerFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Incident::WorkerLost => "worker_lost",
+            Incident::WorkerStalled => "worker_stalled",
+            Incident::WorkerLeft => "worker_left",
+            Incident::CollectiveFailed => "collective_failed",
+            Incident::CheckpointUnusable => "checkpoint_unusable",
+            Incident::CheckpointNotWritten => "checkpoint_not_written",
+            Incident::WorkerFailed => "worker_failed",
+        }
+    }
 }
 
 /// Generations in a row, without a checkpoint between, whose collectives all fail before the
@@ -144,9 +198,16 @@ impl JobRecord {
             })
     }
 
-    /// The job queued again after a member of its generation was lost (`why`), to restore
-    /// from its latest checkpoint; `None` if the job is not training.
-    pub fn generation_ended(&self, why: &str) -> Option<JobRecord> {
+    /// Counts an incident of `kind`, which `what` tells: the job's last incident.
+    pub fn incident(&mut self, kind: Incident, what: String) {
+        *self.incidents.entry(kind.name().to_owned()).or_default() += 1;
+        self.last_incident = what;
+    }
+
+    /// The job queued again, to restore from its latest checkpoint, after its generation ended
+    /// (`why`): through an incident (a member lost), or to regroup (`None`); `None` if the job
+    /// is not training.
+    pub fn generation_ended(&self, incident: Option<Incident>, why: &str) -> Option<JobRecord> {
         if !self.state.is_active() {
             return None;
         }
@@ -161,8 +222,13 @@ impl JobRecord {
                 .as_ref()
                 .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
         );
-        job.last_incident = job.message.clone();
-        tracing::warn!(job = %job.id, "{}", job.message);
+        match incident {
+            Some(kind) => {
+                job.incident(kind, job.message.clone());
+                tracing::warn!(job = %job.id, "{}", job.message);
+            }
+            None => tracing::info!(job = %job.id, "{}", job.message),
+        }
         Some(job)
     }
 

@@ -36,10 +36,12 @@
 //! last save is reported again within a step.
 
 use crate::auth::{self, WorkerIdentity};
+use crate::metrics::Metrics;
 use crate::policy::{self, Placement};
 use crate::records::{
     self, CHECKPOINT_FAILURES_TO_GIVE_UP, COLLECTIVE_FAILURES_TO_GIVE_UP, CheckpointRecord,
-    Counters, JobRecord, JobState, LedgerEntry, ProgressRecord, WorkerAssignment, WorkerRecord,
+    Counters, Incident, JobRecord, JobState, LedgerEntry, ProgressRecord, WorkerAssignment,
+    WorkerRecord,
 };
 use crate::runtime::{JobRuntime, Member, Roster, monotonic_ms};
 use crate::store::{SharedStore, StoreError, Write};
@@ -211,6 +213,8 @@ impl Inner {
 pub struct JobView {
     pub record: JobRecord,
     pub waiting: String,
+    /// The job's spec, parsed (`None` if its saved text no longer parses).
+    pub spec: Option<Arc<JobSpec>>,
 }
 
 /// A worker as it is shown, with how long until its lease runs out and how long its training
@@ -261,6 +265,7 @@ pub struct Coordinator {
     rendezvous_changed: Notify,
     /// Set when the store refuses this coordinator's writes: it must stop serving.
     deposed: watch::Sender<Option<String>>,
+    metrics: Metrics,
 }
 
 impl Coordinator {
@@ -307,11 +312,17 @@ impl Coordinator {
             job_changed,
             rendezvous_changed: Notify::new(),
             deposed: watch::channel(None).0,
+            metrics: Metrics::default(),
         }))
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the coordinator measures of itself (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Resolves when the store has refused a write because another coordinator leads.
@@ -371,10 +382,10 @@ impl Coordinator {
                 records::encode(counters),
             ));
         }
-        self.store
-            .apply(writes)
-            .await
-            .map_err(|e| self.store_failed(e))?;
+        let writing = std::time::Instant::now();
+        let written = self.store.apply(writes).await;
+        self.metrics.observe_store(writing.elapsed());
+        written.map_err(|e| self.store_failed(e))?;
         if let Some(counters) = change.counters {
             inner.counters = counters;
         }
@@ -494,6 +505,8 @@ impl Coordinator {
             failed_generations: 0,
             failed_checkpoints: 0,
             last_retired: Vec::new(),
+            incidents: BTreeMap::new(),
+            checkpoints_committed: 0,
         };
         let counters = Counters {
             next_job: inner.counters.next_job + 1,
@@ -523,7 +536,11 @@ impl Coordinator {
                 .unwrap_or_default(),
             _ => String::new(),
         };
-        Ok(JobView { record, waiting })
+        Ok(JobView {
+            record,
+            waiting,
+            spec: inner.specs.get(id).cloned(),
+        })
     }
 
     /// The job as it is now (with the newest progress, saved or not).
@@ -831,8 +848,14 @@ impl Coordinator {
             Some(a) => {
                 tracing::info!(worker = %worker_id, job = %a.job_id, "worker leaving on request");
                 let why = format!("worker {worker_id} left on request");
-                self.part(inner, &a.job_id, &[worker_id.to_owned()], &why)
-                    .await?;
+                self.part(
+                    inner,
+                    &a.job_id,
+                    &[worker_id.to_owned()],
+                    Incident::WorkerLeft,
+                    &why,
+                )
+                .await?;
             }
             None => {
                 tracing::info!(worker = %worker_id, "idle worker leaving on request");
@@ -853,9 +876,13 @@ impl Coordinator {
         inner: &mut Inner,
         job_id: &str,
         workers: &[String],
+        incident: Incident,
         why: &str,
     ) -> Result<()> {
-        let ended = inner.jobs.get(job_id).and_then(|j| j.generation_ended(why));
+        let ended = inner
+            .jobs
+            .get(job_id)
+            .and_then(|j| j.generation_ended(Some(incident), why));
         let change = Change {
             jobs: ended.into_iter().collect(),
             forgotten: workers.to_vec(),
@@ -1074,7 +1101,10 @@ impl Coordinator {
                     .map_or("the start".to_owned(), |c| format!("checkpoint {}", c.id))
             );
             job.restore_from = fallback;
-            job.last_incident = format!("generation {generation}: {}", job.message);
+            job.incident(
+                Incident::CheckpointUnusable,
+                format!("generation {generation}: {}", job.message),
+            );
             tracing::warn!(job = %job_id, "{}", job.message);
             self.commit_job(inner, job).await?;
             self.schedule_after_change(inner).await;
@@ -1105,9 +1135,12 @@ impl Coordinator {
         }
         if !report.checkpoint_error.is_empty() {
             job.failed_checkpoints += 1;
-            job.last_incident = format!(
-                "generation {generation}: checkpoint not written ({} in a row): {}",
-                job.failed_checkpoints, report.checkpoint_error
+            job.incident(
+                Incident::CheckpointNotWritten,
+                format!(
+                    "generation {generation}: checkpoint not written ({} in a row): {}",
+                    job.failed_checkpoints, report.checkpoint_error
+                ),
             );
             tracing::warn!(job = %job_id, "{}", job.last_incident);
             if job.failed_checkpoints >= CHECKPOINT_FAILURES_TO_GIVE_UP {
@@ -1129,6 +1162,10 @@ impl Coordinator {
             job.release();
             job.state = JobState::Failed;
             job.message = format!("worker {worker_id} failed: {}", report.error);
+            job.incident(
+                Incident::WorkerFailed,
+                format!("generation {generation}: {}", job.message),
+            );
             tracing::warn!(job = %job_id, worker = %worker_id, error = %report.error, "job failed");
             self.commit_job(inner, job).await?;
             self.schedule_after_change(inner).await;
@@ -1221,6 +1258,7 @@ impl Coordinator {
             ..e
         }));
         job.checkpoints.push(checkpoint);
+        job.checkpoints_committed += 1;
         job.failed_generations = 0;
         job.failed_checkpoints = 0;
         let retired = policy::retire(&mut job.checkpoints, spec.checkpoint.keep as usize);
@@ -1244,7 +1282,10 @@ impl Coordinator {
                 .collect();
             let why = format!("{} left on request", named.join(", "));
             let workers: Vec<String> = leaving.into_iter().map(|(_, w)| w).collect();
-            if let Err(e) = self.part(&mut inner, job_id, &workers, &why).await {
+            if let Err(e) = self
+                .part(&mut inner, job_id, &workers, Incident::WorkerLeft, &why)
+                .await
+            {
                 tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
             }
         } else if let Some(target) = self.grows_to(&inner, job_id) {
@@ -1266,11 +1307,9 @@ impl Coordinator {
         let Some(job) = inner.jobs.get(job_id) else {
             return Ok(());
         };
-        let Some(mut next) = job.generation_ended(why) else {
+        let Some(next) = job.generation_ended(None, why) else {
             return Ok(());
         };
-        next.last_incident = job.last_incident.clone();
-        tracing::info!(job = %job_id, "{why}");
         self.commit_job(inner, next).await?;
         self.schedule_after_change(inner).await;
         Ok(())
@@ -1296,7 +1335,7 @@ impl Coordinator {
                 let ended = job_id
                     .as_ref()
                     .and_then(|id| inner.jobs.get(id))
-                    .and_then(|job| job.generation_ended(&why));
+                    .and_then(|job| job.generation_ended(Some(Incident::WorkerLost), &why));
                 let change = Change {
                     jobs: ended.into_iter().collect(),
                     forgotten: forgotten.to_vec(),
@@ -1316,7 +1355,8 @@ impl Coordinator {
             for id in &hung {
                 tracing::warn!(worker = %id, job = %job_id, "expelling a stalled worker");
             }
-            self.part(&mut inner, &job_id, &hung, &why).await?;
+            self.part(&mut inner, &job_id, &hung, Incident::WorkerStalled, &why)
+                .await?;
         }
         self.save_progress(&mut inner, now).await?;
         self.schedule(&mut inner).await
@@ -1372,7 +1412,9 @@ impl Coordinator {
         );
         job.failed_generations += 1;
         if job.failed_generations < COLLECTIVE_FAILURES_TO_GIVE_UP {
-            let ended = job.generation_ended(&why).expect("a training job");
+            let ended = job
+                .generation_ended(Some(Incident::CollectiveFailed), &why)
+                .expect("a training job");
             return self.commit_job(inner, ended).await;
         }
         job.release();
@@ -1382,7 +1424,10 @@ impl Coordinator {
              then `ladder resume {}`",
             job.failed_generations, job.id
         );
-        job.last_incident = format!("generation {}: {}", job.generation, job.message);
+        job.incident(
+            Incident::CollectiveFailed,
+            format!("generation {}: {}", job.generation, job.message),
+        );
         tracing::error!(job = %job.id, "{}", job.message);
         self.commit_job(inner, job).await
     }

@@ -29,6 +29,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The body of a plain HTTP GET of `path` from `address` (`HOST:PORT`), or why there is none
+/// (no connection, no answer within 10 s, a status other than 200).
+pub fn http_get(address: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    // HTTP/1.0: the answer ends with the connection, never chunked.
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).map_err(|e| e.to_string())?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("GET {path}: {head}"));
+    }
+    Ok(body.to_owned())
+}
+
 /// The Python of the venv that scripts/bootstrap creates (`LADDER_VENV`, else the workspace's
 /// `.venv`). A missing venv fails the test with what to do, never skips it.
 pub fn venv_python() -> PathBuf {
