@@ -264,50 +264,36 @@ fn tokens_are_required_and_roles_are_separate() {
 fn the_coordinator_refuses_a_public_address_without_tls_a_missing_token_and_senseless_timeouts() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("redb:{}", dir.path().join("state.redb").display());
-    let out = Command::new(binary("ladder-coordinator"))
-        .args(["--listen", "0.0.0.0:0", "--store", &store])
-        .env("LADDER_SUBMIT_TOKEN", "a")
-        .env("LADDER_WORKER_TOKEN", "b")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("without TLS") && err.contains("--tls-cert"),
-        "{err}"
-    );
+    // Starts the coordinator with `flags` (on loopback and `store` unless they say otherwise)
+    // and `tokens`; expects it to refuse, saying `says`.
+    let refused = |flags: &[&str], tokens: &[(&str, &str)], says: &str| {
+        let mut command = Command::new(binary("ladder-coordinator"));
+        for (flag, value) in [("--listen", "127.0.0.1:0"), ("--store", store.as_str())] {
+            if !flags.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
+        command
+            .args(flags)
+            .env_remove("LADDER_SUBMIT_TOKEN")
+            .env_remove("LADDER_WORKER_TOKEN")
+            .envs(tokens.iter().copied());
+        let out = command.output().unwrap();
+        assert!(!out.status.success(), "{flags:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    };
+    let tokens = [("LADDER_SUBMIT_TOKEN", "a"), ("LADDER_WORKER_TOKEN", "b")];
+    refused(&["--listen", "0.0.0.0:0"], &tokens, "without TLS");
+    refused(&["--listen", "0.0.0.0:0"], &tokens, "--tls-cert");
     // The metrics and the status page follow the same rule.
-    let out = Command::new(binary("ladder-coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
-        .args(["--store", &store])
-        .env("LADDER_SUBMIT_TOKEN", "a")
-        .env("LADDER_WORKER_TOKEN", "b")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("(--http-listen) without TLS") && err.contains("--tls-cert"),
-        "{err}"
+    refused(
+        &["--http-listen", "0.0.0.0:0"],
+        &tokens,
+        "(--http-listen) without TLS",
     );
-
-    let out = Command::new(binary("ladder-coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--store", &store])
-        .env_remove("LADDER_SUBMIT_TOKEN")
-        .env("LADDER_WORKER_TOKEN", "b")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("LADDER_SUBMIT_TOKEN"), "{err}");
-
-    let out = Command::new(binary("ladder-coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--store", "mysql://x"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("redb:PATH"));
-
+    refused(&[], &tokens[1..], "LADDER_SUBMIT_TOKEN");
+    refused(&["--store", "mysql://x"], &tokens, "redb:PATH");
     // Leases and timeouts out of range: a lease of 0 would expire every worker at once, one of
     // 2^32 ms would wrap around; a stall cannot be judged between two heartbeats.
     for (flags, says) in [
@@ -323,16 +309,7 @@ fn the_coordinator_refuses_a_public_address_without_tls_a_missing_token_and_sens
             "shorter than --lease-ttl-ms",
         ),
     ] {
-        let out = Command::new(binary("ladder-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--store", &store])
-            .args(flags)
-            .env("LADDER_SUBMIT_TOKEN", "a")
-            .env("LADDER_WORKER_TOKEN", "b")
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{flags:?} accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(says), "{flags:?}: {err}");
+        refused(flags, &tokens, says);
     }
 }
 
