@@ -238,13 +238,13 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
-    /// A short name to count skips by.
+    /// A short name to count skips by (a metric label value).
     pub fn kind(&self) -> &'static str {
         match self {
             SkipReason::Unreadable(_) => "unreadable",
             SkipReason::Undecodable(DecodeError::Empty) => "empty",
             SkipReason::Undecodable(_) => "undecodable",
-            SkipReason::LabelOutOfRange { .. } => "label out of range",
+            SkipReason::LabelOutOfRange { .. } => "label_out_of_range",
         }
     }
 }

@@ -121,7 +121,7 @@ fn bad_samples_are_skipped_counted_reported_and_filled_deterministically() {
     assert_eq!(
         kinds,
         [
-            ("big-label", "label out of range"),
+            ("big-label", "label_out_of_range"),
             ("empty", "empty"),
             ("text", "undecodable"),
             ("truncated", "undecodable"),

@@ -14,6 +14,7 @@
 //! retried, and a checkpoint commit waits for it.
 
 use crate::checkpoint::Manifest;
+use crate::metrics::WorkerMetrics;
 use crate::precision::Precision;
 use crate::report::{Commit, Events, Liveness, Progress, StopSignal};
 use crate::trainer::{self, Faults, Options, TrainError, Trainer};
@@ -57,6 +58,8 @@ pub struct Config {
     /// How long a stopped run's training thread may take to return before the worker counts
     /// it stuck and exits.
     pub stop_grace: Duration,
+    /// What `--metrics-listen` serves.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// A connection to whichever coordinator answers, re-established after transport failures.
@@ -191,6 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             leave: leave.clone(),
         };
         let id = &worker.identity.id;
+        config.metrics.registered(id);
         tracing::info!(worker = %id, device = %device_name(config.device), precision = ?config.precision, "registered");
         worker.serve().await?;
         if leave.is_stopped() {
@@ -413,6 +417,7 @@ impl Worker {
             replica_digests: self.config.replica_digests.clone(),
             faults: self.config.faults,
             checkpoint_now,
+            metrics: Arc::new(self.config.metrics.begin_run(&job_id, rank)),
         };
         let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;

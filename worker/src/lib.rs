@@ -2,7 +2,7 @@
 //!
 //! [`agent`] talks to the coordinator and runs a [`trainer::Trainer`] per assignment; the
 //! trainer's loop reads top to bottom in `trainer.rs`, fed by [`feed`] (this rank's
-//! micro-batches), reporting through [`report`], writing [`checkpoint`]s.
+//! micro-batches), reporting through [`report`] and [`metrics`], writing [`checkpoint`]s.
 //!
 //! Data flow of a step: micro-batches -> [`model`] forward -> [`loss`] -> backward, which
 //! accumulates into the flat gradient buffer of [`flat`] -> (collective) -> [`optim`] RMSProp on
@@ -10,12 +10,14 @@
 
 pub mod agent;
 pub mod checkpoint;
+pub mod cuda_memory;
 pub mod data_parallel;
 pub mod display;
 pub mod ema;
 pub mod feed;
 pub mod flat;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod nccl_check;
 pub mod nccl_library;

@@ -4,6 +4,7 @@
 use clap::Parser;
 use ladder_core::logging::{self, LogFormat};
 use ladder_worker::agent::{self, Config};
+use ladder_worker::metrics::WorkerMetrics;
 use ladder_worker::nccl_check;
 use ladder_worker::precision::Precision;
 use ladder_worker::trainer::Faults;
@@ -86,6 +87,15 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_name = "text|json")]
     log_format: LogFormat,
+    /// Address to serve Prometheus metrics on (HOST:PORT, at /metrics): step time and its
+    /// parts, data-wait share, skipped samples, checkpoint times and bytes, memory. Off unless
+    /// given; loopback only, unless --metrics-allow-remote.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve metrics on a non-loopback --metrics-listen (plain HTTP: they tell job ids and
+    /// timings, never a secret).
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 fn parse_device(text: &str) -> Result<Device, String> {
@@ -168,6 +178,10 @@ fn main() {
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
         stop_grace: Duration::from_secs(args.stop_grace_s),
+        metrics: WorkerMetrics::new(match device {
+            Device::Cuda(n) => Some(n),
+            _ => None,
+        }),
         faults: Faults {
             hang_before_step: args.inject_hang_before_step,
             collective_error_before_step: args.inject_collective_error_before_step,
@@ -176,6 +190,24 @@ fn main() {
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    if let Some(address) = args.metrics_listen {
+        if !address.ip().is_loopback() && !args.metrics_allow_remote {
+            setup_error(format!(
+                "--metrics-listen {address} is not a loopback address: pass \
+                 --metrics-allow-remote to serve metrics to the network (plain HTTP)"
+            ));
+        }
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(address))
+            .unwrap_or_else(|e| setup_error(format!("--metrics-listen {address}: {e}")));
+        if let Ok(bound) = listener.local_addr() {
+            println!("ladder-worker metrics at http://{bound}/metrics");
+        }
+        runtime.spawn(ladder_worker::metrics::serve(
+            listener,
+            config.metrics.clone(),
+        ));
+    }
     if let Err(e) = runtime.block_on(agent::run(config)) {
         eprintln!("ladder-worker: error: {e:#}");
         if e.is::<agent::Stuck>() {

@@ -25,6 +25,7 @@ use crate::ema::Ema;
 use crate::feed::{self, Cursor};
 use crate::flat::FlatState;
 use crate::loss;
+use crate::metrics::{RunMetrics, StepParts};
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision::{self, Precision};
@@ -83,6 +84,8 @@ pub struct Options {
     pub faults: Faults,
     /// Set (on rank 0) when the coordinator asks for a checkpoint now: a worker is leaving.
     pub checkpoint_now: Arc<AtomicBool>,
+    /// This run's series of the worker's metrics.
+    pub metrics: Arc<RunMetrics>,
 }
 
 /// Faults the tests inject (hidden worker flags), each before a global step.
@@ -138,6 +141,10 @@ pub struct Outcome {
 struct Meter {
     step_seconds: Option<f64>,
     loss: Option<f64>,
+    /// The smoothed share of step time spent waiting for data.
+    data_wait_share: Option<f64>,
+    /// The parts of the step in progress.
+    parts: StepParts,
     last: Instant,
     epoch_started: Instant,
     /// This rank's images in the epoch so far, and the time it spent waiting for them.
@@ -155,6 +162,8 @@ impl Meter {
         Meter {
             step_seconds: None,
             loss: None,
+            data_wait_share: None,
+            parts: StepParts::default(),
             last: now,
             epoch_started: now,
             epoch_images: 0,
@@ -185,12 +194,21 @@ impl Meter {
         );
     }
 
-    fn step(&mut self, loss: f64) {
+    /// Ends a step: smooths its time, loss and data-wait share, and records its parts in
+    /// `metrics`.
+    fn step(&mut self, loss: f64, metrics: &RunMetrics) {
         let now = Instant::now();
         let seconds = (now - self.last).as_secs_f64();
         self.last = now;
         self.step_seconds = Some(Self::smooth(self.step_seconds, seconds));
         self.loss = Some(Self::smooth(self.loss, loss));
+        let parts = std::mem::take(&mut self.parts);
+        let share = match seconds {
+            s if s > 0.0 => (parts.data_wait.as_secs_f64() / s).min(1.0),
+            _ => 0.0,
+        };
+        self.data_wait_share = Some(Self::smooth(self.data_wait_share, share));
+        metrics.step(&parts, self.data_wait_share.unwrap_or_default());
     }
 }
 
@@ -490,7 +508,7 @@ impl Trainer {
                         let _ = self.flat.params.shallow_clone().fill_(f64::NAN);
                     });
                 }
-                self.meter.step(loss);
+                self.meter.step(loss, &self.options.metrics);
                 self.liveness.tick();
                 let done = Cursor {
                     epoch: e.epoch,
@@ -697,16 +715,21 @@ impl Trainer {
         }
         let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
         let mut tally = EpochTally::default();
+        let mut computing = Duration::ZERO;
         for k in rank_micro_batches(micro_per_step, rank, world) {
             let waiting = Instant::now();
             let batch = loader
                 .next()
                 .expect("the requests cover every step of the run")
                 .map_err(|e| TrainError::Fatal(e.to_string()))?;
-            self.meter.data_wait += waiting.elapsed();
+            let waited = waiting.elapsed();
+            self.meter.data_wait += waited;
+            self.meter.parts.data_wait += waited;
+            let started = Instant::now();
             self.meter.epoch_images += batch.labels.len() as u64;
             for skip in &batch.skipped {
                 tracing::warn!("{skip}");
+                self.options.metrics.skipped(skip.reason.kind());
             }
             let used: Vec<u64> = batch
                 .ids
@@ -756,7 +779,10 @@ impl Trainer {
             tch::no_grad(|| {
                 let _ = loss_sum.shallow_clone().g_add_(&loss.detach());
             });
+            computing += started.elapsed();
         }
+        self.meter.parts.compute = computing;
+        let reducing = Instant::now();
         // The step's loss and what it trained, summed over the ranks in one small allreduce
         // (the digest as exact 12-bit limbs).
         let mut counts = vec![tally.samples as f32, tally.skipped as f32];
@@ -786,6 +812,8 @@ impl Trainer {
                 }
                 all_reduce_tensor(&stats, collective)
             })?;
+        self.meter.parts.allreduce = reducing.elapsed();
+        let updating = Instant::now();
         let global_step = Cursor {
             epoch: e.epoch,
             step,
@@ -809,6 +837,7 @@ impl Trainer {
                 skipped: stats[2] as u64,
                 digest: floats_to_u64(&stats[3..]),
             });
+        self.meter.parts.optimizer = updating.elapsed();
         Ok(stats[0] as f64 / micro_per_step as f64)
     }
 
@@ -970,16 +999,27 @@ impl Trainer {
         };
         let waited = Instant::now();
         let snapshot = pending.finish();
+        let blocked = taken + waited.elapsed();
         tracing::debug!(
-            blocked_ms = (taken + waited.elapsed()).as_secs_f64() * 1e3,
+            blocked_ms = blocked.as_secs_f64() * 1e3,
             "checkpoint snapshot taken"
         );
+        self.options.metrics.snapshot(blocked);
+        let metrics = self.options.metrics.clone();
         let untallied = self.untallied.clone();
         let spare = self.spare_snapshot.clone();
         let parent = self.job.checkpoints.clone();
         let events = self.events.clone();
         self.writer.submit(Box::new(move || {
-            match checkpoint::write(&snapshot, &parent, manifest) {
+            let writing = Instant::now();
+            let written = checkpoint::write(&snapshot, &parent, manifest);
+            if let Ok((_, manifest)) = &written {
+                metrics.written(
+                    writing.elapsed(),
+                    manifest.files.values().map(|f| f.bytes).sum(),
+                );
+            }
+            match written {
                 Ok((dir, manifest)) => match events.commit(&manifest, &dir) {
                     Commit::Committed => {
                         let mut untallied = untallied.lock().expect("tally lock");

@@ -1,0 +1,168 @@
+//! Watching a run from outside: Debian's real `prometheus` server scrapes a real coordinator
+//! and two real workers through a short job, and the series are read back through
+//! Prometheus's HTTP API.
+
+mod common;
+
+use common::{Cluster, STEPS_PER_EPOCH, write_spec};
+use ladder_proto::v1 as pb;
+use ladder_testkit::{free_port, http_get};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Prometheus server scraping `targets` every 200 ms, its data in `dir`.
+struct Prometheus {
+    child: Child,
+    address: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, targets: &[String]) -> Prometheus {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 200ms\n  scrape_timeout: 200ms\n\
+                 scrape_configs:\n  - job_name: ladder\n    honor_labels: true\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("starting Debian's prometheus (scripts/bootstrap installs it)");
+        let prometheus = Prometheus { child, address };
+        let started = Instant::now();
+        while http_get(&prometheus.address, "/-/ready").is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "prometheus did not get ready; see {}",
+                dir.join("prometheus.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus
+    }
+
+    /// The instant vector `query` evaluates to now: each series' labels and value.
+    fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+        let path = format!("/api/v1/query?query={}", encode(query));
+        let body = http_get(&self.address, &path).unwrap_or_else(|e| panic!("{query}: {e}"));
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["status"], "success", "{body}");
+        answer["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|series| {
+                let value = series["value"][1].as_str().unwrap().parse().unwrap();
+                (series["metric"].clone(), value)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `text` percent-encoded for a URL's query.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_the_coordinator_and_both_workers_through_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (2, 2), 10, 2);
+    let coordinator_http = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::with_flags(dir.path(), &["--http-listen", &coordinator_http]);
+    let worker_http: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    for address in &worker_http {
+        cluster.add_worker(&["--metrics-listen", address]);
+    }
+    let targets: Vec<String> = std::iter::once(coordinator_http.clone())
+        .chain(worker_http.iter().cloned())
+        .collect();
+    let prometheus = Prometheus::start(&dir.path().join("prometheus"), &targets);
+
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_until_ended(&id, Duration::from_secs(600));
+    assert_eq!(
+        pb::JobState::try_from(job.state),
+        Ok(pb::JobState::Completed),
+        "{}\n{}",
+        job.message,
+        cluster.logs()
+    );
+    // Scraped after the end too.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let selector = format!("{{job=\"{id}\"}}");
+    let steps = prometheus.query(&format!("ladder_job_step{selector}"));
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0].1, (STEPS_PER_EPOCH * common::EPOCHS) as f64);
+    // The step went up while the job ran: Prometheus saw it low first.
+    let least = prometheus.query(&format!("min_over_time(ladder_job_step{selector}[10m])"));
+    assert!(least[0].1 < steps[0].1, "{least:?} then {steps:?}");
+    let completed = prometheus.query(&format!(
+        "ladder_job_state{{job=\"{id}\",state=\"completed\"}}"
+    ));
+    assert_eq!(completed[0].1, 1.0, "{completed:?}");
+    let committed = prometheus.query(&format!("ladder_job_checkpoints_committed_total{selector}"));
+    assert!(committed[0].1 >= 1.0, "{committed:?}");
+
+    // Each rank's share of time waiting for data, and its step parts.
+    let shares = prometheus.query(&format!("ladder_worker_data_wait_ratio{selector}"));
+    let mut ranks: Vec<String> = shares
+        .iter()
+        .map(|(labels, share)| {
+            assert!((0.0..=1.0).contains(share), "{labels}: {share}");
+            labels["rank"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1"], "{shares:?}");
+    let compute = prometheus.query(&format!(
+        "ladder_worker_step_part_seconds_total{{job=\"{id}\",part=\"compute\"}}"
+    ));
+    assert!(
+        compute.len() == 2 && compute.iter().all(|(_, s)| *s > 0.0),
+        "{compute:?}"
+    );
+    // Rank 0 wrote the checkpoints.
+    let written = prometheus.query(&format!(
+        "ladder_worker_checkpoint_written_bytes_total{{job=\"{id}\",rank=\"0\"}}"
+    ));
+    assert!(written[0].1 > 0.0, "{written:?}");
+
+    // The coordinator's own latencies: every worker heartbeated.
+    let heartbeats =
+        prometheus.query("ladder_coordinator_rpc_duration_seconds_count{method=\"Heartbeat\"}");
+    assert!(heartbeats[0].1 >= 2.0, "{heartbeats:?}");
+}
