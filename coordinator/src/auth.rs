@@ -27,6 +27,8 @@ impl Role {
 pub struct Tokens {
     pub submit: String,
     pub worker: String,
+    /// A token that may only read the status page and its data (never submit or train).
+    pub read: Option<String>,
 }
 
 /// A worker as it names itself on a call: its id and the secret its registration returned.
@@ -85,6 +87,16 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl Tokens {
+    /// Whether `presented` may read the status page's data: the submit token or the read
+    /// token (the worker token, on every node, may not).
+    pub fn may_read(&self, presented: &str) -> bool {
+        same(presented, &self.submit)
+            || self
+                .read
+                .as_deref()
+                .is_some_and(|read| same(presented, read))
+    }
+
     /// An interceptor admitting only `role`'s token.
     pub fn require(
         &self,

@@ -1,16 +1,22 @@
-//! The coordinator's HTTP face, beside its gRPC API: `/metrics` for Prometheus.
+//! The coordinator's HTTP face, beside its gRPC API: `/metrics` for Prometheus, and the
+//! status page (`/`) with the JSON it reads (`/api/...`).
 //!
 //! It follows the API's rules for where it may listen (loopback, or TLS with the same
 //! certificate, or an explicit `--insecure-allow-remote`). `/metrics` needs no token, as
 //! Prometheus scrapes expect: it tells job ids and names, states and rates, never a spec, a
-//! path or a secret.
+//! path or a secret. The page itself is static; the data it reads needs the submit token or
+//! the read token (`Authorization: Bearer`), which the page takes from its address's fragment
+//! (`/#token=...`, never sent to a server) or asks for, and keeps for the browser tab only.
 
-use crate::state::{Coordinator, now_ms};
+use crate::auth::Tokens;
+use crate::records::Incident;
+use crate::state::{Coordinator, JobView, WorkerView, now_ms};
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use serde_json::{Value, json};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,17 +27,181 @@ use tokio_rustls::rustls;
 /// How long a client may take over its TLS handshake before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn router(coordinator: Arc<Coordinator>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(coordinator)
+/// What the handlers share.
+#[derive(Clone)]
+struct Served {
+    coordinator: Arc<Coordinator>,
+    tokens: Tokens,
 }
 
-async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> impl IntoResponse {
+pub fn router(coordinator: Arc<Coordinator>, tokens: Tokens) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/api/jobs", get(jobs))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/workers", get(workers))
+        .with_state(Served {
+            coordinator,
+            tokens,
+        })
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Scripts and styles of the page only; nothing from elsewhere, no framing.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 frame-ancestors 'none'",
+            ),
+        ],
+        include_str!("status_page.html"),
+    )
+}
+
+async fn metrics(State(served): State<Served>) -> impl IntoResponse {
+    let coordinator = &served.coordinator;
     let jobs = coordinator.list().await;
     let workers = coordinator.workers().await;
     let text = crate::metrics::render(coordinator.metrics(), &jobs, &workers, now_ms());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
+}
+
+/// Refuses a request without the submit or the read token.
+fn authorize(served: &Served, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if served.tokens.may_read(token) => Ok(()),
+        Some(_) => Err((
+            StatusCode::UNAUTHORIZED,
+            "invalid token: the page reads with the submit token or the read token",
+        )),
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token: the submit token or the read token",
+        )),
+    }
+}
+
+async fn jobs(State(served): State<Served>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&served, &headers) {
+        return refused.into_response();
+    }
+    let jobs: Vec<Value> = served
+        .coordinator
+        .list()
+        .await
+        .iter()
+        .map(job_json)
+        .collect();
+    Json(json!({ "jobs": jobs, "now_ms": now_ms() })).into_response()
+}
+
+async fn job(State(served): State<Served>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&served, &headers) {
+        return refused.into_response();
+    }
+    let coordinator = &served.coordinator;
+    let (view, history) = match (coordinator.get(&id).await, coordinator.history(&id).await) {
+        (Ok(view), Ok(history)) => (view, history),
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    };
+    let mut job = job_json(&view);
+    job["history"] = serde_json::to_value(&history).expect("history serializes");
+    job["checkpoints"] = view
+        .record
+        .checkpoints
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id, "step": c.step, "epoch": c.epoch + 1, "stage": c.stage + 1,
+                "stage_end": c.stage_end, "committed_at_ms": c.committed_at_ms,
+            })
+        })
+        .collect();
+    Json(json!({ "job": job, "now_ms": now_ms() })).into_response()
+}
+
+async fn workers(State(served): State<Served>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&served, &headers) {
+        return refused.into_response();
+    }
+    let workers: Vec<Value> = served
+        .coordinator
+        .workers()
+        .await
+        .iter()
+        .map(worker_json)
+        .collect();
+    Json(json!({ "workers": workers })).into_response()
+}
+
+/// A job as the page shows it (stage and epoch 1-based, as `ladder status`).
+fn job_json(view: &JobView) -> Value {
+    let job = &view.record;
+    let p = &job.progress;
+    let incidents: serde_json::Map<String, Value> = Incident::ALL
+        .iter()
+        .map(|kind| {
+            let count = job.incidents.get(kind.name()).copied().unwrap_or(0);
+            (kind.name().to_owned(), json!(count))
+        })
+        .collect();
+    json!({
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.name(),
+        "generation": job.generation,
+        "stage": p.stage + 1,
+        "stages": job.stage_count,
+        "epoch": p.epoch + 1,
+        "epochs": job.epochs,
+        "step": p.step,
+        "steps_per_epoch": p.steps_per_epoch,
+        "global_step": p.global_step,
+        "loss": p.loss,
+        "learning_rate": p.learning_rate,
+        "images_per_second": p.images_per_second,
+        "image_size": p.image_size,
+        "eta_seconds": p.eta_seconds,
+        "eval": (p.eval_epoch > 0).then(|| json!({
+            "epoch": p.eval_epoch, "top1": p.eval_top1, "top5": p.eval_top5,
+        })),
+        "graph_builds": p.graph_builds,
+        "workers": job.workers,
+        "message": job.message,
+        "waiting": view.waiting,
+        "last_incident": job.last_incident,
+        "incidents": incidents,
+        "checkpoints_committed": job.checkpoints_committed,
+        "created_at_ms": job.created_at_ms,
+        "updated_at_ms": job.updated_at_ms,
+    })
+}
+
+fn worker_json(view: &WorkerView) -> Value {
+    let w = &view.member;
+    json!({
+        "id": w.record.id,
+        "name": w.record.name,
+        "hostname": w.record.hostname,
+        "device": w.record.device,
+        "job": w.assignment.as_ref().map(|a| &a.job_id),
+        "rank": w.assignment.as_ref().map(|a| a.rank),
+        "generation": w.assignment.as_ref().map(|a| a.generation),
+        "leaving": w.leaving,
+        "heard_from": w.heard_from,
+        "in_collective": w.in_collective,
+        "data_wait": w.data_wait,
+        "lease_remaining_ms": view.lease_remaining_ms,
+        "quiet_ms": view.quiet_ms,
+    })
 }
 
 /// A TLS server configuration from PEM files' contents (a certificate chain and its key).

@@ -38,6 +38,10 @@ struct Args {
     /// File holding the worker token (else LADDER_WORKER_TOKEN).
     #[arg(long)]
     worker_token_file: Option<PathBuf>,
+    /// File holding a read-only token for the status page (else LADDER_READ_TOKEN; optional:
+    /// the submit token reads it too).
+    #[arg(long)]
+    read_token_file: Option<PathBuf>,
     /// PEM certificate chain for TLS.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -147,7 +151,18 @@ async fn run(args: Args) -> Result<()> {
             "LADDER_WORKER_TOKEN",
             "--worker-token-file",
         )?,
+        read: match (&args.read_token_file, std::env::var_os("LADDER_READ_TOKEN")) {
+            (None, None) => None,
+            (file, _) => Some(read_token(
+                file.as_ref(),
+                "LADDER_READ_TOKEN",
+                "--read-token-file",
+            )?),
+        },
     };
+    if tokens.read.as_ref() == Some(&tokens.worker) {
+        bail!("the read and worker tokens must differ, so that a worker node cannot read jobs");
+    }
     if tokens.submit == tokens.worker {
         bail!("the submit and worker tokens must differ, so that a worker node cannot submit jobs");
     }
@@ -263,7 +278,7 @@ async fn run(args: Args) -> Result<()> {
         );
         tokio::spawn(http::serve(
             listener,
-            http::router(coordinator.clone()),
+            http::router(coordinator.clone(), tokens.clone()),
             http_tls,
             async {
                 let _ = http_stopped.await;

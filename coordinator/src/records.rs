@@ -305,7 +305,13 @@ pub fn worker_key(id: &str) -> String {
     format!("workers/{id}")
 }
 
+/// A job's curves ([`crate::history::History`]): apart from its record, and saved less often.
+pub fn history_key(id: &str) -> String {
+    format!("history/{id}")
+}
+
 pub const JOBS_PREFIX: &str = "jobs/";
+pub const HISTORY_PREFIX: &str = "history/";
 pub const WORKERS_PREFIX: &str = "workers/";
 pub const COUNTERS_KEY: &str = "meta/counters";
 

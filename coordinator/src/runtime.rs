@@ -1,11 +1,13 @@
 //! What lives in memory only, and is rebuilt after a restart from the workers' next calls:
 //! the [`Roster`] (every worker's signs of life and the rank it holds, each training job's
-//! newest progress) and each job's [`JobRuntime`] (what its generation exchanged, what it waits
-//! for in the queue).
+//! newest progress and curves) and each job's [`JobRuntime`] (what its generation exchanged,
+//! what it waits for in the queue). A job's curves ([`History`]) are saved now and then, so
+//! they survive a restart.
 //!
 //! Times here are on [`monotonic_ms`]'s clock, never saved.
 
 use crate::auth::{self, WorkerIdentity};
+use crate::history::History;
 use crate::records::{JobRecord, ProgressRecord, WorkerAssignment, WorkerRecord};
 use crate::state::CoordinatorError;
 use ladder_core::cut;
@@ -41,6 +43,8 @@ pub struct Member {
     pub activity: u64,
     pub active_ms: i64,
     pub in_collective: bool,
+    /// The share of its step time spent waiting for data, from its last heartbeat.
+    pub data_wait: f32,
     /// Whether this coordinator process has heard from the worker (it registered or sent a
     /// heartbeat). Workers recovered from the store after a restart may be long dead: they
     /// keep the assignments they had, but get no new one before they show they are alive.
@@ -64,6 +68,7 @@ impl Member {
             activity: 0,
             active_ms: now,
             in_collective: false,
+            data_wait: 0.0,
             heard_from,
             leaving: false,
             reassigned: Arc::default(),
@@ -96,6 +101,8 @@ pub struct Training {
     pub saved_ms: i64,
     /// When the generation was assigned.
     pub started_ms: i64,
+    /// The generation's workers by rank.
+    pub ranks: Vec<String>,
     /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
     /// that commit ends the generation without it.
     pub checkpoint_requested: bool,
@@ -129,6 +136,11 @@ impl Training {
 pub struct Roster {
     pub workers: BTreeMap<String, Member>,
     pub training: BTreeMap<String, Training>,
+    /// Every job's curves.
+    pub history: BTreeMap<String, History>,
+    /// What of each job's curves the store holds (see [`History::version`]), and when it was
+    /// saved (monotonic ms).
+    pub history_saved: BTreeMap<String, (u64, i64)>,
 }
 
 impl Roster {
@@ -161,6 +173,23 @@ impl Roster {
             .as_ref()
             .filter(|a| a.job_id == job_id && a.generation == generation)
             .map(|a| a.rank))
+    }
+
+    /// Records rank 0's `progress` of `job_id` (a report at wall-clock `wall_ms`): the job's
+    /// newest progress, and a point of its curves with each rank's data-wait share.
+    pub fn report(&mut self, job_id: &str, progress: ProgressRecord, wall_ms: i64) {
+        let training = self.training.entry(job_id.to_owned()).or_default();
+        training.record(progress);
+        let data_wait = training
+            .ranks
+            .iter()
+            .map(|id| self.workers.get(id).map_or(0.0, |w| w.data_wait))
+            .collect();
+        self.history.entry(job_id.to_owned()).or_default().record(
+            &training.progress,
+            data_wait,
+            wall_ms,
+        );
     }
 
     /// The job as it is now: its record with the newest progress of its generation.
@@ -213,8 +242,14 @@ impl Roster {
                     progress: job.progress,
                     saved_ms: now,
                     started_ms: now,
+                    ranks: job.workers.clone(),
                     ..Training::default()
                 };
+                // The curves go back with the model to where this generation starts.
+                let restored = job.restore_from.as_ref().map_or(0, |c| c.step);
+                if let Some(history) = self.history.get_mut(&job.id) {
+                    history.roll_back_to(restored);
+                }
             }
         } else {
             self.training.remove(&job.id);

@@ -3,7 +3,9 @@
 
 use crate::auth::WorkerIdentity;
 use crate::records::{JobState, LedgerEntry};
-use crate::state::{Coordinator, CoordinatorError, JobView, ProgressReport, RendezvousOutcome};
+use crate::state::{
+    Coordinator, CoordinatorError, JobView, ProgressReport, RendezvousOutcome, Signs,
+};
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -252,7 +254,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
-            .heartbeat(&identity(r.worker)?, r.activity, r.in_collective, r.leaving)
+            .heartbeat(
+                &identity(r.worker)?,
+                Signs {
+                    activity: r.activity,
+                    in_collective: r.in_collective,
+                    leaving: r.leaving,
+                    data_wait: r.data_wait_ratio.clamp(0.0, 1.0),
+                },
+            )
             .await?;
         Ok(Response::new(match assignment {
             Some(a) => pb::HeartbeatResponse {

@@ -36,6 +36,7 @@
 //! last save is reported again within a step.
 
 use crate::auth::{self, WorkerIdentity};
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::policy::{self, Placement};
 use crate::records::{
@@ -117,6 +118,19 @@ pub enum RendezvousOutcome {
 /// What a worker is told in answer to its progress report: whether its generation is current,
 /// and (rank 0) whether to checkpoint now for a leaving worker.
 pub type ProgressAnswer = ladder_proto::v1::ReportProgressResponse;
+
+/// What a worker's heartbeat says of it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Signs {
+    /// Its training thread's activity counter: unchanged, the thread makes no progress.
+    pub activity: u64,
+    /// Its training thread waits in a collective (on the other ranks).
+    pub in_collective: bool,
+    /// It was asked to stop.
+    pub leaving: bool,
+    /// The share of its step time spent waiting for data.
+    pub data_wait: f32,
+}
 
 /// What a worker reports: progress, and perhaps an event (the end, a failure).
 #[derive(Clone, Debug, Default)]
@@ -245,6 +259,11 @@ struct Change {
     counters: Option<Counters>,
 }
 
+/// A job's curves are saved with a decision about the job, or with its progress, at most this
+/// often while it trains (and at once when its generation ends): they are the largest record,
+/// and a restart losing half a minute of points loses nothing else.
+const HISTORY_SAVED_EVERY_MS: i64 = 30_000;
+
 impl Change {
     fn job(job: JobRecord) -> Change {
         Change {
@@ -292,6 +311,14 @@ impl Coordinator {
                 }
             }
             inner.show(&mut roster, job);
+        }
+        for (key, bytes) in store.list(records::HISTORY_PREFIX).await? {
+            let history: History = records::decode(&key, &bytes)?;
+            let id = key[records::HISTORY_PREFIX.len()..].to_owned();
+            roster
+                .history_saved
+                .insert(id.clone(), (history.version, now));
+            roster.history.insert(id, history);
         }
         if let Some(bytes) = store.get(records::COUNTERS_KEY).await? {
             inner.counters = records::decode(records::COUNTERS_KEY, &bytes)?;
@@ -346,20 +373,34 @@ impl Coordinator {
     /// Writes `change` in one transaction, then shows it: the store and memory change
     /// together or not at all. Each job written carries the newest progress of its generation.
     async fn apply(&self, inner: &mut Inner, mut change: Change) -> Result<()> {
-        let wall = now_ms();
+        let (wall, now) = (now_ms(), monotonic_ms());
         let mut saves = Vec::new();
+        let mut histories = Vec::new();
         {
             let mut roster = self.roster();
             for job in &mut change.jobs {
                 job.updated_at_ms = wall;
+                let mut boundary = false;
                 if let Some(t) = roster
                     .training
                     .get_mut(&job.id)
                     .filter(|t| t.generation == job.generation)
                 {
                     job.progress = t.progress;
-                    t.boundary = false;
+                    boundary = std::mem::take(&mut t.boundary);
                     saves.push((job.id.clone(), job.generation, t.reported));
+                }
+                if let Some(history) = roster.history.get(&job.id) {
+                    let saved = roster.history_saved.get(&job.id).copied();
+                    let due = saved.is_none_or(|(version, at)| {
+                        version != history.version
+                            && (boundary
+                                || !job.state.is_active()
+                                || now - at >= HISTORY_SAVED_EVERY_MS)
+                    });
+                    if due {
+                        histories.push((job.id.clone(), history.clone()));
+                    }
                 }
             }
         }
@@ -375,6 +416,12 @@ impl Coordinator {
         }
         for id in &change.forgotten {
             writes.push(Write::Delete(records::worker_key(id)));
+        }
+        for (id, history) in &histories {
+            writes.push(Write::Put(
+                records::history_key(id),
+                records::encode(history),
+            ));
         }
         if let Some(counters) = &change.counters {
             writes.push(Write::Put(
@@ -393,6 +440,9 @@ impl Coordinator {
         {
             let mut roster = self.roster();
             let now = monotonic_ms();
+            for (id, history) in histories {
+                roster.history_saved.insert(id, (history.version, now));
+            }
             for (id, generation, reported) in saves {
                 if let Some(t) = roster
                     .training
@@ -546,6 +596,12 @@ impl Coordinator {
     /// The job as it is now (with the newest progress, saved or not).
     pub async fn get(&self, id: &str) -> Result<JobView> {
         self.view(&*self.inner.lock().await, id)
+    }
+
+    /// The job's curves (see [`History`]).
+    pub async fn history(&self, id: &str) -> Result<History> {
+        self.inner.lock().await.job(id)?;
+        Ok(self.roster().history.get(id).cloned().unwrap_or_default())
     }
 
     pub async fn list(&self) -> Vec<JobView> {
@@ -769,10 +825,14 @@ impl Coordinator {
     pub async fn heartbeat(
         &self,
         who: &WorkerIdentity,
-        activity: u64,
-        in_collective: bool,
-        leaving: bool,
+        signs: Signs,
     ) -> Result<Option<WorkerAssignment>> {
+        let Signs {
+            activity,
+            in_collective,
+            leaving,
+            data_wait,
+        } = signs;
         let arrived = monotonic_ms();
         {
             let mut roster = self.roster();
@@ -789,6 +849,7 @@ impl Coordinator {
                 worker.active_ms = arrived;
             }
             worker.in_collective = in_collective;
+            worker.data_wait = data_wait;
             if worker.heard_from && (!leaving || worker.leaving) {
                 return Ok(worker.assignment.clone());
             }
@@ -1040,10 +1101,10 @@ impl Coordinator {
             let Some(rank) = roster.current_rank(who, job_id, generation)? else {
                 return Ok(ProgressAnswer::default());
             };
-            let training = roster.training.entry(job_id.to_owned()).or_default();
             if let Some(progress) = report.progress.take() {
-                training.record(progress);
+                roster.report(job_id, progress, now_ms());
             }
+            let training = roster.training.entry(job_id.to_owned()).or_default();
             // Said once per request, so that progress reports during the checkpoint's write do
             // not ask for another; and to rank 0 only, the one that writes checkpoints.
             let checkpoint_now = rank == 0 && std::mem::take(&mut training.checkpoint_requested);

@@ -9,7 +9,7 @@ mod common;
 use common::{FlakyStore, config, register, submit};
 use ladder_coordinator::auth::WorkerIdentity;
 use ladder_coordinator::records::{JobState, WorkerAssignment};
-use ladder_coordinator::state::Coordinator;
+use ladder_coordinator::state::{Coordinator, Signs};
 use ladder_coordinator::store::SharedStore;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ async fn assignments(
 ) -> Vec<Option<WorkerAssignment>> {
     let mut all = Vec::new();
     for w in workers {
-        all.push(coordinator.heartbeat(w, 0, false, false).await.unwrap());
+        all.push(coordinator.heartbeat(w, Signs::default()).await.unwrap());
     }
     all
 }
@@ -105,12 +105,24 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
     store.fail_writes_to(Some(""));
     tokio::time::sleep(Duration::from_millis(200)).await;
     coordinator
-        .heartbeat(&workers[0], 1, false, false)
+        .heartbeat(
+            &workers[0],
+            Signs {
+                activity: 1,
+                ..Signs::default()
+            },
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     coordinator
-        .heartbeat(&workers[0], 2, false, false)
+        .heartbeat(
+            &workers[0],
+            Signs {
+                activity: 2,
+                ..Signs::default()
+            },
+        )
         .await
         .unwrap();
     coordinator.tick().await.unwrap_err();
@@ -173,7 +185,13 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     assert!(!cancelling.is_finished(), "the cancel waits for its write");
     let beat = tokio::time::timeout(
         Duration::from_secs(2),
-        coordinator.heartbeat(&workers[0], 7, false, false),
+        coordinator.heartbeat(
+            &workers[0],
+            Signs {
+                activity: 7,
+                ..Signs::default()
+            },
+        ),
     )
     .await
     .expect("a heartbeat waited for a store write")
@@ -213,7 +231,7 @@ async fn a_lease_runs_from_the_last_heartbeat() {
     let worker = register(&coordinator).await;
     tokio::time::advance(Duration::from_secs(9)).await;
     coordinator
-        .heartbeat(&worker, 0, false, false)
+        .heartbeat(&worker, Signs::default())
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(9)).await;

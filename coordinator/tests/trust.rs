@@ -8,7 +8,7 @@ mod common;
 use common::{checkpoint, coordinator_with_job, register, running};
 use ladder_coordinator::auth::WorkerIdentity;
 use ladder_coordinator::records::CheckpointRecord;
-use ladder_coordinator::state::{CoordinatorError, ProgressReport, RendezvousOutcome};
+use ladder_coordinator::state::{CoordinatorError, ProgressReport, RendezvousOutcome, Signs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,7 +31,13 @@ async fn a_worker_is_known_by_its_secret_not_by_its_id() {
         },
     ] {
         let refused = coordinator
-            .heartbeat(&forged, 0, false, true)
+            .heartbeat(
+                &forged,
+                Signs {
+                    leaving: true,
+                    ..Signs::default()
+                },
+            )
             .await
             .unwrap_err();
         assert!(
@@ -64,7 +70,13 @@ async fn a_worker_is_known_by_its_secret_not_by_its_id() {
     let listed = coordinator.workers().await;
     assert!(!listed[0].member.leaving);
     let assignment = coordinator
-        .heartbeat(real, 1, false, false)
+        .heartbeat(
+            real,
+            Signs {
+                activity: 1,
+                ..Signs::default()
+            },
+        )
         .await
         .unwrap()
         .expect("the real worker is still assigned");
@@ -216,7 +228,13 @@ async fn only_rank_0_is_asked_to_checkpoint_for_a_leaving_worker() {
     let (ranks, generation) = running(&coordinator, 2).await;
     // Rank 1 is asked to stop (SIGTERM): rank 0 must checkpoint, so the job goes on without it.
     coordinator
-        .heartbeat(&ranks[1], 0, false, true)
+        .heartbeat(
+            &ranks[1],
+            Signs {
+                leaving: true,
+                ..Signs::default()
+            },
+        )
         .await
         .unwrap();
     let report = || ProgressReport::default();

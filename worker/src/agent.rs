@@ -602,6 +602,7 @@ async fn heartbeat(
             activity: liveness.activity(),
             in_collective: liveness.in_collective(),
             leaving: told_leaving,
+            data_wait_ratio: liveness.data_wait_share(),
         };
         // The reply tells the assignment as of when the request was handled: it judges only a
         // generation that was running before the request left (one assigned meanwhile, by a
@@ -754,6 +755,7 @@ fn to_pb(p: &Progress) -> pb::Progress {
         eval_top1: evaluation.top1 as f32,
         eval_top5: evaluation.top5 as f32,
         global_step: p.global_step,
+        learning_rate: p.learning_rate as f32,
     }
 }
 

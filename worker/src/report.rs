@@ -6,7 +6,7 @@ use crate::checkpoint::Manifest;
 use ladder_collective::AbortHandle;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The latest evaluation on the held-out split.
@@ -36,6 +36,8 @@ pub struct Progress {
     pub graph_builds: u32,
     pub eta_seconds: f64,
     pub evaluation: Option<Evaluation>,
+    /// The learning rate of the last step.
+    pub learning_rate: f64,
 }
 
 /// How a run reaches its coordinator. Called from the training thread, except `commit`, which
@@ -108,12 +110,15 @@ impl StopSignal {
 }
 
 /// What the heartbeat tells the coordinator about the training thread: an activity counter it
-/// advances as it works, and whether it is waiting on the other ranks. A counter that stops
-/// while the thread is not in a collective is a hung worker.
+/// advances as it works, and whether it is waiting on the other ranks (a counter that stops
+/// while the thread is not in a collective is a hung worker); and the share of its step time
+/// spent waiting for data.
 #[derive(Default)]
 pub struct Liveness {
     activity: AtomicU64,
     in_collective: AtomicBool,
+    /// An f32's bits.
+    data_wait_share: AtomicU32,
 }
 
 impl Liveness {
@@ -151,5 +156,14 @@ impl Liveness {
 
     pub fn in_collective(&self) -> bool {
         self.in_collective.load(Ordering::Relaxed)
+    }
+
+    pub fn set_data_wait_share(&self, share: f64) {
+        self.data_wait_share
+            .store((share as f32).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn data_wait_share(&self) -> f32 {
+        f32::from_bits(self.data_wait_share.load(Ordering::Relaxed))
     }
 }

@@ -509,6 +509,8 @@ impl Trainer {
                     });
                 }
                 self.meter.step(loss, &self.options.metrics);
+                self.liveness
+                    .set_data_wait_share(self.meter.data_wait_share.unwrap_or_default());
                 self.liveness.tick();
                 let done = Cursor {
                     epoch: e.epoch,
@@ -632,6 +634,9 @@ impl Trainer {
             graph_builds: self.graph_builds(),
             eta_seconds: remaining * step_seconds,
             evaluation: self.evaluation,
+            learning_rate: self
+                .lr
+                .at(done.global_step(steps_per_epoch).saturating_sub(1)),
         }
     }
 

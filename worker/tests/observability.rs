@@ -166,3 +166,112 @@ fn prometheus_scrapes_the_coordinator_and_both_workers_through_a_job() {
         prometheus.query("ladder_coordinator_rpc_duration_seconds_count{method=\"Heartbeat\"}");
     assert!(heartbeats[0].1 >= 2.0, "{heartbeats:?}");
 }
+
+/// Headless Chromium (Debian's) run on `url`: the DOM after its scripts ran for `budget` of
+/// virtual time, and a screenshot at `screenshot`.
+fn chromium(dir: &Path, url: &str, screenshot: &Path) -> String {
+    let run = |extra: &[&str]| {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--window-size=1400,2000",
+                "--virtual-time-budget=10000",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium").display()
+            ))
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("starting Debian's chromium (scripts/bootstrap installs it)");
+        assert!(
+            out.status.success(),
+            "chromium {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&[&format!("--screenshot={}", screenshot.display())]);
+    run(&["--dump-dom"])
+}
+
+/// The value of `attribute` on the element that has `marker` among its attributes.
+fn attribute_near<'a>(dom: &'a str, marker: &str, attribute: &str) -> Option<&'a str> {
+    let at = dom.find(marker)?;
+    let tag_end = dom[at..].find("</div>").map_or(dom.len(), |e| at + e);
+    let inside = &dom[at..tag_end];
+    let start = inside.find(&format!("{attribute}=\""))? + attribute.len() + 2;
+    inside[start..].split('"').next()
+}
+
+#[test]
+fn the_status_page_draws_a_running_job_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), (2, 2), 10, 2);
+    let http = format!("127.0.0.1:{}", free_port());
+    // Leases long enough to hold the run still while the page is looked at.
+    let flags = ["--http-listen", &http, "--lease-ttl-ms", "120000"];
+    let mut cluster = Cluster::with_flags(dir.path(), &flags);
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    // Into its second stage (a curve with points, and a stage boundary on it), then held
+    // there: the page is read during the run.
+    cluster.wait_for(&id, "the second stage", Duration::from_secs(300), |j| {
+        j.progress.is_some_and(|p| p.stage >= 1)
+    });
+    for worker in &cluster.workers {
+        worker.signal("-STOP");
+    }
+
+    // The page needs a token: without one it asks for it.
+    let page = format!("http://{http}/");
+    let screenshot = dir.path().join("status-page.png");
+    let asking = chromium(dir.path(), &page, &screenshot);
+    assert!(
+        asking.contains("id=\"login\"") && !asking.contains(&format!("data-job=\"{id}\"")),
+        "{asking}"
+    );
+    let worker_token = chromium(
+        dir.path(),
+        &format!("{page}#token={}", ladder_testkit::WORKER_TOKEN),
+        &screenshot,
+    );
+    assert!(
+        !worker_token.contains(&format!("data-job=\"{id}\"")),
+        "the worker token reads nothing"
+    );
+
+    let dom = chromium(
+        dir.path(),
+        &format!("{page}#token={}&job={id}", ladder_testkit::SUBMIT_TOKEN),
+        &screenshot,
+    );
+    assert!(dom.contains(&format!("data-job=\"{id}\"")), "{dom}");
+    assert!(dom.contains("id=\"job-state\">running<"), "{dom}");
+    assert!(dom.contains("<b>stage</b>2/3 at 48 px"), "{dom}");
+    let loss_points: usize = attribute_near(&dom, "data-title=\"loss\"", "data-points")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no loss chart: {dom}"));
+    assert!(loss_points >= 2, "{loss_points} points: {dom}");
+    assert!(
+        dom.contains("data-series=\"rank 0\"") && dom.contains("data-series=\"rank 1\""),
+        "a data-wait curve per rank: {dom}"
+    );
+    for worker in &cluster.workers {
+        worker.signal("-CONT");
+    }
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Some(keep) = std::env::var_os("LADDER_SCREENSHOT") {
+        std::fs::copy(&screenshot, keep).unwrap();
+    }
+}
