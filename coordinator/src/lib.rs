@@ -8,3 +8,4 @@ pub mod runtime;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tensorboard;

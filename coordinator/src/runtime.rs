@@ -10,8 +10,10 @@ use crate::auth::{self, WorkerIdentity};
 use crate::history::History;
 use crate::records::{JobRecord, ProgressRecord, WorkerAssignment, WorkerRecord};
 use crate::state::CoordinatorError;
+use crate::tensorboard::{self, Note};
 use ladder_core::cut;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -141,6 +143,9 @@ pub struct Roster {
     /// What of each job's curves the store holds (see [`History::version`]), and when it was
     /// saved (monotonic ms).
     pub history_saved: BTreeMap<String, (u64, i64)>,
+    /// Where each job's TensorBoard events go, and the writer that writes them.
+    pub event_dirs: BTreeMap<String, PathBuf>,
+    pub events: Option<tensorboard::Events>,
 }
 
 impl Roster {
@@ -180,16 +185,58 @@ impl Roster {
     pub fn report(&mut self, job_id: &str, progress: ProgressRecord, wall_ms: i64) {
         let training = self.training.entry(job_id.to_owned()).or_default();
         training.record(progress);
-        let data_wait = training
+        let data_wait: Vec<f32> = training
             .ranks
             .iter()
             .map(|id| self.workers.get(id).map_or(0.0, |w| w.data_wait))
             .collect();
-        self.history.entry(job_id.to_owned()).or_default().record(
-            &training.progress,
-            data_wait,
-            wall_ms,
-        );
+        let history = self.history.entry(job_id.to_owned()).or_default();
+        let evaluations = history.evaluations.len();
+        history.record(&training.progress, data_wait.clone(), wall_ms);
+        let evaluated = history.evaluations.len() > evaluations;
+        let p = &training.progress;
+        if let (Some(events), Some(dir), true) =
+            (&self.events, self.event_dirs.get(job_id), p.global_step > 0)
+        {
+            let mut values = vec![
+                ("loss".to_owned(), p.loss),
+                ("learning_rate".to_owned(), p.learning_rate),
+                ("images_per_second".to_owned(), p.images_per_second),
+                ("image_size".to_owned(), p.image_size as f32),
+            ];
+            if evaluated {
+                values.push(("eval/top1".to_owned(), p.eval_top1));
+                values.push(("eval/top5".to_owned(), p.eval_top5));
+            }
+            values.extend(
+                data_wait
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, share)| (format!("data_wait/rank_{rank}"), *share)),
+            );
+            events.send(Note::Scalars {
+                job: job_id.to_owned(),
+                dir: dir.clone(),
+                step: p.global_step,
+                wall_ms,
+                values,
+            });
+        }
+    }
+
+    /// A new generation of `job_id` restores from global step `step`: its curves and events go
+    /// back there with the model.
+    pub fn roll_back(&mut self, job_id: &str, step: u64) {
+        if let Some(history) = self.history.get_mut(job_id) {
+            history.roll_back_to(step);
+        }
+        if let (Some(events), Some(dir)) = (&self.events, self.event_dirs.get(job_id)) {
+            events.send(Note::RollBack {
+                job: job_id.to_owned(),
+                dir: dir.clone(),
+                step,
+            });
+        }
     }
 
     /// The job as it is now: its record with the newest progress of its generation.
@@ -245,11 +292,6 @@ impl Roster {
                     ranks: job.workers.clone(),
                     ..Training::default()
                 };
-                // The curves go back with the model to where this generation starts.
-                let restored = job.restore_from.as_ref().map_or(0, |c| c.step);
-                if let Some(history) = self.history.get_mut(&job.id) {
-                    history.roll_back_to(restored);
-                }
             }
         } else {
             self.training.remove(&job.id);

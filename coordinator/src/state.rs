@@ -46,6 +46,7 @@ use crate::records::{
 };
 use crate::runtime::{JobRuntime, Member, Roster, monotonic_ms};
 use crate::store::{SharedStore, StoreError, Write};
+use crate::tensorboard;
 use ladder_core::cut;
 use ladder_core::dataset::Manifest;
 use ladder_core::location::{self, CheckpointId};
@@ -206,6 +207,14 @@ impl Inner {
     /// Returns whether any assignment changed.
     fn show(&mut self, roster: &mut Roster, job: JobRecord) -> bool {
         let reassigned = roster.reassign(self.jobs.get(&job.id), &job);
+        if !roster.event_dirs.contains_key(&job.id)
+            && let Some(dir) = self
+                .specs
+                .get(&job.id)
+                .and_then(|spec| tensorboard::dir(&spec.checkpoint.dir, &job.id))
+        {
+            roster.event_dirs.insert(job.id.clone(), dir);
+        }
         self.runtime.entry(job.id.clone()).or_default().follow(&job);
         self.jobs.insert(job.id.clone(), job);
         reassigned
@@ -291,7 +300,10 @@ impl Coordinator {
     /// Rebuilds the coordinator's state from `store`.
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
-        let mut roster = Roster::default();
+        let mut roster = Roster {
+            events: Some(tensorboard::Events::start()),
+            ..Roster::default()
+        };
         let now = monotonic_ms();
         for (key, bytes) in store.list(records::WORKERS_PREFIX).await? {
             let worker: WorkerRecord = records::decode(&key, &bytes)?;
@@ -461,6 +473,15 @@ impl Coordinator {
             }
             for job in change.jobs {
                 let id = job.id.clone();
+                let starts = job.state.is_active()
+                    && inner
+                        .jobs
+                        .get(&id)
+                        .is_none_or(|old| old.generation != job.generation);
+                if starts {
+                    // The curves go back with the model to where this generation starts.
+                    roster.roll_back(&id, job.restore_from.as_ref().map_or(0, |c| c.step));
+                }
                 reassigned |= inner.show(&mut roster, job);
                 let _ = self.job_changed.send(id);
             }
@@ -569,8 +590,12 @@ impl Coordinator {
             counters: Some(counters),
             ..Change::default()
         };
-        self.apply(&mut inner, change).await?;
+        // Known before the job is shown (where its events go is read from it).
         inner.specs.insert(id.clone(), Arc::new(spec));
+        if let Err(e) = self.apply(&mut inner, change).await {
+            inner.specs.remove(&id);
+            return Err(e);
+        }
         self.schedule_after_change(&mut inner).await;
         self.view(&inner, &id)
     }

@@ -7,6 +7,7 @@ mod common;
 use common::{Cluster, STEPS_PER_EPOCH, write_spec};
 use ladder_proto::v1 as pb;
 use ladder_testkit::{free_port, http_get};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -273,5 +274,96 @@ fn the_status_page_draws_a_running_job_in_chromium() {
     );
     if let Some(keep) = std::env::var_os("LADDER_SCREENSHOT") {
         std::fs::copy(&screenshot, keep).unwrap();
+    }
+}
+
+/// Every scalar of the TensorBoard run in `dir`, read with the real `tensorboard` package
+/// (orphaned data kept: what the file holds, not what TensorBoard would hide): tag ->
+/// [(step, value, wall time)].
+fn tensorboard_scalars(dir: &Path) -> BTreeMap<String, Vec<(i64, f64, f64)>> {
+    const READ: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0}, purge_orphaned_data=False)
+acc.Reload()
+print(json.dumps({t: [(s.step, s.value, s.wall_time) for s in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+    let out = Command::new(ladder_testkit::venv_python())
+        .args(["-c", READ])
+        .arg(dir)
+        .output()
+        .expect("running the venv's python");
+    assert!(
+        out.status.success(),
+        "tensorboard: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn tensorboard_reads_a_jobs_scalars_across_generations_without_a_step_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    // A checkpoint every 10 steps, all kept: the run resumes from an early one.
+    let spec = write_spec(dir.path(), (2, 2), 10, 10);
+    let plan = ladder_core::stage::StagePlan::new(&spec);
+    let mut cluster = Cluster::new(dir.path());
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    let first = cluster.wait_until_ended(&id, Duration::from_secs(600));
+    assert_eq!(
+        pb::JobState::try_from(first.state),
+        Ok(pb::JobState::Completed)
+    );
+    // Again from step 20: the second generation's steps replace the first's after it.
+    let from = first
+        .checkpoints
+        .iter()
+        .find(|c| c.step == 20)
+        .expect("a checkpoint at step 20");
+    let resumed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    cluster.resume_from(&id, &from.id, 0);
+    cluster.wait_for(&id, "the second run", Duration::from_secs(60), |j| {
+        j.generation > first.generation
+    });
+    let job = cluster.wait_until_ended(&id, Duration::from_secs(600));
+    assert_eq!(
+        pb::JobState::try_from(job.state),
+        Ok(pb::JobState::Completed)
+    );
+    let progress = job.progress.unwrap();
+
+    let scalars = tensorboard_scalars(&spec.checkpoint.dir.join(&id).join("tensorboard"));
+    let loss = &scalars["loss"];
+    for pair in loss.windows(2) {
+        assert!(
+            pair[0].0 < pair[1].0 && pair[0].2 <= pair[1].2,
+            "a step twice or backwards: {loss:?}"
+        );
+    }
+    // Every point after step 20 is the second run's: the first run's were cut off.
+    let after: Vec<_> = loss.iter().filter(|s| s.0 > 20).collect();
+    assert!(!after.is_empty() && loss.iter().any(|s| s.0 <= 20));
+    assert!(
+        after.iter().all(|s| s.2 >= resumed),
+        "points of the first run after its restore point: {after:?}"
+    );
+    // What `ladder status` shows is the last of each curve.
+    let last = |tag: &str| *scalars[tag].last().unwrap();
+    assert_eq!(last("loss").0 as u64, progress.global_step);
+    assert!((last("loss").1 - progress.loss as f64).abs() < 1e-6);
+    assert!((last("eval/top1").1 - progress.eval_top1 as f64).abs() < 1e-6);
+    assert!((last("eval/top5").1 - progress.eval_top5 as f64).abs() < 1e-6);
+    // The image size climbs the stage plan's ladder.
+    let steps_per_epoch = STEPS_PER_EPOCH as i64;
+    for &(step, size, _) in &scalars["image_size"] {
+        let epoch = ((step - 1) / steps_per_epoch) as usize;
+        assert_eq!(size as u32, plan.epochs[epoch].image_size, "step {step}");
+    }
+    for rank in ["data_wait/rank_0", "data_wait/rank_1"] {
+        assert!(scalars.contains_key(rank), "{:?}", scalars.keys());
     }
 }

@@ -236,13 +236,18 @@ impl Cluster {
     }
 
     pub fn resume(&self, id: &str, workers: u32) -> pb::Job {
+        self.resume_from(id, "", workers)
+    }
+
+    /// Resumes from checkpoint `checkpoint` ("": the latest).
+    pub fn resume_from(&self, id: &str, checkpoint: &str, workers: u32) -> pb::Job {
         let url = self.url();
         self.runtime.block_on(async {
             job_client(&url, SUBMIT_TOKEN)
                 .await
                 .resume_job(pb::ResumeJobRequest {
                     id: id.to_owned(),
-                    checkpoint_id: String::new(),
+                    checkpoint_id: checkpoint.to_owned(),
                     workers,
                 })
                 .await

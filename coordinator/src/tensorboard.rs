@@ -1,0 +1,390 @@
+//! Each job's scalars as TensorBoard event files: one run per job, in
+//! `checkpoint.dir/JOB/tensorboard/`, written by the coordinator from rank 0's progress reports
+//! and the ranks' heartbeats (loss, learning rate, images/s, image size, top-1/top-5 at each
+//! evaluation, each rank's data-wait share), so that `tensorboard --logdir checkpoint.dir`
+//! shows every job.
+//!
+//! The file follows the model's history: when a generation restores from step S, the records
+//! after S are cut off before the next ones are appended, so no step shows twice and none runs
+//! backwards, across generations, resumes and coordinator restarts (a restarted coordinator
+//! appends to the job's file; a step reported again replaces what followed it).
+//!
+//! The format is TensorBoard's: TFRecord framing (length, masked CRC-32C of the length, an
+//! `Event` protocol buffer, its masked CRC-32C) of `Event { wall_time = 1, step = 2,
+//! file_version = 3 | summary = 5 }`, `Summary { repeated Value value = 1 }` and `Value { tag
+//! = 1, simple_value = 2 }`. Files are written by one thread, off every lock; a failure is
+//! logged (once per job until it clears), never felt by training.
+
+use prost::Message;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Event {
+    #[prost(double, tag = "1")]
+    wall_time: f64,
+    #[prost(int64, tag = "2")]
+    step: i64,
+    #[prost(oneof = "What", tags = "3, 5")]
+    what: Option<What>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum What {
+    #[prost(string, tag = "3")]
+    FileVersion(String),
+    #[prost(message, tag = "5")]
+    Summary(Summary),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Summary {
+    #[prost(message, repeated, tag = "1")]
+    value: Vec<Value>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Value {
+    #[prost(string, tag = "1")]
+    tag: String,
+    #[prost(float, tag = "2")]
+    simple_value: f32,
+}
+
+fn masked_crc(bytes: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(bytes);
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// One TFRecord: the event framed and checksummed.
+fn record(event: &Event) -> Vec<u8> {
+    let data = event.encode_to_vec();
+    let length = (data.len() as u64).to_le_bytes();
+    let mut out = Vec::with_capacity(data.len() + 16);
+    out.extend_from_slice(&length);
+    out.extend_from_slice(&masked_crc(&length).to_le_bytes());
+    out.extend_from_slice(&data);
+    out.extend_from_slice(&masked_crc(&data).to_le_bytes());
+    out
+}
+
+/// The events of a file with the byte offset each ends at; reading stops at the first record
+/// that is cut short or does not check out (a write the process did not finish).
+fn read_records(bytes: &[u8]) -> Vec<(Event, u64)> {
+    let mut events = Vec::new();
+    let mut at = 0usize;
+    while let Some(head) = bytes.get(at..at + 12) {
+        let length: [u8; 8] = head[..8].try_into().expect("8 bytes");
+        if masked_crc(&length).to_le_bytes() != head[8..12] {
+            break;
+        }
+        let Ok(n) = usize::try_from(u64::from_le_bytes(length)) else {
+            break;
+        };
+        let Some(data) = bytes.get(at + 12..at + 12 + n) else {
+            break;
+        };
+        let Some(crc) = bytes.get(at + 12 + n..at + 16 + n) else {
+            break;
+        };
+        if masked_crc(data).to_le_bytes() != crc {
+            break;
+        }
+        let Ok(event) = Event::decode(data) else {
+            break;
+        };
+        at += 16 + n;
+        events.push((event, at as u64));
+    }
+    events
+}
+
+/// What the writer is told.
+pub enum Note {
+    /// Scalars of global step `step` (`tag`, value), reported at wall-clock `wall_ms`.
+    Scalars {
+        job: String,
+        dir: PathBuf,
+        step: u64,
+        wall_ms: i64,
+        values: Vec<(String, f32)>,
+    },
+    /// A new generation restores from global step `step`: what came after it goes.
+    RollBack {
+        job: String,
+        dir: PathBuf,
+        step: u64,
+    },
+}
+
+/// A job's open event file.
+struct Run {
+    file: File,
+    path: PathBuf,
+    /// The newest step written.
+    last_step: u64,
+}
+
+impl Run {
+    /// The job's event file in `dir`: the one there (its unfinished tail cut off), or a new
+    /// one.
+    fn open(dir: &Path) -> std::io::Result<Run> {
+        std::fs::create_dir_all(dir)?;
+        let existing = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("events.out.tfevents.") && n.ends_with(".ladder")
+                })
+            })
+            .min();
+        let path = existing.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            dir.join(format!("events.out.tfevents.{now}.ladder"))
+        });
+        let file = File::options()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        let mut run = Run {
+            file,
+            path,
+            last_step: 0,
+        };
+        run.cut_after(u64::MAX)?;
+        Ok(run)
+    }
+
+    /// Cuts the file after the last record of a step up to `step` (and any unfinished tail);
+    /// writes the file's version record first if it has none.
+    fn cut_after(&mut self, step: u64) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.read_to_end(&mut bytes)?;
+        let records = read_records(&bytes);
+        let kept = records
+            .iter()
+            .take_while(|(e, _)| {
+                e.what
+                    .as_ref()
+                    .is_some_and(|w| matches!(w, What::FileVersion(_)))
+                    || (e.step as u64) <= step
+            })
+            .last();
+        let end = kept.map_or(0, |(_, end)| *end);
+        self.last_step = kept.map_or(0, |(e, _)| e.step as u64);
+        if end != bytes.len() as u64 {
+            self.file.set_len(end)?;
+        }
+        if end == 0 {
+            self.append(&Event {
+                wall_time: wall_seconds(crate::state::now_ms()),
+                step: 0,
+                what: Some(What::FileVersion("brain.Event:2".to_owned())),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, event: &Event) -> std::io::Result<()> {
+        self.file.write_all(&record(event))
+    }
+}
+
+fn wall_seconds(ms: i64) -> f64 {
+    ms as f64 / 1e3
+}
+
+/// The writer thread's end of things: what it was told, applied in order.
+struct Writer {
+    runs: BTreeMap<String, Run>,
+    /// Jobs whose last write failed: logged once until one succeeds.
+    failing: BTreeMap<String, String>,
+}
+
+impl Writer {
+    fn run(&mut self, job: &str, dir: &Path) -> std::io::Result<&mut Run> {
+        if self.runs.get(job).is_none_or(|r| !r.path.starts_with(dir)) {
+            self.runs.insert(job.to_owned(), Run::open(dir)?);
+        }
+        Ok(self.runs.get_mut(job).expect("opened"))
+    }
+
+    fn apply(&mut self, note: Note) {
+        let (job, result) = match note {
+            Note::Scalars {
+                job,
+                dir,
+                step,
+                wall_ms,
+                values,
+            } => {
+                let result = self.run(&job, &dir).and_then(|run| {
+                    if step <= run.last_step {
+                        // Reported again (by a generation that went on through a coordinator
+                        // restart): it replaces what followed.
+                        run.cut_after(step.saturating_sub(1))?;
+                    }
+                    run.append(&Event {
+                        wall_time: wall_seconds(wall_ms),
+                        step: step as i64,
+                        what: Some(What::Summary(Summary {
+                            value: values
+                                .into_iter()
+                                .map(|(tag, simple_value)| Value { tag, simple_value })
+                                .collect(),
+                        })),
+                    })?;
+                    run.last_step = step;
+                    Ok(())
+                });
+                (job, result)
+            }
+            Note::RollBack { job, dir, step } => {
+                let result = self.run(&job, &dir).and_then(|run| run.cut_after(step));
+                (job, result)
+            }
+        };
+        match result {
+            Ok(()) => {
+                if self.failing.remove(&job).is_some() {
+                    tracing::info!(job = %job, "TensorBoard events are written again");
+                }
+            }
+            Err(e) => {
+                self.runs.remove(&job);
+                let e = e.to_string();
+                if self.failing.get(&job) != Some(&e) {
+                    tracing::warn!(job = %job, "cannot write TensorBoard events (training goes on): {e}");
+                    self.failing.insert(job, e);
+                }
+            }
+        }
+    }
+}
+
+/// Where to send [`Note`]s: a thread writes them.
+#[derive(Clone)]
+pub struct Events(mpsc::Sender<Note>);
+
+impl Events {
+    pub fn start() -> Events {
+        let (tx, rx) = mpsc::channel::<Note>();
+        std::thread::Builder::new()
+            .name("tensorboard".into())
+            .spawn(move || {
+                let mut writer = Writer {
+                    runs: BTreeMap::new(),
+                    failing: BTreeMap::new(),
+                };
+                for note in rx {
+                    writer.apply(note);
+                }
+            })
+            .expect("starting the TensorBoard writer thread");
+        Events(tx)
+    }
+
+    pub fn send(&self, note: Note) {
+        // The writer thread lives as long as the process.
+        let _ = self.0.send(note);
+    }
+}
+
+/// A job's event directory: `checkpoint.dir/JOB/tensorboard`.
+pub fn dir(checkpoint_root: &Path, job: &str) -> Option<PathBuf> {
+    ladder_core::location::job_dir(checkpoint_root, job)
+        .ok()
+        .map(|d| d.join("tensorboard"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalars(job: &str, dir: &Path, step: u64) -> Note {
+        Note::Scalars {
+            job: job.into(),
+            dir: dir.into(),
+            step,
+            wall_ms: step as i64 * 1000,
+            values: vec![("loss".into(), step as f32)],
+        }
+    }
+
+    fn steps(dir: &Path) -> Vec<i64> {
+        let file = std::fs::read_dir(dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        read_records(&std::fs::read(file).unwrap())
+            .into_iter()
+            .filter(|(e, _)| matches!(e.what, Some(What::Summary(_))))
+            .map(|(e, _)| e.step)
+            .collect()
+    }
+
+    #[test]
+    fn a_roll_back_cuts_the_file_and_a_restart_appends_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("tb");
+        let mut writer = Writer {
+            runs: BTreeMap::new(),
+            failing: BTreeMap::new(),
+        };
+        for step in 1..=10 {
+            writer.apply(scalars("j", &events, step));
+        }
+        writer.apply(Note::RollBack {
+            job: "j".into(),
+            dir: events.clone(),
+            step: 6,
+        });
+        writer.apply(scalars("j", &events, 8));
+        assert_eq!(steps(&events), [1, 2, 3, 4, 5, 6, 8]);
+        // A coordinator restarted: a new writer appends to the same file; a step reported
+        // again replaces what followed it; an unfinished record at the end is cut off.
+        let file = std::fs::read_dir(&events)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(&record(&Event::default())[..7])
+            .unwrap();
+        let mut restarted = Writer {
+            runs: BTreeMap::new(),
+            failing: BTreeMap::new(),
+        };
+        restarted.apply(scalars("j", &events, 5));
+        restarted.apply(scalars("j", &events, 9));
+        assert_eq!(steps(&events), [1, 2, 3, 4, 5, 9]);
+        assert_eq!(std::fs::read_dir(&events).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_record_that_does_not_check_out_ends_the_file() {
+        let bytes = record(&Event {
+            wall_time: 1.5,
+            step: 3,
+            what: Some(What::FileVersion("brain.Event:2".into())),
+        });
+        assert_eq!(read_records(&bytes).len(), 1);
+        let mut corrupt = bytes.clone();
+        corrupt[20] ^= 1;
+        assert!(read_records(&corrupt).is_empty());
+    }
+}
