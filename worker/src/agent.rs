@@ -13,27 +13,22 @@
 //! The coordinator may be down for a while: the run goes on, heartbeats and reports are
 //! retried, and a checkpoint commit waits for it.
 
-use crate::checkpoint::Manifest;
 use crate::metrics::WorkerMetrics;
 use crate::precision::Precision;
-use crate::report::{Commit, Events, Liveness, Progress, StopSignal};
+use crate::report::{Liveness, Progress, StopSignal};
+use crate::reporting::{ChannelEvents, Run, delete_retired, report_progress, to_pb};
+use crate::session::{Retry, Session};
 use crate::trainer::{self, Faults, Options, TrainError, Trainer};
-use ladder_collective::Collective;
-use ladder_collective::nccl::{self, NcclCommunicator};
-use ladder_collective::ring::TcpRing;
+use crate::transport::Transport;
 use ladder_core::location;
 use ladder_core::spec::JobSpec;
-use ladder_proto::client::{self, Authed};
 use ladder_proto::v1 as pb;
-use pb::worker_service_client::WorkerServiceClient;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 use tch::Device;
-use tokio::sync::{Mutex, mpsc};
-use tonic::{Code, Status};
+use tonic::Code;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -60,65 +55,6 @@ pub struct Config {
     pub stop_grace: Duration,
     /// What `--metrics-listen` serves.
     pub metrics: Arc<WorkerMetrics>,
-}
-
-/// A connection to whichever coordinator answers, re-established after transport failures.
-struct Coordinator {
-    config: Config,
-    client: Mutex<Option<WorkerServiceClient<Authed>>>,
-}
-
-impl Coordinator {
-    async fn client(&self) -> Result<WorkerServiceClient<Authed>, Status> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = &*slot {
-            return Ok(client.clone());
-        }
-        let channel = client::connect(
-            &self.config.coordinator,
-            &self.config.token,
-            "set LADDER_WORKER_TOKEN or pass --token (the coordinator's worker token)",
-            self.config.tls_ca.as_deref(),
-        )
-        .await
-        .map_err(|e| match e {
-            client::ConnectError::Unreachable(m) => Status::unavailable(m),
-            other => Status::invalid_argument(other.to_string()),
-        })?;
-        let client = WorkerServiceClient::new(channel);
-        *slot = Some(client.clone());
-        Ok(client)
-    }
-
-    /// Forgets the connection after a transport failure, so the next call tries every URL.
-    async fn failed(&self, status: &Status) {
-        if matches!(status.code(), Code::Unavailable | Code::Unknown) {
-            *self.client.lock().await = None;
-        }
-    }
-}
-
-/// Calls `$method` with `$request` on the coordinator, forgetting a broken connection.
-macro_rules! rpc {
-    ($coordinator:expr, $method:ident, $request:expr) => {{
-        let coordinator = &$coordinator;
-        let result = match coordinator.client().await {
-            Ok(mut client) => client.$method($request).await.map(|r| r.into_inner()),
-            Err(status) => Err(status),
-        };
-        if let Err(status) = &result {
-            coordinator.failed(status).await;
-        }
-        result
-    }};
-}
-
-/// Failures worth retrying: the coordinator is restarting, failing over or briefly overloaded.
-fn transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Internal
-    )
 }
 
 fn hostname() -> String {
@@ -173,22 +109,23 @@ async fn leave_on_sigterm(leave: Arc<StopSignal>) {
 /// Runs the worker until it fails to reach any coordinator for good, gets a fatal error, or
 /// leaves on request (SIGTERM).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let coordinator = Arc::new(Coordinator {
-        config: config.clone(),
-        client: Mutex::new(None),
-    });
+    let session = Arc::new(Session::new(
+        config.coordinator.clone(),
+        config.token.clone(),
+        config.tls_ca.clone(),
+    ));
     // Set once the worker is asked to stop (SIGTERM).
     let leave = Arc::new(StopSignal::default());
     tokio::spawn(leave_on_sigterm(leave.clone()));
     loop {
-        let registration = register(&coordinator).await?;
+        let registration = register(&session, &config).await?;
         let worker = Worker {
             identity: pb::WorkerIdentity {
                 id: registration.worker_id,
                 secret: registration.worker_secret,
             },
             lease: Duration::from_millis(registration.lease_ttl_ms as u64),
-            coordinator: coordinator.clone(),
+            session: session.clone(),
             config: config.clone(),
             liveness: Arc::new(Liveness::default()),
             leave: leave.clone(),
@@ -208,36 +145,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The leases a worker accepts (the coordinator's `--lease-ttl-ms` takes no others).
 const LEASES: std::ops::RangeInclusive<u32> = 1_000..=600_000;
 
-async fn register(coordinator: &Coordinator) -> anyhow::Result<pb::RegisterResponse> {
+async fn register(session: &Session, config: &Config) -> anyhow::Result<pb::RegisterResponse> {
     let request = pb::RegisterRequest {
         hostname: hostname(),
-        device: device_name(coordinator.config.device),
-        name: coordinator.config.name.clone(),
+        device: device_name(config.device),
+        name: config.name.clone(),
     };
-    let started = Instant::now();
-    loop {
-        match rpc!(coordinator, register, request.clone()) {
-            Ok(response) if !LEASES.contains(&response.lease_ttl_ms) => anyhow::bail!(
-                "the coordinator gave a lease of {} ms: a worker heartbeats every third of its \
-                 lease, so it takes leases of {} to {} ms only",
-                response.lease_ttl_ms,
-                LEASES.start(),
-                LEASES.end()
-            ),
-            Ok(response) => return Ok(response),
-            Err(status) if transient(&status) && started.elapsed() < Duration::from_secs(600) => {
-                tracing::warn!("cannot register yet: {}", status.message());
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(status) => anyhow::bail!("registering with the coordinator: {}", status.message()),
-        }
+    let retry = Retry::every(Duration::from_secs(1), Some(Duration::from_secs(600)));
+    let answer = session
+        .call_retrying(retry, "registering", request, |mut c, r| async move {
+            c.register(r).await
+        })
+        .await;
+    match answer {
+        Ok(response) if !LEASES.contains(&response.lease_ttl_ms) => anyhow::bail!(
+            "the coordinator gave a lease of {} ms: a worker heartbeats every third of its \
+             lease, so it takes leases of {} to {} ms only",
+            response.lease_ttl_ms,
+            LEASES.start(),
+            LEASES.end()
+        ),
+        Ok(response) => Ok(response),
+        Err(status) => anyhow::bail!("registering with the coordinator: {}", status.message()),
     }
 }
 
 struct Worker {
     identity: pb::WorkerIdentity,
     lease: Duration,
-    coordinator: Arc<Coordinator>,
+    session: Arc<Session>,
     config: Config,
     liveness: Arc<Liveness>,
     leave: Arc<StopSignal>,
@@ -249,25 +185,13 @@ type Generation = (String, u64);
 /// The generation being trained, and how to stop it.
 type Running = Arc<std::sync::Mutex<Option<(Generation, Arc<StopSignal>)>>>;
 
-/// One generation of one job as this worker takes part in it.
-#[derive(Clone)]
-struct Run {
-    coordinator: Arc<Coordinator>,
-    worker: pb::WorkerIdentity,
-    job_id: String,
-    generation: u64,
-    /// The spec's `checkpoint.dir`: retired checkpoints are deleted only inside its
-    /// `JOB` directory.
-    checkpoint_root: PathBuf,
-}
-
 impl Worker {
     /// Serves assignments until the lease is lost.
     async fn serve(&self) -> anyhow::Result<()> {
         let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
         let running: Running = Default::default();
         let heartbeat = tokio::spawn(heartbeat(
-            self.coordinator.clone(),
+            self.session.clone(),
             self.identity.clone(),
             self.lease,
             running.clone(),
@@ -285,16 +209,17 @@ impl Worker {
                 _ = lost.changed() => break Ok(()),
                 // Asked to stop between generations (at once when that was earlier).
                 _ = self.leave.stopped() => break Ok(()),
-                a = async { rpc!(self.coordinator, await_assignment, request) } => a,
+                a = self.session.call_retrying(
+                    Retry::every(Duration::from_millis(500), None),
+                    "awaiting an assignment",
+                    request,
+                    |mut c, r| async move { c.await_assignment(r).await },
+                ) => a,
             };
             let assignment = match assignment {
                 Ok(a) if a.job_id.is_empty() => continue,
                 Ok(a) => a,
                 Err(status) if status.code() == Code::NotFound => break Ok(()),
-                Err(status) if transient(&status) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
                 Err(status) => {
                     break Err(anyhow::anyhow!(
                         "awaiting an assignment: {}",
@@ -334,9 +259,11 @@ impl Worker {
             leaving: true,
             ..Default::default()
         };
-        let told = tokio::time::timeout(Duration::from_secs(2), async {
-            rpc!(self.coordinator, heartbeat, request)
-        })
+        let told = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.session
+                .call(request, |mut c, r| async move { c.heartbeat(r).await }),
+        )
         .await;
         // An answer of any kind will do: "unknown worker" means it is gone already.
         if told.is_err() {
@@ -368,14 +295,15 @@ impl Worker {
         let retired = assignment.retired.clone();
         let (root, job) = (spec.checkpoint.dir.clone(), job_id.clone());
         tokio::task::spawn_blocking(move || delete_retired(&retired, &root, &job));
-        let (transport, payload) = match Transport::open(&self.config, rank) {
-            Ok(opened) => opened,
-            Err(why) => {
-                self.finish(&job_id, generation, None, Ending::Failed(why))
-                    .await;
-                return Ok(());
-            }
-        };
+        let (transport, payload) =
+            match Transport::open(self.config.device, &self.config.ring_host, rank) {
+                Ok(opened) => opened,
+                Err(why) => {
+                    self.finish(&job_id, generation, None, Ending::Failed(why))
+                        .await;
+                    return Ok(());
+                }
+            };
         let Some((payloads, ring_key)) = self
             .rendezvous(&job_id, generation, rank, payload, &stop)
             .await
@@ -385,7 +313,7 @@ impl Worker {
         };
 
         let run = Run {
-            coordinator: self.coordinator.clone(),
+            session: self.session.clone(),
             worker: self.identity.clone(),
             job_id: job_id.clone(),
             generation,
@@ -510,25 +438,28 @@ impl Worker {
         payload: Vec<u8>,
         stop: &StopSignal,
     ) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+        let request = pb::RendezvousRequest {
+            worker: Some(self.identity.clone()),
+            job_id: job_id.to_owned(),
+            generation,
+            rank,
+            payload,
+            wait_ms: 2_000,
+        };
         loop {
-            if stop.is_stopped() {
-                return None;
-            }
-            let request = pb::RendezvousRequest {
-                worker: Some(self.identity.clone()),
-                job_id: job_id.to_owned(),
-                generation,
-                rank,
-                payload: payload.clone(),
-                wait_ms: 2_000,
+            let answer = tokio::select! {
+                () = stop.stopped() => return None,
+                answer = self.session.call_retrying(
+                    Retry::every(Duration::from_millis(500), None),
+                    "rendezvous",
+                    request.clone(),
+                    |mut c, r| async move { c.rendezvous(r).await },
+                ) => answer,
             };
-            match rpc!(self.coordinator, rendezvous, request) {
+            match answer {
                 Ok(r) if !r.current => return None,
                 Ok(r) if r.complete => return Some((r.payloads, r.ring_key)),
                 Ok(_) => {}
-                Err(status) if transient(&status) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await
-                }
                 Err(status) => {
                     tracing::warn!("rendezvous refused: {}", status.message());
                     return None;
@@ -556,20 +487,18 @@ impl Worker {
             }
             Ending::CollectiveFailed(why) => request.collective_error = why,
         }
-        let started = Instant::now();
-        loop {
-            match rpc!(self.coordinator, report_progress, request.clone()) {
-                Ok(_) => return,
-                Err(status)
-                    if transient(&status) && started.elapsed() < Duration::from_secs(600) =>
-                {
-                    tokio::time::sleep(Duration::from_secs(1)).await
-                }
-                Err(status) => {
-                    tracing::error!("could not report the end of the run: {}", status.message());
-                    return;
-                }
-            }
+        let retry = Retry::every(Duration::from_secs(1), Some(Duration::from_secs(600)));
+        let answer = self
+            .session
+            .call_retrying(
+                retry,
+                "reporting the end of the run",
+                request,
+                |mut c, r| async move { c.report_progress(r).await },
+            )
+            .await;
+        if let Err(status) = answer {
+            tracing::error!("could not report the end of the run: {}", status.message());
         }
     }
 }
@@ -579,7 +508,7 @@ impl Worker {
 /// stops it (the coordinator ended it); an unknown worker (lease expired) stops it and ends
 /// the registration.
 async fn heartbeat(
-    coordinator: Arc<Coordinator>,
+    session: Arc<Session>,
     worker: pb::WorkerIdentity,
     lease: Duration,
     running: Running,
@@ -612,7 +541,9 @@ async fn heartbeat(
             .expect("running lock")
             .as_ref()
             .map(|(generation, _)| generation.clone());
-        let result = rpc!(coordinator, heartbeat, request);
+        let result = session
+            .call(request, |mut c, r| async move { c.heartbeat(r).await })
+            .await;
         let current = running.lock().expect("running lock").clone();
         match result {
             Ok(reply) => {
@@ -652,240 +583,6 @@ enum Ending {
     CollectiveFailed(String),
 }
 
-/// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA.
-enum Transport {
-    /// This rank's ring listener, bound before its address is published.
-    Ring(TcpListener),
-    Nccl {
-        device: i32,
-    },
-}
-
-impl Transport {
-    /// Prepares this rank's side and what it publishes in the rendezvous: its ring address,
-    /// or (rank 0 on CUDA) the NCCL unique id.
-    fn open(config: &Config, rank: u32) -> Result<(Transport, Vec<u8>), String> {
-        match config.device {
-            Device::Cuda(device) => {
-                let payload = if rank == 0 {
-                    nccl::unique_id().map_err(|e| e.to_string())?.to_vec()
-                } else {
-                    Vec::new()
-                };
-                Ok((
-                    Transport::Nccl {
-                        device: device as i32,
-                    },
-                    payload,
-                ))
-            }
-            _ => {
-                let listener = TcpListener::bind((config.ring_host.as_str(), 0))
-                    .map_err(|e| format!("cannot listen on {}: {e}", config.ring_host))?;
-                let address = listener
-                    .local_addr()
-                    .map_err(|e| format!("the ring listener has no address: {e}"))?;
-                Ok((Transport::Ring(listener), address.to_string().into_bytes()))
-            }
-        }
-    }
-
-    /// Joins the generation's collective from every rank's published payload.
-    fn connect(
-        self,
-        rank: u32,
-        payloads: &[Vec<u8>],
-        generation: u64,
-        ring_key: &[u8],
-        timeout: Duration,
-    ) -> Result<Box<dyn Collective>, TrainError> {
-        let world = payloads.len() as u32;
-        Ok(match self {
-            Transport::Ring(listener) => {
-                let addresses = payloads
-                    .iter()
-                    .enumerate()
-                    .map(|(r, p)| {
-                        String::from_utf8_lossy(p)
-                            .parse::<SocketAddr>()
-                            .map_err(|e| {
-                                TrainError::Fatal(format!(
-                                    "rank {r} published an unusable ring address {p:?}: {e}"
-                                ))
-                            })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Box::new(TcpRing::connect(
-                    rank, listener, &addresses, generation, ring_key, timeout,
-                )?)
-            }
-            Transport::Nccl { device } => Box::new(NcclCommunicator::init(
-                rank,
-                world,
-                &payloads[0],
-                device,
-                timeout,
-            )?),
-        })
-    }
-}
-
-fn to_pb(p: &Progress) -> pb::Progress {
-    let evaluation = p.evaluation.unwrap_or(crate::report::Evaluation {
-        epoch: 0,
-        top1: 0.0,
-        top5: 0.0,
-        samples: 0,
-    });
-    pb::Progress {
-        stage: p.stage,
-        epoch: p.epoch,
-        step: p.step,
-        steps_per_epoch: p.steps_per_epoch,
-        loss: p.loss as f32,
-        images_per_second: p.images_per_second as f32,
-        image_size: p.image_size,
-        graph_builds: p.graph_builds,
-        eta_seconds: p.eta_seconds as f32,
-        eval_epoch: if p.evaluation.is_some() {
-            evaluation.epoch + 1
-        } else {
-            0
-        },
-        eval_top1: evaluation.top1 as f32,
-        eval_top5: evaluation.top5 as f32,
-        global_step: p.global_step,
-        learning_rate: p.learning_rate as f32,
-    }
-}
-
-enum Report {
-    Progress(Progress, bool),
-}
-
-/// [`Events`] over channels to the async side: progress goes to the reporter task; a commit
-/// blocks the checkpoint writer's thread until the coordinator answers.
-struct ChannelEvents {
-    reports: mpsc::UnboundedSender<Report>,
-    run: Run,
-    runtime: tokio::runtime::Handle,
-}
-
-impl ChannelEvents {
-    fn new(run: Run) -> (ChannelEvents, mpsc::UnboundedReceiver<Report>) {
-        let (reports, receiver) = mpsc::unbounded_channel();
-        let runtime = tokio::runtime::Handle::current();
-        (
-            ChannelEvents {
-                reports,
-                run,
-                runtime,
-            },
-            receiver,
-        )
-    }
-}
-
-impl Events for ChannelEvents {
-    fn progress(&self, progress: &Progress, urgent: bool) {
-        let _ = self
-            .reports
-            .send(Report::Progress(progress.clone(), urgent));
-    }
-
-    fn checkpoint_failed(&self, error: &str) {
-        let run = &self.run;
-        let request = pb::ReportProgressRequest {
-            worker: Some(run.worker.clone()),
-            job_id: run.job_id.clone(),
-            generation: run.generation,
-            checkpoint_error: error.to_owned(),
-            ..Default::default()
-        };
-        if let Err(status) = self
-            .runtime
-            .block_on(async { rpc!(run.coordinator, report_progress, request) })
-        {
-            tracing::warn!(
-                "the failed checkpoint was not reported: {}",
-                status.message()
-            );
-        }
-    }
-
-    fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit {
-        let run = &self.run;
-        let request = pb::CommitCheckpointRequest {
-            worker: Some(run.worker.clone()),
-            job_id: run.job_id.clone(),
-            generation: run.generation,
-            checkpoint: Some(pb::CheckpointRef {
-                id: manifest.id.clone(),
-                path: dir.display().to_string(),
-                generation: manifest.generation,
-                epoch: manifest.epoch,
-                step: manifest.global_step,
-                stage: manifest.stage,
-                committed_at_ms: 0,
-                stage_end: manifest.stage_end,
-            }),
-            trained: manifest
-                .trained
-                .iter()
-                .map(|(&epoch, t)| pb::EpochTally {
-                    epoch,
-                    samples: t.samples,
-                    digest: t.digest,
-                    skipped: t.skipped,
-                })
-                .collect(),
-        };
-        self.runtime.block_on(async {
-            let mut pause = Duration::from_millis(200);
-            loop {
-                match rpc!(run.coordinator, commit_checkpoint, request.clone()) {
-                    Ok(reply) if reply.accepted => {
-                        tracing::info!(checkpoint = %manifest.id, "checkpoint committed");
-                        delete_retired(&reply.retired, &run.checkpoint_root, &run.job_id);
-                        return Commit::Committed;
-                    }
-                    Ok(reply) => return Commit::Refused(reply.reason),
-                    Err(status) if transient(&status) => {
-                        tracing::warn!(checkpoint = %manifest.id, "coordinator unreachable, commit retried: {}", status.message());
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                    Err(status) => return Commit::Unknown(status.message().to_owned()),
-                }
-            }
-        })
-    }
-}
-
-/// Deletes checkpoints retention retired. It dropped them from the job's record first, so
-/// deleting them can never lose the last good checkpoint, even if this process dies half-way:
-/// what is left is merely unreferenced, and the next generation's rank 0 is told to delete it
-/// again. Only directories of `job_id` under `root` (the spec's `checkpoint.dir`) are deleted:
-/// whoever else a path names, this worker refuses.
-fn delete_retired(retired: &[pb::CheckpointRef], root: &Path, job_id: &str) {
-    for old in retired {
-        let dir = match location::check_checkpoint_path(root, job_id, &old.id, &old.path) {
-            Ok(dir) => dir,
-            Err(e) => {
-                tracing::error!("refusing to delete a retired checkpoint: {e}");
-                continue;
-            }
-        };
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", dir.display())
-            }
-        }
-    }
-}
-
 /// The assignment's spec, the job's checkpoint directory and the checkpoint to restore, each
 /// checked: a job id or a checkpoint path that is not `checkpoint.dir/JOB/ID` is refused.
 fn checked_assignment(
@@ -910,95 +607,16 @@ fn checked_assignment(
     Ok((spec, checkpoints, restore_from))
 }
 
-/// Shows progress here and, from rank 0, sends it to the coordinator at most once a second (at
-/// once when urgent); stops the run if the coordinator says the generation is over. Returns the last
-/// progress once the trainer is done.
-async fn report_progress(
-    run: Run,
-    mut reports: mpsc::UnboundedReceiver<Report>,
-    stop: Arc<StopSignal>,
-    checkpoint_now: Arc<AtomicBool>,
-    progress_bar: bool,
-    send: bool,
-) -> Option<Progress> {
-    let Run {
-        coordinator,
-        worker,
-        job_id,
-        generation,
-        ..
-    } = run;
-    let mut display = crate::display::Display::new(progress_bar, &job_id);
-    let mut last: Option<Progress> = None;
-    let mut sent: Option<Instant> = None;
-    while let Some(Report::Progress(progress, urgent)) = reports.recv().await {
-        display.show(&progress, urgent);
-        last = Some(progress.clone());
-        let recently = sent.is_some_and(|at| at.elapsed() < Duration::from_secs(1));
-        if !send || (!urgent && recently) {
-            continue;
-        }
-        sent = Some(Instant::now());
-        let request = pb::ReportProgressRequest {
-            worker: Some(worker.clone()),
-            job_id: job_id.clone(),
-            generation,
-            progress: Some(to_pb(&progress)),
-            ..Default::default()
-        };
-        match rpc!(coordinator, report_progress, request) {
-            Ok(reply) if !reply.current => stop.stop(&format!(
-                "generation {generation} of {job_id} is no longer current"
-            )),
-            Ok(reply) if reply.checkpoint_now => {
-                checkpoint_now.store(true, Ordering::SeqCst);
-            }
-            Ok(_) => {}
-            Err(status) => tracing::debug!("progress not reported: {}", status.message()),
-        }
-    }
-    display.finish();
-    last
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// A spec whose `checkpoint.dir` is `dir/checkpoints`, as the coordinator hands it out.
     fn spec_toml(dir: &Path) -> String {
         let manifest = ladder_testkit::write_dataset(&dir.join("data"), 1, 4, 10);
         let spec = ladder_testkit::write_spec(dir, "job", &manifest, (1, 1));
         JobSpec::load(&spec).unwrap().to_toml()
-    }
-
-    #[test]
-    fn retired_checkpoints_are_deleted_only_inside_their_jobs_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("checkpoints");
-        let job = "job-000001";
-        let ours = ladder_testkit::checkpoint_ref(&root, job, 1, 4);
-        let precious = dir.path().join("home");
-        let other_job = ladder_testkit::checkpoint_ref(&root, "job-000002", 1, 4);
-        for d in [Path::new(&ours.path), &precious, Path::new(&other_job.path)] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let forged = [
-            pb::CheckpointRef {
-                path: precious.display().to_string(),
-                ..ours.clone()
-            },
-            pb::CheckpointRef {
-                id: "../../home".into(),
-                path: precious.display().to_string(),
-                ..ours.clone()
-            },
-            other_job.clone(),
-        ];
-        delete_retired(&forged, &root, job);
-        assert!(precious.is_dir() && Path::new(&other_job.path).is_dir());
-        delete_retired(std::slice::from_ref(&ours), &root, job);
-        assert!(!Path::new(&ours.path).exists());
     }
 
     #[test]

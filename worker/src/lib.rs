@@ -1,8 +1,12 @@
 //! Ladder's worker: trains EfficientNetV2 with libtorch (through `tch`) as one rank of a job.
 //!
-//! [`agent`] talks to the coordinator and runs a [`trainer::Trainer`] per assignment; the
-//! trainer's loop reads top to bottom in `trainer.rs`, fed by [`feed`] (this rank's
-//! micro-batches), reporting through [`report`] and [`metrics`], writing [`checkpoint`]s.
+//! [`agent`] runs the worker's life (register, heartbeat, await an assignment, rendezvous, run
+//! a [`trainer::Trainer`] per assignment) over its [`session`] with the coordinator (one
+//! connection, one way to retry), joining each generation's collective through [`transport`]
+//! and telling the coordinator what happens through [`reporting`]. The trainer's loop reads
+//! top to bottom in `trainer/mod.rs`, with its checkpoint pipeline, evaluation, meter and
+//! injected faults beside it; it is fed by [`feed`] (this rank's micro-batches), tells the
+//! outside world through [`report`] and [`metrics`], and writes [`checkpoint`]s.
 //!
 //! Data flow of a step: micro-batches -> [`model`] forward -> [`loss`] -> backward, which
 //! accumulates into the flat gradient buffer of [`flat`] -> (collective) -> [`optim`] RMSProp on
@@ -25,6 +29,9 @@ pub mod optim;
 pub mod precision;
 pub mod pretrained;
 pub mod report;
+pub mod reporting;
+pub mod session;
 pub mod state_io;
 pub mod trainer;
 pub mod training_state;
+pub mod transport;

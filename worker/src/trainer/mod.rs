@@ -15,8 +15,22 @@
 //! never starts. Dropout and stochastic-depth masks are seeded per micro-batch by (job seed,
 //! epoch, step, micro-batch index), mixup likewise, and augmentation per sample: the run is a
 //! function of the spec, whatever the world size and wherever it resumed.
+//!
+//! Beside the loop, each in its own module: [`checkpointing`] (when a checkpoint is due, the
+//! snapshot, the background write and commit), [`evaluation`] (the held-out split with the EMA
+//! weights), [`meter`] (step time and its parts, into the worker's metrics) and [`faults`]
+//! (what tests inject).
 
-use crate::checkpoint::{self, Manifest, Writer};
+mod checkpointing;
+mod evaluation;
+mod faults;
+mod meter;
+
+use checkpointing::Checkpoints;
+pub use faults::{Faults, hang_for_good};
+use meter::Meter;
+
+use crate::checkpoint;
 use crate::data_parallel::{
     all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor, floats_to_u64,
     u64_to_floats,
@@ -25,26 +39,25 @@ use crate::ema::Ema;
 use crate::feed::{self, Cursor};
 use crate::flat::FlatState;
 use crate::loss;
-use crate::metrics::{RunMetrics, StepParts};
+use crate::metrics::RunMetrics;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::{LearningRate, RmsProp};
 use crate::precision::{self, Precision};
 use crate::pretrained;
-use crate::report::{Commit, Evaluation, Events, Liveness, Progress, StopSignal};
+use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
 use crate::state_io;
-use crate::training_state::{PendingSnapshot, Snapshot, TrainingState};
+use crate::training_state::TrainingState;
 use ladder_collective::{Collective, CollectiveError};
-use ladder_core::location::CheckpointId;
 use ladder_core::rng::Stream;
 use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
 use ladder_core::spec::JobSpec;
-use ladder_core::stage::{EpochParams, StagePlan, micro_batch_for, round_to_multiple_of_8};
+use ladder_core::stage::{EpochParams, StagePlan};
 use ladder_data::loader::{Dataset, Loader, MicroBatch};
 use ladder_data::mixup;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor, nn};
@@ -88,31 +101,6 @@ pub struct Options {
     pub metrics: Arc<RunMetrics>,
 }
 
-/// Faults the tests inject (hidden worker flags), each before a global step.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Faults {
-    /// The training thread hangs for good (heartbeats go on), as a stuck kernel or a deadlock
-    /// would.
-    pub hang_before_step: Option<u64>,
-    /// The collective fails with an error, each time the run comes to the step, as a
-    /// misconfigured NCCL does.
-    pub collective_error_before_step: Option<u64>,
-    /// The parameters turn to NaN right after this step's update, as a diverged one leaves
-    /// them.
-    pub nan_after_step: Option<u64>,
-    /// The training thread hangs for good once its run stopped or failed (heartbeats go on),
-    /// as one stuck in a driver call when its generation ends would.
-    pub hang_when_stopped: bool,
-}
-
-/// What an injected hang does: the calling thread never returns.
-pub fn hang_for_good(when: &str) -> ! {
-    tracing::warn!("hanging on purpose {when}");
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     /// Asked to stop (a new generation, a cancelled job): not a failure of the job.
@@ -136,82 +124,6 @@ pub struct Outcome {
     pub graph_builds: u32,
 }
 
-/// Smoothed step time and loss, for images/s, ETA and the reported loss; and the epoch's
-/// totals, for a line in the log that tells the time waiting for data apart from the rest.
-struct Meter {
-    step_seconds: Option<f64>,
-    loss: Option<f64>,
-    /// The smoothed share of step time spent waiting for data.
-    data_wait_share: Option<f64>,
-    /// The parts of the step in progress.
-    parts: StepParts,
-    last: Instant,
-    epoch_started: Instant,
-    /// This rank's images in the epoch so far, and the time it spent waiting for them.
-    epoch_images: u64,
-    data_wait: Duration,
-}
-
-impl Meter {
-    fn smooth(old: Option<f64>, new: f64) -> f64 {
-        old.map_or(new, |o| 0.9 * o + 0.1 * new)
-    }
-
-    fn new() -> Meter {
-        let now = Instant::now();
-        Meter {
-            step_seconds: None,
-            loss: None,
-            data_wait_share: None,
-            parts: StepParts::default(),
-            last: now,
-            epoch_started: now,
-            epoch_images: 0,
-            data_wait: Duration::ZERO,
-        }
-    }
-
-    /// At the start of an epoch, its shape prepared.
-    fn restart(&mut self) {
-        self.last = Instant::now();
-        self.epoch_started = self.last;
-        self.epoch_images = 0;
-        self.data_wait = Duration::ZERO;
-    }
-
-    /// Logs the epoch's images/s on this rank and the share of its time spent waiting for the
-    /// data path: near 0 when the model step is what limits, large when decoding is.
-    fn log_epoch(&self, epoch: u32) {
-        let seconds = self.epoch_started.elapsed().as_secs_f64();
-        if self.epoch_images == 0 || seconds <= 0.0 {
-            return;
-        }
-        tracing::info!(
-            epoch = epoch + 1,
-            images_per_second = %format!("{:.1}", self.epoch_images as f64 / seconds),
-            waiting_for_data = %format!("{:.1}%", 100.0 * self.data_wait.as_secs_f64() / seconds),
-            "epoch trained on this rank"
-        );
-    }
-
-    /// Ends a step: smooths its time, loss and data-wait share, and records its parts in
-    /// `metrics`.
-    fn step(&mut self, loss: f64, metrics: &RunMetrics) {
-        let now = Instant::now();
-        let seconds = (now - self.last).as_secs_f64();
-        self.last = now;
-        self.step_seconds = Some(Self::smooth(self.step_seconds, seconds));
-        self.loss = Some(Self::smooth(self.loss, loss));
-        let parts = std::mem::take(&mut self.parts);
-        let share = match seconds {
-            s if s > 0.0 => (parts.data_wait.as_secs_f64() / s).min(1.0),
-            _ => 0.0,
-        };
-        self.data_wait_share = Some(Self::smooth(self.data_wait_share, share));
-        metrics.step(&parts, self.data_wait_share.unwrap_or_default());
-    }
-}
-
 pub struct Trainer {
     job: Assignment,
     options: Options,
@@ -230,14 +142,13 @@ pub struct Trainer {
     events: Arc<dyn Events>,
     stop: Arc<StopSignal>,
     liveness: Arc<Liveness>,
-    writer: Writer,
+    /// The checkpoint pipeline's state (see [`checkpointing`]).
+    checkpoints: Checkpoints,
     start: Cursor,
     /// The (image size, micro-batch) shapes prepared so far: one graph build each.
     prepared: BTreeSet<(u32, u32)>,
     evaluation: Option<Evaluation>,
     meter: Meter,
-    /// When the last checkpoint was taken (or the run started), for `checkpoint.every_minutes`.
-    last_checkpoint: Instant,
     /// Every BatchNorm's `num_batches_tracked`, and the value a checkpoint gives them all: the
     /// micro-batches of all ranks so far (so the count does not depend on the world size, and
     /// the warm-up of a graph build does not count). Forward passes count their own rank's in
@@ -247,12 +158,8 @@ pub struct Trainer {
     /// What the steps since the last committed checkpoint (or the restore) trained, per
     /// epoch, over all ranks: sent with the next commit, and taken off once it is accepted.
     untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
-    /// The last snapshot's host memory, back from the writer: the next snapshot copies into it.
-    spare_snapshot: Arc<Mutex<Option<Snapshot>>>,
     /// The BatchNorm statistics at the start of the step, for combining them across ranks.
     step_start_statistics: Tensor,
-    /// A checkpoint whose snapshot is still being copied, with how long starting it took.
-    pending_checkpoint: Option<(PendingSnapshot, Manifest, Duration)>,
 }
 
 fn fatal(what: &str) -> impl Fn(String) -> TrainError + '_ {
@@ -403,17 +310,14 @@ impl Trainer {
             events,
             stop,
             liveness,
-            writer: Writer::default(),
+            checkpoints: Checkpoints::default(),
             start,
             prepared: BTreeSet::new(),
             evaluation: None,
             meter: Meter::new(),
-            last_checkpoint: Instant::now(),
             batch_counters,
             batches_tracked,
             untallied: Arc::default(),
-            spare_snapshot: Arc::default(),
-            pending_checkpoint: None,
             step_start_statistics,
             spec,
         })
@@ -474,27 +378,7 @@ impl Trainer {
                     step,
                 }
                 .global_step(steps_per_epoch);
-                let faults = self.options.faults;
-                if faults.collective_error_before_step == Some(about_to) {
-                    // What a peer that resets the connection looks like.
-                    return Err(TrainError::Collective(CollectiveError::Peer {
-                        rank,
-                        peer: (rank + 1) % world,
-                        during: "allreduce",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::ConnectionReset,
-                            format!(
-                                "injected before step {about_to} \
-                                 (--inject-collective-error-before-step)"
-                            ),
-                        ),
-                    }));
-                }
-                if faults.hang_before_step == Some(about_to) {
-                    hang_for_good(&format!(
-                        "before step {about_to} (--inject-hang-before-step)"
-                    ));
-                }
+                self.options.faults.before_step(about_to, rank, world)?;
                 let loss = self.train_step(&loader, e, step, micro_per_step)?;
                 // Every rank has the same summed loss, so all stop here together.
                 if !loss.is_finite() {
@@ -503,11 +387,9 @@ impl Trainer {
                         about_to + 1
                     )));
                 }
-                if faults.nan_after_step == Some(about_to + 1) {
-                    tch::no_grad(|| {
-                        let _ = self.flat.params.shallow_clone().fill_(f64::NAN);
-                    });
-                }
+                self.options
+                    .faults
+                    .after_step(about_to + 1, &self.flat.params);
                 self.meter.step(loss, &self.options.metrics);
                 self.liveness
                     .set_data_wait_share(self.meter.data_wait_share.unwrap_or_default());
@@ -547,7 +429,7 @@ impl Trainer {
         // No next step's loss will show weights that went bad in the last update.
         self.ensure_finite_weights(cursor)?;
         self.complete_checkpoint();
-        self.writer.wait();
+        self.checkpoints.writer.wait();
         Ok(Outcome {
             graph_builds: self.graph_builds(),
         })
@@ -567,19 +449,6 @@ impl Trainer {
             }
         }
         Ok(())
-    }
-
-    /// Whether a checkpoint is due after `global_step`: every `checkpoint.every_steps` steps,
-    /// whenever `checkpoint.every_minutes` have passed since the last one (by this rank's
-    /// clock: rank 0's decides, since it writes), and when the coordinator asked for one.
-    fn checkpoint_due(&self, global_step: u64) -> bool {
-        let every = &self.spec.checkpoint;
-        let by_steps =
-            every.every_steps > 0 && global_step.is_multiple_of(every.every_steps as u64);
-        let by_time = every.every_minutes > 0.0
-            && self.last_checkpoint.elapsed().as_secs_f64() >= every.every_minutes * 60.0;
-        let asked = self.options.checkpoint_now.load(Ordering::SeqCst);
-        by_steps || by_time || asked
     }
 
     fn record_digest(&self, global_step: u64) -> Result<(), TrainError> {
@@ -844,210 +713,5 @@ impl Trainer {
             });
         self.meter.parts.optimizer = updating.elapsed();
         Ok(stats[0] as f64 / micro_per_step as f64)
-    }
-
-    fn set_batch_counters(&self) {
-        tch::no_grad(|| {
-            for counter in &self.batch_counters {
-                let _ = counter.shallow_clone().fill_(self.batches_tracked);
-            }
-        });
-    }
-
-    /// Top-1 and top-5 on the held-out split with the EMA weights, each rank evaluating every
-    /// `world`-th sample; `None` without a held-out split.
-    fn evaluate(&mut self, epoch: u32) -> Result<Option<Evaluation>, TrainError> {
-        self.complete_checkpoint();
-        let Some(eval_set) = self.eval_set.clone() else {
-            return Ok(None);
-        };
-        let started = Instant::now();
-        let spec = self.spec.clone();
-        let size = spec.schedule.eval_size;
-        let batch = micro_batch_for(
-            size,
-            round_to_multiple_of_8(spec.schedule.max_size as f64),
-            spec.batch.micro_at_max_size,
-            spec.batch.micro_max,
-        );
-        let requests = feed::eval_requests(
-            &spec,
-            eval_set.len(),
-            size,
-            batch,
-            self.job.rank,
-            self.job.world_size,
-        );
-        let loader = self.loader(&eval_set, requests.into_iter());
-        let live = (self.flat.params.copy(), self.flat.buffers.copy());
-        let swap_in = |params: &Tensor, buffers: &Tensor| {
-            tch::no_grad(|| {
-                self.flat.params.shallow_clone().copy_(params);
-                self.flat.buffers.shallow_clone().copy_(buffers);
-            })
-        };
-        swap_in(&self.ema.params, &self.ema.buffers);
-        let classes = spec.model.classes as i64;
-        let counts = Tensor::zeros([3], (Kind::Float, self.options.device));
-        let result = (|| -> Result<(), TrainError> {
-            while let Some(batch) = loader.next() {
-                if let Some(reason) = self.stop.reason() {
-                    return Err(TrainError::Stopped(reason));
-                }
-                let batch = batch.map_err(|e| TrainError::Fatal(e.to_string()))?;
-                let (images, labels) = self.to_device(&batch);
-                let logits = tch::no_grad(|| self.forward(&images, false));
-                let top = logits.topk(classes.min(5), 1, true, true).1;
-                let hits = top.eq_tensor(&labels.unsqueeze(1));
-                let top1 = hits.narrow(1, 0, 1).sum(Kind::Float);
-                let top5 = hits.sum(Kind::Float);
-                let n = Tensor::full(
-                    [],
-                    batch.labels.len() as f64,
-                    (Kind::Float, self.options.device),
-                );
-                self.liveness.tick();
-                let _ = counts
-                    .shallow_clone()
-                    .g_add_(&Tensor::stack(&[top1, top5, n], 0));
-            }
-            Ok(())
-        })();
-        swap_in(&live.0, &live.1);
-        result?;
-        let collective = self.collective.as_mut();
-        self.liveness
-            .collective(|| all_reduce_tensor(&counts, collective))?;
-        let counts = Vec::<f32>::try_from(&counts.to_device(Device::Cpu)).expect("3 floats");
-        let samples = counts[2] as u64;
-        let evaluation = Evaluation {
-            epoch,
-            top1: counts[0] as f64 / samples.max(1) as f64,
-            top5: counts[1] as f64 / samples.max(1) as f64,
-            samples,
-        };
-        tracing::info!(
-            epoch = epoch + 1,
-            top1 = evaluation.top1,
-            top5 = evaluation.top5,
-            samples,
-            seconds = started.elapsed().as_secs_f64(),
-            "evaluated the EMA weights"
-        );
-        Ok(Some(evaluation))
-    }
-
-    /// Rank 0 snapshots the state and writes it in the background; training goes on.
-    fn checkpoint(&mut self, e: &EpochParams, next: Cursor, stage_end: bool) {
-        self.last_checkpoint = Instant::now();
-        self.options.checkpoint_now.store(false, Ordering::SeqCst);
-        if self.job.rank != 0 {
-            return;
-        }
-        // A diverged update can leave non-finite weights behind a finite loss; saved, they would
-        // push good checkpoints out of retention. Not saved, then: the next step's loss, the
-        // same on every rank, ends the run on all of them together (the run's last checkpoint
-        // has no next step: `ensure_finite_weights` stands in for it).
-        if let Err(e) = self.ensure_finite_weights(next) {
-            tracing::error!("checkpoint not taken: {e}");
-            return;
-        }
-        self.complete_checkpoint();
-        let started = Instant::now();
-        if self.writer.busy() {
-            tracing::warn!("the previous checkpoint is still being written; waiting for it");
-        }
-        // At most one write in flight; it gives back the host memory the next snapshot reuses.
-        self.writer.wait();
-        self.set_batch_counters();
-        let snapshot = TrainingState {
-            vs: &self.vs,
-            flat: &self.flat,
-            optimizer: &mut self.optimizer,
-            ema: &mut self.ema,
-        }
-        .begin_snapshot(self.spare_snapshot.lock().expect("snapshot lock").take());
-        let steps_per_epoch = self.plan.steps_per_epoch();
-        let global_step = next.global_step(steps_per_epoch);
-        let manifest = Manifest {
-            format: 0,
-            id: CheckpointId {
-                generation: self.job.generation,
-                global_step,
-            }
-            .to_string(),
-            job: self.job.job_id.clone(),
-            generation: self.job.generation,
-            global_step,
-            epoch: next.epoch,
-            step: next.step,
-            steps_per_epoch,
-            stage: e.stage,
-            stage_end,
-            seed: self.spec.schedule.seed,
-            world_size: self.job.world_size,
-            model: self.spec.model.variant.to_string(),
-            classes: self.spec.model.classes,
-            files: Default::default(),
-            trained: self.untallied.lock().expect("tally lock").clone(),
-        };
-        self.pending_checkpoint = Some((snapshot, manifest, started.elapsed()));
-        self.liveness.tick();
-    }
-
-    /// Waits for the pending snapshot's copy (it ran beside this step's forward and backward
-    /// passes) and hands it to the background writer. Called before anything changes the
-    /// parameters, optimizer state or EMA.
-    fn complete_checkpoint(&mut self) {
-        let Some((pending, manifest, taken)) = self.pending_checkpoint.take() else {
-            return;
-        };
-        let waited = Instant::now();
-        let snapshot = pending.finish();
-        let blocked = taken + waited.elapsed();
-        tracing::debug!(
-            blocked_ms = blocked.as_secs_f64() * 1e3,
-            "checkpoint snapshot taken"
-        );
-        self.options.metrics.snapshot(blocked);
-        let metrics = self.options.metrics.clone();
-        let untallied = self.untallied.clone();
-        let spare = self.spare_snapshot.clone();
-        let parent = self.job.checkpoints.clone();
-        let events = self.events.clone();
-        self.writer.submit(Box::new(move || {
-            let writing = Instant::now();
-            let written = checkpoint::write(&snapshot, &parent, manifest);
-            if let Ok((_, manifest)) = &written {
-                metrics.written(
-                    writing.elapsed(),
-                    manifest.files.values().map(|f| f.bytes).sum(),
-                );
-            }
-            match written {
-                Ok((dir, manifest)) => match events.commit(&manifest, &dir) {
-                    Commit::Committed => {
-                        let mut untallied = untallied.lock().expect("tally lock");
-                        for (epoch, sent) in &manifest.trained {
-                            untallied.entry(*epoch).or_default().unmerge(*sent);
-                        }
-                        untallied.retain(|_, t| *t != EpochTally::default());
-                    }
-                    Commit::Refused(why) => {
-                        // Never to be resumed from: left on disk, it would only look like one.
-                        let removed = std::fs::remove_dir_all(&dir);
-                        tracing::warn!(checkpoint = %manifest.id, ?removed, "the coordinator refused the checkpoint ({why}); its files are deleted");
-                    }
-                    Commit::Unknown(why) => {
-                        tracing::warn!(checkpoint = %manifest.id, "no answer to the checkpoint's commit; its files stay: {why}");
-                    }
-                },
-                Err(e) => {
-                    tracing::error!("checkpoint not written, training goes on: {e}");
-                    events.checkpoint_failed(&e.to_string());
-                }
-            }
-            *spare.lock().expect("snapshot lock") = Some(snapshot);
-        }));
     }
 }
