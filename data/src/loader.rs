@@ -154,7 +154,26 @@ impl Dataset {
                     entry.bytes
                 )));
             }
-            let index = ShardIndex::load(&dir.join(&entry.index))?;
+            let index_path = dir.join(&entry.index);
+            let index = ShardIndex::load(&index_path)?;
+            // Checked once here: a read must never size its buffer from a bad index.
+            if let Some(beyond) = index
+                .samples
+                .iter()
+                .find(|s| s.offset.checked_add(s.size).is_none_or(|end| end > bytes))
+            {
+                return Err(DatasetError::Format {
+                    path: index_path,
+                    what: "shard index",
+                    message: format!(
+                        "sample {:?} runs to byte {} of {} ({bytes} bytes): re-run `ladder \
+                         dataset index`",
+                        ladder_core::cut(&beyond.key),
+                        beyond.offset as u128 + beyond.size as u128,
+                        entry.path
+                    ),
+                });
+            }
             if index.samples.len() != entry.samples as usize {
                 return Err(stale(format!(
                     "its index lists {} samples, the manifest says {}",
@@ -320,6 +339,26 @@ pub struct MicroBatch {
 #[error("no sample of the micro-batch could be used:\n  {}", .0.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("\n  "))]
 pub struct NothingUsable(pub Vec<Skip>);
 
+/// Why the loader has no micro-batch to give.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    NothingUsable(#[from] NothingUsable),
+    /// A thread of the data path panicked (a bug, never bad input): the run must stop with
+    /// it rather than wait for a batch that never comes.
+    #[error("the data path failed: {0}")]
+    Panicked(String),
+}
+
+/// What a caught panic says.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
+}
+
 /// Reads, decodes and augments one micro-batch.
 pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch, NothingUsable> {
     let raw = dataset.read(&request.ids);
@@ -398,7 +437,10 @@ type Requests = std::iter::Peekable<Box<dyn Iterator<Item = BatchRequest> + Send
 struct Queue {
     requests: Requests,
     exhausted: bool,
-    done: BTreeMap<u64, Result<MicroBatch, NothingUsable>>,
+    done: BTreeMap<u64, Result<MicroBatch, LoadError>>,
+    /// A thread panicked while taking the next request (the plan itself failed): no request
+    /// after it will come.
+    failed: Option<String>,
     /// Bytes of each requested, not yet delivered batch.
     sizes: BTreeMap<u64, usize>,
     next_request: u64,
@@ -437,6 +479,7 @@ impl Loader {
                 next_request: 0,
                 next_delivery: 0,
                 closed: false,
+                failed: None,
             }),
             Condvar::new(),
         ));
@@ -453,15 +496,27 @@ impl Loader {
                                     return;
                                 }
                                 let in_flight: usize = q.sizes.values().sum();
-                                let admit = match q.requests.peek() {
-                                    None => {
+                                // The plan's iterator runs here, under the lock: a panic in
+                                // it ends the requests with an error, not a hang (and, caught
+                                // here, poisons nothing).
+                                let peeked =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        q.requests.peek().map(batch_bytes)
+                                    }));
+                                let admit = match peeked {
+                                    Err(panic) => {
+                                        q.failed = Some(panic_message(panic));
                                         q.exhausted = true;
                                         ready.notify_all();
                                         return;
                                     }
-                                    Some(next) => {
-                                        in_flight == 0
-                                            || in_flight + batch_bytes(next) <= prefetch_bytes
+                                    Ok(None) => {
+                                        q.exhausted = true;
+                                        ready.notify_all();
+                                        return;
+                                    }
+                                    Ok(Some(bytes)) => {
+                                        in_flight == 0 || in_flight + bytes <= prefetch_bytes
                                     }
                                 };
                                 if admit {
@@ -474,7 +529,11 @@ impl Loader {
                                 q = ready.wait(q).expect("loader lock");
                             }
                         };
-                        let batch = assemble(&dataset, &request);
+                        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            assemble(&dataset, &request)
+                        }))
+                        .map_err(|panic| LoadError::Panicked(panic_message(panic)))
+                        .and_then(|batch| batch.map_err(LoadError::from));
                         lock.lock().expect("loader lock").done.insert(seq, batch);
                         ready.notify_all();
                     }
@@ -487,8 +546,9 @@ impl Loader {
         }
     }
 
-    /// The next micro-batch in request order; `None` once every request was delivered.
-    pub fn next(&self) -> Option<Result<MicroBatch, NothingUsable>> {
+    /// The next micro-batch in request order; `None` once every request was delivered. A
+    /// thread of the data path that panicked makes this an error, never a wait.
+    pub fn next(&self) -> Option<Result<MicroBatch, LoadError>> {
         let (lock, ready) = &*self.state;
         let mut q = lock.lock().expect("loader lock");
         loop {
@@ -500,7 +560,7 @@ impl Loader {
                 return Some(batch);
             }
             if q.exhausted && q.next_delivery == q.next_request {
-                return None;
+                return q.failed.take().map(|why| Err(LoadError::Panicked(why)));
             }
             q = ready.wait(q).expect("loader lock");
         }

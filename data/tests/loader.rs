@@ -4,7 +4,9 @@
 
 use ladder_core::dataset;
 use ladder_data::augment::TrainTransform;
-use ladder_data::loader::{BatchRequest, Dataset, Loader, SkipReason, Transform, assemble};
+use ladder_data::loader::{
+    BatchRequest, Dataset, LoadError, Loader, SkipReason, Transform, assemble,
+};
 use ladder_data::synth;
 use std::path::Path;
 use std::sync::Arc;
@@ -206,4 +208,65 @@ fn the_loader_delivers_in_order_across_a_stage_switch() {
     // Dropped half-way, the loader stops its threads.
     let partial = Loader::new(data.clone(), 2, 1 << 20, requests.into_iter());
     assert!(partial.next().is_some());
+}
+
+/// `loader.next()`, or a failure if it does not answer within 60 s (a hang fails the test
+/// instead of stalling the suite).
+fn next_within_a_minute(
+    loader: Loader,
+) -> Option<Result<ladder_data::loader::MicroBatch, LoadError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(loader.next());
+        // The loader is dropped here, after the answer.
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the loader hung instead of failing")
+}
+
+#[test]
+fn a_panic_in_the_data_path_is_an_error_for_the_trainer_not_a_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Arc::new(synth_dataset(dir.path()));
+    // A decode thread panics (an id beyond the dataset is a bug upstream, never bad input).
+    let beyond = vec![request(vec![0, 999], 0, train(32))];
+    let loader = Loader::new(data.clone(), 2, 1 << 20, beyond.into_iter());
+    let failed = next_within_a_minute(loader).expect("an answer");
+    match failed {
+        Err(LoadError::Panicked(why)) => assert!(why.contains("beyond the dataset"), "{why}"),
+        other => panic!("{:?}", other.map(|b| b.ids)),
+    }
+    // The plan itself panics after its first request.
+    let first = request(vec![0, 1], 0, train(32));
+    let plan = std::iter::once(first).chain(std::iter::from_fn(|| -> Option<BatchRequest> {
+        panic!("the plan broke")
+    }));
+    let loader = Loader::new(data, 1, 1 << 20, plan);
+    assert!(loader.next().unwrap().is_ok(), "the first batch comes");
+    match next_within_a_minute(loader) {
+        Some(Err(LoadError::Panicked(why))) => assert!(why.contains("the plan broke"), "{why}"),
+        other => panic!("{:?}", other.map(|b| b.map(|b| b.ids))),
+    }
+}
+
+#[test]
+fn an_index_entry_past_its_shards_end_is_refused_when_the_dataset_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = synth::write(dir.path(), 4, 8, 2, 1).unwrap();
+    let index_path = dir.path().join(&report.manifest.shards[0].index);
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    // What a corrupted index might say: a sample of 2^40 bytes.
+    index["samples"][1]["size"] = serde_json::json!(1u64 << 40);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let err = Dataset::open(&report.manifest_path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains(&report.manifest.shards[0].index)
+            && err.contains("runs to byte")
+            && err.contains("re-run `ladder dataset index`"),
+        "{err}"
+    );
 }
