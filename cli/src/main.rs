@@ -147,8 +147,10 @@ enum DatasetCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard and
-    /// DIR/manifest.json.
+    /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
+    /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
+    /// DIR/manifest.json. Run it again on a dataset indexed before samples.idx existed to add
+    /// one.
     Index {
         /// The directory of the shards.
         dir: PathBuf,

@@ -6,8 +6,10 @@
 //! each other. A training sample is an image (`jpg`, `jpeg` or `png`) and a class label (`cls`,
 //! an ASCII integer). `ladder dataset index DIR` writes, next to each `NAME.tar`, an index
 //! `NAME.idx.json` (each sample's key, image offset, size and format, and label) and, in `DIR`,
-//! `manifest.json` (the shards in order, their sample counts and sizes, the class count). The
-//! coordinator plans from the manifest; a worker reads just the byte ranges its plan names.
+//! `manifest.json` (the shards in order, their sample counts and sizes, the class count) and
+//! `samples.idx`, all the shard indexes in one compact, memory-mapped table
+//! ([`crate::sample_index`]). The coordinator plans from the manifest; a worker reads just the
+//! byte ranges its plan names.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -433,6 +435,7 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
         });
     }
     let mut shards = Vec::with_capacity(names.len());
+    let mut indexes = Vec::with_capacity(names.len());
     let mut issues = Vec::new();
     let mut errors = Vec::new();
     let mut max_label = None;
@@ -451,6 +454,7 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
                     samples: index.samples.len() as u32,
                     bytes,
                 });
+                indexes.push(index.samples);
             }
             Err(e) => errors.push(e),
         }
@@ -467,6 +471,13 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
         total_samples: shards.iter().map(|s| s.samples as u64).sum(),
         shards,
     };
+    // The compact index first: the manifest, written last, is what makes the dataset whole
+    // (and an index left from before it is refused for not matching it).
+    crate::sample_index::SampleIndex::write(
+        &dir.join(crate::sample_index::SAMPLE_INDEX_FILE),
+        &manifest,
+        indexes.iter().map(Vec::as_slice),
+    )?;
     let manifest_path = dir.join(MANIFEST_FILE);
     write_json_atomically(&manifest_path, &manifest)?;
     Ok(IndexReport {

@@ -1,6 +1,6 @@
 //! Ladder's shared core: what coordinator and worker must agree on, with no libtorch and no
 //! networking. The job spec ([`spec`]), the stage plan ([`stage`]), the sample plan
-//! ([`sample`]), the dataset manifest and shard index ([`dataset`]), and the deterministic
+//! ([`sample`]), the dataset manifest and shard index ([`dataset`], [`sample_index`]), and the deterministic
 //! random streams they are built on ([`rng`]), and where checkpoints live ([`location`]).
 
 pub mod dataset;
@@ -8,6 +8,7 @@ pub mod location;
 pub mod logging;
 pub mod rng;
 pub mod sample;
+pub mod sample_index;
 pub mod spec;
 pub mod stage;
 

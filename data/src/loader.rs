@@ -1,7 +1,8 @@
 //! From sample ids to augmented micro-batches.
 //!
-//! [`Dataset`] opens a manifest and its shard indexes and reads just the byte ranges a plan
-//! names (positional reads, grouped and ordered per shard). [`assemble`] decodes and augments a
+//! [`Dataset`] opens a manifest and its sample index (memory-mapped, see
+//! [`ladder_core::sample_index`]) and reads just the byte ranges a plan names (positional reads,
+//! grouped and ordered per shard). [`assemble`] decodes and augments a
 //! micro-batch into one float32 NCHW buffer. [`Loader`] works through the plan's requests on a
 //! pool of threads ahead of training, delivering in order, with at most `prefetch_bytes` of
 //! batches in flight; each request carries its own transform, so a stage switch changes the
@@ -18,7 +19,8 @@
 use crate::augment::{TrainTransform, eval_transform, sample_stream};
 use crate::batch::normalize_into;
 use crate::decode::DecodeError;
-use ladder_core::dataset::{DatasetError, ImageFormat, Manifest, ShardIndex};
+use ladder_core::dataset::{DatasetError, ImageFormat, Manifest};
+use ladder_core::sample_index::SampleIndex;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -36,7 +38,6 @@ struct Shard {
     /// once more at once and give up, so that a shard that stays unreadable costs each of its
     /// samples an instant, not the whole wait.
     gave_up: Mutex<Option<Instant>>,
-    index: ShardIndex,
 }
 
 /// Pauses before the further tries of a failed read, about 8 s in all: shared file systems
@@ -105,11 +106,12 @@ fn retry(
     result
 }
 
-/// An opened dataset: its shards and their indexes.
+/// An opened dataset: its shards and its sample index.
 pub struct Dataset {
     shards: Vec<Shard>,
     /// Id of each shard's first sample; one extra entry holds the total.
     starts: Vec<u64>,
+    index: SampleIndex,
     pub classes: u32,
 }
 
@@ -154,33 +156,6 @@ impl Dataset {
                     entry.bytes
                 )));
             }
-            let index_path = dir.join(&entry.index);
-            let index = ShardIndex::load(&index_path)?;
-            // Checked once here: a read must never size its buffer from a bad index.
-            if let Some(beyond) = index
-                .samples
-                .iter()
-                .find(|s| s.offset.checked_add(s.size).is_none_or(|end| end > bytes))
-            {
-                return Err(DatasetError::Format {
-                    path: index_path,
-                    what: "shard index",
-                    message: format!(
-                        "sample {:?} runs to byte {} of {} ({bytes} bytes): re-run `ladder \
-                         dataset index`",
-                        ladder_core::cut(&beyond.key),
-                        beyond.offset as u128 + beyond.size as u128,
-                        entry.path
-                    ),
-                });
-            }
-            if index.samples.len() != entry.samples as usize {
-                return Err(stale(format!(
-                    "its index lists {} samples, the manifest says {}",
-                    index.samples.len(),
-                    entry.samples
-                )));
-            }
             starts.push(total);
             total += entry.samples as u64;
             shards.push(Shard {
@@ -188,13 +163,13 @@ impl Dataset {
                 path: shard_path,
                 file: RwLock::new(file),
                 gave_up: Mutex::new(None),
-                index,
             });
         }
         starts.push(total);
         Ok(Dataset {
             shards,
             starts,
+            index: SampleIndex::open(&dir, &manifest)?,
             classes: manifest.classes,
         })
     }
@@ -228,15 +203,15 @@ impl Dataset {
             .collect();
         order.sort_unstable();
         let mut out: Vec<Option<RawSample>> = (0..ids.len()).map(|_| None).collect();
-        for (shard, index, position) in order {
+        for (shard, _, position) in order {
             let s = &self.shards[shard];
-            let entry = &s.index.samples[index];
+            let entry = self.index.get(ids[position]);
             let mut bytes = vec![0u8; entry.size as usize];
             let read = s.read_at(&mut bytes, entry.offset).map(|()| bytes);
             out[position] = Some(RawSample {
                 id: ids[position],
                 shard: s.name.clone(),
-                key: entry.key.clone(),
+                key: entry.key.to_owned(),
                 label: entry.label,
                 format: entry.format,
                 bytes: read,

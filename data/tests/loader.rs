@@ -253,6 +253,13 @@ fn a_panic_in_the_data_path_is_an_error_for_the_trainer_not_a_wait() {
 fn an_index_entry_past_its_shards_end_is_refused_when_the_dataset_opens() {
     let dir = tempfile::tempdir().unwrap();
     let report = synth::write(dir.path(), 4, 8, 2, 1).unwrap();
+    // A dataset indexed before samples.idx existed: its JSON indexes are read (and may have
+    // been edited by anyone).
+    std::fs::remove_file(
+        dir.path()
+            .join(ladder_core::sample_index::SAMPLE_INDEX_FILE),
+    )
+    .unwrap();
     let index_path = dir.path().join(&report.manifest.shards[0].index);
     let mut index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
