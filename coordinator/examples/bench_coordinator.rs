@@ -342,6 +342,10 @@ async fn scenario(
     workers: usize,
 ) -> Outcome {
     let logs = dir.join(format!("logs-{store_name}-{workers}"));
+    // Each scenario's jobs write their checkpoints and TensorBoard runs apart: job ids start
+    // again with each store.
+    let jobs_dir = dir.join(format!("jobs-{store_name}-{workers}"));
+    std::fs::create_dir_all(&jobs_dir).unwrap();
     let http = format!("127.0.0.1:{}", ladder_testkit::free_port());
     let coordinator = CoordinatorProcess::start(
         store,
@@ -432,7 +436,7 @@ async fn scenario(
         let submitted = Instant::now();
         let big = jobs
             .submit_job(pb::SubmitJobRequest {
-                spec_toml: spec(dir, "big", manifest, BIG_JOB),
+                spec_toml: spec(&jobs_dir, "big", manifest, BIG_JOB),
             })
             .await
             .expect("submitting the 1,024-rank job")
@@ -461,7 +465,7 @@ async fn scenario(
             .state;
         assert_eq!(state, pb::JobState::Running as i32);
     }
-    let small = spec(dir, "small", manifest, 1);
+    let small = spec(&jobs_dir, "small", manifest, 1);
     for _ in 0..SMALL_JOBS {
         jobs.submit_job(pb::SubmitJobRequest {
             spec_toml: small.clone(),

@@ -6,8 +6,10 @@ use ladder_core::sample::{EpochOrder, SamplePlan};
 use std::hint::black_box;
 use std::time::Instant;
 
-const SAMPLES: u64 = 12_720_275;
-const SHARDS: u64 = 12_721;
+#[path = "common/imagenet21k.rs"]
+mod imagenet21k;
+use imagenet21k::{SAMPLES, SHARDS, shard_sizes};
+
 const GLOBAL_BATCH: u32 = 4096;
 const MICRO_BATCH: u32 = 4;
 const WORLD: u32 = 1024;
@@ -15,13 +17,6 @@ const WINDOW: u32 = 4;
 const SEED: u64 = 0x1adde5;
 const GOAL_SECONDS: f64 = 1.0;
 const GOAL_RSS_MB: f64 = 500.0;
-
-/// Shard sizes as even as the total allows (999 or 1000 here), summing to exactly `SAMPLES`.
-fn shard_sizes() -> Vec<u32> {
-    (0..SHARDS)
-        .map(|i| (SAMPLES * (i + 1) / SHARDS - SAMPLES * i / SHARDS) as u32)
-        .collect()
-}
 
 /// Walks the epoch as the ranks do, then its dropped tail, handing every sample id to `visit`;
 /// returns an order-sensitive checksum of the ids, which also keeps the work from being

@@ -206,12 +206,14 @@ impl SampleIndex {
         let index = match std::fs::File::open(&path) {
             Ok(file) => {
                 // SAFETY: the file is mapped read-only and never written in place (writers
-                // rename a new file over it); its contents are checked before use.
-                let map =
-                    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| DatasetError::Io {
+                // rename a new file over it); its contents are checked before use. Its pages
+                // are faulted in at once (they are all read by the checksum).
+                let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(
+                    |source| DatasetError::Io {
                         path: path.clone(),
                         source,
-                    })?;
+                    },
+                )?;
                 SampleIndex::check(Bytes::Mapped(map), manifest, path)?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
