@@ -17,6 +17,7 @@
 
 use crate::records::{Incident, JobState};
 use crate::state::{JobView, WorkerView};
+use ladder_core::dataset::SKIP_REASONS;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -79,6 +80,12 @@ struct JobStateLabels {
 struct IncidentLabels {
     job: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SkipLabels {
+    job: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,6 +202,14 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
          failed, checkpoints unusable or not written, workers failed",
         incidents.clone(),
     );
+    let skips = Family::<SkipLabels, Counter>::default();
+    registry.register(
+        "job_samples_skipped",
+        "Samples the job's workers skipped while it trained, by reason (unreadable, empty, \
+         undecodable, label_out_of_range), as their heartbeats tell (since the coordinator \
+         started)",
+        skips.clone(),
+    );
     let committed = Family::<JobLabel, Counter>::default();
     registry.register(
         "job_checkpoints_committed",
@@ -224,8 +239,8 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
         None,
     );
     let skipped = per_job(
-        "job_samples_skipped",
-        "Samples skipped (unreadable, undecodable, label out of range) in the committed history",
+        "job_samples_skipped_committed",
+        "Samples skipped in the job's committed history (what its checkpoints trained)",
         None,
     );
     let loss = per_job(
@@ -307,6 +322,14 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
         committed
             .get_or_create(&JobLabel { job: id.to_owned() })
             .inc_by(job.checkpoints_committed);
+        for (reason, count) in SKIP_REASONS.iter().zip(view.skipped) {
+            skips
+                .get_or_create(&SkipLabels {
+                    job: id.to_owned(),
+                    reason,
+                })
+                .inc_by(count);
+        }
         let p = &job.progress;
         stage.set(id, f64::from(p.stage + 1));
         stages.set(id, f64::from(job.stage_count));

@@ -12,6 +12,7 @@ use crate::records::{JobRecord, ProgressRecord, WorkerAssignment, WorkerRecord};
 use crate::state::CoordinatorError;
 use crate::tensorboard::{self, Note};
 use ladder_core::cut;
+use ladder_core::dataset::SKIP_REASONS;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct Member {
     pub in_collective: bool,
     /// The share of its step time spent waiting for data, from its last heartbeat.
     pub data_wait: f32,
+    /// Samples its process skipped so far, by [`SKIP_REASONS`], from its last heartbeat.
+    pub skipped: [u64; SKIP_REASONS.len()],
     /// Whether this coordinator process has heard from the worker (it registered or sent a
     /// heartbeat). Workers recovered from the store after a restart may be long dead: they
     /// keep the assignments they had, but get no new one before they show they are alive.
@@ -71,6 +74,7 @@ impl Member {
             active_ms: now,
             in_collective: false,
             data_wait: 0.0,
+            skipped: [0; SKIP_REASONS.len()],
             heard_from,
             leaving: false,
             reassigned: Arc::default(),
@@ -143,6 +147,9 @@ pub struct Roster {
     /// What of each job's curves the store holds (see [`History::version`]), and when it was
     /// saved (monotonic ms).
     pub history_saved: BTreeMap<String, (u64, i64)>,
+    /// Samples skipped while each job trained, by [`SKIP_REASONS`], as its workers' heartbeats
+    /// told them (since this coordinator started).
+    pub skipped: BTreeMap<String, [u64; SKIP_REASONS.len()]>,
     /// Where each job's TensorBoard events go, and the writer that writes them.
     pub event_dirs: BTreeMap<String, PathBuf>,
     pub events: Option<tensorboard::Events>,
@@ -178,6 +185,23 @@ impl Roster {
             .as_ref()
             .filter(|a| a.job_id == job_id && a.generation == generation)
             .map(|a| a.rank))
+    }
+
+    /// Takes worker `id`'s count of skipped samples (`told`, since its process started): what
+    /// is new since its last heartbeat counts for the job it trains. A count lower than the
+    /// last is a new process's.
+    pub fn count_skips(&mut self, id: &str, told: [u64; SKIP_REASONS.len()]) {
+        let Some(worker) = self.workers.get_mut(id) else {
+            return;
+        };
+        let seen = std::mem::replace(&mut worker.skipped, told);
+        let Some(job) = worker.assignment.as_ref().map(|a| a.job_id.clone()) else {
+            return;
+        };
+        let counts = self.skipped.entry(job).or_default();
+        for ((count, now), before) in counts.iter_mut().zip(told).zip(seen) {
+            *count += if now >= before { now - before } else { now };
+        }
     }
 
     /// Records rank 0's `progress` of `job_id` (a report at wall-clock `wall_ms`): the job's

@@ -6,6 +6,7 @@ use crate::records::{JobState, LedgerEntry};
 use crate::state::{
     Coordinator, CoordinatorError, JobView, ProgressReport, RendezvousOutcome, Signs,
 };
+use ladder_core::dataset::SKIP_REASONS;
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -261,6 +262,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                     in_collective: r.in_collective,
                     leaving: r.leaving,
                     data_wait: r.data_wait_ratio.clamp(0.0, 1.0),
+                    // Only the reasons there are: a label is never made up by a caller.
+                    skipped: SKIP_REASONS.map(|reason| r.skipped.get(reason).copied().unwrap_or(0)),
                 },
             )
             .await?;

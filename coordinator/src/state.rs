@@ -49,6 +49,7 @@ use crate::store::{SharedStore, StoreError, Write};
 use crate::tensorboard;
 use ladder_core::cut;
 use ladder_core::dataset::Manifest;
+use ladder_core::dataset::SKIP_REASONS;
 use ladder_core::location::{self, CheckpointId};
 use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
@@ -131,6 +132,8 @@ pub struct Signs {
     pub leaving: bool,
     /// The share of its step time spent waiting for data.
     pub data_wait: f32,
+    /// Samples the worker process skipped so far, by [`SKIP_REASONS`].
+    pub skipped: [u64; SKIP_REASONS.len()],
 }
 
 /// What a worker reports: progress, and perhaps an event (the end, a failure).
@@ -236,6 +239,9 @@ impl Inner {
 pub struct JobView {
     pub record: JobRecord,
     pub waiting: String,
+    /// Samples its workers skipped while it trained, by [`SKIP_REASONS`] (since this
+    /// coordinator started).
+    pub skipped: [u64; SKIP_REASONS.len()],
     /// The job's spec, parsed (`None` if its saved text no longer parses).
     pub spec: Option<Arc<JobSpec>>,
 }
@@ -611,9 +617,11 @@ impl Coordinator {
                 .unwrap_or_default(),
             _ => String::new(),
         };
+        let skipped = self.roster().skipped.get(id).copied().unwrap_or_default();
         Ok(JobView {
             record,
             waiting,
+            skipped,
             spec: inner.specs.get(id).cloned(),
         })
     }
@@ -857,6 +865,7 @@ impl Coordinator {
             in_collective,
             leaving,
             data_wait,
+            skipped,
         } = signs;
         let arrived = monotonic_ms();
         {
@@ -875,6 +884,9 @@ impl Coordinator {
             }
             worker.in_collective = in_collective;
             worker.data_wait = data_wait;
+            roster.count_skips(&who.id, skipped);
+            // Authenticated just above.
+            let worker = &roster.workers[&who.id];
             if worker.heard_from && (!leaving || worker.leaving) {
                 return Ok(worker.assignment.clone());
             }

@@ -101,3 +101,40 @@ async fn a_jobs_curves_survive_a_restart_and_go_back_with_a_restore() {
         "no step twice, none backwards"
     );
 }
+
+#[tokio::test]
+async fn skipped_samples_count_for_the_job_their_workers_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(RedbStore::open(&dir.path().join("state.redb")).unwrap());
+    let coordinator = Coordinator::recover(store, config()).await.unwrap();
+    let (job, _) = submit(&coordinator, dir.path(), 1).await;
+    let (ranks, _) = common::running(&coordinator, 1).await;
+    let beat = |skipped| Signs {
+        skipped,
+        ..Signs::default()
+    };
+    let skipped = || async { coordinator.get(&job).await.unwrap().skipped };
+    coordinator
+        .heartbeat(&ranks[0], beat([2, 0, 1, 0]))
+        .await
+        .unwrap();
+    assert_eq!(skipped().await, [2, 0, 1, 0]);
+    coordinator
+        .heartbeat(&ranks[0], beat([3, 0, 1, 0]))
+        .await
+        .unwrap();
+    assert_eq!(skipped().await, [3, 0, 1, 0], "only what is new counts");
+    // A restarted worker process counts from zero again.
+    coordinator
+        .heartbeat(&ranks[0], beat([1, 0, 0, 0]))
+        .await
+        .unwrap();
+    assert_eq!(skipped().await, [4, 0, 1, 0]);
+    // An idle worker's skips are no job's.
+    let idle = common::register(&coordinator).await;
+    coordinator
+        .heartbeat(&idle, beat([5, 5, 5, 5]))
+        .await
+        .unwrap();
+    assert_eq!(skipped().await, [4, 0, 1, 0]);
+}

@@ -19,6 +19,11 @@ use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FORMAT: &str = "ladder-manifest/1";
+
+/// Why a sample is skipped while training, as it is counted everywhere (the worker's and the
+/// coordinator's metrics): it cannot be read, it is empty, it does not decode, or its label is
+/// out of range.
+pub const SKIP_REASONS: [&str; 4] = ["unreadable", "empty", "undecodable", "label_out_of_range"];
 pub const INDEX_FORMAT: &str = "ladder-shard-index/1";
 pub const MANIFEST_FILE: &str = "manifest.json";
 

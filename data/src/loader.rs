@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 struct Shard {
     name: String,
     path: PathBuf,
-    /// Replaced when reads through it fail and one through a fresh handle works (an NFS
-    /// handle gone stale).
-    file: RwLock<File>,
+    /// Opened at the first read (a dataset of 13,000 shards must not hold 13,000 descriptors
+    /// before it reads anything); replaced when reads through it fail and one through a fresh
+    /// handle works (an NFS handle gone stale).
+    file: RwLock<Option<File>>,
     /// When a read last failed through every pause: for [`FAIL_FAST_FOR`] after, reads try
     /// once more at once and give up, so that a shard that stays unreadable costs each of its
     /// samples an instant, not the whole wait.
@@ -66,23 +67,29 @@ impl Shard {
     /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of
     /// [`READ_RETRY_PAUSES`] while it fails.
     fn read_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let first = self
-            .file
-            .read()
-            .expect("shard handle lock")
-            .read_exact_at(bytes, offset);
+        let first = {
+            let file = self.file.read().expect("shard handle lock");
+            file.as_ref().map(|file| file.read_exact_at(bytes, offset))
+        };
+        let first = match first {
+            Some(read) => read,
+            None => self.reopen(bytes, offset),
+        };
         if first.is_ok() {
             return first;
         }
         let mut gave_up = self.gave_up.lock().expect("shard state lock");
-        let result = retry(first, pauses_after(*gave_up), || {
-            let file = File::open(&self.path)?;
-            file.read_exact_at(bytes, offset)?;
-            *self.file.write().expect("shard handle lock") = file;
-            Ok(())
-        });
+        let result = retry(first, pauses_after(*gave_up), || self.reopen(bytes, offset));
         *gave_up = result.is_err().then(Instant::now);
         result
+    }
+
+    /// Reads through a fresh handle, which is kept if the read works.
+    fn reopen(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let file = File::open(&self.path)?;
+        file.read_exact_at(bytes, offset)?;
+        *self.file.write().expect("shard handle lock") = Some(file);
+        Ok(())
     }
 }
 
@@ -143,8 +150,7 @@ impl Dataset {
                 path: shard_path.clone(),
                 source,
             };
-            let file = File::open(&shard_path).map_err(io)?;
-            let bytes = file.metadata().map_err(io)?.len();
+            let bytes = std::fs::metadata(&shard_path).map_err(io)?.len();
             let stale = |message: String| DatasetError::Format {
                 path: shard_path.clone(),
                 what: "shard of this manifest",
@@ -161,7 +167,7 @@ impl Dataset {
             shards.push(Shard {
                 name: entry.path.clone(),
                 path: shard_path,
-                file: RwLock::new(file),
+                file: RwLock::new(None),
                 gave_up: Mutex::new(None),
             });
         }
@@ -172,6 +178,28 @@ impl Dataset {
             index: SampleIndex::open(&dir, &manifest)?,
             classes: manifest.classes,
         })
+    }
+
+    /// The dataset at `path`, opened once per process and kept: a job's generations (and
+    /// jobs on the same data) share it, so a recovery maps and checks nothing again. It is
+    /// opened again when its manifest changed (re-indexed) since.
+    pub fn open_shared(path: &Path) -> Result<Arc<Dataset>, DatasetError> {
+        type Opened = BTreeMap<PathBuf, ((u64, Option<std::time::SystemTime>), Arc<Dataset>)>;
+        static OPENED: Mutex<Opened> = Mutex::new(BTreeMap::new());
+        let metadata = std::fs::metadata(path).map_err(|source| DatasetError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let stamp = (metadata.len(), metadata.modified().ok());
+        let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, dataset)) = opened.get(path)
+            && *seen == stamp
+        {
+            return Ok(dataset.clone());
+        }
+        let dataset = Arc::new(Dataset::open(path)?);
+        opened.insert(path.to_owned(), (stamp, dataset.clone()));
+        Ok(dataset)
     }
 
     pub fn len(&self) -> u64 {
@@ -556,6 +584,21 @@ impl Drop for Loader {
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn every_skip_reason_is_one_the_metrics_count() {
+        let reasons = [
+            SkipReason::Unreadable("gone".into()),
+            SkipReason::Undecodable(DecodeError::Empty),
+            SkipReason::Undecodable(DecodeError::Jpeg("truncated".into())),
+            SkipReason::LabelOutOfRange {
+                label: 9,
+                classes: 3,
+            },
+        ];
+        let kinds: Vec<&str> = reasons.iter().map(SkipReason::kind).collect();
+        assert_eq!(kinds, ladder_core::dataset::SKIP_REASONS);
+    }
 
     #[test]
     fn a_failed_read_is_tried_again_after_each_pause_but_a_short_one_is_final() {

@@ -277,3 +277,30 @@ fn an_index_entry_past_its_shards_end_is_refused_when_the_dataset_opens() {
         "{err}"
     );
 }
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = synth::write(dir.path(), 4, 24, 6, 1).unwrap();
+    let before = open_descriptors();
+    let data = Dataset::open_shared(&report.manifest_path).unwrap();
+    // Other tests run on other threads of this process: allow their descriptors some slack,
+    // far below one per shard.
+    assert!(
+        open_descriptors() < before + 3,
+        "{before} -> {}",
+        open_descriptors()
+    );
+    assert!(data.read(&[0])[0].bytes.is_ok());
+    // Shared within the process until the manifest changes (re-indexed).
+    let again = Dataset::open_shared(&report.manifest_path).unwrap();
+    assert!(Arc::ptr_eq(&data, &again));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    dataset::index_dir(dir.path(), None).unwrap();
+    let reindexed = Dataset::open_shared(&report.manifest_path).unwrap();
+    assert!(!Arc::ptr_eq(&data, &reindexed));
+}

@@ -532,6 +532,7 @@ async fn heartbeat(
             in_collective: liveness.in_collective(),
             leaving: told_leaving,
             data_wait_ratio: liveness.data_wait_share(),
+            skipped: liveness.skipped(),
         };
         // The reply tells the assignment as of when the request was handled: it judges only a
         // generation that was running before the request left (one assigned meanwhile, by a

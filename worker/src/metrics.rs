@@ -7,6 +7,7 @@
 //! queued, and the GPU's time shows in the part that first waits for it, the allreduce).
 //! Process memory (and on CUDA the device's) is read at each scrape.
 
+use ladder_core::dataset::SKIP_REASONS;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -75,9 +76,6 @@ impl StepParts {
         self.data_wait + self.compute + self.allreduce + self.optimizer
     }
 }
-
-/// Why a sample was skipped, as counted (`SkipReason::kind`).
-pub const SKIP_REASONS: [&str; 4] = ["unreadable", "empty", "undecodable", "label_out_of_range"];
 
 /// The series of one run, held by its training loop.
 pub struct RunMetrics {

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::Manifest;
 use ladder_collective::AbortHandle;
+use ladder_core::dataset::SKIP_REASONS;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -119,6 +120,8 @@ pub struct Liveness {
     in_collective: AtomicBool,
     /// An f32's bits.
     data_wait_share: AtomicU32,
+    /// Samples skipped so far by this process, by [`SKIP_REASONS`].
+    skipped: [AtomicU64; SKIP_REASONS.len()],
 }
 
 impl Liveness {
@@ -165,5 +168,22 @@ impl Liveness {
 
     pub fn data_wait_share(&self) -> f32 {
         f32::from_bits(self.data_wait_share.load(Ordering::Relaxed))
+    }
+
+    /// Counts a skipped sample; `reason` is one of [`SKIP_REASONS`].
+    pub fn count_skip(&self, reason: &str) {
+        if let Some(i) = SKIP_REASONS.iter().position(|r| *r == reason) {
+            self.skipped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Samples skipped so far, by reason (those with none left out).
+    pub fn skipped(&self) -> std::collections::HashMap<String, u64> {
+        SKIP_REASONS
+            .iter()
+            .zip(&self.skipped)
+            .map(|(reason, n)| ((*reason).to_owned(), n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 }

@@ -202,12 +202,12 @@ impl Trainer {
     ) -> Result<Trainer, TrainError> {
         let spec = Arc::new(job.spec.clone());
         stop.watch(collective.abort_handle());
-        let dataset = Dataset::open(&spec.data.manifest)
+        let dataset = Dataset::open_shared(&spec.data.manifest)
             .map_err(|e| fatal("training data")(e.to_string()))?;
         let eval_set = match &spec.data.eval_manifest {
-            Some(path) => Some(Arc::new(
-                Dataset::open(path).map_err(|e| fatal("held-out data")(e.to_string()))?,
-            )),
+            Some(path) => Some(
+                Dataset::open_shared(path).map_err(|e| fatal("held-out data")(e.to_string()))?,
+            ),
             None => None,
         };
         let plan = SamplePlan::new(
@@ -298,7 +298,7 @@ impl Trainer {
             options,
             stages: Arc::new(stages),
             plan: Arc::new(plan),
-            dataset: Arc::new(dataset),
+            dataset,
             eval_set,
             vs,
             model,
@@ -604,6 +604,7 @@ impl Trainer {
             for skip in &batch.skipped {
                 tracing::warn!("{skip}");
                 self.options.metrics.skipped(skip.reason.kind());
+                self.liveness.count_skip(skip.reason.kind());
             }
             let used: Vec<u64> = batch
                 .ids
