@@ -128,12 +128,25 @@ fn with_decompressor<T>(
     })
 }
 
+/// What `bytes` are by their first bytes, whatever the member's extension says (`named`): a
+/// PNG stored as `.jpg` decodes, as Pillow, torchvision's `decode_image` and WebDataset's
+/// decoders decode it. Bytes that are neither go to the named decoder, for its error.
+pub fn sniff(bytes: &[u8], named: ImageFormat) -> ImageFormat {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        ImageFormat::Jpeg
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        ImageFormat::Png
+    } else {
+        named
+    }
+}
+
 /// Width and height of an encoded image, from its header alone.
 pub fn dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    match format {
+    match sniff(bytes, format) {
         ImageFormat::Jpeg => with_decompressor(|h| {
             read_header(h, bytes)?;
             Ok((
@@ -182,7 +195,7 @@ pub fn decode(
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    match format {
+    match sniff(bytes, format) {
         ImageFormat::Jpeg => {
             with_decompressor(|h| decode_jpeg(h, bytes, region, min_width, min_height))
         }

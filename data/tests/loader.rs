@@ -304,3 +304,46 @@ fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_on
     let reindexed = Dataset::open_shared(&report.manifest_path).unwrap();
     assert!(!Arc::ptr_eq(&data, &reindexed));
 }
+
+/// Writes, with the real `webdataset` package, a shard holding a PNG stored as `.jpg` and a
+/// JPEG stored as `.png`, and checks that Pillow decodes both (its verdict).
+const MISNAMED_WRITER: &str = r#"
+import io, sys
+import numpy as np
+import webdataset as wds
+from PIL import Image
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+png, jpeg = io.BytesIO(), io.BytesIO()
+image.save(png, "PNG")
+image.save(jpeg, "JPEG")
+with wds.TarWriter(sys.argv[1]) as shard:
+    shard.write({"__key__": "png-as-jpg", "jpg": png.getvalue(), "cls": b"1"})
+    shard.write({"__key__": "jpeg-as-png", "png": jpeg.getvalue(), "cls": b"2"})
+for data in (png.getvalue(), jpeg.getvalue()):
+    Image.open(io.BytesIO(data)).convert("RGB")
+"#;
+
+#[test]
+fn an_image_decodes_by_what_its_bytes_are_not_by_its_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ladder_testkit::venv_python())
+        .args(["-c", MISNAMED_WRITER])
+        .arg(dir.path().join("misnamed-000000.tar"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the webdataset writer or Pillow failed; run scripts/bootstrap if a module is missing:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = dataset::index_dir(dir.path(), Some(4)).unwrap();
+    assert_eq!(report.manifest.total_samples, 2, "{:?}", report.issues);
+    let data = Dataset::open(&report.manifest_path).unwrap();
+    let batch = assemble(&data, &request(vec![0, 1], 0, Transform::Eval(32))).unwrap();
+    assert!(
+        batch.skipped.is_empty(),
+        "Pillow decodes both; so must Ladder: {:?}",
+        batch.skipped
+    );
+    assert_eq!(batch.labels, vec![1, 2]);
+}
