@@ -12,8 +12,9 @@ use crate::auth::Tokens;
 use crate::records::Incident;
 use crate::state::{Coordinator, JobView, WorkerView, now_ms};
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
@@ -35,16 +36,23 @@ struct Served {
 }
 
 pub fn router(coordinator: Arc<Coordinator>, tokens: Tokens) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics))
+    let served = Served {
+        coordinator,
+        tokens,
+    };
+    let api = Router::new()
         .route("/api/jobs", get(jobs))
         .route("/api/jobs/{id}", get(job))
         .route("/api/workers", get(workers))
-        .with_state(Served {
-            coordinator,
-            tokens,
-        })
+        .route_layer(middleware::from_fn_with_state(
+            served.clone(),
+            require_read_token,
+        ));
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .with_state(served)
 }
 
 async fn page() -> impl IntoResponse {
@@ -70,29 +78,26 @@ async fn metrics(State(served): State<Served>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
 }
 
-/// Refuses a request without the submit or the read token.
-fn authorize(served: &Served, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
-    let presented = headers
+/// Refuses a request for the page's data without the submit or the read token.
+async fn require_read_token(
+    State(served): State<Served>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if served.tokens.may_read(token) => Ok(()),
-        Some(_) => Err((
-            StatusCode::UNAUTHORIZED,
-            "invalid token: the page reads with the submit token or the read token",
-        )),
-        None => Err((
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token: the submit token or the read token",
-        )),
-    }
+    let refused = match presented {
+        Some(token) if served.tokens.may_read(token) => return next.run(request).await,
+        Some(_) => "invalid token: the page reads with the submit token or the read token",
+        None => "missing bearer token: the submit token or the read token",
+    };
+    (StatusCode::UNAUTHORIZED, refused).into_response()
 }
 
-async fn jobs(State(served): State<Served>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&served, &headers) {
-        return refused.into_response();
-    }
+async fn jobs(State(served): State<Served>) -> Response {
     let jobs: Vec<Value> = served
         .coordinator
         .list()
@@ -103,10 +108,7 @@ async fn jobs(State(served): State<Served>, headers: HeaderMap) -> Response {
     Json(json!({ "jobs": jobs, "now_ms": now_ms() })).into_response()
 }
 
-async fn job(State(served): State<Served>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&served, &headers) {
-        return refused.into_response();
-    }
+async fn job(State(served): State<Served>, Path(id): Path<String>) -> Response {
     let coordinator = &served.coordinator;
     let (view, history) = match (coordinator.get(&id).await, coordinator.history(&id).await) {
         (Ok(view), Ok(history)) => (view, history),
@@ -128,10 +130,7 @@ async fn job(State(served): State<Served>, Path(id): Path<String>, headers: Head
     Json(json!({ "job": job, "now_ms": now_ms() })).into_response()
 }
 
-async fn workers(State(served): State<Served>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&served, &headers) {
-        return refused.into_response();
-    }
+async fn workers(State(served): State<Served>) -> Response {
     let workers: Vec<Value> = served
         .coordinator
         .workers()
