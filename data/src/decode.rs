@@ -12,7 +12,11 @@
 //! crate; alpha is dropped, as Pillow's `convert("RGB")` does, and 16-bit samples are scaled
 //! to 8 bits (Pillow would clip them to 255). EXIF orientation is ignored, as
 //! torchvision's decoders do. Any warning from the decoder (a truncated file, corrupt data) is
-//! an error: a damaged image is skipped, never trained on half gray.
+//! an error: a damaged image is skipped, never trained on half gray. A cropped decode stops at
+//! the region's last row, so a JPEG whose data ends early would decode in an epoch whose crop
+//! lies above the cut and fail in another: every JPEG's markers are walked to its end-of-image
+//! marker first (a scan for 0xFF bytes, microseconds), so a truncated file is refused in every
+//! epoch, as Pillow refuses it ("image file is truncated").
 
 use crate::image::{Image, Rect};
 use ladder_core::dataset::ImageFormat;
@@ -27,6 +31,8 @@ pub enum DecodeError {
     Jpeg(String),
     #[error("not a PNG: {0}")]
     Png(String),
+    #[error("truncated JPEG: its {0} bytes end before the end-of-image marker")]
+    Truncated(usize),
     #[error("image is {width}x{height}; at most {MAX_SIDE} px per side")]
     TooLarge { width: u32, height: u32 },
 }
@@ -203,6 +209,38 @@ pub fn decode(
     }
 }
 
+/// Walks a JPEG's markers to its end-of-image marker (EOI), skipping each segment by its
+/// length (an EXIF thumbnail holds a whole JPEG of its own) and scanning entropy-coded data for
+/// the next marker. Bytes after EOI are allowed, as every decoder allows them. Whether the data
+/// between is valid is libjpeg's to judge; this answers only whether the file is whole.
+fn ends_with_end_of_image(bytes: &[u8]) -> Result<(), DecodeError> {
+    const EOI: u8 = 0xD9;
+    let truncated = || DecodeError::Truncated(bytes.len());
+    let mut at = 2; // past SOI
+    loop {
+        let marker_at = at + memchr::memchr(0xFF, &bytes[at..]).ok_or_else(truncated)?;
+        // Fill bytes: any number of 0xFF may precede a marker.
+        let code_at = marker_at
+            + bytes[marker_at..]
+                .iter()
+                .position(|&b| b != 0xFF)
+                .ok_or_else(truncated)?;
+        at = code_at + 1;
+        match bytes[code_at] {
+            EOI => return Ok(()),
+            // A stuffed 0xFF in entropy-coded data, restart markers, SOI and TEM stand alone.
+            0x00 | 0xD0..=0xD8 | 0x01 => {}
+            _ => {
+                let length = bytes.get(at..at + 2).ok_or_else(truncated)?;
+                at += usize::from(u16::from_be_bytes([length[0], length[1]]));
+                if at > bytes.len() {
+                    return Err(truncated());
+                }
+            }
+        }
+    }
+}
+
 /// ceil(dimension * num / 8), libjpeg's size of a scaled dimension.
 fn scaled(dimension: i32, num: i32) -> i32 {
     (dimension * num + 7) / 8
@@ -215,6 +253,7 @@ fn decode_jpeg(
     min_width: u32,
     min_height: u32,
 ) -> Result<Decoded, DecodeError> {
+    ends_with_end_of_image(bytes)?;
     read_header(h, bytes)?;
     let width = h.get(tj::TJPARAM_TJPARAM_JPEGWIDTH);
     let height = h.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT);
@@ -375,4 +414,53 @@ fn decode_png(bytes: &[u8]) -> Result<Image, DecodeError> {
         height,
         pixels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth;
+
+    /// A JPEG with an APP1 segment that holds an end-of-image marker of its own, as an EXIF
+    /// thumbnail does: only the outer image's marker counts.
+    fn with_thumbnail_marker() -> Vec<u8> {
+        let jpeg = synth::encode_jpeg(&synth::draw(1, 4, 0, 0), 90);
+        let payload = [b"Exif\0\0".as_slice(), &[0xFF, 0xD8, 0xFF, 0xD9]].concat();
+        let length = (payload.len() as u16 + 2).to_be_bytes();
+        [&jpeg[..2], &[0xFF, 0xE1], &length, &payload, &jpeg[2..]].concat()
+    }
+
+    #[test]
+    fn a_whole_jpeg_reaches_its_end_marker_and_a_cut_one_does_not() {
+        let jpeg = with_thumbnail_marker();
+        assert_eq!(ends_with_end_of_image(&jpeg), Ok(()));
+        let padded = [jpeg.as_slice(), &[0; 16]].concat();
+        assert_eq!(ends_with_end_of_image(&padded), Ok(()));
+        for cut in [4, 20, jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 1] {
+            assert_eq!(
+                ends_with_end_of_image(&jpeg[..cut]),
+                Err(DecodeError::Truncated(cut)),
+                "cut at {cut} of {}",
+                jpeg.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_even_when_the_crop_ends_above_the_cut() {
+        let jpeg = with_thumbnail_marker();
+        let whole = decode(&jpeg, ImageFormat::Jpeg, None, 1, 1).unwrap();
+        let top = Rect {
+            x: 0.0,
+            y: 0.0,
+            width: whole.image.width as f64,
+            height: 8.0,
+        };
+        assert!(decode(&jpeg, ImageFormat::Jpeg, Some(top), 8, 8).is_ok());
+        let cut = &jpeg[..jpeg.len() * 3 / 4];
+        assert_eq!(
+            decode(cut, ImageFormat::Jpeg, Some(top), 8, 8).unwrap_err(),
+            DecodeError::Truncated(cut.len())
+        );
+    }
 }

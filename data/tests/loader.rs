@@ -305,30 +305,57 @@ fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_on
     assert!(!Arc::ptr_eq(&data, &reindexed));
 }
 
-/// Writes, with the real `webdataset` package, a shard holding a PNG stored as `.jpg` and a
-/// JPEG stored as `.png`, and checks that Pillow decodes both (its verdict).
-const MISNAMED_WRITER: &str = r#"
-import io, sys
+/// Writes, with the real `webdataset` package, a shard of a photo-sized image as a baseline
+/// and a progressive JPEG, each whole and cut at several points (down to only its end-of-image
+/// marker missing), a JPEG with bytes after its end marker, a PNG stored as `.jpg` and a JPEG
+/// stored as `.png`; prints Pillow's verdict on each sample (whether
+/// `Image.open(...).convert("RGB")` succeeds) as JSON.
+const PILLOW_VERDICT_SHARD: &str = r#"
+import io, json, sys
 import numpy as np
 import webdataset as wds
 from PIL import Image
-image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
-png, jpeg = io.BytesIO(), io.BytesIO()
-image.save(png, "PNG")
-image.save(jpeg, "JPEG")
+rng = np.random.default_rng(0)
+# Smooth gradients with noise: photo-like entropy, so a cut lands mid-image.
+y, x = np.mgrid[0:375, 0:500]
+pixels = np.stack([x * 255 / 500, y * 255 / 375, (x + y) * 255 / 875], -1)
+pixels = (pixels + rng.normal(0, 12, pixels.shape)).clip(0, 255).astype(np.uint8)
+image = Image.fromarray(pixels)
+def encoded(fmt, **options):
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+samples = {}
+for name, jpeg in (("baseline", encoded("JPEG", quality=90)),
+                   ("progressive", encoded("JPEG", quality=90, progressive=True))):
+    samples[name] = ("jpg", jpeg)
+    for percent in (15, 40, 70, 95):
+        samples[f"{name}-cut{percent}"] = ("jpg", jpeg[: len(jpeg) * percent // 100])
+    samples[f"{name}-no-end-marker"] = ("jpg", jpeg[:-2])
+samples["trailing-bytes"] = ("jpg", encoded("JPEG", quality=90) + b"\0" * 64)
+samples["png-as-jpg"] = ("jpg", encoded("PNG"))
+samples["jpeg-as-png"] = ("png", encoded("JPEG", quality=75))
+verdicts = {}
 with wds.TarWriter(sys.argv[1]) as shard:
-    shard.write({"__key__": "png-as-jpg", "jpg": png.getvalue(), "cls": b"1"})
-    shard.write({"__key__": "jpeg-as-png", "png": jpeg.getvalue(), "cls": b"2"})
-for data in (png.getvalue(), jpeg.getvalue()):
-    Image.open(io.BytesIO(data)).convert("RGB")
+    for key, (ext, data) in samples.items():
+        shard.write({"__key__": key, ext: data, "cls": b"1"})
+        try:
+            Image.open(io.BytesIO(data)).convert("RGB")
+            verdicts[key] = True
+        except Exception:
+            verdicts[key] = False
+print(json.dumps(verdicts))
 "#;
 
+/// Ladder decodes what Pillow decodes and skips what Pillow refuses, the same in every epoch:
+/// an image by what its bytes are (not by its member's extension), and a truncated JPEG never,
+/// whatever the epoch's crop and the DCT scale it decodes at.
 #[test]
-fn an_image_decodes_by_what_its_bytes_are_not_by_its_extension() {
+fn every_epoch_gives_each_sample_pillows_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(ladder_testkit::venv_python())
-        .args(["-c", MISNAMED_WRITER])
-        .arg(dir.path().join("misnamed-000000.tar"))
+        .args(["-c", PILLOW_VERDICT_SHARD])
+        .arg(dir.path().join("verdicts-000000.tar"))
         .output()
         .unwrap();
     assert!(
@@ -336,14 +363,45 @@ fn an_image_decodes_by_what_its_bytes_are_not_by_its_extension() {
         "the webdataset writer or Pillow failed; run scripts/bootstrap if a module is missing:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report = dataset::index_dir(dir.path(), Some(4)).unwrap();
-    assert_eq!(report.manifest.total_samples, 2, "{:?}", report.issues);
-    let data = Dataset::open(&report.manifest_path).unwrap();
-    let batch = assemble(&data, &request(vec![0, 1], 0, Transform::Eval(32))).unwrap();
-    assert!(
-        batch.skipped.is_empty(),
-        "Pillow decodes both; so must Ladder: {:?}",
-        batch.skipped
+    let verdicts: std::collections::BTreeMap<String, bool> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let refused: Vec<&str> = verdicts
+        .iter()
+        .filter(|(_, decodes)| !**decodes)
+        .map(|(key, _)| key.as_str())
+        .collect();
+    assert_eq!(
+        refused.len(),
+        10,
+        "Pillow refuses every cut file: {verdicts:?}"
     );
-    assert_eq!(batch.labels, vec![1, 2]);
+    let report = dataset::index_dir(dir.path(), Some(4)).unwrap();
+    assert_eq!(
+        report.manifest.total_samples,
+        verdicts.len() as u64,
+        "{:?}",
+        report.issues
+    );
+    let data = Dataset::open(&report.manifest_path).unwrap();
+    let ids: Vec<u64> = (0..verdicts.len() as u64).collect();
+    // Small and large outputs (DCT scales 1/8 to 1) and many crops: one per epoch and sample.
+    let transforms = [
+        train(32),
+        train(128),
+        train(384),
+        Transform::Eval(64),
+        Transform::Eval(400),
+    ];
+    for epoch in 0..6 {
+        for transform in &transforms {
+            let batch = assemble(&data, &request(ids.clone(), epoch, *transform)).unwrap();
+            let mut skipped: Vec<&str> = batch.skipped.iter().map(|s| s.key.as_str()).collect();
+            skipped.sort();
+            assert_eq!(
+                skipped, refused,
+                "epoch {epoch}, {transform:?}: skipped {:?}",
+                batch.skipped
+            );
+        }
+    }
 }
