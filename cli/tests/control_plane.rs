@@ -1172,6 +1172,7 @@ fn dataset_synth_and_import_write_indexed_shards() {
     let data = ladder_data::loader::Dataset::open(&dest.join("manifest.json")).unwrap();
     let mut labels: Vec<u32> = data
         .read(&[0, 1, 2, 3, 4])
+        .0
         .iter()
         .map(|s| s.label)
         .collect();

@@ -520,13 +520,8 @@ impl Coordinator {
                 manifest.classes
             )));
         }
-        SamplePlan::new(
-            &manifest.shard_sizes(),
-            spec.schedule.seed,
-            spec.data.shard_window,
-            spec.batch.global,
-        )
-        .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
+        SamplePlan::of_job(&spec, &manifest.shard_sizes())
+            .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
         if let Some(eval) = &spec.data.eval_manifest {
             Manifest::load(eval)
                 .map_err(|e| CoordinatorError::Invalid(format!("data.eval_manifest: {e}")))?;

@@ -5,6 +5,13 @@
 //! samples inside each window are shuffled. Reading stays local (a stretch of the order touches
 //! few shards) while every epoch is still a permutation of the whole dataset.
 //!
+//! With a shuffle block `b > 1`, a window's samples are shuffled in blocks of up to `b`
+//! consecutive samples of one shard (each shard cut from its start; its last block may be
+//! shorter), which stay together in the order: a micro-batch then holds runs of neighbours that
+//! the loader reads with one ranged read each, where one read per sample would be random access
+//! on a shared file system. It trades mixing for it (neighbours in a shard share micro-batches),
+//! so it suits shards written in random order. `b = 1` is exactly the plain shuffle.
+//!
 //! Global step `s` takes positions `[s * G, (s + 1) * G)` of the order (`G` = global batch),
 //! cut into micro-batches of the stage's size `m`; rank `r` of `N` takes the contiguous block of
 //! micro-batches `[r * M / N, (r + 1) * M / N)` (`M = G / m`, which `N` divides). The
@@ -14,6 +21,7 @@
 //! is trained at most once per epoch and exactly once in every epoch whose tail misses it.
 
 use crate::rng::Stream;
+use crate::spec::JobSpec;
 use std::borrow::Borrow;
 use std::ops::Range;
 
@@ -38,9 +46,14 @@ pub enum PlanError {
         global: u32,
         micro: u32,
     },
+    #[error("a shuffle block of {0} samples is too large; at most {MAX_SHUFFLE_BLOCK}")]
+    ShuffleBlock(u32),
     #[error("micro-batch {micro} does not divide the global batch {global}")]
     MicroBatch { micro: u32, global: u32 },
 }
+
+/// Larger blocks would mix little more than whole shards do.
+pub const MAX_SHUFFLE_BLOCK: u32 = 1024;
 
 /// A sample's place in the dataset: its shard and its index inside the shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +71,7 @@ pub struct SamplePlan {
     seed: u64,
     window: u32,
     global_batch: u32,
+    shuffle_block: u32,
 }
 
 impl SamplePlan {
@@ -95,7 +109,34 @@ impl SamplePlan {
             seed,
             window,
             global_batch,
+            shuffle_block: 1,
         })
+    }
+
+    /// The plan of a job's training data (`shard_sizes` from its manifest).
+    pub fn of_job(spec: &JobSpec, shard_sizes: &[u32]) -> Result<SamplePlan, PlanError> {
+        SamplePlan::new(
+            shard_sizes,
+            spec.schedule.seed,
+            spec.data.shard_window,
+            spec.batch.global,
+        )?
+        .with_shuffle_block(spec.data.shuffle_block)
+    }
+
+    /// The plan shuffling each window in blocks of `block` consecutive samples of a shard
+    /// (see the module's documentation); 1 keeps the plain shuffle.
+    pub fn with_shuffle_block(self, block: u32) -> Result<SamplePlan, PlanError> {
+        match block {
+            0 => Err(PlanError::Zero {
+                what: "the shuffle block",
+            }),
+            b if b > MAX_SHUFFLE_BLOCK => Err(PlanError::ShuffleBlock(b)),
+            _ => Ok(SamplePlan {
+                shuffle_block: block,
+                ..self
+            }),
+        }
     }
 
     pub fn total_samples(&self) -> u64 {
@@ -318,17 +359,70 @@ impl<P: Borrow<SamplePlan>> EpochOrder<P> {
                 }
                 None => Vec::with_capacity(len),
             };
-            for &shard in group {
-                let start = self.plan.borrow().shard_starts[shard as usize];
-                ids.extend(start..start + self.plan.borrow().shard_size(shard));
-            }
-            Stream::new(
-                self.plan.borrow().seed,
-                &[WINDOW_STREAM, self.epoch as u64, w as u64],
-            )
-            .shuffle(&mut ids);
+            // Blocks of consecutive samples, each shard cut from its start (single samples
+            // when the block is 1, and then the same permutation as shuffling the ids).
+            let plan = self.plan.borrow();
+            let block = plan.shuffle_block as u64;
+            let mut blocks: Vec<Range<u64>> = group
+                .iter()
+                .flat_map(|&shard| {
+                    let start = plan.shard_starts[shard as usize];
+                    let end = plan.shard_starts[shard as usize + 1];
+                    (start..end)
+                        .step_by(block as usize)
+                        .map(move |b| b..(b + block).min(end))
+                })
+                .collect();
+            Stream::new(plan.seed, &[WINDOW_STREAM, self.epoch as u64, w as u64])
+                .shuffle(&mut blocks);
+            ids.extend(blocks.into_iter().flatten());
             self.cached = Some((w, ids));
         }
         &self.cached.as_ref().expect("just filled").1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block of 1 must give the order plans had before blocks existed (ids shuffled one by
+    /// one), so that jobs started then resume onto the same samples.
+    #[test]
+    fn a_block_of_one_is_the_plain_shuffle() {
+        let sizes = [7, 0, 12, 5, 9, 3];
+        let plan = SamplePlan::new(&sizes, 42, 2, 4).unwrap();
+        let blocked = plan.clone().with_shuffle_block(1).unwrap();
+        for epoch in 0..3 {
+            let mut order = plan.epoch(epoch);
+            let mut expected = Vec::new();
+            for w in 0..order.window_count() {
+                let group = &order.shards[w * 2..(w * 2 + 2).min(order.shards.len())];
+                let mut ids: Vec<u64> = group
+                    .iter()
+                    .flat_map(|&s| plan.shard_starts[s as usize]..plan.shard_starts[s as usize + 1])
+                    .collect();
+                Stream::new(42, &[WINDOW_STREAM, epoch as u64, w as u64]).shuffle(&mut ids);
+                expected.extend(ids);
+            }
+            assert_eq!(order.samples(0..plan.total_samples()), expected);
+            assert_eq!(
+                blocked.epoch(epoch).samples(0..plan.total_samples()),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn a_shuffle_block_must_be_between_one_and_the_maximum() {
+        let plan = SamplePlan::new(&[10], 0, 1, 2).unwrap();
+        assert!(matches!(
+            plan.clone().with_shuffle_block(0),
+            Err(PlanError::Zero { .. })
+        ));
+        assert_eq!(
+            plan.with_shuffle_block(MAX_SHUFFLE_BLOCK + 1).unwrap_err(),
+            PlanError::ShuffleBlock(MAX_SHUFFLE_BLOCK + 1)
+        );
     }
 }

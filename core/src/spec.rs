@@ -93,6 +93,10 @@ pub struct DataSpec {
     /// How many shards the sample order mixes at a time (see the sample plan).
     #[serde(default = "defaults::shard_window")]
     pub shard_window: u32,
+    /// Consecutive samples of a shard that stay together in the sample order, so the loader
+    /// reads them with one ranged read (see the sample plan); 1 shuffles samples one by one.
+    #[serde(default = "defaults::shuffle_block")]
+    pub shuffle_block: u32,
     /// Memory for micro-batches decoded ahead of training, per worker, in MiB.
     #[serde(default = "defaults::prefetch_mb")]
     pub prefetch_mb: u32,
@@ -258,6 +262,9 @@ mod defaults {
     }
     pub fn shard_window() -> u32 {
         4
+    }
+    pub fn shuffle_block() -> u32 {
+        1
     }
     pub fn prefetch_mb() -> u32 {
         1024
@@ -504,6 +511,12 @@ impl JobSpec {
             d.shard_window,
             d.shard_window >= 1,
             "at least 1",
+        );
+        c.check(
+            "data.shuffle_block",
+            d.shuffle_block,
+            (1..=crate::sample::MAX_SHUFFLE_BLOCK).contains(&d.shuffle_block),
+            format!("1 to {}", crate::sample::MAX_SHUFFLE_BLOCK),
         );
         c.check(
             "data.prefetch_mb",

@@ -3,32 +3,39 @@ use proptest::prelude::*;
 use std::collections::HashSet;
 
 /// A dataset of 1 to 40 shards of 0 to 50 samples, a global batch it can fill, a micro-batch
-/// that divides it, a window and a seed.
-fn plan_inputs() -> impl Strategy<Value = (Vec<u32>, u32, u32, u32, u64)> {
+/// that divides it, a window and a seed; and a shuffle block (1 half the time).
+fn plan_inputs() -> impl Strategy<Value = (Vec<u32>, u32, u32, u32, u64, u32)> {
     (
         prop::collection::vec(0u32..50, 1..40),
         0u32..4,
         0u32..4,
         1u32..6,
         any::<u64>(),
+        prop_oneof![Just(1u32), 2u32..12],
     )
         .prop_filter_map(
             "needs a whole step",
-            |(shards, micro_pow, count_pow, window, seed)| {
+            |(shards, micro_pow, count_pow, window, seed, block)| {
                 let micro = 1 << micro_pow;
                 let global = micro << count_pow;
                 let total: u32 = shards.iter().sum();
-                (total >= global).then_some((shards, global, micro, window, seed))
+                (total >= global).then_some((shards, global, micro, window, seed, block))
             },
         )
+}
+
+fn build_plan(shards: &[u32], seed: u64, window: u32, global: u32, block: u32) -> SamplePlan {
+    SamplePlan::new(shards, seed, window, global)
+        .and_then(|plan| plan.with_shuffle_block(block))
+        .unwrap()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
-    fn an_epoch_is_a_permutation((shards, global, _micro, window, seed) in plan_inputs(), epoch in 0u32..5) {
-        let plan = SamplePlan::new(&shards, seed, window, global).unwrap();
+    fn an_epoch_is_a_permutation((shards, global, _micro, window, seed, block) in plan_inputs(), epoch in 0u32..5) {
+        let plan = build_plan(&shards, seed, window, global, block);
         let total = plan.total_samples();
         let mut order = plan.epoch(epoch).samples(0..total);
         order.sort_unstable();
@@ -36,10 +43,24 @@ proptest! {
     }
 
     #[test]
-    fn steps_use_each_sample_at_most_once_and_drop_only_the_tail(
-        (shards, global, micro, window, seed) in plan_inputs(), epoch in 0u32..3,
+    fn a_shuffle_block_keeps_neighbours_together(
+        (shards, global, _micro, window, seed, block) in plan_inputs(), epoch in 0u32..3,
     ) {
-        let plan = SamplePlan::new(&shards, seed, window, global).unwrap();
+        let plan = build_plan(&shards, seed, window, global, block);
+        let order = plan.epoch(epoch).samples(0..plan.total_samples());
+        for (position, &id) in order.iter().enumerate() {
+            let index = plan.locate(id).index;
+            if !index.is_multiple_of(block) {
+                prop_assert_eq!(order[position - 1], id - 1, "sample {} left its block", id);
+            }
+        }
+    }
+
+    #[test]
+    fn steps_use_each_sample_at_most_once_and_drop_only_the_tail(
+        (shards, global, micro, window, seed, block) in plan_inputs(), epoch in 0u32..3,
+    ) {
+        let plan = build_plan(&shards, seed, window, global, block);
         let mut order = plan.epoch(epoch);
         let mut seen = HashSet::new();
         for step in 0..plan.steps_per_epoch() {
@@ -61,9 +82,9 @@ proptest! {
 
     #[test]
     fn ranks_see_the_same_micro_batches_for_every_world_size(
-        (shards, global, micro, window, seed) in plan_inputs(),
+        (shards, global, micro, window, seed, block) in plan_inputs(),
     ) {
-        let plan = SamplePlan::new(&shards, seed, window, global).unwrap();
+        let plan = build_plan(&shards, seed, window, global, block);
         let micro_per_step = global / micro;
         let mut order = plan.epoch(1);
         for step in 0..plan.steps_per_epoch() {
@@ -85,9 +106,9 @@ proptest! {
 
     #[test]
     fn a_plan_resumed_mid_epoch_is_the_suffix_of_the_uninterrupted_plan(
-        (shards, global, micro, window, seed) in plan_inputs(), resume_frac in 0.0f64..1.0,
+        (shards, global, micro, window, seed, block) in plan_inputs(), resume_frac in 0.0f64..1.0,
     ) {
-        let plan = SamplePlan::new(&shards, seed, window, global).unwrap();
+        let plan = build_plan(&shards, seed, window, global, block);
         let steps = plan.steps_per_epoch();
         let resume_at = ((steps as f64) * resume_frac) as u64;
         let straight: Vec<Vec<u64>> = {
@@ -95,7 +116,7 @@ proptest! {
             (0..steps).map(|s| order.micro_batch(s, micro, 0)).collect()
         };
         // A fresh plan, as after a restart: built from the same inputs, queried from the middle.
-        let again = SamplePlan::new(&shards, seed, window, global).unwrap();
+        let again = build_plan(&shards, seed, window, global, block);
         let mut order = again.epoch(2);
         let resumed: Vec<Vec<u64>> = (resume_at..steps).map(|s| order.micro_batch(s, micro, 0)).collect();
         prop_assert_eq!(&straight[resume_at as usize..], &resumed[..]);
@@ -103,9 +124,9 @@ proptest! {
 
     #[test]
     fn a_rank_touches_few_shards_per_step(
-        (shards, global, micro, window, seed) in plan_inputs(),
+        (shards, global, micro, window, seed, block) in plan_inputs(),
     ) {
-        let plan = SamplePlan::new(&shards, seed, window, global).unwrap();
+        let plan = build_plan(&shards, seed, window, global, block);
         let micro_per_step = global / micro;
         let smallest_shard = shards.iter().copied().filter(|&n| n > 0).min().unwrap() as u64;
         let full_window = window as u64 * smallest_shard;

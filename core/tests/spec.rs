@@ -215,6 +215,10 @@ fn malformed() -> Vec<(String, &'static [&'static str])> {
             &["data.shard_window = 0"],
         ),
         (
+            with("[data]", "[data]\nshuffle_block = 2000"),
+            &["data.shuffle_block = 2000", "1 to 1024"],
+        ),
+        (
             with("[data]", "[data]\nprefetch_mb = 0"),
             &["data.prefetch_mb = 0", "MiB"],
         ),

@@ -164,6 +164,78 @@ fn bad_samples_are_skipped_counted_reported_and_filled_deterministically() {
     assert!(all_bad.to_string().contains("truncated"));
 }
 
+/// A sample of `data` read on its own, with one call.
+fn read_alone(data: &Dataset, id: u64) -> Vec<u8> {
+    let (mut samples, count) = data.read(&[id]);
+    assert_eq!(count.calls, 1);
+    samples.remove(0).bytes.unwrap()
+}
+
+#[test]
+fn neighbours_in_a_shard_share_one_read_of_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_dataset(dir.path()); // 3 shards of 8 samples
+    let alone: Vec<Vec<u8>> = (0..24).map(|id| read_alone(&data, id)).collect();
+    // Out of order and across shards: 0..=5 are neighbours in shard 0, 8 and 9 in shard 1.
+    let ids = [5, 0, 3, 1, 2, 4, 9, 8, 23];
+    let (samples, count) = data.read(&ids);
+    assert_eq!(count.calls, 3, "one read per shard");
+    let wanted: u64 = ids.iter().map(|&id| alone[id as usize].len() as u64).sum();
+    assert!(
+        count.bytes > wanted && count.bytes < wanted + 8 * ladder_data::loader::COALESCE_GAP,
+        "{count:?}: only the gaps between neighbours are read besides the samples ({wanted} bytes)"
+    );
+    for (sample, id) in samples.iter().zip(ids) {
+        assert_eq!(sample.id, id);
+        assert_eq!(
+            sample.bytes.as_ref().unwrap(),
+            &alone[id as usize],
+            "sample {id}"
+        );
+    }
+    // A sample between them larger than the gap: two reads, not one that reads it too.
+    assert!(alone[1].len() as u64 > ladder_data::loader::COALESCE_GAP);
+    assert_eq!(data.read(&[0, 2]).1.calls, 2);
+}
+
+#[test]
+fn a_shared_read_that_fails_costs_only_the_samples_it_could_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_dataset(dir.path());
+    let alone: Vec<Vec<u8>> = (0..8).map(|id| read_alone(&data, id)).collect();
+    // Shard 0 loses its end after the dataset opened: sample 4's bytes are cut.
+    let shard = dir.path().join("shard-000000.tar");
+    let bytes = std::fs::read(&shard).unwrap();
+    let fourth = bytes
+        .windows(alone[4].len())
+        .position(|w| w == alone[4])
+        .unwrap();
+    let cut = (fourth + alone[4].len() / 2) as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let (samples, count) = data.read(&(0..8).collect::<Vec<_>>());
+    assert_eq!(
+        count.calls,
+        1 + 8,
+        "the shared read, then each sample on its own"
+    );
+    for sample in &samples {
+        match sample.id {
+            0..4 => assert_eq!(sample.bytes.as_ref().unwrap(), &alone[sample.id as usize]),
+            _ => assert_eq!(
+                sample.bytes.as_ref().unwrap_err().kind(),
+                std::io::ErrorKind::UnexpectedEof,
+                "sample {}",
+                sample.id
+            ),
+        }
+    }
+}
+
 #[test]
 fn a_rewritten_shard_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,7 +367,7 @@ fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_on
         "{before} -> {}",
         open_descriptors()
     );
-    assert!(data.read(&[0])[0].bytes.is_ok());
+    assert!(data.read(&[0]).0[0].bytes.is_ok());
     // Shared within the process until the manifest changes (re-indexed).
     let again = Dataset::open_shared(&report.manifest_path).unwrap();
     assert!(Arc::ptr_eq(&data, &again));

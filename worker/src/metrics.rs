@@ -83,6 +83,8 @@ pub struct RunMetrics {
     parts: [FloatCounter; 4],
     data_wait_share: FloatGauge,
     skipped: [Counter; 4],
+    data_reads: Counter,
+    data_read_bytes: Counter,
     snapshot_blocked: Histogram,
     write: Histogram,
     written_bytes: Counter,
@@ -112,6 +114,12 @@ impl RunMetrics {
         }
     }
 
+    /// The read calls one micro-batch's samples cost, and the bytes they read.
+    pub fn read(&self, calls: u64, bytes: u64) {
+        self.data_reads.inc_by(calls);
+        self.data_read_bytes.inc_by(bytes);
+    }
+
     /// How long a checkpoint held training up (its snapshot).
     pub fn snapshot(&self, blocked: Duration) {
         self.snapshot_blocked.observe(blocked.as_secs_f64());
@@ -131,6 +139,8 @@ pub struct WorkerMetrics {
     parts: Family<PartLabels, FloatCounter>,
     data_wait_share: Family<RunLabels, FloatGauge>,
     skipped: Family<ReasonLabels, Counter>,
+    data_reads: Family<RunLabels, Counter>,
+    data_read_bytes: Family<RunLabels, Counter>,
     snapshot_blocked: Family<RunLabels, Histogram, fn() -> Histogram>,
     write: Family<RunLabels, Histogram, fn() -> Histogram>,
     written_bytes: Family<RunLabels, Counter>,
@@ -185,6 +195,19 @@ impl WorkerMetrics {
              label_out_of_range",
             skipped.clone(),
         );
+        let data_reads = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "data_reads",
+            "Read calls to the dataset's shards (neighbouring samples share one)",
+            data_reads.clone(),
+        );
+        let data_read_bytes = Family::<RunLabels, Counter>::default();
+        registry.register_with_unit(
+            "data_read",
+            "Bytes read from the dataset's shards",
+            Unit::Bytes,
+            data_read_bytes.clone(),
+        );
         let snapshot_blocked = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register_with_unit(
             "checkpoint_snapshot",
@@ -228,6 +251,8 @@ impl WorkerMetrics {
             parts,
             data_wait_share,
             skipped,
+            data_reads,
+            data_read_bytes,
             snapshot_blocked,
             write,
             written_bytes,
@@ -256,6 +281,8 @@ impl WorkerMetrics {
         self.parts.clear();
         self.data_wait_share.clear();
         self.skipped.clear();
+        self.data_reads.clear();
+        self.data_read_bytes.clear();
         self.snapshot_blocked.clear();
         self.write.clear();
         self.written_bytes.clear();
@@ -285,6 +312,8 @@ impl WorkerMetrics {
             parts: StepParts::NAMES.map(part),
             data_wait_share: self.data_wait_share.get_or_create_owned(&run),
             skipped: SKIP_REASONS.map(skipped),
+            data_reads: self.data_reads.get_or_create_owned(&run),
+            data_read_bytes: self.data_read_bytes.get_or_create_owned(&run),
             snapshot_blocked: self.snapshot_blocked.get_or_create_owned(&run),
             write: self.write.get_or_create_owned(&run),
             written_bytes: self.written_bytes.get_or_create_owned(&run),
@@ -358,6 +387,7 @@ mod tests {
         );
         run.skipped("undecodable");
         run.written(Duration::from_secs(2), 1 << 20);
+        run.read(3, 300_000);
         let text = metrics.render();
         let run_labels = "job=\"job-000001\",rank=\"1\",worker=\"w-000007\"";
         for line in [
@@ -368,6 +398,8 @@ mod tests {
             format!("ladder_worker_data_wait_ratio{{{run_labels}}} 0.25"),
             format!("ladder_worker_samples_skipped_total{{{run_labels},reason=\"undecodable\"}} 1"),
             format!("ladder_worker_checkpoint_written_bytes_total{{{run_labels}}} 1048576"),
+            format!("ladder_worker_data_reads_total{{{run_labels}}} 3"),
+            format!("ladder_worker_data_read_bytes_total{{{run_labels}}} 300000"),
         ] {
             assert!(text.contains(&line), "{line} missing from:\n{text}");
         }

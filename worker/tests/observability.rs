@@ -156,6 +156,13 @@ fn prometheus_scrapes_the_coordinator_and_both_workers_through_a_job() {
         compute.len() == 2 && compute.iter().all(|(_, s)| *s > 0.0),
         "{compute:?}"
     );
+    // Neighbours in blocks of 4 share reads: far fewer read calls than samples.
+    let reads = prometheus.query(&format!("sum(ladder_worker_data_reads_total{selector})"));
+    let trained = (STEPS_PER_EPOCH * common::EPOCHS * 96) as f64;
+    assert!(
+        reads[0].1 > 0.0 && reads[0].1 < trained / 2.0,
+        "{reads:?} read calls for {trained} samples"
+    );
     // Rank 0 wrote the checkpoints.
     let written = prometheus.query(&format!(
         "ladder_worker_checkpoint_written_bytes_total{{job=\"{id}\",rank=\"0\"}}"

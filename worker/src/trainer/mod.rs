@@ -210,13 +210,8 @@ impl Trainer {
             ),
             None => None,
         };
-        let plan = SamplePlan::new(
-            &dataset.shard_sizes(),
-            spec.schedule.seed,
-            spec.data.shard_window,
-            spec.batch.global,
-        )
-        .map_err(|e| fatal("sample plan")(e.to_string()))?;
+        let plan = SamplePlan::of_job(&spec, &dataset.shard_sizes())
+            .map_err(|e| fatal("sample plan")(e.to_string()))?;
         let stages = StagePlan::new(&spec);
         for e in stages.stage_starts() {
             plan.micro_batches_per_step(e.micro_batch, job.world_size)
@@ -601,6 +596,9 @@ impl Trainer {
             self.meter.parts.data_wait += waited;
             let started = Instant::now();
             self.meter.epoch_images += batch.labels.len() as u64;
+            self.options
+                .metrics
+                .read(batch.reads.calls, batch.reads.bytes);
             for skip in &batch.skipped {
                 tracing::warn!("{skip}");
                 self.options.metrics.skipped(skip.reason.kind());

@@ -30,6 +30,7 @@ classes = 10
 manifest = "data/train/manifest.json"
 eval_manifest = "data/val/manifest.json"
 decode_threads = 1
+shuffle_block = 4
 [schedule]
 epochs = {EPOCHS}
 stage_epochs = 2
@@ -339,13 +340,8 @@ pub fn final_manifest(job: &pb::Job) -> ladder_worker::checkpoint::Manifest {
 /// coordinator's ledger), as the sample plan orders them; none skipped.
 pub fn assert_every_sample_once(job: &pb::Job, spec: &JobSpec) {
     let manifest = ladder_core::dataset::Manifest::load(&spec.data.manifest).expect("manifest");
-    let plan = ladder_core::sample::SamplePlan::new(
-        &manifest.shard_sizes(),
-        spec.schedule.seed,
-        spec.data.shard_window,
-        spec.batch.global,
-    )
-    .expect("plan");
+    let plan =
+        ladder_core::sample::SamplePlan::of_job(spec, &manifest.shard_sizes()).expect("plan");
     let epochs: Vec<u32> = job.trained.iter().map(|t| t.epoch).collect();
     assert_eq!(
         epochs,
