@@ -60,6 +60,15 @@ struct Cli {
         help_heading = COORDINATOR_OPTIONS
     )]
     token: Option<String>,
+    /// File holding the submit token (readable by its owner, or its group, only); it takes
+    /// the place of --token / LADDER_TOKEN.
+    #[arg(
+        long,
+        env = "LADDER_TOKEN_FILE",
+        global = true,
+        help_heading = COORDINATOR_OPTIONS
+    )]
+    token_file: Option<PathBuf>,
     /// CA certificate (PEM) to verify an https:// coordinator.
     #[arg(
         long,
@@ -87,6 +96,16 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Follow a job until it ends, a line per change (as `status --watch`); exit 0 if it
+    /// completed, 1 if it failed or was cancelled.
+    Wait {
+        /// The job's id.
+        job: String,
+    },
+    /// Check that a coordinator serves (the gRPC health check, which only the leader answers;
+    /// no token needed): exit 0 and print its URL if one does, 1 if none does. For readiness
+    /// probes and scripts that wait for a coordinator.
+    Health,
     /// List jobs, one per line, starting with the id.
     List,
     /// List registered workers, one per line, starting with the id: name, host, device, the
@@ -163,10 +182,14 @@ enum DatasetCommand {
 type Client = JobServiceClient<Authed>;
 
 async fn connect(cli: &Cli) -> Result<Client> {
+    let token = match &cli.token_file {
+        Some(path) => ladder_core::token::read(path)?,
+        None => cli.token.clone().unwrap_or_default(),
+    };
     let channel = client::connect(
         &cli.coordinator,
-        cli.token.as_deref().unwrap_or(""),
-        "set LADDER_TOKEN or pass --token (the coordinator's submit token)",
+        &token,
+        "pass --token-file (a file holding the coordinator's submit token), or set LADDER_TOKEN",
         cli.tls_ca.as_deref(),
     )
     .await?;
@@ -188,7 +211,7 @@ enum WatchBreak {
 /// `status --watch`: a line per change of `job` until it ends. When the coordinator goes away
 /// mid-watch (a restart, a failover to a standby) it is reached again, through the same list
 /// of addresses, for up to [`WATCH_RECONNECT_FOR`].
-async fn watch(cli: &Cli, job: &str) -> Result<()> {
+async fn watch(cli: &Cli, job: &str) -> Result<pb::Job> {
     let mut shown = String::new();
     let mut lost_since: Option<Instant> = None;
     loop {
@@ -201,7 +224,7 @@ async fn watch(cli: &Cli, job: &str) -> Result<()> {
             Err(e) => Err(reached(e)),
         };
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(ended) => return Ok(ended),
             Err(WatchBreak::Final(e)) => return Err(e),
             Err(WatchBreak::Lost(e)) => {
                 let since = *lost_since.get_or_insert_with(|| {
@@ -220,13 +243,14 @@ async fn watch(cli: &Cli, job: &str) -> Result<()> {
     }
 }
 
-/// Prints `job`'s changes from one coordinator until the job ends (`Ok`) or the watch breaks.
+/// Prints `job`'s changes from one coordinator until the job ends (`Ok`, the ended job) or the
+/// watch breaks.
 async fn follow(
     client: &mut Client,
     job: &str,
     shown: &mut String,
     lost_since: &mut Option<Instant>,
-) -> std::result::Result<(), WatchBreak> {
+) -> std::result::Result<pb::Job, WatchBreak> {
     let classify = |what: &str, status: tonic::Status| match status.code() {
         tonic::Code::NotFound
         | tonic::Code::InvalidArgument
@@ -239,20 +263,20 @@ async fn follow(
         .await
         .map_err(|s| classify("status", s))?
         .into_inner();
-    let mut ended = false;
+    let mut last = None;
     while let Some(event) = events.message().await.map_err(|s| classify("watch", s))? {
         let Some(job) = event.job else { continue };
         *lost_since = None;
-        ended = terminal(&job);
         // Events come on every change of the record; a line only when what it shows changed.
         let line = job_line(&job);
         if line != *shown {
             say!("{line}");
             *shown = line;
         }
+        last = Some(job);
     }
-    if ended {
-        Ok(())
+    if let Some(job) = last.filter(terminal) {
+        Ok(job)
     } else {
         Err(WatchBreak::Lost(anyhow::anyhow!(
             "the coordinator closed the watch before the job ended"
@@ -504,7 +528,24 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("submitted {} ({})", job.name, state_name(job.state));
             say!("{}", job.id);
         }
-        Command::Status { job, watch: true } => watch(&cli, job).await?,
+        Command::Status { job, watch: true } => {
+            watch(&cli, job).await?;
+        }
+        Command::Wait { job } => {
+            let ended = watch(&cli, job).await?;
+            if pb::JobState::try_from(ended.state) != Ok(pb::JobState::Completed) {
+                anyhow::bail!(
+                    "job {} {}: {}",
+                    ended.id,
+                    state_name(ended.state),
+                    ended.message
+                );
+            }
+        }
+        Command::Health => {
+            let url = client::reach(&cli.coordinator, cli.tls_ca.as_deref()).await?;
+            say!("{url} serves");
+        }
         Command::Status { job, watch: false } => {
             let mut client = connect(&cli).await?;
             let job = client

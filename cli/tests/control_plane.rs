@@ -117,6 +117,9 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
     assert!(cli.ok(&["cancel", &id]).contains("cancelled"));
     let err = cli.fails(&["cancel", &id]);
     assert!(err.contains("already"), "{err}");
+    // `wait` gives the ended job's result as its exit status.
+    let err = cli.fails(&["wait", &id]);
+    assert!(err.contains(&format!("job {id} cancelled")), "{err}");
     cli.ok(&["resume", &id]);
     assert!(cli.ok(&["status", &id]).contains("queued"));
     let err = cli.fails(&["resume", &id, "--checkpoint", "nope"]);
@@ -258,6 +261,35 @@ fn tokens_are_required_and_roles_are_separate() {
         .ok(&["list"]),
         ""
     );
+
+    // From a file only its owner can read; never from one every user can.
+    let without_env = Cli {
+        url: coordinator.url(),
+        token: "",
+    };
+    let token_file = dir.path().join("submit-token");
+    std::fs::write(&token_file, format!("{SUBMIT_TOKEN}\n")).unwrap();
+    let file_arg = token_file.to_str().unwrap();
+    let err = without_env.fails(&["list", "--token-file", file_arg]);
+    assert!(
+        err.contains("every user") && err.contains("chmod o-rwx"),
+        "{err}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    without_env.ok(&["list", "--token-file", file_arg]);
+
+    // The health check needs no token, and names what it could not reach.
+    assert_eq!(
+        without_env.ok(&["health"]).trim(),
+        format!("{} serves", coordinator.url())
+    );
+    let nobody = Cli {
+        url: format!("http://127.0.0.1:{}", free_port()),
+        token: "",
+    };
+    let err = nobody.fails(&["health"]);
+    assert!(err.contains("cannot reach the coordinator"), "{err}");
 }
 
 #[test]
@@ -935,6 +967,7 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
             .contains("completed"),
         "{lines}"
     );
+    assert!(cli.ok(&["wait", &id]).contains("completed"));
 }
 
 #[test]

@@ -97,17 +97,12 @@ fn listen_address(text: &str) -> std::result::Result<SocketAddr, String> {
 }
 
 fn read_token(file: Option<&PathBuf>, env: &str, flag: &str) -> Result<String> {
-    let token = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {flag} {}", path.display()))?,
-        None => std::env::var(env).unwrap_or_default(),
-    };
-    let token = token.trim().to_owned();
+    if let Some(path) = file {
+        return ladder_core::token::read(path).with_context(|| flag.to_owned());
+    }
+    let token = std::env::var(env).unwrap_or_default().trim().to_owned();
     if token.is_empty() {
-        match file {
-            Some(path) => bail!("{flag} {} is empty: put the token in it", path.display()),
-            None => bail!("no token: set {env} or pass {flag} (a file holding the token)"),
-        }
+        bail!("no token: set {env} or pass {flag} (a file holding the token)");
     }
     Ok(token)
 }

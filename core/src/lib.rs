@@ -1,7 +1,8 @@
 //! Ladder's shared core: what coordinator and worker must agree on, with no libtorch and no
 //! networking. The job spec ([`spec`]), the stage plan ([`stage`]), the sample plan
 //! ([`sample`]), the dataset manifest and shard index ([`dataset`], [`sample_index`]), and the deterministic
-//! random streams they are built on ([`rng`]), and where checkpoints live ([`location`]).
+//! random streams they are built on ([`rng`]), where checkpoints live ([`location`]), and tokens
+//! read from files ([`token`]).
 
 pub mod dataset;
 pub mod location;
@@ -11,6 +12,7 @@ pub mod sample;
 pub mod sample_index;
 pub mod spec;
 pub mod stage;
+pub mod token;
 
 /// `text` as a message quotes it: cut short after 80 characters, so that a megabyte of bad
 /// input is not echoed back whole.

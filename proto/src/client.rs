@@ -101,6 +101,20 @@ pub async fn connect(
             .parse()
             .map_err(|_| ConnectError::BadToken)?,
     );
+    let (_, channel) = first_answering(urls, tls_ca).await?;
+    Ok(InterceptedService::new(channel, bearer))
+}
+
+/// The first of the comma-separated `urls` whose coordinator serves (answers the health
+/// check, which needs no token): for probes and scripts that wait for one.
+pub async fn reach(urls: &str, tls_ca: Option<&Path>) -> Result<String, ConnectError> {
+    first_answering(urls, tls_ca).await.map(|(url, _)| url)
+}
+
+async fn first_answering(
+    urls: &str,
+    tls_ca: Option<&Path>,
+) -> Result<(String, Channel), ConnectError> {
     let mut failures = Vec::new();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         let bad_url = |message: String| ConnectError::BadUrl {
@@ -135,7 +149,7 @@ pub async fn connect(
         }
         match endpoint.connect().await {
             Ok(channel) => match answers(channel.clone()).await {
-                Ok(()) => return Ok(InterceptedService::new(channel, bearer)),
+                Ok(()) => return Ok((url.to_owned(), channel)),
                 Err(why) => failures.push(format!("{url}: {why}")),
             },
             Err(e) => failures.push(format!("{url}: {}", error_chain(&e))),

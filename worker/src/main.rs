@@ -26,6 +26,10 @@ struct Args {
     /// The coordinator's worker token.
     #[arg(long, env = "LADDER_WORKER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the worker token (readable by its owner, or its group, only): the way to
+    /// pass it on a shared node. It takes the place of --token / LADDER_WORKER_TOKEN.
+    #[arg(long, env = "LADDER_WORKER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// CA certificate (PEM) to verify an https:// coordinator.
     #[arg(long, env = "LADDER_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -191,7 +195,10 @@ fn main() {
     }
     let config = Config {
         coordinator: args.coordinator,
-        token: args.token.unwrap_or_default(),
+        token: match &args.token_file {
+            Some(path) => ladder_core::token::read(path).unwrap_or_else(|e| setup_error(e)),
+            None => args.token.unwrap_or_default(),
+        },
         tls_ca: args.tls_ca,
         device,
         precision: args.precision.unwrap_or(Precision::default_for(device)),

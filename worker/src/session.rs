@@ -75,7 +75,7 @@ impl Session {
         let channel = client::connect(
             &self.urls,
             &self.token,
-            "set LADDER_WORKER_TOKEN or pass --token (the coordinator's worker token)",
+            "pass --token-file (a file holding the coordinator's worker token), or set LADDER_WORKER_TOKEN",
             self.tls_ca.as_deref(),
         )
         .await
