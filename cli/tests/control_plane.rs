@@ -5,7 +5,7 @@
 use ladder_proto::v1 as pb;
 use ladder_testkit::{
     CoordinatorProcess, Etcd, Registered, SUBMIT_TOKEN, WORKER_TOKEN, binary, checkpoint_ref,
-    free_port, job_client, worker_client, write_dataset, write_spec,
+    free_port, job_client, make_certificates, worker_client, write_dataset, write_spec,
 };
 use std::path::Path;
 use std::process::{Command, Output};
@@ -345,77 +345,10 @@ fn the_coordinator_refuses_a_public_address_without_tls_a_missing_token_and_sens
     }
 }
 
-/// A CA and a server certificate for localhost signed by it, made with openssl.
-fn make_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let path = |name: &str| dir.join(name);
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=Ladder test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        path("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
-    (path("ca.pem"), path("server.pem"), path("server.key"))
-}
-
 #[test]
 fn tls_serves_clients_that_trust_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = make_certificates(dir.path());
+    let (ca, cert, key) = make_certificates(dir.path(), &["DNS:localhost", "IP:127.0.0.1"]);
     let http = format!("127.0.0.1:{}", free_port());
     let coordinator = redb_coordinator(
         dir.path(),
