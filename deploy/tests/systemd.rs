@@ -3,13 +3,13 @@
 //! serve, train a job and stop the way the restart policy expects. systemd itself does not run
 //! in these sandboxes, so the sandboxing settings are checked, not exercised.
 
-use ladder_deploy::deploy_dir;
 use ladder_deploy::systemd::{Unit, command_line, environment_file};
+use ladder_deploy::{deploy_dir, run_ok};
 use ladder_testkit::{binary, free_port, make_certificates};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const COORDINATOR_UNIT: &str = "ladder-coordinator.service";
@@ -17,19 +17,6 @@ const WORKER_UNIT: &str = "ladder-worker@.service";
 
 fn systemd_dir() -> PathBuf {
     deploy_dir().join("systemd")
-}
-
-fn run(command: &mut Command) -> Output {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 #[test]
@@ -42,9 +29,11 @@ fn the_units_pass_systemd_analyze_verify() {
     std::fs::create_dir_all(&units).unwrap();
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(root.path().join("usr/lib/systemd")).unwrap();
-    run(Command::new("cp")
-        .args(["-r", "/usr/lib/systemd/system"])
-        .arg(root.path().join("usr/lib/systemd/")));
+    run_ok(
+        Command::new("cp")
+            .args(["-r", "/usr/lib/systemd/system"])
+            .arg(root.path().join("usr/lib/systemd/")),
+    );
     for name in ["ladder-coordinator", "ladder-worker"] {
         std::fs::copy(binary(name), bin.join(name)).unwrap();
     }
@@ -321,7 +310,7 @@ fn the_units_command_lines_serve_train_and_stop_as_their_restart_policy_expects(
             .value("Service", "TimeoutStopSec")
             .and_then(|v| v.strip_suffix('s')?.parse().ok())
             .expect("TimeoutStopSec in seconds");
-        run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
         let status = wait_exit(child, Duration::from_secs(stop));
         assert_eq!(status.code(), Some(0), "{unit} after SIGTERM");
     }
