@@ -75,6 +75,11 @@ struct Args {
     /// at a checkpoint at least this long after its generation started (at most a day).
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     regroup_interval_s: u64,
+    /// On SIGTERM, keep serving for up to this long while workers still train, so that those
+    /// stopped with it (a Slurm job's cancellation signals every process at once) can commit
+    /// their leaving checkpoint; 0 stops at once. A second signal stops at once.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    drain_s: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the
     /// leader dies (2 s to 5 min).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(2..=300))]
@@ -113,6 +118,43 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "interrupted",
         _ = term.recv() => "terminated",
+    }
+}
+
+/// Serves on while any worker trains, for at most `within` or until a second signal: workers
+/// stopped at the same moment checkpoint, and leave through this coordinator.
+async fn drain(coordinator: &Coordinator, within: Duration) {
+    let until = tokio::time::Instant::now() + within;
+    let mut said = false;
+    let mut again = std::pin::pin!(shutdown_signal());
+    loop {
+        let training = coordinator
+            .workers()
+            .await
+            .iter()
+            .filter(|w| w.member.assignment.is_some())
+            .count();
+        if training == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::warn!(training, "stopping while workers still train (--drain-s)");
+            return;
+        }
+        if !said {
+            tracing::info!(
+                training,
+                "serving until the training workers leave (--drain-s)"
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            why = &mut again => {
+                tracing::info!("{why} again; stopping at once");
+                return;
+            }
+        }
     }
 }
 
@@ -300,6 +342,7 @@ async fn run(args: Args) -> Result<()> {
     let outcome: Result<()> = tokio::select! {
         why = shutdown_signal() => {
             tracing::info!("{why}; shutting down");
+            drain(&coordinator, Duration::from_secs(args.drain_s)).await;
             Ok(())
         }
         why = lost => Err(anyhow::anyhow!("lost leadership: {why}")),

@@ -1140,6 +1140,9 @@ impl Coordinator {
             // Said once per request, so that progress reports during the checkpoint's write do
             // not ask for another; and to rank 0 only, the one that writes checkpoints.
             let checkpoint_now = rank == 0 && std::mem::take(&mut training.checkpoint_requested);
+            if checkpoint_now {
+                training.leave_from_step = Some(training.progress.global_step);
+            }
             (rank, checkpoint_now)
         };
         let _ = self.job_changed.send(job_id.to_owned());
@@ -1346,6 +1349,7 @@ impl Coordinator {
         };
         tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
         let checkpoint_id = checkpoint.id.clone();
+        let checkpoint_step = checkpoint.step;
         job.ledger.extend(trained.into_iter().map(|e| LedgerEntry {
             checkpoint_step: checkpoint.step,
             ..e
@@ -1357,11 +1361,19 @@ impl Coordinator {
         let retired = policy::retire(&mut job.checkpoints, spec.checkpoint.keep as usize);
         policy::compact_ledger(&mut job.ledger, &job.checkpoints);
         job.last_retired = retired.clone();
+        // The leaving workers go with a checkpoint taken since they asked, not with one that
+        // was still being written then.
+        let leaves_now = self
+            .roster()
+            .training
+            .get(job_id)
+            .and_then(|t| t.leave_from_step)
+            .is_some_and(|from| checkpoint_step >= from);
         let leaving: Vec<(usize, String)> = job
             .workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| self.roster().workers.get(*w).is_some_and(|w| w.leaving))
+            .filter(|(_, w)| leaves_now && self.roster().workers.get(*w).is_some_and(|w| w.leaving))
             .map(|(rank, w)| (rank, w.clone()))
             .collect();
         self.commit_job(&mut inner, job).await?;
