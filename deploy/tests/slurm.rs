@@ -5,7 +5,7 @@
 //! batch job is cancelled mid-epoch (its workers checkpoint and leave on SIGTERM) and a third
 //! resumes the same training job to completion. Bad input stops the script with one line.
 
-use ladder_deploy::{deploy_dir, run_ok};
+use ladder_deploy::{TinyJob, deploy_dir, run_ok};
 use ladder_testkit::{CoordinatorProcess, SUBMIT_TOKEN, binary, free_port};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -243,23 +243,17 @@ impl Setup {
         }
     }
 
-    fn spec(&self, name: &str, epochs: u32) -> PathBuf {
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "[job]\nname = \"{name}\"\n[model]\nvariant = \"tiny\"\nclasses = 4\n\
-                 [data]\nmanifest = \"data/manifest.json\"\ndecode_threads = 1\n\
-                 [schedule]\nepochs = {epochs}\nstage_epochs = 1\nmin_size = 64\nmax_size = 96\n\
-                 eval_size = 96\nmin_dropout = 0.0\nmax_dropout = 0.1\nmin_randaugment = 2\n\
-                 max_randaugment = 4\n[optimizer]\nwarmup_epochs = 0\n\
-                 [batch]\nglobal = 16\nmicro_at_max_size = 8\nmicro_max = 8\n\
-                 [checkpoint]\ndir = \"checkpoints\"\nevery_steps = 4\n\
-                 [workers]\nmin = 2\nmax = 2\n"
-            ),
-        )
-        .unwrap();
-        path
+    fn spec(&self, name: &'static str, epochs: u32) -> PathBuf {
+        TinyJob {
+            name,
+            epochs,
+            stage_epochs: 1,
+            sizes: (64, 96),
+            batch: (16, 8),
+            workers: (2, 2),
+            checkpoint_every: 4,
+        }
+        .write(&self.dir)
     }
 
     /// `sbatch` of the script with two CPU workers on this node, and `env` on top.

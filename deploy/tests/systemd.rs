@@ -4,7 +4,7 @@
 //! in these sandboxes, so the sandboxing settings are checked, not exercised.
 
 use ladder_deploy::systemd::{Unit, command_line, environment_file};
-use ladder_deploy::{deploy_dir, run_ok};
+use ladder_deploy::{TinyJob, deploy_dir, run_ok};
 use ladder_testkit::{binary, free_port, make_certificates};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -269,17 +269,16 @@ fn the_units_command_lines_serve_train_and_stop_as_their_restart_policy_expects(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let spec = dir.path().join("job.toml");
-    std::fs::write(
-        &spec,
-        "[job]\nname = \"systemd\"\n[model]\nvariant = \"tiny\"\nclasses = 4\n\
-         [data]\nmanifest = \"data/manifest.json\"\ndecode_threads = 1\n\
-         [schedule]\nepochs = 2\nstage_epochs = 1\nmin_size = 32\nmax_size = 40\neval_size = 40\n\
-         min_dropout = 0.0\nmax_dropout = 0.1\nmin_randaugment = 2\nmax_randaugment = 4\n\
-         [optimizer]\nwarmup_epochs = 1\n[batch]\nglobal = 16\nmicro_at_max_size = 8\nmicro_max = 8\n\
-         [checkpoint]\ndir = \"checkpoints\"\nevery_steps = 2\n[workers]\nmin = 1\nmax = 1\n",
-    )
-    .unwrap();
+    let spec = TinyJob {
+        name: "systemd",
+        epochs: 2,
+        stage_epochs: 1,
+        sizes: (32, 40),
+        batch: (16, 8),
+        workers: (1, 1),
+        checkpoint_every: 2,
+    }
+    .write(dir.path());
     let out = cli(&["submit", spec.to_str().unwrap()]);
     assert!(
         out.status.success(),
