@@ -65,30 +65,34 @@ fn pauses_after(gave_up: Option<Instant>) -> &'static [Duration] {
 
 impl Shard {
     /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of
-    /// [`READ_RETRY_PAUSES`] while it fails.
-    fn read_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// [`READ_RETRY_PAUSES`] while it fails; and whether a new handle was kept.
+    fn read_at(&self, bytes: &mut [u8], offset: u64) -> (std::io::Result<()>, bool) {
         let first = {
             let file = self.file.read().expect("shard handle lock");
             file.as_ref().map(|file| file.read_exact_at(bytes, offset))
         };
+        let mut opened = false;
         let first = match first {
             Some(read) => read,
-            None => self.reopen(bytes, offset),
+            None => self.reopen(bytes, offset, &mut opened),
         };
         if first.is_ok() {
-            return first;
+            return (first, opened);
         }
         let mut gave_up = self.gave_up.lock().expect("shard state lock");
-        let result = retry(first, pauses_after(*gave_up), || self.reopen(bytes, offset));
+        let result = retry(first, pauses_after(*gave_up), || {
+            self.reopen(bytes, offset, &mut opened)
+        });
         *gave_up = result.is_err().then(Instant::now);
-        result
+        (result, opened)
     }
 
-    /// Reads through a fresh handle, which is kept if the read works.
-    fn reopen(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// Reads through a fresh handle, which is kept (`opened`) if the read works.
+    fn reopen(&self, bytes: &mut [u8], offset: u64, opened: &mut bool) -> std::io::Result<()> {
         let file = File::open(&self.path)?;
         file.read_exact_at(bytes, offset)?;
         *self.file.write().expect("shard handle lock") = Some(file);
+        *opened = true;
         Ok(())
     }
 }
@@ -113,9 +117,16 @@ fn retry(
     result
 }
 
+/// The most shard files a dataset keeps open. A rank reads a window of a few shards at a time,
+/// but over an epoch it reads from all of them (13,000 for ImageNet-21k): the handles opened
+/// longest ago are closed beyond this, and reopened if read again.
+pub const MAX_OPEN_SHARDS: usize = 128;
+
 /// An opened dataset: its shards and its sample index.
 pub struct Dataset {
     shards: Vec<Shard>,
+    /// The shards holding an open file, in the order they opened it.
+    open: Mutex<std::collections::VecDeque<usize>>,
     /// Id of each shard's first sample; one extra entry holds the total.
     starts: Vec<u64>,
     index: SampleIndex,
@@ -174,6 +185,7 @@ impl Dataset {
         starts.push(total);
         Ok(Dataset {
             shards,
+            open: Mutex::new(std::collections::VecDeque::new()),
             starts,
             index: SampleIndex::open(&dir, &manifest)?,
             classes: manifest.classes,
@@ -281,7 +293,11 @@ impl Dataset {
             let mut bytes = vec![0u8; (until - offset) as usize];
             count.calls += 1;
             count.bytes += until - offset;
-            s.read_at(&mut bytes, offset).map(|()| bytes)
+            let (result, opened) = s.read_at(&mut bytes, offset);
+            if opened {
+                self.opened(shard);
+            }
+            result.map(|()| bytes)
         };
         let whole = read(start, end);
         let mut sample = |position: usize, bytes| {
@@ -309,6 +325,20 @@ impl Dataset {
                     sample(position, read(offset, until));
                 }
             }
+        }
+    }
+}
+
+impl Dataset {
+    /// `shard` keeps a new handle: the handles opened longest ago beyond [`MAX_OPEN_SHARDS`]
+    /// are closed. (No shard's lock is held while this takes the list's.)
+    fn opened(&self, shard: usize) {
+        let mut open = self.open.lock().expect("open shards lock");
+        open.retain(|&s| s != shard);
+        open.push_back(shard);
+        while open.len() > MAX_OPEN_SHARDS {
+            let oldest = open.pop_front().expect("more than the maximum");
+            *self.shards[oldest].file.write().expect("shard handle lock") = None;
         }
     }
 }

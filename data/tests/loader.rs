@@ -377,6 +377,26 @@ fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_on
     assert!(!Arc::ptr_eq(&data, &reindexed));
 }
 
+#[test]
+fn a_dataset_keeps_a_bounded_number_of_shard_files_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = ladder_data::loader::MAX_OPEN_SHARDS as u32 + 40;
+    let report = synth::write(dir.path(), 4, shards as u64, shards, 1).unwrap();
+    let data = Dataset::open(&report.manifest_path).unwrap();
+    let before = open_descriptors();
+    for id in 0..shards as u64 {
+        assert!(data.read(&[id]).0[0].bytes.is_ok(), "sample {id}");
+    }
+    // Other tests run on other threads of this process: some slack for their descriptors.
+    let held = open_descriptors().saturating_sub(before);
+    assert!(
+        held <= ladder_data::loader::MAX_OPEN_SHARDS + 8,
+        "{held} descriptors held after reading {shards} shards"
+    );
+    // A shard whose handle was closed is opened again when read.
+    assert!(data.read(&[0]).0[0].bytes.is_ok());
+}
+
 /// Writes, with the real `webdataset` package, a shard of a photo-sized image as a baseline
 /// and a progressive JPEG, each whole and cut at several points (down to only its end-of-image
 /// marker missing), a JPEG with bytes after its end marker, a PNG stored as `.jpg` and a JPEG
