@@ -122,11 +122,14 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Serves on while any worker trains, for at most `within` or until a second signal: workers
-/// stopped at the same moment checkpoint, and leave through this coordinator.
+/// stopped at the same moment checkpoint, and leave through this coordinator. Once they have
+/// left, it serves one heartbeat interval more, in which each hears that it left (else it would
+/// wait out its own grace for an answer).
 async fn drain(coordinator: &Coordinator, within: Duration) {
     let until = tokio::time::Instant::now() + within;
-    let mut said = false;
+    let heard = coordinator.config().lease_ttl / 3 + Duration::from_secs(1);
     let mut again = std::pin::pin!(shutdown_signal());
+    let mut waited = false;
     loop {
         let training = coordinator
             .workers()
@@ -134,26 +137,34 @@ async fn drain(coordinator: &Coordinator, within: Duration) {
             .iter()
             .filter(|w| w.member.assignment.is_some())
             .count();
-        if training == 0 {
-            return;
-        }
-        if tokio::time::Instant::now() >= until {
-            tracing::warn!(training, "stopping while workers still train (--drain-s)");
-            return;
-        }
-        if !said {
-            tracing::info!(
-                training,
-                "serving until the training workers leave (--drain-s)"
-            );
-            said = true;
-        }
+        let now = tokio::time::Instant::now();
+        let pause = match training {
+            0 if !waited => return,
+            0 => (now + heard).min(until) - now,
+            _ if now >= until => {
+                tracing::warn!(training, "stopping while workers still train (--drain-s)");
+                return;
+            }
+            _ => {
+                if !waited {
+                    tracing::info!(
+                        training,
+                        "serving until the training workers leave (--drain-s)"
+                    );
+                    waited = true;
+                }
+                Duration::from_millis(250)
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(pause) => {}
             why = &mut again => {
                 tracing::info!("{why} again; stopping at once");
                 return;
             }
+        }
+        if training == 0 {
+            return;
         }
     }
 }

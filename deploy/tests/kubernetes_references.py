@@ -42,6 +42,7 @@ def main(path):
             pods.append((name, kind, w, template))
 
     commands = {}
+    images = set()
     for name, kind, workload, template in pods:
         spec = template["spec"]
         where = f"{kind} {name}"
@@ -101,11 +102,16 @@ def main(path):
                         problems.append(f"{cwhere}: the ring's Service is not the StatefulSet's")
             if c["image"].split(":")[0].endswith("ladder"):
                 commands[cwhere] = words
+                images.add(c["image"])
             sc = c.get("securityContext", {})
             if sc.get("allowPrivilegeEscalation") is not False or not sc.get("readOnlyRootFilesystem"):
                 problems.append(f"{cwhere}: may escalate privileges or write its root file system")
         if not spec.get("securityContext", {}).get("runAsNonRoot"):
             problems.append(f"{where}: may run as root")
+
+    # One Ladder image for every pod, as the flavour names it (a tag, not the bare name).
+    if len(images) != 1 or ":" not in next(iter(images)):
+        problems.append(f"Ladder's containers run {sorted(images)}: one tagged image expected")
 
     # Services select pods and reach named ports they have.
     for name, s in services.items():

@@ -355,19 +355,30 @@ fn a_job_runs_to_completion_and_a_cancelled_one_resumes_to_completion() {
             .output()
             .unwrap()
     };
-    let start = Instant::now();
-    loop {
-        let status = String::from_utf8_lossy(&cli(&["status", &job]).stdout).into_owned();
-        if status.contains("epoch        2/3") {
-            break;
+    // Until the training job's status passes `done`, while batch job `batch` drives it.
+    let until_status = |done: &dyn Fn(&str) -> bool, batch: &str| {
+        let start = Instant::now();
+        loop {
+            let status = String::from_utf8_lossy(&cli(&["status", &job]).stdout).into_owned();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "{status}\n{}",
+                setup.output(batch)
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "{status}\n{}",
-            setup.output(&cancelled)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+    let step = |status: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with("step "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    until_status(&|s| s.contains("epoch        2/3"), &cancelled);
     run_ok(slurm.command("scancel").arg(&cancelled));
     assert_eq!(
         slurm.ended(&cancelled, Duration::from_secs(180)),
@@ -375,13 +386,41 @@ fn a_job_runs_to_completion_and_a_cancelled_one_resumes_to_completion() {
     );
     let out = setup.output(&cancelled);
     assert!(out.contains("the workers checkpoint and leave"), "{out}");
+    assert!(
+        !out.contains("second SIGTERM: leaving now"),
+        "one SIGTERM each: {out}"
+    );
     // They left through the graceful path: the job went on from a checkpoint taken for them.
     assert!(
         out.contains("left on request; generation 1 ended, restoring from checkpoint"),
         "{out}"
     );
 
-    // Resumed by a new batch job naming the training job: it continues to completion.
+    // Resumed by a new batch job naming the training job, and stopped as at its time limit
+    // (`--signal=B:TERM@300` signals the batch shell alone): the script has the workers
+    // checkpoint and leave.
+    let timed_out = setup.sbatch(&slurm, &[], &[("LADDER_JOB", job.clone())]);
+    // Training in its own generation: the step moves.
+    let started = until_status(
+        &|s| s.contains("state        running") && s.contains("generation   2"),
+        &timed_out,
+    );
+    until_status(&|s| step(s) != step(&started), &timed_out);
+    run_ok(
+        slurm
+            .command("scancel")
+            .args(["--batch", "--signal=TERM"])
+            .arg(&timed_out),
+    );
+    slurm.ended(&timed_out, Duration::from_secs(180));
+    let out = setup.output(&timed_out);
+    assert!(
+        out.contains("left on request; generation 2 ended, restoring from checkpoint"),
+        "{out}"
+    );
+    assert!(!out.contains("second SIGTERM: leaving now"), "{out}");
+
+    // Resumed again: it continues to completion.
     let resumed = setup.sbatch(&slurm, &[], &[("LADDER_JOB", job.clone())]);
     assert_eq!(
         slurm.ended(&resumed, Duration::from_secs(300)),
