@@ -334,7 +334,7 @@ async fn run(args: Args) -> Result<()> {
         ));
     }
 
-    let mut deposed = coordinator.deposed();
+    let mut deposition = coordinator.deposed();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve_with_incoming_shutdown(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -350,14 +350,23 @@ async fn run(args: Args) -> Result<()> {
             None => std::future::pending().await,
         }
     };
+    // Leadership is watched while draining too: a coordinator that no longer leads must stop
+    // answering at once, drain or not.
+    let mut no_longer_leading = std::pin::pin!(async {
+        tokio::select! {
+            why = lost => anyhow::anyhow!("lost leadership: {why}"),
+            _ = deposition.wait_for(Option::is_some) => anyhow::anyhow!("another coordinator leads now"),
+        }
+    });
     let outcome: Result<()> = tokio::select! {
         why = shutdown_signal() => {
             tracing::info!("{why}; shutting down");
-            drain(&coordinator, Duration::from_secs(args.drain_s)).await;
-            Ok(())
+            tokio::select! {
+                () = drain(&coordinator, Duration::from_secs(args.drain_s)) => Ok(()),
+                e = &mut no_longer_leading => Err(e),
+            }
         }
-        why = lost => Err(anyhow::anyhow!("lost leadership: {why}")),
-        _ = deposed.wait_for(Option::is_some) => Err(anyhow::anyhow!("another coordinator leads now")),
+        e = &mut no_longer_leading => Err(e),
     };
     ticker.abort();
     let _ = stop_tx.send(());

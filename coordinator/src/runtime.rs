@@ -112,9 +112,9 @@ pub struct Training {
     /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
     /// that commit ends the generation without it.
     pub checkpoint_requested: bool,
-    /// The global step of the report that told rank 0 to checkpoint for a leaving worker:
-    /// only a checkpoint of that step or later ends the generation, not one still being
-    /// written from before (the job would lose the steps between).
+    /// The global step of the first report that told rank 0 to checkpoint for a leaving
+    /// worker: only a checkpoint of that step or later ends the generation, not one still
+    /// being written from before (the job would lose the steps between).
     pub leave_from_step: Option<u64>,
 }
 

@@ -1133,15 +1133,20 @@ impl Coordinator {
             let Some(rank) = roster.current_rank(who, job_id, generation)? else {
                 return Ok(ProgressAnswer::default());
             };
+            let with_progress = report.progress.is_some();
             if let Some(progress) = report.progress.take() {
                 roster.report(job_id, progress, now_ms());
             }
             let training = roster.training.entry(job_id.to_owned()).or_default();
             // Said once per request, so that progress reports during the checkpoint's write do
             // not ask for another; and to rank 0 only, the one that writes checkpoints.
-            let checkpoint_now = rank == 0 && std::mem::take(&mut training.checkpoint_requested);
+            // Said on a report that carries progress (one the worker acts on), and the step it
+            // came at kept from the first such answer: a later leaver goes with that checkpoint.
+            let checkpoint_now =
+                rank == 0 && with_progress && std::mem::take(&mut training.checkpoint_requested);
             if checkpoint_now {
-                training.leave_from_step = Some(training.progress.global_step);
+                let step = training.progress.global_step;
+                training.leave_from_step.get_or_insert(step);
             }
             (rank, checkpoint_now)
         };

@@ -237,7 +237,20 @@ async fn only_rank_0_is_asked_to_checkpoint_for_a_leaving_worker() {
         )
         .await
         .unwrap();
-    let report = || ProgressReport::default();
+    // Step reports, which carry progress: a report of only an event (a failed checkpoint's)
+    // is not answered with the request, as its answer is not acted on.
+    let report = || ProgressReport {
+        progress: Some(ladder_proto::v1::Progress {
+            global_step: 3,
+            ..Default::default()
+        }),
+        ..ProgressReport::default()
+    };
+    let event = coordinator
+        .report_progress(&ranks[0], &job, generation, ProgressReport::default())
+        .await
+        .unwrap();
+    assert!(!event.checkpoint_now);
     let rank_1 = coordinator
         .report_progress(&ranks[1], &job, generation, report())
         .await

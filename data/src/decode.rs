@@ -215,6 +215,9 @@ pub fn decode(
 /// between is valid is libjpeg's to judge; this answers only whether the file is whole.
 fn ends_with_end_of_image(bytes: &[u8]) -> Result<(), DecodeError> {
     const EOI: u8 = 0xD9;
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Err(DecodeError::Jpeg("no start-of-image marker".to_owned()));
+    }
     let truncated = || DecodeError::Truncated(bytes.len());
     let mut at = 2; // past SOI
     loop {
@@ -436,13 +439,24 @@ mod tests {
         assert_eq!(ends_with_end_of_image(&jpeg), Ok(()));
         let padded = [jpeg.as_slice(), &[0; 16]].concat();
         assert_eq!(ends_with_end_of_image(&padded), Ok(()));
-        for cut in [4, 20, jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 1] {
+        for cut in [2, 4, 20, jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 1] {
             assert_eq!(
                 ends_with_end_of_image(&jpeg[..cut]),
                 Err(DecodeError::Truncated(cut)),
                 "cut at {cut} of {}",
                 jpeg.len()
             );
+        }
+    }
+
+    #[test]
+    fn bytes_too_short_to_be_a_jpeg_are_an_error_not_a_panic() {
+        for bytes in [&[0xFF][..], &[0x00], &[0xFF, 0xD9]] {
+            assert!(matches!(
+                ends_with_end_of_image(bytes),
+                Err(DecodeError::Jpeg(_))
+            ));
+            assert!(decode(bytes, ImageFormat::Jpeg, None, 8, 8).is_err());
         }
     }
 

@@ -33,8 +33,10 @@ struct Shard {
     path: PathBuf,
     /// Opened at the first read (a dataset of 13,000 shards must not hold 13,000 descriptors
     /// before it reads anything); replaced when reads through it fail and one through a fresh
-    /// handle works (an NFS handle gone stale).
-    file: RwLock<Option<File>>,
+    /// handle works (an NFS handle gone stale); closed when too many are open. Reads go
+    /// through a clone of the `Arc`, outside the lock, so that a read that hangs (a dead file
+    /// server) holds up no one else.
+    file: RwLock<Option<Arc<File>>>,
     /// When a read last failed through every pause: for [`FAIL_FAST_FOR`] after, reads try
     /// once more at once and give up, so that a shard that stays unreadable costs each of its
     /// samples an instant, not the whole wait.
@@ -67,10 +69,8 @@ impl Shard {
     /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of
     /// [`READ_RETRY_PAUSES`] while it fails; and whether a new handle was kept.
     fn read_at(&self, bytes: &mut [u8], offset: u64) -> (std::io::Result<()>, bool) {
-        let first = {
-            let file = self.file.read().expect("shard handle lock");
-            file.as_ref().map(|file| file.read_exact_at(bytes, offset))
-        };
+        let file = self.file.read().expect("shard handle lock").clone();
+        let first = file.map(|file| file.read_exact_at(bytes, offset));
         let mut opened = false;
         let first = match first {
             Some(read) => read,
@@ -89,7 +89,7 @@ impl Shard {
 
     /// Reads through a fresh handle, which is kept (`opened`) if the read works.
     fn reopen(&self, bytes: &mut [u8], offset: u64, opened: &mut bool) -> std::io::Result<()> {
-        let file = File::open(&self.path)?;
+        let file = Arc::new(File::open(&self.path)?);
         file.read_exact_at(bytes, offset)?;
         *self.file.write().expect("shard handle lock") = Some(file);
         *opened = true;
@@ -331,7 +331,8 @@ impl Dataset {
 
 impl Dataset {
     /// `shard` keeps a new handle: the handles opened longest ago beyond [`MAX_OPEN_SHARDS`]
-    /// are closed. (No shard's lock is held while this takes the list's.)
+    /// are closed (each once the reads through it end). No shard's lock is held while this
+    /// takes the list's, and no lock is held during a read.
     fn opened(&self, shard: usize) {
         let mut open = self.open.lock().expect("open shards lock");
         open.retain(|&s| s != shard);
