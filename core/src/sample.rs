@@ -6,7 +6,8 @@
 //! few shards) while every epoch is still a permutation of the whole dataset.
 //!
 //! With a shuffle block `b > 1`, a window's samples are shuffled in blocks of up to `b`
-//! consecutive samples of one shard (each shard cut from its start; its last block may be
+//! consecutive samples of one shard (each shard cut at an offset drawn for it each epoch, so
+//! that the same neighbours do not meet every epoch; its first and last blocks may be
 //! shorter), which stay together in the order: a micro-batch then holds runs of neighbours that
 //! the loader reads with one ranged read each, where one read per sample would be random access
 //! on a shared file system. It trades mixing for it (neighbours in a shard share micro-batches),
@@ -28,6 +29,7 @@ use std::ops::Range;
 const SHARD_ORDER_STREAM: u64 = 0x5348_4152; // "SHAR"
 const WINDOW_STREAM: u64 = 0x5749_4e44; // "WIND"
 const TALLY_STREAM: u64 = 0x5441_4c59; // "TALY"
+const BLOCK_STREAM: u64 = 0x424c_4f43; // "BLOC"
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -359,18 +361,28 @@ impl<P: Borrow<SamplePlan>> EpochOrder<P> {
                 }
                 None => Vec::with_capacity(len),
             };
-            // Blocks of consecutive samples, each shard cut from its start (single samples
-            // when the block is 1, and then the same permutation as shuffling the ids).
+            // Blocks of consecutive samples (single samples when the block is 1, and then the
+            // same permutation as shuffling the ids). Each epoch cuts each shard at its own
+            // offset, so that the same neighbours do not meet in every epoch.
             let plan = self.plan.borrow();
+            let epoch = self.epoch as u64;
             let block = plan.shuffle_block as u64;
             let mut blocks: Vec<Range<u64>> = group
                 .iter()
                 .flat_map(|&shard| {
                     let start = plan.shard_starts[shard as usize];
                     let end = plan.shard_starts[shard as usize + 1];
-                    (start..end)
-                        .step_by(block as usize)
-                        .map(move |b| b..(b + block).min(end))
+                    let offset = match block {
+                        1 => 0,
+                        _ => Stream::new(plan.seed, &[BLOCK_STREAM, epoch, shard as u64])
+                            .below(block),
+                    };
+                    let first = (start + offset).min(end);
+                    (offset > 0).then_some(start..first).into_iter().chain(
+                        (first..end)
+                            .step_by(block as usize)
+                            .map(move |b| b..(b + block).min(end)),
+                    )
                 })
                 .collect();
             Stream::new(plan.seed, &[WINDOW_STREAM, self.epoch as u64, w as u64])

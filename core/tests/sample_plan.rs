@@ -48,11 +48,22 @@ proptest! {
     ) {
         let plan = build_plan(&shards, seed, window, global, block);
         let order = plan.epoch(epoch).samples(0..plan.total_samples());
-        for (position, &id) in order.iter().enumerate() {
-            let index = plan.locate(id).index;
-            if !index.is_multiple_of(block) {
-                prop_assert_eq!(order[position - 1], id - 1, "sample {} left its block", id);
+        // A shard of n samples is cut into at most ceil(n / b) + 1 blocks; inside a block,
+        // each sample follows its predecessor.
+        let mut followed = vec![0u64; shards.len()];
+        for pair in order.windows(2) {
+            let (a, b) = (plan.locate(pair[0]), plan.locate(pair[1]));
+            if a.shard == b.shard && b.index == a.index + 1 {
+                followed[b.shard as usize] += 1;
             }
+        }
+        for (shard, &n) in shards.iter().enumerate() {
+            let blocks = (n as u64).div_ceil(block as u64) + 1;
+            prop_assert!(
+                followed[shard] + blocks >= n as u64,
+                "shard {} of {} samples: only {} follow their predecessor (block {})",
+                shard, n, followed[shard], block
+            );
         }
     }
 
@@ -150,6 +161,31 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn each_epoch_cuts_a_shard_into_blocks_at_its_own_offset() {
+    // One shard, one window: the order is the blocks; where a run of consecutive ids starts
+    // is where the epoch cut the shard.
+    let plan = SamplePlan::new(&[200], 3, 1, 8)
+        .and_then(|p| p.with_shuffle_block(8))
+        .unwrap();
+    let cuts = |epoch: u32| -> std::collections::BTreeSet<u64> {
+        let order = plan.epoch(epoch).samples(0..200);
+        let mut starts: std::collections::BTreeSet<u64> = order
+            .windows(2)
+            .filter(|p| p[1] != p[0] + 1)
+            .map(|p| p[1] % 8)
+            .collect();
+        starts.insert(order[0] % 8);
+        starts
+    };
+    let offsets: std::collections::BTreeSet<Vec<u64>> =
+        (0..6).map(|e| cuts(e).into_iter().collect()).collect();
+    assert!(
+        offsets.len() > 1,
+        "every epoch cut the shard at the same offset: {offsets:?}"
+    );
 }
 
 #[test]
