@@ -67,32 +67,31 @@ fn pauses_after(gave_up: Option<Instant>) -> &'static [Duration] {
 
 impl Shard {
     /// `bytes.len()` bytes at `offset`, tried again through a fresh handle after each of
-    /// [`READ_RETRY_PAUSES`] while it fails; and whether a new handle was kept.
-    fn read_at(&self, bytes: &mut [u8], offset: u64) -> (std::io::Result<()>, bool) {
+    /// [`READ_RETRY_PAUSES`] while it fails.
+    fn read_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
         let file = self.file.read().expect("shard handle lock").clone();
-        let first = file.map(|file| file.read_exact_at(bytes, offset));
-        let mut opened = false;
-        let first = match first {
-            Some(read) => read,
-            None => self.reopen(bytes, offset, &mut opened),
+        let first = match file {
+            Some(file) => file.read_exact_at(bytes, offset),
+            None => self.reopen(bytes, offset),
         };
         if first.is_ok() {
-            return (first, opened);
+            return first;
         }
         let mut gave_up = self.gave_up.lock().expect("shard state lock");
-        let result = retry(first, pauses_after(*gave_up), || {
-            self.reopen(bytes, offset, &mut opened)
-        });
+        let result = retry(first, pauses_after(*gave_up), || self.reopen(bytes, offset));
         *gave_up = result.is_err().then(Instant::now);
-        (result, opened)
+        result
     }
 
-    /// Reads through a fresh handle, which is kept (`opened`) if the read works.
-    fn reopen(&self, bytes: &mut [u8], offset: u64, opened: &mut bool) -> std::io::Result<()> {
+    fn is_open(&self) -> bool {
+        self.file.read().expect("shard handle lock").is_some()
+    }
+
+    /// Reads through a fresh handle, which is kept if the read works.
+    fn reopen(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
         let file = Arc::new(File::open(&self.path)?);
         file.read_exact_at(bytes, offset)?;
         *self.file.write().expect("shard handle lock") = Some(file);
-        *opened = true;
         Ok(())
     }
 }
@@ -293,8 +292,9 @@ impl Dataset {
             let mut bytes = vec![0u8; (until - offset) as usize];
             count.calls += 1;
             count.bytes += until - offset;
-            let (result, opened) = s.read_at(&mut bytes, offset);
-            if opened {
+            let was_open = s.is_open();
+            let result = s.read_at(&mut bytes, offset);
+            if !was_open && s.is_open() {
                 self.opened(shard);
             }
             result.map(|()| bytes)
@@ -327,9 +327,7 @@ impl Dataset {
             }
         }
     }
-}
 
-impl Dataset {
     /// `shard` keeps a new handle: the handles opened longest ago beyond [`MAX_OPEN_SHARDS`]
     /// are closed (each once the reads through it end). No shard's lock is held while this
     /// takes the list's, and no lock is held during a read.

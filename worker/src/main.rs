@@ -154,33 +154,9 @@ fn check_nccl(device: Device, timeout: Duration) -> ! {
     }
 }
 
-/// Raises the soft limit on open files to the hard one: a rank of an ImageNet-21k job reads
-/// from each of its 13,000 shards over an epoch, and keeps their handles (the usual soft
-/// limit is 1,024).
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!(
-                    "cannot raise the open-file limit: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
-}
-
 fn main() {
     let args = Args::parse();
     logging::init(args.log_format);
-    raise_open_file_limit();
     let device = parse_device(&args.device).unwrap_or_else(|e| setup_error(e));
     if args.check_nccl {
         check_nccl(device, Duration::from_secs(args.collective_timeout_s));
