@@ -15,6 +15,13 @@
 //! depends only on the plan, so every rank and every rerun fills it the same way, and the
 //! micro-batch keeps its shape. A read that fails is first tried again for about 8 s, through a
 //! fresh handle, since shared file systems have outages of seconds.
+//!
+//! Opening a dataset reads its manifest and maps its index, and touches no shard: hundreds of
+//! ranks starting at once would otherwise send the metadata server of a shared file system one
+//! `stat` per shard each (13,000 for ImageNet-21k). A shard's size is checked against the
+//! manifest's when this process first opens it, on the open handle. A shard rewritten after
+//! indexing is not bad input but a dataset that is no longer the one indexed: its offsets would
+//! misread samples, so the loader stops the run ([`LoadError::ShardChanged`]) rather than skip.
 
 use crate::augment::{TrainTransform, eval_transform, sample_stream};
 use crate::batch::normalize_into;
@@ -25,12 +32,17 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 struct Shard {
     name: String,
     path: PathBuf,
+    /// Its size in the manifest.
+    bytes: u64,
+    /// Its file was found to have that size (checked once per process, at its first open).
+    checked: AtomicBool,
     /// Opened at the first read (a dataset of 13,000 shards must not hold 13,000 descriptors
     /// before it reads anything); replaced when reads through it fail and one through a fresh
     /// handle works (an NFS handle gone stale); closed when too many are open. Reads go
@@ -87,17 +99,51 @@ impl Shard {
         self.file.read().expect("shard handle lock").is_some()
     }
 
-    /// Reads through a fresh handle, which is kept if the read works.
+    /// Reads through a fresh handle, which is kept if the read works. The first handle's file
+    /// must have the manifest's size ([`ShardChanged`] otherwise).
     fn reopen(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
         let file = Arc::new(File::open(&self.path)?);
+        if !self.checked.load(Ordering::Relaxed) {
+            let found = file.metadata()?.len();
+            if found != self.bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    ShardChanged {
+                        path: self.path.clone(),
+                        found,
+                        indexed: self.bytes,
+                    },
+                ));
+            }
+            self.checked.store(true, Ordering::Relaxed);
+        }
         file.read_exact_at(bytes, offset)?;
         *self.file.write().expect("shard handle lock") = Some(file);
         Ok(())
     }
 }
 
-/// `first`, or, while the result is an error other than a short read (a truncated shard stays
-/// truncated), `again` after each pause in turn; the last result.
+/// A shard whose file does not have the size the manifest gives it: rewritten after indexing.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "{}: it has {found} bytes, the manifest says {indexed}: the shard was rewritten after \
+     indexing; re-run `ladder dataset index`",
+    path.display()
+)]
+pub struct ShardChanged {
+    pub path: PathBuf,
+    pub found: u64,
+    pub indexed: u64,
+}
+
+/// The [`ShardChanged`] that `error` carries, if it does.
+fn shard_changed(error: &std::io::Error) -> Option<&ShardChanged> {
+    error.get_ref()?.downcast_ref()
+}
+
+/// `first`, or, while the result is an error that a later try may not repeat (not a short read:
+/// a truncated shard stays truncated; nor a changed shard), `again` after each pause in turn;
+/// the last result.
 fn retry(
     first: std::io::Result<()>,
     pauses: &[Duration],
@@ -106,7 +152,9 @@ fn retry(
     let mut result = first;
     for pause in pauses {
         match &result {
-            Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::UnexpectedEof && shard_changed(e).is_none() =>
+            {
                 std::thread::sleep(*pause);
                 result = again();
             }
@@ -143,8 +191,7 @@ pub struct RawSample {
 }
 
 impl Dataset {
-    /// Opens the manifest at `path`, its shards and their indexes. A shard whose size differs
-    /// from the manifest's was rewritten after indexing: refused, rather than misread.
+    /// Opens the manifest at `path` and its sample index; no shard is touched until it is read.
     pub fn open(path: &Path) -> Result<Dataset, DatasetError> {
         let manifest = Manifest::load(path)?;
         let dir = path
@@ -155,28 +202,13 @@ impl Dataset {
         let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
         let mut total = 0u64;
         for entry in &manifest.shards {
-            let shard_path = dir.join(&entry.path);
-            let io = |source| DatasetError::Io {
-                path: shard_path.clone(),
-                source,
-            };
-            let bytes = std::fs::metadata(&shard_path).map_err(io)?.len();
-            let stale = |message: String| DatasetError::Format {
-                path: shard_path.clone(),
-                what: "shard of this manifest",
-                message,
-            };
-            if bytes != entry.bytes {
-                return Err(stale(format!(
-                    "it has {bytes} bytes, the manifest says {}: re-run `ladder dataset index`",
-                    entry.bytes
-                )));
-            }
             starts.push(total);
             total += entry.samples as u64;
             shards.push(Shard {
                 name: entry.path.clone(),
-                path: shard_path,
+                path: dir.join(&entry.path),
+                bytes: entry.bytes,
+                checked: AtomicBool::new(false),
                 file: RwLock::new(None),
                 gave_up: Mutex::new(None),
             });
@@ -458,6 +490,8 @@ pub enum LoadError {
     /// it rather than wait for a batch that never comes.
     #[error("the data path failed: {0}")]
     Panicked(String),
+    #[error(transparent)]
+    ShardChanged(ShardChanged),
 }
 
 /// What a caught panic says.
@@ -470,8 +504,14 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Reads, decodes and augments one micro-batch.
-pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch, NothingUsable> {
+pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch, LoadError> {
     let (raw, reads) = dataset.read(&request.ids);
+    let changed = raw
+        .iter()
+        .find_map(|sample| sample.bytes.as_ref().err().and_then(shard_changed));
+    if let Some(changed) = changed {
+        return Err(LoadError::ShardChanged(changed.clone()));
+    }
     let size = request.transform.size();
     let plane = 3 * size as usize * size as usize;
     let decode = |sample: &RawSample, stream_id: u64| -> Result<crate::image::Image, SkipReason> {
@@ -517,7 +557,7 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         }
     }
     if failed.len() == raw.len() {
-        return Err(NothingUsable(skipped));
+        return Err(NothingUsable(skipped).into());
     }
     // Fill each skipped place from the next usable sample, cyclically, seen through the skipped
     // sample's own random stream.
@@ -643,8 +683,7 @@ impl Loader {
                         let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             assemble(&dataset, &request)
                         }))
-                        .map_err(|panic| LoadError::Panicked(panic_message(panic)))
-                        .and_then(|batch| batch.map_err(LoadError::from));
+                        .unwrap_or_else(|panic| Err(LoadError::Panicked(panic_message(panic))));
                         lock.lock().expect("loader lock").done.insert(seq, batch);
                         ready.notify_all();
                     }

@@ -8,7 +8,7 @@ use ladder_data::loader::{
     BatchRequest, Dataset, LoadError, Loader, SkipReason, Transform, assemble,
 };
 use ladder_data::synth;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -159,9 +159,13 @@ fn bad_samples_are_skipped_counted_reported_and_filled_deterministically() {
         "a fresh view of the donor"
     );
 
-    let all_bad = assemble(&data, &request(vec![1, 2, 3], 0, train(48))).unwrap_err();
-    assert_eq!(all_bad.0.len(), 3);
-    assert!(all_bad.to_string().contains("truncated"));
+    match assemble(&data, &request(vec![1, 2, 3], 0, train(48))) {
+        Err(LoadError::NothingUsable(all_bad)) => {
+            assert_eq!(all_bad.0.len(), 3);
+            assert!(all_bad.to_string().contains("truncated"));
+        }
+        other => panic!("{:?}", other.map(|b| b.ids)),
+    }
 }
 
 /// A sample of `data` read on its own, with one call.
@@ -237,21 +241,51 @@ fn a_shared_read_that_fails_costs_only_the_samples_it_could_not_read() {
 }
 
 #[test]
-fn a_rewritten_shard_is_refused() {
+fn opening_touches_no_shard_and_a_shard_rewritten_after_indexing_stops_the_run_when_read() {
     let dir = tempfile::tempdir().unwrap();
     let report = synth::write(dir.path(), 4, 8, 2, 1).unwrap();
-    let shard = dir.path().join("shard-000001.tar");
-    let mut bytes = std::fs::read(&shard).unwrap();
+    // Opening reads the manifest and the index alone: it works with every shard gone.
+    let shards: Vec<PathBuf> = report
+        .manifest
+        .shards
+        .iter()
+        .map(|shard| dir.path().join(&shard.path))
+        .collect();
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for shard in &shards {
+        std::fs::rename(shard, aside.join(shard.file_name().unwrap())).unwrap();
+    }
+    let data = Arc::new(Dataset::open(&report.manifest_path).expect("opened without shards"));
+    for shard in &shards {
+        std::fs::rename(aside.join(shard.file_name().unwrap()), shard).unwrap();
+    }
+    // Shard 1 (samples 4 to 7) is rewritten, one tar record longer, after indexing.
+    let mut bytes = std::fs::read(&shards[1]).unwrap();
     bytes.extend_from_slice(&[0u8; 512]);
-    std::fs::write(&shard, bytes).unwrap();
-    let err = Dataset::open(&report.manifest_path)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("shard-000001.tar") && err.contains("re-run `ladder dataset index`"),
-        "{err}"
-    );
+    std::fs::write(&shards[1], bytes).unwrap();
+    assert!(assemble(&data, &request(vec![0, 1, 2], 0, train(32))).is_ok());
+    let requests = vec![
+        request(vec![0, 1], 0, train(32)),
+        request(vec![0, 5, 6], 0, train(32)),
+    ];
+    let loader = Loader::new(data, 1, 1 << 20, requests.into_iter());
+    assert!(loader.next().unwrap().is_ok());
+    match next_within_a_minute(loader) {
+        Some(Err(LoadError::ShardChanged(changed))) => {
+            let message = changed.to_string();
+            assert!(
+                message.contains("shard-000001.tar")
+                    && message.contains(&format!(
+                        "the manifest says {}",
+                        report.manifest.shards[1].bytes
+                    ))
+                    && message.contains("re-run `ladder dataset index`"),
+                "{message}"
+            );
+        }
+        other => panic!("{:?}", other.map(|b| b.map(|b| b.ids))),
+    }
 }
 
 #[test]
