@@ -13,6 +13,7 @@
 use crate::{AbortHandle, Collective, CollectiveError};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -63,9 +64,13 @@ fn header(rank: u32, world: u32, generation: u64) -> [u8; 24] {
     h
 }
 
-/// The longest one connection may take over its handshake: a stranger that connects and stays
-/// silent holds the listener up this long at most, not until the ring's deadline.
+/// The longest one connection may take to answer its challenge: a stranger that connects and
+/// stays silent holds a slot this long at most, not until the ring's deadline.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
+/// The most connections waiting at once for their answers: a flood of strangers costs this
+/// many sockets at most, the longest-waiting dropped for each newcomer, so the previous rank,
+/// which answers at once, always gets a slot.
+const MAX_PENDING: usize = 64;
 /// A listener's challenge: [`MAGIC`] and a random nonce.
 const CHALLENGE: usize = 8 + NONCE;
 const NONCE: usize = 32;
@@ -147,7 +152,10 @@ impl Membership<'_> {
 
     /// Admits the previous rank: a connection that does not prove it holds the key, or says
     /// it is someone else, is dropped and the listener goes on waiting, so a stranger on the
-    /// port can neither join nor break the ring.
+    /// port can neither join nor break the ring. Every connection is challenged as soon as it
+    /// is accepted and its answer read without blocking, side by side with accepting more: a
+    /// stranger that stays silent holds one of [`MAX_PENDING`] slots, never the listener, and
+    /// no number of them keeps this rank waiting past its deadline.
     fn admit_previous(
         &self,
         listener: &TcpListener,
@@ -155,64 +163,83 @@ impl Membership<'_> {
     ) -> Result<TcpStream, CollectiveError> {
         let (rank, prev_rank, timeout) = (self.rank, self.prev_rank(), self.timeout);
         listener.set_nonblocking(true).ok();
-        let mut refused: Option<(usize, String)> = None;
+        let mut pending = VecDeque::<Challenged>::with_capacity(MAX_PENDING);
+        let mut refused = Refused::default();
         loop {
+            // Checked on every round, not only when the port is quiet: connections that keep
+            // coming must not keep this rank here.
+            if Instant::now() >= self.deadline || given_up.load(Ordering::SeqCst) {
+                for silent in pending {
+                    refused.add(silent.from, "no answer to the challenge in time");
+                }
+                return Err(match refused.last {
+                    None => CollectiveError::Timeout {
+                        rank,
+                        peer: prev_rank,
+                        timeout,
+                        during: "waiting for the previous rank to connect",
+                    },
+                    Some(last) => CollectiveError::Handshake {
+                        rank,
+                        message: format!(
+                            "rank {prev_rank} did not join within {timeout:?}; {} \
+                             connection(s) refused, the last from {last}",
+                            refused.count
+                        ),
+                    },
+                });
+            }
+            let mut busy = false;
             match listener.accept() {
-                Ok((stream, from)) => match self.challenge(stream) {
-                    Ok(prev) => return Ok(prev),
-                    Err(why) => {
-                        let count = refused.map_or(0, |(n, _)| n) + 1;
-                        refused = Some((count, format!("{from}: {why}")));
+                Ok((stream, from)) => {
+                    busy = true;
+                    match Challenged::send(stream, from) {
+                        Ok(challenged) => {
+                            if pending.len() == MAX_PENDING {
+                                let oldest = pending.pop_front().expect("the list is full");
+                                refused.add(oldest.from, "no answer before newer connections");
+                            }
+                            pending.push_back(challenged);
+                        }
+                        Err(why) => refused.add(from, why),
                     }
-                },
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock
-                        && Instant::now() < self.deadline
-                        && !given_up.load(Ordering::SeqCst) =>
-                {
-                    std::thread::sleep(Duration::from_millis(5))
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    return Err(match refused {
-                        None => CollectiveError::Timeout {
-                            rank,
-                            peer: prev_rank,
-                            timeout,
-                            during: "waiting for the previous rank to connect",
-                        },
-                        Some((count, last)) => CollectiveError::Handshake {
-                            rank,
-                            message: format!(
-                                "rank {prev_rank} did not join within {timeout:?}; {count} \
-                                 connection(s) refused, the last from {last}"
-                            ),
-                        },
-                    });
-                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // Its client reset it before it was accepted: nothing to admit, no reason to fail.
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
                 Err(e) => return Err(peer_error(rank, prev_rank, "accepting", timeout)(e)),
+            }
+            let now = Instant::now();
+            let mut i = 0;
+            while i < pending.len() {
+                match pending[i].read_answer(now) {
+                    Ok(false) => i += 1,
+                    answered => {
+                        busy = true;
+                        let challenged = pending.remove(i).expect("i is in the list");
+                        let from = challenged.from;
+                        match answered.and_then(|_| self.admit(challenged)) {
+                            Ok(prev) => return Ok(prev),
+                            Err(why) => refused.add(from, why),
+                        }
+                    }
+                }
+            }
+            if !busy {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
 
-    /// Challenges one connection; it is the previous rank if it answers with this
-    /// generation's key and says so.
-    fn challenge(&self, mut stream: TcpStream) -> Result<TcpStream, String> {
-        let wait = self
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(100), HANDSHAKE_WAIT);
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(wait)).ok();
-        stream.set_write_timeout(Some(wait)).ok();
-        let mut nonce = [0u8; NONCE];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| "the system has no random numbers".to_owned())?;
-        let mut answer = [0u8; ANSWER];
-        stream
-            .write_all(&[&MAGIC[..], &nonce[..]].concat())
-            .and_then(|()| stream.read_exact(&mut answer))
-            .map_err(|e| format!("no answer to the challenge ({e})"))?;
+    /// Admits a connection that has answered its challenge in full if the answer proves that
+    /// it holds this generation's key and says it is the previous rank.
+    fn admit(&self, challenged: Challenged) -> Result<TcpStream, String> {
+        let Challenged {
+            mut stream,
+            nonce,
+            answer,
+            ..
+        } = challenged;
         let theirs: [u8; 24] = answer[..24].try_into().expect("24 bytes");
         hmac::verify(self.key, &[&nonce[..], &theirs[..]].concat(), &answer[24..])
             .map_err(|_| "it does not hold this generation's ring key".to_owned())?;
@@ -229,12 +256,89 @@ impl Membership<'_> {
                 )
             ));
         }
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(self.timeout)).ok();
         stream
             .write_all(&[ADMITTED])
             .map_err(|e| format!("cannot admit it ({e})"))?;
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(self.timeout)).ok();
         Ok(stream)
+    }
+}
+
+/// The connections a listener turned away: how many, and the last with why.
+#[derive(Default)]
+struct Refused {
+    count: usize,
+    last: Option<String>,
+}
+
+impl Refused {
+    fn add(&mut self, from: SocketAddr, why: impl std::fmt::Display) {
+        self.count += 1;
+        self.last = Some(format!("{from}: {why}"));
+    }
+}
+
+/// A connection that has been sent its challenge and not yet answered it in full.
+struct Challenged {
+    stream: TcpStream,
+    from: SocketAddr,
+    nonce: [u8; NONCE],
+    answer: [u8; ANSWER],
+    received: usize,
+    /// When it is dropped if its answer is not complete.
+    until: Instant,
+}
+
+impl Challenged {
+    /// Sends `stream` a fresh challenge and leaves it non-blocking for the answer.
+    fn send(mut stream: TcpStream, from: SocketAddr) -> Result<Challenged, String> {
+        let mut nonce = [0u8; NONCE];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "the system has no random numbers".to_owned())?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        // A fresh connection's send buffer is empty: the challenge goes out whole, at once.
+        stream
+            .write_all(&[&MAGIC[..], &nonce[..]].concat())
+            .map_err(|e| format!("cannot send the challenge ({e})"))?;
+        Ok(Challenged {
+            stream,
+            from,
+            nonce,
+            answer: [0; ANSWER],
+            received: 0,
+            until: Instant::now() + HANDSHAKE_WAIT,
+        })
+    }
+
+    /// Reads what has arrived of the answer without waiting: `Ok(true)` once it is complete,
+    /// `Ok(false)` while more may come before `until`.
+    fn read_answer(&mut self, now: Instant) -> Result<bool, String> {
+        loop {
+            match self.stream.read(&mut self.answer[self.received..]) {
+                Ok(0) => return Err("it hung up without answering the challenge".to_owned()),
+                Ok(n) => {
+                    self.received += n;
+                    if self.received == ANSWER {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return if now < self.until {
+                        Ok(false)
+                    } else {
+                        Err(format!(
+                            "no answer to the challenge within {HANDSHAKE_WAIT:?}"
+                        ))
+                    };
+                }
+                Err(e) => return Err(format!("no answer to the challenge ({e})")),
+            }
+        }
     }
 }
 

@@ -201,7 +201,7 @@ fn strangers_on_the_port_are_not_admitted_and_do_not_break_the_ring() {
     let mut challenge = [0u8; 40];
     forger
         .read_exact(&mut challenge)
-        .unwrap_or_else(|_| panic!("the listener challenges every connection in turn"));
+        .unwrap_or_else(|_| panic!("the listener challenges every connection at once"));
     // Rank 1's header with a made-up proof.
     let mut answer = vec![0u8; 56];
     answer[..8].copy_from_slice(b"LADRING1");
@@ -241,4 +241,118 @@ fn ranks_with_different_keys_refuse_each_other() {
     assert!(err.to_string().contains("did not admit this rank"), "{err}");
     let theirs = other.join().unwrap().unwrap_err().to_string();
     assert!(theirs.contains("did not admit this rank"), "{theirs}");
+}
+
+/// Strangers that connect to `address` and never say a word: `STRANGERS` of them before
+/// `body` runs, then a new one every few milliseconds while it runs.
+fn with_silent_strangers<T>(address: SocketAddr, body: impl FnOnce() -> T) -> T {
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const STRANGERS: usize = 40;
+    let early: Vec<TcpStream> = (0..STRANGERS)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    let stop = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            let mut late = Vec::new();
+            // Bounded, so that a listener that stops accepting cannot keep this test going.
+            for _ in 0..300 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                late.extend(TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            late
+        });
+        let result = body();
+        stop.store(true, Ordering::SeqCst);
+        drop(flood.join().unwrap());
+        result
+    });
+    drop(early);
+    result
+}
+
+/// Silent connections on rank 1's port, before and while rank 0 comes, each of which would
+/// hold a listener that challenges one connection at a time for seconds: rank 0 is admitted
+/// at once all the same, and the sums are right.
+#[test]
+fn a_flood_of_silent_strangers_does_not_keep_the_previous_rank_out() {
+    let (mut listeners, addresses) = listeners(2);
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    let timeout = Duration::from_secs(10);
+    let (took, sums) = with_silent_strangers(addresses[1], || {
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            let rank1 = scope.spawn(|| TcpRing::connect(1, l1, &addresses, 7, KEY, timeout));
+            // Rank 0 arrives in the middle of the flood.
+            std::thread::sleep(Duration::from_millis(200));
+            let rank0 = scope.spawn(|| TcpRing::connect(0, l0, &addresses, 7, KEY, timeout));
+            let rings = [rank0.join().unwrap(), rank1.join().unwrap()];
+            let took = start.elapsed();
+            let sums: Vec<Vec<f32>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = rings
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, ring)| {
+                        scope.spawn(move || {
+                            let mut ring = ring.unwrap_or_else(|e| panic!("{e}"));
+                            let mut data = vec![rank as f32 + 1.0; 1000];
+                            ring.all_reduce_sum(&mut data).unwrap();
+                            data
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            (took, sums)
+        })
+    });
+    assert!(took < timeout, "the ring took {took:?} to form");
+    for data in sums {
+        assert!(data.iter().all(|&x| x == 3.0));
+    }
+}
+
+/// Only silent strangers on rank 1's port, never rank 0: rank 1 gives up when its timeout is
+/// over, not after the strangers' handshakes have run out one by one, and says what it refused.
+#[test]
+fn silent_strangers_alone_fail_the_handshake_within_the_timeout() {
+    use std::io::{Read, Write};
+    let (mut listeners, addresses) = listeners(2);
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    // Rank 1's next rank (0) admits it, so that what fails is rank 1 waiting for its previous.
+    let next = std::thread::spawn(move || {
+        let (mut stream, _) = l0.accept().unwrap();
+        let mut challenge = [0u8; 40];
+        challenge[..8].copy_from_slice(b"LADRING1");
+        stream.write_all(&challenge).unwrap();
+        stream.read_exact(&mut [0u8; 56]).unwrap();
+        stream.write_all(&[1]).unwrap();
+        stream
+    });
+    let timeout = Duration::from_secs(2);
+    let (err, took) = with_silent_strangers(addresses[1], || {
+        let start = Instant::now();
+        let err = TcpRing::connect(1, l1, &addresses, 7, KEY, timeout)
+            .err()
+            .expect("no rank 0 to join");
+        (err, start.elapsed())
+    });
+    drop(next.join().unwrap());
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "gave up after {took:?} with a {timeout:?} timeout"
+    );
+    assert!(
+        matches!(err, CollectiveError::Handshake { rank: 1, .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("rank 0 did not join"), "{message}");
+    assert!(message.contains("connection(s) refused"), "{message}");
 }
