@@ -386,9 +386,9 @@ fn job_line(job: &pb::Job) -> String {
         job.id,
         state_name(job.state),
         job.name,
-        p.stage + 1,
+        p.stage.saturating_add(1),
         job.stage_count,
-        p.epoch + 1,
+        p.epoch.saturating_add(1),
         job.epochs,
         steps(&p),
         job.workers.len()
@@ -433,7 +433,10 @@ fn trained_summary(job: &pb::Job) -> String {
             n => format!("{samples} x{n}"),
         })
         .collect();
-    let skipped: u64 = job.trained.iter().map(|t| t.skipped).sum();
+    let skipped = job
+        .trained
+        .iter()
+        .fold(0u64, |sum, t| sum.saturating_add(t.skipped));
     format!(
         "{} samples per epoch (epochs 1-{}), {skipped} skipped",
         per_epoch.join(", "),
@@ -448,7 +451,7 @@ fn job_details(job: &pb::Job) -> String {
             "{} (after global step {}, stage {}) at {}",
             c.id,
             c.step,
-            c.stage + 1,
+            c.stage.saturating_add(1),
             c.path
         )
     });

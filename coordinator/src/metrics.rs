@@ -331,10 +331,10 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
                 .inc_by(count);
         }
         let p = &job.progress;
-        stage.set(id, f64::from(p.stage + 1));
+        stage.set(id, f64::from(p.stage.saturating_add(1)));
         stages.set(id, f64::from(job.stage_count));
         image_size.set(id, f64::from(p.image_size));
-        epoch.set(id, f64::from(p.epoch + 1));
+        epoch.set(id, f64::from(p.epoch.saturating_add(1)));
         epochs.set(id, f64::from(job.epochs));
         step.set(id, p.global_step as f64);
         if let Some(spec) = &view.spec {
@@ -342,7 +342,9 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
         }
         skipped.set(
             id,
-            job.trained().iter().map(|&(_, _, _, s)| s).sum::<u64>() as f64,
+            job.trained()
+                .iter()
+                .fold(0u64, |sum, &(_, _, _, s)| sum.saturating_add(s)) as f64,
         );
         loss.set(id, f64::from(p.loss));
         speed.set(id, f64::from(p.images_per_second));

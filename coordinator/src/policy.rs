@@ -14,9 +14,9 @@ pub fn sum_per_epoch<'a>(
     let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
     for e in entries {
         let t = per_epoch.entry(e.epoch).or_default();
-        t.0 += e.samples;
+        t.0 = t.0.saturating_add(e.samples);
         t.1 = t.1.wrapping_add(e.digest);
-        t.2 += e.skipped;
+        t.2 = t.2.saturating_add(e.skipped);
     }
     per_epoch
         .into_iter()
@@ -45,9 +45,9 @@ pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord]) 
             .find(|c| c.checkpoint_step == bound && c.epoch == entry.epoch)
         {
             Some(merged) => {
-                merged.samples += entry.samples;
+                merged.samples = merged.samples.saturating_add(entry.samples);
                 merged.digest = merged.digest.wrapping_add(entry.digest);
-                merged.skipped += entry.skipped;
+                merged.skipped = merged.skipped.saturating_add(entry.skipped);
             }
             None => compact.push(LedgerEntry {
                 checkpoint_step: bound,

@@ -204,7 +204,7 @@ impl Roster {
         };
         let counts = self.skipped.entry(job).or_default();
         for ((count, now), before) in counts.iter_mut().zip(told).zip(seen) {
-            *count += if now >= before { now - before } else { now };
+            *count = count.saturating_add(if now >= before { now - before } else { now });
         }
     }
 

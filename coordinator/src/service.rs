@@ -92,6 +92,39 @@ fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// The most bytes of a worker's name, host name or device: a host name has at most 253, and
+/// every worker record is kept, listed and sent to every client.
+const MAX_NAME_BYTES: usize = 256;
+
+/// The most bytes of a worker's message kept (an error, a checkpoint's failure): enough for a
+/// chained error, not a megabyte saved in the job's record for every reader.
+const MAX_MESSAGE_BYTES: usize = 4096;
+
+fn bounded<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
+    if value.len() > MAX_NAME_BYTES {
+        Err(Status::invalid_argument(format!(
+            "{what} has {} bytes, more than {MAX_NAME_BYTES}: {}",
+            value.len(),
+            ladder_core::cut(value)
+        )))
+    } else {
+        Ok(value)
+    }
+}
+
+/// `message`, cut to at most [`MAX_MESSAGE_BYTES`] (at a character boundary) and marked so.
+fn clipped(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let end = (0..=MAX_MESSAGE_BYTES)
+            .rev()
+            .find(|&at| message.is_char_boundary(at))
+            .unwrap_or(0);
+        message.truncate(end);
+        message.push_str("... (cut)");
+    }
+    message
+}
+
 pub struct JobApi(pub Arc<Coordinator>);
 pub struct WorkerApi(pub Arc<Coordinator>);
 
@@ -240,7 +273,14 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = request.into_inner();
-        let (worker, secret) = self.0.register(&r.hostname, &r.device, &r.name).await?;
+        let (worker, secret) = self
+            .0
+            .register(
+                bounded(&r.hostname, "hostname")?,
+                bounded(&r.device, "device")?,
+                bounded(&r.name, "name")?,
+            )
+            .await?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: worker.id,
             lease_ttl_ms: worker.lease_ttl_ms,
@@ -296,10 +336,10 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let report = ProgressReport {
             progress: r.progress,
             finished: r.finished,
-            error: r.error,
+            error: clipped(r.error),
             bad_checkpoint: r.bad_checkpoint,
-            collective_error: r.collective_error,
-            checkpoint_error: r.checkpoint_error,
+            collective_error: clipped(r.collective_error),
+            checkpoint_error: clipped(r.checkpoint_error),
         };
         let answer = self
             .0
@@ -379,5 +419,28 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 retired: Vec::new(),
             },
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_message_is_kept_to_its_bound_at_a_character_boundary() {
+        assert_eq!(clipped("short".into()), "short");
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let kept = clipped(long);
+        assert!(kept.ends_with("... (cut)"));
+        assert!(kept.len() <= MAX_MESSAGE_BYTES + "... (cut)".len());
+        assert!(kept.trim_end_matches("... (cut)").chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_name_past_its_bound_is_refused_naming_the_field() {
+        assert_eq!(bounded("node-7", "hostname").unwrap(), "node-7");
+        let refused = bounded(&"x".repeat(MAX_NAME_BYTES + 1), "hostname").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().starts_with("hostname has 257 bytes"));
     }
 }

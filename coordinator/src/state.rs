@@ -510,31 +510,12 @@ impl Coordinator {
     pub async fn submit(&self, spec_toml: &str) -> Result<JobView> {
         let spec = JobSpec::parse(spec_toml, "submitted spec")
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
-        let manifest = Manifest::load(&spec.data.manifest)
-            .map_err(|e| CoordinatorError::Invalid(format!("data.manifest: {e}")))?;
-        if manifest.classes > spec.model.classes {
-            return Err(CoordinatorError::Invalid(format!(
-                "model.classes = {}: the dataset {} has {} classes",
-                spec.model.classes,
-                spec.data.manifest.display(),
-                manifest.classes
-            )));
-        }
-        SamplePlan::of_job(&spec, &manifest.shard_sizes())
-            .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
-        if let Some(eval) = &spec.data.eval_manifest {
-            Manifest::load(eval)
-                .map_err(|e| CoordinatorError::Invalid(format!("data.eval_manifest: {e}")))?;
-        }
-        if let Some(init) = &spec.model.init_from
-            && !init.is_file()
-        {
-            return Err(CoordinatorError::Invalid(format!(
-                "model.init_from: {} is not a file here (paths are checked on the \
-                 coordinator's machine)",
-                init.display()
-            )));
-        }
+        // Off the async threads: the paths are the submitter's, on file systems that may be
+        // slow, and heartbeats must not wait for them.
+        let checked = spec.clone();
+        tokio::task::spawn_blocking(move || check_data(&checked))
+            .await
+            .map_err(|e| CoordinatorError::Invalid(format!("data: {e}")))??;
         let stages = StagePlan::new(&spec);
 
         // The directory is checked off the state lock and the async threads (checkpoint.dir
@@ -1134,7 +1115,10 @@ impl Coordinator {
                 return Ok(ProgressAnswer::default());
             };
             let with_progress = report.progress.is_some();
-            if let Some(progress) = report.progress.take() {
+            // Rank 0's progress is the job's; another rank's (sent with its end) is not shown.
+            if let Some(progress) = report.progress.take()
+                && rank == 0
+            {
                 roster.report(job_id, progress, now_ms());
             }
             let training = roster.training.entry(job_id.to_owned()).or_default();
@@ -1186,6 +1170,17 @@ impl Coordinator {
         let job_id = job_id.as_str();
         if !report.bad_checkpoint.is_empty() {
             let bad = report.bad_checkpoint;
+            // Only the checkpoint this generation restores from can fail its restore: any
+            // other id would let one rank drop the job's newest checkpoints.
+            let restoring = job.restore_from.as_ref().map(|c| c.id.as_str());
+            if restoring != Some(bad.as_str()) {
+                return Err(CoordinatorError::Invalid(format!(
+                    "checkpoint {:?} is not the one generation {generation} of {job_id} \
+                     restores from ({}); not dropped",
+                    cut(&bad),
+                    restoring.unwrap_or("none: it starts afresh")
+                )));
+            }
             job.checkpoints.retain(|c| c.id != bad);
             let fallback = job
                 .checkpoints
@@ -1335,6 +1330,11 @@ impl Coordinator {
                 cut(&checkpoint.id),
                 checkpoint.step
             )));
+        }
+        if let Err(why) =
+            check_trained(&trained, &checkpoint, spec.schedule.epochs, job.stage_count)
+        {
+            return Ok(Err(why));
         }
         let path = match location::check_checkpoint_path(
             &spec.checkpoint.dir,
@@ -1645,4 +1645,68 @@ impl Coordinator {
             self.config.regroup_interval.as_millis() as i64,
         )
     }
+}
+
+/// A commit's checkpoint and what it says its steps trained, against the job's `epochs` and
+/// `stages`: an epoch or stage the job does not have, or an epoch told twice, is refused (the
+/// ledger is kept in the job's record and summed by every reader).
+fn check_trained(
+    trained: &[LedgerEntry],
+    checkpoint: &CheckpointRecord,
+    epochs: u32,
+    stages: u32,
+) -> std::result::Result<(), String> {
+    let id = cut(&checkpoint.id);
+    if checkpoint.epoch > epochs || checkpoint.stage >= stages.max(1) {
+        return Err(format!(
+            "checkpoint {id} says epoch {} of stage {}; the job has {epochs} epochs in {stages} \
+             stages",
+            checkpoint.epoch, checkpoint.stage
+        ));
+    }
+    let mut told = std::collections::BTreeSet::new();
+    for entry in trained {
+        if entry.epoch >= epochs {
+            return Err(format!(
+                "checkpoint {id} tells what epoch {} trained; the job has epochs 0 to {}",
+                entry.epoch,
+                epochs.saturating_sub(1)
+            ));
+        }
+        if !told.insert(entry.epoch) {
+            return Err(format!("checkpoint {id} tells epoch {} twice", entry.epoch));
+        }
+    }
+    Ok(())
+}
+
+/// What a submitted spec reads from files: its dataset manifests, a plan made from them, and
+/// the weights it starts from.
+fn check_data(spec: &JobSpec) -> Result<()> {
+    let manifest = Manifest::load(&spec.data.manifest)
+        .map_err(|e| CoordinatorError::Invalid(format!("data.manifest: {e}")))?;
+    if manifest.classes > spec.model.classes {
+        return Err(CoordinatorError::Invalid(format!(
+            "model.classes = {}: the dataset {} has {} classes",
+            spec.model.classes,
+            spec.data.manifest.display(),
+            manifest.classes
+        )));
+    }
+    SamplePlan::of_job(spec, &manifest.shard_sizes())
+        .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
+    if let Some(eval) = &spec.data.eval_manifest {
+        Manifest::load(eval)
+            .map_err(|e| CoordinatorError::Invalid(format!("data.eval_manifest: {e}")))?;
+    }
+    if let Some(init) = &spec.model.init_from
+        && !init.is_file()
+    {
+        return Err(CoordinatorError::Invalid(format!(
+            "model.init_from: {} is not a file here (paths are checked on the coordinator's \
+             machine)",
+            init.display()
+        )));
+    }
+    Ok(())
 }

@@ -14,11 +14,18 @@
 //! file_version = 3 | summary = 5 }`, `Summary { repeated Value value = 1 }` and `Value { tag
 //! = 1, simple_value = 2 }`. Files are written by one thread, off every lock; a failure is
 //! logged (once per job until it clears), never felt by training.
+//!
+//! Workers write in the job's directory too (rank 0 writes its checkpoints there), and the
+//! worker token sits on every node: a link planted there must not lead the coordinator to
+//! cut another file. The event file is opened without following a link, and written only if
+//! the file opened lies in `checkpoint.dir/JOB/tensorboard` itself.
 
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -102,6 +109,30 @@ fn read_records(bytes: &[u8]) -> Vec<(Event, u64)> {
     events
 }
 
+/// Whether `file` (opened from `dir`, which is `ROOT/JOB/tensorboard`) lies in that directory
+/// with no link below `ROOT` on the way: the path the kernel opened, against `ROOT`'s real path
+/// joined with the two names.
+fn lies_in(file: &File, dir: &Path) -> std::io::Result<()> {
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let expected = match (dir.parent(), dir.file_name()) {
+        (Some(job), Some(name)) => match (job.parent(), job.file_name()) {
+            (Some(root), Some(job)) => root.canonicalize()?.join(job).join(name),
+            _ => dir.canonicalize()?,
+        },
+        _ => dir.canonicalize()?,
+    };
+    if opened.parent() == Some(expected.as_path()) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the event file opened in {} is {}: a link in the job's directory leads elsewhere; \
+             not written (remove the link)",
+            dir.display(),
+            opened.display()
+        )))
+    }
+}
+
 /// What the writer is told.
 pub enum Note {
     /// Scalars of global step `step` (`tag`, value), reported at wall-clock `wall_ms`.
@@ -152,7 +183,9 @@ impl Run {
             .read(true)
             .append(true)
             .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
+        lies_in(&file, dir)?;
         let mut run = Run {
             file,
             path,
@@ -373,6 +406,49 @@ mod tests {
         restarted.apply(scalars("j", &events, 9));
         assert_eq!(steps(&events), [1, 2, 3, 4, 5, 9]);
         assert_eq!(std::fs::read_dir(&events).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_link_planted_in_the_jobs_directory_leads_the_writer_nowhere() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("store.redb");
+        std::fs::write(&victim, b"the coordinator's records").unwrap();
+        let mut writer = Writer {
+            runs: BTreeMap::new(),
+            failing: BTreeMap::new(),
+        };
+        // The event file is a link to another file.
+        let events = dir(root.path(), "job-000001").unwrap();
+        std::fs::create_dir_all(&events).unwrap();
+        std::os::unix::fs::symlink(&victim, events.join("events.out.tfevents.0.ladder")).unwrap();
+        writer.apply(scalars("job-000001", &events, 1));
+        // The events directory is a link to another directory holding such a file.
+        let job = root.path().join("job-000002");
+        std::fs::create_dir_all(&job).unwrap();
+        let planted = elsewhere.path().join("tensorboard");
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::hard_link(&victim, planted.join("events.out.tfevents.0.ladder")).unwrap();
+        std::os::unix::fs::symlink(&planted, job.join("tensorboard")).unwrap();
+        let events = dir(root.path(), "job-000002").unwrap();
+        writer.apply(scalars("job-000002", &events, 1));
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"the coordinator's records",
+            "not cut nor appended to"
+        );
+        assert_eq!(writer.failing.len(), 2, "{:?}", writer.failing);
+        assert!(
+            writer.failing["job-000002"].contains("leads elsewhere"),
+            "{:?}",
+            writer.failing
+        );
+        // A checkpoint.dir reached through a link of the operator's own is fine.
+        let linked_root = elsewhere.path().join("checkpoints");
+        std::os::unix::fs::symlink(root.path(), &linked_root).unwrap();
+        let events = dir(&linked_root, "job-000003").unwrap();
+        writer.apply(scalars("job-000003", &events, 1));
+        assert_eq!(steps(&events), [1]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use common::{checkpoint, coordinator_with_job, register, running};
 use ladder_coordinator::auth::WorkerIdentity;
-use ladder_coordinator::records::CheckpointRecord;
+use ladder_coordinator::records::{CheckpointRecord, LedgerEntry};
 use ladder_coordinator::state::{CoordinatorError, ProgressReport, RendezvousOutcome, Signs};
 use std::path::Path;
 use std::time::Duration;
@@ -270,4 +270,162 @@ async fn only_rank_0_is_asked_to_checkpoint_for_a_leaving_worker() {
         .await
         .unwrap();
     assert!(!again.checkpoint_now, "said once per request");
+}
+
+#[tokio::test]
+async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, root) = coordinator_with_job(dir.path(), 2).await;
+    let (ranks, generation) = running(&coordinator, 2).await;
+    let good = checkpoint(&root, &job, generation, 4);
+    let tally = |epoch| LedgerEntry {
+        checkpoint_step: 0,
+        epoch,
+        samples: u64::MAX,
+        digest: 1,
+        skipped: u64::MAX,
+    };
+    // The job has 4 epochs (0 to 3) in 2 stages.
+    let refusals = [
+        (good.clone(), vec![tally(4)], "epochs 0 to 3"),
+        (good.clone(), vec![tally(u32::MAX)], "epochs 0 to 3"),
+        (good.clone(), vec![tally(1), tally(1)], "twice"),
+        (
+            CheckpointRecord {
+                epoch: 5,
+                ..good.clone()
+            },
+            Vec::new(),
+            "4 epochs in 2 stages",
+        ),
+        (
+            CheckpointRecord {
+                stage: 2,
+                ..good.clone()
+            },
+            Vec::new(),
+            "4 epochs in 2 stages",
+        ),
+    ];
+    for (refused, trained, why) in refusals {
+        let outcome = coordinator
+            .commit_checkpoint(&ranks[0], &job, generation, refused.clone(), trained)
+            .await
+            .unwrap();
+        let reason = outcome.expect_err("refused");
+        assert!(reason.contains(why), "{refused:?}: {reason}");
+    }
+    // Counts at the top of the range add up without overflowing, for every reader.
+    coordinator
+        .commit_checkpoint(
+            &ranks[0],
+            &job,
+            generation,
+            good.clone(),
+            vec![tally(0), tally(3)],
+        )
+        .await
+        .unwrap()
+        .expect("accepted");
+    let later = checkpoint(&root, &job, generation, 6);
+    coordinator
+        .commit_checkpoint(&ranks[0], &job, generation, later, vec![tally(0)])
+        .await
+        .unwrap()
+        .expect("accepted");
+    let view = coordinator.get(&job).await.unwrap();
+    assert_eq!(view.record.checkpoints.len(), 2);
+    let trained = view.record.trained();
+    assert_eq!(trained.len(), 2);
+    assert!(
+        trained
+            .iter()
+            .all(|&(_, samples, _, skipped)| { samples == u64::MAX && skipped == u64::MAX })
+    );
+}
+
+#[tokio::test]
+async fn only_the_checkpoint_being_restored_can_be_reported_bad_and_only_rank_0_shows_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, root) = coordinator_with_job(dir.path(), 2).await;
+    let (ranks, generation) = running(&coordinator, 2).await;
+    let good = checkpoint(&root, &job, generation, 4);
+    coordinator
+        .commit_checkpoint(&ranks[0], &job, generation, good.clone(), Vec::new())
+        .await
+        .unwrap()
+        .expect("accepted");
+    // This generation started afresh: no checkpoint of the job failed its restore.
+    let refused = coordinator
+        .report_progress(
+            &ranks[1],
+            &job,
+            generation,
+            ProgressReport {
+                bad_checkpoint: good.id.clone(),
+                error: "its files fail their digests".into(),
+                ..ProgressReport::default()
+            },
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&refused, CoordinatorError::Invalid(m) if m.contains("not the one")),
+        "{refused}"
+    );
+    let view = coordinator.get(&job).await.unwrap();
+    let kept: Vec<&str> = view
+        .record
+        .checkpoints
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(kept, [good.id.as_str()], "the checkpoint stays");
+    assert_eq!(view.record.generation, generation, "the generation goes on");
+    // Rank 1 sends progress only with its end: it is not the job's.
+    let progress = |global_step| ProgressReport {
+        progress: Some(ladder_proto::v1::Progress {
+            global_step,
+            epoch: u32::MAX,
+            stage: u32::MAX,
+            ..Default::default()
+        }),
+        ..ProgressReport::default()
+    };
+    for (rank, step) in [(0, 5), (1, 999)] {
+        coordinator
+            .report_progress(&ranks[rank], &job, generation, progress(step))
+            .await
+            .unwrap();
+    }
+    let shown = coordinator.get(&job).await.unwrap();
+    assert_eq!(shown.record.progress.global_step, 5);
+}
+
+#[tokio::test]
+async fn a_spec_naming_a_device_or_a_fifo_as_its_manifest_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _, _) = coordinator_with_job(dir.path(), 1).await;
+    let fifo = dir.path().join("manifest.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for manifest in [Path::new("/dev/zero"), fifo.as_path()] {
+        let spec = ladder_testkit::write_spec(dir.path(), "hostile", manifest, (1, 1));
+        let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
+        // Read to the end, /dev/zero would take the coordinator's memory, and a FIFO with no
+        // writer would hold one of its threads for ever.
+        let refused =
+            tokio::time::timeout(Duration::from_secs(10), coordinator.submit(&spec.to_toml()))
+                .await
+                .expect("answered at once")
+                .map(|_| ())
+                .expect_err("refused");
+        assert!(
+            matches!(&refused, CoordinatorError::Invalid(m) if m.contains("not a regular file")),
+            "{refused}"
+        );
+    }
 }

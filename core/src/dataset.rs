@@ -109,14 +109,34 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
     }
 }
 
+/// The largest manifest read: ImageNet-21k's (13,000 shards) is about 2 MB. A path named in
+/// a submitted spec is read by the coordinator, so `/dev/zero` must not be read to the end.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
 impl Manifest {
+    /// Reads and checks the manifest at `path`, which must be a regular file (a FIFO or a
+    /// device named in a spec must not block or flood the reader) of at most
+    /// [`MAX_MANIFEST_BYTES`].
     pub fn load(path: &Path) -> Result<Manifest, DatasetError> {
-        let text = std::fs::read_to_string(path).map_err(io_error(path))?;
         let bad = |message: String| DatasetError::Format {
             path: path.to_owned(),
             what: "dataset manifest",
             message,
         };
+        let metadata = std::fs::metadata(path).map_err(io_error(path))?;
+        if !metadata.is_file() {
+            return Err(bad("not a regular file".to_owned()));
+        }
+        let mut text = String::new();
+        File::open(path)
+            .and_then(|file| file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+            .map_err(io_error(path))?;
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(bad(format!(
+                "larger than {} MiB: not a manifest `ladder dataset index` wrote",
+                MAX_MANIFEST_BYTES >> 20
+            )));
+        }
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(bad(format!(
