@@ -9,6 +9,7 @@ use common::{
     trained_steps, worker_id, write_spec,
 };
 use ladder_proto::v1 as pb;
+use ladder_worker::checkpoint::MANIFEST_FILE;
 use ladder_worker::state_io;
 use ladder_worker::training_state::MOMENTUM_FILE;
 use std::path::Path;
@@ -358,8 +359,13 @@ fn a_worker_stuck_in_its_previous_run_is_expelled_from_the_rendezvous() {
     assert_every_sample_once(&job, &spec);
 }
 
-#[test]
-fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
+/// Trains to a checkpoint after step 10, stops, damages the newest checkpoint with `damage`,
+/// resumes: the damage is reported (its message holding `reason`), the previous checkpoint used
+/// instead, and the job completes with every sample trained once.
+fn assert_a_damaged_checkpoint_is_reported_and_the_previous_one_used(
+    damage: impl FnOnce(&Path),
+    reason: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), (1, 2), 5, 100);
     let mut cluster = Cluster::new(dir.path());
@@ -373,22 +379,14 @@ fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
         [.., previous, bad] => (bad.clone(), previous.clone()),
         _ => panic!("two committed checkpoints: {:?}", job.checkpoints),
     };
-    // Cut the newest checkpoint's training state short, as a full disk or a dying node would.
-    let file = Path::new(&bad.path).join(MOMENTUM_FILE);
-    let length = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(length / 2)
-        .unwrap();
+    damage(Path::new(&bad.path));
     cluster.add_workers(2);
     cluster.resume(&id, 0);
     let job = cluster.wait_until_ended(&id, TIMEOUT);
     assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert!(
-        job.last_incident.contains(&bad.id) && job.last_incident.contains("truncated"),
-        "the corrupt checkpoint is reported: {}",
+        job.last_incident.contains(&bad.id) && job.last_incident.contains(reason),
+        "the damaged checkpoint is reported: {}",
         job.last_incident
     );
     assert!(
@@ -398,6 +396,39 @@ fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
     );
     assert!(!job.checkpoints.iter().any(|c| c.id == bad.id));
     assert_every_sample_once(&job, &spec);
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_reported_and_the_previous_one_is_used() {
+    // The training state cut short, as a full disk or a dying node would.
+    let truncate = |checkpoint: &Path| {
+        let file = checkpoint.join(MOMENTUM_FILE);
+        let length = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(length / 2)
+            .unwrap();
+    };
+    assert_a_damaged_checkpoint_is_reported_and_the_previous_one_used(truncate, "truncated");
+}
+
+#[test]
+fn a_checkpoint_whose_manifest_puts_it_past_the_run_is_not_restored() {
+    // The manifest is not covered by the files' digests: one that says the run is over (edited,
+    // or written by a hostile node) must not finish the job untrained.
+    let past_the_end = |checkpoint: &Path| {
+        let path = checkpoint.join(MANIFEST_FILE);
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        manifest["epoch"] = serde_json::json!(EPOCHS + 5);
+        std::fs::write(&path, manifest.to_string()).unwrap();
+    };
+    assert_a_damaged_checkpoint_is_reported_and_the_previous_one_used(
+        past_the_end,
+        "not where checkpoint",
+    );
 }
 
 #[test]

@@ -259,6 +259,30 @@ impl Trainer {
                         steps_per_epoch
                     )));
                 }
+                // The manifest is not among the files its digests cover: a cursor outside the
+                // run (an epoch past the end would finish it untrained) is a damaged checkpoint.
+                let global_step = u64::from(manifest.epoch)
+                    .checked_mul(steps_per_epoch)
+                    .and_then(|s| s.checked_add(manifest.step));
+                if manifest.id != *id
+                    || manifest.step >= steps_per_epoch
+                    || manifest.epoch > spec.schedule.epochs
+                    || global_step != Some(manifest.global_step)
+                {
+                    return Err(TrainError::BadCheckpoint {
+                        id: id.clone(),
+                        reason: format!(
+                            "its manifest names checkpoint {} at epoch {}, step {} (global step \
+                             {}): not where checkpoint {id} of a run of {} epochs of \
+                             {steps_per_epoch} steps can be",
+                            manifest.id,
+                            manifest.epoch,
+                            manifest.step,
+                            manifest.global_step,
+                            spec.schedule.epochs
+                        ),
+                    });
+                }
                 TrainingState {
                     vs: &vs,
                     flat: &flat,
