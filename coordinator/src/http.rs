@@ -19,14 +19,47 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
 /// How long a client may take over its TLS handshake before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one client may hold of the HTTP server. `/metrics` needs no token, so anyone who
+/// reaches the port is a client: connections that send nothing, or a byte now and then, must
+/// neither pile up until the process (its gRPC listener and store included) runs out of file
+/// descriptors, nor stay for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Connections served at once; more wait in the listener's backlog.
+    pub max: usize,
+    /// A connection on which no byte moved for this long is closed (hyper's own header
+    /// timeout does not cover a connection that never sends its first byte).
+    pub idle: Duration,
+    /// A request's headers must arrive within this (a client trickling them in).
+    pub headers: Duration,
+    /// Any connection is closed after this, busy or not (clients reconnect; no response
+    /// streams).
+    pub lifetime: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: 256,
+            idle: Duration::from_secs(30),
+            headers: Duration::from_secs(10),
+            lifetime: Duration::from_secs(600),
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -223,53 +256,244 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(config))
 }
 
-/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves.
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves, each
+/// connection within `limits`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     let acceptor = tls.map(TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
     tokio::pin!(shutdown);
     loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of file descriptors, say: wait a little rather than spin.
-                    tracing::warn!("HTTP listener: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+        let (slot, tcp) = tokio::select! {
+            slot = slots.clone().acquire_owned() => {
+                let slot = slot.expect("the semaphore is never closed");
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => (slot, tcp),
+                        Err(e) => {
+                            // Out of file descriptors, say: wait a little rather than spin.
+                            tracing::warn!("HTTP listener: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    () = &mut shutdown => return,
                 }
-            },
+            }
             () = &mut shutdown => return,
         };
         let (acceptor, service) = (acceptor.clone(), TowerToHyperService::new(router.clone()));
         tokio::spawn(async move {
-            let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let served = match acceptor {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            connection
-                                .serve_connection(TokioIo::new(tls), service)
-                                .await
+            let _slot = slot;
+            let moved = Arc::new(Moved::new());
+            let tcp = Watched {
+                io: tcp,
+                moved: moved.clone(),
+            };
+            let mut connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            connection
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.headers);
+            let served = async {
+                match acceptor {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                connection
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .await
+                            }
+                            _ => Ok(()),
                         }
-                        _ => return,
+                    }
+                    None => {
+                        connection
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await
                     }
                 }
-                None => {
-                    connection
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await
-                }
             };
-            if let Err(e) = served {
-                tracing::debug!("HTTP connection ended: {e}");
+            tokio::select! {
+                served = served => if let Err(e) = served {
+                    tracing::debug!("HTTP connection ended: {e}");
+                },
+                () = moved.idle_for(limits.idle) => {}
+                () = tokio::time::sleep(limits.lifetime) => {}
             }
         });
+    }
+}
+
+/// When bytes last moved on a connection.
+struct Moved {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start`.
+    last: AtomicU64,
+}
+
+impl Moved {
+    fn new() -> Moved {
+        Moved {
+            start: tokio::time::Instant::now(),
+            last: Default::default(),
+        }
+    }
+
+    fn now(&self) {
+        let at = self.start.elapsed().as_millis() as u64;
+        self.last.store(at, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let quiet = self.start.elapsed().saturating_sub(last);
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
+        }
+    }
+}
+
+/// A connection's stream, noting in `moved` each read or write that moved bytes.
+struct Watched<IO> {
+    io: IO,
+    moved: Arc<Moved>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved.now();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved.now();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads until the server closes the connection, at most until `limit`.
+    async fn closed_by(mut stream: tokio::net::TcpStream, limit: tokio::time::Instant) {
+        let mut sink = Vec::new();
+        tokio::time::timeout_at(limit, stream.read_to_end(&mut sink))
+            .await
+            .expect("the server closed the connection")
+            .ok();
+    }
+
+    #[tokio::test]
+    async fn silent_and_trickling_clients_are_let_go_and_hold_a_bounded_number_of_slots() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max: 2,
+            idle: Duration::from_millis(400),
+            headers: Duration::from_millis(800),
+            lifetime: Duration::from_secs(3),
+        };
+        let router = Router::new().route("/", get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, router, None, limits, async {
+            let _ = stopped.await;
+        }));
+        // Two connections that never send a byte take both slots...
+        let opened = tokio::time::Instant::now();
+        let silent = [
+            tokio::net::TcpStream::connect(address).await.unwrap(),
+            tokio::net::TcpStream::connect(address).await.unwrap(),
+        ];
+        // ...so a client waits in the backlog until the idle limit lets them go.
+        let client = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: ladder\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            (answer, started.elapsed())
+        });
+        for stream in silent {
+            closed_by(stream, opened + Duration::from_secs(2)).await;
+            let held = opened.elapsed();
+            assert!(held >= Duration::from_millis(300), "{held:?}");
+        }
+        let (answer, waited) = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .expect("answered once a slot was free")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300),
+            "it waited for a slot: {waited:?}"
+        );
+        // A byte at a time, each within the idle limit: the header timeout lets it go.
+        let mut trickling = tokio::net::TcpStream::connect(address).await.unwrap();
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET / HTTP/1.1\r\nHost: ladder\r\n"
+                .iter()
+                .cycle()
+                .take(40)
+            {
+                if trickling.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("4 s of headers were taken in");
+        });
+        tokio::time::timeout(Duration::from_secs(2), trickle)
+            .await
+            .expect("the trickling client was let go")
+            .unwrap();
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }

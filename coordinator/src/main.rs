@@ -328,6 +328,7 @@ async fn run(args: Args) -> Result<()> {
             listener,
             http::router(coordinator.clone(), tokens.clone()),
             http_tls,
+            http::ConnectionLimits::default(),
             async {
                 let _ = http_stopped.await;
             },
