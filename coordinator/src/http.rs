@@ -9,6 +9,7 @@
 //! (`/#token=...`, never sent to a server) or asks for, and keeps for the browser tab only.
 
 use crate::auth::Tokens;
+use crate::connections;
 use crate::records::Incident;
 use crate::state::{Coordinator, JobView, WorkerView, now_ms};
 use axum::Router;
@@ -19,12 +20,8 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -32,29 +29,24 @@ use tokio_rustls::rustls;
 /// How long a client may take over its TLS handshake before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What one client may hold of the HTTP server. `/metrics` needs no token, so anyone who
-/// reaches the port is a client: connections that send nothing, or a byte now and then, must
-/// neither pile up until the process (its gRPC listener and store included) runs out of file
-/// descriptors, nor stay for ever.
+/// What one HTTP client may hold, beside [`crate::connections`]' limits: its request headers
+/// must arrive within `headers` (a client trickling them in moves bytes, so the idle limit
+/// does not end it), and no connection outlives `lifetime`, busy or not (clients reconnect;
+/// no response streams).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
-    /// Connections served at once; more wait in the listener's backlog.
-    pub max: usize,
-    /// A connection on which no byte moved for this long is closed (hyper's own header
-    /// timeout does not cover a connection that never sends its first byte).
-    pub idle: Duration,
-    /// A request's headers must arrive within this (a client trickling them in).
+    pub connections: connections::Limits,
     pub headers: Duration,
-    /// Any connection is closed after this, busy or not (clients reconnect; no response
-    /// streams).
     pub lifetime: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
-            max: 256,
-            idle: Duration::from_secs(30),
+            connections: connections::Limits {
+                max: 256,
+                idle: Duration::from_secs(30),
+            },
             headers: Duration::from_secs(10),
             lifetime: Duration::from_secs(600),
         }
@@ -268,35 +260,18 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     let acceptor = tls.map(TlsAcceptor::from);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
+    let mut accepted = connections::accept(listener, limits.connections, "HTTP");
     tokio::pin!(shutdown);
     loop {
-        let (slot, tcp) = tokio::select! {
-            slot = slots.clone().acquire_owned() => {
-                let slot = slot.expect("the semaphore is never closed");
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((tcp, _)) => (slot, tcp),
-                        Err(e) => {
-                            // Out of file descriptors, say: wait a little rather than spin.
-                            tracing::warn!("HTTP listener: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                    () = &mut shutdown => return,
-                }
-            }
+        let tcp = tokio::select! {
+            tcp = accepted.recv() => match tcp {
+                Some(tcp) => tcp,
+                None => return,
+            },
             () = &mut shutdown => return,
         };
         let (acceptor, service) = (acceptor.clone(), TowerToHyperService::new(router.clone()));
         tokio::spawn(async move {
-            let _slot = slot;
-            let moved = Arc::new(Moved::new());
-            let tcp = Watched {
-                io: tcp,
-                moved: moved.clone(),
-            };
             let mut connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             connection
                 .http1()
@@ -321,92 +296,10 @@ pub async fn serve(
                     }
                 }
             };
-            tokio::select! {
-                served = served => if let Err(e) = served {
-                    tracing::debug!("HTTP connection ended: {e}");
-                },
-                () = moved.idle_for(limits.idle) => {}
-                () = tokio::time::sleep(limits.lifetime) => {}
+            if let Ok(Err(e)) = tokio::time::timeout(limits.lifetime, served).await {
+                tracing::debug!("HTTP connection ended: {e}");
             }
         });
-    }
-}
-
-/// When bytes last moved on a connection.
-struct Moved {
-    start: tokio::time::Instant,
-    /// Milliseconds from `start`.
-    last: AtomicU64,
-}
-
-impl Moved {
-    fn new() -> Moved {
-        Moved {
-            start: tokio::time::Instant::now(),
-            last: Default::default(),
-        }
-    }
-
-    fn now(&self) {
-        let at = self.start.elapsed().as_millis() as u64;
-        self.last.store(at, Ordering::Relaxed);
-    }
-
-    /// Resolves once no byte has moved for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let quiet = self.start.elapsed().saturating_sub(last);
-            if quiet >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - quiet).await;
-        }
-    }
-}
-
-/// A connection's stream, noting in `moved` each read or write that moved bytes.
-struct Watched<IO> {
-    io: IO,
-    moved: Arc<Moved>,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.moved.now();
-        }
-        polled
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.moved.now();
-        }
-        polled
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -429,8 +322,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let limits = ConnectionLimits {
-            max: 2,
-            idle: Duration::from_millis(400),
+            connections: connections::Limits {
+                max: 2,
+                idle: Duration::from_millis(400),
+            },
             headers: Duration::from_millis(800),
             lifetime: Duration::from_secs(3),
         };

@@ -1,4 +1,5 @@
 pub mod auth;
+pub mod connections;
 pub mod history;
 pub mod http;
 pub mod metrics;

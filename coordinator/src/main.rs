@@ -4,11 +4,11 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ladder_coordinator::auth::{Role, Tokens};
-use ladder_coordinator::http;
 use ladder_coordinator::metrics::RpcTimerLayer;
 use ladder_coordinator::service::{JobApi, WorkerApi};
 use ladder_coordinator::state::{Config, Coordinator};
 use ladder_coordinator::store::{EtcdStore, RedbStore, SharedStore, StoreAddress};
+use ladder_coordinator::{connections, http};
 use ladder_core::logging::{self, LogFormat};
 use ladder_proto::v1::job_service_server::JobServiceServer;
 use ladder_proto::v1::worker_service_server::WorkerServiceServer;
@@ -17,6 +17,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+/// How often the gRPC server pings each connection (HTTP/2 keep-alive): a client whose
+/// connection is quiet (a status watch with nothing new) answers, so it never looks idle.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
+/// A gRPC connection on which nothing moved for this long (no request, no answer to three
+/// pings) is ended: one that never finished its TLS handshake, say.
+const GRPC_IDLE: Duration = Duration::from_secs(60);
+/// The most gRPC connections served at once: a worker holds one, a command line one while it
+/// runs.
+const MAX_GRPC_CONNECTIONS: u64 = 16_384;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -215,7 +225,10 @@ async fn run(args: Args) -> Result<()> {
         bail!("the submit and worker tokens must differ, so that a worker node cannot submit jobs");
     }
     // TLS files are read and parsed before anything else starts, so a bad one fails at once.
-    let mut builder = Server::builder();
+    // Every connection is pinged more often than an idle one is ended (see connections).
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE));
     let mut http_tls = None;
     if let (Some(cert_path), Some(key_path)) = (&args.tls_cert, &args.tls_key) {
         let cert = std::fs::read(cert_path)
@@ -337,8 +350,24 @@ async fn run(args: Args) -> Result<()> {
 
     let mut deposition = coordinator.deposed();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let open_files = connections::raise_open_file_limit();
+    let limits = connections::Limits {
+        // Half the descriptors: the store, the HTTP server and the TensorBoard files take
+        // some; clients beyond wait in the backlog.
+        max: (open_files / 2).clamp(64, MAX_GRPC_CONNECTIONS) as usize,
+        idle: GRPC_IDLE,
+    };
+    tracing::info!(
+        connections = limits.max,
+        open_file_limit = open_files,
+        "serving gRPC"
+    );
+    let accepted = connections::accept(listener, limits, "gRPC");
     let serving = tokio::spawn(server.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(accepted),
+            Ok::<_, std::io::Error>,
+        ),
         async {
             let _ = stop_rx.await;
         },
