@@ -420,13 +420,30 @@ fn a_job_runs_to_completion_and_a_cancelled_one_resumes_to_completion() {
     );
     assert!(!out.contains("second SIGTERM: leaving now"), "{out}");
 
-    // Resumed again: it continues to completion.
+    // Resumed again, its coordinator killed while it trains: the script starts it again on
+    // the same store, and the job continues to completion.
     let resumed = setup.sbatch(&slurm, &[], &[("LADDER_JOB", job.clone())]);
+    let started = until_status(
+        &|s| s.contains("state        running") && s.contains("generation   3"),
+        &resumed,
+    );
+    until_status(&|s| step(s) != step(&started), &resumed);
+    let store = dir.path().join("state/coordinator.redb");
+    run_ok(
+        Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(format!("ladder-coordinator .*{}", store.display())),
+    );
     assert_eq!(
         slurm.ended(&resumed, Duration::from_secs(300)),
         "COMPLETED",
         "{}",
         setup.output(&resumed)
+    );
+    let out = setup.output(&resumed);
+    assert!(
+        out.contains("the coordinator stopped (exit 137); starting it again"),
+        "{out}"
     );
     // Every epoch's samples, once each, in the job's committed history (read back through a
     // coordinator on the batch jobs' store).
