@@ -114,11 +114,10 @@ fn read_records(bytes: &[u8]) -> Vec<(Event, u64)> {
 /// joined with the two names.
 fn lies_in(file: &File, dir: &Path) -> std::io::Result<()> {
     let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let expected = match (dir.parent(), dir.file_name()) {
-        (Some(job), Some(name)) => match (job.parent(), job.file_name()) {
-            (Some(root), Some(job)) => root.canonicalize()?.join(job).join(name),
-            _ => dir.canonicalize()?,
-        },
+    let expected = match dir.ancestors().nth(2) {
+        Some(root) if !root.as_os_str().is_empty() => root
+            .canonicalize()?
+            .join(dir.strip_prefix(root).expect("an ancestor of dir")),
         _ => dir.canonicalize()?,
     };
     if opened.parent() == Some(expected.as_path()) {
