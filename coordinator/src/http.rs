@@ -9,9 +9,11 @@
 //! (`/#token=...`, never sent to a server) or asks for, and keeps for the browser tab only.
 
 use crate::auth::Tokens;
+use crate::clock::now_ms;
 use crate::connections;
 use crate::records::Incident;
-use crate::state::{Coordinator, JobView, WorkerView, now_ms};
+use crate::state::Coordinator;
+use crate::view::{JobView, WorkerView};
 use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};

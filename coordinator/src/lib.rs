@@ -1,5 +1,7 @@
 pub mod auth;
+pub mod clock;
 pub mod connections;
+pub mod error;
 pub mod history;
 pub mod http;
 pub mod metrics;
@@ -10,3 +12,4 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod tensorboard;
+pub mod view;

@@ -319,7 +319,7 @@ async fn run(args: Args) -> Result<()> {
     // standby, which accepts connections on its bound port but never answers.
     let (_health, health_service) = tonic_health::server::health_reporter();
     let server = builder
-        .layer(RpcTimerLayer(coordinator.clone()))
+        .layer(RpcTimerLayer(coordinator.metrics().clone()))
         .add_service(health_service)
         .add_service(JobServiceServer::with_interceptor(
             JobApi(coordinator.clone()),

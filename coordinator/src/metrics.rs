@@ -16,7 +16,7 @@
 //! `honor_labels: true` (as for a Pushgateway): the README's example says so.
 
 use crate::records::{Incident, JobState};
-use crate::state::{JobView, WorkerView};
+use crate::view::{JobView, WorkerView};
 use ladder_core::dataset::SKIP_REASONS;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -390,7 +390,7 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
 
 /// A tower layer timing every gRPC call into [`Metrics::observe_rpc`].
 #[derive(Clone)]
-pub struct RpcTimerLayer(pub std::sync::Arc<crate::state::Coordinator>);
+pub struct RpcTimerLayer(pub std::sync::Arc<Metrics>);
 
 impl<S> tower::Layer<S> for RpcTimerLayer {
     type Service = RpcTimer<S>;
@@ -398,7 +398,7 @@ impl<S> tower::Layer<S> for RpcTimerLayer {
     fn layer(&self, inner: S) -> RpcTimer<S> {
         RpcTimer {
             inner,
-            coordinator: self.0.clone(),
+            metrics: self.0.clone(),
         }
     }
 }
@@ -406,7 +406,7 @@ impl<S> tower::Layer<S> for RpcTimerLayer {
 #[derive(Clone)]
 pub struct RpcTimer<S> {
     inner: S,
-    coordinator: std::sync::Arc<crate::state::Coordinator>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl<S, B> Service<http::Request<B>> for RpcTimer<S>
@@ -425,11 +425,11 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let arrived = Instant::now();
         let path = request.uri().path().to_owned();
-        let coordinator = self.coordinator.clone();
+        let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
             let result = answer.await;
-            coordinator.metrics().observe_rpc(&path, arrived.elapsed());
+            metrics.observe_rpc(&path, arrived.elapsed());
             result
         })
     }

@@ -7,23 +7,6 @@ use crate::records::{CheckpointRecord, JobRecord, JobState, LedgerEntry};
 use crate::runtime::{JobRuntime, Member};
 use std::collections::BTreeMap;
 
-/// Per epoch, the sum of `entries`: (epoch, samples, digest, skipped).
-pub fn sum_per_epoch<'a>(
-    entries: impl IntoIterator<Item = &'a LedgerEntry>,
-) -> Vec<(u32, u64, u64, u64)> {
-    let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
-    for e in entries {
-        let t = per_epoch.entry(e.epoch).or_default();
-        t.0 = t.0.saturating_add(e.samples);
-        t.1 = t.1.wrapping_add(e.digest);
-        t.2 = t.2.saturating_add(e.skipped);
-    }
-    per_epoch
-        .into_iter()
-        .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
-        .collect()
-}
-
 /// Merges the ledger entries that no restore can tell apart, so that a job's record stays
 /// small however often it checkpoints. A restore goes back to a kept checkpoint (or to the
 /// start) and drops the entries committed after it, so the entries of one epoch committed
@@ -327,7 +310,7 @@ pub fn stalled_workers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{WorkerAssignment, WorkerRecord};
+    use crate::records::{WorkerAssignment, WorkerRecord, sum_per_epoch};
 
     fn checkpoint(step: u64, stage_end: bool) -> CheckpointRecord {
         CheckpointRecord {

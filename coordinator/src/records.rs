@@ -1,12 +1,11 @@
 //! What the coordinator saves: plain records, each fact in one place. A job's record holds its
 //! generation and its workers by rank; a worker's assignment is derived from it (see
-//! [`crate::roster::Roster::show`]), never saved beside it, so no crash or store error between
+//! [`crate::runtime::Roster::reassign`]), never saved beside it, so no crash or store error between
 //! two writes can leave a worker assigned to a job that does not list it. Nothing here is
-//! about liveness or a generation's exchange: that lives in memory ([`crate::roster`]) and a
+//! about liveness or a generation's exchange: that lives in memory ([`crate::runtime`]) and a
 //! restarted coordinator rebuilds it from the workers' next calls.
 
-use crate::policy::sum_per_epoch;
-use crate::state::CoordinatorError;
+use crate::error::CoordinatorError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -69,6 +68,23 @@ pub struct LedgerEntry {
     pub skipped: u64,
 }
 
+/// Per epoch, the sum of `entries`: (epoch, samples, digest, skipped).
+pub fn sum_per_epoch<'a>(
+    entries: impl IntoIterator<Item = &'a LedgerEntry>,
+) -> Vec<(u32, u64, u64, u64)> {
+    let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+    for e in entries {
+        let t = per_epoch.entry(e.epoch).or_default();
+        t.0 = t.0.saturating_add(e.samples);
+        t.1 = t.1.wrapping_add(e.digest);
+        t.2 = t.2.saturating_add(e.skipped);
+    }
+    per_epoch
+        .into_iter()
+        .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
+        .collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
@@ -96,7 +112,7 @@ pub struct JobRecord {
     pub requested_world_size: Option<u32>,
     pub restore_from: Option<CheckpointRecord>,
     /// What each committed checkpoint's steps trained, in commit order: the model's history
-    /// (compacted at each commit, see [`compact_ledger`]).
+    /// (compacted at each commit, see [`crate::policy::compact_ledger`]).
     #[serde(default)]
     pub ledger: Vec<LedgerEntry>,
     /// Generations in a row that ended with every rank's collective failing and no checkpoint

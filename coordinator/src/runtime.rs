@@ -7,9 +7,10 @@
 //! Times here are on [`monotonic_ms`]'s clock, never saved.
 
 use crate::auth::{self, WorkerIdentity};
+use crate::clock::monotonic_ms;
+use crate::error::CoordinatorError;
 use crate::history::History;
 use crate::records::{JobRecord, ProgressRecord, WorkerAssignment, WorkerRecord};
-use crate::state::CoordinatorError;
 use crate::tensorboard::{self, Note};
 use ladder_core::cut;
 use ladder_core::dataset::SKIP_REASONS;
@@ -17,18 +18,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Notify;
-
-/// Milliseconds on the monotonic clock since this process first asked. Leases, stalls and grace
-/// periods are timed on it (and never persisted), so that a step of the wall clock (NTP, a
-/// resumed virtual machine) neither expires every lease at once nor hides a dead worker. It is
-/// tokio's clock, which tests may pause and advance.
-pub fn monotonic_ms() -> i64 {
-    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(tokio::time::Instant::now);
-    tokio::time::Instant::now()
-        .saturating_duration_since(start)
-        .as_millis() as i64
-}
 
 /// The longest a training job's progress goes unsaved (it is saved at once at an epoch or
 /// stage boundary, and with every decision about the job).

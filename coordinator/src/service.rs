@@ -2,10 +2,10 @@
 //! translating between the wire types and [`crate::state`].
 
 use crate::auth::WorkerIdentity;
+use crate::error::CoordinatorError;
 use crate::records::{JobState, LedgerEntry};
-use crate::state::{
-    Coordinator, CoordinatorError, JobView, ProgressReport, RendezvousOutcome, Signs,
-};
+use crate::state::{Coordinator, ProgressReport, RendezvousOutcome, Signs};
+use crate::view::JobView;
 use ladder_core::dataset::SKIP_REASONS;
 use ladder_proto::v1 as pb;
 use std::pin::Pin;

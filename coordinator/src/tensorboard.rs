@@ -217,7 +217,7 @@ impl Run {
         }
         if end == 0 {
             self.append(&Event {
-                wall_time: wall_seconds(crate::state::now_ms()),
+                wall_time: wall_seconds(crate::clock::now_ms()),
                 step: 0,
                 what: Some(What::FileVersion("brain.Event:2".to_owned())),
             })?;

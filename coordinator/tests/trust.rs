@@ -7,8 +7,9 @@ mod common;
 
 use common::{checkpoint, coordinator_with_job, register, running};
 use ladder_coordinator::auth::WorkerIdentity;
+use ladder_coordinator::error::CoordinatorError;
 use ladder_coordinator::records::{CheckpointRecord, LedgerEntry};
-use ladder_coordinator::state::{CoordinatorError, ProgressReport, RendezvousOutcome, Signs};
+use ladder_coordinator::state::{ProgressReport, RendezvousOutcome, Signs};
 use std::path::Path;
 use std::time::Duration;
 

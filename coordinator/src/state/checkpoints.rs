@@ -1,0 +1,213 @@
+//! Checkpoint commits: what rank 0 may commit, retention, and the generation ends a commit
+//! brings (a leaving worker goes, idle workers join).
+
+use super::{Coordinator, Inner};
+use crate::auth::WorkerIdentity;
+use crate::clock::{monotonic_ms, now_ms};
+use crate::error::{CoordinatorError, Result};
+use crate::policy;
+use crate::records::{self, CheckpointRecord, Incident, JobState, LedgerEntry};
+use ladder_core::cut;
+use ladder_core::location::{self, CheckpointId};
+
+impl Coordinator {
+    /// Records a checkpoint that rank 0 of the current generation has written completely, in
+    /// the directory the coordinator names for it (`checkpoint.dir/JOB/ID`, its id naming this
+    /// generation and its step): a commit of any other path is refused, since that path is
+    /// later handed out to be restored from and deleted.
+    pub async fn commit_checkpoint(
+        &self,
+        who: &WorkerIdentity,
+        job_id: &str,
+        generation: u64,
+        checkpoint: CheckpointRecord,
+        trained: Vec<LedgerEntry>,
+    ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
+        let mut inner = self.inner.lock().await;
+        self.roster().authenticated(who)?;
+        let known = inner.job(job_id)?;
+        if let Some(position) = known.checkpoints.iter().position(|c| c.id == checkpoint.id) {
+            // A retry whose first attempt was committed but whose answer was lost: the same
+            // answer. A refusal must mean "not committed": the worker then deletes the files.
+            let newest = position + 1 == known.checkpoints.len();
+            return Ok(Ok(if newest {
+                known.last_retired.clone()
+            } else {
+                Vec::new()
+            }));
+        }
+        let Some((job, rank)) = self.current(&inner, who, job_id, generation)? else {
+            return Ok(Err(format!(
+                "generation {generation} of job {job_id} is not current"
+            )));
+        };
+        if rank != 0 {
+            return Ok(Err(format!(
+                "only rank 0 commits checkpoints; worker {} is rank {rank}",
+                who.id
+            )));
+        }
+        let spec = inner
+            .specs
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::Corrupt {
+                key: records::job_key(job_id),
+                message: "its spec does not parse (see the coordinator's log at start)".into(),
+            })?;
+        let named = CheckpointId {
+            generation,
+            global_step: checkpoint.step,
+        };
+        if checkpoint.id != named.to_string() {
+            return Ok(Err(format!(
+                "checkpoint {:?} of step {} in generation {generation} must be named {named}",
+                cut(&checkpoint.id),
+                checkpoint.step
+            )));
+        }
+        if let Err(why) =
+            check_trained(&trained, &checkpoint, spec.schedule.epochs, job.stage_count)
+        {
+            return Ok(Err(why));
+        }
+        let path = match location::check_checkpoint_path(
+            &spec.checkpoint.dir,
+            job_id,
+            &checkpoint.id,
+            &checkpoint.path,
+        ) {
+            Ok(path) => path.display().to_string(),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let mut job = job.clone();
+        let checkpoint = CheckpointRecord {
+            path,
+            generation,
+            committed_at_ms: now_ms(),
+            ..checkpoint
+        };
+        tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
+        let checkpoint_id = checkpoint.id.clone();
+        let checkpoint_step = checkpoint.step;
+        job.ledger.extend(trained.into_iter().map(|e| LedgerEntry {
+            checkpoint_step: checkpoint.step,
+            ..e
+        }));
+        job.checkpoints.push(checkpoint);
+        job.checkpoints_committed += 1;
+        job.failed_generations = 0;
+        job.failed_checkpoints = 0;
+        let retired = policy::retire(&mut job.checkpoints, spec.checkpoint.keep as usize);
+        policy::compact_ledger(&mut job.ledger, &job.checkpoints);
+        job.last_retired = retired.clone();
+        // The leaving workers go with a checkpoint taken since they asked, not with one that
+        // was still being written then.
+        let leaves_now = self
+            .roster()
+            .training
+            .get(job_id)
+            .and_then(|t| t.leave_from_step)
+            .is_some_and(|from| checkpoint_step >= from);
+        let leaving: Vec<(usize, String)> = job
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| leaves_now && self.roster().workers.get(*w).is_some_and(|w| w.leaving))
+            .map(|(rank, w)| (rank, w.clone()))
+            .collect();
+        self.commit_job(&mut inner, job).await?;
+        if !leaving.is_empty() {
+            // The checkpoint the leaving workers waited for: the job goes on without them
+            // from it. The commit stands whatever happens here: a failure only leaves them to
+            // their leases.
+            let named: Vec<String> = leaving
+                .iter()
+                .map(|(rank, w)| format!("worker {w} (rank {rank})"))
+                .collect();
+            let why = format!("{} left on request", named.join(", "));
+            let workers: Vec<String> = leaving.into_iter().map(|(_, w)| w).collect();
+            if let Err(e) = self
+                .part(&mut inner, job_id, &workers, Incident::WorkerLeft, &why)
+                .await
+            {
+                tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
+            }
+        } else if let Some(target) = self.grows_to(&inner, job_id) {
+            // Idle workers it could use (a node came back): the next generation starts from
+            // this checkpoint on more ranks, no step lost.
+            let why = format!(
+                "growing to {target} workers: idle workers join at checkpoint {checkpoint_id}"
+            );
+            if let Err(e) = self.regroup(&mut inner, job_id, &why).await {
+                tracing::warn!(job = %job_id, "{why}, but the generation could not end yet: {e}");
+            }
+        }
+        Ok(Ok(retired))
+    }
+
+    /// Ends `job_id`'s generation at the checkpoint just committed so that the next one takes
+    /// the idle workers too. Not an incident: the job's last incident stays.
+    async fn regroup(&self, inner: &mut Inner, job_id: &str, why: &str) -> Result<()> {
+        let Some(job) = inner.jobs.get(job_id) else {
+            return Ok(());
+        };
+        let Some(next) = job.generation_ended(None, why) else {
+            return Ok(());
+        };
+        self.commit_job(inner, next).await?;
+        self.schedule_after_change(inner).await;
+        Ok(())
+    }
+
+    /// The larger world size `job_id` regroups to at a checkpoint just committed (see
+    /// [`policy::grows_to`]).
+    fn grows_to(&self, inner: &Inner, job_id: &str) -> Option<u32> {
+        let job = inner.jobs.get(job_id)?;
+        let any_queued = inner.jobs.values().any(|j| j.state == JobState::Queued);
+        let now = monotonic_ms();
+        let roster = self.roster();
+        let running_for = now - roster.training.get(job_id)?.started_ms;
+        let idle = roster.workers.values().filter(|w| w.is_idle(now)).count();
+        policy::grows_to(
+            job,
+            any_queued,
+            idle,
+            running_for,
+            self.config.regroup_interval.as_millis() as i64,
+        )
+    }
+}
+
+/// A commit's checkpoint and what it says its steps trained, against the job's `epochs` and
+/// `stages`: an epoch or stage the job does not have, or an epoch told twice, is refused (the
+/// ledger is kept in the job's record and summed by every reader).
+fn check_trained(
+    trained: &[LedgerEntry],
+    checkpoint: &CheckpointRecord,
+    epochs: u32,
+    stages: u32,
+) -> std::result::Result<(), String> {
+    let id = cut(&checkpoint.id);
+    if checkpoint.epoch > epochs || checkpoint.stage >= stages.max(1) {
+        return Err(format!(
+            "checkpoint {id} says epoch {} of stage {}; the job has {epochs} epochs in {stages} \
+             stages",
+            checkpoint.epoch, checkpoint.stage
+        ));
+    }
+    let mut told = std::collections::BTreeSet::new();
+    for entry in trained {
+        if entry.epoch >= epochs {
+            return Err(format!(
+                "checkpoint {id} tells what epoch {} trained; the job has epochs 0 to {}",
+                entry.epoch,
+                epochs.saturating_sub(1)
+            ));
+        }
+        if !told.insert(entry.epoch) {
+            return Err(format!("checkpoint {id} tells epoch {} twice", entry.epoch));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! The coordinator: the decisions that move jobs and workers, each written as one store
+//! transaction and then shown.
+//!
+//! A job moves `queued -> rendezvous -> running -> completed`, or to `failed` / `cancelled`;
+//! `resume` brings an ended job back to `queued`. Every assignment of workers to a job starts a
+//! new *generation*: a worker lost mid-run sends the job back to `queued`, its survivors are
+//! released, and the next assignment (generation + 1) restores from the latest committed
+//! checkpoint. Workers notice a generation change through their heartbeat and drop the old
+//! collective.
+//!
+//! The state is in three parts, each in its own module: what is saved ([`crate::records`]:
+//! plain records, each fact once; a worker's assignment is derived from its job's record),
+//! what lives in memory only ([`crate::runtime`]: liveness, progress not yet saved, a
+//! generation's rendezvous), and the rules, as pure functions of both and a time
+//! ([`crate::policy`]: scheduling, lease and stall policy, growing back, retention). This module
+//! applies the rules' outcomes. A restarted coordinator rebuilds everything from the store
+//! alone.
+//!
+//! This module holds the coordinator, its locks and `apply`, through which every decision is
+//! written; the decisions themselves are grouped by what they are about, one file each: `jobs`
+//! (submit, cancel, resume, and how a job is shown), `workers` (registration, heartbeats and
+//! leases, leaving), `generations` (assignments and the rendezvous), `progress` (what ranks
+//! report as they train), `checkpoints` (commits and retention), and `tick` (lapsed leases,
+//! stalls, saving progress, and the schedule).
+//!
+//! Two locks, taken in this order:
+//! - `inner` (async): jobs, their specs and runtime, and the counters: what decisions read and
+//!   write. Every decision is one store transaction ([`Change`]), written before it becomes
+//!   visible; the lock is held across the write, so decisions are made one at a time, each
+//!   from the state it replaces.
+//! - `roster` (plain, [`Roster`]): every worker with its signs of life and derived rank, and
+//!   each training job's newest progress. Held for memory work only, never across a write:
+//!   heartbeats and progress reports take nothing else, so a slow disk or etcd never makes a
+//!   healthy worker late. Heartbeats renew leases in memory only, and recovery grants every
+//!   known worker a fresh lease, since no worker could reach a coordinator that was down;
+//!   progress is saved by the next decision about its job or by [`Coordinator::tick`].
+//!
+//! What must be durable before a call returns: a registration (the worker's secret must
+//! authenticate it after a restart), every decision about a job (an assignment acted on but
+//! not saved could give one rank to two workers after a restart) and a commit (a checkpoint
+//! reported committed but forgotten would be deleted as uncommitted, or a retired one kept).
+//! Heartbeats and progress are not: a restart renews every lease, and the progress since the
+//! last save is reported again within a step.
+
+mod checkpoints;
+mod generations;
+mod jobs;
+mod progress;
+mod tick;
+mod workers;
+
+pub use generations::{Assignment, RendezvousOutcome};
+pub use progress::{ProgressAnswer, ProgressReport};
+use workers::Registration;
+pub use workers::Signs;
+
+use crate::clock::{monotonic_ms, now_ms};
+use crate::error::{CoordinatorError, Result};
+use crate::history::History;
+use crate::metrics::Metrics;
+use crate::records::{self, Counters, JobRecord, WorkerRecord};
+use crate::runtime::{JobRuntime, Member, Roster};
+use crate::store::{SharedStore, StoreError, Write};
+use crate::tensorboard;
+use ladder_core::cut;
+use ladder_core::spec::JobSpec;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, broadcast, watch};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a worker lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How long a schedulable job waits for more workers before starting on fewer.
+    pub rendezvous_grace: Duration,
+    /// How long a running job may go without any of its workers making progress before the
+    /// workers that are not waiting on the others are declared stalled.
+    pub stall_timeout: Duration,
+    /// A running job below its largest world size takes idle workers at a checkpoint at most
+    /// this long after its generation started (a regroup costs a rendezvous and a restore).
+    pub regroup_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lease_ttl: Duration::from_secs(10),
+            rendezvous_grace: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(300),
+            regroup_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Jobs and counters: what decisions read and write. Behind the async lock held across each
+/// decision's store write, so that decisions are made one at a time, each from the state it
+/// replaces.
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<String, JobRecord>,
+    /// Each job's spec, parsed once (at submit, or when the coordinator starts).
+    specs: BTreeMap<String, Arc<JobSpec>>,
+    runtime: BTreeMap<String, JobRuntime>,
+    counters: Counters,
+}
+
+impl Inner {
+    /// Shows `job`: its workers' assignments are derived from it, and its runtime follows it.
+    /// Returns whether any assignment changed.
+    fn show(&mut self, roster: &mut Roster, job: JobRecord) -> bool {
+        let reassigned = roster.reassign(self.jobs.get(&job.id), &job);
+        if !roster.event_dirs.contains_key(&job.id)
+            && let Some(dir) = self
+                .specs
+                .get(&job.id)
+                .and_then(|spec| tensorboard::dir(&spec.checkpoint.dir, &job.id))
+        {
+            roster.event_dirs.insert(job.id.clone(), dir);
+        }
+        self.runtime.entry(job.id.clone()).or_default().follow(&job);
+        self.jobs.insert(job.id.clone(), job);
+        reassigned
+    }
+
+    fn job(&self, id: &str) -> Result<&JobRecord> {
+        self.jobs.get(id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!(
+                "no job {:?}; `ladder list` shows the jobs",
+                cut(id)
+            ))
+        })
+    }
+}
+
+/// What one store transaction writes; shown in memory only once written.
+#[derive(Default)]
+struct Change {
+    jobs: Vec<JobRecord>,
+    /// New workers: their records are written.
+    workers: Vec<Member>,
+    /// Workers to forget: their next call is answered "unknown worker".
+    forgotten: Vec<String>,
+    counters: Option<Counters>,
+}
+
+/// A job's curves are saved with a decision about the job, or with its progress, at most this
+/// often while it trains (and at once when its generation ends): they are the largest record,
+/// and a restart losing half a minute of points loses nothing else.
+const HISTORY_SAVED_EVERY_MS: i64 = 30_000;
+
+impl Change {
+    fn job(job: JobRecord) -> Change {
+        Change {
+            jobs: vec![job],
+            ..Change::default()
+        }
+    }
+}
+
+pub struct Coordinator {
+    store: SharedStore,
+    config: Config,
+    inner: Mutex<Inner>,
+    roster: std::sync::Mutex<Roster>,
+    /// Registrations waiting to be written (see [`Coordinator::register`]).
+    registrations: std::sync::Mutex<Vec<Registration>>,
+    job_changed: broadcast::Sender<String>,
+    rendezvous_changed: Notify,
+    /// Set when the store refuses this coordinator's writes: it must stop serving.
+    deposed: watch::Sender<Option<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Coordinator {
+    /// Rebuilds the coordinator's state from `store`.
+    pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
+        let mut inner = Inner::default();
+        let mut roster = Roster {
+            events: Some(tensorboard::Events::start()),
+            ..Roster::default()
+        };
+        let now = monotonic_ms();
+        for (key, bytes) in store.list(records::WORKERS_PREFIX).await? {
+            let worker: WorkerRecord = records::decode(&key, &bytes)?;
+            roster
+                .workers
+                .insert(worker.id.clone(), Member::new(worker, now, false));
+        }
+        for (key, bytes) in store.list(records::JOBS_PREFIX).await? {
+            let job: JobRecord = records::decode(&key, &bytes)?;
+            match JobSpec::parse(&job.spec_toml, &job.id) {
+                Ok(spec) => {
+                    inner.specs.insert(job.id.clone(), Arc::new(spec));
+                }
+                // Its workers would refuse it too; everything else of the job stays readable.
+                Err(e) => {
+                    tracing::error!(job = %job.id, "the job's saved spec does not parse: {e}")
+                }
+            }
+            inner.show(&mut roster, job);
+        }
+        for (key, bytes) in store.list(records::HISTORY_PREFIX).await? {
+            let history: History = records::decode(&key, &bytes)?;
+            let id = key[records::HISTORY_PREFIX.len()..].to_owned();
+            roster
+                .history_saved
+                .insert(id.clone(), (history.version, now));
+            roster.history.insert(id, history);
+        }
+        if let Some(bytes) = store.get(records::COUNTERS_KEY).await? {
+            inner.counters = records::decode(records::COUNTERS_KEY, &bytes)?;
+        }
+        tracing::info!(
+            store = %store.describe(),
+            jobs = inner.jobs.len(),
+            workers = roster.workers.len(),
+            "recovered state"
+        );
+        let (job_changed, _) = broadcast::channel(1024);
+        Ok(Arc::new(Coordinator {
+            store,
+            config,
+            inner: Mutex::new(inner),
+            roster: std::sync::Mutex::new(roster),
+            registrations: std::sync::Mutex::default(),
+            job_changed,
+            rendezvous_changed: Notify::new(),
+            deposed: watch::channel(None).0,
+            metrics: Arc::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// What the coordinator measures of itself (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Resolves when the store has refused a write because another coordinator leads.
+    pub fn deposed(&self) -> watch::Receiver<Option<String>> {
+        self.deposed.subscribe()
+    }
+
+    fn store_failed(&self, e: StoreError) -> CoordinatorError {
+        if matches!(e, StoreError::NotLeader { .. }) {
+            self.deposed.send_replace(Some(e.to_string()));
+        }
+        CoordinatorError::Store(e)
+    }
+
+    /// The roster, for memory work only (see [`Roster`]).
+    fn roster(&self) -> std::sync::MutexGuard<'_, Roster> {
+        // Nothing is left half-changed by a panic while it is held: go on with it.
+        self.roster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `change` in one transaction, then shows it: the store and memory change
+    /// together or not at all. Each job written carries the newest progress of its generation.
+    async fn apply(&self, inner: &mut Inner, mut change: Change) -> Result<()> {
+        let (wall, now) = (now_ms(), monotonic_ms());
+        let mut saves = Vec::new();
+        let mut histories = Vec::new();
+        {
+            let mut roster = self.roster();
+            for job in &mut change.jobs {
+                job.updated_at_ms = wall;
+                let mut boundary = false;
+                if let Some(t) = roster
+                    .training
+                    .get_mut(&job.id)
+                    .filter(|t| t.generation == job.generation)
+                {
+                    job.progress = t.progress;
+                    boundary = std::mem::take(&mut t.boundary);
+                    saves.push((job.id.clone(), job.generation, t.reported));
+                }
+                if let Some(history) = roster.history.get(&job.id) {
+                    let saved = roster.history_saved.get(&job.id).copied();
+                    let due = saved.is_none_or(|(version, at)| {
+                        version != history.version
+                            && (boundary
+                                || !job.state.is_active()
+                                || now - at >= HISTORY_SAVED_EVERY_MS)
+                    });
+                    if due {
+                        histories.push((job.id.clone(), history.clone()));
+                    }
+                }
+            }
+        }
+        let mut writes = Vec::new();
+        for job in &change.jobs {
+            writes.push(Write::Put(records::job_key(&job.id), records::encode(job)));
+        }
+        for worker in &change.workers {
+            writes.push(Write::Put(
+                records::worker_key(&worker.record.id),
+                records::encode(&worker.record),
+            ));
+        }
+        for id in &change.forgotten {
+            writes.push(Write::Delete(records::worker_key(id)));
+        }
+        for (id, history) in &histories {
+            writes.push(Write::Put(
+                records::history_key(id),
+                records::encode(history),
+            ));
+        }
+        if let Some(counters) = &change.counters {
+            writes.push(Write::Put(
+                records::COUNTERS_KEY.to_owned(),
+                records::encode(counters),
+            ));
+        }
+        let writing = std::time::Instant::now();
+        let written = self.store.apply(writes).await;
+        self.metrics.observe_store(writing.elapsed());
+        written.map_err(|e| self.store_failed(e))?;
+        if let Some(counters) = change.counters {
+            inner.counters = counters;
+        }
+        let mut reassigned = false;
+        {
+            let mut roster = self.roster();
+            let now = monotonic_ms();
+            for (id, history) in histories {
+                roster.history_saved.insert(id, (history.version, now));
+            }
+            for (id, generation, reported) in saves {
+                if let Some(t) = roster
+                    .training
+                    .get_mut(&id)
+                    .filter(|t| t.generation == generation)
+                {
+                    t.saved = reported;
+                    t.saved_ms = now;
+                }
+            }
+            for id in &change.forgotten {
+                roster.workers.remove(id);
+            }
+            for worker in change.workers {
+                roster.workers.insert(worker.record.id.clone(), worker);
+            }
+            for job in change.jobs {
+                let id = job.id.clone();
+                let starts = job.state.is_active()
+                    && inner
+                        .jobs
+                        .get(&id)
+                        .is_none_or(|old| old.generation != job.generation);
+                if starts {
+                    // The curves go back with the model to where this generation starts.
+                    roster.roll_back(&id, job.restore_from.as_ref().map_or(0, |c| c.step));
+                }
+                reassigned |= inner.show(&mut roster, job);
+                let _ = self.job_changed.send(id);
+            }
+        }
+        if reassigned {
+            self.rendezvous_changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Writes `job` and makes it visible.
+    async fn commit_job(&self, inner: &mut Inner, job: JobRecord) -> Result<()> {
+        self.apply(inner, Change::job(job)).await
+    }
+
+    /// The job's state now, then after each change.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.job_changed.subscribe()
+    }
+}
