@@ -4,9 +4,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The coordinator saves these messages as they are (JSON in its store): one definition of
     // a job's progress and of a checkpoint's reference, not a record mirroring the wire.
     let saved = "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]";
-    tonic_prost_build::configure()
+    let mut config = tonic_prost_build::configure()
         .type_attribute("ladder.v1.Progress", saved)
-        .type_attribute("ladder.v1.CheckpointRef", saved)
-        .compile_fds(descriptors)?;
+        .type_attribute("ladder.v1.CheckpointRef", saved);
+    // Numbers a worker reports may be NaN or infinite: saved so that they read back (see
+    // src/saved_f32.rs). Every float field of a saved message is listed here.
+    for field in [
+        "loss",
+        "images_per_second",
+        "eta_seconds",
+        "eval_top1",
+        "eval_top5",
+        "learning_rate",
+    ] {
+        config = config.field_attribute(
+            format!("ladder.v1.Progress.{field}"),
+            "#[serde(with = \"crate::saved_f32\")]",
+        );
+    }
+    config.compile_fds(descriptors)?;
     Ok(())
 }

@@ -1461,3 +1461,95 @@ fn a_ca_certificate_with_a_plain_http_url_is_refused() {
     assert!(err.contains("http://127.0.0.1:1"), "{err}");
     assert!(err.contains("so use https://"), "{err}");
 }
+
+/// Every number a worker sends is checked where it arrives, and a NaN loss (a bf16 overflow,
+/// or a hostile worker-token holder) ends the job as diverged: the coordinator restarts on its
+/// store afterwards (it once refused to, the NaN saved as a JSON null it could not read back).
+#[test]
+fn numbers_from_a_worker_are_checked_and_a_nan_loss_fails_the_job_as_diverged() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = OneWorkerJob::start(dir.path());
+    let url = job.coordinator.url();
+    type Edit<'a> = &'a dyn Fn(&mut pb::Progress);
+    let progress = |edit: Edit| {
+        let mut p = pb::Progress {
+            epoch: 2,
+            step: 1,
+            steps_per_epoch: 3,
+            global_step: 7,
+            loss: 1.5,
+            learning_rate: 0.01,
+            image_size: 64,
+            ..Default::default()
+        };
+        edit(&mut p);
+        pb::ReportProgressRequest {
+            worker: Some(job.identity.clone()),
+            job_id: job.id.clone(),
+            generation: job.generation,
+            progress: Some(p),
+            ..Default::default()
+        }
+    };
+    job.rt.block_on(async {
+        let mut worker = worker_client(&url, WORKER_TOKEN).await;
+        let refused = worker
+            .heartbeat(pb::HeartbeatRequest {
+                worker: Some(job.identity.clone()),
+                data_wait_ratio: f32::NAN,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().starts_with("data_wait_ratio is NaN"),
+            "{refused:?}"
+        );
+        let hostile: [(Edit, &str); 6] = [
+            (
+                &|p| p.learning_rate = f32::NAN,
+                "progress.learning_rate is NaN",
+            ),
+            (
+                &|p| p.images_per_second = f32::INFINITY,
+                "progress.images_per_second is inf",
+            ),
+            (&|p| p.eval_top1 = 1.5, "progress.eval_top1 is 1.5"),
+            (&|p| p.loss = -1.0, "progress.loss is -1"),
+            (
+                &|p| p.eval_epoch = 1_000_000,
+                "an evaluation after epoch 1000000 (it has 4)",
+            ),
+            (&|p| p.stage = 7, "stage 7 (it has 2)"),
+        ];
+        for (edit, said) in hostile {
+            let refused = worker.report_progress(progress(edit)).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{said}");
+            assert!(refused.message().contains(said), "{said}: {refused:?}");
+        }
+        let answer = worker
+            .report_progress(progress(&|p| p.loss = f32::NAN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!answer.current, "the generation ended with the divergence");
+    });
+    let status = submitter(&job.coordinator).ok(&["status", &job.id]);
+    assert!(status.contains("failed"), "{status}");
+    assert!(
+        status.contains("the loss diverged: NaN at global step 7 (epoch 2, stage 0)"),
+        "{status}"
+    );
+    assert!(status.contains("step-000000003-g1"), "{status}");
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    job.coordinator.kill9();
+
+    let restarted = CoordinatorProcess::start(&store, &dir.path().join("logs"), &[]);
+    let status = submitter(&restarted).ok(&["status", &job.id]);
+    assert!(status.contains("the loss diverged"), "{status}");
+    assert!(
+        status.contains("epoch        2/4"),
+        "the last good progress: {status}"
+    );
+}

@@ -18,13 +18,17 @@ pub const MAX_POINTS: usize = 512;
 pub struct Point {
     /// Global step (steps done since the start of the run).
     pub step: u64,
+    #[serde(with = "ladder_proto::saved_f32")]
     pub loss: f32,
+    #[serde(with = "ladder_proto::saved_f32")]
     pub learning_rate: f32,
+    #[serde(with = "ladder_proto::saved_f32")]
     pub images_per_second: f32,
     pub image_size: u32,
     /// Wall-clock milliseconds of the report.
     pub time_ms: i64,
     /// Each rank's share of step time spent waiting for data, by rank, as each last said.
+    #[serde(with = "ladder_proto::saved_f32::vec")]
     pub data_wait: Vec<f32>,
 }
 
@@ -33,7 +37,9 @@ pub struct Evaluation {
     /// The 1-based epoch after which it ran.
     pub epoch: u32,
     pub step: u64,
+    #[serde(with = "ladder_proto::saved_f32")]
     pub top1: f32,
+    #[serde(with = "ladder_proto::saved_f32")]
     pub top5: f32,
 }
 

@@ -152,10 +152,12 @@ pub enum Incident {
     CheckpointNotWritten,
     /// A worker reported an error that ends the job.
     WorkerFailed,
+    /// Rank 0 reported a loss that is not a finite number.
+    Diverged,
 }
 
 impl Incident {
-    pub const ALL: [Incident; 7] = [
+    pub const ALL: [Incident; 8] = [
         Incident::WorkerLost,
         Incident::WorkerStalled,
         Incident::WorkerLeft,
@@ -163,6 +165,7 @@ impl Incident {
         Incident::CheckpointUnusable,
         Incident::CheckpointNotWritten,
         Incident::WorkerFailed,
+        Incident::Diverged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -174,6 +177,7 @@ impl Incident {
             Incident::CheckpointUnusable => "checkpoint_unusable",
             Incident::CheckpointNotWritten => "checkpoint_not_written",
             Incident::WorkerFailed => "worker_failed",
+            Incident::Diverged => "diverged",
         }
     }
 }
@@ -276,6 +280,45 @@ impl JobRecord {
         sum_per_epoch(&self.ledger)
     }
 
+    /// What stands for job `id` when its saved record (at `key`) does not decode (`why`): the
+    /// job failed, saying where its record was set aside and how to go on from its files.
+    pub fn unreadable(id: &str, key: &str, why: &str, now_ms: i64) -> JobRecord {
+        let message = format!(
+            "its saved record {key} could not be read ({}); it was set aside as {} and the job \
+             failed. Its checkpoints stay in its checkpoint directory: submit its spec again \
+             (spec_toml in the set-aside record) with model.init_from naming a checkpoint's \
+             model.safetensors to go on from there",
+            ladder_core::cut(why),
+            quarantine_key(key)
+        );
+        JobRecord {
+            id: id.to_owned(),
+            name: String::new(),
+            state: JobState::Failed,
+            generation: 0,
+            spec_toml: String::new(),
+            workers: Vec::new(),
+            progress: ProgressRecord::default(),
+            checkpoints: Vec::new(),
+            last_incident: message.clone(),
+            message,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            stage_count: 0,
+            epochs: 0,
+            priority: 0,
+            world_sizes: Vec::new(),
+            requested_world_size: None,
+            restore_from: None,
+            ledger: Vec::new(),
+            failed_generations: 0,
+            failed_checkpoints: 0,
+            last_retired: Vec::new(),
+            incidents: BTreeMap::new(),
+            checkpoints_committed: 0,
+        }
+    }
+
     pub fn world_sizes_now(&self) -> Vec<u32> {
         match self.requested_world_size {
             Some(n) => self
@@ -330,12 +373,39 @@ pub const JOBS_PREFIX: &str = "jobs/";
 pub const HISTORY_PREFIX: &str = "history/";
 pub const WORKERS_PREFIX: &str = "workers/";
 pub const COUNTERS_KEY: &str = "meta/counters";
+/// Where recovery sets a record aside that does not decode, under its own key: kept for
+/// inspection, out of the way of everything else.
+pub const QUARANTINE_PREFIX: &str = "quarantine/";
+
+pub fn quarantine_key(key: &str) -> String {
+    format!("{QUARANTINE_PREFIX}{key}")
+}
 
 /// The last job and worker numbers given out: ids are never given twice by one store.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Counters {
     pub next_job: u64,
     pub next_worker: u64,
+}
+
+impl Counters {
+    /// The counters as high as the ids `keys` name (`jobs/job-NNNNNN`, `workers/w-NNNNNN`):
+    /// what a store whose counters record is unreadable can still be sure of.
+    pub fn at_least(mut self, keys: impl IntoIterator<Item = impl AsRef<str>>) -> Counters {
+        let number =
+            |key: &str, prefix: &str| -> Option<u64> { key.strip_prefix(prefix)?.parse().ok() };
+        for key in keys {
+            let key = key.as_ref();
+            let key = key.strip_prefix(QUARANTINE_PREFIX).unwrap_or(key);
+            if let Some(n) = number(key, "jobs/job-") {
+                self.next_job = self.next_job.max(n);
+            }
+            if let Some(n) = number(key, "workers/w-") {
+                self.next_worker = self.next_worker.max(n);
+            }
+        }
+        self
+    }
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(
@@ -350,4 +420,304 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 
 pub fn encode(value: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Evaluation, History, Point};
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..24).prop_map(String::from_iter)
+    }
+
+    fn float() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(f32::MIN_POSITIVE / 3.0),
+            Just(-0.0),
+            proptest::num::f32::ANY,
+        ]
+    }
+
+    fn progress() -> impl Strategy<Value = ProgressRecord> {
+        (
+            (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()),
+            (float(), float(), float(), float(), float(), float()),
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>()),
+        )
+            .prop_map(
+                |(
+                    (stage, epoch, step, steps_per_epoch),
+                    (loss, images_per_second, eta_seconds, eval_top1, eval_top5, learning_rate),
+                    (image_size, graph_builds, eval_epoch, global_step),
+                )| ProgressRecord {
+                    stage,
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                    loss,
+                    images_per_second,
+                    image_size,
+                    graph_builds,
+                    eta_seconds,
+                    eval_epoch,
+                    eval_top1,
+                    eval_top5,
+                    global_step,
+                    learning_rate,
+                },
+            )
+    }
+
+    fn checkpoint() -> impl Strategy<Value = CheckpointRecord> {
+        (
+            text(),
+            text(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<i64>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(id, path, generation, epoch, step, stage, committed_at_ms, stage_end)| {
+                    CheckpointRecord {
+                        id,
+                        path,
+                        generation,
+                        epoch,
+                        step,
+                        stage,
+                        committed_at_ms,
+                        stage_end,
+                    }
+                },
+            )
+    }
+
+    fn state() -> impl Strategy<Value = JobState> {
+        prop_oneof![
+            Just(JobState::Queued),
+            Just(JobState::Rendezvous),
+            Just(JobState::Running),
+            Just(JobState::Completed),
+            Just(JobState::Failed),
+            Just(JobState::Cancelled),
+        ]
+    }
+
+    fn job() -> impl Strategy<Value = JobRecord> {
+        let ledger = proptest::collection::vec(
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+            )
+                .prop_map(|(checkpoint_step, epoch, samples, digest, skipped)| {
+                    LedgerEntry {
+                        checkpoint_step,
+                        epoch,
+                        samples,
+                        digest,
+                        skipped,
+                    }
+                }),
+            0..4,
+        );
+        (
+            (text(), text(), state(), any::<u64>(), text()),
+            (proptest::collection::vec(text(), 0..3), progress()),
+            (
+                proptest::collection::vec(checkpoint(), 0..3),
+                text(),
+                text(),
+            ),
+            (
+                any::<i64>(),
+                any::<i64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<i32>(),
+            ),
+            (
+                proptest::collection::vec(any::<u32>(), 0..4),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(checkpoint()),
+                ledger,
+            ),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(checkpoint(), 0..2),
+                proptest::collection::btree_map(text(), any::<u64>(), 0..3),
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (id, name, state, generation, spec_toml),
+                    (workers, progress),
+                    (checkpoints, message, last_incident),
+                    (created_at_ms, updated_at_ms, stage_count, epochs, priority),
+                    (world_sizes, requested_world_size, restore_from, ledger),
+                    (
+                        failed_generations,
+                        failed_checkpoints,
+                        last_retired,
+                        incidents,
+                        checkpoints_committed,
+                    ),
+                )| JobRecord {
+                    id,
+                    name,
+                    state,
+                    generation,
+                    spec_toml,
+                    workers,
+                    progress,
+                    checkpoints,
+                    message,
+                    last_incident,
+                    created_at_ms,
+                    updated_at_ms,
+                    stage_count,
+                    epochs,
+                    priority,
+                    world_sizes,
+                    requested_world_size,
+                    restore_from,
+                    ledger,
+                    failed_generations,
+                    failed_checkpoints,
+                    last_retired,
+                    incidents,
+                    checkpoints_committed,
+                },
+            )
+    }
+
+    fn history() -> impl Strategy<Value = History> {
+        let point = (
+            (any::<u64>(), float(), float(), float()),
+            (
+                any::<u32>(),
+                any::<i64>(),
+                proptest::collection::vec(float(), 0..4),
+            ),
+        )
+            .prop_map(
+                |(
+                    (step, loss, learning_rate, images_per_second),
+                    (image_size, time_ms, data_wait),
+                )| Point {
+                    step,
+                    loss,
+                    learning_rate,
+                    images_per_second,
+                    image_size,
+                    time_ms,
+                    data_wait,
+                },
+            );
+        let evaluation =
+            (any::<u32>(), any::<u64>(), float(), float()).prop_map(|(epoch, step, top1, top5)| {
+                Evaluation {
+                    epoch,
+                    step,
+                    top1,
+                    top5,
+                }
+            });
+        (
+            proptest::collection::vec(point, 0..4),
+            proptest::collection::vec(evaluation, 0..3),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(points, evaluations, stride, version)| History {
+                points,
+                evaluations,
+                stride,
+                version,
+            })
+    }
+
+    fn worker() -> impl Strategy<Value = WorkerRecord> {
+        (
+            (text(), text(), text(), text()),
+            (any::<u32>(), any::<i64>(), text()),
+        )
+            .prop_map(
+                |(
+                    (id, hostname, device, name),
+                    (lease_ttl_ms, registered_at_ms, secret_sha256),
+                )| {
+                    WorkerRecord {
+                        id,
+                        hostname,
+                        device,
+                        name,
+                        lease_ttl_ms,
+                        registered_at_ms,
+                        secret_sha256,
+                    }
+                },
+            )
+    }
+
+    /// Encodes `value`, reads it back, and encodes that again: the same bytes, so every value
+    /// (a NaN, an infinity, a subnormal, a control character) reads back as it was written.
+    fn round_trips<T: Serialize + serde::de::DeserializeOwned>(
+        value: &T,
+    ) -> Result<(), TestCaseError> {
+        let bytes = encode(value);
+        let read: T = decode("a key", &bytes).map_err(|e| {
+            TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&bytes)))
+        })?;
+        let again = encode(&read);
+        prop_assert_eq!(
+            String::from_utf8_lossy(&again),
+            String::from_utf8_lossy(&bytes)
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn every_record_reads_back_whatever_numbers_and_strings_it_holds(
+            job in job(),
+            history in history(),
+            worker in worker(),
+            (next_job, next_worker) in (any::<u64>(), any::<u64>()),
+        ) {
+            round_trips(&job)?;
+            round_trips(&history)?;
+            round_trips(&worker)?;
+            round_trips(&Counters { next_job, next_worker })?;
+        }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_saved_by_name_and_a_null_saved_before_reads_as_nan() {
+        let progress = ProgressRecord {
+            loss: f32::NAN,
+            learning_rate: f32::INFINITY,
+            eta_seconds: f32::NEG_INFINITY,
+            ..ProgressRecord::default()
+        };
+        let text = String::from_utf8(encode(&progress)).unwrap();
+        assert!(text.contains(r#""loss":"NaN""#), "{text}");
+        assert!(text.contains(r#""learning_rate":"inf""#), "{text}");
+        assert!(text.contains(r#""eta_seconds":"-inf""#), "{text}");
+        let old: ProgressRecord = decode("jobs/job-000001", br#"{"loss":null,"epoch":3}"#).unwrap();
+        assert!(old.loss.is_nan());
+        assert_eq!(old.epoch, 3);
+    }
 }

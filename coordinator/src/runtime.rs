@@ -98,6 +98,9 @@ pub struct Training {
     pub started_ms: i64,
     /// The generation's workers by rank.
     pub ranks: Vec<String>,
+    /// The job's stages and epochs: what its progress can say.
+    pub stage_count: u32,
+    pub epochs: u32,
     /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
     /// that commit ends the generation without it.
     pub checkpoint_requested: bool,
@@ -120,6 +123,34 @@ impl Training {
             self.progress.epoch != progress.epoch || self.progress.stage != progress.stage;
         self.progress = progress;
         self.reported += 1;
+    }
+
+    /// Whether rank 0's `progress` is one this job can have made: every number in its run's
+    /// range (the ranges of the numbers alone are checked where they arrive). A hostile or
+    /// confused rank must not grow the job's evaluations or curves past its plan.
+    pub fn check(&self, progress: &ProgressRecord) -> Result<(), String> {
+        let p = progress;
+        let problem = if p.stage >= self.stage_count.max(1) {
+            Some(format!("stage {} (it has {})", p.stage, self.stage_count))
+        } else if p.epoch > self.epochs {
+            Some(format!("epoch {} (it has {})", p.epoch, self.epochs))
+        } else if p.eval_epoch > self.epochs {
+            Some(format!(
+                "an evaluation after epoch {} (it has {})",
+                p.eval_epoch, self.epochs
+            ))
+        } else if p.step > p.steps_per_epoch {
+            Some(format!(
+                "step {} of an epoch of {}",
+                p.step, p.steps_per_epoch
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(what) => Err(format!("progress tells {what}; not recorded")),
+            None => Ok(()),
+        }
     }
 
     pub fn save_due(&self, now: i64) -> bool {
@@ -307,6 +338,8 @@ impl Roster {
                     saved_ms: now,
                     started_ms: now,
                     ranks: job.workers.clone(),
+                    stage_count: job.stage_count,
+                    epochs: job.epochs,
                     ..Training::default()
                 };
             }

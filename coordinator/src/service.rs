@@ -125,6 +125,36 @@ fn clipped(mut message: String) -> String {
     message
 }
 
+/// A number a worker sends, refused unless finite and in `range`: JSON, the store's encoding,
+/// has no NaN, and a curve or an ETA of NaN helps nobody.
+fn number(value: f32, what: &str, range: std::ops::RangeInclusive<f32>) -> Result<f32, Status> {
+    if value.is_finite() && range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what} is {value}: it must be a number from {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+/// Rank 0's progress, its numbers checked one by one. A loss that is not finite passes: it is
+/// not a malformed report but a diverged run, which the coordinator ends (see
+/// [`Coordinator::report_progress`]).
+fn checked_progress(p: pb::Progress) -> Result<pb::Progress, Status> {
+    const ANY: std::ops::RangeInclusive<f32> = 0.0..=f32::MAX;
+    if p.loss.is_finite() {
+        number(p.loss, "progress.loss", ANY)?;
+    }
+    number(p.images_per_second, "progress.images_per_second", ANY)?;
+    number(p.eta_seconds, "progress.eta_seconds", ANY)?;
+    number(p.learning_rate, "progress.learning_rate", ANY)?;
+    number(p.eval_top1, "progress.eval_top1", 0.0..=1.0)?;
+    number(p.eval_top5, "progress.eval_top5", 0.0..=1.0)?;
+    Ok(p)
+}
+
 pub struct JobApi(pub Arc<Coordinator>);
 pub struct WorkerApi(pub Arc<Coordinator>);
 
@@ -301,7 +331,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                     activity: r.activity,
                     in_collective: r.in_collective,
                     leaving: r.leaving,
-                    data_wait: r.data_wait_ratio.clamp(0.0, 1.0),
+                    data_wait: number(r.data_wait_ratio, "data_wait_ratio", 0.0..=1.0)?,
                     // Only the reasons there are: a label is never made up by a caller.
                     skipped: SKIP_REASONS.map(|reason| r.skipped.get(reason).copied().unwrap_or(0)),
                 },
@@ -334,7 +364,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let r = request.into_inner();
         let report = ProgressReport {
-            progress: r.progress,
+            progress: r.progress.map(checked_progress).transpose()?,
             finished: r.finished,
             error: clipped(r.error),
             bad_checkpoint: r.bad_checkpoint,

@@ -383,19 +383,19 @@ async fn only_the_checkpoint_being_restored_can_be_reported_bad_and_only_rank_0_
         .collect();
     assert_eq!(kept, [good.id.as_str()], "the checkpoint stays");
     assert_eq!(view.record.generation, generation, "the generation goes on");
-    // Rank 1 sends progress only with its end: it is not the job's.
-    let progress = |global_step| ProgressReport {
+    // Rank 1 sends progress only with its end: it is not the job's, nor checked as the job's.
+    let progress = |global_step, epoch| ProgressReport {
         progress: Some(ladder_proto::v1::Progress {
             global_step,
-            epoch: u32::MAX,
-            stage: u32::MAX,
+            epoch,
+            stage: epoch,
             ..Default::default()
         }),
         ..ProgressReport::default()
     };
-    for (rank, step) in [(0, 5), (1, 999)] {
+    for (rank, step, epoch) in [(0, 5, 1), (1, 999, u32::MAX)] {
         coordinator
-            .report_progress(&ranks[rank], &job, generation, progress(step))
+            .report_progress(&ranks[rank], &job, generation, progress(step, epoch))
             .await
             .unwrap();
     }

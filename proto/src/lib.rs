@@ -2,6 +2,7 @@
 //! client connection that the CLI and the workers share.
 
 pub mod client;
+pub mod saved_f32;
 
 pub mod v1 {
     tonic::include_proto!("ladder.v1");

@@ -39,10 +39,10 @@ pub fn to_pb(p: &Progress) -> pb::Progress {
         step: p.step,
         steps_per_epoch: p.steps_per_epoch,
         loss: p.loss as f32,
-        images_per_second: p.images_per_second as f32,
+        images_per_second: finite_f32(p.images_per_second),
         image_size: p.image_size,
         graph_builds: p.graph_builds,
-        eta_seconds: p.eta_seconds as f32,
+        eta_seconds: finite_f32(p.eta_seconds),
         eval_epoch: if p.evaluation.is_some() {
             evaluation.epoch + 1
         } else {
@@ -53,6 +53,12 @@ pub fn to_pb(p: &Progress) -> pb::Progress {
         global_step: p.global_step,
         learning_rate: p.learning_rate as f32,
     }
+}
+
+/// `value` as the wire's `f32`, a rate or a time too large for it kept at its largest: the
+/// coordinator refuses infinities (the loss is sent as it is: a diverged one ends the job).
+fn finite_f32(value: f64) -> f32 {
+    value.clamp(0.0, f32::MAX as f64) as f32
 }
 
 pub enum Report {
@@ -231,6 +237,9 @@ pub async fn report_progress(
                 checkpoint_now.store(true, Ordering::SeqCst);
             }
             Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                tracing::warn!("progress refused by the coordinator: {}", status.message())
+            }
             Err(status) => tracing::debug!("progress not reported: {}", status.message()),
         }
     }

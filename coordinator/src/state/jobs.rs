@@ -167,6 +167,13 @@ impl Coordinator {
                 job.state
             )));
         }
+        if !inner.specs.contains_key(id) {
+            return Err(CoordinatorError::Conflict(format!(
+                "job {id} cannot be resumed: its saved spec does not parse ({}); submit the spec \
+                 again",
+                cut(&job.message)
+            )));
+        }
         let restore = match checkpoint_id {
             Some(cid) => Some(
                 job.checkpoints

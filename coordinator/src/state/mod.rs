@@ -174,7 +174,10 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Rebuilds the coordinator's state from `store`.
+    /// Rebuilds the coordinator's state from `store`. One record that does not decode (a bug
+    /// of an older version, a damaged file) never keeps the coordinator from serving the rest:
+    /// it is set aside under [`records::QUARANTINE_PREFIX`] and, if it was a job's, the job
+    /// fails saying so (a worker's registers again, a job's curves start afresh).
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
         let mut roster = Roster {
@@ -182,14 +185,35 @@ impl Coordinator {
             ..Roster::default()
         };
         let now = monotonic_ms();
+        // Each record's writes: one transaction each, so that a job's record is never
+        // replaced before its original is set aside.
+        let mut set_aside: Vec<Vec<Write>> = Vec::new();
+        let mut ids = Vec::new();
         for (key, bytes) in store.list(records::WORKERS_PREFIX).await? {
-            let worker: WorkerRecord = records::decode(&key, &bytes)?;
-            roster
-                .workers
-                .insert(worker.id.clone(), Member::new(worker, now, false));
+            ids.push(key.clone());
+            match records::decode::<WorkerRecord>(&key, &bytes) {
+                Ok(worker) => {
+                    roster
+                        .workers
+                        .insert(worker.id.clone(), Member::new(worker, now, false));
+                }
+                Err(e) => set_aside.push(set_aside_writes(&key, bytes, &e)),
+            }
         }
         for (key, bytes) in store.list(records::JOBS_PREFIX).await? {
-            let job: JobRecord = records::decode(&key, &bytes)?;
+            ids.push(key.clone());
+            let job = match records::decode::<JobRecord>(&key, &bytes) {
+                Ok(job) => job,
+                Err(e) => {
+                    let id = &key[records::JOBS_PREFIX.len()..];
+                    let failed = JobRecord::unreadable(id, &key, &e.to_string(), now_ms());
+                    let mut writes = set_aside_writes(&key, bytes, &e);
+                    writes.push(Write::Put(key.clone(), records::encode(&failed)));
+                    set_aside.push(writes);
+                    inner.show(&mut roster, failed);
+                    continue;
+                }
+            };
             match JobSpec::parse(&job.spec_toml, &job.id) {
                 Ok(spec) => {
                     inner.specs.insert(job.id.clone(), Arc::new(spec));
@@ -202,7 +226,13 @@ impl Coordinator {
             inner.show(&mut roster, job);
         }
         for (key, bytes) in store.list(records::HISTORY_PREFIX).await? {
-            let history: History = records::decode(&key, &bytes)?;
+            let history: History = match records::decode(&key, &bytes) {
+                Ok(history) => history,
+                Err(e) => {
+                    set_aside.push(set_aside_writes(&key, bytes, &e));
+                    continue;
+                }
+            };
             let id = key[records::HISTORY_PREFIX.len()..].to_owned();
             roster
                 .history_saved
@@ -210,7 +240,30 @@ impl Coordinator {
             roster.history.insert(id, history);
         }
         if let Some(bytes) = store.get(records::COUNTERS_KEY).await? {
-            inner.counters = records::decode(records::COUNTERS_KEY, &bytes)?;
+            match records::decode::<Counters>(records::COUNTERS_KEY, &bytes) {
+                Ok(counters) => inner.counters = counters,
+                Err(e) => {
+                    // Ids must never be given twice: at least as high as any id seen.
+                    ids.extend(
+                        store
+                            .list(records::QUARANTINE_PREFIX)
+                            .await?
+                            .into_iter()
+                            .map(|(key, _)| key),
+                    );
+                    let counters = Counters::default().at_least(&ids);
+                    let mut writes = set_aside_writes(records::COUNTERS_KEY, bytes, &e);
+                    writes.push(Write::Put(
+                        records::COUNTERS_KEY.to_owned(),
+                        records::encode(&counters),
+                    ));
+                    set_aside.push(writes);
+                    inner.counters = counters;
+                }
+            }
+        }
+        for writes in set_aside {
+            store.apply(writes).await?;
         }
         tracing::info!(
             store = %store.describe(),
@@ -378,4 +431,17 @@ impl Coordinator {
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
         self.job_changed.subscribe()
     }
+}
+
+/// The writes that set the record at `key` (`bytes`, unreadable: `e`) aside under
+/// [`records::QUARANTINE_PREFIX`] and remove it; a job's record is replaced instead (by the
+/// caller, in the same transaction), so that the job stays listed as failed.
+fn set_aside_writes(key: &str, bytes: Vec<u8>, e: &CoordinatorError) -> Vec<Write> {
+    let aside = records::quarantine_key(key);
+    tracing::error!("{e}; set aside as {aside} for inspection");
+    let mut writes = vec![Write::Put(aside, bytes)];
+    if !key.starts_with(records::JOBS_PREFIX) && key != records::COUNTERS_KEY {
+        writes.push(Write::Delete(key.to_owned()));
+    }
+    writes
 }

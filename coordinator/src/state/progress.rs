@@ -53,17 +53,27 @@ impl Coordinator {
         generation: u64,
         mut report: ProgressReport,
     ) -> Result<ProgressAnswer> {
-        let (rank, checkpoint_now) = {
+        let (rank, checkpoint_now, diverged) = {
             let mut roster = self.roster();
             let Some(rank) = roster.current_rank(who, job_id, generation)? else {
                 return Ok(ProgressAnswer::default());
             };
             let with_progress = report.progress.is_some();
+            let mut diverged = None;
             // Rank 0's progress is the job's; another rank's (sent with its end) is not shown.
             if let Some(progress) = report.progress.take()
                 && rank == 0
             {
-                roster.report(job_id, progress, now_ms());
+                let training = roster.training.entry(job_id.to_owned()).or_default();
+                training
+                    .check(&progress)
+                    .map_err(CoordinatorError::Invalid)?;
+                if progress.loss.is_finite() {
+                    roster.report(job_id, progress, now_ms());
+                } else {
+                    // Never shown nor saved: the job's last progress is its last good one.
+                    diverged = Some(progress);
+                }
             }
             let training = roster.training.entry(job_id.to_owned()).or_default();
             // Said once per request, so that progress reports during the checkpoint's write do
@@ -76,9 +86,17 @@ impl Coordinator {
                 let step = training.progress.global_step;
                 training.leave_from_step.get_or_insert(step);
             }
-            (rank, checkpoint_now)
+            (rank, checkpoint_now, diverged)
         };
         let _ = self.job_changed.send(job_id.to_owned());
+        if let Some(progress) = diverged {
+            let mut inner = self.inner.lock().await;
+            if let Some((job, _)) = self.current(&inner, who, job_id, generation)? {
+                let job = job.clone();
+                self.diverged(&mut inner, job, &progress).await?;
+            }
+            return Ok(ProgressAnswer::default());
+        }
         if !report.has_event() {
             return Ok(ProgressAnswer {
                 current: true,
@@ -97,6 +115,44 @@ impl Coordinator {
             current,
             checkpoint_now: current && checkpoint_now,
         })
+    }
+
+    /// Rank 0 reported a loss that is not a number (or is infinite): training on cannot bring
+    /// it back, and every step from here is wasted GPU time, so the job fails, naming where it
+    /// diverged and the checkpoint to go back to.
+    async fn diverged(
+        &self,
+        inner: &mut Inner,
+        mut job: JobRecord,
+        progress: &ProgressRecord,
+    ) -> Result<()> {
+        let newest = match job.checkpoints.last() {
+            Some(c) => format!(
+                "`ladder resume {}` restarts from its newest checkpoint, {} (step {}), or \
+                 `--checkpoint ID` from an earlier one",
+                job.id, c.id, c.step
+            ),
+            None => format!(
+                "it has no checkpoint: lower the learning rate (or check the data), then \
+                 `ladder resume {}`",
+                job.id
+            ),
+        };
+        job.release();
+        job.state = JobState::Failed;
+        job.message = format!(
+            "the loss diverged: {} at global step {} (epoch {}, stage {}); stopped rather than \
+             train on. {newest}",
+            progress.loss, progress.global_step, progress.epoch, progress.stage
+        );
+        job.incident(
+            Incident::Diverged,
+            format!("generation {}: {}", job.generation, job.message),
+        );
+        tracing::error!(job = %job.id, "{}", job.message);
+        self.commit_job(inner, job).await?;
+        self.schedule_after_change(inner).await;
+        Ok(())
     }
 
     /// Records the event `worker_id` (rank `rank`) reported of `job`'s current generation
