@@ -540,12 +540,13 @@ impl OneWorkerJob {
         }
     }
 
-    /// Commits the checkpoint of global step `step`, with what its steps trained.
+    /// Commits the checkpoint of global step `step` (in its epoch: [`setup`]'s jobs have 3
+    /// steps each), with what its steps trained.
     fn commit(&self, step: u64, trained: Vec<pb::EpochTally>) -> pb::CommitCheckpointResponse {
         let mut request = first_checkpoint(&self.identity, &self.id, self.generation, &self.dir);
         let checkpoints = self.dir.join("checkpoints");
         request.checkpoint = Some(pb::CheckpointRef {
-            epoch: 1,
+            epoch: (step / 3) as u32,
             ..checkpoint_ref(&checkpoints, &self.id, self.generation, step)
         });
         request.trained = trained;
@@ -791,13 +792,19 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
     let coordinator = redb_coordinator(dir.path(), &[]);
     let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
-    let watch = Command::new(binary("ladder"))
+    let mut watch = Command::new(binary("ladder"))
         .args(["status", "--watch", &id])
         .env("LADDER_COORDINATOR", coordinator.url())
         .env("LADDER_TOKEN", SUBMIT_TOKEN)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The watch shows the queued job before any worker comes (on a busy machine it could
+    // otherwise connect only once the job runs).
+    let mut watched = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut watched, &mut first).unwrap();
+    assert!(first.contains("queued"), "{first}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = coordinator.url();
@@ -875,6 +882,9 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
                 progress: Some(pb::Progress {
                     epoch: 3,
                     stage: 1,
+                    step: 3,
+                    steps_per_epoch: 3,
+                    global_step: 12,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -884,13 +894,9 @@ fn stale_generations_are_refused_and_watch_follows_a_job_to_its_end() {
             .into_inner();
         assert!(done.current);
     });
-    let out = watch.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let lines = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        lines.lines().next().unwrap().contains("queued") || lines.contains("rendezvous"),
-        "{lines}"
-    );
+    let mut lines = String::new();
+    std::io::Read::read_to_string(&mut watched, &mut lines).unwrap();
+    assert!(watch.wait().unwrap().success());
     assert!(
         lines
             .trim_end()
@@ -1323,8 +1329,8 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     let dir = tempfile::tempdir().unwrap();
     let job = OneWorkerJob::start(dir.path());
     let (cli, id) = (submitter(&job.coordinator), &job.id);
-    // Steps 6 and 9 train 10 samples each of epoch 1 (the first commit, step 3, none).
-    for step in [6, 9] {
+    // Steps 4 and 5 train 10 samples each of epoch 1 (the first commit, step 3, none).
+    for step in [4, 5] {
         let trained = vec![pb::EpochTally {
             epoch: 1,
             samples: 10,
@@ -1336,14 +1342,14 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     }
     assert!(cli.ok(&["status", id]).contains("20 samples per epoch"));
     cli.ok(&["cancel", id]);
-    let resumed = cli.run(&["resume", id, "--checkpoint", "step-000000006-g1"]);
+    let resumed = cli.run(&["resume", id, "--checkpoint", "step-000000004-g1"]);
     let said = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{said}");
     assert!(
-        said.contains("(step-000000009-g1)") && said.contains("the job's history"),
+        said.contains("(step-000000005-g1)") && said.contains("the job's history"),
         "{said}"
     );
-    // The idle worker takes the next generation, which starts from step 6: step 9 and what it
+    // The idle worker takes the next generation, which starts from step 4: step 5 and what it
     // trained are gone from the record (the default restore point, `status`, the ledger).
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -1355,7 +1361,7 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(
-        status.contains("checkpoint   step-000000006-g1 "),
+        status.contains("checkpoint   step-000000004-g1 "),
         "{status}"
     );
     assert!(status.contains("10 samples per epoch"), "{status}");

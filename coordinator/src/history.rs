@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 /// The most training points a job keeps.
 pub const MAX_POINTS: usize = 512;
 
+/// The most evaluations a job keeps (one per stage; a run of more stages keeps the newest
+/// and every other older one, thinned again as they grow).
+pub const MAX_EVALUATIONS: usize = 256;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Point {
     /// Global step (steps done since the start of the run).
@@ -82,6 +86,14 @@ impl History {
                 top5: progress.eval_top5,
             });
             self.version += 1;
+            if self.evaluations.len() > MAX_EVALUATIONS {
+                let newest = self.evaluations.len() - 1;
+                let mut index = 0;
+                self.evaluations.retain(|_| {
+                    index += 1;
+                    index % 2 == 1 || index - 1 == newest
+                });
+            }
         }
         if step == 0 {
             // Nothing trained yet (a report of the start, or of an evaluation only).

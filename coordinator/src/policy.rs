@@ -41,22 +41,33 @@ pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord]) 
     *ledger = compact;
 }
 
+/// The most stage-end checkpoints retention keeps (the newest): a run of thousands of
+/// one-epoch stages still keeps a bounded record.
+pub const STAGE_ENDS_KEPT: usize = 64;
+
 /// Retention: keeps the newest `keep` checkpoints (at least one, so the last good one is never
-/// retired) and every stage end; removes the others from `checkpoints` and returns them.
+/// retired) and the end of each stage (the newest committed for it, should a replayed
+/// generation commit it again; at most [`STAGE_ENDS_KEPT`], the newest); removes the others
+/// from `checkpoints` (in commit order) and returns them.
 pub fn retire(checkpoints: &mut Vec<CheckpointRecord>, keep: usize) -> Vec<CheckpointRecord> {
-    let keep = keep.max(1);
-    let mut by_step: Vec<(u64, String)> =
-        checkpoints.iter().map(|c| (c.step, c.id.clone())).collect();
-    by_step.sort();
-    let newest: Vec<String> = by_step
-        .iter()
-        .rev()
-        .take(keep)
-        .map(|(_, id)| id.clone())
-        .collect();
+    // Newest last: by step, then by commit.
+    let mut order: Vec<usize> = (0..checkpoints.len()).collect();
+    order.sort_by_key(|&i| (checkpoints[i].step, i));
+    let mut kept = vec![false; checkpoints.len()];
+    for &i in order.iter().rev().take(keep.max(1)) {
+        kept[i] = true;
+    }
+    let mut stages = std::collections::BTreeSet::new();
+    for &i in order.iter().rev() {
+        let c = &checkpoints[i];
+        if c.stage_end && stages.len() < STAGE_ENDS_KEPT && stages.insert(c.stage) {
+            kept[i] = true;
+        }
+    }
+    let mut flags = kept.into_iter();
     let (kept, retired) = checkpoints
         .drain(..)
-        .partition(|c| c.stage_end || newest.contains(&c.id));
+        .partition(|_| flags.next().unwrap_or(false));
     *checkpoints = kept;
     retired
 }
@@ -541,5 +552,48 @@ mod tests {
         let mut many: Vec<CheckpointRecord> = (1..=5).map(|s| checkpoint(s, false)).collect();
         retire(&mut many, 3);
         assert_eq!(ids(&many), vec![3, 4, 5]);
+    }
+
+    proptest::proptest! {
+        /// Whatever rank 0 commits, retention keeps a bounded set: the newest `keep`, and for
+        /// each stage (of the newest [`STAGE_ENDS_KEPT`] stages with one) its newest stage end.
+        #[test]
+        fn retention_is_bounded_and_keeps_the_newest_end_of_each_stage(
+            commits in proptest::collection::vec((0u64..500, 0u32..100, proptest::bool::ANY), 1..400),
+            keep in 0usize..6,
+        ) {
+            let mut checkpoints: Vec<CheckpointRecord> = commits
+                .iter()
+                .enumerate()
+                .map(|(i, &(step, stage, stage_end))| CheckpointRecord {
+                    id: format!("c{i}"),
+                    stage,
+                    ..checkpoint(step, stage_end)
+                })
+                .collect();
+            let all = checkpoints.clone();
+            let retired = retire(&mut checkpoints, keep);
+            proptest::prop_assert_eq!(checkpoints.len() + retired.len(), all.len());
+            proptest::prop_assert!(checkpoints.len() <= keep.max(1) + STAGE_ENDS_KEPT);
+            // Newest last, by step then commit order.
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            order.sort_by_key(|&i| (all[i].step, i));
+            let is_kept = |i: usize| checkpoints.iter().any(|c| c.id == all[i].id);
+            for &i in order.iter().rev().take(keep.max(1)) {
+                proptest::prop_assert!(is_kept(i), "one of the newest {} retired", keep.max(1));
+            }
+            let mut stages = std::collections::BTreeSet::new();
+            for &i in order.iter().rev().filter(|&&i| all[i].stage_end) {
+                if stages.len() < STAGE_ENDS_KEPT && stages.insert(all[i].stage) {
+                    proptest::prop_assert!(is_kept(i), "the newest end of stage {}", all[i].stage);
+                }
+            }
+            // Kept stays in commit order.
+            let positions: Vec<usize> = checkpoints
+                .iter()
+                .map(|c| all.iter().position(|a| a.id == c.id).unwrap())
+                .collect();
+            proptest::prop_assert!(positions.windows(2).all(|w| w[0] < w[1]));
+        }
     }
 }

@@ -103,6 +103,10 @@ pub struct JobRecord {
     pub updated_at_ms: i64,
     pub stage_count: u32,
     pub epochs: u32,
+    /// Steps in each epoch, from the job's sample plan when it was submitted (0 in a record
+    /// written before it was kept: then what rank 0 says of epochs is checked without it).
+    #[serde(default)]
+    pub steps_per_epoch: u64,
     /// Queued jobs are served highest priority first, then oldest first (`job.priority`).
     #[serde(default)]
     pub priority: i32,
@@ -306,6 +310,7 @@ impl JobRecord {
             updated_at_ms: now_ms,
             stage_count: 0,
             epochs: 0,
+            steps_per_epoch: 0,
             priority: 0,
             world_sizes: Vec::new(),
             requested_world_size: None,
@@ -544,6 +549,7 @@ mod tests {
                 any::<i64>(),
                 any::<u32>(),
                 any::<u32>(),
+                any::<u64>(),
                 any::<i32>(),
             ),
             (
@@ -565,7 +571,7 @@ mod tests {
                     (id, name, state, generation, spec_toml),
                     (workers, progress),
                     (checkpoints, message, last_incident),
-                    (created_at_ms, updated_at_ms, stage_count, epochs, priority),
+                    (created_at_ms, updated_at_ms, stage_count, epochs, steps_per_epoch, priority),
                     (world_sizes, requested_world_size, restore_from, ledger),
                     (
                         failed_generations,
@@ -589,6 +595,7 @@ mod tests {
                     updated_at_ms,
                     stage_count,
                     epochs,
+                    steps_per_epoch,
                     priority,
                     world_sizes,
                     requested_world_size,

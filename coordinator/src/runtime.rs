@@ -98,9 +98,10 @@ pub struct Training {
     pub started_ms: i64,
     /// The generation's workers by rank.
     pub ranks: Vec<String>,
-    /// The job's stages and epochs: what its progress can say.
+    /// The job's stages, epochs and steps per epoch (0: not known): what its progress can say.
     pub stage_count: u32,
     pub epochs: u32,
+    pub steps_per_epoch: u64,
     /// A worker of the generation is leaving: rank 0 is told to checkpoint now (once), and
     /// that commit ends the generation without it.
     pub checkpoint_requested: bool,
@@ -143,6 +144,21 @@ impl Training {
             Some(format!(
                 "step {} of an epoch of {}",
                 p.step, p.steps_per_epoch
+            ))
+        } else if self.steps_per_epoch > 0 && p.steps_per_epoch != self.steps_per_epoch {
+            Some(format!(
+                "epochs of {} steps (it has {})",
+                p.steps_per_epoch, self.steps_per_epoch
+            ))
+        } else if self.steps_per_epoch > 0
+            && Some(p.global_step)
+                != (p.epoch as u64)
+                    .checked_mul(p.steps_per_epoch)
+                    .and_then(|s| s.checked_add(p.step))
+        {
+            Some(format!(
+                "global step {} at step {} of epoch {}",
+                p.global_step, p.step, p.epoch
             ))
         } else {
             None
@@ -340,6 +356,7 @@ impl Roster {
                     ranks: job.workers.clone(),
                     stage_count: job.stage_count,
                     epochs: job.epochs,
+                    steps_per_epoch: job.steps_per_epoch,
                     ..Training::default()
                 };
             }

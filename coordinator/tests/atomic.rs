@@ -164,11 +164,7 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     let (job, _) = submit(&coordinator, dir.path(), 1).await;
     let (workers, generation) = common::running(&coordinator, 1).await;
     let report = |global_step| ladder_coordinator::state::ProgressReport {
-        progress: Some(ladder_coordinator::records::ProgressRecord {
-            epoch: 1,
-            global_step,
-            ..Default::default()
-        }),
+        progress: Some(common::progress_at(global_step)),
         ..Default::default()
     };
     // Reported before the cancel: the cancel's write carries it.

@@ -13,15 +13,10 @@ use std::sync::Arc;
 fn report(global_step: u64) -> ProgressReport {
     ProgressReport {
         progress: Some(ProgressRecord {
-            // An epoch of 5 steps: a boundary at 5 and 10.
-            epoch: (global_step / 5) as u32,
-            step: global_step % 5,
-            steps_per_epoch: 5,
-            global_step,
             loss: 3.0 - global_step as f32 / 10.0,
             learning_rate: 0.01,
             image_size: 128,
-            ..ProgressRecord::default()
+            ..common::progress_at(global_step)
         }),
         ..ProgressReport::default()
     }

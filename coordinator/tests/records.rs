@@ -3,8 +3,14 @@
 
 mod common;
 
-use common::{config, coordinator_with_job, register, running, submit};
-use ladder_coordinator::records::{JobState, ProgressRecord};
+use common::{
+    STEPS_PER_EPOCH, checkpoint, config, coordinator_with_job, progress_at, register, running,
+    submit,
+};
+use ladder_coordinator::policy::STAGE_ENDS_KEPT;
+use ladder_coordinator::records::{
+    CheckpointRecord, JobState, LedgerEntry, ProgressRecord, encode,
+};
 use ladder_coordinator::state::{Coordinator, ProgressReport, Signs};
 use ladder_coordinator::store::{RedbStore, SharedStore, Write};
 use std::path::Path;
@@ -147,4 +153,105 @@ async fn a_record_that_does_not_decode_is_set_aside_and_everything_else_is_serve
         store(dir.path()).list("quarantine/").await.unwrap().len(),
         junk.len()
     );
+}
+
+/// A rank 0 that lies: every checkpoint "a stage end" (retention keeps those), every report a
+/// new evaluation. The coordinator decides stage ends and bounds evaluations from the job's
+/// plan, so the job's records stay within a budget, however many such calls come.
+#[tokio::test]
+async fn a_hostile_rank_0_cannot_grow_the_jobs_records() {
+    const BUDGET: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, root) = coordinator_with_job(dir.path(), 1).await;
+    let (ranks, generation) = running(&coordinator, 1).await;
+    let mut accepted = 0;
+    for step in 1..=10_000u64 {
+        let claimed = CheckpointRecord {
+            stage_end: true,
+            ..checkpoint(&root, &job, generation, step)
+        };
+        let committed = coordinator
+            .commit_checkpoint(&ranks[0], &job, generation, claimed, Vec::new())
+            .await
+            .unwrap();
+        accepted += committed.is_ok() as usize;
+        let evaluation = ProgressRecord {
+            eval_epoch: step as u32,
+            eval_top1: 0.5,
+            ..progress_at(step.min(12))
+        };
+        let _ = coordinator
+            .report_progress(
+                &ranks[0],
+                &job,
+                generation,
+                ProgressReport {
+                    progress: Some(evaluation),
+                    ..ProgressReport::default()
+                },
+            )
+            .await;
+    }
+    // Steps 1 to 12 are in the job's 4 epochs of 3 steps; the ends of its 2 stages are at 6
+    // and 12.
+    assert_eq!(accepted, 12);
+    let record = coordinator.get(&job).await.unwrap().record;
+    let ends: Vec<u64> = record
+        .checkpoints
+        .iter()
+        .filter(|c| c.stage_end)
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(ends, [6, 12]);
+    let history = coordinator.history(&job).await.unwrap();
+    assert_eq!(history.evaluations.len(), 4, "one per epoch the job has");
+    let (record_bytes, history_bytes) = (encode(&record).len(), encode(&history).len());
+    assert!(record_bytes < BUDGET, "{record_bytes} bytes");
+    assert!(history_bytes < BUDGET, "{history_bytes} bytes");
+}
+
+/// A job of many one-epoch stages: every stage end is real, and retention keeps the newest
+/// [`STAGE_ENDS_KEPT`] and the newest `checkpoint.keep`.
+#[tokio::test]
+async fn retention_keeps_a_bounded_number_of_stage_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let coordinator = Coordinator::recover(store, config()).await.unwrap();
+    let manifest = ladder_testkit::write_dataset(&dir.path().join("data"), 3, 20, 10);
+    let spec = ladder_testkit::write_spec(dir.path(), "long", &manifest, (1, 1));
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "epochs = 4\nstage_epochs = 2",
+        "epochs = 200\nstage_epochs = 1",
+    );
+    let spec = ladder_core::spec::JobSpec::parse(&text, "long").unwrap();
+    let keep = spec.checkpoint.keep as usize;
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
+    let root = spec.checkpoint.dir.clone();
+    let (ranks, generation) = running(&coordinator, 1).await;
+    for epoch in 1..=200u64 {
+        let step = epoch * STEPS_PER_EPOCH;
+        let trained = vec![LedgerEntry {
+            checkpoint_step: 0,
+            epoch: epoch as u32 - 1,
+            samples: 48,
+            digest: epoch,
+            skipped: 0,
+        }];
+        coordinator
+            .commit_checkpoint(
+                &ranks[0],
+                &job,
+                generation,
+                checkpoint(&root, &job, generation, step),
+                trained,
+            )
+            .await
+            .unwrap()
+            .expect("a stage end");
+    }
+    let record = coordinator.get(&job).await.unwrap().record;
+    assert!(record.checkpoints.iter().all(|c| c.stage_end));
+    assert_eq!(record.checkpoints.len(), STAGE_ENDS_KEPT.max(keep));
+    assert_eq!(record.checkpoints.last().unwrap().step, 600);
+    assert_eq!(record.trained().len(), 200, "every epoch's tally stays");
 }

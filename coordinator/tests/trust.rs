@@ -241,10 +241,7 @@ async fn only_rank_0_is_asked_to_checkpoint_for_a_leaving_worker() {
     // Step reports, which carry progress: a report of only an event (a failed checkpoint's)
     // is not answered with the request, as its answer is not acted on.
     let report = || ProgressReport {
-        progress: Some(ladder_proto::v1::Progress {
-            global_step: 3,
-            ..Default::default()
-        }),
+        progress: Some(common::progress_at(3)),
         ..ProgressReport::default()
     };
     let event = coordinator
@@ -291,6 +288,12 @@ async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
         (good.clone(), vec![tally(4)], "epochs 0 to 3"),
         (good.clone(), vec![tally(u32::MAX)], "epochs 0 to 3"),
         (good.clone(), vec![tally(1), tally(1)], "twice"),
+        // Steps 1 to 4 of 3-step epochs are in epochs 0 and 1: a commit tells no other.
+        (
+            good.clone(),
+            vec![tally(3)],
+            "its steps (1 to 4) are in epochs 0 to 1",
+        ),
         (
             CheckpointRecord {
                 epoch: 5,
@@ -323,14 +326,14 @@ async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
             &job,
             generation,
             good.clone(),
-            vec![tally(0), tally(3)],
+            vec![tally(0), tally(1)],
         )
         .await
         .unwrap()
         .expect("accepted");
     let later = checkpoint(&root, &job, generation, 6);
     coordinator
-        .commit_checkpoint(&ranks[0], &job, generation, later, vec![tally(0)])
+        .commit_checkpoint(&ranks[0], &job, generation, later, vec![tally(1)])
         .await
         .unwrap()
         .expect("accepted");
@@ -384,18 +387,19 @@ async fn only_the_checkpoint_being_restored_can_be_reported_bad_and_only_rank_0_
     assert_eq!(kept, [good.id.as_str()], "the checkpoint stays");
     assert_eq!(view.record.generation, generation, "the generation goes on");
     // Rank 1 sends progress only with its end: it is not the job's, nor checked as the job's.
-    let progress = |global_step, epoch| ProgressReport {
-        progress: Some(ladder_proto::v1::Progress {
-            global_step,
-            epoch,
-            stage: epoch,
-            ..Default::default()
-        }),
-        ..ProgressReport::default()
+    let wild = ladder_proto::v1::Progress {
+        global_step: 999,
+        epoch: u32::MAX,
+        stage: u32::MAX,
+        ..Default::default()
     };
-    for (rank, step, epoch) in [(0, 5, 1), (1, 999, u32::MAX)] {
+    for (rank, progress) in [(0, common::progress_at(5)), (1, wild)] {
+        let report = ProgressReport {
+            progress: Some(progress),
+            ..ProgressReport::default()
+        };
         coordinator
-            .report_progress(&ranks[rank], &job, generation, progress(step, epoch))
+            .report_progress(&ranks[rank], &job, generation, report)
             .await
             .unwrap();
     }

@@ -9,6 +9,7 @@ use crate::policy;
 use crate::records::{self, CheckpointRecord, Incident, JobState, LedgerEntry};
 use ladder_core::cut;
 use ladder_core::location::{self, CheckpointId};
+use ladder_core::stage::StagePlan;
 
 impl Coordinator {
     /// Records a checkpoint that rank 0 of the current generation has written completely, in
@@ -66,11 +67,29 @@ impl Coordinator {
                 checkpoint.step
             )));
         }
-        if let Err(why) =
-            check_trained(&trained, &checkpoint, spec.schedule.epochs, job.stage_count)
-        {
+        // The steps this commit accounts for: since the generation's previous commit, or the
+        // checkpoint it restored from.
+        let since = job
+            .checkpoints
+            .iter()
+            .filter(|c| c.generation == generation)
+            .map(|c| c.step)
+            .max()
+            .or(job.restore_from.as_ref().map(|c| c.step))
+            .unwrap_or(0);
+        let bounds = Bounds {
+            epochs: spec.schedule.epochs,
+            stages: job.stage_count,
+            steps_per_epoch: job.steps_per_epoch,
+        };
+        if let Err(why) = check_trained(&trained, &checkpoint, bounds, since) {
             return Ok(Err(why));
         }
+        let (stage, stage_end) =
+            match place(&StagePlan::new(&spec), job.steps_per_epoch, &checkpoint) {
+                Ok(placed) => placed,
+                Err(why) => return Ok(Err(why)),
+            };
         let path = match location::check_checkpoint_path(
             &spec.checkpoint.dir,
             job_id,
@@ -85,6 +104,8 @@ impl Coordinator {
             path,
             generation,
             committed_at_ms: now_ms(),
+            stage,
+            stage_end,
             ..checkpoint
         };
         tracing::info!(job = %job_id, checkpoint = %checkpoint.id, step = checkpoint.step, "checkpoint committed");
@@ -179,16 +200,40 @@ impl Coordinator {
     }
 }
 
-/// A commit's checkpoint and what it says its steps trained, against the job's `epochs` and
-/// `stages`: an epoch or stage the job does not have, or an epoch told twice, is refused (the
-/// ledger is kept in the job's record and summed by every reader).
+/// What of a job's plan a commit is checked against.
+#[derive(Clone, Copy)]
+struct Bounds {
+    epochs: u32,
+    stages: u32,
+    /// 0: not known (a job submitted by an older version).
+    steps_per_epoch: u64,
+}
+
+/// A commit's checkpoint and what it says its steps (those after global step `since`) trained,
+/// against the job's bounds: an epoch or stage the job does not have, an epoch told twice, or
+/// one its steps are not in, is refused (the ledger is kept in the job's record and summed by
+/// every reader).
 fn check_trained(
     trained: &[LedgerEntry],
     checkpoint: &CheckpointRecord,
-    epochs: u32,
-    stages: u32,
+    bounds: Bounds,
+    since: u64,
 ) -> std::result::Result<(), String> {
+    let Bounds {
+        epochs,
+        stages,
+        steps_per_epoch,
+    } = bounds;
     let id = cut(&checkpoint.id);
+    // The epochs its steps (after `since`, up to its own) are in: what it can tell, so that
+    // the ledger grows with the run, not with what a worker makes up.
+    let spanned = match steps_per_epoch {
+        0 => 0..=u32::MAX,
+        spe => {
+            let last = checkpoint.step.max(since + 1) - 1;
+            (since / spe) as u32..=(last / spe) as u32
+        }
+    };
     if checkpoint.epoch > epochs || checkpoint.stage >= stages.max(1) {
         return Err(format!(
             "checkpoint {id} says epoch {} of stage {}; the job has {epochs} epochs in {stages} \
@@ -208,6 +253,66 @@ fn check_trained(
         if !told.insert(entry.epoch) {
             return Err(format!("checkpoint {id} tells epoch {} twice", entry.epoch));
         }
+        if !spanned.contains(&entry.epoch) {
+            return Err(format!(
+                "checkpoint {id} tells what epoch {} trained; its steps ({} to {}) are in epochs \
+                 {} to {}",
+                entry.epoch,
+                since + 1,
+                checkpoint.step,
+                spanned.start(),
+                spanned.end()
+            ));
+        }
     }
     Ok(())
+}
+
+/// Where a checkpoint at epoch `epoch` (the epoch its cursor is in) and global step `step`
+/// falls in the job's plan: its stage (the stage of the epoch whose steps it follows), and
+/// whether it ends that stage. Decided here from the plan, not taken from the worker:
+/// retention keeps stage ends, so a rank 0 calling every checkpoint one would keep them all.
+/// With `steps_per_epoch` known, a step outside its epoch is refused; without it (a job
+/// submitted by an older version), a stage end is trusted only at a stage's last epoch.
+fn place(
+    plan: &StagePlan,
+    steps_per_epoch: u64,
+    checkpoint: &CheckpointRecord,
+) -> std::result::Result<(u32, bool), String> {
+    let (epoch, step) = (checkpoint.epoch as usize, checkpoint.step);
+    let epochs = plan.epochs.len();
+    let stage_of = |e: usize| plan.epochs.get(e).map_or(0, |p| p.stage);
+    let ends_a_stage =
+        |epoch: usize| epoch > 0 && (epoch == epochs || stage_of(epoch) != stage_of(epoch - 1));
+    let at_epoch_start = match steps_per_epoch {
+        0 => {
+            return Ok((
+                checkpoint.stage,
+                checkpoint.stage_end && ends_a_stage(epoch),
+            ));
+        }
+        spe => {
+            let start = checkpoint.epoch as u64 * spe;
+            let end = if epoch == epochs {
+                start
+            } else {
+                start + spe - 1
+            };
+            if !(start..=end).contains(&step) {
+                return Err(format!(
+                    "checkpoint {} says epoch {epoch}, but its step {step} is in epoch {} \
+                     ({spe} steps each)",
+                    cut(&checkpoint.id),
+                    step / spe
+                ));
+            }
+            step == start
+        }
+    };
+    // A cursor at an epoch's first step follows the steps of the epoch before it.
+    let follows = match at_epoch_start && epoch > 0 {
+        true => epoch - 1,
+        false => epoch,
+    };
+    Ok((stage_of(follows), at_epoch_start && ends_a_stage(epoch)))
 }

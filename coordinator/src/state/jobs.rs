@@ -24,7 +24,7 @@ impl Coordinator {
         // Off the async threads: the paths are the submitter's, on file systems that may be
         // slow, and heartbeats must not wait for them.
         let checked = spec.clone();
-        tokio::task::spawn_blocking(move || check_data(&checked))
+        let steps_per_epoch = tokio::task::spawn_blocking(move || check_data(&checked))
             .await
             .map_err(|e| CoordinatorError::Invalid(format!("data: {e}")))??;
         let stages = StagePlan::new(&spec);
@@ -61,6 +61,7 @@ impl Coordinator {
             ledger: Vec::new(),
             updated_at_ms: now,
             stage_count: stages.stage_count(),
+            steps_per_epoch,
             epochs: spec.schedule.epochs,
             priority: spec.job.priority,
             world_sizes: spec.allowed_world_sizes(),
@@ -252,8 +253,8 @@ fn check_checkpoint_dir(dir: &Path, id: &str) -> std::result::Result<(), String>
 }
 
 /// What a submitted spec reads from files: its dataset manifests, a plan made from them, and
-/// the weights it starts from.
-fn check_data(spec: &JobSpec) -> Result<()> {
+/// the weights it starts from. Returns the plan's steps per epoch.
+fn check_data(spec: &JobSpec) -> Result<u64> {
     let manifest = Manifest::load(&spec.data.manifest)
         .map_err(|e| CoordinatorError::Invalid(format!("data.manifest: {e}")))?;
     if manifest.classes > spec.model.classes {
@@ -264,7 +265,7 @@ fn check_data(spec: &JobSpec) -> Result<()> {
             manifest.classes
         )));
     }
-    SamplePlan::of_job(spec, &manifest.shard_sizes())
+    let plan = SamplePlan::of_job(spec, &manifest.shard_sizes())
         .map_err(|e| CoordinatorError::Invalid(format!("batch.global: {e}")))?;
     if let Some(eval) = &spec.data.eval_manifest {
         Manifest::load(eval)
@@ -279,5 +280,5 @@ fn check_data(spec: &JobSpec) -> Result<()> {
             init.display()
         )));
     }
-    Ok(())
+    Ok(plan.steps_per_epoch())
 }

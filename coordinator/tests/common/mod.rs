@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use ladder_coordinator::auth::WorkerIdentity;
-use ladder_coordinator::records::CheckpointRecord;
+use ladder_coordinator::records::{CheckpointRecord, ProgressRecord};
 use ladder_coordinator::state::{Config, Coordinator, RendezvousOutcome};
 use ladder_coordinator::store::{RedbStore, SharedStore, Store, StoreError, Write};
 use ladder_core::spec::JobSpec;
@@ -163,13 +163,28 @@ pub async fn running(coordinator: &Arc<Coordinator>, n: usize) -> (Vec<WorkerIde
     (by_rank, generation)
 }
 
+/// Steps in an epoch of [`submit`]'s jobs: 60 samples in global batches of 16.
+pub const STEPS_PER_EPOCH: u64 = 3;
+
+/// Rank 0's progress at global step `global_step` of a job [`submit`] made.
+pub fn progress_at(global_step: u64) -> ProgressRecord {
+    ProgressRecord {
+        epoch: (global_step / STEPS_PER_EPOCH) as u32,
+        step: global_step % STEPS_PER_EPOCH,
+        steps_per_epoch: STEPS_PER_EPOCH,
+        global_step,
+        ..ProgressRecord::default()
+    }
+}
+
+/// The checkpoint of global step `step`, in the epoch that step is in.
 pub fn checkpoint(root: &Path, job: &str, generation: u64, step: u64) -> CheckpointRecord {
     let r = checkpoint_ref(root, job, generation, step);
     CheckpointRecord {
         id: r.id,
         path: r.path,
         generation,
-        epoch: 0,
+        epoch: (step / STEPS_PER_EPOCH) as u32,
         step,
         stage: 0,
         committed_at_ms: 0,
