@@ -265,7 +265,9 @@ async fn follow(
         .into_inner();
     let mut last = None;
     while let Some(event) = events.message().await.map_err(|s| classify("watch", s))? {
-        let Some(job) = event.job else { continue };
+        let Some(job) = event.job.map(printable_job) else {
+            continue;
+        };
         *lost_since = None;
         // Events come on every change of the record; a line only when what it shows changed.
         let line = job_line(&job);
@@ -292,7 +294,56 @@ fn terminal(job: &pb::Job) -> bool {
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {}", status.message())
+    anyhow::anyhow!("{what}: {}", printable(status.message()))
+}
+
+/// `text` from the coordinator (where much of it comes from workers: names, error messages),
+/// safe to print: control characters (a terminal's escape sequences, a line break that would
+/// fake another line) and the bidirectional overrides that reorder what is shown, each
+/// replaced by `?`.
+fn printable(text: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    text.chars()
+        .map(|c| if hidden(c) { '?' } else { c })
+        .collect()
+}
+
+/// `job` with every string it shows [`printable`].
+fn printable_job(mut job: pb::Job) -> pb::Job {
+    for text in [
+        &mut job.id,
+        &mut job.name,
+        &mut job.message,
+        &mut job.last_incident,
+        &mut job.waiting,
+    ]
+    .into_iter()
+    .chain(&mut job.workers)
+    {
+        *text = printable(text);
+    }
+    for c in &mut job.checkpoints {
+        c.id = printable(&c.id);
+        c.path = printable(&c.path);
+    }
+    job
+}
+
+/// `worker` with every string it shows [`printable`].
+fn printable_worker(mut worker: pb::WorkerInfo) -> pb::WorkerInfo {
+    for text in [
+        &mut worker.id,
+        &mut worker.name,
+        &mut worker.hostname,
+        &mut worker.device,
+        &mut worker.job_id,
+    ] {
+        *text = printable(text);
+    }
+    worker
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -527,6 +578,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| rpc_error("submit rejected", s))?
                 .into_inner()
                 .job
+                .map(printable_job)
                 .context("the coordinator returned no job")?;
             eprintln!("submitted {} ({})", job.name, state_name(job.state));
             say!("{}", job.id);
@@ -556,6 +608,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| rpc_error("status", s))?
                 .into_inner();
+            let job = printable_job(job);
             say!("{}", job_details(&job));
         }
         Command::List => {
@@ -566,8 +619,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| rpc_error("list", s))?
                 .into_inner()
                 .jobs;
-            for job in &jobs {
-                say!("{}", job_line(job));
+            for job in jobs.into_iter().map(printable_job) {
+                say!("{}", job_line(&job));
             }
         }
         Command::Workers => {
@@ -578,8 +631,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| rpc_error("workers", s))?
                 .into_inner()
                 .workers;
-            for worker in &workers {
-                say!("{}", worker_line(worker));
+            for worker in workers.into_iter().map(printable_worker) {
+                say!("{}", worker_line(&worker));
             }
         }
         Command::Cancel { job } => {
@@ -589,6 +642,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| rpc_error("cancel", s))?
                 .into_inner();
+            let job = printable_job(job);
             say!("{}", job_line(&job));
         }
         Command::Resume {
@@ -606,6 +660,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| rpc_error("resume", s))?
                 .into_inner();
+            let job = printable_job(job);
             eprintln!("{}", job.message);
             say!("{}", job_line(&job));
         }
@@ -656,6 +711,29 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_coordinator_sends_is_printed_without_escape_sequences_or_fake_lines() {
+        let job = printable_job(pb::Job {
+            name: "evil\u{1b}]0;pwned\u{7}\u{1b}[2J".into(),
+            message: "failed\nstate        completed".into(),
+            workers: vec!["w-1\r".into()],
+            last_incident: "right\u{202e}txt.exe".into(),
+            ..Default::default()
+        });
+        assert_eq!(job.name, "evil?]0;pwned??[2J");
+        assert_eq!(job.message, "failed?state        completed");
+        assert_eq!(job.workers, ["w-1?"]);
+        assert_eq!(job.last_incident, "right?txt.exe");
+        assert_eq!(job_details(&job).lines().count(), 17, "one line per field");
+        let worker = printable_worker(pb::WorkerInfo {
+            hostname: "node\u{9b}31m".into(),
+            ..Default::default()
+        });
+        assert_eq!(worker.hostname, "node?31m");
+        let refused = rpc_error("status", tonic::Status::not_found("no job \u{1b}[31m"));
+        assert_eq!(refused.to_string(), "status: no job ?[31m");
+    }
 
     #[test]
     fn trained_epochs_with_equal_counts_are_told_once() {

@@ -77,13 +77,19 @@ pub fn ring_key() -> Vec<u8> {
     random_bytes::<32>().to_vec()
 }
 
-/// Compares without an early exit, so response time says nothing about a token's prefix.
+/// Compares the two strings' SHA-256 digests without an early exit, so response time says
+/// nothing about a token: neither a prefix it shares nor its length (the digests are always 32
+/// bytes, and hashing the presented string tells only what the caller already knows).
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    let (a, b) = (
+        digest::digest(&digest::SHA256, a.as_bytes()),
+        digest::digest(&digest::SHA256, b.as_bytes()),
+    );
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 impl Tokens {

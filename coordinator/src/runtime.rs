@@ -19,6 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+/// How many workers that left [`Roster::left`] remembers.
+pub const LEFT_REMEMBERED: usize = 4096;
+
 /// The longest a training job's progress goes unsaved (it is saved at once at an epoch or
 /// stage boundary, and with every decision about the job).
 pub const PROGRESS_SAVED_EVERY_MS: i64 = 5_000;
@@ -190,6 +193,10 @@ pub struct Roster {
     /// Samples skipped while each job trained, by [`SKIP_REASONS`], as its workers' heartbeats
     /// told them (since this coordinator started).
     pub skipped: BTreeMap<String, [u64; SKIP_REASONS.len()]>,
+    /// Workers that left on request, by id, with their secret's SHA-256: one that says so again
+    /// (its heartbeat raced its leave) is answered as gone, not as unknown. The newest
+    /// [`LEFT_REMEMBERED`] only.
+    pub left: BTreeMap<String, String>,
     /// Where each job's TensorBoard events go, and the writer that writes them.
     pub event_dirs: BTreeMap<String, PathBuf>,
     pub events: Option<tensorboard::Events>,
@@ -209,6 +216,25 @@ impl Roster {
                     cut(&who.id)
                 ))
             })
+    }
+
+    /// Remembers that worker `id` left on request (see [`Roster::left`]).
+    pub fn remember_leaving(&mut self, id: &str) {
+        if let Some(w) = self.workers.get(id) {
+            self.left
+                .insert(id.to_owned(), w.record.secret_sha256.clone());
+        }
+        while self.left.len() > LEFT_REMEMBERED {
+            // Ids grow with each registration: the first is the longest gone.
+            self.left.pop_first();
+        }
+    }
+
+    /// Whether `who` is a worker that left on request (its secret its own).
+    pub fn has_left(&self, who: &WorkerIdentity) -> bool {
+        self.left
+            .get(&who.id)
+            .is_some_and(|sha256| auth::WorkerSecret::matches(sha256, &who.secret))
     }
 
     /// The rank `who` holds in generation `generation` of `job_id`, if that generation is

@@ -223,7 +223,9 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
         "epochs = 4\nstage_epochs = 2",
         "epochs = 200\nstage_epochs = 1",
     );
-    let spec = ladder_core::spec::JobSpec::parse(&text, "long").unwrap();
+    std::fs::write(&spec, text).unwrap();
+    // Loaded from its file: its checkpoint.dir is beside it.
+    let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
     let keep = spec.checkpoint.keep as usize;
     let job = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
     let root = spec.checkpoint.dir.clone();

@@ -434,3 +434,63 @@ async fn a_spec_naming_a_device_or_a_fifo_as_its_manifest_is_refused_at_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn only_a_worker_that_left_is_answered_as_gone_when_it_says_so_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _, _) = coordinator_with_job(dir.path(), 2).await;
+    let idle = register(&coordinator).await;
+    let leaving = Signs {
+        leaving: true,
+        ..Signs::default()
+    };
+    for _ in 0..2 {
+        let answer = coordinator.heartbeat(&idle, leaving).await.unwrap();
+        assert_eq!(answer, None, "gone, and told so again");
+    }
+    for stranger in [
+        WorkerIdentity {
+            id: "w-999999".into(),
+            secret: String::new(),
+        },
+        WorkerIdentity {
+            id: idle.id.clone(),
+            secret: "0".repeat(64),
+        },
+    ] {
+        let refused = coordinator.heartbeat(&stranger, leaving).await.unwrap_err();
+        assert!(
+            matches!(refused, CoordinatorError::NotFound(_)),
+            "{refused}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_commit_retry_is_answered_to_the_jobs_workers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, root) = coordinator_with_job(dir.path(), 1).await;
+    let (ranks, generation) = running(&coordinator, 1).await;
+    let committed = checkpoint(&root, &job, generation, 3);
+    let commit = |who: WorkerIdentity| {
+        let (coordinator, job, committed) = (coordinator.clone(), job.clone(), committed.clone());
+        async move {
+            coordinator
+                .commit_checkpoint(&who, &job, generation, committed, Vec::new())
+                .await
+        }
+    };
+    commit(ranks[0].clone()).await.unwrap().expect("committed");
+    // The committer's retry (its answer lost) is answered the same; an idle worker's is not
+    // answered at all (not refused: a refusal tells its worker to delete the files).
+    commit(ranks[0].clone())
+        .await
+        .unwrap()
+        .expect("the same answer");
+    let idle = register(&coordinator).await;
+    let refused = commit(idle).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("is not a worker of job"),
+        "{refused}"
+    );
+}

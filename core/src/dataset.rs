@@ -123,21 +123,18 @@ impl Manifest {
             what: "dataset manifest",
             message,
         };
-        let metadata = std::fs::metadata(path).map_err(io_error(path))?;
-        if !metadata.is_file() {
-            return Err(bad("not a regular file".to_owned()));
-        }
-        let mut text = String::new();
-        File::open(path)
-            .and_then(|file| file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
-            .map_err(io_error(path))?;
-        if text.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(bad(format!(
-                "larger than {} MiB: not a manifest `ladder dataset index` wrote",
-                MAX_MANIFEST_BYTES >> 20
-            )));
-        }
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let text = match crate::files::read_small_file(path, MAX_MANIFEST_BYTES) {
+            Ok(text) => text,
+            Err(crate::files::SmallFileError::Io(e)) => return Err(io_error(path)(e)),
+            Err(crate::files::SmallFileError::TooLarge { .. }) => {
+                return Err(bad(format!(
+                    "larger than {} MiB: not a manifest `ladder dataset index` wrote",
+                    MAX_MANIFEST_BYTES >> 20
+                )));
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(bad(format!(
                 "format is {:?}, expected {MANIFEST_FORMAT:?}",

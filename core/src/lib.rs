@@ -1,10 +1,11 @@
 //! Ladder's shared core: what coordinator and worker must agree on, with no libtorch and no
 //! networking. The job spec ([`spec`]), the stage plan ([`stage`]), the sample plan
 //! ([`sample`]), the dataset manifest and shard index ([`dataset`], [`sample_index`]), and the deterministic
-//! random streams they are built on ([`rng`]), where checkpoints live ([`location`]), and tokens
-//! read from files ([`token`]).
+//! random streams they are built on ([`rng`]), where checkpoints live ([`location`]), tokens
+//! read from files ([`token`]), and small files read to a bound ([`files`]).
 
 pub mod dataset;
+pub mod files;
 pub mod location;
 pub mod logging;
 pub mod rng;

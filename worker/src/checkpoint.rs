@@ -10,6 +10,7 @@
 
 use crate::state_io::{self, Written};
 use crate::training_state::{STATE_FILES, Snapshot};
+use ladder_core::files::{SmallFileError, read_small_file};
 use ladder_core::location::CheckpointId;
 use ladder_core::sample::EpochTally;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The largest checkpoint manifest read: a few KiB in practice (its files' digests and the
+/// epochs' tallies); anything larger is not one Ladder wrote.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// 2: the training state in four files (1 had `training.safetensors`).
 const FORMAT: u32 = 2;
 
@@ -169,7 +174,11 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
         message,
     };
     let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read(&manifest_path).map_err(io_error(&manifest_path))?;
+    let text = match read_small_file(&manifest_path, MAX_MANIFEST_BYTES) {
+        Ok(text) => text,
+        Err(SmallFileError::Io(e)) => return Err(io_error(&manifest_path)(e)),
+        Err(e) => return Err(corrupt(format!("{MANIFEST_FILE} is {e}"))),
+    };
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| corrupt(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
     if manifest.format != FORMAT {
@@ -263,5 +272,26 @@ mod tests {
                 .contains("format 1; this Ladder reads format 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_manifest_that_is_no_regular_file_or_too_large_is_corrupt_and_never_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join(MANIFEST_FILE);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&manifest)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = verify(dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("manifest.json is not a regular file"),
+            "{err}"
+        );
+        std::fs::remove_file(&manifest).unwrap();
+        std::fs::write(&manifest, vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize]).unwrap();
+        let err = verify(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 }

@@ -25,9 +25,20 @@ impl Coordinator {
         trained: Vec<LedgerEntry>,
     ) -> Result<std::result::Result<Vec<CheckpointRecord>, String>> {
         let mut inner = self.inner.lock().await;
-        self.roster().authenticated(who)?;
+        let assigned = self.roster().authenticated(who)?.assignment.clone();
         let known = inner.job(job_id)?;
         if let Some(position) = known.checkpoints.iter().position(|c| c.id == checkpoint.id) {
+            // Answered to a worker of the job only (a regroup may have given the committer
+            // another rank since). Not a refusal, which would have it delete a committed
+            // checkpoint's files: an error, after which files stay.
+            if assigned.is_none_or(|a| a.job_id != job_id) {
+                return Err(CoordinatorError::Conflict(format!(
+                    "worker {} is not a worker of job {job_id}: checkpoint {} is not answered \
+                     for",
+                    who.id,
+                    cut(&checkpoint.id)
+                )));
+            }
             // A retry whose first attempt was committed but whose answer was lost: the same
             // answer. A refusal must mean "not committed": the worker then deletes the files.
             let newest = position + 1 == known.checkpoints.len();

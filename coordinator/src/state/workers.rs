@@ -149,7 +149,7 @@ impl Coordinator {
         let arrived = monotonic_ms();
         {
             let mut roster = self.roster();
-            let gone = leaving && !roster.workers.contains_key(&who.id);
+            let gone = leaving && roster.has_left(who);
             let worker = match roster.authenticated(who) {
                 Ok(worker) => worker,
                 // Gone just now: it left while idle, and says so again.
@@ -203,6 +203,8 @@ impl Coordinator {
                 return Ok(());
             }
             let assignment = worker.assignment.clone();
+            // Whichever way it goes, the worker may say it again once forgotten.
+            roster.remember_leaving(worker_id);
             let running = assignment
                 .as_ref()
                 .and_then(|a| inner.jobs.get(&a.job_id))
