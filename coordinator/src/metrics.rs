@@ -103,6 +103,8 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     rpc: Family<MethodLabel, Histogram, fn() -> Histogram>,
     store: Histogram,
+    /// TensorBoard notes the writer had no room for (see [`crate::tensorboard::QUEUED_NOTES`]).
+    pub tensorboard_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -110,6 +112,7 @@ impl Default for Metrics {
         Metrics {
             rpc: Family::new_with_constructor(latency_histogram),
             store: latency_histogram(),
+            tensorboard_dropped: Counter::default(),
         }
     }
 }
@@ -184,6 +187,12 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
             "Latency of the coordinator's store transactions (redb or etcd)",
             Unit::Seconds,
             metrics.store.clone(),
+        );
+        own.register(
+            "tensorboard_notes_dropped",
+            "TensorBoard scalars not written because the writer's queue was full (a slow \
+             checkpoint file system)",
+            metrics.tensorboard_dropped.clone(),
         );
     }
 

@@ -20,6 +20,7 @@
 //! cut another file. The event file is opened without following a link, and written only if
 //! the file opened lies in `checkpoint.dir/JOB/tensorboard` itself.
 
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -78,35 +79,44 @@ fn record(event: &Event) -> Vec<u8> {
     out
 }
 
-/// The events of a file with the byte offset each ends at; reading stops at the first record
-/// that is cut short or does not check out (a write the process did not finish).
-fn read_records(bytes: &[u8]) -> Vec<(Event, u64)> {
-    let mut events = Vec::new();
-    let mut at = 0usize;
-    while let Some(head) = bytes.get(at..at + 12) {
-        let length: [u8; 8] = head[..8].try_into().expect("8 bytes");
-        if masked_crc(&length).to_le_bytes() != head[8..12] {
-            break;
-        }
-        let Ok(n) = usize::try_from(u64::from_le_bytes(length)) else {
-            break;
-        };
-        let Some(data) = bytes.get(at + 12..at + 12 + n) else {
-            break;
-        };
-        let Some(crc) = bytes.get(at + 12 + n..at + 16 + n) else {
-            break;
-        };
-        if masked_crc(data).to_le_bytes() != crc {
-            break;
-        }
-        let Ok(event) = Event::decode(data) else {
-            break;
-        };
-        at += 16 + n;
-        events.push((event, at as u64));
+/// The next record of `reader` and its length in bytes, or `None` where the records end: at
+/// the end, or at a record cut short or not checking out (a write the process did not finish).
+fn next_record(reader: &mut impl Read) -> Option<(Event, u64)> {
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).ok()?;
+    let length: [u8; 8] = head[..8].try_into().expect("8 bytes");
+    if masked_crc(&length).to_le_bytes() != head[8..12] {
+        return None;
     }
-    events
+    let n = u64::from_le_bytes(length);
+    // No event of ours is near this size: a length this large is damage, not a record.
+    if n > MAX_RECORD_BYTES {
+        return None;
+    }
+    let mut data = vec![0u8; n as usize + 4];
+    reader.read_exact(&mut data).ok()?;
+    let (data, crc) = data.split_at(n as usize);
+    if masked_crc(data).to_le_bytes() != crc {
+        return None;
+    }
+    let event = Event::decode(data).ok()?;
+    Some((event, 16 + n))
+}
+
+/// The largest record read back.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// The events of `bytes` with the byte offset each ends at (see [`next_record`]).
+#[cfg(test)]
+fn read_records(bytes: &[u8]) -> Vec<(Event, u64)> {
+    let mut reader = bytes;
+    let mut at = 0;
+    std::iter::from_fn(|| {
+        let (event, length) = next_record(&mut reader)?;
+        at += length;
+        Some((event, at))
+    })
+    .collect()
 }
 
 /// Whether `file` (opened from `dir`, which is `ROOT/JOB/tensorboard`) lies in that directory
@@ -148,7 +158,13 @@ pub enum Note {
         dir: PathBuf,
         step: u64,
     },
+    /// The job ended: its file is closed (and opened again should it train again).
+    Close { job: String },
 }
+
+/// Every this many records a run marks where one starts: a roll-back reads at most this many
+/// records from the mark before its step, never the whole file.
+const MARK_EVERY: usize = 64;
 
 /// A job's open event file.
 struct Run {
@@ -156,11 +172,18 @@ struct Run {
     path: PathBuf,
     /// The newest step written.
     last_step: u64,
+    /// The step and start of every [`MARK_EVERY`]th record, in file order (steps only grow
+    /// along the file).
+    marks: Vec<(u64, u64)>,
+    /// Records since the last mark.
+    unmarked: usize,
+    /// The file's length: where the next record goes.
+    end: u64,
 }
 
 impl Run {
     /// The job's event file in `dir`: the one there (its unfinished tail cut off), or a new
-    /// one.
+    /// one. Read once, whole, to find its records.
     fn open(dir: &Path) -> std::io::Result<Run> {
         std::fs::create_dir_all(dir)?;
         let existing = std::fs::read_dir(dir)?
@@ -185,48 +208,93 @@ impl Run {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         lies_in(&file, dir)?;
+        // A hard link made in the directory is the same file as one elsewhere (the store, say):
+        // cutting it would cut that one.
+        let links = std::os::unix::fs::MetadataExt::nlink(&file.metadata()?);
+        if links > 1 {
+            return Err(std::io::Error::other(format!(
+                "the event file {} has {links} links: it is also another file; not written \
+                 (remove it)",
+                path.display()
+            )));
+        }
         let mut run = Run {
             file,
             path,
             last_step: 0,
+            marks: Vec::new(),
+            unmarked: 0,
+            end: 0,
         };
-        run.cut_after(u64::MAX)?;
-        Ok(run)
-    }
-
-    /// Cuts the file after the last record of a step up to `step` (and any unfinished tail);
-    /// writes the file's version record first if it has none.
-    fn cut_after(&mut self, step: u64) -> std::io::Result<()> {
-        let mut bytes = Vec::new();
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.read_to_end(&mut bytes)?;
-        let records = read_records(&bytes);
-        let kept = records
-            .iter()
-            .take_while(|(e, _)| {
-                e.what
-                    .as_ref()
-                    .is_some_and(|w| matches!(w, What::FileVersion(_)))
-                    || (e.step as u64) <= step
-            })
-            .last();
-        let end = kept.map_or(0, |(_, end)| *end);
-        self.last_step = kept.map_or(0, |(e, _)| e.step as u64);
-        if end != bytes.len() as u64 {
-            self.file.set_len(end)?;
-        }
-        if end == 0 {
-            self.append(&Event {
+        run.keep_from(0, u64::MAX)?;
+        if run.end == 0 {
+            run.append(&Event {
                 wall_time: wall_seconds(crate::clock::now_ms()),
                 step: 0,
                 what: Some(What::FileVersion("brain.Event:2".to_owned())),
             })?;
         }
+        Ok(run)
+    }
+
+    /// Cuts the file after the last record of a step up to `step`, reading from the mark
+    /// before it.
+    fn cut_after(&mut self, step: u64) -> std::io::Result<()> {
+        if step >= self.last_step {
+            return Ok(());
+        }
+        let marked = self.marks.partition_point(|&(s, _)| s <= step);
+        let from = match marked {
+            0 => 0,
+            i => self.marks[i - 1].1,
+        };
+        self.keep_from(from, step)
+    }
+
+    /// Reads the records from offset `from` (where one starts), keeps those of steps up to
+    /// `step` (and the file's version record) and cuts the file after the last kept (and any
+    /// unfinished tail).
+    fn keep_from(&mut self, from: u64, step: u64) -> std::io::Result<()> {
+        self.marks.retain(|&(_, start)| start < from);
+        self.unmarked = 0;
+        self.file.seek(SeekFrom::Start(from))?;
+        let mut reader = std::io::BufReader::new(&self.file);
+        let mut at = from;
+        let mut kept = Vec::new();
+        while let Some((event, length)) = next_record(&mut reader) {
+            let version = matches!(event.what, Some(What::FileVersion(_)));
+            if !version && event.step as u64 > step {
+                break;
+            }
+            kept.push((event.step as u64, at));
+            at += length;
+        }
+        drop(reader);
+        for (step, start) in kept {
+            self.mark(step, start);
+        }
+        if at != self.file.metadata()?.len() {
+            self.file.set_len(at)?;
+        }
+        self.end = at;
         Ok(())
     }
 
+    /// Counts a record of `step` starting at `start`, the newest.
+    fn mark(&mut self, step: u64, start: u64) {
+        if self.unmarked == 0 {
+            self.marks.push((step, start));
+        }
+        self.unmarked = (self.unmarked + 1) % MARK_EVERY;
+        self.last_step = step;
+    }
+
     fn append(&mut self, event: &Event) -> std::io::Result<()> {
-        self.file.write_all(&record(event))
+        let bytes = record(event);
+        self.file.write_all(&bytes)?;
+        self.mark(event.step as u64, self.end);
+        self.end += bytes.len() as u64;
+        Ok(())
     }
 }
 
@@ -273,15 +341,18 @@ impl Writer {
                                 .map(|(tag, simple_value)| Value { tag, simple_value })
                                 .collect(),
                         })),
-                    })?;
-                    run.last_step = step;
-                    Ok(())
+                    })
                 });
                 (job, result)
             }
             Note::RollBack { job, dir, step } => {
                 let result = self.run(&job, &dir).and_then(|run| run.cut_after(step));
                 (job, result)
+            }
+            Note::Close { job } => {
+                self.runs.remove(&job);
+                self.failing.remove(&job);
+                return;
             }
         };
         match result {
@@ -302,13 +373,21 @@ impl Writer {
     }
 }
 
+/// The most notes waiting for the writer: a slow or hung file system (where checkpoints live)
+/// must not grow the coordinator's memory; notes past it are dropped, and counted.
+pub const QUEUED_NOTES: usize = 4096;
+
 /// Where to send [`Note`]s: a thread writes them.
 #[derive(Clone)]
-pub struct Events(mpsc::Sender<Note>);
+pub struct Events {
+    notes: mpsc::SyncSender<Note>,
+    dropped: Counter,
+}
 
 impl Events {
-    pub fn start() -> Events {
-        let (tx, rx) = mpsc::channel::<Note>();
+    /// Starts the writer; notes it has no room for count in `dropped`.
+    pub fn start(dropped: Counter) -> Events {
+        let (tx, rx) = mpsc::sync_channel::<Note>(QUEUED_NOTES);
         std::thread::Builder::new()
             .name("tensorboard".into())
             .spawn(move || {
@@ -321,12 +400,15 @@ impl Events {
                 }
             })
             .expect("starting the TensorBoard writer thread");
-        Events(tx)
+        Events { notes: tx, dropped }
     }
 
+    /// Hands `note` to the writer, never waiting for it.
     pub fn send(&self, note: Note) {
-        // The writer thread lives as long as the process.
-        let _ = self.0.send(note);
+        // The writer thread lives as long as the process: the queue can only be full.
+        if let Err(mpsc::TrySendError::Full(_)) = self.notes.try_send(note) {
+            self.dropped.inc();
+        }
     }
 }
 
@@ -461,5 +543,95 @@ mod tests {
         let mut corrupt = bytes.clone();
         corrupt[20] ^= 1;
         assert!(read_records(&corrupt).is_empty());
+    }
+
+    fn writer() -> Writer {
+        Writer {
+            runs: BTreeMap::new(),
+            failing: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_roll_back_reads_from_the_mark_before_its_step_not_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("tb");
+        let mut writer = writer();
+        for step in 1..=1000 {
+            writer.apply(scalars("j", &events, step));
+        }
+        // Damage a record near the start: a roll-back that read the file from there would stop
+        // at it and cut everything after.
+        let file = std::fs::read_dir(&events)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[300] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        writer.apply(Note::RollBack {
+            job: "j".into(),
+            dir: events.clone(),
+            step: 990,
+        });
+        writer.apply(scalars("j", &events, 991));
+        let mut unharmed = std::fs::read(&file).unwrap();
+        unharmed[300] ^= 0xff;
+        let steps: Vec<i64> = read_records(&unharmed)
+            .into_iter()
+            .filter(|(e, _)| matches!(e.what, Some(What::Summary(_))))
+            .map(|(e, _)| e.step)
+            .collect();
+        assert_eq!(steps, (1..=991).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_event_file_with_another_name_elsewhere_is_not_written() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("store.redb");
+        std::fs::write(&victim, b"the coordinator's records").unwrap();
+        let events = dir(root.path(), "job-000001").unwrap();
+        std::fs::create_dir_all(&events).unwrap();
+        std::fs::hard_link(&victim, events.join("events.out.tfevents.0.ladder")).unwrap();
+        let mut writer = writer();
+        writer.apply(scalars("job-000001", &events, 1));
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"the coordinator's records"
+        );
+        assert!(
+            writer.failing["job-000001"].contains("has 2 links"),
+            "{:?}",
+            writer.failing
+        );
+    }
+
+    #[test]
+    fn an_ended_jobs_file_is_closed_and_notes_past_the_queue_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer();
+        writer.apply(scalars("j", dir.path(), 1));
+        assert_eq!(writer.runs.len(), 1);
+        writer.apply(Note::Close { job: "j".into() });
+        assert!(writer.runs.is_empty(), "its file is closed");
+        writer.apply(scalars("j", dir.path(), 2));
+        assert_eq!(
+            steps(dir.path()),
+            [1, 2],
+            "and opened again if it trains again"
+        );
+
+        let dropped = Counter::default();
+        let (notes, _writer_is_stuck) = mpsc::sync_channel(QUEUED_NOTES);
+        let events = Events {
+            notes,
+            dropped: dropped.clone(),
+        };
+        for step in 0..QUEUED_NOTES as u64 + 10 {
+            events.send(scalars("j", dir.path(), step));
+        }
+        assert_eq!(dropped.get(), 10);
     }
 }

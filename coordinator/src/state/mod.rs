@@ -120,6 +120,16 @@ impl Inner {
             roster.event_dirs.insert(job.id.clone(), dir);
         }
         self.runtime.entry(job.id.clone()).or_default().follow(&job);
+        let ended = job.state.is_terminal()
+            && self
+                .jobs
+                .get(&job.id)
+                .is_some_and(|old| !old.state.is_terminal());
+        if let (true, Some(events)) = (ended, &roster.events) {
+            events.send(tensorboard::Note::Close {
+                job: job.id.clone(),
+            });
+        }
         self.jobs.insert(job.id.clone(), job);
         reassigned
     }
@@ -180,8 +190,11 @@ impl Coordinator {
     /// fails saying so (a worker's registers again, a job's curves start afresh).
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
+        let metrics = Arc::new(Metrics::default());
         let mut roster = Roster {
-            events: Some(tensorboard::Events::start()),
+            events: Some(tensorboard::Events::start(
+                metrics.tensorboard_dropped.clone(),
+            )),
             ..Roster::default()
         };
         let now = monotonic_ms();
@@ -281,7 +294,7 @@ impl Coordinator {
             job_changed,
             rendezvous_changed: Notify::new(),
             deposed: watch::channel(None).0,
-            metrics: Arc::default(),
+            metrics,
         }))
     }
 
