@@ -12,7 +12,7 @@ use crate::auth::Tokens;
 use crate::clock::now_ms;
 use crate::connections;
 use crate::records::Incident;
-use crate::state::Coordinator;
+use crate::serving::Serving;
 use crate::view::{JobView, WorkerView};
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -58,15 +58,22 @@ impl Default for ConnectionLimits {
 /// What the handlers share.
 #[derive(Clone)]
 struct Served {
-    coordinator: Arc<Coordinator>,
+    serving: Arc<Serving>,
     tokens: Tokens,
 }
 
-pub fn router(coordinator: Arc<Coordinator>, tokens: Tokens) -> Router {
-    let served = Served {
-        coordinator,
-        tokens,
-    };
+/// A 503 saying why no coordinator serves now (a standby, a store outage).
+fn unavailable(served: &Served) -> Response {
+    let why = served.serving.waiting().unwrap_or_default();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("this coordinator does not serve now: {why}"),
+    )
+        .into_response()
+}
+
+pub fn router(serving: Arc<Serving>, tokens: Tokens) -> Router {
+    let served = Served { serving, tokens };
     let api = Router::new()
         .route("/api/jobs", get(jobs))
         .route("/api/jobs/{id}", get(job))
@@ -97,12 +104,14 @@ async fn page() -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(served): State<Served>) -> impl IntoResponse {
-    let coordinator = &served.coordinator;
+async fn metrics(State(served): State<Served>) -> Response {
+    let Some(coordinator) = served.serving.leading() else {
+        return unavailable(&served);
+    };
     let jobs = coordinator.list().await;
     let workers = coordinator.workers().await;
     let text = crate::metrics::render(coordinator.metrics(), &jobs, &workers, now_ms());
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// Refuses a request for the page's data without the submit or the read token.
@@ -125,18 +134,17 @@ async fn require_read_token(
 }
 
 async fn jobs(State(served): State<Served>) -> Response {
-    let jobs: Vec<Value> = served
-        .coordinator
-        .list()
-        .await
-        .iter()
-        .map(job_json)
-        .collect();
+    let Some(coordinator) = served.serving.leading() else {
+        return unavailable(&served);
+    };
+    let jobs: Vec<Value> = coordinator.list().await.iter().map(job_json).collect();
     Json(json!({ "jobs": jobs, "now_ms": now_ms() })).into_response()
 }
 
 async fn job(State(served): State<Served>, Path(id): Path<String>) -> Response {
-    let coordinator = &served.coordinator;
+    let Some(coordinator) = served.serving.leading() else {
+        return unavailable(&served);
+    };
     let (view, history) = match (coordinator.get(&id).await, coordinator.history(&id).await) {
         (Ok(view), Ok(history)) => (view, history),
         (Err(e), _) | (_, Err(e)) => return (StatusCode::NOT_FOUND, e.to_string()).into_response(),
@@ -158,8 +166,10 @@ async fn job(State(served): State<Served>, Path(id): Path<String>) -> Response {
 }
 
 async fn workers(State(served): State<Served>) -> Response {
-    let workers: Vec<Value> = served
-        .coordinator
+    let Some(coordinator) = served.serving.leading() else {
+        return unavailable(&served);
+    };
+    let workers: Vec<Value> = coordinator
         .workers()
         .await
         .iter()

@@ -9,6 +9,7 @@ pub mod policy;
 pub mod records;
 pub mod runtime;
 pub mod service;
+pub mod serving;
 pub mod state;
 pub mod store;
 pub mod tensorboard;

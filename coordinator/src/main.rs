@@ -4,10 +4,13 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ladder_coordinator::auth::{Role, Tokens};
-use ladder_coordinator::metrics::RpcTimerLayer;
+use ladder_coordinator::metrics::{Metrics, RpcTimerLayer};
 use ladder_coordinator::service::{JobApi, WorkerApi};
+use ladder_coordinator::serving::{Serving, WhileServingLayer};
 use ladder_coordinator::state::{Config, Coordinator};
-use ladder_coordinator::store::{EtcdStore, RedbStore, SharedStore, StoreAddress};
+use ladder_coordinator::store::{
+    EtcdStore, LeaderLease, RedbStore, SharedStore, StoreAddress, StoreError,
+};
 use ladder_coordinator::{connections, http};
 use ladder_core::logging::{self, LogFormat};
 use ladder_proto::v1::job_service_server::JobServiceServer;
@@ -284,62 +287,47 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
 
-    let (store, mut leadership): (SharedStore, _) = match &args.store {
-        StoreAddress::Redb(path) => (Arc::new(RedbStore::open(path)?), None),
-        StoreAddress::Etcd(endpoints) => {
-            let mut store = EtcdStore::connect(endpoints).await?;
-            tracing::info!(%address, "campaigning for leadership");
-            let lease = store.lead(&address.to_string(), args.leader_ttl_s).await?;
-            tracing::info!(%address, "elected leader");
-            (Arc::new(store), Some(lease))
-        }
-    };
     let config = Config {
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         rendezvous_grace: Duration::from_millis(args.rendezvous_grace_ms),
         stall_timeout: Duration::from_millis(args.stall_timeout_ms),
         regroup_interval: Duration::from_secs(args.regroup_interval_s),
     };
-    let coordinator = Coordinator::recover(store, config).await?;
-
-    let ticker = {
-        let coordinator = coordinator.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                interval.tick().await;
-                if let Err(e) = coordinator.tick().await {
-                    tracing::error!("membership check failed: {e}");
-                }
-            }
-        })
+    let backend = match &args.store {
+        StoreAddress::Redb(path) => Backend::Redb(Arc::new(RedbStore::open(path)?)),
+        // A wrong address fails here, at once; once etcd has answered, an outage is waited out.
+        StoreAddress::Etcd(endpoints) => {
+            Backend::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
+        }
     };
 
-    // Served only from here on, once leading: clients probe it to tell the leader from a
-    // standby, which accepts connections on its bound port but never answers.
+    // One server for the process, answering through whichever term serves (see Serving).
+    let metrics = Arc::new(Metrics::default());
+    let serving = Serving::new("starting: recovering its state from the store");
     let (_health, health_service) = tonic_health::server::health_reporter();
     let server = builder
-        .layer(RpcTimerLayer(coordinator.metrics().clone()))
+        .layer(RpcTimerLayer(metrics.clone()))
+        .layer(WhileServingLayer(serving.clone()))
         .add_service(health_service)
         .add_service(JobServiceServer::with_interceptor(
-            JobApi(coordinator.clone()),
+            JobApi(serving.clone()),
             tokens.require(Role::Submitter),
         ))
         .add_service(WorkerServiceServer::with_interceptor(
-            WorkerApi(coordinator.clone()),
+            WorkerApi(serving.clone()),
             tokens.require(Role::Worker),
         ));
-    println!("ladder-coordinator listening on {address}");
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut announcement = vec![format!("ladder-coordinator listening on {address}")];
     if let Some(listener) = http_listener {
         let scheme = if http_tls.is_some() { "https" } else { "http" };
-        println!(
+        announcement.push(format!(
             "ladder-coordinator metrics at {scheme}://{}/metrics",
             listener.local_addr()?
-        );
+        ));
         tokio::spawn(http::serve(
             listener,
-            http::router(coordinator.clone(), tokens.clone()),
+            http::router(serving.clone(), tokens.clone()),
             http_tls,
             http::ConnectionLimits::default(),
             async {
@@ -347,8 +335,6 @@ async fn run(args: Args) -> Result<()> {
             },
         ));
     }
-
-    let mut deposition = coordinator.deposed();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let open_files = connections::raise_open_file_limit();
     let limits = connections::Limits {
@@ -363,7 +349,7 @@ async fn run(args: Args) -> Result<()> {
         "serving gRPC"
     );
     let accepted = connections::accept(listener, limits, "gRPC");
-    let serving = tokio::spawn(server.serve_with_incoming_shutdown(
+    let served = tokio::spawn(server.serve_with_incoming_shutdown(
         tokio_stream::StreamExt::map(
             tokio_stream::wrappers::ReceiverStream::new(accepted),
             Ok::<_, std::io::Error>,
@@ -372,40 +358,123 @@ async fn run(args: Args) -> Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    let lost = async {
-        match leadership.as_mut() {
-            Some(lease) => (&mut lease.lost)
-                .await
-                .unwrap_or_else(|_| "lease task ended".into()),
-            None => std::future::pending().await,
-        }
-    };
-    // Leadership is watched while draining too: a coordinator that no longer leads must stop
-    // answering at once, drain or not.
-    let mut no_longer_leading = std::pin::pin!(async {
-        tokio::select! {
-            why = lost => anyhow::anyhow!("lost leadership: {why}"),
-            _ = deposition.wait_for(Option::is_some) => anyhow::anyhow!("another coordinator leads now"),
-        }
-    });
-    let outcome: Result<()> = tokio::select! {
-        why = shutdown_signal() => {
-            tracing::info!("{why}; shutting down");
-            tokio::select! {
-                () = drain(&coordinator, Duration::from_secs(args.drain_s)) => Ok(()),
-                e = &mut no_longer_leading => Err(e),
+
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut pause = Duration::from_millis(250);
+    let outcome: Result<()> = loop {
+        // One term: won (or, on redb, the process's only one), recovered, served until its
+        // leadership is lost or the process is asked to stop.
+        let (store, mut lease): (SharedStore, Option<LeaderLease>) = match &backend {
+            Backend::Redb(store) => (store.clone(), None),
+            Backend::Etcd(candidate) => {
+                serving
+                    .wait("a standby: campaigning for leadership while another coordinator leads");
+                tracing::info!(%address, "campaigning for leadership");
+                let waiting = |e: &StoreError, retry: Duration| {
+                    let why = format!(
+                        "waiting for its store: {e}; trying again in {:.1} s",
+                        retry.as_secs_f32()
+                    );
+                    tracing::warn!("{why}");
+                    serving.wait(why);
+                };
+                let announced = address.to_string();
+                let campaign = candidate.lead_when_possible(&announced, args.leader_ttl_s, waiting);
+                let (term, lease) = tokio::select! {
+                    won = campaign => won,
+                    why = &mut shutdown => {
+                        tracing::info!("{why}; shutting down");
+                        break Ok(());
+                    }
+                };
+                tracing::info!(%address, "elected leader");
+                (Arc::new(term), Some(lease))
             }
+        };
+        let recovered = Coordinator::recover_with(store, config.clone(), metrics.clone()).await;
+        let coordinator = match recovered {
+            Ok(coordinator) => coordinator,
+            Err(e) if lease.is_some() => {
+                // etcd went away again, or the term with it: campaign afresh.
+                let why = format!("cannot recover its state from the store: {e}; trying again");
+                tracing::warn!("{why}");
+                serving.wait(why);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => break Err(e.into()),
+        };
+        pause = Duration::from_millis(250);
+        let ticker = {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    interval.tick().await;
+                    if let Err(e) = coordinator.tick().await {
+                        tracing::error!("membership check failed: {e}");
+                    }
+                }
+            })
+        };
+        serving.lead(coordinator.clone());
+        // Said once, when this process first serves (scripts wait for the line).
+        for line in announcement.drain(..) {
+            println!("{line}");
         }
-        e = &mut no_longer_leading => Err(e),
+        let mut deposition = coordinator.deposed();
+        let lost = async {
+            match lease.as_mut() {
+                Some(lease) => (&mut lease.lost)
+                    .await
+                    .unwrap_or_else(|_| "lease task ended".into()),
+                None => std::future::pending().await,
+            }
+        };
+        // Leadership is watched while draining too: a coordinator that no longer leads stops
+        // deciding at once, drain or not.
+        let mut no_longer_leading = std::pin::pin!(async {
+            tokio::select! {
+                why = lost => format!("lost leadership: {why}"),
+                _ = deposition.wait_for(Option::is_some) => "another coordinator leads now".to_owned(),
+            }
+        });
+        let stopping = tokio::select! {
+            why = &mut shutdown => {
+                tracing::info!("{why}; shutting down");
+                tokio::select! {
+                    () = drain(&coordinator, Duration::from_secs(args.drain_s)) => {}
+                    why = &mut no_longer_leading => tracing::warn!("{why}; stopping"),
+                }
+                true
+            }
+            why = &mut no_longer_leading => {
+                tracing::warn!("{why}: no longer deciding; campaigning again");
+                serving.wait(format!("{why}; campaigning again"));
+                false
+            }
+        };
+        ticker.abort();
+        if stopping {
+            break Ok(());
+        }
     };
-    ticker.abort();
+    serving.wait("shutting down");
     let _ = stop_tx.send(());
     let _ = http_stop.send(());
-    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), serving)
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), served)
         .await
         .unwrap_or(Ok(Ok(())))
     {
         tracing::warn!("server stopped with: {e}");
     }
     outcome
+}
+
+/// Where this process keeps its state: the embedded file (one coordinator, one term for the
+/// process's life) or etcd (terms won by election, as often as leadership is lost and won).
+enum Backend {
+    Redb(Arc<RedbStore>),
+    Etcd(Box<EtcdStore>),
 }

@@ -4,7 +4,9 @@
 use crate::auth::WorkerIdentity;
 use crate::error::CoordinatorError;
 use crate::records::{JobState, LedgerEntry};
-use crate::state::{Coordinator, ProgressReport, RendezvousOutcome, Signs};
+use crate::serving::{Serving, Term};
+use crate::state::Coordinator;
+use crate::state::{ProgressReport, RendezvousOutcome, Signs};
 use crate::view::JobView;
 use ladder_core::dataset::SKIP_REASONS;
 use ladder_proto::v1 as pb;
@@ -155,8 +157,9 @@ fn checked_progress(p: pb::Progress) -> Result<pb::Progress, Status> {
     Ok(p)
 }
 
-pub struct JobApi(pub Arc<Coordinator>);
-pub struct WorkerApi(pub Arc<Coordinator>);
+/// The services answer through whichever coordinator serves now (see [`Serving`]).
+pub struct JobApi(pub Arc<Serving>);
+pub struct WorkerApi(pub Arc<Serving>);
 
 type JobEvents = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
@@ -166,7 +169,11 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let job = self.0.submit(&request.into_inner().spec_toml).await?;
+        let job = self
+            .0
+            .coordinator()?
+            .submit(&request.into_inner().spec_toml)
+            .await?;
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(job_to_pb(&job)),
         }))
@@ -176,7 +183,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = self.0.get(&request.into_inner().id).await?;
+        let job = self.0.coordinator()?.get(&request.into_inner().id).await?;
         Ok(Response::new(job_to_pb(&job)))
     }
 
@@ -184,7 +191,14 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self.0.list().await.iter().map(job_to_pb).collect();
+        let jobs = self
+            .0
+            .coordinator()?
+            .list()
+            .await
+            .iter()
+            .map(job_to_pb)
+            .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -194,6 +208,7 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self
             .0
+            .coordinator()?
             .workers()
             .await
             .into_iter()
@@ -224,7 +239,11 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = self.0.cancel(&request.into_inner().id).await?;
+        let job = self
+            .0
+            .coordinator()?
+            .cancel(&request.into_inner().id)
+            .await?;
         Ok(Response::new(job_to_pb(&job)))
     }
 
@@ -235,7 +254,11 @@ impl pb::job_service_server::JobService for JobApi {
         let r = request.into_inner();
         let checkpoint = (!r.checkpoint_id.is_empty()).then_some(r.checkpoint_id.as_str());
         let workers = (r.workers > 0).then_some(r.workers);
-        let job = self.0.resume(&r.id, checkpoint, workers).await?;
+        let job = self
+            .0
+            .coordinator()?
+            .resume(&r.id, checkpoint, workers)
+            .await?;
         Ok(Response::new(job_to_pb(&job)))
     }
 
@@ -246,10 +269,12 @@ impl pb::job_service_server::JobService for JobApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<JobEvents>, Status> {
         let id = request.into_inner().id;
-        let coordinator = self.0.clone();
+        let coordinator = self.0.coordinator()?;
+        let term = self.0.changes();
         let mut changes = coordinator.subscribe();
         let first = coordinator.get(&id).await?;
         let stream = async_stream(move |tx| async move {
+            let mut term_ends = std::pin::pin!(term_ends(term, coordinator.clone()));
             let mut job = first;
             loop {
                 let ended = job.record.state.is_terminal();
@@ -264,7 +289,18 @@ impl pb::job_service_server::JobService for JobApi {
                     return;
                 }
                 loop {
-                    match changes.recv().await {
+                    let changed = tokio::select! {
+                        changed = changes.recv() => changed,
+                        // The term that answered ended: the watcher goes on with whichever
+                        // coordinator serves next.
+                        () = &mut term_ends => {
+                            let _ = tx
+                                .send(Err(Status::unavailable("this coordinator's term ended")))
+                                .await;
+                            return;
+                        }
+                    };
+                    match changed {
                         Ok(changed) if changed == id => break,
                         Ok(_) => continue,
                         // Missed some changes: the latest state is all a watcher needs.
@@ -282,6 +318,17 @@ impl pb::job_service_server::JobService for JobApi {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+/// Resolves once `serving` no longer serves (the process lost its leadership, or stops).
+async fn term_ends(mut term: tokio::sync::watch::Receiver<Term>, serving: Arc<Coordinator>) {
+    loop {
+        let same =
+            matches!(&*term.borrow_and_update(), Term::Leading(c) if Arc::ptr_eq(c, &serving));
+        if !same || term.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -305,6 +352,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let (worker, secret) = self
             .0
+            .coordinator()?
             .register(
                 bounded(&r.hostname, "hostname")?,
                 bounded(&r.device, "device")?,
@@ -325,6 +373,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
+            .coordinator()?
             .heartbeat(
                 &identity(r.worker)?,
                 Signs {
@@ -353,6 +402,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let assignment = self
             .0
+            .coordinator()?
             .await_assignment(&identity(r.worker)?, wait(r.wait_ms))
             .await?;
         Ok(Response::new(assignment.unwrap_or_default()))
@@ -373,6 +423,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         };
         let answer = self
             .0
+            .coordinator()?
             .report_progress(&identity(r.worker)?, &r.job_id, r.generation, report)
             .await?;
         Ok(Response::new(answer))
@@ -385,6 +436,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let r = request.into_inner();
         let outcome = self
             .0
+            .coordinator()?
             .rendezvous(
                 &identity(r.worker)?,
                 &r.job_id,
@@ -420,6 +472,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         required(&checkpoint.id, "checkpoint.id")?;
         let outcome = self
             .0
+            .coordinator()?
             .commit_checkpoint(
                 &identity(r.worker)?,
                 &r.job_id,

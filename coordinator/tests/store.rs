@@ -140,8 +140,8 @@ async fn etcd_store_unreachable_is_a_clear_error() {
 async fn a_deposed_etcd_leader_cannot_write() {
     let etcd = Etcd::start();
     let endpoints = [format!("http://{}", etcd.endpoint)];
-    let mut leader = EtcdStore::connect(&endpoints).await.unwrap();
-    let _lease = leader.lead("127.0.0.1:1", 1).await.unwrap();
+    let candidate = EtcdStore::connect(&endpoints).await.unwrap();
+    let (leader, _lease) = candidate.lead("127.0.0.1:1", 1).await.unwrap();
     leader.put("jobs/x", b"from leader".to_vec()).await.unwrap();
 
     // Revoke the leader's election key behind its back, as an expired lease would.

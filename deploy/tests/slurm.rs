@@ -235,7 +235,9 @@ impl Setup {
             Command::new(binary("ladder"))
                 .args(["dataset", "synth"])
                 .arg(dir.join("data"))
-                .args(["--classes", "4", "--samples", "512", "--shards", "4"]),
+                // Epochs of 96 steps: long enough, on an idle machine too, for a cancel to
+                // land mid-run (at 32 steps a whole run took 3 s and finished first).
+                .args(["--classes", "4", "--samples", "1536", "--shards", "4"]),
         );
         Setup {
             dir: dir.to_owned(),
@@ -463,7 +465,7 @@ fn a_job_runs_to_completion_and_a_cancelled_one_resumes_to_completion() {
     );
     assert!(status.contains("state        completed"), "{status}");
     assert!(
-        status.contains("trained      512 x3 samples per epoch (epochs 1-3), 0 skipped"),
+        status.contains("trained      1536 x3 samples per epoch (epochs 1-3), 0 skipped"),
         "{status}"
     );
 }

@@ -87,6 +87,10 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Etcd {
     child: Child,
     pub endpoint: String,
+    /// Where it runs: its data directory, its client and peer ports, its log.
+    data: PathBuf,
+    ports: (u16, u16),
+    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -100,15 +104,21 @@ impl Etcd {
         let dir = tempfile::tempdir().expect("etcd data dir");
         let mut failures = Vec::new();
         for attempt in 1..=ATTEMPTS {
-            match Self::try_start(dir.path(), attempt) {
-                Ok((child, endpoint)) => {
+            let data = dir.path().join(format!("data-{attempt}"));
+            let log = dir.path().join(format!("etcd-{attempt}.log"));
+            let ports = (free_port(), free_port());
+            match Self::run(&data, ports, &log) {
+                Ok(child) => {
                     return Etcd {
                         child,
-                        endpoint,
+                        endpoint: format!("127.0.0.1:{}", ports.0),
+                        data,
+                        ports,
+                        log,
                         _dir: dir,
                     };
                 }
-                Err(failure) => failures.push(failure),
+                Err(failure) => failures.push(format!("attempt {attempt}: {failure}")),
             }
         }
         panic!(
@@ -117,16 +127,31 @@ impl Etcd {
         );
     }
 
-    fn try_start(dir: &Path, attempt: usize) -> Result<(Child, String), String> {
-        let data = dir.join(format!("data-{attempt}"));
-        let log_path = dir.join(format!("etcd-{attempt}.log"));
-        let (client, peer) = (free_port(), free_port());
+    /// Kills etcd (SIGKILL): its data stays, for [`Etcd::restart`].
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on its data and its ports, as after a crash.
+    pub fn restart(&mut self) {
+        self.child = Self::run(&self.data, self.ports, &self.log)
+            .unwrap_or_else(|failure| panic!("etcd did not start again: {failure}"));
+    }
+
+    /// Runs etcd on `data` and (client, peer) `ports`, logging to `log`, until it accepts
+    /// connections.
+    fn run(data: &Path, (client, peer): (u16, u16), log_path: &Path) -> Result<Child, String> {
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(&log_path).expect("etcd log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .expect("etcd log");
         let mut child = Command::new("etcd")
             .args(["--name", "n0", "--data-dir"])
-            .arg(&data)
+            .arg(data)
             .args(["--listen-client-urls", &client_url])
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
@@ -138,18 +163,18 @@ impl Etcd {
             .spawn()
             .expect("starting etcd: is etcd-server installed? run scripts/bootstrap");
         let log_tail = || {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             lines[lines.len().saturating_sub(5)..].join("\n")
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                return Ok((child, format!("127.0.0.1:{client}")));
+                return Ok(child);
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!(
-                    "attempt {attempt}: etcd on ports {client}/{peer} exited ({status}):\n{}",
+                    "etcd on ports {client}/{peer} exited ({status}):\n{}",
                     log_tail()
                 ));
             }
@@ -157,7 +182,7 @@ impl Etcd {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!(
-                    "attempt {attempt}: etcd on port {client} accepted no connection in 60 s:\n{}",
+                    "etcd on port {client} accepted no connection in 60 s:\n{}",
                     log_tail()
                 ));
             }
@@ -262,6 +287,11 @@ impl CoordinatorProcess {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Whether the process still runs (it neither exited nor was restarted).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {

@@ -189,8 +189,17 @@ impl Coordinator {
     /// it is set aside under [`records::QUARANTINE_PREFIX`] and, if it was a job's, the job
     /// fails saying so (a worker's registers again, a job's curves start afresh).
     pub async fn recover(store: SharedStore, config: Config) -> Result<Arc<Coordinator>> {
+        Self::recover_with(store, config, Arc::default()).await
+    }
+
+    /// [`Self::recover`], measuring into `metrics` (a process's, kept across its terms of
+    /// leadership).
+    pub async fn recover_with(
+        store: SharedStore,
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Coordinator>> {
         let mut inner = Inner::default();
-        let metrics = Arc::new(Metrics::default());
         let mut roster = Roster {
             events: Some(tensorboard::Events::start(
                 metrics.tensorboard_dropped.clone(),

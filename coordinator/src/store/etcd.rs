@@ -2,11 +2,14 @@ use super::{Store, StoreError, Write};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
 use ladder_proto::client::{error_chain, with_causes};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 const KEY_PREFIX: &str = "/ladder/";
+/// The longest pause between two tries of an unreachable etcd.
+const RETRY_AT_MOST: Duration = Duration::from_secs(2);
 const ELECTION: &str = "/ladder-election/coordinator";
 
 /// How much of etcd's history the coordinator keeps, and how often it drops the rest. etcd
@@ -33,18 +36,40 @@ impl Default for Compaction {
 /// The replicated store: an etcd v3 cluster. Several coordinators may run against it; the
 /// one that wins the election leads, and every write it makes is conditional on still holding
 /// the election key, so a deposed leader cannot overwrite its successor's state.
+///
+/// Each term of leadership writes through its own store ([`EtcdStore::lead`] returns it),
+/// bound to the key that term won: a coordinator that lost its lease and won again later
+/// writes through the new one, and whatever of the old term is still in flight fails.
+#[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     endpoints: Vec<String>,
     leader: Option<LeaderKey>,
     compaction: Compaction,
-    writes: AtomicU64,
+    writes: Arc<AtomicU64>,
 }
 
 /// Held by the leading coordinator. `lost` resolves when the leadership lease could not be
-/// renewed: the coordinator must stop serving then.
+/// renewed: the coordinator must stop deciding then. Dropped, it stops renewing the lease and
+/// revokes it, so that this coordinator's next campaign does not queue behind its own old key.
 pub struct LeaderLease {
     pub lost: oneshot::Receiver<String>,
+    renewing: tokio::task::JoinHandle<()>,
+    election: Client,
+    lease: i64,
+}
+
+impl Drop for LeaderLease {
+    fn drop(&mut self) {
+        self.renewing.abort();
+        let (mut election, lease) = (self.election.clone(), self.lease);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A lease etcd already dropped (or an etcd that is down) leaves nothing to do.
+            runtime.spawn(async move {
+                let _ = election.lease_revoke(lease).await;
+            });
+        }
+    }
 }
 
 impl EtcdStore {
@@ -61,16 +86,44 @@ impl EtcdStore {
             endpoints: endpoints.to_vec(),
             leader: None,
             compaction: Compaction::default(),
-            writes: AtomicU64::new(0),
+            writes: Arc::default(),
         };
         // Connecting is lazy: ask once so that a wrong address fails here, not later.
         store.get("meta/probe").await?;
         Ok(store)
     }
 
+    /// Waits until this coordinator wins the election (announcing `address`), trying again
+    /// for as long as etcd cannot be reached (backing off from 0.25 s to 2 s), each failure
+    /// told to `waiting`; then keeps the leadership lease (`ttl_s` seconds) alive in the
+    /// background. Returns the term's store (see [`EtcdStore`]) and its lease.
+    pub async fn lead_when_possible(
+        &self,
+        address: &str,
+        ttl_s: i64,
+        waiting: impl Fn(&StoreError, Duration),
+    ) -> (EtcdStore, LeaderLease) {
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match self.lead(address, ttl_s).await {
+                Ok(term) => return term,
+                Err(e) => {
+                    waiting(&e, pause);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_AT_MOST);
+                }
+            }
+        }
+    }
+
     /// Waits until this coordinator wins the election (announcing `address`), then keeps the
-    /// leadership lease (`ttl_s` seconds) alive in the background.
-    pub async fn lead(&mut self, address: &str, ttl_s: i64) -> Result<LeaderLease, StoreError> {
+    /// leadership lease (`ttl_s` seconds) alive in the background. Returns the term's store
+    /// (see [`EtcdStore`]) and its lease.
+    pub async fn lead(
+        &self,
+        address: &str,
+        ttl_s: i64,
+    ) -> Result<(EtcdStore, LeaderLease), StoreError> {
         let endpoints = self.endpoints.clone();
         // A campaign blocks until the current leader goes, so it runs on a client without the
         // per-request timeout of the store's client.
@@ -91,7 +144,7 @@ impl EtcdStore {
         let (lost_tx, lost) = oneshot::channel();
         // Keep the lease alive while campaigning too: a standby may wait for hours.
         let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(200));
-        tokio::spawn(async move {
+        let renewing = tokio::spawn(async move {
             let reason = loop {
                 if let Err(e) = keeper.keep_alive().await {
                     break format!("cannot renew the leadership lease: {e}");
@@ -107,12 +160,22 @@ impl EtcdStore {
             };
             let _ = lost_tx.send(reason);
         });
+        // Held from here: should the campaign fail, the lease is let go with it.
+        let held = LeaderLease {
+            lost,
+            renewing,
+            election: election.clone(),
+            lease: lease.id(),
+        };
         let won = election
             .campaign(ELECTION, address, lease.id())
             .await
             .map_err(|e| backend(&endpoints, e))?;
-        self.leader = won.leader().cloned();
-        Ok(LeaderLease { lost })
+        let term = EtcdStore {
+            leader: won.leader().cloned(),
+            ..self.clone()
+        };
+        Ok((term, held))
     }
 
     /// Sets how much history is kept (see [`Compaction`]).
