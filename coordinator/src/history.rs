@@ -14,6 +14,27 @@ use serde::{Deserialize, Serialize};
 /// The most training points a job keeps.
 pub const MAX_POINTS: usize = 512;
 
+/// The most data-wait series a point keeps. With more ranks, each series is the slowest
+/// (highest share) of a group of consecutive ranks, so that a point does not grow with the
+/// world: a 1,024-rank job's curves would otherwise outgrow an etcd request.
+pub const MAX_RANK_SERIES: usize = 32;
+
+/// Each rank's data-wait share (`shares`, by rank) as a point keeps them: each rank's, or for
+/// more than [`MAX_RANK_SERIES`] ranks, the highest of each of that many groups of
+/// consecutive ranks (group `g` of `n` ranks: ranks `g * n / 32` up to `(g + 1) * n / 32`).
+pub fn rank_series(shares: &[f32]) -> Vec<f32> {
+    let n = shares.len();
+    if n <= MAX_RANK_SERIES {
+        return shares.to_vec();
+    }
+    (0..MAX_RANK_SERIES)
+        .map(|g| {
+            let group = &shares[g * n / MAX_RANK_SERIES..(g + 1) * n / MAX_RANK_SERIES];
+            group.iter().copied().fold(0.0, f32::max)
+        })
+        .collect()
+}
+
 /// The most evaluations a job keeps (one per stage; a run of more stages keeps the newest
 /// and every other older one, thinned again as they grow).
 pub const MAX_EVALUATIONS: usize = 256;
@@ -177,6 +198,20 @@ mod tests {
                 proptest::prop_assert!(points.len() >= MAX_POINTS / 2 - 1, "{}", points.len());
             }
         }
+    }
+
+    #[test]
+    fn a_point_keeps_at_most_32_data_wait_series_each_the_slowest_of_its_ranks() {
+        let few: Vec<f32> = (0..8).map(|r| r as f32 / 10.0).collect();
+        assert_eq!(rank_series(&few), few);
+        let mut many = vec![0.1; 1024];
+        many[37] = 0.9;
+        let series = rank_series(&many);
+        assert_eq!(series.len(), MAX_RANK_SERIES);
+        // Ranks 32 to 63 are the second group.
+        assert_eq!(series[1], 0.9);
+        assert!(series.iter().enumerate().all(|(g, &s)| g == 1 || s == 0.1));
+        assert_eq!(rank_series(&[0.5; 33]).len(), MAX_RANK_SERIES);
     }
 
     #[test]

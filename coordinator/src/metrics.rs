@@ -105,6 +105,7 @@ pub struct Metrics {
     store: Histogram,
     /// TensorBoard notes the writer had no room for (see [`crate::tensorboard::QUEUED_NOTES`]).
     pub tensorboard_dropped: Counter,
+    largest_transaction: std::sync::Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -113,6 +114,7 @@ impl Default for Metrics {
             rpc: Family::new_with_constructor(latency_histogram),
             store: latency_histogram(),
             tensorboard_dropped: Counter::default(),
+            largest_transaction: std::sync::Arc::default(),
         }
     }
 }
@@ -131,9 +133,18 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Counts one store transaction (written or refused).
-    pub fn observe_store(&self, took: Duration) {
+    /// Counts one store transaction (written or refused) of `bytes` keys and values.
+    pub fn observe_store(&self, took: Duration, bytes: usize) {
         self.store.observe(took.as_secs_f64());
+        self.largest_transaction
+            .fetch_max(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most bytes one store transaction has carried (etcd refuses a request past 1.5 MiB
+    /// by default).
+    pub fn largest_transaction_bytes(&self) -> u64 {
+        self.largest_transaction
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -187,6 +198,14 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
             "Latency of the coordinator's store transactions (redb or etcd)",
             Unit::Seconds,
             metrics.store.clone(),
+        );
+        let largest = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        largest.set(metrics.largest_transaction_bytes() as i64);
+        own.register_with_unit(
+            "store_transaction_largest",
+            "The most bytes (keys and values) one store transaction has carried",
+            Unit::Bytes,
+            largest,
         );
         own.register(
             "tensorboard_notes_dropped",
@@ -456,7 +475,7 @@ mod tests {
             Duration::from_millis(2),
         );
         metrics.observe_rpc("/made.up/Anything", Duration::from_millis(1));
-        metrics.observe_store(Duration::from_millis(3));
+        metrics.observe_store(Duration::from_millis(3), 2048);
         let text = render(&metrics, &[], &[], 0);
         assert!(
             text.contains("ladder_coordinator_rpc_duration_seconds_count{method=\"Heartbeat\"} 1"),
@@ -469,6 +488,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ladder_workers{state=\"idle\"} 0"), "{text}");
+        assert!(
+            text.contains("ladder_coordinator_store_transaction_largest_bytes 2048"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -282,7 +282,11 @@ impl Roster {
             .collect();
         let history = self.history.entry(job_id.to_owned()).or_default();
         let evaluations = history.evaluations.len();
-        history.record(&training.progress, data_wait.clone(), wall_ms);
+        history.record(
+            &training.progress,
+            crate::history::rank_series(&data_wait),
+            wall_ms,
+        );
         let evaluated = history.evaluations.len() > evaluations;
         let p = &training.progress;
         if let (Some(events), Some(dir), true) =

@@ -171,3 +171,37 @@ async fn a_deposed_etcd_leader_cannot_write() {
     );
     assert_eq!(leader.get("jobs/y").await.unwrap(), None);
 }
+
+/// etcd answers a range in one message, which its client refuses past 4 MiB: a store of many
+/// jobs is listed in pages, every record once, in key order.
+#[tokio::test]
+async fn an_etcd_prefix_larger_than_one_message_is_listed_in_pages() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)])
+        .await
+        .unwrap();
+    // 600 small records (past one page of keys) and 30 of 300 KiB (9 MiB: past one message).
+    for i in 0..600 {
+        store
+            .put(&format!("jobs/small-{i:04}"), vec![b's'; 100])
+            .await
+            .unwrap();
+    }
+    for i in 0..30 {
+        store
+            .put(&format!("jobs/large-{i:02}"), vec![b'l'; 300 << 10])
+            .await
+            .unwrap();
+    }
+    store.put("jobsx/other", b"x".to_vec()).await.unwrap();
+    let listed = store.list("jobs/").await.expect("listed in pages");
+    assert_eq!(listed.len(), 630);
+    assert!(listed.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+    assert!(listed.iter().all(|(key, _)| key.starts_with("jobs/")));
+    let large: usize = listed
+        .iter()
+        .filter(|(key, _)| key.starts_with("jobs/large-"))
+        .map(|(_, value)| value.len())
+        .sum();
+    assert_eq!(large, 30 * (300 << 10));
+}

@@ -682,7 +682,13 @@ impl JobSpec {
             k.every_steps >= 1 || k.every_minutes > 0.0,
             "at least 1, unless checkpoint.every_minutes is set",
         );
-        c.check("checkpoint.keep", k.keep, k.keep >= 1, "at least 1");
+        // Each one kept is listed in the job's record, which must stay small.
+        c.check(
+            "checkpoint.keep",
+            k.keep,
+            (1..=100).contains(&k.keep),
+            "between 1 and 100",
+        );
 
         let w = &self.workers;
         c.check("workers.min", w.min, w.min >= 1, "at least 1");

@@ -15,10 +15,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The largest spec taken: the shipped ones have about 3 KiB (comments included).
+const MAX_SPEC_BYTES: usize = 64 << 10;
+
 impl Coordinator {
     /// Validates a spec (its values, its dataset manifest, and that a plan can be made from
     /// them) and queues it as a new job.
     pub async fn submit(&self, spec_toml: &str) -> Result<JobView> {
+        if spec_toml.len() > MAX_SPEC_BYTES {
+            return Err(CoordinatorError::Invalid(format!(
+                "the spec has {} bytes, more than {} KiB: a job's record holds it",
+                spec_toml.len(),
+                MAX_SPEC_BYTES >> 10
+            )));
+        }
         let spec = JobSpec::parse(spec_toml, "submitted spec")
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         // Off the async threads: the paths are the submitter's, on file systems that may be

@@ -381,22 +381,13 @@ impl Coordinator {
         for id in &change.forgotten {
             writes.push(Write::Delete(records::worker_key(id)));
         }
-        for (id, history) in &histories {
-            writes.push(Write::Put(
-                records::history_key(id),
-                records::encode(history),
-            ));
-        }
         if let Some(counters) = &change.counters {
             writes.push(Write::Put(
                 records::COUNTERS_KEY.to_owned(),
                 records::encode(counters),
             ));
         }
-        let writing = std::time::Instant::now();
-        let written = self.store.apply(writes).await;
-        self.metrics.observe_store(writing.elapsed());
-        written.map_err(|e| self.store_failed(e))?;
+        self.write(writes).await?;
         if let Some(counters) = change.counters {
             inner.counters = counters;
         }
@@ -404,9 +395,6 @@ impl Coordinator {
         {
             let mut roster = self.roster();
             let now = monotonic_ms();
-            for (id, history) in histories {
-                roster.history_saved.insert(id, (history.version, now));
-            }
             for (id, generation, reported) in saves {
                 if let Some(t) = roster
                     .training
@@ -441,7 +429,31 @@ impl Coordinator {
         if reassigned {
             self.rendezvous_changed.notify_waiters();
         }
+        // The curves, apart: the decision stands whatever becomes of them (they are tried
+        // again with the next decision about their job), and a job's largest record never
+        // rides in the transaction of its decisions.
+        for (id, history) in histories {
+            let put = Write::Put(records::history_key(&id), records::encode(&history));
+            match self.write(vec![put]).await {
+                Ok(()) => {
+                    let now = monotonic_ms();
+                    self.roster()
+                        .history_saved
+                        .insert(id, (history.version, now));
+                }
+                Err(e) => tracing::warn!(job = %id, "the job's curves are not saved yet: {e}"),
+            }
+        }
         Ok(())
+    }
+
+    /// Writes `writes` in one transaction, measured.
+    async fn write(&self, writes: Vec<Write>) -> Result<()> {
+        let bytes = writes.iter().map(Write::bytes).sum();
+        let writing = std::time::Instant::now();
+        let written = self.store.apply(writes).await;
+        self.metrics.observe_store(writing.elapsed(), bytes);
+        written.map_err(|e| self.store_failed(e))
     }
 
     /// Writes `job` and makes it visible.

@@ -239,6 +239,22 @@ impl EtcdStore {
     }
 }
 
+/// Keys listed per request (fewer when they do not fit one message).
+const LIST_PAGE: i64 = 256;
+
+/// The end of the range of keys that start with `prefix`: the prefix with its last byte that
+/// is not 0xff incremented (and what follows it dropped); `[0]` (every key) if there is none.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 fn backend(endpoints: &[String], e: etcd_client::Error) -> StoreError {
     // etcd-client's own text for a gRPC status or a transport failure carries Rust debug dumps
     // (metadata maps, nested structs): keep what a person can act on.
@@ -281,29 +297,46 @@ impl Store for EtcdStore {
         self.guarded(ops).await
     }
 
+    /// In pages, all at the revision of the first: etcd answers a range in one message, which
+    /// its clients refuse past 4 MiB, and a store of many jobs holds far more. A page too large
+    /// for one message (a few large records) is asked again at half the count.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let response = self
-            .client
-            .kv_client()
-            .get(
-                Self::key(prefix),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend),
-                ),
-            )
-            .await
-            .map_err(|e| backend(&self.endpoints, e))?;
-        Ok(response
-            .kvs()
-            .iter()
-            .map(|kv| {
+        let start = Self::key(prefix).into_bytes();
+        let end = range_end(&start);
+        let mut kv = self.client.kv_client();
+        let (mut from, mut page, mut revision) = (start, LIST_PAGE, 0);
+        let mut listed = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(revision);
+            let response = match kv.get(from.clone(), Some(options)).await {
+                Ok(response) => response,
+                Err(etcd_client::Error::GRpcStatus(status))
+                    if page > 1 && status.message().contains("too large") =>
+                {
+                    page /= 2;
+                    continue;
+                }
+                Err(e) => return Err(backend(&self.endpoints, e)),
+            };
+            if revision == 0 {
+                revision = response.header().map_or(0, |h| h.revision());
+            }
+            for kv in response.kvs() {
                 let key = String::from_utf8_lossy(kv.key());
                 let key = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_owned();
-                (key, kv.value().to_vec())
-            })
-            .collect())
+                listed.push((key, kv.value().to_vec()));
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(listed),
+            }
+        }
     }
 
     fn describe(&self) -> String {

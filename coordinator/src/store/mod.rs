@@ -38,6 +38,16 @@ pub enum Write {
     Delete(String),
 }
 
+impl Write {
+    /// The bytes it carries: its key and value.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Write::Put(key, value) => key.len() + value.len(),
+            Write::Delete(key) => key.len(),
+        }
+    }
+}
+
 /// The most writes one transaction may hold: etcd's default `--max-txn-ops`.
 pub const MAX_WRITES: usize = 128;
 
