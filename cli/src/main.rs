@@ -116,6 +116,13 @@ enum Command {
         /// The job's id.
         job: String,
     },
+    /// Delete an ended job from the coordinator's store (its checkpoints and TensorBoard run
+    /// stay in its checkpoint directory; ended jobs also leave on their own, a week after they
+    /// ended by default).
+    Delete {
+        /// The job's id.
+        job: String,
+    },
     /// Continue an ended job from its latest committed checkpoint.
     Resume {
         /// The job's id.
@@ -644,6 +651,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             let job = printable_job(job);
             say!("{}", job_line(&job));
+        }
+        Command::Delete { job } => {
+            let mut client = connect(&cli).await?;
+            client
+                .delete_job(pb::DeleteJobRequest { id: job.clone() })
+                .await
+                .map_err(|s| rpc_error("delete", s))?;
+            eprintln!("deleted {job}");
         }
         Command::Resume {
             job,

@@ -204,6 +204,16 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // An ended job can be deleted; a live one cannot.
+    let status = cli.ok(&["status", &id]);
+    if !status.contains("cancelled") {
+        assert!(cli.fails(&["delete", &id]).contains("only an ended job"));
+        cli.ok(&["cancel", &id]);
+    }
+    cli.ok(&["delete", &id]);
+    assert!(cli.fails(&["status", &id]).contains("no job"));
+    assert_eq!(cli.ok(&["list"]), "");
 }
 
 #[test]

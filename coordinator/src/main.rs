@@ -93,6 +93,11 @@ struct Args {
     /// their leaving checkpoint; 0 stops at once. A second signal stops at once.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     drain_s: u64,
+    /// An ended job's record and curves leave the store this many hours after it ended (its
+    /// checkpoints and TensorBoard run stay); 0 keeps them until `ladder delete` (at most a
+    /// year).
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=8_760))]
+    retire_ended_after_h: u64,
     /// With etcd: the leadership lease. A standby takes over within this time after the
     /// leader dies (2 s to 5 min).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(2..=300))]
@@ -292,6 +297,8 @@ async fn run(args: Args) -> Result<()> {
         rendezvous_grace: Duration::from_millis(args.rendezvous_grace_ms),
         stall_timeout: Duration::from_millis(args.stall_timeout_ms),
         regroup_interval: Duration::from_secs(args.regroup_interval_s),
+        retire_ended_after: (args.retire_ended_after_h > 0)
+            .then(|| Duration::from_secs(args.retire_ended_after_h * 3600)),
     };
     let backend = match &args.store {
         StoreAddress::Redb(path) => Backend::Redb(Arc::new(RedbStore::open(path)?)),

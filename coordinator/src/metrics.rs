@@ -38,12 +38,13 @@ const ENDED_JOBS_SHOWN_FOR_MS: i64 = 24 * 3600 * 1000;
 
 /// The methods of `ladder.v1.JobService` and `ladder.v1.WorkerService`: a request for any other
 /// path is counted as "other", so that nobody can make up label values.
-const METHODS: [&str; 13] = [
+const METHODS: [&str; 14] = [
     "SubmitJob",
     "GetJob",
     "ListJobs",
     "ListWorkers",
     "CancelJob",
+    "DeleteJob",
     "ResumeJob",
     "WatchJob",
     "Register",

@@ -247,6 +247,17 @@ impl pb::job_service_server::JobService for JobApi {
         Ok(Response::new(job_to_pb(&job)))
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        self.0
+            .coordinator()?
+            .delete(&request.into_inner().id)
+            .await?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
     async fn resume_job(
         &self,
         request: Request<pb::ResumeJobRequest>,

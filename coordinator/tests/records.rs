@@ -11,7 +11,7 @@ use ladder_coordinator::policy::STAGE_ENDS_KEPT;
 use ladder_coordinator::records::{
     CheckpointRecord, JobState, LedgerEntry, ProgressRecord, encode,
 };
-use ladder_coordinator::state::{Coordinator, ProgressReport, Signs};
+use ladder_coordinator::state::{Config, Coordinator, ProgressReport, Signs};
 use ladder_coordinator::store::{RedbStore, SharedStore, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -256,4 +256,44 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
     assert_eq!(record.checkpoints.len(), STAGE_ENDS_KEPT.max(keep));
     assert_eq!(record.checkpoints.last().unwrap().step, 600);
     assert_eq!(record.trained().len(), 200, "every epoch's tally stays");
+}
+
+/// An ended job leaves the store by `ladder delete`, or on its own once it ended long enough
+/// ago: every job ever run would otherwise be read at every start.
+#[tokio::test]
+async fn ended_jobs_are_deleted_on_request_or_retired_after_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, job, _) = coordinator_with_job(dir.path(), 1).await;
+    let refused = coordinator.delete(&job).await.unwrap_err();
+    assert!(refused.to_string().contains("cancel"), "{refused}");
+    coordinator.cancel(&job).await.unwrap();
+    coordinator.delete(&job).await.unwrap();
+    assert!(coordinator.get(&job).await.is_err());
+    drop(coordinator);
+
+    let retiring = Config {
+        retire_ended_after: Some(std::time::Duration::from_millis(50)),
+        ..config()
+    };
+    let coordinator = Coordinator::recover(store(dir.path()), retiring)
+        .await
+        .unwrap();
+    assert!(coordinator.list().await.is_empty(), "deleted for good");
+    let (second, _) = submit(&coordinator, &dir.path().join("second"), 1).await;
+    assert_eq!(second, "job-000002", "an id is never given again");
+    let (third, _) = submit(&coordinator, &dir.path().join("third"), 1).await;
+    coordinator.cancel(&second).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    coordinator.tick().await.unwrap();
+    let left: Vec<String> = coordinator
+        .list()
+        .await
+        .into_iter()
+        .map(|j| j.record.id)
+        .collect();
+    assert_eq!(left, [third], "the ended one retired, the queued one stays");
+    drop(coordinator);
+    let raw = store(dir.path());
+    assert_eq!(raw.list("jobs/").await.unwrap().len(), 1);
+    assert!(raw.list("history/").await.unwrap().is_empty());
 }

@@ -162,6 +162,25 @@ impl Coordinator {
         self.view(&inner, id)
     }
 
+    /// Deletes ended job `id` (see [`Change::deleted`]).
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let job = inner.job(id)?;
+        if !job.state.is_terminal() {
+            return Err(CoordinatorError::Conflict(format!(
+                "job {id} is {}; only an ended job can be deleted (`ladder cancel {id}` first)",
+                job.state
+            )));
+        }
+        let change = Change {
+            deleted: vec![id.to_owned()],
+            ..Change::default()
+        };
+        self.apply(&mut inner, change).await?;
+        tracing::info!(job = %id, "job deleted");
+        Ok(())
+    }
+
     /// Queues an ended job again, to continue from `checkpoint_id` (or the latest committed
     /// checkpoint) on `workers` ranks (or any allowed number).
     pub async fn resume(

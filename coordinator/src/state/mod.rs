@@ -81,6 +81,9 @@ pub struct Config {
     /// A running job below its largest world size takes idle workers at a checkpoint at most
     /// this long after its generation started (a regroup costs a rendezvous and a restore).
     pub regroup_interval: Duration,
+    /// An ended job is deleted this long after it ended (`None`: kept until `ladder delete`):
+    /// every job ever run would otherwise stay in the store, read at every start.
+    pub retire_ended_after: Option<Duration>,
 }
 
 impl Default for Config {
@@ -90,6 +93,7 @@ impl Default for Config {
             rendezvous_grace: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(300),
             regroup_interval: Duration::from_secs(600),
+            retire_ended_after: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -134,6 +138,21 @@ impl Inner {
         reassigned
     }
 
+    /// Forgets deleted job `id`, with everything kept in memory beside it.
+    fn forget(&mut self, roster: &mut Roster, id: &str) {
+        self.jobs.remove(id);
+        self.specs.remove(id);
+        self.runtime.remove(id);
+        roster.training.remove(id);
+        roster.history.remove(id);
+        roster.history_saved.remove(id);
+        roster.skipped.remove(id);
+        roster.event_dirs.remove(id);
+        if let Some(events) = &roster.events {
+            events.send(tensorboard::Note::Close { job: id.to_owned() });
+        }
+    }
+
     fn job(&self, id: &str) -> Result<&JobRecord> {
         self.jobs.get(id).ok_or_else(|| {
             CoordinatorError::NotFound(format!(
@@ -152,6 +171,8 @@ struct Change {
     workers: Vec<Member>,
     /// Workers to forget: their next call is answered "unknown worker".
     forgotten: Vec<String>,
+    /// Ended jobs to delete: their record and curves leave the store.
+    deleted: Vec<String>,
     counters: Option<Counters>,
 }
 
@@ -381,6 +402,10 @@ impl Coordinator {
         for id in &change.forgotten {
             writes.push(Write::Delete(records::worker_key(id)));
         }
+        for id in &change.deleted {
+            writes.push(Write::Delete(records::job_key(id)));
+            writes.push(Write::Delete(records::history_key(id)));
+        }
         if let Some(counters) = &change.counters {
             writes.push(Write::Put(
                 records::COUNTERS_KEY.to_owned(),
@@ -407,6 +432,10 @@ impl Coordinator {
             }
             for id in &change.forgotten {
                 roster.workers.remove(id);
+            }
+            for id in &change.deleted {
+                inner.forget(&mut roster, id);
+                let _ = self.job_changed.send(id.clone());
             }
             for worker in change.workers {
                 roster.workers.insert(worker.record.id.clone(), worker);

@@ -2,7 +2,7 @@
 //! schedule that gives idle workers to queued jobs.
 
 use super::{Change, Coordinator, Inner};
-use crate::clock::monotonic_ms;
+use crate::clock::{monotonic_ms, now_ms};
 use crate::error::Result;
 use crate::policy::{self, Placement};
 use crate::records::{Incident, JobRecord, JobState};
@@ -50,7 +50,33 @@ impl Coordinator {
                 .await?;
         }
         self.save_progress(&mut inner, now).await?;
+        self.retire_ended(&mut inner).await?;
         self.schedule(&mut inner).await
+    }
+
+    /// Deletes the jobs that ended longer ago than [`Config::retire_ended_after`] (their
+    /// TensorBoard runs keep their curves).
+    async fn retire_ended(&self, inner: &mut Inner) -> Result<()> {
+        let Some(after) = self.config.retire_ended_after else {
+            return Ok(());
+        };
+        let before = now_ms() - after.as_millis() as i64;
+        let retired: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal() && j.updated_at_ms < before)
+            .map(|j| j.id.clone())
+            .collect();
+        // Two deletes each.
+        for chunk in retired.chunks(crate::store::MAX_WRITES / 2) {
+            tracing::info!(jobs = %chunk.join(", "), "retiring ended jobs");
+            let change = Change {
+                deleted: chunk.to_vec(),
+                ..Change::default()
+            };
+            self.apply(inner, change).await?;
+        }
+        Ok(())
     }
 
     /// Saves the progress of training jobs whose save is due (see [`Training`]), all in one

@@ -92,6 +92,7 @@ pub fn config() -> Config {
         rendezvous_grace: Duration::ZERO,
         stall_timeout: Duration::from_secs(600),
         regroup_interval: Duration::ZERO,
+        retire_ended_after: None,
     }
 }
 
