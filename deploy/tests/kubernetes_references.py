@@ -103,6 +103,10 @@ def main(path):
             if c["image"].split(":")[0].endswith("ladder"):
                 commands[cwhere] = words
                 images.add(c["image"])
+            resources = c.get("resources", {})
+            requests, limits = resources.get("requests", {}), resources.get("limits", {})
+            if not ("cpu" in requests and "memory" in requests and "memory" in limits):
+                problems.append(f"{cwhere}: requests no CPU and memory, or limits no memory")
             sc = c.get("securityContext", {})
             if sc.get("allowPrivilegeEscalation") is not False or not sc.get("readOnlyRootFilesystem"):
                 problems.append(f"{cwhere}: may escalate privileges or write its root file system")
@@ -132,6 +136,24 @@ def main(path):
         labels = t["metadata"].get("labels", {})
         if not any(selects(p["spec"]["podSelector"].get("matchLabels", {}), labels) for p in policies.values()):
             problems.append(f"{kind} {n}: no NetworkPolicy selects its pods")
+    for n, kind, _, t in pods:
+        labels = t["metadata"].get("labels", {})
+        if not any("Egress" in p["spec"].get("policyTypes", []) and selects(p["spec"]["podSelector"].get("matchLabels", {}), labels) for p in policies.values()):
+            problems.append(f"{kind} {n}: no NetworkPolicy limits where its pods may connect")
+    for name, p in policies.items():
+        for rule in p["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                sel = peer.get("podSelector", {}).get("matchLabels")
+                if not sel:
+                    continue
+                targets = [t for _, _, _, t in pods if selects(sel, t["metadata"].get("labels", {}))]
+                if not targets:
+                    problems.append(f"NetworkPolicy {name}: lets its pods reach pods {sel} that do not exist")
+                for port in rule.get("ports", []):
+                    for t in targets:
+                        numbers = {q["containerPort"] for c in t["spec"]["containers"] for q in c.get("ports", [])}
+                        if isinstance(port["port"], int) and port["port"] not in numbers:
+                            problems.append(f"NetworkPolicy {name}: the pods it reaches have no port {port['port']}")
     for name, p in policies.items():
         selected = [t for _, _, _, t in pods if selects(p["spec"]["podSelector"].get("matchLabels", {}), t["metadata"].get("labels", {}))]
         if not selected:

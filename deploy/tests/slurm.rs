@@ -408,6 +408,27 @@ fn a_job_runs_to_completion_and_a_cancelled_one_resumes_to_completion() {
         &timed_out,
     );
     until_status(&|s| step(s) != step(&started), &timed_out);
+    // The workers inherit the worker token's file and nothing of the submit token's.
+    let pids = run_ok(Command::new("pgrep").args(["-f", "ladder-worker --device"]));
+    let mut workers = 0;
+    for pid in pids.split_whitespace() {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
+        assert!(environ.contains("LADDER_WORKER_TOKEN_FILE="), "{environ}");
+        assert!(!environ.contains("submit-token"), "{environ}");
+        workers += 1;
+    }
+    assert_eq!(workers, 2, "{pids}");
+    // What the script writes is its user's alone (umask 077).
+    for written in std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .flatten()
+    {
+        let mode = written.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{}: {mode:o}", written.path().display());
+    }
     run_ok(
         slurm
             .command("scancel")
