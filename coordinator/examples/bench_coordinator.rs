@@ -509,7 +509,7 @@ async fn scenario(
 /// after the other, as the coordinator's store makes them. Latencies in ms: (p50, p99).
 async fn etcd_floor(endpoint: &str, writes: usize) -> (f64, f64) {
     use ladder_coordinator::store::{EtcdStore, Store};
-    let candidate = EtcdStore::connect(&[format!("http://{endpoint}")])
+    let candidate = EtcdStore::connect(&[format!("http://{endpoint}")], None)
         .await
         .expect("etcd");
     let (store, _lease) = candidate.lead("127.0.0.1:1", 5).await.expect("leading");

@@ -9,7 +9,7 @@ use ladder_coordinator::service::{JobApi, WorkerApi};
 use ladder_coordinator::serving::{Serving, WhileServingLayer};
 use ladder_coordinator::state::{Config, Coordinator};
 use ladder_coordinator::store::{
-    EtcdStore, LeaderLease, RedbStore, SharedStore, StoreAddress, StoreError,
+    EtcdStore, EtcdTls, LeaderLease, RedbStore, SharedStore, StoreAddress, StoreError,
 };
 use ladder_coordinator::{connections, http};
 use ladder_core::logging::{self, LogFormat};
@@ -98,6 +98,16 @@ struct Args {
     /// year).
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=8_760))]
     retire_ended_after_h: u64,
+    /// With etcd: talk to it over TLS, checking its certificate against this CA (PEM).
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// With etcd over TLS: this coordinator's client certificate (PEM), for an etcd that
+    /// authenticates its clients (`--client-cert-auth`).
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// With etcd: the leadership lease. A standby takes over within this time after the
     /// leader dies (2 s to 5 min).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(2..=300))]
@@ -304,7 +314,11 @@ async fn run(args: Args) -> Result<()> {
         StoreAddress::Redb(path) => Backend::Redb(Arc::new(RedbStore::open(path)?)),
         // A wrong address fails here, at once; once etcd has answered, an outage is waited out.
         StoreAddress::Etcd(endpoints) => {
-            Backend::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
+            let tls = args.etcd_ca.clone().map(|ca| EtcdTls {
+                ca,
+                identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+            });
+            Backend::Etcd(Box::new(EtcdStore::connect(endpoints, tls.as_ref()).await?))
         }
     };
 

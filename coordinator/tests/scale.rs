@@ -79,7 +79,7 @@ async fn five_hundred_jobs_and_a_1024_rank_job_restart_and_fail_over_within_seco
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let endpoints = [format!("http://{}", etcd.endpoint)];
-    let candidate = EtcdStore::connect(&endpoints).await.unwrap();
+    let candidate = EtcdStore::connect(&endpoints, None).await.unwrap();
     let (store, lease) = candidate.lead("127.0.0.1:1", 5).await.unwrap();
     let store: SharedStore = Arc::new(store);
     let coordinator = Coordinator::recover(store.clone(), config()).await.unwrap();

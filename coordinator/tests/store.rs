@@ -1,7 +1,7 @@
 //! One suite, run against both real stores: the embedded redb file and an etcd server.
 
 use ladder_coordinator::store::{
-    Compaction, EtcdStore, MAX_WRITES, RedbStore, Store, StoreError, Write,
+    Compaction, EtcdStore, EtcdTls, MAX_WRITES, RedbStore, Store, StoreError, Write,
 };
 use ladder_testkit::Etcd;
 
@@ -82,7 +82,7 @@ async fn redb_store_refuses_a_second_opener() {
 #[tokio::test]
 async fn etcd_store() {
     let etcd = Etcd::start();
-    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)])
+    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)], None)
         .await
         .unwrap();
     suite(&store).await;
@@ -92,7 +92,7 @@ async fn etcd_store() {
 async fn the_etcd_store_compacts_the_history_it_no_longer_needs() {
     let etcd = Etcd::start();
     let endpoints = [format!("http://{}", etcd.endpoint)];
-    let store = EtcdStore::connect(&endpoints)
+    let store = EtcdStore::connect(&endpoints, None)
         .await
         .unwrap()
         .with_compaction(Compaction {
@@ -128,7 +128,7 @@ async fn the_etcd_store_compacts_the_history_it_no_longer_needs() {
 #[tokio::test]
 async fn etcd_store_unreachable_is_a_clear_error() {
     let port = ladder_testkit::free_port();
-    let err = EtcdStore::connect(&[format!("http://127.0.0.1:{port}")])
+    let err = EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], None)
         .await
         .err()
         .expect("nothing listens there");
@@ -140,7 +140,7 @@ async fn etcd_store_unreachable_is_a_clear_error() {
 async fn a_deposed_etcd_leader_cannot_write() {
     let etcd = Etcd::start();
     let endpoints = [format!("http://{}", etcd.endpoint)];
-    let candidate = EtcdStore::connect(&endpoints).await.unwrap();
+    let candidate = EtcdStore::connect(&endpoints, None).await.unwrap();
     let (leader, _lease) = candidate.lead("127.0.0.1:1", 1).await.unwrap();
     leader.put("jobs/x", b"from leader".to_vec()).await.unwrap();
 
@@ -177,7 +177,7 @@ async fn a_deposed_etcd_leader_cannot_write() {
 #[tokio::test]
 async fn an_etcd_prefix_larger_than_one_message_is_listed_in_pages() {
     let etcd = Etcd::start();
-    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)])
+    let store = EtcdStore::connect(&[format!("http://{}", etcd.endpoint)], None)
         .await
         .unwrap();
     // 600 small records (past one page of keys) and 30 of 300 KiB (9 MiB: past one message).
@@ -204,4 +204,50 @@ async fn an_etcd_prefix_larger_than_one_message_is_listed_in_pages() {
         .map(|(_, value)| value.len())
         .sum();
     assert_eq!(large, 30 * (300 << 10));
+}
+
+/// etcd that serves over TLS and admits only clients with a certificate its CA signed: the
+/// store connects with the coordinator's certificate, and nothing connects without one.
+#[tokio::test]
+async fn etcd_over_tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ladder_testkit::make_certificates(certs.path(), &["IP:127.0.0.1"]);
+    let etcd = Etcd::start_tls(ladder_testkit::EtcdTls {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    });
+    let endpoints = [format!("http://{}", etcd.endpoint)];
+    let tls = EtcdTls {
+        ca: ca.clone(),
+        identity: Some((cert.clone(), key.clone())),
+    };
+    let store = EtcdStore::connect(&endpoints, Some(&tls)).await.unwrap();
+    suite(&store).await;
+
+    let anonymous = EtcdTls {
+        ca: ca.clone(),
+        identity: None,
+    };
+    assert!(
+        EtcdStore::connect(&endpoints, Some(&anonymous))
+            .await
+            .is_err()
+    );
+    assert!(EtcdStore::connect(&endpoints, None).await.is_err());
+
+    // The coordinator's flags.
+    let logs = certs.path().join("logs");
+    let [ca, cert, key] = [ca, cert, key].map(|p| p.display().to_string());
+    let coordinator = ladder_testkit::CoordinatorProcess::start(
+        &etcd.store(),
+        &logs,
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    let mut jobs =
+        ladder_testkit::job_client(&coordinator.url(), ladder_testkit::SUBMIT_TOKEN).await;
+    // It serves, from the store above (whose junk records it set aside, failing them).
+    jobs.list_jobs(ladder_proto::v1::ListJobsRequest {})
+        .await
+        .expect("a coordinator on etcd over TLS");
 }

@@ -55,6 +55,21 @@ fn with_secrets(dir: &Path) -> PathBuf {
     }
     std::fs::write(secrets.join("submit-token"), "submit").unwrap();
     std::fs::write(secrets.join("worker-token"), "worker").unwrap();
+    // etcd's own CA, its members' certificate and the coordinators' client certificate.
+    let etcd = dir.join("etcd-certificates");
+    std::fs::create_dir_all(&etcd).unwrap();
+    let (ca, cert, key) = make_certificates(&etcd, &["DNS:*.ladder-etcd", "DNS:ladder-etcd"]);
+    let secrets = copy.join("ha/secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    for (from, to) in [
+        (&ca, "etcd-ca.crt"),
+        (&cert, "etcd.crt"),
+        (&key, "etcd.key"),
+        (&cert, "coordinator-etcd.crt"),
+        (&key, "coordinator-etcd.key"),
+    ] {
+        std::fs::copy(from, secrets.join(to)).unwrap();
+    }
     copy
 }
 
@@ -118,6 +133,20 @@ fn both_flavours_render_validate_and_reference_only_what_exists() {
                     .arg("kustomize")
                     .arg(manifests.join(flavour)),
             );
+            if flavour.ends_with("ha") {
+                // etcd: TLS both ways, and only certificates its CA signed.
+                for flag in [
+                    "--client-cert-auth",
+                    "--peer-client-cert-auth",
+                    "--etcd-cert=",
+                ] {
+                    assert!(rendered.contains(flag), "{flavour}: no {flag}");
+                }
+                assert!(
+                    !rendered.contains("http://0.0.0.0:23"),
+                    "{flavour}: etcd in clear"
+                );
+            }
             let file = dir.path().join(format!("{flavour}.yaml"));
             std::fs::write(&file, &rendered).unwrap();
             let what = format!("{flavour} rendered by {}", kubectl.display());

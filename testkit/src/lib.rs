@@ -91,7 +91,17 @@ pub struct Etcd {
     data: PathBuf,
     ports: (u16, u16),
     log: PathBuf,
+    tls: Option<EtcdTls>,
     _dir: tempfile::TempDir,
+}
+
+/// etcd serving its clients over TLS and requiring a client certificate signed by `ca`
+/// (`--client-cert-auth`): PEM files.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Etcd {
@@ -100,6 +110,15 @@ impl Etcd {
     /// new ports. On a loaded machine etcd's first fsyncs can take many seconds, hence the
     /// generous wait.
     pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// [`Etcd::start`], serving its clients over TLS with client certificates required.
+    pub fn start_tls(tls: EtcdTls) -> Etcd {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Etcd {
         const ATTEMPTS: usize = 3;
         let dir = tempfile::tempdir().expect("etcd data dir");
         let mut failures = Vec::new();
@@ -107,7 +126,7 @@ impl Etcd {
             let data = dir.path().join(format!("data-{attempt}"));
             let log = dir.path().join(format!("etcd-{attempt}.log"));
             let ports = (free_port(), free_port());
-            match Self::run(&data, ports, &log) {
+            match Self::run(&data, ports, &log, tls.as_ref()) {
                 Ok(child) => {
                     return Etcd {
                         child,
@@ -115,6 +134,7 @@ impl Etcd {
                         data,
                         ports,
                         log,
+                        tls,
                         _dir: dir,
                     };
                 }
@@ -135,14 +155,20 @@ impl Etcd {
 
     /// Starts etcd again on its data and its ports, as after a crash.
     pub fn restart(&mut self) {
-        self.child = Self::run(&self.data, self.ports, &self.log)
+        self.child = Self::run(&self.data, self.ports, &self.log, self.tls.as_ref())
             .unwrap_or_else(|failure| panic!("etcd did not start again: {failure}"));
     }
 
     /// Runs etcd on `data` and (client, peer) `ports`, logging to `log`, until it accepts
     /// connections.
-    fn run(data: &Path, (client, peer): (u16, u16), log_path: &Path) -> Result<Child, String> {
-        let client_url = format!("http://127.0.0.1:{client}");
+    fn run(
+        data: &Path,
+        (client, peer): (u16, u16),
+        log_path: &Path,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Child, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -158,6 +184,14 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("n0={peer_url}")])
             .args(["--initial-cluster-state", "new"])
+            .args(tls.map_or(Vec::new(), |tls| {
+                vec![
+                    "--client-cert-auth".into(),
+                    format!("--trusted-ca-file={}", tls.ca.display()),
+                    format!("--cert-file={}", tls.cert.display()),
+                    format!("--key-file={}", tls.key.display()),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,6 +1,9 @@
 use super::{Store, StoreError, Write};
 use async_trait::async_trait;
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, LeaderKey,
+    TlsOptions, Txn, TxnOp,
+};
 use ladder_proto::client::{error_chain, with_causes};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +47,7 @@ impl Default for Compaction {
 pub struct EtcdStore {
     client: Client,
     endpoints: Vec<String>,
+    tls: Option<TlsOptions>,
     leader: Option<LeaderKey>,
     compaction: Compaction,
     writes: Arc<AtomicU64>,
@@ -72,18 +76,60 @@ impl Drop for LeaderLease {
     }
 }
 
+/// TLS to etcd: the CA its certificate is checked against, and this coordinator's client
+/// certificate and key (PEM files) for an etcd that authenticates its clients
+/// (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<TlsOptions, StoreError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| StoreError::Backend {
+                store: "etcd".to_owned(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
+}
+
 impl EtcdStore {
-    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    /// Connects to etcd at `endpoints` (`http://HOST:PORT`; `https://` with `tls`).
+    pub async fn connect(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+    ) -> Result<EtcdStore, StoreError> {
+        let tls = tls.map(EtcdTls::options).transpose()?;
+        let endpoints: Vec<String> = match tls {
+            Some(_) => endpoints
+                .iter()
+                .map(|e| e.replacen("http://", "https://", 1))
+                .collect(),
+            None => endpoints.to_vec(),
+        };
+        let endpoints = endpoints.as_slice();
+        let options = with_tls(
+            ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_timeout(Duration::from_secs(5))
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2)),
+            &tls,
+        );
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| backend(endpoints, e))?;
         let store = EtcdStore {
             client,
             endpoints: endpoints.to_vec(),
+            tls,
             leader: None,
             compaction: Compaction::default(),
             writes: Arc::default(),
@@ -127,9 +173,12 @@ impl EtcdStore {
         let endpoints = self.endpoints.clone();
         // A campaign blocks until the current leader goes, so it runs on a client without the
         // per-request timeout of the store's client.
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let options = with_tls(
+            ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2)),
+            &self.tls,
+        );
         let mut election = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|e| backend(&endpoints, e))?;
@@ -236,6 +285,13 @@ impl EtcdStore {
             ),
             Ok(_) => {}
         }
+    }
+}
+
+fn with_tls(options: ConnectOptions, tls: &Option<TlsOptions>) -> ConnectOptions {
+    match tls {
+        Some(tls) => options.with_tls(tls.clone()),
+        None => options,
     }
 }
 

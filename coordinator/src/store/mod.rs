@@ -11,7 +11,7 @@
 mod etcd;
 mod redb;
 
-pub use self::etcd::{Compaction, EtcdStore, LeaderLease};
+pub use self::etcd::{Compaction, EtcdStore, EtcdTls, LeaderLease};
 pub use self::redb::RedbStore;
 
 use async_trait::async_trait;
