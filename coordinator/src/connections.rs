@@ -10,8 +10,11 @@
 //! hyper, a TLS handshake) ends it. A live client never looks idle: the gRPC server pings every
 //! connection more often than that (HTTP/2 keep-alive, answered by every client's library).
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,8 +26,49 @@ use tokio::time::{Instant, Sleep};
 pub struct Limits {
     /// Connections served at once.
     pub max: usize,
+    /// Connections served at once from one address: one host cannot take every slot. A
+    /// newcomer past it is closed at once.
+    pub per_peer: usize,
     /// A connection on which no byte moved for this long is ended.
     pub idle: Duration,
+}
+
+/// The connections open from each address, and one of them held: counted off when dropped.
+struct PeerSlot {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `peer`, if it holds fewer than `cap`.
+    fn take(
+        open: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        peer: IpAddr,
+        cap: usize,
+    ) -> Option<PeerSlot> {
+        let mut counts = open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(peer).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            open: open.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The connections `listener` accepts, each within `limits`, until the receiver is dropped.
@@ -35,16 +79,17 @@ pub fn accept(
     what: &'static str,
 ) -> mpsc::Receiver<Watched<TcpStream>> {
     let (accepted, connections) = mpsc::channel(1);
-    let slots = std::sync::Arc::new(Semaphore::new(limits.max));
+    let slots = Arc::new(Semaphore::new(limits.max));
+    let peers = Arc::new(Mutex::new(HashMap::new()));
     tokio::spawn(async move {
         loop {
             let slot = tokio::select! {
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                 () = accepted.closed() => return,
             };
-            let tcp = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 result = listener.accept() => match result {
-                    Ok((tcp, _)) => tcp,
+                    Ok((tcp, from)) => (tcp, from.ip()),
                     Err(e) => {
                         // Out of file descriptors, say: wait a little rather than spin.
                         tracing::warn!("{what} listener: {e}");
@@ -54,10 +99,14 @@ pub fn accept(
                 },
                 () = accepted.closed() => return,
             };
+            let Some(peer_slot) = PeerSlot::take(&peers, peer, limits.per_peer) else {
+                tracing::debug!(%peer, "{what}: refused a connection past its address's {}", limits.per_peer);
+                continue;
+            };
             // Small requests and answers go out at once (heartbeats, long polls).
             let _ = tcp.set_nodelay(true);
             if accepted
-                .send(Watched::new(tcp, limits.idle, slot))
+                .send(Watched::new(tcp, limits.idle, (slot, peer_slot)))
                 .await
                 .is_err()
             {
@@ -77,11 +126,11 @@ pub struct Watched<IO> {
     /// Fires at `moved + idle`, or earlier when bytes moved since it was set (then it is set
     /// again: moving bytes costs no timer update).
     timer: Pin<Box<Sleep>>,
-    _slot: OwnedSemaphorePermit,
+    _slot: (OwnedSemaphorePermit, PeerSlot),
 }
 
 impl<IO> Watched<IO> {
-    pub fn new(io: IO, idle: Duration, slot: OwnedSemaphorePermit) -> Watched<IO> {
+    fn new(io: IO, idle: Duration, slot: (OwnedSemaphorePermit, PeerSlot)) -> Watched<IO> {
         let moved = Instant::now();
         Watched {
             io,
@@ -235,7 +284,12 @@ mod tests {
     #[tokio::test]
     async fn silent_connections_are_ended_and_hold_no_slot_for_ever_while_a_busy_one_stays() {
         let idle = Duration::from_millis(300);
-        let address = echo(Limits { max: 3, idle }).await;
+        let address = echo(Limits {
+            max: 3,
+            per_peer: 3,
+            idle,
+        })
+        .await;
         let opened = Instant::now();
         let mut busy = TcpStream::connect(address).await.unwrap();
         let silent = [
@@ -272,5 +326,42 @@ mod tests {
             .unwrap();
         assert_eq!(&answer, b"late");
         assert!(at - opened >= idle, "it waited for a slot");
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_the_slots() {
+        let address = echo(Limits {
+            max: 10,
+            per_peer: 2,
+            idle: Duration::from_secs(30),
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream.write_all(b"hold").await.unwrap();
+            let mut answer = [0u8; 4];
+            stream.read_exact(&mut answer).await.unwrap();
+            held.push(stream);
+        }
+        // The third from the same address is closed at once.
+        let mut third = TcpStream::connect(address).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut rest))
+            .await
+            .expect("closed at once")
+            .ok();
+        assert!(rest.is_empty());
+        // Once one goes, another is served.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = TcpStream::connect(address).await.unwrap();
+        again.write_all(b"next").await.unwrap();
+        let mut answer = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), again.read_exact(&mut answer))
+            .await
+            .expect("served")
+            .unwrap();
+        assert_eq!(&answer, b"next");
     }
 }

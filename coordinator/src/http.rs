@@ -47,6 +47,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             connections: connections::Limits {
                 max: 256,
+                per_peer: 32,
                 idle: Duration::from_secs(30),
             },
             headers: Duration::from_secs(10),
@@ -338,6 +339,7 @@ mod tests {
         let limits = ConnectionLimits {
             connections: connections::Limits {
                 max: 4,
+                per_peer: 4,
                 idle: Duration::from_millis(400),
             },
             headers: Duration::from_millis(800),

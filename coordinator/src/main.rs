@@ -27,6 +27,13 @@ const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
 /// A gRPC connection on which nothing moved for this long (no request, no answer to three
 /// pings) is ended: one that never finished its TLS handshake, say.
 const GRPC_IDLE: Duration = Duration::from_secs(60);
+/// How long a gRPC connection lives before it is asked to go, and the grace it then has (a
+/// watch or a long poll in flight ends, and its client reconnects).
+const GRPC_MAX_AGE: Duration = Duration::from_secs(30 * 60);
+const GRPC_MAX_AGE_GRACE: Duration = Duration::from_secs(60);
+/// Calls one gRPC connection carries at once: a worker makes a few (heartbeat, long poll,
+/// report, commit).
+const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
 /// The most gRPC connections served at once: a worker holds one, a command line one while it
 /// runs.
 const MAX_GRPC_CONNECTIONS: u64 = 16_384;
@@ -246,7 +253,13 @@ async fn run(args: Args) -> Result<()> {
     // Every connection is pinged more often than an idle one is ended (see connections).
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
-        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE));
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE))
+        // A connection answering pings is never idle, so none is held for ever: each is asked
+        // to go (GOAWAY; clients reconnect on their own) after its age, and ended a grace
+        // later; and each carries a bounded number of calls at once.
+        .max_connection_age(GRPC_MAX_AGE)
+        .max_connection_age_grace(GRPC_MAX_AGE_GRACE)
+        .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION);
     let mut http_tls = None;
     if let (Some(cert_path), Some(key_path)) = (&args.tls_cert, &args.tls_key) {
         let cert = std::fs::read(cert_path)
@@ -358,10 +371,13 @@ async fn run(args: Args) -> Result<()> {
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let open_files = connections::raise_open_file_limit();
+    let max = (open_files / 2).clamp(64, MAX_GRPC_CONNECTIONS) as usize;
     let limits = connections::Limits {
         // Half the descriptors: the store, the HTTP server and the TensorBoard files take
         // some; clients beyond wait in the backlog.
-        max: (open_files / 2).clamp(64, MAX_GRPC_CONNECTIONS) as usize,
+        max,
+        // A quarter of them from one address (a node runs a worker per GPU).
+        per_peer: max / 4,
         idle: GRPC_IDLE,
     };
     tracing::info!(
