@@ -163,6 +163,10 @@ struct Shared {
     busy_heartbeats: Latencies,
 }
 
+/// Steps per epoch of a one-rank job: the dataset's 4,800 samples in global batches of 16 (the
+/// coordinator refuses progress that does not add up to its plan).
+const ONE_RANK_STEPS_PER_EPOCH: u64 = 300;
+
 async fn channels(url: &str) -> Vec<Workers> {
     let mut pool = Vec::with_capacity(CHANNELS);
     for _ in 0..CHANNELS {
@@ -258,7 +262,7 @@ async fn worker(
             }
             break;
         }
-        let mut step = 0;
+        let mut step: u64 = 0;
         while !shared.stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             step += 1;
@@ -269,10 +273,10 @@ async fn worker(
                     job_id: assignment.job_id.clone(),
                     generation: assignment.generation,
                     progress: Some(pb::Progress {
-                        epoch: step / 100,
-                        step: step as u64 % 100,
-                        steps_per_epoch: 100,
-                        global_step: step as u64,
+                        epoch: (step / ONE_RANK_STEPS_PER_EPOCH) as u32,
+                        step: step % ONE_RANK_STEPS_PER_EPOCH,
+                        steps_per_epoch: ONE_RANK_STEPS_PER_EPOCH,
+                        global_step: step,
                         loss: 2.0,
                         ..Default::default()
                     }),
