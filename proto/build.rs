@@ -6,7 +6,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let saved = "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]";
     let mut config = tonic_prost_build::configure()
         .type_attribute("ladder.v1.Progress", saved)
-        .type_attribute("ladder.v1.CheckpointRef", saved);
+        .type_attribute("ladder.v1.CheckpointRef", saved)
+        // A job's state is this enum everywhere (records, answers, the command line), saved by
+        // its name: "queued", "running", ...
+        .type_attribute(
+            "ladder.v1.JobState",
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"snake_case\")]",
+        );
     // Numbers a worker reports may be NaN or infinite: saved so that they read back (see
     // src/saved_f32.rs). Every float field of a saved message is listed here.
     for field in [

@@ -294,10 +294,7 @@ async fn follow(
 }
 
 fn terminal(job: &pb::Job) -> bool {
-    matches!(
-        pb::JobState::try_from(job.state),
-        Ok(pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled)
-    )
+    pb::JobState::of(job.state).is_terminal()
 }
 
 fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
@@ -354,15 +351,7 @@ fn printable_worker(mut worker: pb::WorkerInfo) -> pb::WorkerInfo {
 }
 
 fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Queued => "queued",
-        pb::JobState::Rendezvous => "rendezvous",
-        pb::JobState::Running => "running",
-        pb::JobState::Completed => "completed",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-        pb::JobState::Unspecified => "unknown",
-    }
+    pb::JobState::of(state).name()
 }
 
 fn duration(seconds: f32) -> String {

@@ -9,47 +9,8 @@ use crate::error::CoordinatorError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Rendezvous,
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl std::fmt::Display for JobState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl JobState {
-    /// The name `ladder status` shows.
-    pub fn name(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Rendezvous => "rendezvous",
-            JobState::Running => "running",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Completed | JobState::Failed | JobState::Cancelled
-        )
-    }
-
-    pub fn is_active(self) -> bool {
-        matches!(self, JobState::Rendezvous | JobState::Running)
-    }
-}
+/// A job's state: the wire's enum, saved by its name (see `ladder_proto::v1::JobState`).
+pub type JobState = ladder_proto::v1::JobState;
 
 /// How far a job got, as rank 0 reports it: saved as the wire's message.
 pub type ProgressRecord = ladder_proto::v1::Progress;
@@ -723,6 +684,15 @@ mod tests {
         assert!(text.contains(r#""loss":"NaN""#), "{text}");
         assert!(text.contains(r#""learning_rate":"inf""#), "{text}");
         assert!(text.contains(r#""eta_seconds":"-inf""#), "{text}");
+        // States are saved by name, as the records written before the wire's enum was theirs.
+        for state in [JobState::Queued, JobState::Rendezvous, JobState::Cancelled] {
+            let saved = format!("\"{}\"", state.name());
+            assert_eq!(String::from_utf8(encode(&state)).unwrap(), saved);
+            assert_eq!(
+                decode::<JobState>("a key", saved.as_bytes()).unwrap(),
+                state
+            );
+        }
         let old: ProgressRecord = decode("jobs/job-000001", br#"{"loss":null,"epoch":3}"#).unwrap();
         assert!(old.loss.is_nan());
         assert_eq!(old.epoch, 3);

@@ -3,7 +3,7 @@
 
 use crate::auth::WorkerIdentity;
 use crate::error::CoordinatorError;
-use crate::records::{JobState, LedgerEntry};
+use crate::records::LedgerEntry;
 use crate::serving::{Serving, Term};
 use crate::state::Coordinator;
 use crate::state::{ProgressReport, RendezvousOutcome, Signs};
@@ -31,23 +31,12 @@ impl From<CoordinatorError> for Status {
     }
 }
 
-fn state_to_pb(state: JobState) -> pb::JobState {
-    match state {
-        JobState::Queued => pb::JobState::Queued,
-        JobState::Rendezvous => pb::JobState::Rendezvous,
-        JobState::Running => pb::JobState::Running,
-        JobState::Completed => pb::JobState::Completed,
-        JobState::Failed => pb::JobState::Failed,
-        JobState::Cancelled => pb::JobState::Cancelled,
-    }
-}
-
 pub fn job_to_pb(view: &JobView) -> pb::Job {
     let job = &view.record;
     pb::Job {
         id: job.id.clone(),
         name: job.name.clone(),
-        state: state_to_pb(job.state) as i32,
+        state: job.state as i32,
         generation: job.generation,
         spec_toml: job.spec_toml.clone(),
         workers: job.workers.clone(),
