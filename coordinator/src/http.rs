@@ -63,14 +63,11 @@ struct Served {
     tokens: Tokens,
 }
 
-/// A 503 saying why no coordinator serves now (a standby, a store outage).
+/// A 503 saying why no coordinator serves now (a standby, a store outage), as gRPC says it.
 fn unavailable(served: &Served) -> Response {
-    let why = served.serving.waiting().unwrap_or_default();
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("this coordinator does not serve now: {why}"),
-    )
-        .into_response()
+    let why = served.serving.coordinator().err();
+    let why = why.as_ref().map_or("", |status| status.message());
+    (StatusCode::SERVICE_UNAVAILABLE, why.to_owned()).into_response()
 }
 
 pub fn router(serving: Arc<Serving>, tokens: Tokens) -> Router {

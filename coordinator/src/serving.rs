@@ -52,15 +52,9 @@ impl Serving {
     pub fn coordinator(&self) -> Result<Arc<Coordinator>, Status> {
         match &*self.term.borrow() {
             Term::Leading(coordinator) => Ok(coordinator.clone()),
-            Term::Waiting(why) => Err(unavailable(why)),
-        }
-    }
-
-    /// Why nothing serves now (`None` while a coordinator does).
-    pub fn waiting(&self) -> Option<String> {
-        match &*self.term.borrow() {
-            Term::Leading(_) => None,
-            Term::Waiting(why) => Some(why.clone()),
+            Term::Waiting(why) => Err(Status::unavailable(format!(
+                "this coordinator does not serve now: {why}"
+            ))),
         }
     }
 
@@ -68,10 +62,6 @@ impl Serving {
     pub fn changes(&self) -> watch::Receiver<Term> {
         self.term.subscribe()
     }
-}
-
-fn unavailable(why: &str) -> Status {
-    Status::unavailable(format!("this coordinator does not serve now: {why}"))
 }
 
 /// A tower layer answering every gRPC call (the health check too) UNAVAILABLE, with the
@@ -111,8 +101,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if let Some(why) = self.serving.waiting() {
-            return Box::pin(async move { Ok(unavailable(&why).into_http()) });
+        if let Err(unavailable) = self.serving.coordinator() {
+            return Box::pin(async move { Ok(unavailable.into_http()) });
         }
         Box::pin(self.inner.call(request))
     }

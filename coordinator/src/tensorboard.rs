@@ -303,6 +303,7 @@ fn wall_seconds(ms: i64) -> f64 {
 }
 
 /// The writer thread's end of things: what it was told, applied in order.
+#[derive(Default)]
 struct Writer {
     runs: BTreeMap<String, Run>,
     /// Jobs whose last write failed: logged once until one succeeds.
@@ -391,10 +392,7 @@ impl Events {
         std::thread::Builder::new()
             .name("tensorboard".into())
             .spawn(move || {
-                let mut writer = Writer {
-                    runs: BTreeMap::new(),
-                    failing: BTreeMap::new(),
-                };
+                let mut writer = Writer::default();
                 for note in rx {
                     writer.apply(note);
                 }
@@ -451,10 +449,7 @@ mod tests {
     fn a_roll_back_cuts_the_file_and_a_restart_appends_to_it() {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("tb");
-        let mut writer = Writer {
-            runs: BTreeMap::new(),
-            failing: BTreeMap::new(),
-        };
+        let mut writer = Writer::default();
         for step in 1..=10 {
             writer.apply(scalars("j", &events, step));
         }
@@ -479,10 +474,7 @@ mod tests {
             .unwrap()
             .write_all(&record(&Event::default())[..7])
             .unwrap();
-        let mut restarted = Writer {
-            runs: BTreeMap::new(),
-            failing: BTreeMap::new(),
-        };
+        let mut restarted = Writer::default();
         restarted.apply(scalars("j", &events, 5));
         restarted.apply(scalars("j", &events, 9));
         assert_eq!(steps(&events), [1, 2, 3, 4, 5, 9]);
@@ -495,10 +487,7 @@ mod tests {
         let elsewhere = tempfile::tempdir().unwrap();
         let victim = elsewhere.path().join("store.redb");
         std::fs::write(&victim, b"the coordinator's records").unwrap();
-        let mut writer = Writer {
-            runs: BTreeMap::new(),
-            failing: BTreeMap::new(),
-        };
+        let mut writer = Writer::default();
         // The event file is a link to another file.
         let events = dir(root.path(), "job-000001").unwrap();
         std::fs::create_dir_all(&events).unwrap();
@@ -545,18 +534,11 @@ mod tests {
         assert!(read_records(&corrupt).is_empty());
     }
 
-    fn writer() -> Writer {
-        Writer {
-            runs: BTreeMap::new(),
-            failing: BTreeMap::new(),
-        }
-    }
-
     #[test]
     fn a_roll_back_reads_from_the_mark_before_its_step_not_the_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("tb");
-        let mut writer = writer();
+        let mut writer = Writer::default();
         for step in 1..=1000 {
             writer.apply(scalars("j", &events, step));
         }
@@ -595,7 +577,7 @@ mod tests {
         let events = dir(root.path(), "job-000001").unwrap();
         std::fs::create_dir_all(&events).unwrap();
         std::fs::hard_link(&victim, events.join("events.out.tfevents.0.ladder")).unwrap();
-        let mut writer = writer();
+        let mut writer = Writer::default();
         writer.apply(scalars("job-000001", &events, 1));
         assert_eq!(
             std::fs::read(&victim).unwrap(),
@@ -611,7 +593,7 @@ mod tests {
     #[test]
     fn an_ended_jobs_file_is_closed_and_notes_past_the_queue_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = writer();
+        let mut writer = Writer::default();
         writer.apply(scalars("j", dir.path(), 1));
         assert_eq!(writer.runs.len(), 1);
         writer.apply(Note::Close { job: "j".into() });

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{checkpoint, config};
+use common::{checkpoint, config, meet};
 use ladder_coordinator::auth::WorkerIdentity;
 use ladder_coordinator::records::{
     self, CheckpointRecord, JobRecord, JobState, LedgerEntry, ProgressRecord,
 };
-use ladder_coordinator::state::{Coordinator, ProgressReport, RendezvousOutcome, Signs};
+use ladder_coordinator::state::{Coordinator, ProgressReport, Signs};
 use ladder_coordinator::store::{EtcdStore, SharedStore, Write};
 use ladder_proto::v1 as pb;
 use ladder_testkit::{CoordinatorProcess, Etcd, SUBMIT_TOKEN, job_client, write_dataset};
@@ -39,39 +39,7 @@ async fn rendezvous_of(coordinator: &Arc<Coordinator>, n: u32) -> (Vec<WorkerIde
             secret,
         });
     }
-    let mut by_rank = vec![WorkerIdentity::default(); n as usize];
-    let mut generation = 0;
-    let mut meeting = Vec::new();
-    for worker in workers {
-        let a = coordinator
-            .await_assignment(&worker, Duration::from_secs(30))
-            .await
-            .unwrap()
-            .expect("every worker is assigned");
-        generation = a.generation;
-        by_rank[a.rank as usize] = worker.clone();
-        let coordinator = coordinator.clone();
-        meeting.push(tokio::spawn(async move {
-            coordinator
-                .rendezvous(
-                    &worker,
-                    &a.job_id,
-                    a.generation,
-                    a.rank,
-                    vec![0; 21],
-                    Duration::from_secs(60),
-                )
-                .await
-                .unwrap()
-        }));
-    }
-    for met in meeting {
-        assert!(matches!(
-            met.await.unwrap(),
-            RendezvousOutcome::Complete { .. }
-        ));
-    }
-    (by_rank, generation)
+    meet(coordinator, workers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use common::{
     trained_steps, worker_id, write_spec,
 };
 use ladder_proto::v1 as pb;
-use ladder_testkit::{CoordinatorProcess, Etcd, SUBMIT_TOKEN, WorkerProcess, free_port};
+use ladder_testkit::Etcd;
 use ladder_worker::checkpoint::MANIFEST_FILE;
 use ladder_worker::state_io;
 use ladder_worker::training_state::MOMENTUM_FILE;
@@ -584,71 +584,20 @@ fn an_etcd_outage_is_waited_out_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), (2, 2), 5, 100);
     let mut etcd = Etcd::start();
-    let logs = dir.path().join("logs");
-    let listen = [free_port(), free_port()].map(|port| format!("127.0.0.1:{port}"));
     let ttl = LEADER_TTL_S.to_string();
-    let first = ["--leader-ttl-s", &ttl, "--listen", &listen[0]];
-    let second = ["--leader-ttl-s", &ttl, "--listen", &listen[1]];
-    let mut leader = CoordinatorProcess::start(&etcd.store(), &logs, &first);
-    let mut standby = CoordinatorProcess::spawn(&etcd.store(), &logs, &second);
-    let urls = listen.map(|at| format!("http://{at}")).join(",");
-    let _workers: Vec<WorkerProcess> = (0..2)
-        .map(|i| {
-            let digests = dir.path().join(format!("digests-{i}.txt"));
-            WorkerProcess::start(
-                &urls,
-                &logs.join(format!("worker-{i}.log")),
-                &["--replica-digests", digests.to_str().unwrap()],
-            )
-        })
-        .collect();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = || async {
-        let channel = ladder_proto::client::connect(&urls, SUBMIT_TOKEN, "the test's", None)
-            .await
-            .ok()?;
-        Some(pb::job_service_client::JobServiceClient::new(channel))
-    };
-    let id = runtime.block_on(async {
-        client()
-            .await
-            .expect("a coordinator")
-            .submit_job(pb::SubmitJobRequest {
-                spec_toml: spec.to_toml(),
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .job
-            .expect("a job")
-            .id
-    });
-    let job_when = |what: &str, done: &dyn Fn(&pb::Job) -> bool| -> pb::Job {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let job = runtime.block_on(async {
-                let mut client = client().await?;
-                let request = pb::GetJobRequest { id: id.clone() };
-                client.get_job(request).await.ok().map(|r| r.into_inner())
-            });
-            match job {
-                Some(job) if done(&job) => return job,
-                _ => assert!(Instant::now() < deadline, "timed out waiting for {what}"),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let before = job_when("a mid-run checkpoint", &|j| {
-        j.checkpoints.iter().any(|c| c.step > 10)
-    });
-    assert!(!completed(&before), "the job finished before the outage");
+    let mut cluster = Cluster::on_store(dir.path(), &etcd.store(), &["--leader-ttl-s", &ttl]);
+    cluster.add_standby();
+    cluster.add_workers(2);
+    let id = cluster.submit(&spec);
+    let before = wait_for_checkpoint_after(&cluster, &id, 10);
 
     etcd.kill9();
     std::thread::sleep(Duration::from_secs(10));
     etcd.restart();
     let back = Instant::now();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     while runtime
-        .block_on(ladder_proto::client::reach(&urls, None))
+        .block_on(ladder_proto::client::reach(&cluster.url(), None))
         .is_err()
     {
         assert!(back.elapsed() < TIMEOUT, "no coordinator serves again");
@@ -661,21 +610,19 @@ fn an_etcd_outage_is_waited_out_without_a_restart() {
         "{serving_after:?}"
     );
 
-    let job = job_when("the job to end", &|j| {
-        matches!(
-            state_of(j),
-            pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled
-        )
-    });
-    assert!(completed(&job), "{}", job.message);
+    let job = cluster.wait_until_ended(&id, TIMEOUT);
+    assert!(completed(&job), "{}\n{}", job.message, cluster.logs());
     assert_eq!(job.generation, before.generation, "no membership change");
     assert_every_sample_once(&job, &spec);
+    let leader = cluster.coordinator.as_mut().unwrap();
     assert!(leader.is_running(), "the leader waited the outage out");
+    let standby = &mut cluster.standby.as_mut().unwrap().0;
     assert!(
         matches!(standby.try_wait(), Ok(None)),
         "the standby waited it out"
     );
-    let said: String = std::fs::read_dir(&logs)
+    // Every coordinator log, whole (the outage is long before their tails).
+    let said: String = std::fs::read_dir(dir.path().join("logs"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator"))
@@ -683,5 +630,4 @@ fn an_etcd_outage_is_waited_out_without_a_restart() {
         .collect();
     assert!(said.contains("waiting for its store"), "{said}");
     assert!(said.contains("campaigning again"), "{said}");
-    let _ = standby.kill();
 }

@@ -129,12 +129,21 @@ pub async fn running(coordinator: &Arc<Coordinator>, n: usize) -> (Vec<WorkerIde
     for _ in 0..n {
         workers.push(register(coordinator).await);
     }
-    let mut by_rank = vec![WorkerIdentity::default(); n];
+    meet(coordinator, workers).await
+}
+
+/// Brings registered `workers` through the rendezvous of the generation they are assigned;
+/// returns them by rank, with the generation.
+pub async fn meet(
+    coordinator: &Arc<Coordinator>,
+    workers: Vec<WorkerIdentity>,
+) -> (Vec<WorkerIdentity>, u64) {
+    let mut by_rank = vec![WorkerIdentity::default(); workers.len()];
     let mut generation = 0;
     let mut joins = Vec::new();
     for worker in workers {
         let a = coordinator
-            .await_assignment(&worker, Duration::from_secs(5))
+            .await_assignment(&worker, Duration::from_secs(30))
             .await
             .unwrap()
             .expect("every worker is assigned");
@@ -149,7 +158,7 @@ pub async fn running(coordinator: &Arc<Coordinator>, n: usize) -> (Vec<WorkerIde
                     a.generation,
                     a.rank,
                     vec![a.rank as u8],
-                    Duration::from_secs(5),
+                    Duration::from_secs(60),
                 )
                 .await
                 .unwrap()

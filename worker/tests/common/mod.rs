@@ -3,8 +3,10 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 use ladder_core::spec::JobSpec;
+use ladder_proto::client::{Authed, connect};
 use ladder_proto::v1 as pb;
-use ladder_testkit::{CoordinatorProcess, SUBMIT_TOKEN, WorkerProcess, job_client};
+use ladder_proto::v1::job_service_client::JobServiceClient;
+use ladder_testkit::{CoordinatorProcess, SUBMIT_TOKEN, WorkerProcess};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -70,6 +72,9 @@ max = {}
 pub struct Cluster {
     pub dir: PathBuf,
     pub coordinator: Option<CoordinatorProcess>,
+    /// A second coordinator on the same (etcd) store, waiting to lead, and its address.
+    pub standby: Option<(std::process::Child, String)>,
+    store: String,
     pub workers: Vec<WorkerProcess>,
     runtime: tokio::runtime::Runtime,
     started_workers: usize,
@@ -85,9 +90,17 @@ impl Cluster {
 
     /// A cluster whose coordinator gets `flags` too.
     pub fn with_flags(dir: &Path, flags: &[&str]) -> Cluster {
+        let store = format!("redb:{}", dir.join("state.redb").display());
+        Cluster::on_store(dir, &store, flags)
+    }
+
+    /// A cluster whose coordinator keeps its state in `store` and gets `flags` too.
+    pub fn on_store(dir: &Path, store: &str, flags: &[&str]) -> Cluster {
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             coordinator: None,
+            standby: None,
+            store: store.to_owned(),
             workers: Vec::new(),
             runtime: tokio::runtime::Runtime::new().expect("tokio runtime"),
             started_workers: 0,
@@ -100,17 +113,39 @@ impl Cluster {
 
     /// Starts (or restarts) the coordinator on the cluster's store.
     pub fn start_coordinator(&mut self) {
-        let store = format!("redb:{}", self.dir.join("state.redb").display());
         let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
         self.coordinator = Some(CoordinatorProcess::start(
-            &store,
+            &self.store,
             &self.dir.join("logs"),
             &[["--listen", self.listen.as_str()].as_slice(), &flags].concat(),
         ));
     }
 
+    /// Starts a second coordinator on the cluster's store (etcd), which waits to lead. Start it
+    /// before the workers: they are given every coordinator's address.
+    pub fn add_standby(&mut self) {
+        let listen = format!("127.0.0.1:{}", ladder_testkit::free_port());
+        let mut flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
+        flags.extend(["--listen", listen.as_str()]);
+        let child = CoordinatorProcess::spawn(&self.store, &self.dir.join("logs"), &flags);
+        self.standby = Some((child, format!("http://{listen}")));
+    }
+
+    /// Every coordinator's address, comma-separated: clients try each in turn.
     pub fn url(&self) -> String {
-        self.coordinator.as_ref().expect("a coordinator").url()
+        let leader = format!("http://{}", self.listen);
+        match &self.standby {
+            Some((_, standby)) => format!("{leader},{standby}"),
+            None => leader,
+        }
+    }
+
+    /// A client of whichever coordinator serves now, if one does.
+    async fn client(&self) -> Option<JobServiceClient<Authed>> {
+        let channel = connect(&self.url(), SUBMIT_TOKEN, "the test's", None)
+            .await
+            .ok()?;
+        Some(JobServiceClient::new(channel))
     }
 
     /// Starts `n` workers; each writes its replica digests to `digests-<i>.txt`.
@@ -170,10 +205,10 @@ impl Cluster {
     }
 
     pub fn submit(&self, spec: &JobSpec) -> String {
-        let url = self.url();
         self.runtime.block_on(async {
-            job_client(&url, SUBMIT_TOKEN)
+            self.client()
                 .await
+                .expect("a coordinator serves")
                 .submit_job(pb::SubmitJobRequest {
                     spec_toml: spec.to_toml(),
                 })
@@ -188,10 +223,11 @@ impl Cluster {
 
     /// Follows the job with WatchJob until it ends; returns every state it was seen in.
     pub fn watch_until_ended(&self, id: &str, timeout: Duration) -> Vec<pb::Job> {
-        let url = self.url();
         self.runtime.block_on(async {
-            let mut events = job_client(&url, SUBMIT_TOKEN)
+            let mut events = self
+                .client()
                 .await
+                .expect("a coordinator serves")
                 .watch_job(pb::WatchJobRequest { id: id.to_owned() })
                 .await
                 .expect("watch")
@@ -214,22 +250,23 @@ impl Cluster {
     }
 
     pub fn job(&self, id: &str) -> pb::Job {
-        let url = self.url();
+        self.try_job(id).expect("a coordinator serves the job")
+    }
+
+    /// The job, if a coordinator serves now (none may, between two terms of leadership).
+    fn try_job(&self, id: &str) -> Option<pb::Job> {
         self.runtime.block_on(async {
-            job_client(&url, SUBMIT_TOKEN)
-                .await
-                .get_job(pb::GetJobRequest { id: id.to_owned() })
-                .await
-                .expect("get job")
-                .into_inner()
+            let request = pb::GetJobRequest { id: id.to_owned() };
+            let answer = self.client().await?.get_job(request).await;
+            answer.ok().map(tonic::Response::into_inner)
         })
     }
 
     pub fn cancel(&self, id: &str) {
-        let url = self.url();
         self.runtime.block_on(async {
-            job_client(&url, SUBMIT_TOKEN)
+            self.client()
                 .await
+                .expect("a coordinator serves")
                 .cancel_job(pb::CancelJobRequest { id: id.to_owned() })
                 .await
                 .expect("cancel");
@@ -242,10 +279,10 @@ impl Cluster {
 
     /// Resumes from checkpoint `checkpoint` ("": the latest).
     pub fn resume_from(&self, id: &str, checkpoint: &str, workers: u32) -> pb::Job {
-        let url = self.url();
         self.runtime.block_on(async {
-            job_client(&url, SUBMIT_TOKEN)
+            self.client()
                 .await
+                .expect("a coordinator serves")
                 .resume_job(pb::ResumeJobRequest {
                     id: id.to_owned(),
                     checkpoint_id: checkpoint.to_owned(),
@@ -267,9 +304,9 @@ impl Cluster {
     ) -> pb::Job {
         let deadline = Instant::now() + timeout;
         loop {
-            let job = self.job(id);
-            if done(&job) {
-                return job;
+            let job = self.try_job(id);
+            if let Some(job) = job.as_ref().filter(|j| done(j)) {
+                return job.clone();
             }
             if Instant::now() > deadline {
                 panic!(
@@ -295,6 +332,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_workers();
         self.kill_coordinator();
+        if let Some((mut standby, _)) = self.standby.take() {
+            let _ = standby.kill();
+            let _ = standby.wait();
+        }
     }
 }
 
