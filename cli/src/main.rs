@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ladder_core::dataset;
 use ladder_core::spec::JobSpec;
+use ladder_core::{dataset, location};
 use ladder_proto::client::{self, Authed};
 use ladder_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
@@ -331,7 +331,6 @@ fn printable_job(mut job: pb::Job) -> pb::Job {
     }
     for c in &mut job.checkpoints {
         c.id = printable(&c.id);
-        c.path = printable(&c.path);
     }
     job
 }
@@ -491,6 +490,18 @@ fn trained_summary(job: &pb::Job) -> String {
     )
 }
 
+/// Where checkpoint `c` of `job` is: named by the job's spec and the two ids, as the
+/// coordinator and the workers name it.
+fn checkpoint_dir(job: &pb::Job, c: &pb::CheckpointRef) -> String {
+    JobSpec::parse(&job.spec_toml, &job.id)
+        .ok()
+        .and_then(|spec| location::checkpoint_dir(&spec.checkpoint.dir, &job.id, &c.id).ok())
+        .map_or_else(
+            || "(no directory: the job's spec does not parse)".to_owned(),
+            |dir| printable(&dir.display().to_string()),
+        )
+}
+
 fn job_details(job: &pb::Job) -> String {
     let p = job.progress.unwrap_or_default();
     let last = job.checkpoints.last().map_or("none".to_owned(), |c| {
@@ -499,7 +510,7 @@ fn job_details(job: &pb::Job) -> String {
             c.id,
             c.step,
             c.stage.saturating_add(1),
-            c.path
+            checkpoint_dir(job, c)
         )
     });
     let started = p.global_step > 0;

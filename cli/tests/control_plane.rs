@@ -428,7 +428,7 @@ fn tls_serves_clients_that_trust_the_certificate() {
 
 /// Registers a worker and drives it to a running job (of a spec [`setup`] wrote in `dir`) with
 /// a committed checkpoint.
-async fn run_one_worker(url: &str, job_id: &str, dir: &Path) -> (pb::WorkerIdentity, u64) {
+async fn run_one_worker(url: &str, job_id: &str) -> (pb::WorkerIdentity, u64) {
     let mut worker = worker_client(url, WORKER_TOKEN).await;
     let identity = worker
         .register(pb::RegisterRequest {
@@ -490,12 +490,7 @@ async fn run_one_worker(url: &str, job_id: &str, dir: &Path) -> (pb::WorkerIdent
         .current;
     assert!(current);
     let commit = worker
-        .commit_checkpoint(first_checkpoint(
-            &identity,
-            job_id,
-            assignment.generation,
-            dir,
-        ))
+        .commit_checkpoint(first_checkpoint(&identity, job_id, assignment.generation))
         .await
         .unwrap()
         .into_inner();
@@ -508,7 +503,6 @@ fn first_checkpoint(
     identity: &pb::WorkerIdentity,
     job_id: &str,
     generation: u64,
-    dir: &Path,
 ) -> pb::CommitCheckpointRequest {
     pb::CommitCheckpointRequest {
         worker: Some(identity.clone()),
@@ -516,7 +510,7 @@ fn first_checkpoint(
         generation,
         checkpoint: Some(pb::CheckpointRef {
             epoch: 1,
-            ..checkpoint_ref(&dir.join("checkpoints"), job_id, generation, 3)
+            ..checkpoint_ref(generation, 3)
         }),
         ..Default::default()
     }
@@ -529,7 +523,6 @@ struct OneWorkerJob {
     id: String,
     identity: pb::WorkerIdentity,
     generation: u64,
-    dir: std::path::PathBuf,
     rt: tokio::runtime::Runtime,
 }
 
@@ -539,13 +532,12 @@ impl OneWorkerJob {
         let coordinator = redb_coordinator(dir, &[]);
         let id = last_line(&submitter(&coordinator).ok(&["submit", spec.to_str().unwrap()]));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id, dir));
+        let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
         OneWorkerJob {
             coordinator,
             id,
             identity,
             generation,
-            dir: dir.to_owned(),
             rt,
         }
     }
@@ -553,11 +545,10 @@ impl OneWorkerJob {
     /// Commits the checkpoint of global step `step` (in its epoch: [`setup`]'s jobs have 3
     /// steps each), with what its steps trained.
     fn commit(&self, step: u64, trained: Vec<pb::EpochTally>) -> pb::CommitCheckpointResponse {
-        let mut request = first_checkpoint(&self.identity, &self.id, self.generation, &self.dir);
-        let checkpoints = self.dir.join("checkpoints");
+        let mut request = first_checkpoint(&self.identity, &self.id, self.generation);
         request.checkpoint = Some(pb::CheckpointRef {
             epoch: (step / 3) as u32,
-            ..checkpoint_ref(&checkpoints, &self.id, self.generation, step)
+            ..checkpoint_ref(self.generation, step)
         });
         request.trained = trained;
         self.rt.block_on(async {
@@ -578,7 +569,7 @@ fn state_survives_kill_9(store: &str, dir: &Path) {
     let cli = submitter(&coordinator);
     let id = last_line(&cli.ok(&["submit", spec.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id, dir));
+    let (identity, generation) = rt.block_on(run_one_worker(&coordinator.url(), &id));
     coordinator.kill9();
 
     let restarted = CoordinatorProcess::start(store, &logs, &["--lease-ttl-ms", "4000"]);
@@ -735,7 +726,7 @@ fn a_lost_worker_ends_the_generation_and_a_new_one_restores_from_the_checkpoint(
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = coordinator.url();
-        let (lost, generation) = run_one_worker(&url, &id, dir.path()).await;
+        let (lost, generation) = run_one_worker(&url, &id).await;
         // The worker stops heartbeating; its lease runs out.
         let mut jobs = job_client(&url, SUBMIT_TOKEN).await;
         let deadline = Instant::now() + Duration::from_secs(10);

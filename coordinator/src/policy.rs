@@ -326,7 +326,6 @@ mod tests {
     fn checkpoint(step: u64, stage_end: bool) -> CheckpointRecord {
         CheckpointRecord {
             id: format!("step-{step}"),
-            path: format!("/ckpt/step-{step}"),
             generation: 1,
             epoch: 0,
             step,

@@ -442,7 +442,6 @@ mod tests {
     fn checkpoint() -> impl Strategy<Value = CheckpointRecord> {
         (
             text(),
-            text(),
             any::<u64>(),
             any::<u32>(),
             any::<u64>(),
@@ -451,10 +450,9 @@ mod tests {
             any::<bool>(),
         )
             .prop_map(
-                |(id, path, generation, epoch, step, stage, committed_at_ms, stage_end)| {
+                |(id, generation, epoch, step, stage, committed_at_ms, stage_end)| {
                     CheckpointRecord {
                         id,
-                        path,
                         generation,
                         epoch,
                         step,

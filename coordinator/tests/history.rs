@@ -32,7 +32,7 @@ async fn a_jobs_curves_survive_a_restart_and_go_back_with_a_restore() {
     let path = dir.path().join("state.redb");
     let store: SharedStore = Arc::new(RedbStore::open(&path).unwrap());
     let coordinator = Coordinator::recover(store, config()).await.unwrap();
-    let (job, root) = submit(&coordinator, dir.path(), 1).await;
+    let (job, _) = submit(&coordinator, dir.path(), 1).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     coordinator
         .heartbeat(
@@ -44,7 +44,7 @@ async fn a_jobs_curves_survive_a_restart_and_go_back_with_a_restore() {
         )
         .await
         .unwrap();
-    let committed = checkpoint(&root, &job, generation, 6);
+    let committed = checkpoint(generation, 6);
     for step in 1..=10 {
         coordinator
             .report_progress(&ranks[0], &job, generation, report(step))

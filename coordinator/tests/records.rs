@@ -162,13 +162,13 @@ async fn a_record_that_does_not_decode_is_set_aside_and_everything_else_is_serve
 async fn a_hostile_rank_0_cannot_grow_the_jobs_records() {
     const BUDGET: usize = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
-    let (coordinator, job, root) = coordinator_with_job(dir.path(), 1).await;
+    let (coordinator, job, _) = coordinator_with_job(dir.path(), 1).await;
     let (ranks, generation) = running(&coordinator, 1).await;
     let mut accepted = 0;
     for step in 1..=10_000u64 {
         let claimed = CheckpointRecord {
             stage_end: true,
-            ..checkpoint(&root, &job, generation, step)
+            ..checkpoint(generation, step)
         };
         let committed = coordinator
             .commit_checkpoint(&ranks[0], &job, generation, claimed, Vec::new())
@@ -228,7 +228,6 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
     let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
     let keep = spec.checkpoint.keep as usize;
     let job = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
-    let root = spec.checkpoint.dir.clone();
     let (ranks, generation) = running(&coordinator, 1).await;
     for epoch in 1..=200u64 {
         let step = epoch * STEPS_PER_EPOCH;
@@ -244,7 +243,7 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
                 &ranks[0],
                 &job,
                 generation,
-                checkpoint(&root, &job, generation, step),
+                checkpoint(generation, step),
                 trained,
             )
             .await

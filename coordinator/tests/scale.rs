@@ -66,7 +66,6 @@ async fn five_hundred_jobs_and_a_1024_rank_job_restart_and_fail_over_within_seco
     std::fs::write(&spec, text).unwrap();
     let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
     let wide = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
-    let root = spec.checkpoint.dir.clone();
     let (ranks, generation) = rendezvous_of(&coordinator, RANKS).await;
     for (rank, worker) in ranks.iter().enumerate() {
         let signs = Signs {
@@ -112,7 +111,7 @@ async fn five_hundred_jobs_and_a_1024_rank_job_restart_and_fail_over_within_seco
                     generation,
                     CheckpointRecord {
                         epoch: step as u32,
-                        ..checkpoint(&root, &wide, generation, step)
+                        ..checkpoint(generation, step)
                     },
                     trained,
                 )

@@ -77,13 +77,13 @@ async fn a_job_below_its_size_takes_idle_workers_at_its_next_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = start_coordinator(dir.path(), config()).await;
     // Workers 1 to 2: it starts on the one there is (no grace in these tests).
-    let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
+    let (job, _) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     assert_eq!(state(&coordinator, &job).await, (JobState::Running, 1));
     // A node comes back.
     let returning = register(&coordinator).await;
     assert_eq!(state(&coordinator, &job).await, (JobState::Running, 1));
-    let committed = checkpoint(&root, &job, generation, 6);
+    let committed = checkpoint(generation, 6);
     coordinator
         .commit_checkpoint(&ranks[0], &job, generation, committed.clone(), Vec::new())
         .await
@@ -110,10 +110,10 @@ async fn a_job_regroups_at_most_once_per_interval_and_never_ahead_of_a_queued_jo
         ..config()
     };
     let coordinator = start_coordinator(dir.path(), hourly).await;
-    let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
+    let (job, _) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     register(&coordinator).await;
-    commit_step_6(&coordinator, &ranks[0], &job, &root, generation).await;
+    commit_step_6(&coordinator, &ranks[0], &job, generation).await;
     assert_eq!(
         state(&coordinator, &job).await,
         (JobState::Running, 1),
@@ -122,11 +122,11 @@ async fn a_job_regroups_at_most_once_per_interval_and_never_ahead_of_a_queued_jo
 
     let dir = tempfile::tempdir().unwrap();
     let coordinator = start_coordinator(dir.path(), config()).await;
-    let (job, root) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
+    let (job, _) = submit(&coordinator, dir.path(), "elastic", (1, 2), 0).await;
     let (ranks, generation) = common::running(&coordinator, 1).await;
     let (queued, _) = submit(&coordinator, dir.path(), "queued", (2, 2), 0).await;
     register(&coordinator).await;
-    commit_step_6(&coordinator, &ranks[0], &job, &root, generation).await;
+    commit_step_6(&coordinator, &ranks[0], &job, generation).await;
     assert_eq!(
         state(&coordinator, &job).await,
         (JobState::Running, 1),
@@ -140,7 +140,6 @@ async fn commit_step_6(
     coordinator: &Coordinator,
     rank_0: &ladder_coordinator::auth::WorkerIdentity,
     job: &str,
-    root: &Path,
     generation: u64,
 ) {
     coordinator
@@ -148,7 +147,7 @@ async fn commit_step_6(
             rank_0,
             job,
             generation,
-            checkpoint(root, job, generation, 6),
+            checkpoint(generation, 6),
             Vec::new(),
         )
         .await

@@ -1,6 +1,7 @@
 //! Where a job's checkpoints live: `checkpoint.dir/JOB/ID`, with ID
 //! `step-{global step, 9 digits}-g{generation}`. The coordinator names these directories and
-//! workers write, restore and delete nothing else. Job and checkpoint ids arrive over the wire
+//! workers write, restore and delete nothing else: each side derives a directory from the job's
+//! spec and the two ids, and no path is ever sent. The ids arrive over the wire
 //! (and the worker token sits on every node), so they are parsed, never joined into a path as
 //! sent: an id of `../../home` must not become a directory to delete.
 
@@ -14,12 +15,6 @@ pub enum LocationError {
     JobId(String),
     #[error("{0:?} is not a checkpoint id (step-NNNNNNNNN-gN)")]
     CheckpointId(String),
-    #[error("checkpoint {id} must be at {expected}, not {found}")]
-    Elsewhere {
-        id: String,
-        expected: String,
-        found: String,
-    },
 }
 
 /// A checkpoint's id: unique within a job even when a rollback repeats steps, since the
@@ -84,25 +79,6 @@ pub fn checkpoint_dir(root: &Path, job_id: &str, id: &str) -> Result<PathBuf, Lo
     Ok(job_dir(root, job_id)?.join(id))
 }
 
-/// Checks that `path`, sent with checkpoint `id` of `job_id`, is the directory
-/// [`checkpoint_dir`] names, and returns that directory.
-pub fn check_checkpoint_path(
-    root: &Path,
-    job_id: &str,
-    id: &str,
-    path: &str,
-) -> Result<PathBuf, LocationError> {
-    let expected = checkpoint_dir(root, job_id, id)?;
-    if Path::new(path) != expected {
-        return Err(LocationError::Elsewhere {
-            id: id.to_owned(),
-            expected: expected.display().to_string(),
-            found: cut(path),
-        });
-    }
-    Ok(expected)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,23 +118,6 @@ mod tests {
             assert!(job_dir(root, job).is_err(), "{job:?} was accepted");
         }
         assert!(checkpoint_dir(root, "job-000001", "..").is_err());
-        assert!(
-            check_checkpoint_path(
-                root,
-                "job-000001",
-                "step-000000010-g1",
-                "/ckpt/job-000001/step-000000010-g1/"
-            )
-            .is_ok(),
-            "the same directory, however it is spelt"
-        );
-        let err = check_checkpoint_path(root, "job-000001", "step-000000010-g1", "/home/user")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/ckpt/job-000001/step-000000010-g1") && err.contains("/home/user"),
-            "{err}"
-        );
         let long = "x".repeat(1 << 20);
         let err = CheckpointId::parse(&long).unwrap_err().to_string();
         assert!(

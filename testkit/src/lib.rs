@@ -462,25 +462,14 @@ impl Registered for pb::RegisterResponse {
 }
 
 /// The reference rank 0 commits for the checkpoint of global step `step` in generation
-/// `generation` of `job_id`, whose spec's `checkpoint.dir` is `checkpoints`: the id and the
-/// path the coordinator names for it.
-pub fn checkpoint_ref(
-    checkpoints: &Path,
-    job_id: &str,
-    generation: u64,
-    step: u64,
-) -> pb::CheckpointRef {
-    let id = ladder_core::location::CheckpointId {
-        generation,
-        global_step: step,
-    }
-    .to_string();
+/// `generation`: the id the coordinator names it by.
+pub fn checkpoint_ref(generation: u64, step: u64) -> pb::CheckpointRef {
     pb::CheckpointRef {
-        path: ladder_core::location::checkpoint_dir(checkpoints, job_id, &id)
-            .expect("a valid job id")
-            .display()
-            .to_string(),
-        id,
+        id: ladder_core::location::CheckpointId {
+            generation,
+            global_step: step,
+        }
+        .to_string(),
         generation,
         step,
         ..Default::default()

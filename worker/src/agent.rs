@@ -595,8 +595,8 @@ fn checked_assignment(
     let root = &spec.checkpoint.dir;
     let checkpoints = location::job_dir(root, job_id).map_err(|e| e.to_string())?;
     let restore_from = match &assignment.restore_from {
-        Some(c) if !c.path.is_empty() => {
-            let dir = location::check_checkpoint_path(root, job_id, &c.id, &c.path)
+        Some(c) if !c.id.is_empty() => {
+            let dir = location::checkpoint_dir(root, job_id, &c.id)
                 .map_err(|e| format!("refusing to restore: {e}"))?;
             Some(trainer::Restore {
                 id: c.id.clone(),
@@ -632,12 +632,15 @@ mod tests {
             restore_from: Some(restore),
             ..Default::default()
         };
-        let ours = ladder_testkit::checkpoint_ref(&root, "job-000001", 1, 4);
+        let ours = ladder_testkit::checkpoint_ref(1, 4);
         let (_, checkpoints, restore) = checked_assignment(&assignment(ours.clone())).unwrap();
         assert_eq!(checkpoints, root.join("job-000001"));
-        assert_eq!(restore.unwrap().dir, Path::new(&ours.path));
-        let theirs = ladder_testkit::checkpoint_ref(&root, "job-000002", 1, 4);
-        let err = checked_assignment(&assignment(theirs)).unwrap_err();
+        assert_eq!(restore.unwrap().dir, root.join("job-000001").join(&ours.id));
+        let forged = pb::CheckpointRef {
+            id: "../../job-000002/step-000000004-g1".into(),
+            ..ours.clone()
+        };
+        let err = checked_assignment(&assignment(forged)).unwrap_err();
         assert!(err.contains("refusing to restore"), "{err}");
         let bad_job = pb::Assignment {
             job_id: "../job-000001".into(),

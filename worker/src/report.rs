@@ -5,7 +5,6 @@
 use crate::checkpoint::Manifest;
 use ladder_collective::AbortHandle;
 use ladder_core::dataset::SKIP_REASONS;
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,7 +47,7 @@ pub trait Events: Send + Sync {
     /// receiver may coalesce.
     fn progress(&self, progress: &Progress, urgent: bool);
     /// Offers a written checkpoint to the coordinator.
-    fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit;
+    fn commit(&self, manifest: &Manifest) -> Commit;
     /// A checkpoint could not be written (training goes on).
     fn checkpoint_failed(&self, error: &str);
 }

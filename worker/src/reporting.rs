@@ -117,7 +117,7 @@ impl Events for ChannelEvents {
         }
     }
 
-    fn commit(&self, manifest: &Manifest, dir: &Path) -> Commit {
+    fn commit(&self, manifest: &Manifest) -> Commit {
         let run = &self.run;
         let request = pb::CommitCheckpointRequest {
             worker: Some(run.worker.clone()),
@@ -125,7 +125,6 @@ impl Events for ChannelEvents {
             generation: run.generation,
             checkpoint: Some(pb::CheckpointRef {
                 id: manifest.id.clone(),
-                path: dir.display().to_string(),
                 generation: manifest.generation,
                 epoch: manifest.epoch,
                 step: manifest.global_step,
@@ -170,7 +169,7 @@ impl Events for ChannelEvents {
 /// whoever else a path names, this worker refuses.
 pub fn delete_retired(retired: &[pb::CheckpointRef], root: &Path, job_id: &str) {
     for old in retired {
-        let dir = match location::check_checkpoint_path(root, job_id, &old.id, &old.path) {
+        let dir = match location::checkpoint_dir(root, job_id, &old.id) {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::error!("refusing to delete a retired checkpoint: {e}");
@@ -256,27 +255,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("checkpoints");
         let job = "job-000001";
-        let ours = ladder_testkit::checkpoint_ref(&root, job, 1, 4);
+        let ours = ladder_testkit::checkpoint_ref(1, 4);
+        let ours_dir = root.join(job).join(&ours.id);
+        let other_jobs = root.join("job-000002").join(&ours.id);
         let precious = dir.path().join("home");
-        let other_job = ladder_testkit::checkpoint_ref(&root, "job-000002", 1, 4);
-        for d in [Path::new(&ours.path), &precious, Path::new(&other_job.path)] {
+        for d in [&ours_dir, &other_jobs, &precious] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let forged = [
+        let forged = ["../../home", "step-000000004-g1/../../../home", "/home"].map(|id| {
             pb::CheckpointRef {
-                path: precious.display().to_string(),
+                id: id.into(),
                 ..ours.clone()
-            },
-            pb::CheckpointRef {
-                id: "../../home".into(),
-                path: precious.display().to_string(),
-                ..ours.clone()
-            },
-            other_job.clone(),
-        ];
+            }
+        });
         delete_retired(&forged, &root, job);
-        assert!(precious.is_dir() && Path::new(&other_job.path).is_dir());
+        assert!(precious.is_dir() && ours_dir.is_dir());
         delete_retired(std::slice::from_ref(&ours), &root, job);
-        assert!(!Path::new(&ours.path).exists());
+        assert!(!ours_dir.exists(), "its own retired checkpoint is deleted");
+        assert!(other_jobs.is_dir(), "another job's is not");
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use common::{Cluster, EPOCHS, STEPS_PER_EPOCH, assert_every_sample_once, write_spec};
 use ladder_core::stage::StagePlan;
 use ladder_proto::v1 as pb;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Trains the cluster spec on `workers` workers started with `flags`.
@@ -117,7 +117,8 @@ fn train_with(workers: u32, flags: &[&str]) {
     // kept the three stage ends (steps 20, 40, 60) and deleted the others (25, 50) from disk.
     let committed: Vec<u64> = last.checkpoints.iter().map(|c| c.step).collect();
     assert_eq!(committed, vec![20, 40, 60], "{:?}", last.checkpoints);
-    let job_dir = Path::new(&last.checkpoints[0].path).parent().unwrap();
+    let first = common::checkpoint_dir(last, &last.checkpoints[0]);
+    let job_dir = first.parent().unwrap();
     // Beside the checkpoints: the job's TensorBoard run.
     let mut on_disk: Vec<String> = std::fs::read_dir(job_dir)
         .unwrap()
@@ -132,7 +133,7 @@ fn train_with(workers: u32, flags: &[&str]) {
         "retired checkpoints are deleted, kept ones are not"
     );
     for c in &last.checkpoints {
-        ladder_worker::checkpoint::verify(Path::new(&c.path))
+        ladder_worker::checkpoint::verify(&common::checkpoint_dir(last, c))
             .expect("a committed checkpoint verifies");
     }
 }

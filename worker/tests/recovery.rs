@@ -65,7 +65,7 @@ const FLOOR: f64 = 1e-2;
 /// largest magnitude (at least [`FLOOR`]).
 fn model_difference(a: &pb::Job, b: &pb::Job) -> f64 {
     let read = |job: &pb::Job| {
-        let dir = Path::new(&job.checkpoints.last().unwrap().path);
+        let dir = common::checkpoint_dir(job, job.checkpoints.last().unwrap());
         let mut tensors = state_io::read(&dir.join("model.safetensors")).expect("model file");
         tensors.sort_by(|x, y| x.0.cmp(&y.0));
         tensors
@@ -380,7 +380,7 @@ fn assert_a_damaged_checkpoint_is_reported_and_the_previous_one_used(
         [.., previous, bad] => (bad.clone(), previous.clone()),
         _ => panic!("two committed checkpoints: {:?}", job.checkpoints),
     };
-    damage(Path::new(&bad.path));
+    damage(&common::checkpoint_dir(&job, &bad));
     cluster.add_workers(2);
     cluster.resume(&id, 0);
     let job = cluster.wait_until_ended(&id, TIMEOUT);

@@ -8,7 +8,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::policy;
 use crate::records::{self, CheckpointRecord, Incident, JobState, LedgerEntry};
 use ladder_core::cut;
-use ladder_core::location::{self, CheckpointId};
+use ladder_core::location::CheckpointId;
 use ladder_core::stage::StagePlan;
 
 impl Coordinator {
@@ -101,18 +101,8 @@ impl Coordinator {
                 Ok(placed) => placed,
                 Err(why) => return Ok(Err(why)),
             };
-        let path = match location::check_checkpoint_path(
-            &spec.checkpoint.dir,
-            job_id,
-            &checkpoint.id,
-            &checkpoint.path,
-        ) {
-            Ok(path) => path.display().to_string(),
-            Err(e) => return Ok(Err(e.to_string())),
-        };
         let mut job = job.clone();
         let checkpoint = CheckpointRecord {
-            path,
             generation,
             committed_at_ms: now_ms(),
             stage,

@@ -188,11 +188,10 @@ pub fn progress_at(global_step: u64) -> ProgressRecord {
 }
 
 /// The checkpoint of global step `step`, in the epoch that step is in.
-pub fn checkpoint(root: &Path, job: &str, generation: u64, step: u64) -> CheckpointRecord {
-    let r = checkpoint_ref(root, job, generation, step);
+pub fn checkpoint(generation: u64, step: u64) -> CheckpointRecord {
+    let r = checkpoint_ref(generation, step);
     CheckpointRecord {
         id: r.id,
-        path: r.path,
         generation,
         epoch: (step / STEPS_PER_EPOCH) as u32,
         step,

@@ -140,7 +140,7 @@ impl Trainer {
                 );
             }
             match written {
-                Ok((dir, manifest)) => match events.commit(&manifest, &dir) {
+                Ok((dir, manifest)) => match events.commit(&manifest) {
                     Commit::Committed => {
                         let mut untallied = untallied.lock().expect("tally lock");
                         for (epoch, sent) in &manifest.trained {

@@ -374,7 +374,15 @@ pub fn state_of(job: &pb::Job) -> pb::JobState {
 /// The final checkpoint's manifest (the last committed one).
 pub fn final_manifest(job: &pb::Job) -> ladder_worker::checkpoint::Manifest {
     let last = job.checkpoints.last().expect("a committed checkpoint");
-    ladder_worker::checkpoint::verify(Path::new(&last.path)).expect("the final checkpoint verifies")
+    ladder_worker::checkpoint::verify(&checkpoint_dir(job, last))
+        .expect("the final checkpoint verifies")
+}
+
+/// Where `job`'s checkpoint `c` is, as the coordinator and its workers both derive it.
+pub fn checkpoint_dir(job: &pb::Job, c: &pb::CheckpointRef) -> PathBuf {
+    let spec = ladder_core::spec::JobSpec::parse(&job.spec_toml, &job.id).expect("its spec");
+    ladder_core::location::checkpoint_dir(&spec.checkpoint.dir, &job.id, &c.id)
+        .expect("a checkpoint's directory")
 }
 
 /// Every sample of every epoch trained exactly once in the job's committed history (the
