@@ -106,8 +106,13 @@ enum Command {
     /// no token needed): exit 0 and print its URL if one does, 1 if none does. For readiness
     /// probes and scripts that wait for a coordinator.
     Health,
-    /// List jobs, one per line, starting with the id.
-    List,
+    /// List the jobs that are queued or training, one per line, starting with the id (page by
+    /// page: any number of jobs).
+    List {
+        /// Ended jobs (completed, failed, cancelled) too.
+        #[arg(long)]
+        all: bool,
+    },
     /// List registered workers, one per line, starting with the id: name, host, device, the
     /// job and rank it trains (or idle), and its signs of life.
     Workers,
@@ -618,16 +623,32 @@ async fn run(cli: Cli) -> Result<()> {
             let job = printable_job(job);
             say!("{}", job_details(&job));
         }
-        Command::List => {
+        Command::List { all } => {
             let mut client = connect(&cli).await?;
-            let jobs = client
-                .list_jobs(pb::ListJobsRequest {})
-                .await
-                .map_err(|s| rpc_error("list", s))?
-                .into_inner()
-                .jobs;
-            for job in jobs.into_iter().map(printable_job) {
-                say!("{}", job_line(&job));
+            let mut request = pb::ListJobsRequest {
+                include_ended: *all,
+                ..Default::default()
+            };
+            let mut ended_left_out = 0;
+            loop {
+                let page = client
+                    .list_jobs(request.clone())
+                    .await
+                    .map_err(|s| rpc_error("list", s))?
+                    .into_inner();
+                for job in page.jobs.into_iter().map(printable_job) {
+                    say!("{}", job_line(&job));
+                }
+                ended_left_out += u64::from(page.ended_left_out);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            if ended_left_out > 0 {
+                eprintln!(
+                    "({ended_left_out} ended job(s) not listed: `ladder list --all` lists them)"
+                );
             }
         }
         Command::Workers => {

@@ -211,6 +211,13 @@ fn submit_list_status_cancel_and_resume_through_the_cli() {
         assert!(cli.fails(&["delete", &id]).contains("only an ended job"));
         cli.ok(&["cancel", &id]);
     }
+    // Ended jobs are listed on request only; the listing says they are left out.
+    let listed = cli.run(&["list"]);
+    assert!(listed.status.success() && listed.stdout.is_empty());
+    let note = String::from_utf8(listed.stderr).unwrap();
+    assert!(note.contains("1 ended job(s) not listed"), "{note}");
+    let all = cli.ok(&["list", "--all"]);
+    assert!(all.starts_with(&format!("{id}  cancelled")), "{all}");
     cli.ok(&["delete", &id]);
     assert!(cli.fails(&["status", &id]).contains("no job"));
     assert_eq!(cli.ok(&["list"]), "");
@@ -247,7 +254,7 @@ fn tokens_are_required_and_roles_are_separate() {
         let url = coordinator.url();
         let mut anonymous = job_client(&url, "").await;
         let status = anonymous
-            .list_jobs(pb::ListJobsRequest {})
+            .list_jobs(pb::ListJobsRequest::default())
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);

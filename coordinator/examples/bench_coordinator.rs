@@ -7,9 +7,11 @@
 //! workers) it measures heartbeat latency, progress latency from 64 running one-rank jobs,
 //! and, with 10,000 workers, the time from submitting a 1,024-rank job to its last rank
 //! holding the completed rendezvous; the coordinator's CPU time and peak memory; and how many
-//! leases expired that should not have (every simulated worker heartbeats on time). Beside
-//! them, in the same run, the etcd write path alone: a leader-guarded transaction of a job's
-//! size, the floor every decision on etcd stands on.
+//! leases expired that should not have (every simulated worker heartbeats on time). Once more
+//! on redb with 1,000 workers and [`READERS`] clients polling `/metrics` and `/api/jobs`
+//! (operators' pages, Prometheus): readers take a published snapshot, so heartbeats must not
+//! notice them. Beside them, in the same run, the etcd write path alone: a leader-guarded
+//! transaction of a job's size, the floor every decision on etcd stands on.
 
 use ladder_proto::v1 as pb;
 use ladder_testkit::{
@@ -39,6 +41,10 @@ const SMALL_JOBS: usize = 64;
 const SETTLE: Duration = Duration::from_secs(6);
 const QUIET: Duration = Duration::from_secs(12);
 const BUSY: Duration = Duration::from_secs(15);
+/// Clients polling `/metrics` and `/api/jobs` in the readers' scenario, each every
+/// [`READ_EVERY`].
+const READERS: usize = 50;
+const READ_EVERY: Duration = Duration::from_millis(100);
 
 /// Latencies in microseconds.
 #[derive(Default)]
@@ -141,6 +147,9 @@ struct Outcome {
     server_quiet_p99: Option<f64>,
     server_busy_p99: Option<f64>,
     progress: (usize, f64, f64, f64),
+    /// Clients polling the HTTP face, and their reads' latencies.
+    readers: usize,
+    reads: (usize, f64, f64, f64),
     big_job_running: Option<Duration>,
     cpu_seconds: f64,
     /// CPU seconds of this process, the simulated workers, over the same time.
@@ -161,6 +170,48 @@ struct Shared {
     /// Set while the jobs run: heartbeats then count as "busy".
     busy: AtomicBool,
     busy_heartbeats: Latencies,
+    reads: Latencies,
+}
+
+/// `GET path` with the submit token on a new connection, as a page or a scraper polls;
+/// returns the body's length.
+async fn read(http: &str, path: &str) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http)
+        .await
+        .expect("reaching /api");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {SUBMIT_TOKEN}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "GET {path}: {}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+    answer.len()
+}
+
+/// One polling client: `/metrics` and `/api/jobs` in turn, every [`READ_EVERY`], from when
+/// heartbeats are measured until the scenario stops.
+async fn reader(http: String, offset: Duration, shared: Arc<Shared>) {
+    tokio::time::sleep(offset).await;
+    let mut every = tokio::time::interval(READ_EVERY);
+    for path in ["/metrics", "/api/jobs?include_ended=true"].iter().cycle() {
+        every.tick().await;
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if !shared.settled.load(Ordering::Relaxed) {
+            continue;
+        }
+        let sent = Instant::now();
+        read(&http, path).await;
+        shared.reads.record(sent);
+    }
 }
 
 /// Steps per epoch of a one-rank job: the dataset's 4,800 samples in global batches of 16 (the
@@ -344,11 +395,12 @@ async fn scenario(
     dir: &Path,
     manifest: &Path,
     workers: usize,
+    readers: usize,
 ) -> Outcome {
-    let logs = dir.join(format!("logs-{store_name}-{workers}"));
+    let logs = dir.join(format!("logs-{store_name}-{workers}-{readers}"));
     // Each scenario's jobs write their checkpoints and TensorBoard runs apart: job ids start
     // again with each store.
-    let jobs_dir = dir.join(format!("jobs-{store_name}-{workers}"));
+    let jobs_dir = dir.join(format!("jobs-{store_name}-{workers}-{readers}"));
     std::fs::create_dir_all(&jobs_dir).unwrap();
     let http = format!("127.0.0.1:{}", ladder_testkit::free_port());
     let coordinator = CoordinatorProcess::start(
@@ -388,7 +440,14 @@ async fn scenario(
         progress: Latencies::default(),
         busy: AtomicBool::new(false),
         busy_heartbeats: Latencies::default(),
+        reads: Latencies::default(),
     });
+    let polling: Vec<_> = (0..readers)
+        .map(|i| {
+            let offset = READ_EVERY.mul_f64(i as f64 / readers as f64);
+            tokio::spawn(reader(http.clone(), offset, shared.clone()))
+        })
+        .collect();
     let (rendezvoused_tx, mut rendezvoused) = tokio::sync::mpsc::unbounded_channel();
     let rendezvoused_tx = Arc::new(rendezvoused_tx);
 
@@ -482,7 +541,7 @@ async fn scenario(
     shared.stop.store(true, Ordering::SeqCst);
     let (cpu_after, peak_rss_mb) = usage(pid);
     let (load_after, _) = usage(std::process::id());
-    for s in simulated {
+    for s in simulated.into_iter().chain(polling) {
         s.abort();
     }
     let log = std::fs::read_dir(&logs)
@@ -500,6 +559,8 @@ async fn scenario(
         server_quiet_p99: busy_from.quantile_since(&settled, 0.99),
         server_busy_p99: busy_to.quantile_since(&busy_from, 0.99),
         progress: shared.progress.summary(),
+        readers,
+        reads: shared.reads.summary(),
         big_job_running,
         cpu_seconds: cpu_after - cpu_before,
         load_cpu_seconds: load_after - load_before,
@@ -548,13 +609,16 @@ async fn main() {
             dir.path().join(format!("redb-{workers}.redb")).display()
         );
         eprintln!("bench: redb, {workers} workers");
-        outcomes.push(scenario("redb", &store, dir.path(), &manifest, workers).await);
+        outcomes.push(scenario("redb", &store, dir.path(), &manifest, workers, 0).await);
     }
+    eprintln!("bench: redb, 1000 workers, {READERS} readers");
+    let store = format!("redb:{}", dir.path().join("redb-readers.redb").display());
+    let read = scenario("redb", &store, dir.path(), &manifest, 1_000, READERS).await;
     let etcd = Etcd::start();
     for &workers in &sizes {
         eprintln!("bench: etcd, {workers} workers");
         // One etcd, a fresh key space per run: the runs' records do not meet.
-        outcomes.push(scenario("etcd", &etcd.store(), dir.path(), &manifest, workers).await);
+        outcomes.push(scenario("etcd", &etcd.store(), dir.path(), &manifest, workers, 0).await);
         let mut raw = etcd_client::Client::connect([format!("http://{}", etcd.endpoint)], None)
             .await
             .unwrap();
@@ -647,7 +711,30 @@ async fn main() {
         .unwrap_or(f64::INFINITY)
         .max(redb.server_busy_p99.unwrap_or(f64::INFINITY));
     let etcd_big = find("etcd", 10_000).big_job_running;
-    let expired: u64 = outcomes.iter().map(|o| o.wrongly_expired).sum();
+    // The readers' scenario against the same one without them: the coordinator's own p99 over
+    // the whole measured span (before and while jobs run).
+    let server = |o: &Outcome| {
+        o.server_quiet_p99
+            .unwrap_or(f64::INFINITY)
+            .max(o.server_busy_p99.unwrap_or(f64::INFINITY))
+    };
+    let (alone, with_readers) = (server(find("redb", 1_000)), server(&read));
+    println!(
+        "readers: {} clients polling /metrics and /api/jobs every {} ms, {} reads p50/p99/max \
+         {}; heartbeat ms p50/p99/max at the workers {} (without readers {}), server p99 \
+         {with_readers:.3} (without readers {alone:.3})",
+        read.readers,
+        READ_EVERY.as_millis(),
+        read.reads.0,
+        ms(read.reads),
+        ms(read.quiet_heartbeats),
+        ms(find("redb", 1_000).quiet_heartbeats),
+    );
+    let expired: u64 = outcomes
+        .iter()
+        .chain([&read])
+        .map(|o| o.wrongly_expired)
+        .sum();
     let goals = [
         (
             format!(
@@ -662,6 +749,14 @@ async fn main() {
                 etcd_big.map_or("never".to_owned(), |d| format!("{:.3} s", d.as_secs_f64()))
             ),
             etcd_big.is_some_and(|d| d < Duration::from_secs(2)),
+        ),
+        (
+            format!(
+                "heartbeat p99 in the coordinator with {READERS} readers polling: {with_readers:.3} \
+                 ms, {:.2}x the {alone:.3} ms without them (goal: within 20%)",
+                with_readers / alone
+            ),
+            with_readers <= alone * 1.2,
         ),
         (
             format!("leases expired wrongly: {expired} (goal: none)"),

@@ -11,16 +11,15 @@
 use crate::auth::Tokens;
 use crate::clock::now_ms;
 use crate::connections;
-use crate::records::Incident;
 use crate::serving::Serving;
-use crate::view::{JobView, WorkerView};
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use serde_json::{Value, json};
+use ladder_proto::v1 as pb;
+use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,9 +105,8 @@ async fn metrics(State(served): State<Served>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let jobs = coordinator.list().await;
-    let workers = coordinator.workers().await;
-    let text = crate::metrics::render(coordinator.metrics(), &jobs, &workers, now_ms());
+    let shown = coordinator.snapshot();
+    let text = crate::metrics::render(coordinator.metrics(), &shown, now_ms());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -131,111 +129,50 @@ async fn require_read_token(
     (StatusCode::UNAUTHORIZED, refused).into_response()
 }
 
-async fn jobs(State(served): State<Served>) -> Response {
+/// `/api/jobs`' query: `ListJobsRequest`'s fields, by the same names.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ListQuery {
+    page_size: u32,
+    page_token: String,
+    include_ended: bool,
+}
+
+/// A page of jobs: `ListJobsResponse` as JSON, with the coordinator's clock.
+async fn jobs(State(served): State<Served>, Query(query): Query<ListQuery>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let jobs: Vec<Value> = coordinator.list().await.iter().map(job_json).collect();
-    Json(json!({ "jobs": jobs, "now_ms": now_ms() })).into_response()
+    let page = coordinator.snapshot().page(&pb::ListJobsRequest {
+        page_size: query.page_size,
+        page_token: query.page_token,
+        include_ended: query.include_ended,
+    });
+    let mut body = json!(page);
+    body["now_ms"] = json!(now_ms());
+    Json(body).into_response()
 }
 
+/// One job (`Job` as JSON) with its curves.
 async fn job(State(served): State<Served>, Path(id): Path<String>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let (view, history) = match (coordinator.get(&id).await, coordinator.history(&id).await) {
-        (Ok(view), Ok(history)) => (view, history),
-        (Err(e), _) | (_, Err(e)) => return (StatusCode::NOT_FOUND, e.to_string()).into_response(),
-    };
-    let mut job = job_json(&view);
-    job["history"] = serde_json::to_value(&history).expect("history serializes");
-    job["checkpoints"] = view
-        .record
-        .checkpoints
-        .iter()
-        .map(|c| {
-            json!({
-                "id": c.id, "step": c.step, "epoch": c.epoch + 1, "stage": c.stage + 1,
-                "stage_end": c.stage_end, "committed_at_ms": c.committed_at_ms,
-            })
-        })
-        .collect();
-    Json(json!({ "job": job, "now_ms": now_ms() })).into_response()
+    match (coordinator.get(&id).await, coordinator.history(&id).await) {
+        (Ok(job), Ok(history)) => {
+            Json(json!({ "job": *job, "history": history, "now_ms": now_ms() })).into_response()
+        }
+        (Err(e), _) | (_, Err(e)) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    }
 }
 
+/// Every worker: `ListWorkersResponse` as JSON.
 async fn workers(State(served): State<Served>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let workers: Vec<Value> = coordinator
-        .workers()
-        .await
-        .iter()
-        .map(worker_json)
-        .collect();
-    Json(json!({ "workers": workers })).into_response()
-}
-
-/// A job as the page shows it (stage and epoch 1-based, as `ladder status`).
-fn job_json(view: &JobView) -> Value {
-    let job = &view.record;
-    let p = &job.progress;
-    let incidents: serde_json::Map<String, Value> = Incident::ALL
-        .iter()
-        .map(|kind| {
-            let count = job.incidents.get(kind.name()).copied().unwrap_or(0);
-            (kind.name().to_owned(), json!(count))
-        })
-        .collect();
-    json!({
-        "id": job.id,
-        "name": job.name,
-        "state": job.state.name(),
-        "generation": job.generation,
-        "stage": p.stage.saturating_add(1),
-        "stages": job.stage_count,
-        "epoch": p.epoch.saturating_add(1),
-        "epochs": job.epochs,
-        "step": p.step,
-        "steps_per_epoch": p.steps_per_epoch,
-        "global_step": p.global_step,
-        "loss": p.loss,
-        "learning_rate": p.learning_rate,
-        "images_per_second": p.images_per_second,
-        "image_size": p.image_size,
-        "eta_seconds": p.eta_seconds,
-        "eval": (p.eval_epoch > 0).then(|| json!({
-            "epoch": p.eval_epoch, "top1": p.eval_top1, "top5": p.eval_top5,
-        })),
-        "graph_builds": p.graph_builds,
-        "workers": job.workers,
-        "message": job.message,
-        "waiting": view.waiting,
-        "last_incident": job.last_incident,
-        "incidents": incidents,
-        "checkpoints_committed": job.checkpoints_committed,
-        "created_at_ms": job.created_at_ms,
-        "updated_at_ms": job.updated_at_ms,
-    })
-}
-
-fn worker_json(view: &WorkerView) -> Value {
-    let w = &view.member;
-    json!({
-        "id": w.record.id,
-        "name": w.record.name,
-        "hostname": w.record.hostname,
-        "device": w.record.device,
-        "job": w.assignment.as_ref().map(|a| &a.job_id),
-        "rank": w.assignment.as_ref().map(|a| a.rank),
-        "generation": w.assignment.as_ref().map(|a| a.generation),
-        "leaving": w.leaving,
-        "heard_from": w.heard_from,
-        "in_collective": w.in_collective,
-        "data_wait": w.data_wait,
-        "lease_remaining_ms": view.lease_remaining_ms,
-        "quiet_ms": view.quiet_ms,
-    })
+    let workers = coordinator.snapshot().workers.clone();
+    Json(json!(pb::ListWorkersResponse { workers })).into_response()
 }
 
 /// A TLS server configuration from PEM files' contents (a certificate chain and its key).

@@ -167,10 +167,10 @@ async fn drain(coordinator: &Coordinator, within: Duration) {
     let mut waited = false;
     loop {
         let training = coordinator
-            .workers()
-            .await
+            .snapshot()
+            .workers
             .iter()
-            .filter(|w| w.member.assignment.is_some())
+            .filter(|w| !w.job_id.is_empty())
             .count();
         let now = tokio::time::Instant::now();
         let pause = match training {

@@ -16,8 +16,9 @@
 //! `honor_labels: true` (as for a Pushgateway): the README's example says so.
 
 use crate::records::{Incident, JobState};
-use crate::view::{JobView, WorkerView};
+use crate::view::Snapshot;
 use ladder_core::dataset::SKIP_REASONS;
+use ladder_proto::v1 as pb;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -182,9 +183,9 @@ const STATES: [JobState; 6] = [
     JobState::Cancelled,
 ];
 
-/// The metrics text for a scrape: `metrics`, and the jobs and workers as they are at `now_ms`
+/// The metrics text for a scrape: `metrics`, and the jobs and workers `shown` at `now_ms`
 /// (wall clock, as checkpoints' commit times are).
-pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_ms: i64) -> String {
+pub fn render(metrics: &Metrics, shown: &Snapshot, now_ms: i64) -> String {
     let mut registry = Registry::with_prefix("ladder");
     {
         let own = registry.sub_registry_with_prefix("coordinator");
@@ -320,9 +321,9 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
         Some(Unit::Seconds),
     );
 
-    for view in jobs {
-        let job = &view.record;
-        if job.state.is_terminal() && now_ms - job.updated_at_ms > ENDED_JOBS_SHOWN_FOR_MS {
+    for job in shown.jobs.values() {
+        let job_state = pb::JobState::of(job.state);
+        if job_state.is_terminal() && now_ms - job.updated_at_ms > ENDED_JOBS_SHOWN_FOR_MS {
             continue;
         }
         let id = job.id.as_str();
@@ -337,7 +338,7 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
                     job: id.to_owned(),
                     state: state.name(),
                 })
-                .set(i64::from(state == job.state));
+                .set(i64::from(state == job_state));
         }
         for kind in Incident::ALL {
             let count = job.incidents.get(kind.name()).copied().unwrap_or(0);
@@ -351,7 +352,8 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
         committed
             .get_or_create(&JobLabel { job: id.to_owned() })
             .inc_by(job.checkpoints_committed);
-        for (reason, count) in SKIP_REASONS.iter().zip(view.skipped) {
+        for reason in SKIP_REASONS.iter() {
+            let count = job.skipped.get(*reason).copied().unwrap_or(0);
             skips
                 .get_or_create(&SkipLabels {
                     job: id.to_owned(),
@@ -359,21 +361,21 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
                 })
                 .inc_by(count);
         }
-        let p = &job.progress;
+        let p = &job.progress.unwrap_or_default();
         stage.set(id, f64::from(p.stage.saturating_add(1)));
         stages.set(id, f64::from(job.stage_count));
         image_size.set(id, f64::from(p.image_size));
         epoch.set(id, f64::from(p.epoch.saturating_add(1)));
         epochs.set(id, f64::from(job.epochs));
         step.set(id, p.global_step as f64);
-        if let Some(spec) = &view.spec {
-            samples.set(id, p.global_step as f64 * f64::from(spec.batch.global));
+        if job.global_batch > 0 {
+            samples.set(id, p.global_step as f64 * f64::from(job.global_batch));
         }
         skipped.set(
             id,
-            job.trained()
+            job.trained
                 .iter()
-                .fold(0u64, |sum, &(_, _, _, s)| sum.saturating_add(s)) as f64,
+                .fold(0u64, |sum, t| sum.saturating_add(t.skipped)) as f64,
         );
         loss.set(id, f64::from(p.loss));
         speed.set(id, f64::from(p.images_per_second));
@@ -401,11 +403,11 @@ pub fn render(metrics: &Metrics, jobs: &[JobView], workers: &[WorkerView], now_m
     for state in ["idle", "training", "leaving", "not_heard_from"] {
         pool.get_or_create(&WorkerStateLabel { state }).set(0);
     }
-    for w in workers {
-        let state = match &w.member {
-            m if !m.heard_from => "not_heard_from",
-            m if m.leaving => "leaving",
-            m if m.assignment.is_some() => "training",
+    for w in &shown.workers {
+        let state = match w {
+            w if !w.heard_from => "not_heard_from",
+            w if w.leaving => "leaving",
+            w if !w.job_id.is_empty() => "training",
             _ => "idle",
         };
         pool.get_or_create(&WorkerStateLabel { state }).inc();
@@ -477,7 +479,7 @@ mod tests {
         );
         metrics.observe_rpc("/made.up/Anything", Duration::from_millis(1));
         metrics.observe_store(Duration::from_millis(3), 2048);
-        let text = render(&metrics, &[], &[], 0);
+        let text = render(&metrics, &Snapshot::default(), 0);
         assert!(
             text.contains("ladder_coordinator_rpc_duration_seconds_count{method=\"Heartbeat\"} 1"),
             "{text}"

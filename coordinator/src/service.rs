@@ -7,7 +7,6 @@ use crate::records::LedgerEntry;
 use crate::serving::{Serving, Term};
 use crate::state::Coordinator;
 use crate::state::{ProgressReport, RendezvousOutcome, Signs};
-use crate::view::JobView;
 use ladder_core::dataset::SKIP_REASONS;
 use ladder_proto::v1 as pb;
 use std::pin::Pin;
@@ -28,37 +27,6 @@ impl From<CoordinatorError> for Status {
             e @ CoordinatorError::Store(_) => Status::unavailable(e.to_string()),
             e @ CoordinatorError::Corrupt { .. } => Status::internal(e.to_string()),
         }
-    }
-}
-
-pub fn job_to_pb(view: &JobView) -> pb::Job {
-    let job = &view.record;
-    pb::Job {
-        id: job.id.clone(),
-        name: job.name.clone(),
-        state: job.state as i32,
-        generation: job.generation,
-        spec_toml: job.spec_toml.clone(),
-        workers: job.workers.clone(),
-        progress: Some(job.progress),
-        checkpoints: job.checkpoints.clone(),
-        message: job.message.clone(),
-        last_incident: job.last_incident.clone(),
-        waiting: view.waiting.clone(),
-        trained: job
-            .trained()
-            .into_iter()
-            .map(|(epoch, samples, digest, skipped)| pb::EpochTally {
-                epoch,
-                samples,
-                digest,
-                skipped,
-            })
-            .collect(),
-        created_at_ms: job.created_at_ms,
-        updated_at_ms: job.updated_at_ms,
-        stage_count: job.stage_count,
-        epochs: job.epochs,
     }
 }
 
@@ -163,9 +131,7 @@ impl pb::job_service_server::JobService for JobApi {
             .coordinator()?
             .submit(&request.into_inner().spec_toml)
             .await?;
-        Ok(Response::new(pb::SubmitJobResponse {
-            job: Some(job_to_pb(&job)),
-        }))
+        Ok(Response::new(pb::SubmitJobResponse { job: Some(job) }))
     }
 
     async fn get_job(
@@ -173,54 +139,22 @@ impl pb::job_service_server::JobService for JobApi {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let job = self.0.coordinator()?.get(&request.into_inner().id).await?;
-        Ok(Response::new(job_to_pb(&job)))
+        Ok(Response::new(Arc::unwrap_or_clone(job)))
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self
-            .0
-            .coordinator()?
-            .list()
-            .await
-            .iter()
-            .map(job_to_pb)
-            .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        let shown = self.0.coordinator()?.snapshot();
+        Ok(Response::new(shown.page(&request.into_inner())))
     }
 
     async fn list_workers(
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self
-            .0
-            .coordinator()?
-            .workers()
-            .await
-            .into_iter()
-            .map(|view| {
-                let w = view.member;
-                let assignment = w.assignment.unwrap_or_default();
-                pb::WorkerInfo {
-                    id: w.record.id,
-                    name: w.record.name,
-                    hostname: w.record.hostname,
-                    device: w.record.device,
-                    job_id: assignment.job_id,
-                    generation: assignment.generation,
-                    rank: assignment.rank,
-                    leaving: w.leaving,
-                    heard_from: w.heard_from,
-                    registered_at_ms: w.record.registered_at_ms,
-                    lease_remaining_ms: view.lease_remaining_ms,
-                    quiet_ms: view.quiet_ms,
-                    in_collective: w.in_collective,
-                }
-            })
-            .collect();
+        let workers = self.0.coordinator()?.snapshot().workers.clone();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
@@ -233,7 +167,7 @@ impl pb::job_service_server::JobService for JobApi {
             .coordinator()?
             .cancel(&request.into_inner().id)
             .await?;
-        Ok(Response::new(job_to_pb(&job)))
+        Ok(Response::new(job))
     }
 
     async fn delete_job(
@@ -259,7 +193,7 @@ impl pb::job_service_server::JobService for JobApi {
             .coordinator()?
             .resume(&r.id, checkpoint, workers)
             .await?;
-        Ok(Response::new(job_to_pb(&job)))
+        Ok(Response::new(job))
     }
 
     type WatchJobStream = JobEvents;
@@ -277,10 +211,10 @@ impl pb::job_service_server::JobService for JobApi {
             let mut term_ends = std::pin::pin!(term_ends(term, coordinator.clone()));
             let mut job = first;
             loop {
-                let ended = job.record.state.is_terminal();
+                let ended = pb::JobState::of(job.state).is_terminal();
                 if tx
                     .send(Ok(pb::JobEvent {
-                        job: Some(job_to_pb(&job)),
+                        job: Some(pb::Job::clone(&job)),
                     }))
                     .await
                     .is_err()

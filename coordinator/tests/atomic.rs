@@ -42,7 +42,7 @@ async fn a_store_failure_in_the_middle_of_a_schedule_assigns_nobody() {
     store.fail_writes_to(Some("jobs/"));
     workers.push(register(&coordinator).await);
     assert_eq!(assignments(&coordinator, &workers).await, vec![None; 4]);
-    let queued = coordinator.get(&job).await.unwrap().record;
+    let queued = coordinator.record(&job).await.unwrap();
     assert_eq!((queued.state, queued.generation), (JobState::Queued, 0));
     assert!(queued.workers.is_empty());
     for w in &workers {
@@ -126,27 +126,27 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
         .await
         .unwrap();
     coordinator.tick().await.unwrap_err();
-    let still = coordinator.get(&job).await.unwrap().record;
+    let still = coordinator.record(&job).await.unwrap();
     assert_eq!(still.state, JobState::Rendezvous);
     assert_eq!(still.workers.len(), 2);
     // Healed: the worker is forgotten and the generation ends, together.
     store.fail_writes_to(None);
     coordinator.tick().await.unwrap();
-    let ended = coordinator.get(&job).await.unwrap().record;
+    let ended = coordinator.record(&job).await.unwrap();
     assert_eq!(ended.state, JobState::Queued, "{}", ended.message);
     assert!(ended.message.contains(&workers[1].id), "{}", ended.message);
     let recovered = Coordinator::recover(store.clone() as SharedStore, config())
         .await
         .unwrap();
     let known: Vec<String> = recovered
-        .workers()
-        .await
-        .into_iter()
-        .map(|w| w.member.record.id)
+        .snapshot()
+        .workers
+        .iter()
+        .map(|w| w.id.clone())
         .collect();
     assert_eq!(known, [workers[0].id.clone()]);
     assert_eq!(
-        recovered.get(&job).await.unwrap().record.state,
+        recovered.record(&job).await.unwrap().state,
         JobState::Queued
     );
 }
@@ -206,7 +206,7 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     let recovered = Coordinator::recover(store.clone() as SharedStore, config())
         .await
         .unwrap();
-    let saved = recovered.get(&job).await.unwrap().record;
+    let saved = recovered.record(&job).await.unwrap();
     assert_eq!(saved.state, JobState::Cancelled);
     assert_eq!(saved.progress.global_step, 7);
 }
@@ -233,14 +233,14 @@ async fn a_lease_runs_from_the_last_heartbeat() {
     tokio::time::advance(Duration::from_secs(9)).await;
     coordinator.tick().await.unwrap();
     assert_eq!(
-        coordinator.workers().await.len(),
+        coordinator.snapshot().workers.len(),
         1,
         "9 s since its heartbeat"
     );
     tokio::time::advance(Duration::from_millis(1_100)).await;
     coordinator.tick().await.unwrap();
     assert!(
-        coordinator.workers().await.is_empty(),
+        coordinator.snapshot().workers.is_empty(),
         "10.1 s since its heartbeat: lost"
     );
 }
@@ -277,5 +277,101 @@ async fn registrations_arriving_together_are_written_together() {
     let recovered = Coordinator::recover(store.clone() as SharedStore, config())
         .await
         .unwrap();
-    assert_eq!(recovered.workers().await.len(), 300, "every one was saved");
+    assert_eq!(
+        recovered.snapshot().workers.len(),
+        300,
+        "every one was saved"
+    );
+}
+
+/// `GET path` over HTTP/1.1 at `address` with the submit token: the whole answer.
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: ladder\r\nAuthorization: Bearer submit\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// Readers take the snapshot the decisions publish, never the decision lock: a decision
+/// waiting on a slow store (a disk, an etcd election) holds up no scrape, page or `ladder
+/// list`, and what it decides is shown at once when it is written.
+#[tokio::test]
+async fn readers_are_answered_while_a_decision_waits_for_the_store() {
+    use ladder_coordinator::{auth::Tokens, http, serving::Serving};
+    let dir = tempfile::tempdir().unwrap();
+    let store = FlakyStore::open(dir.path());
+    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap();
+    let (job, _) = submit(&coordinator, dir.path(), 1).await;
+    let serving = Serving::new("starting");
+    serving.lead(coordinator.clone());
+    let tokens = Tokens {
+        submit: "submit".into(),
+        worker: "worker".into(),
+        read: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(http::serve(
+        listener,
+        http::router(serving, tokens),
+        None,
+        http::ConnectionLimits::default(),
+        std::future::pending(),
+    ));
+
+    store.hold_writes(true);
+    let deciding = tokio::spawn({
+        let (coordinator, job) = (coordinator.clone(), job.clone());
+        async move { coordinator.cancel(&job).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!deciding.is_finished(), "the cancel waits for the store");
+    let soon = Duration::from_secs(2);
+    let shown = tokio::time::timeout(soon, coordinator.get(&job))
+        .await
+        .expect("a job is shown while a decision waits")
+        .unwrap();
+    assert_eq!(shown.state(), JobState::Queued);
+    tokio::time::timeout(soon, coordinator.history(&job))
+        .await
+        .expect("curves are shown while a decision waits")
+        .unwrap();
+    for path in [
+        "/metrics".to_owned(),
+        "/api/jobs".to_owned(),
+        format!("/api/jobs/{job}"),
+        "/api/workers".to_owned(),
+    ] {
+        let answer = tokio::time::timeout(soon, http_get(address, &path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} is answered while a decision waits"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        if path == "/api/jobs" {
+            assert!(answer.contains(r#""state":"queued""#), "{answer}");
+        }
+    }
+
+    store.hold_writes(false);
+    let cancelled = deciding.await.unwrap().unwrap();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    assert_eq!(
+        coordinator.get(&job).await.unwrap().state(),
+        JobState::Cancelled,
+        "a decision is shown as soon as it is written"
+    );
+    let listed = http_get(address, "/api/jobs").await;
+    assert!(
+        !listed.contains(&job) && listed.contains(r#""ended_left_out":1"#),
+        "ended jobs are listed on request: {listed}"
+    );
+    let all = http_get(address, "/api/jobs?include_ended=true").await;
+    assert!(all.contains(r#""state":"cancelled""#), "{all}");
 }

@@ -108,7 +108,14 @@ async fn skipped_samples_count_for_the_job_their_workers_train() {
         skipped,
         ..Signs::default()
     };
-    let skipped = || async { coordinator.get(&job).await.unwrap().skipped };
+    // Heartbeats are shown within a snapshot's freshness (decisions at once).
+    let skipped = || async {
+        let fresh = ladder_coordinator::view::SNAPSHOT_FRESH_MS as u64 + 10;
+        tokio::time::sleep(std::time::Duration::from_millis(fresh)).await;
+        let shown = coordinator.get(&job).await.unwrap();
+        ["unreadable", "empty", "undecodable", "label_out_of_range"]
+            .map(|reason| shown.skipped[reason])
+    };
     coordinator
         .heartbeat(&ranks[0], beat([2, 0, 1, 0]))
         .await

@@ -57,7 +57,7 @@ async fn a_job_whose_worker_reported_nan_and_infinities_is_recovered() {
     let recovered = Coordinator::recover(store(dir.path()), config())
         .await
         .expect("a record holding NaN reads back");
-    let shown = recovered.get(&job).await.unwrap().record;
+    let shown = recovered.record(&job).await.unwrap();
     assert_eq!(shown.state, JobState::Cancelled);
     assert!(shown.progress.learning_rate.is_nan());
     assert_eq!(shown.progress.images_per_second, f32::INFINITY);
@@ -97,11 +97,11 @@ async fn a_record_that_does_not_decode_is_set_aside_and_everything_else_is_serve
         .await
         .expect("one unreadable record does not stop a coordinator");
     assert_eq!(
-        coordinator.get(&good).await.unwrap().record.state,
+        coordinator.record(&good).await.unwrap().state,
         JobState::Queued
     );
     assert!(coordinator.history(&good).await.unwrap().points.is_empty());
-    let lost = coordinator.get("job-000002").await.unwrap().record;
+    let lost = coordinator.record("job-000002").await.unwrap();
     assert_eq!(lost.state, JobState::Failed);
     assert!(
         lost.message.contains("jobs/job-000002")
@@ -145,7 +145,7 @@ async fn a_record_that_does_not_decode_is_set_aside_and_everything_else_is_serve
         .await
         .unwrap();
     assert_eq!(
-        again.get("job-000002").await.unwrap().record.state,
+        again.record("job-000002").await.unwrap().state,
         JobState::Failed
     );
     drop(again);
@@ -195,7 +195,7 @@ async fn a_hostile_rank_0_cannot_grow_the_jobs_records() {
     // Steps 1 to 12 are in the job's 4 epochs of 3 steps; the ends of its 2 stages are at 6
     // and 12.
     assert_eq!(accepted, 12);
-    let record = coordinator.get(&job).await.unwrap().record;
+    let record = coordinator.record(&job).await.unwrap();
     let ends: Vec<u64> = record
         .checkpoints
         .iter()
@@ -227,7 +227,7 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
     // Loaded from its file: its checkpoint.dir is beside it.
     let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
     let keep = spec.checkpoint.keep as usize;
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap().id;
     let (ranks, generation) = running(&coordinator, 1).await;
     for epoch in 1..=200u64 {
         let step = epoch * STEPS_PER_EPOCH;
@@ -250,7 +250,7 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
             .unwrap()
             .expect("a stage end");
     }
-    let record = coordinator.get(&job).await.unwrap().record;
+    let record = coordinator.record(&job).await.unwrap();
     assert!(record.checkpoints.iter().all(|c| c.stage_end));
     assert_eq!(record.checkpoints.len(), STAGE_ENDS_KEPT.max(keep));
     assert_eq!(record.checkpoints.last().unwrap().step, 600);
@@ -277,19 +277,14 @@ async fn ended_jobs_are_deleted_on_request_or_retired_after_a_while() {
     let coordinator = Coordinator::recover(store(dir.path()), retiring)
         .await
         .unwrap();
-    assert!(coordinator.list().await.is_empty(), "deleted for good");
+    assert!(coordinator.snapshot().jobs.is_empty(), "deleted for good");
     let (second, _) = submit(&coordinator, &dir.path().join("second"), 1).await;
     assert_eq!(second, "job-000002", "an id is never given again");
     let (third, _) = submit(&coordinator, &dir.path().join("third"), 1).await;
     coordinator.cancel(&second).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     coordinator.tick().await.unwrap();
-    let left: Vec<String> = coordinator
-        .list()
-        .await
-        .into_iter()
-        .map(|j| j.record.id)
-        .collect();
+    let left: Vec<String> = coordinator.snapshot().jobs.keys().cloned().collect();
     assert_eq!(left, [third], "the ended one retired, the queued one stays");
     drop(coordinator);
     let raw = store(dir.path());

@@ -65,7 +65,7 @@ async fn five_hundred_jobs_and_a_1024_rank_job_restart_and_fail_over_within_seco
         .replace("global = 16", "global = 4096");
     std::fs::write(&spec, text).unwrap();
     let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
-    let wide = coordinator.submit(&spec.to_toml()).await.unwrap().record.id;
+    let wide = coordinator.submit(&spec.to_toml()).await.unwrap().id;
     let (ranks, generation) = rendezvous_of(&coordinator, RANKS).await;
     for (rank, worker) in ranks.iter().enumerate() {
         let signs = Signs {
@@ -123,7 +123,7 @@ async fn five_hundred_jobs_and_a_1024_rank_job_restart_and_fail_over_within_seco
     coordinator.cancel(&wide).await.unwrap();
     let history = coordinator.history(&wide).await.unwrap();
     assert!(history.points.len() >= ladder_coordinator::history::MAX_POINTS / 2);
-    let record = coordinator.get(&wide).await.unwrap().record;
+    let record = coordinator.record(&wide).await.unwrap();
     assert_eq!(record.trained().len(), EPOCHS as usize);
     let largest = coordinator.metrics().largest_transaction_bytes();
     let (record_bytes, history_bytes) = (

@@ -30,7 +30,7 @@ async fn submit(
         .replace("[job]\n", &format!("[job]\npriority = {priority}\n"));
     std::fs::write(&spec_path, text).unwrap();
     let spec = JobSpec::load(&spec_path).unwrap();
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record;
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
     (job.id, spec.checkpoint.dir)
 }
 
@@ -43,7 +43,7 @@ async fn start_coordinator(dir: &Path, config: Config) -> Arc<Coordinator> {
 
 async fn state(coordinator: &Coordinator, job: &str) -> (JobState, usize) {
     let job = coordinator.get(job).await.unwrap();
-    (job.record.state, job.record.workers.len())
+    (job.state(), job.workers.len())
 }
 
 #[tokio::test]
@@ -63,7 +63,7 @@ async fn queued_jobs_are_served_by_priority_then_age_and_a_large_one_is_not_star
     // and gathers workers until it can start.
     register(&coordinator).await;
     assert_eq!(state(&coordinator, &small).await, (JobState::Queued, 0));
-    let waiting = coordinator.get(&small).await.unwrap().waiting;
+    let waiting = coordinator.get(&small).await.unwrap().waiting.clone();
     assert!(waiting.contains("1 more held"), "{waiting}");
     register(&coordinator).await;
     assert_eq!(state(&coordinator, &large).await, (JobState::Rendezvous, 2));
@@ -89,7 +89,7 @@ async fn a_job_below_its_size_takes_idle_workers_at_its_next_checkpoint() {
         .await
         .unwrap()
         .expect("committed");
-    let grown = coordinator.get(&job).await.unwrap().record;
+    let grown = coordinator.record(&job).await.unwrap();
     assert_eq!(grown.state, JobState::Rendezvous, "{}", grown.message);
     assert_eq!(grown.generation, generation + 1);
     assert_eq!(grown.workers.len(), 2);

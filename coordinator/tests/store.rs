@@ -247,7 +247,7 @@ async fn etcd_over_tls_with_client_certificates() {
     let mut jobs =
         ladder_testkit::job_client(&coordinator.url(), ladder_testkit::SUBMIT_TOKEN).await;
     // It serves, from the store above (whose junk records it set aside, failing them).
-    jobs.list_jobs(ladder_proto::v1::ListJobsRequest {})
+    jobs.list_jobs(ladder_proto::v1::ListJobsRequest::default())
         .await
         .expect("a coordinator on etcd over TLS");
 }

@@ -66,10 +66,10 @@ async fn a_worker_is_known_by_its_secret_not_by_its_id() {
         );
     }
     // The forged "leaving" and "failed" calls changed nothing.
-    let status = coordinator.get(&job).await.unwrap().record;
+    let status = coordinator.record(&job).await.unwrap();
     assert_eq!(status.state.to_string(), "running");
-    let listed = coordinator.workers().await;
-    assert!(!listed[0].member.leaving);
+    let listed = coordinator.snapshot().workers.clone();
+    assert!(!listed[0].leaving);
     let assignment = coordinator
         .heartbeat(
             real,
@@ -191,10 +191,9 @@ async fn a_commit_is_taken_from_rank_0_and_only_by_the_name_the_coordinator_give
     );
     assert!(
         coordinator
-            .get(&job)
+            .record(&job)
             .await
             .unwrap()
-            .record
             .checkpoints
             .is_empty()
     );
@@ -203,7 +202,7 @@ async fn a_commit_is_taken_from_rank_0_and_only_by_the_name_the_coordinator_give
         .await
         .unwrap()
         .expect("the named checkpoint is accepted");
-    let committed = coordinator.get(&job).await.unwrap().record.checkpoints;
+    let committed = coordinator.record(&job).await.unwrap().checkpoints;
     assert_eq!(committed.len(), 1);
     assert_eq!(committed[0].id, good.id);
 }
@@ -323,9 +322,9 @@ async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
         .await
         .unwrap()
         .expect("accepted");
-    let view = coordinator.get(&job).await.unwrap();
-    assert_eq!(view.record.checkpoints.len(), 2);
-    let trained = view.record.trained();
+    let record = coordinator.record(&job).await.unwrap();
+    assert_eq!(record.checkpoints.len(), 2);
+    let trained = record.trained();
     assert_eq!(trained.len(), 2);
     assert!(
         trained
@@ -363,15 +362,10 @@ async fn only_the_checkpoint_being_restored_can_be_reported_bad_and_only_rank_0_
         matches!(&refused, CoordinatorError::Invalid(m) if m.contains("not the one")),
         "{refused}"
     );
-    let view = coordinator.get(&job).await.unwrap();
-    let kept: Vec<&str> = view
-        .record
-        .checkpoints
-        .iter()
-        .map(|c| c.id.as_str())
-        .collect();
+    let record = coordinator.record(&job).await.unwrap();
+    let kept: Vec<&str> = record.checkpoints.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(kept, [good.id.as_str()], "the checkpoint stays");
-    assert_eq!(view.record.generation, generation, "the generation goes on");
+    assert_eq!(record.generation, generation, "the generation goes on");
     // Rank 1 sends progress only with its end: it is not the job's, nor checked as the job's.
     let wild = ladder_proto::v1::Progress {
         global_step: 999,
@@ -389,8 +383,8 @@ async fn only_the_checkpoint_being_restored_can_be_reported_bad_and_only_rank_0_
             .await
             .unwrap();
     }
-    let shown = coordinator.get(&job).await.unwrap();
-    assert_eq!(shown.record.progress.global_step, 5);
+    let shown = coordinator.record(&job).await.unwrap();
+    assert_eq!(shown.progress.global_step, 5);
 }
 
 #[tokio::test]

@@ -4,6 +4,16 @@
 pub mod client;
 pub mod saved_f32;
 
+/// A job's state in the shown JSON: its name ("running"), as the store saves it.
+fn serialize_job_state<S: serde::Serializer>(state: &i32, to: S) -> Result<S::Ok, S::Error> {
+    to.serialize_str(v1::JobState::of(*state).name())
+}
+
+/// A 64-bit digest in the shown JSON: 16 hex digits.
+fn serialize_hex<S: serde::Serializer>(digest: &u64, to: S) -> Result<S::Ok, S::Error> {
+    to.collect_str(&format_args!("{digest:016x}"))
+}
+
 pub mod v1 {
     tonic::include_proto!("ladder.v1");
 

@@ -177,7 +177,7 @@ impl Liveness {
     }
 
     /// Samples skipped so far, by reason (those with none left out).
-    pub fn skipped(&self) -> std::collections::HashMap<String, u64> {
+    pub fn skipped(&self) -> std::collections::BTreeMap<String, u64> {
         SKIP_REASONS
             .iter()
             .zip(&self.skipped)

@@ -5,12 +5,13 @@ use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
 use crate::history::History;
 use crate::records::{Counters, JobRecord, JobState, ProgressRecord};
-use crate::view::JobView;
+use crate::view;
 use ladder_core::cut;
 use ladder_core::dataset::Manifest;
 use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
+use ladder_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ const MAX_SPEC_BYTES: usize = 64 << 10;
 impl Coordinator {
     /// Validates a spec (its values, its dataset manifest, and that a plan can be made from
     /// them) and queues it as a new job.
-    pub async fn submit(&self, spec_toml: &str) -> Result<JobView> {
+    pub async fn submit(&self, spec_toml: &str) -> Result<pb::Job> {
         if spec_toml.len() > MAX_SPEC_BYTES {
             return Err(CoordinatorError::Invalid(format!(
                 "the spec has {} bytes, more than {} KiB: a job's record holds it",
@@ -104,47 +105,36 @@ impl Coordinator {
         self.view(&inner, &id)
     }
 
-    /// Job `id` as it is now (with the newest progress, saved or not).
-    fn view(&self, inner: &Inner, id: &str) -> Result<JobView> {
-        let record = self.roster().latest(inner.job(id)?.clone());
-        let waiting = match record.state {
-            JobState::Queued => inner
-                .runtime
-                .get(id)
-                .map(|r| r.waiting.clone())
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let skipped = self.roster().skipped.get(id).copied().unwrap_or_default();
-        Ok(JobView {
-            record,
-            waiting,
-            skipped,
-            spec: inner.specs.get(id).cloned(),
-        })
+    /// Job `id` as it is now (with the newest progress, saved or not), as a decision about it
+    /// answers.
+    fn view(&self, inner: &Inner, id: &str) -> Result<pb::Job> {
+        let roster = self.roster();
+        let record = roster.latest(inner.job(id)?.clone());
+        let waiting = inner.runtime.get(id).map_or("", |r| r.waiting.as_str());
+        let skipped = roster.skipped.get(id).copied().unwrap_or_default();
+        let batch = inner.specs.get(id).map_or(0, |spec| spec.batch.global);
+        Ok(view::job(&record, waiting, &skipped, batch))
     }
 
-    /// The job as it is now (with the newest progress, saved or not).
-    pub async fn get(&self, id: &str) -> Result<JobView> {
-        self.view(&*self.inner.lock().await, id)
+    /// The job as readers are shown it (see [`Coordinator::snapshot`]).
+    pub async fn get(&self, id: &str) -> Result<Arc<pb::Job>> {
+        self.snapshot().job(id)
+    }
+
+    /// The job's saved record, with the newest progress: what decisions read (it waits for the
+    /// decision being made).
+    pub async fn record(&self, id: &str) -> Result<JobRecord> {
+        let inner = self.inner.lock().await;
+        Ok(self.roster().latest(inner.job(id)?.clone()))
     }
 
     /// The job's curves (see [`History`]).
     pub async fn history(&self, id: &str) -> Result<History> {
-        self.inner.lock().await.job(id)?;
+        self.snapshot().job(id)?;
         Ok(self.roster().history.get(id).cloned().unwrap_or_default())
     }
 
-    pub async fn list(&self) -> Vec<JobView> {
-        let inner = self.inner.lock().await;
-        inner
-            .jobs
-            .keys()
-            .filter_map(|id| self.view(&inner, id).ok())
-            .collect()
-    }
-
-    pub async fn cancel(&self, id: &str) -> Result<JobView> {
+    pub async fn cancel(&self, id: &str) -> Result<pb::Job> {
         let mut inner = self.inner.lock().await;
         let mut job = inner.job(id)?.clone();
         if job.state.is_terminal() {
@@ -188,7 +178,7 @@ impl Coordinator {
         id: &str,
         checkpoint_id: Option<&str>,
         workers: Option<u32>,
-    ) -> Result<JobView> {
+    ) -> Result<pb::Job> {
         let mut inner = self.inner.lock().await;
         let mut job = inner.job(id)?.clone();
         if !job.state.is_terminal() {

@@ -62,9 +62,12 @@ use crate::records::{self, Counters, JobRecord, WorkerRecord};
 use crate::runtime::{JobRuntime, Member, Roster};
 use crate::store::{SharedStore, StoreError, Write};
 use crate::tensorboard;
+use crate::view::{self, Decided, Snapshot};
 use ladder_core::cut;
+use ladder_core::dataset::SKIP_REASONS;
 use ladder_core::spec::JobSpec;
-use std::collections::BTreeMap;
+use ladder_proto::v1 as pb;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, broadcast, watch};
@@ -108,6 +111,10 @@ struct Inner {
     specs: BTreeMap<String, Arc<JobSpec>>,
     runtime: BTreeMap<String, JobRuntime>,
     counters: Counters,
+    /// Jobs changed in memory since the last [`Coordinator::publish`].
+    unpublished: BTreeSet<String>,
+    /// Every job's view as decided (see [`crate::view`]).
+    published: Arc<BTreeMap<String, Arc<pb::Job>>>,
 }
 
 impl Inner {
@@ -124,6 +131,7 @@ impl Inner {
             roster.event_dirs.insert(job.id.clone(), dir);
         }
         self.runtime.entry(job.id.clone()).or_default().follow(&job);
+        self.unpublished.insert(job.id.clone());
         let ended = job.state.is_terminal()
             && self
                 .jobs
@@ -140,6 +148,7 @@ impl Inner {
 
     /// Forgets deleted job `id`, with everything kept in memory beside it.
     fn forget(&mut self, roster: &mut Roster, id: &str) {
+        self.unpublished.insert(id.to_owned());
         self.jobs.remove(id);
         self.specs.remove(id);
         self.runtime.remove(id);
@@ -151,6 +160,29 @@ impl Inner {
         if let Some(events) = &roster.events {
             events.send(tensorboard::Note::Close { job: id.to_owned() });
         }
+    }
+
+    /// Brings [`Inner::published`] up to date; returns the jobs whose views changed.
+    fn publish(&mut self) -> Vec<String> {
+        let changed = std::mem::take(&mut self.unpublished);
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        let views = Arc::make_mut(&mut self.published);
+        for id in &changed {
+            match self.jobs.get(id) {
+                Some(record) => {
+                    let waiting = self.runtime.get(id).map_or("", |r| r.waiting.as_str());
+                    let batch = self.specs.get(id).map_or(0, |spec| spec.batch.global);
+                    let shown = view::job(record, waiting, &[], batch);
+                    views.insert(id.clone(), Arc::new(shown));
+                }
+                None => {
+                    views.remove(id);
+                }
+            }
+        }
+        changed.into_iter().collect()
     }
 
     fn job(&self, id: &str) -> Result<&JobRecord> {
@@ -202,6 +234,10 @@ pub struct Coordinator {
     /// Set when the store refuses this coordinator's writes: it must stop serving.
     deposed: watch::Sender<Option<String>>,
     metrics: Arc<Metrics>,
+    /// The jobs' views as the decisions published them, and what readers were last shown:
+    /// readers take these, never `inner` (see [`crate::view`]).
+    decided: std::sync::Mutex<Decided>,
+    shown: std::sync::Mutex<Arc<Snapshot>>,
 }
 
 impl Coordinator {
@@ -308,6 +344,11 @@ impl Coordinator {
         for writes in set_aside {
             store.apply(writes).await?;
         }
+        inner.publish();
+        let decided = Decided {
+            version: 1,
+            jobs: inner.published.clone(),
+        };
         tracing::info!(
             store = %store.describe(),
             jobs = inner.jobs.len(),
@@ -325,6 +366,8 @@ impl Coordinator {
             rendezvous_changed: Notify::new(),
             deposed: watch::channel(None).0,
             metrics,
+            decided: std::sync::Mutex::new(decided),
+            shown: std::sync::Mutex::default(),
         }))
     }
 
@@ -349,10 +392,84 @@ impl Coordinator {
         CoordinatorError::Store(e)
     }
 
+    /// Publishes the views of the jobs changed since the last call (see [`crate::view`]), then
+    /// tells their watchers.
+    fn publish(&self, inner: &mut Inner) {
+        let changed = inner.publish();
+        if changed.is_empty() {
+            return;
+        }
+        {
+            let mut decided = locked(&self.decided);
+            decided.version += 1;
+            decided.jobs = inner.published.clone();
+        }
+        for id in changed {
+            let _ = self.job_changed.send(id);
+        }
+    }
+
+    /// Every job and worker as readers are shown them: the views the decisions published with
+    /// the newest progress laid over them, taken anew when a decision was published since or
+    /// when older than [`view::SNAPSHOT_FRESH_MS`]. Never waits for a decision.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let mut shown = locked(&self.shown);
+        let decided = locked(&self.decided).clone();
+        let now = monotonic_ms();
+        if shown.is_fresh(decided.version, now) {
+            return shown.clone();
+        }
+        let mut jobs = decided.jobs;
+        let (live, skipped, workers) = {
+            let roster = self.roster();
+            let live: Vec<(String, pb::Progress)> = roster
+                .training
+                .iter()
+                .filter(|(id, t)| {
+                    jobs.get(*id).is_some_and(|job| {
+                        job.generation == t.generation && job.progress != Some(t.progress)
+                    })
+                })
+                .map(|(id, t)| (id.clone(), t.progress))
+                .collect();
+            let skipped: Vec<(String, [u64; SKIP_REASONS.len()])> = roster
+                .skipped
+                .iter()
+                .filter(|(id, counts)| jobs.contains_key(*id) && counts.iter().any(|&n| n > 0))
+                .map(|(id, counts)| (id.clone(), *counts))
+                .collect();
+            let workers: Vec<pb::WorkerInfo> = roster
+                .workers
+                .values()
+                .map(|member| view::worker(member, now))
+                .collect();
+            (live, skipped, workers)
+        };
+        if !live.is_empty() || !skipped.is_empty() {
+            let views = Arc::make_mut(&mut jobs);
+            for (id, progress) in live {
+                if let Some(job) = views.get_mut(&id) {
+                    Arc::make_mut(job).progress = Some(progress);
+                }
+            }
+            for (id, counts) in skipped {
+                if let Some(job) = views.get_mut(&id) {
+                    Arc::make_mut(job).skipped = view::skipped_by_reason(&counts);
+                }
+            }
+        }
+        *shown = Arc::new(Snapshot {
+            version: decided.version,
+            taken_ms: now,
+            jobs,
+            workers,
+        });
+        shown.clone()
+    }
+
     /// The roster, for memory work only (see [`Roster`]).
     fn roster(&self) -> std::sync::MutexGuard<'_, Roster> {
-        // Nothing is left half-changed by a panic while it is held: go on with it.
-        self.roster.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.roster)
     }
 
     /// Writes `change` in one transaction, then shows it: the store and memory change
@@ -435,7 +552,6 @@ impl Coordinator {
             }
             for id in &change.deleted {
                 inner.forget(&mut roster, id);
-                let _ = self.job_changed.send(id.clone());
             }
             for worker in change.workers {
                 roster.workers.insert(worker.record.id.clone(), worker);
@@ -452,9 +568,9 @@ impl Coordinator {
                     roster.roll_back(&id, job.restore_from.as_ref().map_or(0, |c| c.step));
                 }
                 reassigned |= inner.show(&mut roster, job);
-                let _ = self.job_changed.send(id);
             }
         }
+        self.publish(inner);
         if reassigned {
             self.rendezvous_changed.notify_waiters();
         }
@@ -507,4 +623,10 @@ fn set_aside_writes(key: &str, bytes: Vec<u8>, e: &CoordinatorError) -> Vec<Writ
         writes.push(Write::Delete(key.to_owned()));
     }
     writes
+}
+
+/// `mutex`'s guard: what the coordinator keeps behind plain mutexes is never left half-changed
+/// by a panic, so a poisoned one is used as it is.
+fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

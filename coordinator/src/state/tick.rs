@@ -108,12 +108,12 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records what queued `job_id` waits for; watchers hear of a change.
-    fn set_waiting(&self, job_id: &str, waiting: String, inner: &mut Inner) {
+    /// Records what queued `job_id` waits for; it is shown with the next publication.
+    fn set_waiting(job_id: &str, waiting: String, inner: &mut Inner) {
         let runtime = inner.runtime.entry(job_id.to_owned()).or_default();
         if runtime.waiting != waiting {
             runtime.waiting = waiting;
-            let _ = self.job_changed.send(job_id.to_owned());
+            inner.unpublished.insert(job_id.to_owned());
         }
     }
 
@@ -125,8 +125,15 @@ impl Coordinator {
         }
     }
 
-    /// Gives idle workers to queued jobs in the order they are served (see [`policy::place`]).
+    /// Gives idle workers to queued jobs in the order they are served (see [`policy::place`]),
+    /// and shows what the others wait for.
     async fn schedule(&self, inner: &mut Inner) -> Result<()> {
+        let placed = self.place_queued(inner).await;
+        self.publish(inner);
+        placed
+    }
+
+    async fn place_queued(&self, inner: &mut Inner) -> Result<()> {
         let now = monotonic_ms();
         let queued = policy::queue(&inner.jobs, &inner.runtime);
         let (idle, unheard) = {
@@ -156,13 +163,14 @@ impl Coordinator {
                         .entry(job_id.clone())
                         .or_default()
                         .ready_since_ms = ready_since_ms;
-                    self.set_waiting(&job_id, why, inner);
+                    Self::set_waiting(&job_id, why, inner);
                     continue;
                 }
                 Placement::Start(workers) => workers,
             };
             let runtime = inner.runtime.entry(job_id.clone()).or_default();
             runtime.waiting.clear();
+            inner.unpublished.insert(job_id.clone());
             runtime.ready_since_ms = None;
             let mut job = inner.job(&job_id)?.clone();
             job.generation += 1;

@@ -7,7 +7,6 @@ use crate::error::{CoordinatorError, Result};
 use crate::records::{Counters, Incident, JobState, WorkerAssignment, WorkerRecord};
 use crate::runtime::Member;
 use crate::store::StoreError;
-use crate::view::WorkerView;
 use ladder_core::dataset::SKIP_REASONS;
 use tokio::sync::oneshot;
 
@@ -270,19 +269,5 @@ impl Coordinator {
         self.apply(inner, change).await?;
         self.schedule_after_change(inner).await;
         Ok(())
-    }
-
-    /// Every registered worker, in id order.
-    pub async fn workers(&self) -> Vec<WorkerView> {
-        let now = monotonic_ms();
-        self.roster()
-            .workers
-            .values()
-            .map(|w| WorkerView {
-                member: w.clone(),
-                lease_remaining_ms: w.lease_expires_ms - now,
-                quiet_ms: now - w.active_ms,
-            })
-            .collect()
     }
 }

@@ -101,7 +101,7 @@ pub fn config() -> Config {
 pub async fn submit(coordinator: &Coordinator, dir: &Path, workers: u32) -> (String, PathBuf) {
     let manifest = write_dataset(&dir.join("data"), 3, 20, 10);
     let spec = JobSpec::load(&write_spec(dir, "job", &manifest, (workers, workers))).unwrap();
-    let job = coordinator.submit(&spec.to_toml()).await.unwrap().record;
+    let job = coordinator.submit(&spec.to_toml()).await.unwrap();
     (job.id, spec.checkpoint.dir)
 }
 
