@@ -465,22 +465,29 @@ fn job_line(job: &pb::Job) -> String {
 }
 
 /// Samples per epoch in the model's committed history, and how many were skipped. Runs of
-/// epochs with the same count are told once, so a run of hundreds of epochs fits on a line.
+/// epochs with the same count are told once, so a run of hundreds of epochs fits on a line; a
+/// long run's older epochs, which the coordinator sums in ranges, are told as their mean.
 fn trained_summary(job: &pb::Job) -> String {
     if job.trained.is_empty() {
         return "nothing committed yet".to_owned();
     }
-    let mut runs: Vec<(u64, usize)> = Vec::new();
+    let mut runs: Vec<(String, u64)> = Vec::new();
     for tally in &job.trained {
+        let epochs = u64::from(tally.epochs.max(1));
+        let samples = match epochs {
+            1 => tally.samples.to_string(),
+            n if tally.samples % n == 0 => (tally.samples / n).to_string(),
+            n => format!("{:.1} (mean)", tally.samples as f64 / n as f64),
+        };
         match runs.last_mut() {
-            Some((samples, epochs)) if *samples == tally.samples => *epochs += 1,
-            _ => runs.push((tally.samples, 1)),
+            Some((same, count)) if *same == samples => *count += epochs,
+            _ => runs.push((samples, epochs)),
         }
     }
     let per_epoch: Vec<String> = runs
         .iter()
-        .map(|&(samples, epochs)| match epochs {
-            1 => samples.to_string(),
+        .map(|(samples, epochs)| match epochs {
+            1 => samples.clone(),
             n => format!("{samples} x{n}"),
         })
         .collect();
@@ -488,10 +495,10 @@ fn trained_summary(job: &pb::Job) -> String {
         .trained
         .iter()
         .fold(0u64, |sum, t| sum.saturating_add(t.skipped));
+    let epochs: u64 = runs.iter().map(|(_, n)| n).sum();
     format!(
-        "{} samples per epoch (epochs 1-{}), {skipped} skipped",
+        "{} samples per epoch (epochs 1-{epochs}), {skipped} skipped",
         per_epoch.join(", "),
-        job.trained.len()
     )
 }
 
@@ -784,6 +791,16 @@ mod tests {
         assert_eq!(
             trained_summary(&job),
             "60 x3, 59, 60 x2 samples per epoch (epochs 1-6), 6 skipped"
+        );
+        // Older epochs summed in ranges: 300 epochs of 60, then 2 of 119 in all.
+        let range = |epochs, samples| pb::EpochTally {
+            epochs,
+            ..tally(samples)
+        };
+        job.trained = vec![range(300, 18_000), range(2, 119), tally(60)];
+        assert_eq!(
+            trained_summary(&job),
+            "60 x300, 59.5 (mean) x2, 60 samples per epoch (epochs 1-303), 3 skipped"
         );
     }
 }

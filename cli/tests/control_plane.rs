@@ -1341,6 +1341,7 @@ fn resuming_from_an_older_checkpoint_drops_the_later_ones_from_the_history() {
     for step in [4, 5] {
         let trained = vec![pb::EpochTally {
             epoch: 1,
+            epochs: 1,
             samples: 10,
             digest: step,
             skipped: 0,

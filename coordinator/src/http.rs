@@ -105,8 +105,9 @@ async fn metrics(State(served): State<Served>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let shown = coordinator.snapshot();
-    let text = crate::metrics::render(coordinator.metrics(), &shown, now_ms());
+    let text = coordinator.snapshot().rendered("/metrics", |shown| {
+        crate::metrics::render(coordinator.metrics(), shown, now_ms()).into_bytes()
+    });
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -143,14 +144,18 @@ async fn jobs(State(served): State<Served>, Query(query): Query<ListQuery>) -> R
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let page = coordinator.snapshot().page(&pb::ListJobsRequest {
+    let request = pb::ListJobsRequest {
         page_size: query.page_size,
         page_token: query.page_token,
         include_ended: query.include_ended,
+    };
+    let asked = format!("/api/jobs {request:?}");
+    let body = coordinator.snapshot().rendered(&asked, |shown| {
+        let mut body = json!(shown.page(&request));
+        body["now_ms"] = json!(now_ms());
+        body.to_string().into_bytes()
     });
-    let mut body = json!(page);
-    body["now_ms"] = json!(now_ms());
-    Json(body).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// One job (`Job` as JSON) with its curves.
@@ -171,8 +176,13 @@ async fn workers(State(served): State<Served>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
-    let workers = coordinator.snapshot().workers.clone();
-    Json(json!(pb::ListWorkersResponse { workers })).into_response()
+    let body = coordinator.snapshot().rendered("/api/workers", |shown| {
+        let workers = shown.workers.clone();
+        json!(pb::ListWorkersResponse { workers })
+            .to_string()
+            .into_bytes()
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// A TLS server configuration from PEM files' contents (a certificate chain and its key).

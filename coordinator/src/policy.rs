@@ -7,13 +7,19 @@ use crate::records::{CheckpointRecord, JobRecord, JobState, LedgerEntry};
 use crate::runtime::{JobRuntime, Member};
 use std::collections::BTreeMap;
 
+/// Epochs of a job's ledger told one by one; older ones are summed in ranges (see
+/// [`compact_ledger`]), so that a 10,000-epoch run's record is no larger than a 300-epoch one's.
+pub const TALLIED_EPOCHS: u32 = 256;
+
 /// Merges the ledger entries that no restore can tell apart, so that a job's record stays
-/// small however often it checkpoints. A restore goes back to a kept checkpoint (or to the
-/// start) and drops the entries committed after it, so the entries of one epoch committed
-/// after one kept checkpoint and up to the next stay or go together: they become one entry,
-/// counted as committed by that next checkpoint. Sums per epoch, after any restore, are those
-/// of the full ledger.
-pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord]) {
+/// small however often it checkpoints and however many epochs it runs. A restore goes back to
+/// a kept checkpoint (or to the start) and drops the entries committed after it, so the
+/// entries committed after one kept checkpoint and up to the next stay or go together: those
+/// of one epoch become one entry, counted as committed by that next checkpoint, and those of
+/// epochs older than the newest `tallied` become one entry per run of adjacent epochs (an
+/// epoch split between two such spans stays alone, so that no two entries' epochs overlap).
+/// Sums per epoch, or per range, after any restore, are those of the full ledger.
+pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord], tallied: u32) {
     let mut bounds: Vec<u64> = kept.iter().map(|c| c.step).collect();
     bounds.push(0);
     bounds.sort_unstable();
@@ -23,22 +29,60 @@ pub fn compact_ledger(ledger: &mut Vec<LedgerEntry>, kept: &[CheckpointRecord]) 
             .get(bounds.partition_point(|&b| b < entry.checkpoint_step))
             .copied()
             .unwrap_or(entry.checkpoint_step);
-        match compact
-            .iter_mut()
-            .find(|c| c.checkpoint_step == bound && c.epoch == entry.epoch)
-        {
-            Some(merged) => {
-                merged.samples = merged.samples.saturating_add(entry.samples);
-                merged.digest = merged.digest.wrapping_add(entry.digest);
-                merged.skipped = merged.skipped.saturating_add(entry.skipped);
-            }
+        match compact.iter_mut().find(|c| {
+            c.checkpoint_step == bound && c.epoch == entry.epoch && c.epochs == entry.epochs
+        }) {
+            Some(merged) => add(merged, &entry),
             None => compact.push(LedgerEntry {
                 checkpoint_step: bound,
                 ..entry
             }),
         }
     }
-    *ledger = compact;
+    *ledger = fold_old_epochs(compact, tallied);
+}
+
+fn add(sum: &mut LedgerEntry, entry: &LedgerEntry) {
+    sum.samples = sum.samples.saturating_add(entry.samples);
+    sum.digest = sum.digest.wrapping_add(entry.digest);
+    sum.skipped = sum.skipped.saturating_add(entry.skipped);
+}
+
+/// See [`compact_ledger`]: the entries of epochs older than the newest `tallied`, each told
+/// under one kept checkpoint only, merged per checkpoint into runs of adjacent epochs.
+fn fold_old_epochs(mut ledger: Vec<LedgerEntry>, tallied: u32) -> Vec<LedgerEntry> {
+    let Some(newest) = ledger.iter().map(|e| *e.span().end()).max() else {
+        return ledger;
+    };
+    let cutoff = newest.saturating_sub(tallied);
+    let overlap = |a: &LedgerEntry, b: &LedgerEntry| {
+        a.span().start() <= b.span().end() && b.span().start() <= a.span().end()
+    };
+    ledger.sort_by_key(|e| (e.checkpoint_step, e.epoch));
+    let foldable: Vec<bool> = ledger
+        .iter()
+        .map(|e| {
+            *e.span().end() < cutoff
+                && !ledger
+                    .iter()
+                    .any(|o| o.checkpoint_step != e.checkpoint_step && overlap(o, e))
+        })
+        .collect();
+    let mut folded: Vec<(LedgerEntry, bool)> = Vec::with_capacity(ledger.len());
+    for (entry, can) in ledger.into_iter().zip(foldable) {
+        match folded.last_mut() {
+            Some((run, true))
+                if can
+                    && run.checkpoint_step == entry.checkpoint_step
+                    && run.span().end() + 1 == entry.epoch =>
+            {
+                run.epochs = run.epochs.max(1) + entry.epochs.max(1);
+                add(run, &entry);
+            }
+            _ => folded.push((entry, can)),
+        }
+    }
+    folded.into_iter().map(|(entry, _)| entry).collect()
 }
 
 /// The most stage-end checkpoints retention keeps (the newest): a run of thousands of
@@ -322,6 +366,7 @@ pub fn stalled_workers(
 mod tests {
     use super::*;
     use crate::records::{WorkerAssignment, WorkerRecord, sum_per_epoch};
+    use ladder_proto::v1::EpochTally;
 
     fn checkpoint(step: u64, stage_end: bool) -> CheckpointRecord {
         CheckpointRecord {
@@ -335,7 +380,7 @@ mod tests {
         }
     }
 
-    fn trained_after_restoring(ledger: &[LedgerEntry], restored: u64) -> Vec<(u32, u64, u64, u64)> {
+    fn trained_after_restoring(ledger: &[LedgerEntry], restored: u64) -> Vec<EpochTally> {
         sum_per_epoch(ledger.iter().filter(|e| e.checkpoint_step <= restored))
     }
 
@@ -471,41 +516,72 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever was committed and kept, a compacted ledger sums per epoch as the full one,
-        /// after a restore to any kept checkpoint or to the start, and never grows.
+        /// Whatever was committed and kept, a ledger compacted after each commit (as the
+        /// coordinator does) never grows past the full one and, after a restore to any kept
+        /// checkpoint or to the start, tells what the full one tells: its entries' epochs do
+        /// not overlap, the newest `tallied` epochs are told one by one, and each entry sums
+        /// the full ledger over its epochs.
         #[test]
         fn a_compacted_ledger_is_the_same_history_after_any_restore(
             commits in proptest::collection::vec(
-                (1u64..6, proptest::collection::vec((0u32..4, 0u64..100, proptest::num::u64::ANY, 0u64..3), 1..4), proptest::bool::ANY),
-                1..25,
+                (1u64..6, 0u32..3, 1u32..4, 0u64..100, proptest::num::u64::ANY, 0u64..3, proptest::bool::ANY),
+                1..40,
             ),
+            tallied in 0u32..5,
         ) {
-            let mut ledger = Vec::new();
-            let mut kept = Vec::new();
-            let mut step = 0;
-            for (advance, trained, keep) in &commits {
+            let (mut ledger, mut compact, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut step, mut epoch) = (0, 0);
+            for &(advance, jump, count, samples, digest, skipped, keep) in &commits {
                 step += advance;
-                ledger.extend(trained.iter().map(|&(epoch, samples, digest, skipped)| LedgerEntry {
-                    checkpoint_step: step,
-                    epoch,
-                    samples,
-                    digest,
-                    skipped,
-                }));
-                if *keep {
+                // A commit tells the epochs its steps are in: from the one the previous commit
+                // ended in (or a later one) on.
+                epoch += jump;
+                let told: Vec<LedgerEntry> = (epoch..epoch + count)
+                    .map(|e| LedgerEntry {
+                        checkpoint_step: step,
+                        epoch: e,
+                        epochs: 1,
+                        samples,
+                        digest: digest.wrapping_mul(u64::from(e) + 1),
+                        skipped,
+                    })
+                    .collect();
+                epoch += count - 1;
+                ledger.extend(told.iter().cloned());
+                compact.extend(told);
+                if keep {
                     kept.push(checkpoint(step, false));
                 }
+                let mut now_kept = kept.clone();
+                now_kept.push(checkpoint(step, false));
+                compact_ledger(&mut compact, &now_kept, tallied);
             }
-            kept.push(checkpoint(step, false));
-            let mut compact = ledger.clone();
-            compact_ledger(&mut compact, &kept);
             proptest::prop_assert!(compact.len() <= ledger.len());
-            for restored in std::iter::once(0).chain(kept.iter().map(|c| c.step)) {
-                proptest::prop_assert_eq!(
-                    trained_after_restoring(&compact, restored),
-                    trained_after_restoring(&ledger, restored),
-                    "restored to step {}", restored
-                );
+            for restored in std::iter::once(0).chain(kept.iter().map(|c| c.step)).chain([step]) {
+                let full = trained_after_restoring(&ledger, restored);
+                let shown = trained_after_restoring(&compact, restored);
+                let newest = full.last().map_or(0, |t| t.epoch);
+                let mut told = std::collections::BTreeSet::new();
+                for tally in &shown {
+                    let span = tally.epoch..tally.epoch + tally.epochs.max(1);
+                    for e in span.clone() {
+                        proptest::prop_assert!(told.insert(e), "epoch {} told twice: {:?}", e, shown);
+                    }
+                    if tally.epochs > 1 && restored == step {
+                        proptest::prop_assert!(span.end + tallied <= newest + 1, "{:?}", tally);
+                    }
+                    let summed = full.iter().filter(|t| span.contains(&t.epoch)).fold(
+                        (0u64, 0u64, 0u64),
+                        |(n, d, k), t| (n + t.samples, d.wrapping_add(t.digest), k + t.skipped),
+                    );
+                    proptest::prop_assert_eq!(
+                        summed,
+                        (tally.samples, tally.digest, tally.skipped),
+                        "restored to step {}: {:?}", restored, tally
+                    );
+                }
+                let all: std::collections::BTreeSet<u32> = full.iter().map(|t| t.epoch).collect();
+                proptest::prop_assert_eq!(told, all, "restored to step {}", restored);
             }
         }
     }
@@ -515,6 +591,7 @@ mod tests {
         let entry = |checkpoint_step, epoch| LedgerEntry {
             checkpoint_step,
             epoch,
+            epochs: 1,
             samples: 10,
             digest: checkpoint_step,
             skipped: 0,
@@ -526,7 +603,11 @@ mod tests {
             entry(15, 1),
             entry(20, 1),
         ];
-        compact_ledger(&mut ledger, &[checkpoint(10, true), checkpoint(20, false)]);
+        compact_ledger(
+            &mut ledger,
+            &[checkpoint(10, true), checkpoint(20, false)],
+            TALLIED_EPOCHS,
+        );
         let shape: Vec<(u64, u32, u64)> = ledger
             .iter()
             .map(|e| (e.checkpoint_step, e.epoch, e.samples))

@@ -18,31 +18,54 @@ pub type ProgressRecord = ladder_proto::v1::Progress;
 /// A committed checkpoint: saved as the wire's message.
 pub type CheckpointRecord = ladder_proto::v1::CheckpointRef;
 
-/// What the steps up to a committed checkpoint trained of one epoch.
+/// What the steps up to a committed checkpoint trained of one epoch, or (for old epochs of a
+/// long run, see [`crate::policy::compact_ledger`]) summed over a range of epochs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// The global step of the checkpoint that committed it.
     pub checkpoint_step: u64,
+    /// The first epoch it tells, and how many from there (1: that epoch alone).
     pub epoch: u32,
+    #[serde(default = "one_epoch")]
+    pub epochs: u32,
     pub samples: u64,
     pub digest: u64,
     pub skipped: u64,
 }
 
-/// Per epoch, the sum of `entries`: (epoch, samples, digest, skipped).
+fn one_epoch() -> u32 {
+    1
+}
+
+impl LedgerEntry {
+    /// The epochs it tells.
+    pub fn span(&self) -> std::ops::RangeInclusive<u32> {
+        self.epoch..=self.epoch.saturating_add(self.epochs.max(1) - 1)
+    }
+}
+
+/// What `entries` tell, summed per epoch (per range for ranges), in order of epochs.
 pub fn sum_per_epoch<'a>(
     entries: impl IntoIterator<Item = &'a LedgerEntry>,
-) -> Vec<(u32, u64, u64, u64)> {
-    let mut per_epoch: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+) -> Vec<ladder_proto::v1::EpochTally> {
+    let mut per_epoch: BTreeMap<(u32, u32), (u64, u64, u64)> = BTreeMap::new();
     for e in entries {
-        let t = per_epoch.entry(e.epoch).or_default();
+        let t = per_epoch.entry((e.epoch, e.epochs.max(1))).or_default();
         t.0 = t.0.saturating_add(e.samples);
         t.1 = t.1.wrapping_add(e.digest);
         t.2 = t.2.saturating_add(e.skipped);
     }
     per_epoch
         .into_iter()
-        .map(|(epoch, (samples, digest, skipped))| (epoch, samples, digest, skipped))
+        .map(
+            |((epoch, epochs), (samples, digest, skipped))| ladder_proto::v1::EpochTally {
+                epoch,
+                epochs,
+                samples,
+                digest,
+                skipped,
+            },
+        )
         .collect()
 }
 
@@ -240,8 +263,8 @@ impl JobRecord {
         self.checkpoints.split_off(kept)
     }
 
-    /// Per epoch, the sum of the ledger: (epoch, samples, digest, skipped).
-    pub fn trained(&self) -> Vec<(u32, u64, u64, u64)> {
+    /// Per epoch (per range of old epochs), the sum of the ledger.
+    pub fn trained(&self) -> Vec<ladder_proto::v1::EpochTally> {
         sum_per_epoch(&self.ledger)
     }
 
@@ -480,19 +503,21 @@ mod tests {
             (
                 any::<u64>(),
                 any::<u32>(),
+                any::<u32>(),
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
             )
-                .prop_map(|(checkpoint_step, epoch, samples, digest, skipped)| {
-                    LedgerEntry {
+                .prop_map(
+                    |(checkpoint_step, epoch, epochs, samples, digest, skipped)| LedgerEntry {
                         checkpoint_step,
                         epoch,
+                        epochs,
                         samples,
                         digest,
                         skipped,
-                    }
-                }),
+                    },
+                ),
             0..4,
         );
         (

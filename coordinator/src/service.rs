@@ -417,6 +417,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                     .map(|t| LedgerEntry {
                         checkpoint_step: 0,
                         epoch: t.epoch,
+                        // A commit tells single epochs (ranges are the coordinator's).
+                        epochs: 1,
                         samples: t.samples,
                         digest: t.digest,
                         skipped: t.skipped,

@@ -11,6 +11,7 @@
 use crate::error::{CoordinatorError, Result};
 use crate::records::{Incident, JobRecord};
 use crate::runtime::Member;
+use axum::body::Bytes;
 use ladder_core::cut;
 use ladder_core::dataset::SKIP_REASONS;
 use ladder_proto::v1 as pb;
@@ -48,16 +49,7 @@ pub fn job(record: &JobRecord, waiting: &str, skipped: &[u64], global_batch: u32
         stage_count: record.stage_count,
         epochs: record.epochs,
         last_incident: record.last_incident.clone(),
-        trained: record
-            .trained()
-            .into_iter()
-            .map(|(epoch, samples, digest, skipped)| pb::EpochTally {
-                epoch,
-                samples,
-                digest,
-                skipped,
-            })
-            .collect(),
+        trained: record.trained(),
         waiting: if record.state == pb::JobState::Queued {
             waiting.to_owned()
         } else {
@@ -134,9 +126,43 @@ pub struct Snapshot {
     pub taken_ms: i64,
     pub jobs: Arc<BTreeMap<String, Arc<pb::Job>>>,
     pub workers: Vec<pb::WorkerInfo>,
+    /// Answers already rendered from it, by what was asked (see [`Snapshot::rendered`]).
+    rendered: std::sync::Mutex<BTreeMap<String, Bytes>>,
 }
 
+/// The most distinct answers a snapshot keeps rendered (a scrape, the page's list, ...).
+const RENDERED_KEPT: usize = 16;
+
 impl Snapshot {
+    pub fn new(
+        version: u64,
+        taken_ms: i64,
+        jobs: Arc<BTreeMap<String, Arc<pb::Job>>>,
+        workers: Vec<pb::WorkerInfo>,
+    ) -> Snapshot {
+        Snapshot {
+            version,
+            taken_ms,
+            jobs,
+            workers,
+            rendered: Default::default(),
+        }
+    }
+
+    /// The answer to `asked`, rendered by `render` once per snapshot: fifty pollers of the
+    /// same page or scrape between two snapshots cost one rendering, not fifty.
+    pub fn rendered(&self, asked: &str, render: impl FnOnce(&Snapshot) -> Vec<u8>) -> Bytes {
+        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(answer) = rendered.get(asked) {
+            return answer.clone();
+        }
+        let answer = Bytes::from(render(self));
+        if rendered.len() < RENDERED_KEPT {
+            rendered.insert(asked.to_owned(), answer.clone());
+        }
+        answer
+    }
+
     pub fn is_fresh(&self, decided: u64, now: i64) -> bool {
         self.version == decided && now - self.taken_ms < SNAPSHOT_FRESH_MS
     }

@@ -7,7 +7,7 @@ use common::{
     STEPS_PER_EPOCH, checkpoint, config, coordinator_with_job, progress_at, register, running,
     submit,
 };
-use ladder_coordinator::policy::STAGE_ENDS_KEPT;
+use ladder_coordinator::policy::{STAGE_ENDS_KEPT, TALLIED_EPOCHS};
 use ladder_coordinator::records::{
     CheckpointRecord, JobState, LedgerEntry, ProgressRecord, encode,
 };
@@ -210,10 +210,13 @@ async fn a_hostile_rank_0_cannot_grow_the_jobs_records() {
     assert!(history_bytes < BUDGET, "{history_bytes} bytes");
 }
 
-/// A job of many one-epoch stages: every stage end is real, and retention keeps the newest
-/// [`STAGE_ENDS_KEPT`] and the newest `checkpoint.keep`.
+/// A job of many one-epoch stages, a checkpoint at each epoch's end: every stage end is real,
+/// retention keeps the newest [`STAGE_ENDS_KEPT`] and the newest `checkpoint.keep`, and the
+/// ledger tells the newest [`TALLIED_EPOCHS`] epochs one by one and sums the older ones in
+/// ranges, so the record stops growing however long the run.
 #[tokio::test]
-async fn retention_keeps_a_bounded_number_of_stage_ends() {
+async fn a_long_runs_record_stops_growing() {
+    const EPOCHS: u64 = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path());
     let coordinator = Coordinator::recover(store, config()).await.unwrap();
@@ -221,7 +224,7 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
     let spec = ladder_testkit::write_spec(dir.path(), "long", &manifest, (1, 1));
     let text = std::fs::read_to_string(&spec).unwrap().replace(
         "epochs = 4\nstage_epochs = 2",
-        "epochs = 200\nstage_epochs = 1",
+        &format!("epochs = {EPOCHS}\nstage_epochs = 1"),
     );
     std::fs::write(&spec, text).unwrap();
     // Loaded from its file: its checkpoint.dir is beside it.
@@ -229,11 +232,13 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
     let keep = spec.checkpoint.keep as usize;
     let job = coordinator.submit(&spec.to_toml()).await.unwrap().id;
     let (ranks, generation) = running(&coordinator, 1).await;
-    for epoch in 1..=200u64 {
+    let mut bytes_at = Vec::new();
+    for epoch in 1..=EPOCHS {
         let step = epoch * STEPS_PER_EPOCH;
         let trained = vec![LedgerEntry {
             checkpoint_step: 0,
             epoch: epoch as u32 - 1,
+            epochs: 1,
             samples: 48,
             digest: epoch,
             skipped: 0,
@@ -249,12 +254,36 @@ async fn retention_keeps_a_bounded_number_of_stage_ends() {
             .await
             .unwrap()
             .expect("a stage end");
+        if epoch % 2_000 == 0 {
+            bytes_at.push(encode(&coordinator.record(&job).await.unwrap()).len());
+        }
     }
     let record = coordinator.record(&job).await.unwrap();
     assert!(record.checkpoints.iter().all(|c| c.stage_end));
     assert_eq!(record.checkpoints.len(), STAGE_ENDS_KEPT.max(keep));
-    assert_eq!(record.checkpoints.last().unwrap().step, 600);
-    assert_eq!(record.trained().len(), 200, "every epoch's tally stays");
+    assert_eq!(
+        record.checkpoints.last().unwrap().step,
+        EPOCHS * STEPS_PER_EPOCH
+    );
+    let trained = record.trained();
+    let told: Vec<u32> = trained
+        .iter()
+        .flat_map(|t| t.epoch..t.epoch + t.epochs.max(1))
+        .collect();
+    assert_eq!(
+        told,
+        (0..EPOCHS as u32).collect::<Vec<_>>(),
+        "every epoch, once"
+    );
+    let singles = trained.iter().rev().take_while(|t| t.epochs <= 1).count();
+    assert!(singles >= TALLIED_EPOCHS as usize, "{singles}");
+    let samples: u64 = trained.iter().map(|t| t.samples).sum();
+    assert_eq!(samples, 48 * EPOCHS);
+    // 2,000 epochs in, the ledger already folds: from there the record stays the same size.
+    eprintln!("record bytes every 2,000 epochs: {bytes_at:?}");
+    let (first, last) = (bytes_at[0], *bytes_at.last().unwrap());
+    assert!(last <= first + first / 10, "{bytes_at:?}");
+    assert!(last < 64 << 10, "{last} bytes");
 }
 
 /// An ended job leaves the store by `ladder delete`, or on its own once it ended long enough

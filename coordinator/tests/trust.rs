@@ -264,6 +264,7 @@ async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
     let tally = |epoch| LedgerEntry {
         checkpoint_step: 0,
         epoch,
+        epochs: 1,
         samples: u64::MAX,
         digest: 1,
         skipped: u64::MAX,
@@ -329,7 +330,7 @@ async fn a_commit_tells_only_epochs_and_stages_the_job_has_each_once() {
     assert!(
         trained
             .iter()
-            .all(|&(_, samples, _, skipped)| { samples == u64::MAX && skipped == u64::MAX })
+            .all(|t| t.samples == u64::MAX && t.skipped == u64::MAX)
     );
 }
 

@@ -137,6 +137,7 @@ impl Events for ChannelEvents {
                 .iter()
                 .map(|(&epoch, t)| pb::EpochTally {
                     epoch,
+                    epochs: 1,
                     samples: t.samples,
                     digest: t.digest,
                     skipped: t.skipped,

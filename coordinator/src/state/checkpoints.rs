@@ -121,7 +121,7 @@ impl Coordinator {
         job.failed_generations = 0;
         job.failed_checkpoints = 0;
         let retired = policy::retire(&mut job.checkpoints, spec.checkpoint.keep as usize);
-        policy::compact_ledger(&mut job.ledger, &job.checkpoints);
+        policy::compact_ledger(&mut job.ledger, &job.checkpoints, policy::TALLIED_EPOCHS);
         job.last_retired = retired.clone();
         // The leaving workers go with a checkpoint taken since they asked, not with one that
         // was still being written then.

@@ -458,12 +458,7 @@ impl Coordinator {
                 }
             }
         }
-        *shown = Arc::new(Snapshot {
-            version: decided.version,
-            taken_ms: now,
-            jobs,
-            workers,
-        });
+        *shown = Arc::new(Snapshot::new(decided.version, now, jobs, workers));
         shown.clone()
     }
 

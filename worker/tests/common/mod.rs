@@ -391,20 +391,25 @@ pub fn assert_every_sample_once(job: &pb::Job, spec: &JobSpec) {
     let manifest = ladder_core::dataset::Manifest::load(&spec.data.manifest).expect("manifest");
     let plan =
         ladder_core::sample::SamplePlan::of_job(spec, &manifest.shard_sizes()).expect("plan");
-    let epochs: Vec<u32> = job.trained.iter().map(|t| t.epoch).collect();
+    // Each tally tells one epoch, or a range of old ones (summed: what each should be, summed).
+    let mut epochs = Vec::new();
+    for t in &job.trained {
+        let span = t.epoch..t.epoch + t.epochs.max(1);
+        epochs.extend(span.clone());
+        let expected = span.clone().fold((0, 0u64), |(samples, digest), epoch| {
+            let e = ladder_core::sample::EpochTally::expected(&plan, epoch);
+            (samples + e.samples, digest.wrapping_add(e.digest))
+        });
+        assert_eq!(
+            (t.samples, t.digest, t.skipped),
+            (expected.0, expected.1, 0),
+            "epochs {span:?}: every sample once"
+        );
+    }
     assert_eq!(
         epochs,
         (0..EPOCHS as u32).collect::<Vec<_>>(),
         "{:?}",
         job.trained
     );
-    for t in &job.trained {
-        let expected = ladder_core::sample::EpochTally::expected(&plan, t.epoch);
-        assert_eq!(
-            (t.samples, t.digest, t.skipped),
-            (expected.samples, expected.digest, 0),
-            "epoch {}: every sample once",
-            t.epoch
-        );
-    }
 }
