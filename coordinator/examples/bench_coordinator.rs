@@ -173,33 +173,72 @@ struct Shared {
     reads: Latencies,
 }
 
-/// `GET path` with the submit token on a new connection, as a page or a scraper polls;
-/// returns the body's length.
-async fn read(http: &str, path: &str) -> usize {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http)
-        .await
-        .expect("reaching /api");
+/// `GET path` with the submit token on `connection` (kept alive between reads, as a browser
+/// and Prometheus keep theirs; opened again from `from` when the server closed it); returns
+/// the body's length.
+async fn read(
+    connection: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
+    from: std::net::IpAddr,
+    http: &str,
+    path: &str,
+) -> usize {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {SUBMIT_TOKEN}\r\n\
-         Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {SUBMIT_TOKEN}\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "GET {path}: {}",
-        String::from_utf8_lossy(&answer[..answer.len().min(200)])
-    );
-    answer.len()
+    for _attempt in 0..2 {
+        let stream = match connection {
+            Some(stream) => stream,
+            None => {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket
+                    .bind((from, 0).into())
+                    .expect("a loopback address of its own");
+                let address = http.parse().unwrap();
+                let stream = socket.connect(address).await.expect("reaching /api");
+                connection.insert(tokio::io::BufReader::new(stream))
+            }
+        };
+        let answered = async {
+            stream.write_all(request.as_bytes()).await?;
+            let (mut status, mut length) = (String::new(), 0);
+            stream.read_line(&mut status).await?;
+            loop {
+                let mut line = String::new();
+                stream.read_line(&mut line).await?;
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            stream.read_exact(&mut body).await?;
+            std::io::Result::Ok((status, length))
+        };
+        match answered.await {
+            Ok((status, length)) if !status.is_empty() => {
+                assert!(status.starts_with("HTTP/1.1 200"), "GET {path}: {status}");
+                return length;
+            }
+            // Closed by the server (its idle or lifetime limit): again on a new connection.
+            _ => *connection = None,
+        }
+    }
+    panic!("GET {path}: no answer on a new connection")
 }
 
-/// One polling client: `/metrics` and `/api/jobs` in turn, every [`READ_EVERY`], from when
-/// heartbeats are measured until the scenario stops.
-async fn reader(http: String, offset: Duration, shared: Arc<Shared>) {
+/// One polling client, from loopback address `from` (each its own host, as the coordinator
+/// counts connections per address): `/metrics` and `/api/jobs` in turn, every
+/// [`READ_EVERY`], from when heartbeats are measured until the scenario stops.
+async fn reader(http: String, from: std::net::IpAddr, offset: Duration, shared: Arc<Shared>) {
     tokio::time::sleep(offset).await;
     let mut every = tokio::time::interval(READ_EVERY);
+    let mut connection = None;
     for path in ["/metrics", "/api/jobs?include_ended=true"].iter().cycle() {
         every.tick().await;
         if shared.stop.load(Ordering::Relaxed) {
@@ -209,7 +248,7 @@ async fn reader(http: String, offset: Duration, shared: Arc<Shared>) {
             continue;
         }
         let sent = Instant::now();
-        read(&http, path).await;
+        read(&mut connection, from, &http, path).await;
         shared.reads.record(sent);
     }
 }
@@ -445,7 +484,8 @@ async fn scenario(
     let polling: Vec<_> = (0..readers)
         .map(|i| {
             let offset = READ_EVERY.mul_f64(i as f64 / readers as f64);
-            tokio::spawn(reader(http.clone(), offset, shared.clone()))
+            let from = std::net::Ipv4Addr::new(127, 0, 1, 1 + i as u8).into();
+            tokio::spawn(reader(http.clone(), from, offset, shared.clone()))
         })
         .collect();
     let (rendezvoused_tx, mut rendezvoused) = tokio::sync::mpsc::unbounded_channel();
@@ -592,6 +632,57 @@ async fn etcd_floor(endpoint: &str, writes: usize) -> (f64, f64) {
     (p50, p99)
 }
 
+/// A latency summary as the tables print it: p50/p99/max (count), in ms.
+fn ms((n, p50, p99, max): (usize, f64, f64, f64)) -> String {
+    if n == 0 {
+        "-".to_owned()
+    } else {
+        format!("{p50:.2}/{p99:.2}/{max:.1} ({n})")
+    }
+}
+
+/// The coordinator's own heartbeat p99 over a scenario's measured span (before and while jobs
+/// run), in ms.
+fn server_p99(o: &Outcome) -> f64 {
+    o.server_quiet_p99
+        .unwrap_or(f64::INFINITY)
+        .max(o.server_busy_p99.unwrap_or(f64::INFINITY))
+}
+
+/// Prints the readers' scenario beside the same one without them; returns its goal.
+fn readers_goal(alone: &Outcome, read: &Outcome) -> (String, bool) {
+    let (without, with) = (server_p99(alone), server_p99(read));
+    println!(
+        "readers: {} clients polling /metrics and /api/jobs every {} ms, {} reads p50/p99/max \
+         {}; heartbeat ms p50/p99/max at the workers {} (without readers {}), server p99 \
+         {with:.3} (without readers {without:.3})",
+        read.readers,
+        READ_EVERY.as_millis(),
+        read.reads.0,
+        ms(read.reads),
+        ms(read.quiet_heartbeats),
+        ms(alone.quiet_heartbeats),
+    );
+    (
+        format!(
+            "heartbeat p99 in the coordinator with {READERS} readers polling: {with:.3} ms, \
+             {:.2}x the {without:.3} ms without them (goal: within 20%)",
+            with / without
+        ),
+        with <= without * 1.2,
+    )
+}
+
+/// Prints each goal with PASS or FAIL; exits 1 if any failed.
+fn judge(goals: &[(String, bool)]) {
+    for (what, ok) in goals {
+        println!("{} {what}", pass(*ok));
+    }
+    if goals.iter().any(|(_, ok)| !ok) {
+        std::process::exit(1);
+    }
+}
+
 fn pass(ok: bool) -> &'static str {
     if ok { "PASS" } else { "FAIL" }
 }
@@ -601,9 +692,15 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     // 4,800 samples: enough for a global batch of 4,096 (4 per rank of 1,024).
     let manifest: PathBuf = write_dataset(&dir.path().join("data"), 8, 600, 10);
-    let sizes = [1_000usize, 10_000];
+    // `readers`: only the readers' scenario and the one it is measured against.
+    let only_readers = std::env::args().nth(1).as_deref() == Some("readers");
+    let sizes: &[usize] = if only_readers {
+        &[1_000]
+    } else {
+        &[1_000, 10_000]
+    };
     let mut outcomes = Vec::new();
-    for &workers in &sizes {
+    for &workers in sizes {
         let store = format!(
             "redb:{}",
             dir.path().join(format!("redb-{workers}.redb")).display()
@@ -614,8 +711,12 @@ async fn main() {
     eprintln!("bench: redb, 1000 workers, {READERS} readers");
     let store = format!("redb:{}", dir.path().join("redb-readers.redb").display());
     let read = scenario("redb", &store, dir.path(), &manifest, 1_000, READERS).await;
+    if only_readers {
+        judge(&[readers_goal(&outcomes[0], &read)]);
+        return;
+    }
     let etcd = Etcd::start();
-    for &workers in &sizes {
+    for &workers in sizes {
         eprintln!("bench: etcd, {workers} workers");
         // One etcd, a fresh key space per run: the runs' records do not meet.
         outcomes.push(scenario("etcd", &etcd.store(), dir.path(), &manifest, workers, 0).await);
@@ -645,13 +746,6 @@ async fn main() {
         "rss MB",
         "expired"
     );
-    let ms = |(n, p50, p99, max): (usize, f64, f64, f64)| {
-        if n == 0 {
-            "-".to_owned()
-        } else {
-            format!("{p50:.2}/{p99:.2}/{max:.1} ({n})")
-        }
-    };
     for o in &outcomes {
         println!(
             "{:<5} {:>7} {:>9}  {:>28}  {:>28}  {:>16}  {:>22}  {:>12}  {:>8.1} {:>8.0}  {:>7}",
@@ -706,30 +800,9 @@ async fn main() {
     );
     let redb = find("redb", 10_000);
     let heartbeat_p99 = redb.quiet_heartbeats.2.max(redb.busy_heartbeats.2);
-    let server_p99 = redb
-        .server_quiet_p99
-        .unwrap_or(f64::INFINITY)
-        .max(redb.server_busy_p99.unwrap_or(f64::INFINITY));
+    let server_p99 = server_p99(redb);
     let etcd_big = find("etcd", 10_000).big_job_running;
-    // The readers' scenario against the same one without them: the coordinator's own p99 over
-    // the whole measured span (before and while jobs run).
-    let server = |o: &Outcome| {
-        o.server_quiet_p99
-            .unwrap_or(f64::INFINITY)
-            .max(o.server_busy_p99.unwrap_or(f64::INFINITY))
-    };
-    let (alone, with_readers) = (server(find("redb", 1_000)), server(&read));
-    println!(
-        "readers: {} clients polling /metrics and /api/jobs every {} ms, {} reads p50/p99/max \
-         {}; heartbeat ms p50/p99/max at the workers {} (without readers {}), server p99 \
-         {with_readers:.3} (without readers {alone:.3})",
-        read.readers,
-        READ_EVERY.as_millis(),
-        read.reads.0,
-        ms(read.reads),
-        ms(read.quiet_heartbeats),
-        ms(find("redb", 1_000).quiet_heartbeats),
-    );
+    let readers = readers_goal(find("redb", 1_000), &read);
     let expired: u64 = outcomes
         .iter()
         .chain([&read])
@@ -750,25 +823,11 @@ async fn main() {
             ),
             etcd_big.is_some_and(|d| d < Duration::from_secs(2)),
         ),
-        (
-            format!(
-                "heartbeat p99 in the coordinator with {READERS} readers polling: {with_readers:.3} \
-                 ms, {:.2}x the {alone:.3} ms without them (goal: within 20%)",
-                with_readers / alone
-            ),
-            with_readers <= alone * 1.2,
-        ),
+        readers,
         (
             format!("leases expired wrongly: {expired} (goal: none)"),
             expired == 0,
         ),
     ];
-    let mut failed = false;
-    for (what, ok) in &goals {
-        println!("{} {what}", pass(*ok));
-        failed |= !ok;
-    }
-    if failed {
-        std::process::exit(1);
-    }
+    judge(&goals);
 }

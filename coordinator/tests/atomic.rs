@@ -11,7 +11,15 @@ use ladder_coordinator::auth::WorkerIdentity;
 use ladder_coordinator::records::{JobState, WorkerAssignment};
 use ladder_coordinator::state::{Coordinator, Signs};
 use ladder_coordinator::store::SharedStore;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A coordinator recovered from `store`, as a restarted process recovers.
+async fn recover(store: &Arc<FlakyStore>) -> Arc<Coordinator> {
+    Coordinator::recover(store.clone() as SharedStore, config())
+        .await
+        .unwrap()
+}
 
 /// Each worker's assignment as `coordinator` answers its heartbeat.
 async fn assignments(
@@ -29,9 +37,7 @@ async fn assignments(
 async fn a_store_failure_in_the_middle_of_a_schedule_assigns_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let store = FlakyStore::open(dir.path());
-    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let coordinator = recover(&store).await;
     let (job, _) = submit(&coordinator, dir.path(), 4).await;
     let mut workers = Vec::new();
     for _ in 0..3 {
@@ -75,9 +81,7 @@ async fn a_store_failure_in_the_middle_of_a_schedule_assigns_nobody() {
     assert_eq!(ranks, [0, 1, 2, 3]);
 
     // A coordinator started on the same store derives the same ranks from the job alone.
-    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let recovered = recover(&store).await;
     assert_eq!(assignments(&recovered, &workers).await, assigned);
 }
 
@@ -135,9 +139,7 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
     let ended = coordinator.record(&job).await.unwrap();
     assert_eq!(ended.state, JobState::Queued, "{}", ended.message);
     assert!(ended.message.contains(&workers[1].id), "{}", ended.message);
-    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let recovered = recover(&store).await;
     let known: Vec<String> = recovered
         .snapshot()
         .workers
@@ -158,9 +160,7 @@ async fn a_lost_worker_and_the_end_of_its_generation_are_one_transaction() {
 async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     let dir = tempfile::tempdir().unwrap();
     let store = FlakyStore::open(dir.path());
-    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let coordinator = recover(&store).await;
     let (job, _) = submit(&coordinator, dir.path(), 1).await;
     let (workers, generation) = common::running(&coordinator, 1).await;
     let report = |global_step| ladder_coordinator::state::ProgressReport {
@@ -203,9 +203,7 @@ async fn heartbeats_and_progress_do_not_wait_for_a_store_write() {
     assert!(answer.current);
     store.hold_writes(false);
     cancelling.await.unwrap().unwrap();
-    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let recovered = recover(&store).await;
     let saved = recovered.record(&job).await.unwrap();
     assert_eq!(saved.state, JobState::Cancelled);
     assert_eq!(saved.progress.global_step, 7);
@@ -251,9 +249,7 @@ async fn a_lease_runs_from_the_last_heartbeat() {
 async fn registrations_arriving_together_are_written_together() {
     let dir = tempfile::tempdir().unwrap();
     let store = FlakyStore::open(dir.path());
-    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let coordinator = recover(&store).await;
     let before = store.transactions();
     store.hold_writes(true);
     let registering: Vec<_> = (0..300)
@@ -274,9 +270,7 @@ async fn registrations_arriving_together_are_written_together() {
         writes <= 5,
         "300 registrations took {writes} transactions (at most 127 each, and the first alone)"
     );
-    let recovered = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let recovered = recover(&store).await;
     assert_eq!(
         recovered.snapshot().workers.len(),
         300,
@@ -306,9 +300,7 @@ async fn readers_are_answered_while_a_decision_waits_for_the_store() {
     use ladder_coordinator::{auth::Tokens, http, serving::Serving};
     let dir = tempfile::tempdir().unwrap();
     let store = FlakyStore::open(dir.path());
-    let coordinator = Coordinator::recover(store.clone() as SharedStore, config())
-        .await
-        .unwrap();
+    let coordinator = recover(&store).await;
     let (job, _) = submit(&coordinator, dir.path(), 1).await;
     let serving = Serving::new("starting");
     serving.lead(coordinator.clone());
