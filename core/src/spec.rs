@@ -114,6 +114,27 @@ pub enum StageMode {
     Random,
 }
 
+/// Which RandAugment a spec's magnitudes are for: they share a name, not a scale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RandAugmentScale {
+    /// The official EfficientNetV2 code's (google/automl): 16 operations, level 10 its nominal
+    /// top and higher levels extrapolated, gray fill. The paper's Table 6 magnitudes (5 to 25)
+    /// are on this scale.
+    #[default]
+    Official,
+    /// torchvision's: 14 operations, magnitude 0 to 30 (its 31 bins), black fill.
+    Torchvision,
+}
+
+impl RandAugmentScale {
+    /// The magnitudes a spec may give: torchvision's bins end at 30; the official levels are
+    /// extrapolated past 10, up to the 30 the RandAugment paper searched.
+    pub fn magnitudes(self) -> std::ops::RangeInclusive<f64> {
+        0.0..=30.0
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
@@ -132,6 +153,9 @@ pub struct ScheduleSpec {
     /// Stochastic-depth drop rate of the last block (earlier blocks drop proportionally less).
     #[serde(default = "defaults::stochastic_depth")]
     pub stochastic_depth: f64,
+    /// Which RandAugment the magnitudes below are for.
+    #[serde(default)]
+    pub randaugment: RandAugmentScale,
     pub min_randaugment: f64,
     pub max_randaugment: f64,
     #[serde(default)]
@@ -570,17 +594,31 @@ impl JobSpec {
             format!("in [schedule.min_dropout ({}), 1)", s.min_dropout),
         );
         c.range_half_open("schedule.stochastic_depth", s.stochastic_depth, 0.0, 1.0);
+        let scale = s.randaugment.magnitudes();
+        let scale_name = match s.randaugment {
+            RandAugmentScale::Official => {
+                "the official scale, schedule.randaugment = \"official\": level 10 is its \
+                 nominal top, higher levels extrapolate"
+            }
+            RandAugmentScale::Torchvision => {
+                "torchvision's scale, schedule.randaugment = \"torchvision\": its 31 bins"
+            }
+        };
         c.check(
             "schedule.min_randaugment",
             s.min_randaugment,
-            (0.0..=30.0).contains(&s.min_randaugment),
-            "in [0, 30] (RandAugment's magnitude scale)",
+            scale.contains(&s.min_randaugment),
+            format!("in [{}, {}] on {scale_name}", scale.start(), scale.end()),
         );
         c.check(
             "schedule.max_randaugment",
             s.max_randaugment,
-            s.max_randaugment >= s.min_randaugment && s.max_randaugment <= 30.0,
-            format!("in [schedule.min_randaugment ({}), 30]", s.min_randaugment),
+            s.max_randaugment >= s.min_randaugment && s.max_randaugment <= *scale.end(),
+            format!(
+                "in [schedule.min_randaugment ({}), {}] on {scale_name}",
+                s.min_randaugment,
+                scale.end()
+            ),
         );
         c.check(
             "schedule.min_mixup",

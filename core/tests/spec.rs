@@ -159,7 +159,21 @@ fn malformed() -> Vec<(String, &'static [&'static str])> {
         ),
         (
             with("max_randaugment = 15", "max_randaugment = 31"),
-            &["schedule.max_randaugment = 31"],
+            &["schedule.max_randaugment = 31", "30] on the official scale"],
+        ),
+        (
+            with(
+                "max_randaugment = 15",
+                "max_randaugment = 31\nrandaugment = \"torchvision\"",
+            ),
+            &["schedule.max_randaugment = 31", "torchvision's scale"],
+        ),
+        (
+            with(
+                "max_randaugment = 15",
+                "max_randaugment = 15\nrandaugment = \"tf\"",
+            ),
+            &["randaugment", "official", "torchvision"],
         ),
         (
             with("max_randaugment = 15", "max_randaugment = nan"),

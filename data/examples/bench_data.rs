@@ -28,6 +28,7 @@ fn main() {
         size,
         crop_scale: [0.08, 1.0],
         crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
+        randaugment: ladder_data::randaugment::RandAugmentScale::Torchvision,
         randaugment_magnitude: 9.0,
         randaugment_layers: 2,
     };

@@ -23,7 +23,9 @@ pub struct TrainTransform {
     pub size: u32,
     pub crop_scale: [f64; 2],
     pub crop_ratio: [f64; 2],
-    /// RandAugment's magnitude on its 0-30 scale; 0 with `randaugment_layers` 0 turns it off.
+    /// RandAugment's definition, magnitude (on that definition's scale) and layers (0 turns
+    /// it off).
+    pub randaugment: randaugment::RandAugmentScale,
     pub randaugment_magnitude: f64,
     pub randaugment_layers: u32,
 }
@@ -103,6 +105,7 @@ impl TrainTransform {
         }
         randaugment::apply(
             &mut image,
+            self.randaugment,
             self.randaugment_layers,
             self.randaugment_magnitude,
             rng,

@@ -19,6 +19,7 @@ fn train(size: u32) -> Transform {
         size,
         crop_scale: [0.08, 1.0],
         crop_ratio: [0.75, 4.0 / 3.0],
+        randaugment: ladder_data::randaugment::RandAugmentScale::Torchvision,
         randaugment_magnitude: 9.0,
         randaugment_layers: 2,
     })

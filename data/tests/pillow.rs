@@ -247,7 +247,7 @@ fn start_of_frame(jpeg: &[u8]) -> usize {
 
 #[test]
 fn pointwise_randaugment_operations_match_pillows_imageops() {
-    use ladder_data::randaugment::apply_op;
+    use ladder_data::randaugment::torchvision::apply_op;
     let dir = tempfile::tempdir().unwrap();
     let photo = ladder_data::synth::draw(3, 10, 1, 0);
     let image = resize(&photo, Rect::whole(photo.width, photo.height), 64, 48);

@@ -50,7 +50,7 @@ impl TinyJob {
              [data]\nmanifest = \"data/manifest.json\"\ndecode_threads = 1\n\
              [schedule]\nepochs = {epochs}\nstage_epochs = {stage}\nmin_size = {min}\n\
              max_size = {max}\neval_size = {max}\nmin_dropout = 0.0\nmax_dropout = 0.1\n\
-             min_randaugment = 2\nmax_randaugment = 4\n[optimizer]\nwarmup_epochs = 0\n\
+             randaugment = \"torchvision\"\nmin_randaugment = 2\nmax_randaugment = 4\n[optimizer]\nwarmup_epochs = 0\n\
              [batch]\nglobal = {global}\nmicro_at_max_size = {micro}\nmicro_max = {micro}\n\
              [checkpoint]\ndir = \"checkpoints\"\nevery_steps = {every}\n\
              [workers]\nmin = {least}\nmax = {most}\n",

@@ -59,6 +59,7 @@ pub fn train_transform(spec: &JobSpec, stages: &StagePlan, epoch: u32) -> TrainT
         size: e.image_size,
         crop_scale: spec.data.crop_scale,
         crop_ratio: spec.data.crop_ratio,
+        randaugment: spec.schedule.randaugment,
         randaugment_magnitude: e.randaugment_magnitude,
         randaugment_layers: if e.randaugment_magnitude > 0.0 {
             RANDAUGMENT_LAYERS

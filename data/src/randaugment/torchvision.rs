@@ -3,10 +3,18 @@
 //! random where the operation has a direction. Geometric operations use nearest-neighbour
 //! sampling and fill with black, as torchvision's defaults do.
 
+use super::pixels::{
+    Grid, autocontrast, equalize, posterize, replace_pixels, solarize, take_scratch,
+};
 use crate::image::Image;
 use ladder_core::rng::Stream;
 
 pub const OPERATIONS: usize = 14;
+
+/// Torchvision's (PIL's) geometry: pixel centers, black outside.
+fn affine(image: &mut Image, m: [f64; 6]) {
+    super::pixels::affine(image, m, Grid::Centers, 0);
+}
 
 pub fn apply(image: &mut Image, layers: u32, magnitude: f64, rng: &mut Stream) {
     for _ in 0..layers {
@@ -60,57 +68,11 @@ fn apply_op_body(image: &mut Image, op: usize, magnitude: f64, negative: bool) {
             blend_constant(image, mean, 1.0 + 0.9 * level * sign)
         }
         9 => sharpness(image, 1.0 + 0.9 * level * sign),
-        10 => posterize(image, 8 - (magnitude / 7.5).round().clamp(0.0, 8.0) as u32),
+        10 => posterize(image, (magnitude / 7.5).round().clamp(0.0, 8.0) as u32),
         11 => solarize(image, 255.0 * (1.0 - level)),
         12 => autocontrast(image),
         _ => equalize(image),
     }
-}
-
-/// Inverse affine map `[a, b, c, d, e, f]`: output (x, y) reads input (a x + b y + c,
-/// d x + e y + f), relative to the top-left corner as torchvision's shear and translate are.
-/// Stepped in 16.16 fixed point along each row.
-#[inline(always)]
-fn affine(image: &mut Image, m: [f64; 6]) {
-    const ONE: f64 = 65536.0;
-    let (w, h) = (image.width as i64, image.height as i64);
-    let (step_x, step_y) = ((m[0] * ONE) as i64, (m[3] * ONE) as i64);
-    let mut output = take_scratch(image.pixels.len());
-    for (y, row) in output.chunks_exact_mut(w as usize * 3).enumerate() {
-        let yf = y as f64 + 0.5;
-        let mut sx = ((m[0] * 0.5 + m[1] * yf + m[2]) * ONE) as i64;
-        let mut sy = ((m[3] * 0.5 + m[4] * yf + m[5]) * ONE) as i64;
-        for out in row.chunks_exact_mut(3) {
-            let (ix, iy) = (sx >> 16, sy >> 16);
-            if ix >= 0 && ix < w && iy >= 0 && iy < h {
-                let j = ((iy * w + ix) * 3) as usize;
-                out.copy_from_slice(&image.pixels[j..j + 3]);
-            } else {
-                out.fill(0);
-            }
-            sx += step_x;
-            sy += step_y;
-        }
-    }
-    replace_pixels(image, output);
-}
-
-thread_local! {
-    // A second image buffer per thread, so operations that read pixels they overwrite need no
-    // allocation per image (large ones would cost page faults each time).
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// This thread's scratch buffer, `len` bytes long (contents unspecified).
-fn take_scratch(len: usize) -> Vec<u8> {
-    let mut buffer = SCRATCH.take();
-    buffer.resize(len, 0);
-    buffer
-}
-
-/// Makes `output` the image's pixels; the old pixels become the thread's scratch buffer.
-fn replace_pixels(image: &mut Image, output: Vec<u8>) {
-    SCRATCH.set(std::mem::replace(&mut image.pixels, output));
 }
 
 /// Rotation by `degrees` counter-clockwise about the center.
@@ -200,86 +162,4 @@ fn sharpness(image: &mut Image, factor: f64) {
         }
     }
     replace_pixels(image, output);
-}
-
-#[inline(always)]
-fn posterize(image: &mut Image, bits: u32) {
-    let mask = !((1u16 << (8 - bits.min(8))) - 1) as u8;
-    for p in &mut image.pixels {
-        *p &= mask;
-    }
-}
-
-#[inline(always)]
-fn solarize(image: &mut Image, threshold: f64) {
-    let lut: [u8; 256] = std::array::from_fn(|v| {
-        if v as f64 >= threshold {
-            255 - v as u8
-        } else {
-            v as u8
-        }
-    });
-    for p in &mut image.pixels {
-        *p = lut[*p as usize];
-    }
-}
-
-/// Stretches each channel to the full 0-255 range (PIL's ImageOps.autocontrast, cutoff 0).
-#[inline(always)]
-fn autocontrast(image: &mut Image) {
-    let mut lo = [255u8; 3];
-    let mut hi = [0u8; 3];
-    for px in image.pixels.chunks_exact(3) {
-        for c in 0..3 {
-            lo[c] = lo[c].min(px[c]);
-            hi[c] = hi[c].max(px[c]);
-        }
-    }
-    let luts: [[u8; 256]; 3] = std::array::from_fn(|c| {
-        std::array::from_fn(|v| {
-            if hi[c] <= lo[c] {
-                return v as u8;
-            }
-            // Pillow's arithmetic, rounding included: int(v * scale + offset).
-            let scale = 255.0 / (hi[c] - lo[c]) as f64;
-            let offset = -(lo[c] as f64) * scale;
-            (v as f64 * scale + offset).clamp(0.0, 255.0) as u8
-        })
-    });
-    for px in image.pixels.chunks_exact_mut(3) {
-        for c in 0..3 {
-            px[c] = luts[c][px[c] as usize];
-        }
-    }
-}
-
-/// Histogram equalization per channel, PIL's algorithm.
-#[inline(always)]
-fn equalize(image: &mut Image) {
-    let mut histograms = [[0usize; 256]; 3];
-    for px in image.pixels.chunks_exact(3) {
-        for c in 0..3 {
-            histograms[c][px[c] as usize] += 1;
-        }
-    }
-    let luts: [[u8; 256]; 3] = std::array::from_fn(|c| {
-        let histogram = &histograms[c];
-        let last = histogram.iter().rposition(|&n| n > 0).unwrap_or(0);
-        let total: usize = histogram.iter().sum();
-        let step = (total - histogram[last]) / 255;
-        let mut lut: [u8; 256] = std::array::from_fn(|v| v as u8);
-        if step > 0 {
-            let mut n = step / 2;
-            for (i, entry) in lut.iter_mut().enumerate() {
-                *entry = (n / step).min(255) as u8;
-                n += histogram[i];
-            }
-        }
-        lut
-    });
-    for px in image.pixels.chunks_exact_mut(3) {
-        for c in 0..3 {
-            px[c] = luts[c][px[c] as usize];
-        }
-    }
 }

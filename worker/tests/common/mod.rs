@@ -43,6 +43,9 @@ eval_size = 64
 min_dropout = 0.0
 max_dropout = 0.1
 stochastic_depth = 0.1
+# torchvision's RandAugment: the official one translates by 10 pixels a level and keeps one bit
+# in Posterize below level 2.5, sized for 128-380 px images, not these 32-64 px ones.
+randaugment = "torchvision"
 min_randaugment = 2
 max_randaugment = 6
 min_mixup = 0.0
