@@ -114,6 +114,22 @@ pub enum StageMode {
     Random,
 }
 
+/// How a stage's image size and regularization follow from its place on the ladder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageRule {
+    /// The paper's Algorithm 1: stage `i` of `M` at `i / (M - 1)` of the way from every
+    /// `min_*` to its `max_*` (size, dropout, RandAugment, Mixup, CutMix); the first stage
+    /// trains at `min_size`.
+    #[default]
+    Paper,
+    /// The official code's (google/automl `efficientnetv2/main.py`): the size at
+    /// `min_size + (max_size - min_size) * (i + 1) / M` (the first stage already above
+    /// `min_size`, its `ibase`); RandAugment, Mixup and CutMix at `i / (M - 1)`; dropout held at
+    /// `max_dropout` (the code computes a dropout ladder and deletes it).
+    Official,
+}
+
 /// Which RandAugment a spec's magnitudes are for: they share a name, not a scale.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,6 +159,9 @@ pub struct ScheduleSpec {
     pub stage_epochs: u32,
     #[serde(default = "defaults::mode")]
     pub mode: StageMode,
+    /// How stages' sizes and regularization follow from their levels.
+    #[serde(default)]
+    pub rule: StageRule,
     #[serde(default)]
     pub seed: u64,
     pub min_size: u32,
@@ -162,6 +181,11 @@ pub struct ScheduleSpec {
     pub min_mixup: f64,
     #[serde(default)]
     pub max_mixup: f64,
+    /// CutMix's alpha (0 turns it off; with Mixup on too, half of each micro-batch cuts).
+    #[serde(default)]
+    pub min_cutmix: f64,
+    #[serde(default)]
+    pub max_cutmix: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +195,8 @@ pub enum LrSchedule {
     Exponential,
     /// Cosine decay to zero after warm-up (the paper's ImageNet-21k pretraining).
     Cosine,
+    /// The base rate after warm-up (the official code's fine-tuning from ImageNet-21k).
+    Constant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -631,6 +657,18 @@ impl JobSpec {
             s.max_mixup,
             s.max_mixup >= s.min_mixup && s.max_mixup <= 10.0,
             format!("in [schedule.min_mixup ({}), 10]", s.min_mixup),
+        );
+        c.check(
+            "schedule.min_cutmix",
+            s.min_cutmix,
+            (0.0..=10.0).contains(&s.min_cutmix),
+            "in [0, 10] (0 turns CutMix off)",
+        );
+        c.check(
+            "schedule.max_cutmix",
+            s.max_cutmix,
+            s.max_cutmix >= s.min_cutmix && s.max_cutmix <= 10.0,
+            format!("in [schedule.min_cutmix ({}), 10]", s.min_cutmix),
         );
 
         let o = &self.optimizer;

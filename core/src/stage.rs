@@ -4,16 +4,17 @@
 //! of `stage_epochs` epochs (8 by default) in which the image size, the micro-batch size and the
 //! regularization stay fixed, so that every batch of a stage has one shape and anything
 //! shape-specialized on the GPU is prepared once per stage. Stage `i` of `M` sits at level
-//! `i / (M - 1)` of the way from the `min_*` to the `max_*` values (the paper's Table 6); the
-//! `random` mode instead gives each stage a seeded random level of the same ladder (the paper's
-//! adaptive-regularization study).
+//! `i / (M - 1)` of the way from the `min_*` to the `max_*` values (the paper's Algorithm 1 and
+//! Table 6); the `random` mode instead gives each stage a seeded random level of the same
+//! ladder (the paper's adaptive-regularization study). `rule = "official"` follows the
+//! official code instead (see [`StageRule::Official`]): sizes at `(i + 1) / M`, dropout held.
 //!
 //! Image sizes are rounded to the nearest multiple of 8 (halves round up), so that every
 //! stage's batches align with GPU tile sizes and the network's stride-2 steps halve evenly;
 //! a spec's `max_size = 300` therefore trains its last stage at 304.
 
 use crate::rng::Stream;
-use crate::spec::{JobSpec, StageMode};
+use crate::spec::{JobSpec, StageMode, StageRule};
 
 /// What one epoch trains with. Equal values within a stage.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +28,7 @@ pub struct EpochParams {
     pub stochastic_depth: f64,
     pub randaugment_magnitude: f64,
     pub mixup_alpha: f64,
+    pub cutmix_alpha: f64,
 }
 
 /// The whole run's epochs, from a spec alone (a pure function: the coordinator and every worker
@@ -85,8 +87,26 @@ impl StagePlan {
             .map(|epoch| {
                 let stage = epoch / s.stage_epochs;
                 let t = level(stage);
-                let image_size =
-                    round_to_multiple_of_8(lerp(s.min_size as f64, s.max_size as f64, t));
+                // The official rule sizes level t = i / (M - 1) at (i + 1) / M.
+                let (size_at, dropout) = match s.rule {
+                    StageRule::Paper => (t, lerp(s.min_dropout, s.max_dropout, t)),
+                    StageRule::Official => {
+                        let i = if stages > 1 {
+                            (t * (stages - 1) as f64).round()
+                        } else {
+                            0.0
+                        };
+                        ((i + 1.0) / stages as f64, s.max_dropout)
+                    }
+                };
+                let image_size = match s.rule {
+                    StageRule::Paper => lerp(s.min_size as f64, s.max_size as f64, size_at),
+                    // `int(...)` as the official code writes it, then to a multiple of 8.
+                    StageRule::Official => {
+                        lerp(s.min_size as f64, s.max_size as f64, size_at).trunc()
+                    }
+                };
+                let image_size = round_to_multiple_of_8(image_size);
                 let max_size = round_to_multiple_of_8(s.max_size as f64);
                 EpochParams {
                     epoch,
@@ -98,10 +118,11 @@ impl StagePlan {
                         spec.batch.micro_at_max_size,
                         spec.batch.micro_max,
                     ),
-                    dropout: lerp(s.min_dropout, s.max_dropout, t),
+                    dropout,
                     stochastic_depth: s.stochastic_depth,
                     randaugment_magnitude: lerp(s.min_randaugment, s.max_randaugment, t),
                     mixup_alpha: lerp(s.min_mixup, s.max_mixup, t),
+                    cutmix_alpha: lerp(s.min_cutmix, s.max_cutmix, t),
                 }
             })
             .collect();
@@ -202,6 +223,65 @@ mod tests {
             assert_eq!(column(&plan, |e| e.mixup_alpha), mixup, "{name}");
             assert_eq!(column(&plan, |e| e.dropout), dropout, "{name}");
         }
+    }
+
+    #[test]
+    fn the_official_rule_reproduces_the_official_codes_stages() {
+        // google/automl efficientnetv2: S trains at int(128 + 172 (i + 1) / 4) = 171, 214,
+        // 257, 300 px (here to multiples of 8), RandAugment 5 to 10 and no mixing; L at 192,
+        // 256, 320, 384 px, RandAugment 5 to 20, Mixup and CutMix 0 to 0.5; dropout held at
+        // the model's (0.2, 0.4).
+        type Row = (
+            &'static str,
+            u32,
+            f64,
+            f64,
+            f64,
+            [u32; 4],
+            [f64; 4],
+            [f64; 4],
+        );
+        let table: [Row; 2] = [
+            (
+                "efficientnetv2-s-in1k.toml",
+                300,
+                10.0,
+                0.0,
+                0.2,
+                [168, 216, 256, 304],
+                [5.0, 6.667, 8.333, 10.0],
+                [0.0; 4],
+            ),
+            (
+                "efficientnetv2-l-in1k.toml",
+                384,
+                20.0,
+                0.5,
+                0.4,
+                [192, 256, 320, 384],
+                [5.0, 10.0, 15.0, 20.0],
+                [0.0, 0.167, 0.333, 0.5],
+            ),
+        ];
+        for (name, size, ram, mix, dropout, sizes, randaugment, mixing) in table {
+            let mut spec = config(name);
+            let s = &mut spec.schedule;
+            (s.epochs, s.stage_epochs, s.rule) = (32, 8, StageRule::Official);
+            (s.min_size, s.max_size, s.max_randaugment) = (128, size, ram);
+            (s.max_mixup, s.max_cutmix, s.max_dropout) = (mix, mix, dropout);
+            let plan = StagePlan::new(&spec);
+            let got: Vec<u32> = plan.stage_starts().map(|e| e.image_size).collect();
+            assert_eq!(got, sizes, "{name} sizes");
+            assert_eq!(column(&plan, |e| e.randaugment_magnitude), randaugment);
+            assert_eq!(column(&plan, |e| e.mixup_alpha), mixing, "{name}");
+            assert_eq!(column(&plan, |e| e.cutmix_alpha), mixing, "{name}");
+            assert_eq!(column(&plan, |e| e.dropout), [dropout; 4], "{name}");
+        }
+        // One stage: the last size either way.
+        let mut spec = config("efficientnetv2-s-in1k.toml");
+        (spec.schedule.epochs, spec.schedule.stage_epochs) = (8, 8);
+        spec.schedule.rule = StageRule::Official;
+        assert_eq!(StagePlan::new(&spec).epochs[0].image_size, 304);
     }
 
     #[test]

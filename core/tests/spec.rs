@@ -59,7 +59,10 @@ fn the_base_spec_and_the_shipped_configs_are_valid() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 5, "configs/ ships S, M, L, L-21k and the demo");
+    assert_eq!(
+        seen, 6,
+        "configs/ ships S, M, L, L-21k, its fine-tuning on 1k and the demo"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ pub mod decode;
 pub mod image;
 pub mod import;
 pub mod loader;
-pub mod mixup;
+pub mod mix;
 pub mod randaugment;
 pub mod resample;
 mod simd;

@@ -1,8 +1,8 @@
 //! The optimizer and learning-rate schedule of the paper and its official code: TF-style RMSProp
 //! (`tf.compat.v1.train.RMSPropOptimizer`: the mean square starts at 1 and epsilon sits inside
 //! the square root), L2 weight decay on convolution and linear weights only, linear warm-up, then
-//! exponential (0.97 every 2.4 epochs, staircase) or cosine decay, both evaluated at the global
-//! step as the official schedule does.
+//! exponential (0.97 every 2.4 epochs, staircase), cosine decay or a constant rate (the official
+//! fine-tuning's), each evaluated at the global step as the official schedule does.
 
 use crate::flat::FlatState;
 use ladder_core::spec::{LrSchedule, OptimizerSpec};
@@ -121,6 +121,7 @@ impl LearningRate {
                 let progress = step as f64 / self.total_steps.max(1) as f64;
                 0.5 * self.base * (1.0 + (std::f64::consts::PI * progress).cos())
             }
+            LrSchedule::Constant => self.base,
         }
     }
 }
@@ -163,5 +164,16 @@ mod tests {
             "half-way: half the base"
         );
         assert!(lr.at(5999) < 1e-5, "ends near zero");
+
+        // Fine-tuning from ImageNet-21k: 0.0005 per 256 at batch 512, held after warm-up.
+        let constant = OptimizerSpec {
+            lr_schedule: LrSchedule::Constant,
+            lr_per_256: 0.0005,
+            warmup_epochs: 1.0,
+            ..spec()
+        };
+        let lr = LearningRate::new(&constant, 512, 100, 15);
+        assert!((lr.at(50) - 0.0005).abs() < 1e-12, "warming up");
+        assert!((lr.at(100) - 0.001).abs() < 1e-12 && (lr.at(1499) - 0.001).abs() < 1e-12);
     }
 }

@@ -53,7 +53,7 @@ use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::{EpochParams, StagePlan};
 use ladder_data::loader::{Dataset, Loader, MicroBatch};
-use ladder_data::mixup;
+use ladder_data::mix;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -650,20 +650,17 @@ impl Trainer {
                 &loss::one_hot(&labels, classes),
                 spec.optimizer.label_smoothing,
             );
-            let (images, targets) = match mixup::draw(
+            let (images, targets) = match mix::draw(
                 spec.schedule.seed,
                 e.epoch,
                 step,
                 k,
                 e.mixup_alpha,
+                e.cutmix_alpha,
                 batch.labels.len(),
+                e.image_size,
             ) {
-                Some((lambda, order)) => {
-                    let order: Vec<i64> = order.into_iter().map(|i| i as i64).collect();
-                    let order =
-                        precision::upload_slice(&order, &[order.len() as i64], self.options.device);
-                    loss::mixup(&images, &targets, lambda, &order)
-                }
+                Some(plan) => loss::mix(&images, &targets, &plan),
                 None => (images, targets),
             };
             let mut masks = Stream::new(
