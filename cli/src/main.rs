@@ -139,6 +139,14 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         workers: Option<u32>,
     },
+    /// Print a spec's recipe card without a coordinator: per stage its epochs, image size,
+    /// micro-batch, steps, dropout, RandAugment (and what its magnitude does), Mixup and CutMix,
+    /// learning rate at its start and end, and share of the compute. Steps and rates need the
+    /// spec's dataset manifest.
+    Plan {
+        /// The job spec (TOML).
+        spec: PathBuf,
+    },
     /// Dataset tools.
     #[command(subcommand)]
     Dataset(DatasetCommand),
@@ -706,6 +714,25 @@ async fn run(cli: Cli) -> Result<()> {
             let job = printable_job(job);
             eprintln!("{}", job.message);
             say!("{}", job_line(&job));
+        }
+        Command::Plan { spec } => {
+            let spec = JobSpec::load(spec)?;
+            let steps_per_epoch = match dataset::Manifest::load(&spec.data.manifest) {
+                Ok(manifest) => {
+                    let plan =
+                        ladder_core::sample::SamplePlan::of_job(&spec, &manifest.shard_sizes())
+                            .map_err(|e| anyhow::anyhow!("batch.global: {e}"))?;
+                    Some(plan.steps_per_epoch())
+                }
+                Err(e) => {
+                    eprintln!("warning: no steps or learning rates: data.manifest: {e}");
+                    None
+                }
+            };
+            say!(
+                "{}",
+                ladder_core::recipe::Card::new(&spec, steps_per_epoch).render()
+            );
         }
         Command::Dataset(DatasetCommand::Index { dir, classes }) => {
             print_index(&dataset::index_dir(dir, *classes)?);

@@ -1568,3 +1568,39 @@ fn numbers_from_a_worker_are_checked_and_a_nan_loss_fails_the_job_as_diverged() 
         "the last good progress: {status}"
     );
 }
+
+/// `ladder plan` prints a spec's recipe card with no coordinator: a row per stage, steps and
+/// learning rates from its dataset; without the dataset, the card still, and a warning.
+#[test]
+fn plan_prints_the_recipe_card_without_a_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = setup(dir.path(), (1, 1));
+    let out = Command::new(binary("ladder"))
+        .args(["plan", spec.to_str().unwrap()])
+        .env_remove("LADDER_COORDINATOR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let card = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = card
+        .lines()
+        .filter(|l| l.ends_with('%'))
+        .collect();
+    assert_eq!(rows.len(), 2, "two stages: {card}");
+    assert!(rows[0].contains("1-2") && rows[1].contains("3-4"), "{card}");
+    assert!(
+        card.contains("steps an epoch") && card.contains("total: "),
+        "{card}"
+    );
+    std::fs::remove_file(dir.path().join("data").join("manifest.json")).unwrap();
+    let out = Command::new(binary("ladder"))
+        .args(["plan", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no steps or learning rates"));
+}

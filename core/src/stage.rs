@@ -40,6 +40,9 @@ pub struct StagePlan {
 
 const RANDOM_LEVEL_STREAM: u64 = 0x5354_4147; // "STAG"
 
+/// RandAugment's layers while its magnitude is above 0: the official code's `ra_num_layers`.
+pub const RANDAUGMENT_LAYERS: u32 = 2;
+
 /// Rounds to the nearest multiple of 8, halves up.
 pub fn round_to_multiple_of_8(size: f64) -> u32 {
     ((size / 8.0 + 0.5).floor() as u32 * 8).max(8)

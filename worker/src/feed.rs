@@ -13,9 +13,6 @@ use ladder_data::augment::TrainTransform;
 use ladder_data::loader::{BatchRequest, Transform};
 use std::sync::Arc;
 
-/// RandAugment's number of operations per image (the paper's setting at every stage).
-pub const RANDAUGMENT_LAYERS: u32 = 2;
-
 /// A place in the run: the next step to train, `step` of `epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Cursor {
@@ -62,7 +59,7 @@ pub fn train_transform(spec: &JobSpec, stages: &StagePlan, epoch: u32) -> TrainT
         randaugment: spec.schedule.randaugment,
         randaugment_magnitude: e.randaugment_magnitude,
         randaugment_layers: if e.randaugment_magnitude > 0.0 {
-            RANDAUGMENT_LAYERS
+            ladder_core::stage::RANDAUGMENT_LAYERS
         } else {
             0
         },
