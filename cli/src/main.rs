@@ -147,6 +147,22 @@ enum Command {
         /// The job spec (TOML).
         spec: PathBuf,
     },
+    /// Write a contact sheet (PNG) of training samples as the loader makes them at one stage:
+    /// a column per sample, its source on top, below it cropped, flipped, RandAugment-ed and
+    /// mixed as that stage trains it.
+    Preview {
+        /// The job spec (TOML); its dataset is read.
+        spec: PathBuf,
+        /// The stage, counted from 1 (`ladder plan` lists them).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        stage: u32,
+        /// Where to write the PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// How many samples, spread over the dataset.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+        samples: u32,
+    },
     /// Dataset tools.
     #[command(subcommand)]
     Dataset(DatasetCommand),
@@ -732,6 +748,38 @@ async fn run(cli: Cli) -> Result<()> {
             say!(
                 "{}",
                 ladder_core::recipe::Card::new(&spec, steps_per_epoch).render()
+            );
+        }
+        Command::Preview {
+            spec,
+            stage,
+            out,
+            samples,
+        } => {
+            let spec = JobSpec::load(spec)?;
+            let plan = ladder_core::stage::StagePlan::new(&spec);
+            let epoch = plan
+                .stage_starts()
+                .nth(*stage as usize - 1)
+                .with_context(|| {
+                    format!(
+                        "--stage {stage}: the spec has {} stages",
+                        plan.stage_count()
+                    )
+                })?;
+            let dataset =
+                ladder_data::loader::Dataset::open(&spec.data.manifest).context("data.manifest")?;
+            let sheet = ladder_data::preview::sheet(&dataset, &spec, epoch, *samples as usize)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            ladder_data::preview::write_png(&sheet.image, out).map_err(|e| anyhow::anyhow!(e))?;
+            say!(
+                "stage {stage}: {} samples at {} px (RandAugment {:.2}, mixup {:.2}, cutmix {:.2}); wrote {}",
+                sheet.trained.len(),
+                epoch.image_size,
+                epoch.randaugment_magnitude,
+                epoch.mixup_alpha,
+                epoch.cutmix_alpha,
+                out.display()
             );
         }
         Command::Dataset(DatasetCommand::Index { dir, classes }) => {

@@ -1586,10 +1586,7 @@ fn plan_prints_the_recipe_card_without_a_coordinator() {
         String::from_utf8_lossy(&out.stderr)
     );
     let card = String::from_utf8(out.stdout).unwrap();
-    let rows: Vec<&str> = card
-        .lines()
-        .filter(|l| l.ends_with('%'))
-        .collect();
+    let rows: Vec<&str> = card.lines().filter(|l| l.ends_with('%')).collect();
     assert_eq!(rows.len(), 2, "two stages: {card}");
     assert!(rows[0].contains("1-2") && rows[1].contains("3-4"), "{card}");
     assert!(
@@ -1603,4 +1600,107 @@ fn plan_prints_the_recipe_card_without_a_coordinator() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no steps or learning rates"));
+}
+
+/// `ladder preview` writes a contact sheet of a stage's training samples: the sources on top,
+/// what training sees below. The last stage of a growing ladder (RandAugment 5 to 25, Mixup
+/// and CutMix 0 to 0.4) changes the samples more than the first.
+#[test]
+fn preview_sheets_show_the_regularization_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let synth = Command::new(binary("ladder"))
+        .args([
+            "dataset",
+            "synth",
+            data.to_str().unwrap(),
+            "--samples",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let spec = dir.path().join("preview.toml");
+    std::fs::write(
+        &spec,
+        "[job]\nname = \"preview\"\n[model]\nvariant = \"tiny\"\nclasses = 10\n\
+         [data]\nmanifest = \"data/manifest.json\"\n\
+         [schedule]\nepochs = 4\nstage_epochs = 1\nmin_size = 96\nmax_size = 160\n\
+         eval_size = 160\nmin_dropout = 0.0\nmax_dropout = 0.1\nmin_randaugment = 5\n\
+         max_randaugment = 25\nmax_mixup = 0.4\nmax_cutmix = 0.4\n\
+         [optimizer]\nwarmup_epochs = 0\n\
+         [batch]\nglobal = 16\nmicro_at_max_size = 4\nmicro_max = 8\n\
+         [checkpoint]\ndir = \"checkpoints\"\nevery_steps = 10\n[workers]\nmin = 1\nmax = 1\n",
+    )
+    .unwrap();
+    // Mean absolute difference between each source and its training sample, over the sheet.
+    let change = |stage: u32, size: u32| -> f64 {
+        let out = dir.path().join(format!("stage-{stage}.png"));
+        let run = Command::new(binary("ladder"))
+            .args([
+                "preview",
+                spec.to_str().unwrap(),
+                "--stage",
+                &stage.to_string(),
+            ])
+            .args(["--out", out.to_str().unwrap(), "--samples", "64"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        let (width, height) = (64 * size + 65 * 4, 2 * size + 3 * 4);
+        let sheet = ladder_data::decode::decode(
+            &bytes,
+            ladder_core::dataset::ImageFormat::Png,
+            None,
+            width,
+            height,
+        )
+        .unwrap()
+        .image;
+        assert_eq!(
+            (sheet.width, sheet.height),
+            (width, height),
+            "stage {stage}"
+        );
+        let mut total = 0u64;
+        for column in 0..64 {
+            let x0 = 4 + column * (size + 4);
+            for y in 0..size {
+                for x in x0..x0 + size {
+                    let (top, bottom) = (sheet.pixel(x, 4 + y), sheet.pixel(x, 8 + size + y));
+                    total += (0..3)
+                        .map(|c| top[c].abs_diff(bottom[c]) as u64)
+                        .sum::<u64>();
+                }
+            }
+        }
+        total as f64 / (64 * size * size * 3) as f64
+    };
+    let (first, last) = (change(1, 96), change(4, 160));
+    eprintln!("mean change per value: stage 1 {first:.1}, stage 4 {last:.1}");
+    assert!(
+        last > first,
+        "stage 4 ({last:.1}) changes more than stage 1 ({first:.1})"
+    );
+    let err = Command::new(binary("ladder"))
+        .args([
+            "preview",
+            spec.to_str().unwrap(),
+            "--stage",
+            "5",
+            "--out",
+            "x.png",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&err.stderr).contains("the spec has 4 stages"));
 }

@@ -88,6 +88,25 @@ pub fn flip_horizontal(image: &mut Image) {
 }
 
 impl TrainTransform {
+    /// The training transform of epoch `e` of `spec`'s plan.
+    pub fn of_epoch(
+        spec: &ladder_core::spec::JobSpec,
+        e: &ladder_core::stage::EpochParams,
+    ) -> Self {
+        TrainTransform {
+            size: e.image_size,
+            crop_scale: spec.data.crop_scale,
+            crop_ratio: spec.data.crop_ratio,
+            randaugment: spec.schedule.randaugment,
+            randaugment_magnitude: e.randaugment_magnitude,
+            randaugment_layers: if e.randaugment_magnitude > 0.0 {
+                ladder_core::stage::RANDAUGMENT_LAYERS
+            } else {
+                0
+            },
+        }
+    }
+
     /// Decodes and augments one sample: crop sampled at full resolution, decoded at the
     /// smallest DCT scale that covers it, resized, flipped with probability 1/2, RandAugment.
     pub fn apply(

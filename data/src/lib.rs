@@ -8,6 +8,7 @@ pub mod image;
 pub mod import;
 pub mod loader;
 pub mod mix;
+pub mod preview;
 pub mod randaugment;
 pub mod resample;
 mod simd;

@@ -139,6 +139,31 @@ pub fn draw(
     Some(plan)
 }
 
+/// Mixes 8-bit images as `plan` says, as the worker mixes a micro-batch on its device (for a
+/// person to look at: `ladder preview`).
+pub fn apply(images: &mut [crate::image::Image], plan: &Plan) {
+    let sources = images.to_vec();
+    for (i, row) in plan.rows.iter().enumerate() {
+        let image = &mut images[i];
+        match row {
+            Row::Kept => {}
+            Row::Mixup { partner, weight } => {
+                let other = &sources[*partner].pixels;
+                for (p, q) in image.pixels.iter_mut().zip(other) {
+                    *p = (weight * *p as f64 + (1.0 - weight) * *q as f64).round() as u8;
+                }
+            }
+            Row::Cutmix { partner, cut, .. } => {
+                let (w, other) = (image.width as usize, &sources[*partner].pixels);
+                for y in cut.top as usize..cut.bottom as usize {
+                    let span = (y * w + cut.left as usize) * 3..(y * w + cut.right as usize) * 3;
+                    image.pixels[span.clone()].copy_from_slice(&other[span]);
+                }
+            }
+        }
+    }
+}
+
 /// A draw from Beta(alpha, alpha), as the ratio of two Gamma(alpha) draws.
 pub fn beta(alpha: f64, rng: &mut Stream) -> f64 {
     let x = gamma(alpha, rng);

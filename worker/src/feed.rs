@@ -51,19 +51,7 @@ fn request(spec: &JobSpec, ids: Vec<u64>, epoch: u32, transform: Transform) -> B
 
 /// The training transform of `epoch`.
 pub fn train_transform(spec: &JobSpec, stages: &StagePlan, epoch: u32) -> TrainTransform {
-    let e = &stages.epochs[epoch as usize];
-    TrainTransform {
-        size: e.image_size,
-        crop_scale: spec.data.crop_scale,
-        crop_ratio: spec.data.crop_ratio,
-        randaugment: spec.schedule.randaugment,
-        randaugment_magnitude: e.randaugment_magnitude,
-        randaugment_layers: if e.randaugment_magnitude > 0.0 {
-            ladder_core::stage::RANDAUGMENT_LAYERS
-        } else {
-            0
-        },
-    }
+    TrainTransform::of_epoch(spec, &stages.epochs[epoch as usize])
 }
 
 /// Rank `rank` of `world`'s training requests from `from` to the end of the run: for each
