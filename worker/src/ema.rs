@@ -24,9 +24,10 @@ impl Ema {
         self.decay.min((1.0 + step as f64) / (10.0 + step as f64))
     }
 
-    /// `ema = d * ema + (1 - d) * current` after optimizer step `step`.
-    pub fn update(&mut self, flat: &FlatState, step: u64) {
-        let keep = self.decay_at(step);
+    /// `ema = d * ema + (1 - d) * current`, `updates` optimizer steps having been taken (this
+    /// one included: TensorFlow's `num_updates`, the global step after the optimizer's).
+    pub fn update(&mut self, flat: &FlatState, updates: u64) {
+        let keep = self.decay_at(updates);
         tch::no_grad(|| {
             let _ = self.params.lerp_(&flat.params, 1.0 - keep);
             let _ = self.buffers.lerp_(&flat.buffers, 1.0 - keep);

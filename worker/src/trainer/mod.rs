@@ -720,7 +720,9 @@ impl Trainer {
         let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
         self.complete_checkpoint();
         self.optimizer.step(&self.flat, self.lr.at(global_step));
-        self.ema.update(&self.flat, global_step);
+        // The EMA counts the updates this one included, as TensorFlow's num_updates does
+        // (its apply runs after the optimizer advanced the global step).
+        self.ema.update(&self.flat, global_step + 1);
         self.batches_tracked += micro_per_step as i64;
         self.untallied
             .lock()
