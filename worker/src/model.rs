@@ -502,12 +502,22 @@ impl EfficientNetV2 {
     }
 
     /// Logits for a batch of NCHW images (normalized). `train` selects batch statistics,
+    /// Each block's stochastic-depth drop rate, for the deepest block's `rate`: block `i` of
+    /// `n` (counting every block, from 0) drops `rate * i / n`, as the official code's
+    /// survival probabilities `1 - rate * i / n`; only blocks that add their input back apply
+    /// it.
+    pub fn drop_rates(&self, rate: f64) -> Vec<f64> {
+        self.blocks
+            .iter()
+            .map(|b| rate * b.index as f64 / self.block_count as f64)
+            .collect()
+    }
+
     /// dropout and stochastic depth.
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         let r = self.regularization.get();
         let mut x = self.stem.forward(images, train);
-        for block in &self.blocks {
-            let rate = r.stochastic_depth * block.index as f64 / self.block_count as f64;
+        for (block, rate) in self.blocks.iter().zip(self.drop_rates(r.stochastic_depth)) {
             x = block.forward(&x, train, rate);
         }
         let x = self

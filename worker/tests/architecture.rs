@@ -97,3 +97,18 @@ fn a_spec_builds_its_network() {
     let _model = EfficientNetV2::from_spec(&vs.root(), &spec.model);
     assert_eq!(parameters(&vs), 145_215_155, "L with the 21,843-class head");
 }
+
+#[test]
+fn stochastic_depth_grows_with_depth_as_the_official_code_sets_it() {
+    // The official code: survival 1 - 0.2 * i / n for block i of n, all blocks counted (S has
+    // 40): the first keeps everything, the last drops 0.2 * 39 / 40.
+    let (_vs, model) = build(Variant::S, 10);
+    let rates = model.drop_rates(0.2);
+    assert_eq!(rates.len(), 40);
+    for (i, rate) in rates.iter().enumerate() {
+        assert!(
+            (rate - 0.2 * i as f64 / 40.0).abs() < 1e-12,
+            "block {i}: {rate}"
+        );
+    }
+}
