@@ -5,7 +5,7 @@ use ladder_core::spec::{OptimizerSpec, Variant};
 use ladder_worker::ema::Ema;
 use ladder_worker::flat::{FlatState, Layout};
 use ladder_worker::loss;
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2, Regularization};
 use ladder_worker::optim::RmsProp;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -203,7 +203,7 @@ fn the_tiny_model_learns() {
         let l = loss::soft_cross_entropy(&model.forward(&x, true), &targets);
         l.backward();
         optimizer.step(&flat, 0.01);
-        ema.update(&flat, step);
+        ema.update(&flat, step + 1);
         losses.push(l.double_value(&[]));
     }
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
@@ -212,4 +212,117 @@ fn the_tiny_model_learns() {
         last < first * 0.5,
         "loss fell from {first:.3} to {last:.3}: {losses:?}"
     );
+}
+
+/// EfficientNetV2-S at 64 px, batches of 8, 20 steps: Ladder's model, loss, weight decay,
+/// RMSProp and EMA against a PyTorch reference loop of the official recipe
+/// (tests/reference_loop.py: torchvision's model, the official training step written there),
+/// from the same weights on the same batches, with dropout and stochastic depth off.
+#[test]
+fn v2_s_trains_as_a_pytorch_reference_loop_of_the_official_recipe() {
+    const STEPS: i64 = 20;
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = EfficientNetV2::new(&vs.root(), &Architecture::of(Variant::S), 10, BN);
+    model.set_regularization(Regularization {
+        dropout: 0.0,
+        stochastic_depth: 0.0,
+    });
+    let flat = FlatState::new(&vs, Layout::Contiguous);
+    let dir = tempfile::tempdir().unwrap();
+    let named = |params: &Tensor, buffers: &Tensor| {
+        let mut all = flat.named_param_views(params, "");
+        all.extend(flat.named_buffer_views(buffers, ""));
+        all
+    };
+    ladder_worker::state_io::write(
+        &dir.path().join("initial.safetensors"),
+        &named(&flat.params, &flat.buffers),
+    )
+    .unwrap();
+    let batches: Vec<(Tensor, Tensor)> = (0..STEPS)
+        .map(|_| {
+            let x = Tensor::randn([8, 3, 64, 64], (Kind::Float, Device::Cpu));
+            (x, Tensor::randint(10, [8], (Kind::Int64, Device::Cpu)))
+        })
+        .collect();
+    let stored: Vec<(String, Tensor)> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(t, (x, y))| {
+            [
+                (format!("x{t}"), x.shallow_clone()),
+                (format!("y{t}"), y.shallow_clone()),
+            ]
+        })
+        .collect();
+    ladder_worker::state_io::write(&dir.path().join("batches.safetensors"), &stored).unwrap();
+    let spec = OptimizerSpec::default();
+    let lr = ladder_core::learning_rate::LearningRate::new(&spec, 8, 10, 2);
+    let mut optimizer = RmsProp::new(&flat, &spec);
+    let mut ema = Ema::new(&flat, spec.ema_decay);
+    let mut losses = Vec::new();
+    let rates: Vec<f64> = (0..STEPS as u64).map(|t| lr.at(t)).collect();
+    for (t, (x, labels)) in batches.iter().enumerate() {
+        flat.zero_grads();
+        let targets = loss::smooth(&loss::one_hot(labels, 10), spec.label_smoothing);
+        let l = loss::soft_cross_entropy(&model.forward(x, true), &targets);
+        l.backward();
+        optimizer.step(&flat, rates[t]);
+        ema.update(&flat, t as u64 + 1);
+        losses.push(l.double_value(&[]));
+    }
+    let case = serde_json::json!({
+        "classes": 10, "bn_momentum": BN.momentum, "bn_eps": BN.eps,
+        "learning_rates": rates, "label_smoothing": spec.label_smoothing,
+        "weight_decay": spec.weight_decay, "decay": spec.decay, "momentum": spec.momentum,
+        "eps": spec.eps, "ema_decay": spec.ema_decay,
+    });
+    std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference_loop.py");
+    let out = std::process::Command::new(ladder_testkit::venv_python())
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Vec<f64> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("losses.json")).unwrap()).unwrap();
+    let relative = |t: usize| (losses[t] - reference[t]).abs() / reference[t].abs();
+    eprintln!(
+        "loss at step 1: {:.6} vs {:.6} (relative {:.1e}); at step 20: {:.6} vs {:.6} ({:.1e})",
+        losses[0],
+        reference[0],
+        relative(0),
+        losses[19],
+        reference[19],
+        relative(19)
+    );
+    assert!(relative(0) <= 1e-5, "step 1");
+    assert!(relative(19) <= 1e-3, "step 20");
+    let theirs: std::collections::BTreeMap<String, Tensor> =
+        ladder_worker::state_io::read(&dir.path().join("ema.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut worst = (0f64, String::new());
+    for (name, ours) in named(&ema.params, &ema.buffers) {
+        let theirs = &theirs[&name];
+        // Relative to the tensor's largest magnitude, at least 0.01: some running means are
+        // 1e-9, noise either side.
+        let scale = theirs.abs().max().double_value(&[]).max(1e-2);
+        let off = (&ours - theirs).abs().max().double_value(&[]) / scale;
+        if off > worst.0 {
+            worst = (off, name);
+        }
+    }
+    eprintln!(
+        "EMA: worst relative difference {:.1e} ({})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 <= 1e-4, "EMA {}: {:e}", worst.1, worst.0);
 }
