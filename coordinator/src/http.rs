@@ -158,14 +158,20 @@ async fn jobs(State(served): State<Served>, Query(query): Query<ListQuery>) -> R
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// One job (`Job` as JSON) with its curves.
+/// One job (`Job` as JSON) with its curves and its recipe card (`ladder plan`'s, absent when
+/// its spec does not parse).
 async fn job(State(served): State<Served>, Path(id): Path<String>) -> Response {
     let Some(coordinator) = served.serving.leading() else {
         return unavailable(&served);
     };
     match (coordinator.get(&id).await, coordinator.history(&id).await) {
         (Ok(job), Ok(history)) => {
-            Json(json!({ "job": *job, "history": history, "now_ms": now_ms() })).into_response()
+            let steps_per_epoch = job.progress.map(|p| p.steps_per_epoch).filter(|&n| n > 0);
+            let plan = ladder_core::spec::JobSpec::parse(&job.spec_toml, &job.id)
+                .ok()
+                .map(|spec| ladder_core::recipe::Card::new(&spec, steps_per_epoch));
+            let body = json!({ "job": *job, "history": history, "plan": plan, "now_ms": now_ms() });
+            Json(body).into_response()
         }
         (Err(e), _) | (_, Err(e)) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     }

@@ -8,7 +8,7 @@ use crate::stage::{RANDAUGMENT_LAYERS, StagePlan};
 use std::fmt::Write;
 
 /// One stage of the card.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StageCard {
     /// 1-based, as people count them.
     pub stage: u32,
@@ -29,13 +29,14 @@ pub struct StageCard {
     pub compute_share: f64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Card {
     pub name: String,
     pub epochs: u32,
     pub eval_size: u32,
     pub global_batch: u32,
     pub steps_per_epoch: Option<u64>,
+    #[serde(skip)]
     pub spec: JobSpec,
     pub stages: Vec<StageCard>,
 }

@@ -262,6 +262,12 @@ fn the_status_page_draws_a_running_job_in_chromium() {
     assert!(dom.contains(&format!("data-job=\"{id}\"")), "{dom}");
     assert!(dom.contains("id=\"job-state\">running<"), "{dom}");
     assert!(dom.contains("<b>stage</b>2/3 at 48 px"), "{dom}");
+    // The recipe card, a row per stage, the one trained now marked.
+    assert!(
+        dom.contains("<tr class=\"selected current\" data-stage=\"2\">")
+            && dom.contains("data-stage=\"3\""),
+        "{dom}"
+    );
     let loss_points: usize = attribute_near(&dom, "data-title=\"loss\"", "data-points")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no loss chart: {dom}"));
