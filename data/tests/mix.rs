@@ -65,15 +65,8 @@ fn mixup_and_cutmix_match_the_official_definitions() {
     )
     .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/official_mix.py");
-    let out = std::process::Command::new(ladder_testkit::venv_python())
-        .arg(script)
-        .arg(&file)
-        .output()
-        .unwrap();
-    eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
+    eprint!(
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ladder_testkit::run_python(&script, &[file.as_os_str()])
     );
 }

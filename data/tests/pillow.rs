@@ -27,16 +27,7 @@ fn reference() -> tempfile::TempDir {
     )
     .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pil_reference.py");
-    let out = Command::new(ladder_testkit::venv_python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ladder_testkit::run_python(&script, &[dir.path().as_os_str()]);
     dir
 }
 

@@ -150,16 +150,7 @@ mod official {
     fn every_operation_matches_the_official_definition_at_every_level() {
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/official_randaugment.py");
-        let out = std::process::Command::new(ladder_testkit::venv_python())
-            .arg(script)
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ladder_testkit::run_python(&script, &[dir.path().as_os_str()]);
         let index: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("cases.json")).unwrap()).unwrap();
         let cases: Vec<Case> = index.as_array().unwrap().iter().map(Case::of).collect();

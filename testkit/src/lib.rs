@@ -51,6 +51,23 @@ pub fn http_get(address: &str, path: &str) -> Result<String, String> {
     Ok(body.to_owned())
 }
 
+/// Runs `script` (a test's oracle or peer) with the venv's Python and `args`; fails the test
+/// with its stderr unless it succeeds; returns its stdout.
+pub fn run_python(script: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(venv_python())
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The Python of the venv that scripts/bootstrap creates (`LADDER_VENV`, else the workspace's
 /// `.venv`). A missing venv fails the test with what to do, never skips it.
 pub fn venv_python() -> PathBuf {

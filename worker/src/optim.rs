@@ -134,16 +134,7 @@ mod tests {
         std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/official_rmsprop.py");
-        let out = std::process::Command::new(ladder_testkit::venv_python())
-            .arg(script)
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ladder_testkit::run_python(&script, &[dir.path().as_os_str()]);
         let read = |name: &str| -> Vec<f64> {
             std::fs::read(dir.path().join(name))
                 .unwrap()

@@ -280,16 +280,7 @@ fn v2_s_trains_as_a_pytorch_reference_loop_of_the_official_recipe() {
     });
     std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference_loop.py");
-    let out = std::process::Command::new(ladder_testkit::venv_python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ladder_testkit::run_python(&script, &[dir.path().as_os_str()]);
     let reference: Vec<f64> =
         serde_json::from_slice(&std::fs::read(dir.path().join("losses.json")).unwrap()).unwrap();
     let relative = |t: usize| (losses[t] - reference[t]).abs() / reference[t].abs();

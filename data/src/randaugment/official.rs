@@ -26,9 +26,7 @@
 //! `min(255, pixels / 256)` — the official code divides the histogram's *count* by 256, not
 //! the intensities' sum by the count.
 
-use super::pixels::{
-    Grid, affine, autocontrast, equalize, map, posterize, replace_pixels, solarize, take_scratch,
-};
+use super::pixels::{Grid, affine, autocontrast, equalize, map, posterize, sharpen, solarize};
 use crate::image::Image;
 use ladder_core::rng::Stream;
 
@@ -218,34 +216,15 @@ fn color(image: &mut Image, factor: f32) {
     );
 }
 
-/// Blends towards PIL's SMOOTH filter (3x3, center weight 5, divided by 13, truncated; the
-/// one-pixel border kept), as the official code computes it with a depthwise convolution.
+/// Blends towards PIL's SMOOTH filter, divided by 13 in float and truncated, as the official
+/// code computes it with a depthwise convolution (the border kept: it blends towards itself).
 #[inline(always)]
 fn sharpness(image: &mut Image, factor: f32) {
-    let (w, h) = (image.width as usize, image.height as usize);
-    if w < 3 || h < 3 {
-        return;
-    }
-    let stride = w * 3;
-    let mut output = take_scratch(image.pixels.len());
-    output.copy_from_slice(&image.pixels);
-    for y in 1..h - 1 {
-        let rows = &image.pixels[(y - 1) * stride..(y + 2) * stride];
-        let (above, here, below) = (
-            &rows[..stride],
-            &rows[stride..2 * stride],
-            &rows[2 * stride..],
-        );
-        let column = |i: usize| above[i] as u32 + here[i] as u32 + below[i] as u32;
-        let dst = &mut output[y * stride..(y + 1) * stride];
-        for i in 3..stride - 3 {
-            let total = column(i - 3) + column(i) + column(i + 3) + 4 * here[i] as u32;
-            let smooth = (total as f32 / 13.0) as u8;
-            dst[i] = blend(smooth, here[i], factor);
-        }
-    }
-    // The border blends too, towards itself: unchanged.
-    replace_pixels(image, output);
+    sharpen(
+        image,
+        |total| (total as f32 / 13.0) as u8,
+        |value, smooth| blend(smooth, value, factor),
+    );
 }
 
 /// Rotation by `degrees` about the image's center, as TensorFlow Addons' `rotate` builds it:

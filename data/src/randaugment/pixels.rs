@@ -169,3 +169,33 @@ pub fn equalize(image: &mut Image) {
         }
     }
 }
+
+/// Blends every value towards PIL's SMOOTH filter of it (3x3, center weight 5, total 13):
+/// `smooth(total)` makes the filtered value from the 3x3 weighted sum, `blend(value,
+/// smoothed)` the result. The one-pixel border is kept, as both PIL and the official code
+/// keep it. The 3x3 sums are a running sum of three column sums.
+#[inline(always)]
+pub fn sharpen(image: &mut Image, smooth: impl Fn(u32) -> u8, blend: impl Fn(u8, u8) -> u8) {
+    let (w, h) = (image.width as usize, image.height as usize);
+    if w < 3 || h < 3 {
+        return;
+    }
+    let stride = w * 3;
+    let mut output = take_scratch(image.pixels.len());
+    output.copy_from_slice(&image.pixels);
+    for y in 1..h - 1 {
+        let rows = &image.pixels[(y - 1) * stride..(y + 2) * stride];
+        let (above, here, below) = (
+            &rows[..stride],
+            &rows[stride..2 * stride],
+            &rows[2 * stride..],
+        );
+        let column = |i: usize| above[i] as u32 + here[i] as u32 + below[i] as u32;
+        let dst = &mut output[y * stride..(y + 1) * stride];
+        for i in 3..stride - 3 {
+            let total = column(i - 3) + column(i) + column(i + 3) + 4 * here[i] as u32;
+            dst[i] = blend(here[i], smooth(total));
+        }
+    }
+    replace_pixels(image, output);
+}

@@ -3,9 +3,7 @@
 //! random where the operation has a direction. Geometric operations use nearest-neighbour
 //! sampling and fill with black, as torchvision's defaults do.
 
-use super::pixels::{
-    Grid, autocontrast, equalize, posterize, replace_pixels, solarize, take_scratch,
-};
+use super::pixels::{Grid, autocontrast, equalize, posterize, sharpen, solarize};
 use crate::image::Image;
 use ladder_core::rng::Stream;
 
@@ -133,33 +131,13 @@ fn mean_gray(image: &Image) -> u8 {
     ((sum as f64 / n as f64) + 0.5) as u8
 }
 
-/// Blend towards PIL's SMOOTH filter (3x3, center weight 5, total 13; border pixels kept):
-/// ImageEnhance.Sharpness. The 3x3 sums are a running sum of three column sums.
+/// Blend towards PIL's SMOOTH filter (rounded): ImageEnhance.Sharpness.
 #[inline(always)]
 fn sharpness(image: &mut Image, factor: f64) {
-    let (w, h) = (image.width as usize, image.height as usize);
-    if w < 3 || h < 3 {
-        return;
-    }
     let factor = fixed_factor(factor);
-    let stride = w * 3;
-    let mut output = take_scratch(image.pixels.len());
-    // Border rows and columns keep their pixels.
-    output.copy_from_slice(&image.pixels);
-    for y in 1..h - 1 {
-        let rows = &image.pixels[(y - 1) * stride..(y + 2) * stride];
-        let (above, here, below) = (
-            &rows[..stride],
-            &rows[stride..2 * stride],
-            &rows[2 * stride..],
-        );
-        let column = |i: usize| above[i] as u32 + here[i] as u32 + below[i] as u32;
-        let dst = &mut output[y * stride..(y + 1) * stride];
-        for i in 3..stride - 3 {
-            let total = column(i - 3) + column(i) + column(i + 3) + 4 * here[i] as u32;
-            let smooth = ((total + 6) / 13) as u8;
-            dst[i] = blend_value(here[i], smooth, factor);
-        }
-    }
-    replace_pixels(image, output);
+    sharpen(
+        image,
+        |total| ((total + 6) / 13) as u8,
+        |value, smooth| blend_value(value, smooth, factor),
+    );
 }
