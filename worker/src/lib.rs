@@ -32,6 +32,7 @@ pub mod report;
 pub mod reporting;
 pub mod session;
 pub mod state_io;
+pub mod threads;
 pub mod trainer;
 pub mod training_state;
 pub mod transport;

@@ -7,6 +7,7 @@ use ladder_worker::agent::{self, Config};
 use ladder_worker::metrics::WorkerMetrics;
 use ladder_worker::nccl_check;
 use ladder_worker::precision::Precision;
+use ladder_worker::threads;
 use ladder_worker::trainer::Faults;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -44,7 +45,9 @@ struct Args {
     /// beside the worker id).
     #[arg(long, default_value = "")]
     name: String,
-    /// Threads for libtorch's CPU operators (0: one per core; at most 1024).
+    /// Threads for libtorch's CPU operators (0: this worker's share of the node's cores: the
+    /// cores over the workers on the node, as the launcher or the visible GPUs tell; at most
+    /// 1024).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
     threads: u64,
     /// The host or address other workers reach this one's CPU ring on.
@@ -166,8 +169,29 @@ fn main() {
     if device.is_cuda() {
         ladder_worker::nccl_library::ensure_loadable().unwrap_or_else(|e| setup_error(e));
     }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads as i32);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpus = if device.is_cuda() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
+    let share = threads::share(cores, |name| std::env::var(name).ok(), gpus);
+    // A worker alone on its node keeps libtorch's own default (one per physical core).
+    let libtorch = match args.threads {
+        0 if share.workers > 1 => Some(share.threads),
+        0 => None,
+        n => Some(n as usize),
+    };
+    tracing::info!(
+        "threads: {} for libtorch{}, {} for decoding unless the spec sets data.decode_threads: {}",
+        libtorch.map_or("its default".to_owned(), |n| n.to_string()),
+        if args.threads > 0 { " (--threads)" } else { "" },
+        share.threads,
+        share.why
+    );
+    threads::set(share);
+    if let Some(n) = libtorch {
+        tch::set_num_threads(n as i32);
     }
     let config = Config {
         coordinator: args.coordinator,

@@ -131,3 +131,30 @@ fn flags_out_of_range_are_refused() {
         );
     }
 }
+
+/// A worker takes its share of the node's cores: as many as the launcher says share the node
+/// (torchrun's LOCAL_WORLD_SIZE here), and says so before it connects anywhere.
+#[test]
+fn a_worker_takes_its_share_of_the_nodes_cores_and_says_so() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut worker = Command::new(binary("ladder-worker"))
+        .args(["--coordinator", "http://127.0.0.1:9", "--token", "t"])
+        .env("LOCAL_WORLD_SIZE", "2")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("running ladder-worker");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _ = worker.kill();
+    let output = worker.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let share = (cores / 2).max(1);
+    assert!(
+        stderr.contains(&format!(
+            "threads: {share} for libtorch, {share} for decoding"
+        )) && stderr.contains(&format!(
+            "{cores} cores / 2 worker(s) on this node (LOCAL_WORLD_SIZE=2)"
+        )),
+        "{stderr}"
+    );
+}

@@ -183,9 +183,10 @@ fn finite(values: &Tensor) -> bool {
     tch::no_grad(|| values.isfinite().all().int64_value(&[]) == 1)
 }
 
+/// The spec's decode threads, else this worker's share of the node's cores.
 fn decode_threads(spec: &JobSpec) -> usize {
     match spec.data.decode_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => crate::threads::per_worker(),
         n => n as usize,
     }
 }
