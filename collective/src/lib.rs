@@ -1,7 +1,8 @@
 //! Collectives behind one trait: [`nccl::NcclCommunicator`] for GPU memory, loaded at run time;
 //! [`ring::TcpRing`] for host memory, a ring allreduce
 //! over TCP (reduce-scatter, then all-gather) whose results are bitwise identical on every rank,
-//! with timeouts and an abort that unblocks a rank stuck on a dead or hung peer.
+//! with timeouts and an abort that unblocks a rank stuck on a dead or hung peer; and [`Alone`],
+//! a generation of one rank, which has nothing to exchange.
 
 pub mod nccl;
 pub mod ring;
@@ -74,5 +75,36 @@ impl AbortHandle {
 
     pub fn abort(&self) {
         (self.0)()
+    }
+}
+
+/// A generation of one rank: every sum is already the sum over the ranks, so nothing is
+/// exchanged, no communicator is made (no NCCL unique id, no ring listener) and no call
+/// touches a device or a socket.
+pub struct Alone;
+
+impl Collective for Alone {
+    fn rank(&self) -> u32 {
+        0
+    }
+
+    fn world_size(&self) -> u32 {
+        1
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        AbortHandle::new(|| {})
+    }
+
+    fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    unsafe fn all_reduce_sum_device(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+    ) -> Result<(), CollectiveError> {
+        Ok(())
     }
 }

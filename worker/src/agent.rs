@@ -296,7 +296,7 @@ impl Worker {
         let (root, job) = (spec.checkpoint.dir.clone(), job_id.clone());
         tokio::task::spawn_blocking(move || delete_retired(&retired, &root, &job));
         let (transport, payload) =
-            match Transport::open(self.config.device, &self.config.ring_host, rank) {
+            match Transport::open(self.config.device, &self.config.ring_host, rank, world) {
                 Ok(opened) => opened,
                 Err(why) => {
                     self.finish(&job_id, generation, None, Ending::Failed(why))

@@ -10,8 +10,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 use tch::Device;
 
-/// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA.
+/// How the ranks of a generation reach each other: the TCP ring on CPU, NCCL on CUDA; a
+/// generation of one rank reaches no one.
 pub enum Transport {
+    Alone,
     /// This rank's ring listener, bound before its address is published.
     Ring(TcpListener),
     Nccl {
@@ -21,12 +23,16 @@ pub enum Transport {
 
 impl Transport {
     /// Prepares this rank's side and what it publishes in the rendezvous: its ring address,
-    /// or (rank 0 on CUDA) the NCCL unique id.
+    /// or (rank 0 on CUDA) the NCCL unique id; nothing in a world of one.
     pub fn open(
         device: Device,
         ring_host: &str,
         rank: u32,
+        world: u32,
     ) -> Result<(Transport, Vec<u8>), String> {
+        if world == 1 {
+            return Ok((Transport::Alone, Vec::new()));
+        }
         match device {
             Device::Cuda(device) => {
                 let payload = if rank == 0 {
@@ -63,6 +69,7 @@ impl Transport {
     ) -> Result<Box<dyn Collective>, TrainError> {
         let world = payloads.len() as u32;
         Ok(match self {
+            Transport::Alone => Box::new(ladder_collective::Alone),
             Transport::Ring(listener) => {
                 let addresses = payloads
                     .iter()
@@ -89,5 +96,26 @@ impl Transport {
                 timeout,
             )?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_world_of_one_opens_nothing_and_exchanges_nothing() {
+        // On CUDA too: no NCCL unique id is made (none could be here, without a GPU or NCCL).
+        for device in [Device::Cpu, Device::Cuda(0)] {
+            let (transport, payload) = Transport::open(device, "127.0.0.1", 0, 1).unwrap();
+            assert!(matches!(transport, Transport::Alone) && payload.is_empty());
+            let mut collective = transport
+                .connect(0, &[payload], 1, b"key", Duration::from_secs(1))
+                .unwrap_or_else(|_| panic!("a world of one joins at once"));
+            assert_eq!((collective.rank(), collective.world_size()), (0, 1));
+            let mut data = [1.5f32, -2.0];
+            collective.all_reduce_sum(&mut data).unwrap();
+            assert_eq!(data, [1.5, -2.0], "its own sum");
+        }
     }
 }
