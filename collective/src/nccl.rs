@@ -391,6 +391,40 @@ impl Collective for NcclCommunicator {
         ptr: u64,
         len: usize,
     ) -> Result<(), CollectiveError> {
+        // SAFETY: the caller's guarantee, passed on; in place.
+        unsafe { self.all_reduce_device(ptr, ptr, len, sys::ncclRedOp_t::ncclSum) }
+    }
+}
+
+impl NcclCommunicator {
+    /// Averages `len` float32 values at device address `send` across the ranks into `recv`:
+    /// out of place, so even one rank's call launches a kernel that moves the data (an
+    /// in-place one-rank sum is a no-op NCCL may skip). The device check's test.
+    ///
+    /// # Safety
+    /// As [`Collective::all_reduce_sum_device`], for both buffers; they must not overlap.
+    pub unsafe fn average_device_into(
+        &mut self,
+        send: u64,
+        recv: u64,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.all_reduce_device(send, recv, len, sys::ncclRedOp_t::ncclAvg) }
+    }
+
+    /// Reduces `len` floats at `send` into `recv` with `op`, waiting for it without blocking
+    /// in the driver.
+    ///
+    /// # Safety
+    /// As [`Collective::all_reduce_sum_device`], for both buffers.
+    unsafe fn all_reduce_device(
+        &mut self,
+        send: u64,
+        recv: u64,
+        len: usize,
+        op: sys::ncclRedOp_t,
+    ) -> Result<(), CollectiveError> {
         self.check_aborted()?;
         if len == 0 {
             return Ok(());
@@ -405,16 +439,16 @@ impl Collective for NcclCommunicator {
                 format!("the communicator failed before this allreduce of {len} floats: {why}"),
             )));
         }
-        let buffer = ptr as *mut std::ffi::c_void;
-        // SAFETY: the caller guarantees `ptr` addresses `len` floats on this device; the null
+        let (buffer, into) = (send as *mut std::ffi::c_void, recv as *mut std::ffi::c_void);
+        // SAFETY: the caller guarantees both address `len` floats on this device; the null
         // stream is the legacy default stream, ordered after the work that wrote them.
         let queued = unsafe {
             nccl::all_reduce(
                 buffer,
-                buffer,
+                into,
                 len,
                 sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
+                op,
                 self.comm,
                 std::ptr::null_mut(),
             )

@@ -1,14 +1,14 @@
 //! `ladder-worker --device cuda:N --check-nccl`: whether this GPU node can run the gradient
 //! allreduce, before it joins a job. It says which NCCL and CUDA the worker loaded and from
 //! where, makes a one-rank communicator the way training does (non-blocking, polled with a
-//! deadline), and sums a CUDA tensor through the training path
-//! ([`data_parallel::all_reduce_tensor`]), checking that the bytes come back whole.
+//! deadline), and reduces a CUDA tensor through the communicator's reduction path, out of place
+//! (an average into zeros, so that a kernel runs even with one rank), checking that the bytes
+//! arrive whole.
 //!
 //! One rank exercises no transport between GPUs: it checks what a node's setup gets wrong (the
 //! library found, its versions, the communicator, device buffers and streams). Each step is
 //! printed as it ends, so a hang or a crash still shows how far the check came.
 
-use crate::data_parallel;
 use crate::nccl_library;
 use ladder_collective::nccl::{self, NcclCommunicator};
 use std::time::{Duration, Instant};
@@ -37,21 +37,31 @@ pub fn run(device: usize, timeout: Duration) -> Result<(), String> {
         started.elapsed().as_secs_f64() * 1e3
     );
     let cuda = Device::Cuda(device);
-    let buffer = Tensor::arange(ELEMENTS, (Kind::Float, cuda));
-    let expected = buffer.copy();
+    let sent = Tensor::arange(ELEMENTS, (Kind::Float, cuda));
     for round in 1..=ROUNDS {
+        // Out of place, into zeros: a one-rank average that launches a kernel moving every
+        // value (an in-place one-rank sum is a no-op NCCL may skip, and proves nothing).
+        let received = sent.zeros_like();
         let started = Instant::now();
-        data_parallel::all_reduce_tensor(&buffer, &mut communicator)
-            .map_err(|e| format!("allreduce {round} of {ROUNDS}: {e}"))?;
+        // SAFETY: both tensors hold ELEMENTS floats on this device, written by work queued on
+        // the default stream, and nothing else touches them until the call returns.
+        unsafe {
+            communicator.average_device_into(
+                sent.data_ptr() as u64,
+                received.data_ptr() as u64,
+                ELEMENTS as usize,
+            )
+        }
+        .map_err(|e| format!("allreduce {round} of {ROUNDS}: {e}"))?;
         tch::Cuda::synchronize(device as i64);
-        if !buffer.equal(&expected) {
+        if !received.equal(&sent) {
             return Err(format!(
-                "allreduce {round} of {ROUNDS}: one rank's sum changed the buffer"
+                "allreduce {round} of {ROUNDS}: one rank's average did not arrive whole"
             ));
         }
         println!(
-            "allreduce {round}/{ROUNDS}: {ELEMENTS} floats in place on the default stream, \
-             bytes intact, {:.2} ms",
+            "allreduce {round}/{ROUNDS}: {ELEMENTS} floats averaged out of place on the default \
+             stream (a kernel moved them), bytes intact, {:.2} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
     }
