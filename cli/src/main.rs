@@ -188,8 +188,9 @@ enum DatasetCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Turn an ImageFolder tree (SOURCE/<class>/<image>) into shuffled shards in DEST, with
-    /// indexes, a manifest and DEST/classes.json.
+    /// Turn an ImageFolder tree (SOURCE/<class>/<image>) into shuffled shards with indexes and
+    /// manifests: DEST/train/ and, held out from it, DEST/val/; DEST/classes.json names the
+    /// classes.
     Import {
         /// One folder per class, holding its JPEG or PNG images.
         source: PathBuf,
@@ -198,9 +199,17 @@ enum DatasetCommand {
         /// Samples per shard.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         shard_samples: u32,
-        /// Seed of the shuffle across shards.
+        /// Seed of the shuffle across shards and of the held-out split.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Images of each class held out for validation in DEST/val/ (0: none); a class with
+        /// no more images than this trains on all of them.
+        #[arg(long, default_value_t = 50)]
+        held_out: u32,
+        /// Set aside classes with at most this many images (ImageNet-21K-P sets aside those
+        /// with 500 or fewer); 0 keeps every class.
+        #[arg(long, default_value_t = 0)]
+        min_class_images: u32,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
     /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
@@ -801,12 +810,37 @@ async fn run(cli: Cli) -> Result<()> {
             dest,
             shard_samples,
             seed,
+            held_out,
+            min_class_images,
         }) => {
-            let report = ladder_data::import::import(source, dest, *shard_samples, *seed)?;
+            let options = ladder_data::import::ImportOptions {
+                shard_samples: *shard_samples,
+                seed: *seed,
+                held_out: *held_out,
+                min_class_images: *min_class_images,
+            };
+            let report = ladder_data::import::import(source, dest, options)?;
             for skipped in &report.skipped {
                 eprintln!("warning: {skipped}");
             }
-            print_index(&report.index);
+            print_index(&report.train);
+            match &report.val {
+                Some(val) => print_index(val),
+                None => say!("held out nothing: no class has more than {held_out} images"),
+            }
+            if report.too_small_to_hold_out > 0 && report.val.is_some() {
+                say!(
+                    "{} class(es) with {held_out} images or fewer train on all of them",
+                    report.too_small_to_hold_out
+                );
+            }
+            if !report.set_aside.is_empty() {
+                say!(
+                    "set aside {} class(es) with {min_class_images} images or fewer: {}",
+                    report.set_aside.len(),
+                    ladder_core::cut(&report.set_aside.join(", "))
+                );
+            }
             say!(
                 "{} classes; class names in {}",
                 report.classes.len(),

@@ -1149,7 +1149,10 @@ fn dataset_synth_and_import_write_indexed_shards() {
     let classes: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(dest.join("classes.json")).unwrap()).unwrap();
     assert_eq!(classes, ["n01440764", "n01443537"]);
-    let data = ladder_data::loader::Dataset::open(&dest.join("manifest.json")).unwrap();
+    // No class has more than the 50 images held out by default: all of them train.
+    assert!(stdout.contains("held out nothing"), "{stdout}");
+    assert!(!dest.join("val").exists());
+    let data = ladder_data::loader::Dataset::open(&dest.join("train/manifest.json")).unwrap();
     let mut labels: Vec<u32> = data
         .read(&[0, 1, 2, 3, 4])
         .0
@@ -1158,6 +1161,85 @@ fn dataset_synth_and_import_write_indexed_shards() {
         .collect();
     labels.sort();
     assert_eq!(labels, [0, 0, 0, 1, 1]);
+
+    // A held-out split: 2 images of each class, classes of 2 images or fewer set aside.
+    let split_tree = dir.path().join("split-tree");
+    for (class, count) in [("a", 8u32), ("b", 5), ("c", 2)] {
+        std::fs::create_dir_all(split_tree.join(class)).unwrap();
+        for i in 0..count {
+            let image = ladder_data::synth::draw(i % 3, 3, i as u64, count as u64);
+            std::fs::write(
+                split_tree.join(class).join(format!("{i}.jpg")),
+                ladder_data::synth::encode_jpeg(&image, 85),
+            )
+            .unwrap();
+        }
+    }
+    let split = |name: &str| {
+        let dest = dir.path().join(name);
+        let out = cli.ok(&[
+            "dataset",
+            "import",
+            split_tree.to_str().unwrap(),
+            dest.to_str().unwrap(),
+            "--held-out",
+            "2",
+            "--min-class-images",
+            "2",
+            "--shard-samples",
+            "4",
+            "--seed",
+            "3",
+        ]);
+        (dest, out)
+    };
+    let (first, out) = split("split-1");
+    assert!(
+        out.contains("indexed 9 samples in 3 shards, 2 classes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("indexed 4 samples in 1 shards, 2 classes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("set aside 1 class(es) with 2 images or fewer: c"),
+        "{out}"
+    );
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(first.join("classes.json")).unwrap())
+            .unwrap();
+    assert_eq!(names, ["a", "b"]);
+    let samples = |set: &str| {
+        let data =
+            ladder_data::loader::Dataset::open(&first.join(set).join("manifest.json")).unwrap();
+        let ids: Vec<u64> = (0..data.len()).collect();
+        let mut all: Vec<(u32, Vec<u8>)> = data
+            .read(&ids)
+            .0
+            .into_iter()
+            .map(|s| (s.label, s.bytes.unwrap()))
+            .collect();
+        all.sort();
+        all
+    };
+    let (train, val) = (samples("train"), samples("val"));
+    let labels = |set: &[(u32, Vec<u8>)]| set.iter().map(|(l, _)| *l).collect::<Vec<_>>();
+    assert_eq!(labels(&val), [0, 0, 1, 1], "two of each kept class");
+    assert_eq!(labels(&train), [0, 0, 0, 0, 0, 0, 1, 1, 1]);
+    assert!(
+        val.iter().all(|v| !train.contains(v)),
+        "no image both trains and is held out"
+    );
+    // The same seed makes the same split.
+    let (second, _) = split("split-2");
+    for set in ["train", "val"] {
+        assert_eq!(
+            std::fs::read(first.join(set).join("manifest.json")).unwrap(),
+            std::fs::read(second.join(set).join("manifest.json")).unwrap(),
+            "{set}"
+        );
+    }
 }
 
 /// The spec at `spec`, changed by `edit`, written beside it as `name`.

@@ -1,10 +1,15 @@
 //! `ladder dataset import`: an ImageFolder tree (ImageNet's `train/<wnid>/*.JPEG`) to WebDataset
-//! shards, their indexes, a manifest and a class map.
+//! shards, their indexes, a manifest and a class map, with a held-out split made on the way.
 //!
 //! Classes are the sub-directories in name order (as torchvision's ImageFolder numbers them).
-//! Files are shuffled (seeded) before sharding: the sample plan mixes only a few shards at a
-//! time, so shards sorted by class would make class-pure batches. Images are copied byte for
-//! byte; files that are not JPEG or PNG by extension are reported and left out.
+//! ImageNet-21k has no validation split, so the import makes one: `held_out` images of each
+//! class (drawn with the seed) go to `DEST/val/`, the rest to `DEST/train/`; a class with no
+//! more than `held_out` images trains on all of them (the summary counts such classes). With
+//! `min_class_images` set, classes with at most that many images are set aside whole, and the
+//! others numbered anew (ImageNet-21K-P's rule, with 500). Files are shuffled (seeded) before
+//! sharding: the sample plan mixes only a few shards at a time, so shards sorted by class would
+//! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
+//! extension are reported and left out.
 
 use crate::synth::append;
 use ladder_core::dataset::{self, DatasetError, IndexReport};
@@ -15,10 +20,26 @@ const IMPORT_STREAM: u64 = 0x494d_5052; // "IMPR"
 
 pub const CLASS_MAP_FILE: &str = "classes.json";
 
+/// How to import: shard size, the seed of the split and the shuffle, and the split's rules.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportOptions {
+    pub shard_samples: u32,
+    pub seed: u64,
+    /// Images of each class held out for validation (0: no split).
+    pub held_out: u32,
+    /// Classes with at most this many images are set aside whole (0: none).
+    pub min_class_images: u32,
+}
+
 /// What an import did.
 pub struct ImportReport {
-    pub index: IndexReport,
+    /// The training set, and the held-out one (none when nothing was held out).
+    pub train: IndexReport,
+    pub val: Option<IndexReport>,
     pub classes: Vec<String>,
+    /// Classes set aside by `min_class_images`, and classes too small to hold any out.
+    pub set_aside: Vec<String>,
+    pub too_small_to_hold_out: usize,
     /// Files left out, with why.
     pub skipped: Vec<String>,
 }
@@ -44,17 +65,23 @@ fn image_format(path: &Path) -> std::io::Result<Option<&'static str>> {
     })
 }
 
+/// Imports the ImageFolder tree at `source` into `destination` (see the module's doc).
 pub fn import(
     source: &Path,
     destination: &Path,
-    shard_samples: u32,
-    seed: u64,
+    options: ImportOptions,
 ) -> Result<ImportReport, DatasetError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| DatasetError::Io { path, source }
     };
-    dataset::ensure_no_shards(destination)?;
+    for dir in [
+        destination.to_owned(),
+        destination.join("train"),
+        destination.join("val"),
+    ] {
+        dataset::ensure_no_shards(&dir)?;
+    }
     let mut classes: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(source).map_err(io(source))? {
         let entry = entry.map_err(io(source))?;
@@ -115,10 +142,95 @@ pub fn import(
             ),
         });
     }
-    Stream::new(seed, &[IMPORT_STREAM]).shuffle(&mut files);
+    // Classes set aside whole, and the others numbered anew.
+    let mut counts = vec![0u32; classes.len()];
+    for (_, label, _) in &files {
+        counts[*label as usize] += 1;
+    }
+    let kept: Vec<bool> = counts
+        .iter()
+        .map(|&n| options.min_class_images == 0 || n > options.min_class_images)
+        .collect();
+    let set_aside: Vec<String> = classes
+        .iter()
+        .zip(&kept)
+        .filter(|(_, k)| !**k)
+        .map(|(c, _)| c.clone())
+        .collect();
+    let relabel: Vec<Option<u32>> = kept
+        .iter()
+        .scan(0u32, |next, &k| {
+            Some(k.then(|| {
+                *next += 1;
+                *next - 1
+            }))
+        })
+        .collect();
+    files.retain_mut(|(_, label, _)| match relabel[*label as usize] {
+        Some(new) => {
+            *label = new;
+            true
+        }
+        None => false,
+    });
+    let classes: Vec<String> = classes
+        .into_iter()
+        .zip(&kept)
+        .filter(|(_, k)| **k)
+        .map(|(c, _)| c)
+        .collect();
+    // The held-out split: `held_out` of each class, drawn with the seed.
+    let mut rng = Stream::new(options.seed, &[IMPORT_STREAM]);
+    rng.shuffle(&mut files);
+    let mut taken = vec![0u32; classes.len()];
+    let mut per_class = vec![0u32; classes.len()];
+    for (_, label, _) in &files {
+        per_class[*label as usize] += 1;
+    }
+    let too_small_to_hold_out = per_class.iter().filter(|&&n| n <= options.held_out).count();
+    let (val, train): (Vec<_>, Vec<_>) = files.into_iter().partition(|(_, label, _)| {
+        let l = *label as usize;
+        let hold = per_class[l] > options.held_out && taken[l] < options.held_out;
+        taken[l] += hold as u32;
+        hold
+    });
+    let write = |dir: &Path, files: &[(PathBuf, u32, &'static str)]| {
+        write_shards(dir, files, options.shard_samples)?;
+        dataset::index_dir(dir, Some(classes.len() as u32))
+    };
     std::fs::create_dir_all(destination).map_err(io(destination))?;
+    let train = write(&destination.join("train"), &train)?;
+    let val = if val.is_empty() {
+        None
+    } else {
+        Some(write(&destination.join("val"), &val)?)
+    };
+    let class_map = destination.join(CLASS_MAP_FILE);
+    let json = serde_json::to_vec_pretty(&classes).expect("class names serialize");
+    std::fs::write(&class_map, json).map_err(io(&class_map))?;
+    Ok(ImportReport {
+        train,
+        val,
+        classes,
+        set_aside,
+        too_small_to_hold_out,
+        skipped,
+    })
+}
+
+/// Writes `files` (path, label, extension) into `dir` as shards of `shard_samples`.
+fn write_shards(
+    dir: &Path,
+    files: &[(PathBuf, u32, &'static str)],
+    shard_samples: u32,
+) -> Result<(), DatasetError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatasetError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     for (shard, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
-        let path = destination.join(format!("shard-{shard:06}.tar"));
+        let path = dir.join(format!("shard-{shard:06}.tar"));
         let mut tar = tar::Builder::new(std::fs::File::create(&path).map_err(io(&path))?);
         for (i, (file, label, ext)) in chunk.iter().enumerate() {
             let bytes = std::fs::read(file).map_err(io(file))?;
@@ -133,13 +245,5 @@ pub fn import(
         }
         tar.finish().map_err(io(&path))?;
     }
-    let class_map = destination.join(CLASS_MAP_FILE);
-    let json = serde_json::to_vec_pretty(&classes).expect("class names serialize");
-    std::fs::write(&class_map, json).map_err(io(&class_map))?;
-    let index = dataset::index_dir(destination, Some(classes.len() as u32))?;
-    Ok(ImportReport {
-        index,
-        classes,
-        skipped,
-    })
+    Ok(())
 }
