@@ -158,3 +158,65 @@ fn a_worker_takes_its_share_of_the_nodes_cores_and_says_so() {
         "{stderr}"
     );
 }
+
+/// `scripts/gpu-check --dry-run`: the device check's phases on the CPU, so that the script a
+/// lent GPU's few minutes depend on cannot rot. Every phase ends in a verdict; those that need
+/// a GPU say they were skipped; the logs go straight into $OUT.
+#[test]
+fn the_gpu_check_runs_its_phases_dry_on_the_cpu() {
+    let out = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let bin = binary("ladder-worker").parent().unwrap().to_owned();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check");
+    let run = Command::new(script)
+        .arg("--dry-run")
+        .env("LADDER_GPU_CHECK_BIN", &bin)
+        .env("LADDER_GPU_CHECK_WORK", work.path())
+        .env("LADDER_PYTHON", ladder_testkit::venv_python())
+        .env("OUT", out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let verdicts = std::fs::read_to_string(out.path().join("verdicts.txt")).unwrap();
+    let phases: Vec<&str> = verdicts
+        .lines()
+        .map(|l| l.split(':').next().unwrap_or(l))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "PASS environment",
+            "SKIP library binding",
+            "SKIP NCCL kernel",
+            "PASS training",
+            "PASS kill and restore",
+            "PASS throughput",
+        ],
+        "{verdicts}"
+    );
+    for log in ["worker.log", "coordinator.log", "watch.txt", "peer.jsonl"] {
+        assert!(out.path().join(log).is_file(), "{log} is in $OUT");
+    }
+    // Past its deadline a phase is not started: the check stops there and says why.
+    let late =
+        Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check"))
+            .arg("--dry-run")
+            .env("LADDER_GPU_CHECK_BIN", &bin)
+            .env("LADDER_GPU_CHECK_WORK", work.path())
+            .env("LADDER_PYTHON", ladder_testkit::venv_python())
+            .env("LADDER_GPU_CHECK_S", "3")
+            .env("OUT", out.path())
+            .output()
+            .unwrap();
+    assert_eq!(late.status.code(), Some(1));
+    let verdicts = std::fs::read_to_string(out.path().join("verdicts.txt")).unwrap();
+    assert!(
+        verdicts.ends_with("FAIL training: no time left of the 3 s deadline\n"),
+        "{verdicts}"
+    );
+}
