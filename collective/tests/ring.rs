@@ -239,8 +239,14 @@ fn ranks_with_different_keys_refuse_each_other() {
         .unwrap();
     // Each refuses the other: neither holds the key the other checks against.
     assert!(err.to_string().contains("did not admit this rank"), "{err}");
+    // Rank 1 is refused too; or, when rank 0 was refused first and gave up, its listener is
+    // gone mid-handshake and rank 1's handshake with it fails (a race the test cannot order).
     let theirs = other.join().unwrap().unwrap_err().to_string();
-    assert!(theirs.contains("did not admit this rank"), "{theirs}");
+    assert!(
+        theirs.contains("did not admit this rank")
+            || theirs.contains("connection to rank 0 failed (handshake)"),
+        "{theirs}"
+    );
 }
 
 /// Strangers that connect to `address` and never say a word: `STRANGERS` of them before
