@@ -210,6 +210,10 @@ enum DatasetCommand {
         /// with 500 or fewer); 0 keeps every class.
         #[arg(long, default_value_t = 0)]
         min_class_images: u32,
+        /// Decode every image, leaving out (and reporting) those that do not decode: a
+        /// truncated download still starts like a JPEG. Slower.
+        #[arg(long)]
+        verify: bool,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
     /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
@@ -812,12 +816,14 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             held_out,
             min_class_images,
+            verify,
         }) => {
             let options = ladder_data::import::ImportOptions {
                 shard_samples: *shard_samples,
                 seed: *seed,
                 held_out: *held_out,
                 min_class_images: *min_class_images,
+                verify: *verify,
             };
             let report = ladder_data::import::import(source, dest, options)?;
             for skipped in &report.skipped {
@@ -826,6 +832,7 @@ async fn run(cli: Cli) -> Result<()> {
             print_index(&report.train);
             match &report.val {
                 Some(val) => print_index(val),
+                None if *held_out == 0 => say!("no held-out split (--held-out 0)"),
                 None => say!("held out nothing: no class has more than {held_out} images"),
             }
             if report.too_small_to_hold_out > 0 && report.val.is_some() {

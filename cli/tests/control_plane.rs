@@ -1240,6 +1240,42 @@ fn dataset_synth_and_import_write_indexed_shards() {
             "{set}"
         );
     }
+
+    // A truncated download starts like a JPEG: imported as it is, unless --verify decodes it.
+    let odd_tree = dir.path().join("odd-tree");
+    std::fs::create_dir_all(odd_tree.join("x")).unwrap();
+    for i in 0..3u64 {
+        let jpeg = ladder_data::synth::encode_jpeg(&ladder_data::synth::draw(0, 3, i, 9), 85);
+        std::fs::write(odd_tree.join("x").join(format!("{i}.jpg")), &jpeg).unwrap();
+        if i == 0 {
+            std::fs::write(odd_tree.join("x/truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+        }
+    }
+    let import = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "dataset",
+            "import",
+            odd_tree.to_str().unwrap(),
+            name,
+            "--held-out",
+            "0",
+        ];
+        args.extend(extra);
+        cli.run(&args)
+    };
+    let trusting = import(dir.path().join("odd-1").to_str().unwrap(), &[]);
+    assert!(String::from_utf8_lossy(&trusting.stdout).contains("indexed 4 samples"));
+    let verified = import(dir.path().join("odd-2").to_str().unwrap(), &["--verify"]);
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("indexed 3 samples"),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let report = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        report.contains("truncated.jpg: does not decode"),
+        "{report}"
+    );
 }
 
 /// The spec at `spec`, changed by `edit`, written beside it as `name`.

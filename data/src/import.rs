@@ -9,10 +9,10 @@
 //! others numbered anew (ImageNet-21K-P's rule, with 500). Files are shuffled (seeded) before
 //! sharding: the sample plan mixes only a few shards at a time, so shards sorted by class would
 //! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
-//! extension are reported and left out.
+//! extension are reported and left out, and with `verify` so are images that do not decode.
 
 use crate::synth::append;
-use ladder_core::dataset::{self, DatasetError, IndexReport};
+use ladder_core::dataset::{self, DatasetError, ImageFormat, IndexReport};
 use ladder_core::rng::Stream;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,9 @@ pub struct ImportOptions {
     pub held_out: u32,
     /// Classes with at most this many images are set aside whole (0: none).
     pub min_class_images: u32,
+    /// Decode every image, leaving out (and reporting) what no epoch could use: a truncated
+    /// or corrupt file that still starts like an image.
+    pub verify: bool,
 }
 
 /// What an import did.
@@ -63,6 +66,22 @@ fn image_format(path: &Path) -> std::io::Result<Option<&'static str>> {
     } else {
         None
     })
+}
+
+/// Why the image at `path` (`jpg` or `png`) does not decode whole, if it does not: what
+/// training would skip in every epoch.
+fn undecodable(path: &Path, format: &str) -> Option<String> {
+    let format = match format {
+        "png" => ImageFormat::Png,
+        _ => ImageFormat::Jpeg,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => return Some(e.to_string()),
+    };
+    crate::decode::decode(&bytes, format, None, 1, 1)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// Imports the ImageFolder tree at `source` into `destination` (see the module's doc).
@@ -120,6 +139,13 @@ pub fn import(
                 continue;
             }
             match image_format(&path).map_err(io(&path))? {
+                Some(format) if options.verify => match undecodable(&path, format) {
+                    Some(why) => skipped.push(format!(
+                        "{}: does not decode ({why}); left out",
+                        path.display()
+                    )),
+                    None => files.push((path, label as u32, format)),
+                },
                 Some(format) => files.push((path, label as u32, format)),
                 None => skipped.push(format!(
                     "{}: empty, or not a JPEG or PNG image by its first bytes; left out",
