@@ -22,7 +22,7 @@
 //! is trained at most once per epoch and exactly once in every epoch whose tail misses it.
 
 use crate::rng::Stream;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, MAX_SHUFFLE_BLOCK};
 use std::borrow::Borrow;
 use std::ops::Range;
 
@@ -53,9 +53,6 @@ pub enum PlanError {
     #[error("micro-batch {micro} does not divide the global batch {global}")]
     MicroBatch { micro: u32, global: u32 },
 }
-
-/// Larger blocks would mix little more than whole shards do.
-pub const MAX_SHUFFLE_BLOCK: u32 = 1024;
 
 /// A sample's place in the dataset: its shard and its index inside the shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -290,6 +290,9 @@ pub struct WorkersSpec {
     pub max: u32,
 }
 
+/// The largest `data.shuffle_block`: larger blocks would mix little more than whole shards do.
+pub const MAX_SHUFFLE_BLOCK: u32 = 1024;
+
 mod defaults {
     use super::*;
     pub fn bn_eps() -> f64 {
@@ -565,8 +568,8 @@ impl JobSpec {
         c.check(
             "data.shuffle_block",
             d.shuffle_block,
-            (1..=crate::sample::MAX_SHUFFLE_BLOCK).contains(&d.shuffle_block),
-            format!("1 to {}", crate::sample::MAX_SHUFFLE_BLOCK),
+            (1..=MAX_SHUFFLE_BLOCK).contains(&d.shuffle_block),
+            format!("1 to {MAX_SHUFFLE_BLOCK}"),
         );
         c.check(
             "data.prefetch_mb",
