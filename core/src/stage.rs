@@ -90,23 +90,14 @@ impl StagePlan {
             .map(|epoch| {
                 let stage = epoch / s.stage_epochs;
                 let t = level(stage);
-                // The official rule sizes level t = i / (M - 1) at (i + 1) / M.
-                let (size_at, dropout) = match s.rule {
-                    StageRule::Paper => (t, lerp(s.min_dropout, s.max_dropout, t)),
+                let size = |at: f64| lerp(s.min_size as f64, s.max_size as f64, at);
+                let (image_size, dropout) = match s.rule {
+                    StageRule::Paper => (size(t), lerp(s.min_dropout, s.max_dropout, t)),
+                    // Level t = i / (M - 1) sized at (i + 1) / M, `int(...)` as the official
+                    // code writes it; dropout held.
                     StageRule::Official => {
-                        let i = if stages > 1 {
-                            (t * (stages - 1) as f64).round()
-                        } else {
-                            0.0
-                        };
-                        ((i + 1.0) / stages as f64, s.max_dropout)
-                    }
-                };
-                let image_size = match s.rule {
-                    StageRule::Paper => lerp(s.min_size as f64, s.max_size as f64, size_at),
-                    // `int(...)` as the official code writes it, then to a multiple of 8.
-                    StageRule::Official => {
-                        lerp(s.min_size as f64, s.max_size as f64, size_at).trunc()
+                        let i = (t * stages.saturating_sub(1) as f64).round();
+                        (size((i + 1.0) / stages as f64).trunc(), s.max_dropout)
                     }
                 };
                 let image_size = round_to_multiple_of_8(image_size);
