@@ -177,30 +177,24 @@ impl JobSpec {
                 scale.end()
             ),
         );
-        c.check(
-            "schedule.min_mixup",
-            s.min_mixup,
-            (0.0..=10.0).contains(&s.min_mixup),
-            "in [0, 10] (0 turns mixup off)",
-        );
-        c.check(
-            "schedule.max_mixup",
-            s.max_mixup,
-            s.max_mixup >= s.min_mixup && s.max_mixup <= 10.0,
-            format!("in [schedule.min_mixup ({}), 10]", s.min_mixup),
-        );
-        c.check(
-            "schedule.min_cutmix",
-            s.min_cutmix,
-            (0.0..=10.0).contains(&s.min_cutmix),
-            "in [0, 10] (0 turns CutMix off)",
-        );
-        c.check(
-            "schedule.max_cutmix",
-            s.max_cutmix,
-            s.max_cutmix >= s.min_cutmix && s.max_cutmix <= 10.0,
-            format!("in [schedule.min_cutmix ({}), 10]", s.min_cutmix),
-        );
+        // Mixup's and CutMix's alphas: 0 turns either off.
+        for (name, what, min, max) in [
+            ("mixup", "mixup", s.min_mixup, s.max_mixup),
+            ("cutmix", "CutMix", s.min_cutmix, s.max_cutmix),
+        ] {
+            c.check(
+                &format!("schedule.min_{name}"),
+                min,
+                (0.0..=10.0).contains(&min),
+                format!("in [0, 10] (0 turns {what} off)"),
+            );
+            c.check(
+                &format!("schedule.max_{name}"),
+                max,
+                max >= min && max <= 10.0,
+                format!("in [schedule.min_{name} ({min}), 10]"),
+            );
+        }
 
         let o = &self.optimizer;
         c.check(
