@@ -1,9 +1,11 @@
-//! Collectives behind one trait: [`nccl::NcclCommunicator`] for GPU memory, loaded at run time;
+//! Collectives behind one trait: [`nccl::NcclCommunicator`] for GPU memory, through the NCCL
+//! and CUDA runtime libtorch loaded ([`libraries`]);
 //! [`ring::TcpRing`] for host memory, a ring allreduce
 //! over TCP (reduce-scatter, then all-gather) whose results are bitwise identical on every rank,
 //! with timeouts and an abort that unblocks a rank stuck on a dead or hung peer; and [`Alone`],
 //! a generation of one rank, which has nothing to exchange.
 
+pub mod libraries;
 pub mod nccl;
 pub mod ring;
 

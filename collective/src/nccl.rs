@@ -1,5 +1,5 @@
-//! NCCL, loaded at run time through cudarc: it builds without a CUDA toolkit, and a worker
-//! without GPUs never touches it.
+//! NCCL, bound at run time from the copy libtorch loaded ([`crate::libraries`]): it builds
+//! without a CUDA toolkit, and a worker without GPUs never touches it.
 //!
 //! Rank 0 makes the unique id ([`unique_id`]); the coordinator's rendezvous passes it to the
 //! other ranks. The communicator is created non-blocking, and every wait — its creation, each
@@ -8,16 +8,17 @@
 //! with `ncclCommAbort`, never left hanging. Reductions run on the legacy default stream, the
 //! one libtorch's tensors are computed on.
 
+use crate::libraries::{
+    self, CUDA_ERROR_NOT_READY, CUDA_SUCCESS, CudaPointerAttributes, NCCL_AVG, NCCL_FLOAT32,
+    NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SUM, Nccl, NcclComm, NcclConfig, NcclUniqueId, Runtime,
+};
 use crate::{AbortHandle, Collective, CollectiveError};
-use cudarc::nccl::result as nccl;
-use cudarc::nccl::sys;
-use cudarc::runtime::sys as cuda;
+use std::ffi::c_int;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Bytes of an `ncclUniqueId`.
-pub const UNIQUE_ID_BYTES: usize = 128;
+pub use crate::libraries::UNIQUE_ID_BYTES;
 /// The `ncclConfig_t` layout this build passes (NCCL 2.28's).
 const CONFIG_VERSION: u32 = 22800;
 const CONFIG_MAGIC: u32 = 0xcafe_beef;
@@ -35,7 +36,7 @@ fn error(rank: u32, message: impl Into<String>) -> CollectiveError {
 }
 
 /// An NCCL failure in words: the result code, NCCL's string for it and its last error message.
-fn explain(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
+fn explain(nccl: &Nccl, comm: NcclComm, code: c_int) -> String {
     let text = |p: *const std::ffi::c_char| {
         if p.is_null() {
             String::new()
@@ -47,28 +48,28 @@ fn explain(comm: sys::ncclComm_t, code: sys::ncclResult_t) -> String {
         }
     };
     // SAFETY: plain queries; a null communicator asks for the last error of any.
-    let (name, last) = unsafe { (sys::ncclGetErrorString(code), sys::ncclGetLastError(comm)) };
-    format!("{code:?} ({}); last error: {}", text(name), text(last))
+    let (name, last) = unsafe { ((nccl.get_error_string)(code), (nccl.get_last_error)(comm)) };
+    format!("result {code} ({}); last error: {}", text(name), text(last))
 }
 
 /// Where `buffer` lives as CUDA sees it from this thread, and which device this thread and the
 /// communicator (on `comm_device`) use: what NCCL checks before it answers
 /// `ncclInvalidArgument`.
-fn describe_buffer(comm_device: i32, buffer: *const std::ffi::c_void) -> String {
-    let mut attributes = std::mem::MaybeUninit::<cuda::cudaPointerAttributes>::zeroed();
+fn describe_buffer(cuda: &Runtime, comm_device: i32, buffer: *const std::ffi::c_void) -> String {
+    let mut attributes = std::mem::MaybeUninit::<CudaPointerAttributes>::zeroed();
     let mut current = -1;
     // SAFETY: plain queries writing into locals; a zeroed attribute record is a valid one
     // (unregistered memory on device 0).
     let found = unsafe {
-        cuda::cudaGetDevice(&mut current);
-        cuda::cudaPointerGetAttributes(attributes.as_mut_ptr(), buffer)
+        (cuda.get_device)(&mut current);
+        (cuda.pointer_get_attributes)(attributes.as_mut_ptr(), buffer)
     };
-    let memory = if found == cuda::cudaError::cudaSuccess {
+    let memory = if found == CUDA_SUCCESS {
         // SAFETY: zeroed, then filled in by the successful call.
         let a = unsafe { attributes.assume_init() };
-        format!("{:?} on device {}", a.type_, a.device)
+        format!("memory type {} on device {}", a.memory_type, a.device)
     } else {
-        format!("unknown to CUDA ({found:?})")
+        format!("unknown to CUDA (error {found})")
     };
     format!(
         "buffer {buffer:p}: {memory}; this thread's device {current}, the communicator's \
@@ -76,99 +77,35 @@ fn describe_buffer(comm_device: i32, buffer: *const std::ffi::c_void) -> String 
     )
 }
 
-/// Whether libnccl and the CUDA runtime can be loaded; the error says what is missing.
-pub fn available() -> Result<(), CollectiveError> {
-    // SAFETY: the probes only try to dlopen the libraries.
-    let nccl = unsafe { sys::is_culib_present() };
-    let runtime = unsafe { cuda::is_culib_present() };
-    match (nccl, runtime) {
-        (true, true) => Ok(()),
-        (false, _) => Err(CollectiveError::Unsupported(
-            "libnccl.so cannot be loaded: NCCL comes from the nvidia-nccl wheel of the torch install; \
-             put a directory holding libnccl.so (a link to its libnccl.so.2) on LD_LIBRARY_PATH"
-                .to_owned(),
-        )),
-        (true, false) => Err(CollectiveError::Unsupported(
-            "the CUDA runtime (libcudart.so.13) cannot be loaded".to_owned(),
-        )),
-    }
+/// The bound NCCL and CUDA runtime (libtorch's); the error says what is missing.
+fn bound() -> Result<(&'static Nccl, &'static Runtime), CollectiveError> {
+    Ok((
+        &libraries::nccl()?.functions,
+        &libraries::runtime()?.functions,
+    ))
 }
 
-/// Loads libnccl for the rest of the process (cudarc otherwise loads it at the first call), and
-/// checks that it is the only NCCL in the process (see [`single_copy`]).
-pub fn load() -> Result<(), CollectiveError> {
-    available()?;
-    // SAFETY: the library was just found loadable; loading it runs no code of ours.
-    let _ = unsafe { sys::culib() };
-    single_copy()
-}
-
-/// Fails when the libnccl cudarc loaded is not the one the process's global scope resolves
-/// NCCL's names to (libtorch_cuda's, which the loader mapped at start).
-///
-/// Two copies cannot work together: libnccl calls some of its own exported functions through
-/// the dynamic linker (`ncclCommGetAsyncError` among them), which binds them to the copy
-/// loaded first. The other copy's calls then run that copy's code on its own communicators,
-/// whose layout differs between builds, and are refused as invalid, logged in the wrong
-/// copy's last error.
-pub fn single_copy() -> Result<(), CollectiveError> {
-    const PROBE: &std::ffi::CStr = c"ncclCommGetAsyncError";
-    // SAFETY: looking up a symbol's address; nothing is called.
-    let (ours, global) = unsafe {
-        let ours = sys::culib()
-            .get::<unsafe extern "C" fn()>(PROBE.to_bytes_with_nul())
-            .map(|f| *f as *const std::ffi::c_void)
-            .map_err(|e| {
-                CollectiveError::Unsupported(format!("libnccl has no ncclCommGetAsyncError: {e}"))
-            })?;
-        (
-            ours,
-            libc::dlsym(libc::RTLD_DEFAULT, PROBE.as_ptr()).cast_const(),
-        )
-    };
-    if global.is_null() || global == ours {
-        return Ok(());
-    }
-    Err(CollectiveError::Unsupported(format!(
-        "two NCCL libraries are loaded in this process: {} (the one NCCL's own calls bind to, \
-         libtorch's) and {} (the one the worker calls); they cannot share communicators",
-        library_file(global),
-        library_file(ours)
-    )))
-}
-
-/// The file of the library holding `address`.
-fn library_file(address: *const std::ffi::c_void) -> String {
-    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
-    // SAFETY: dladdr fills `info` and returns non-zero when it knows the address; the file name
-    // it points to lives as long as the library stays loaded.
-    unsafe {
-        if libc::dladdr(address, info.as_mut_ptr()) != 0 && !info.assume_init().dli_fname.is_null()
-        {
-            std::ffi::CStr::from_ptr(info.assume_init().dli_fname)
-                .to_string_lossy()
-                .into_owned()
-        } else {
-            format!("{address:p}")
-        }
-    }
-}
-
-/// The NCCL and CUDA this process loaded, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
-/// 13.0".
+/// The NCCL and CUDA this process bound, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
+/// 13.0 (none without a driver)".
 pub fn versions() -> Result<String, CollectiveError> {
-    available()?;
-    let nccl = nccl::get_nccl_version().map_err(|e| {
-        error(
+    let (nccl, cuda) = bound()?;
+    let mut version = 0;
+    // SAFETY: a plain query writing into a local.
+    let code = unsafe { (nccl.get_version)(&mut version) };
+    if code != NCCL_SUCCESS {
+        return Err(error(
             0,
-            format!("ncclGetVersion: {}", explain(std::ptr::null_mut(), e.0)),
-        )
-    })?;
+            format!(
+                "ncclGetVersion: {}",
+                explain(nccl, std::ptr::null_mut(), code)
+            ),
+        ));
+    }
     let (mut runtime, mut driver) = (0, 0);
     // SAFETY: plain queries writing into locals; a machine without a driver reports 0.
     unsafe {
-        cuda::cudaRuntimeGetVersion(&mut runtime);
-        cuda::cudaDriverGetVersion(&mut driver);
+        (cuda.runtime_get_version)(&mut runtime);
+        (cuda.driver_get_version)(&mut driver);
     }
     let cuda_version = |v: i32| match v {
         0 => "none".to_owned(),
@@ -176,9 +113,9 @@ pub fn versions() -> Result<String, CollectiveError> {
     };
     Ok(format!(
         "NCCL {}.{}.{}, CUDA runtime {}, driver {}",
-        nccl / 10000,
-        nccl % 10000 / 100,
-        nccl % 100,
+        version / 10000,
+        version % 10000 / 100,
+        version % 100,
         cuda_version(runtime),
         cuda_version(driver)
     ))
@@ -186,18 +123,28 @@ pub fn versions() -> Result<String, CollectiveError> {
 
 /// A new NCCL unique id, made by rank 0 and shared through the rendezvous.
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
-    load()?;
-    let id = nccl::get_uniqueid().map_err(|e| {
-        error(
+    let (nccl, _) = bound()?;
+    let mut id = NcclUniqueId {
+        internal: [0; UNIQUE_ID_BYTES],
+    };
+    // SAFETY: `id` outlives the call.
+    let code = unsafe { (nccl.get_unique_id)(&mut id) };
+    if code != NCCL_SUCCESS {
+        return Err(error(
             0,
-            format!("ncclGetUniqueId: {}", explain(std::ptr::null_mut(), e.0)),
-        )
-    })?;
+            format!(
+                "ncclGetUniqueId: {}",
+                explain(nccl, std::ptr::null_mut(), code)
+            ),
+        ));
+    }
     Ok(id.internal.map(|c| c as u8))
 }
 
 pub struct NcclCommunicator {
-    comm: sys::ncclComm_t,
+    nccl: &'static Nccl,
+    cuda: &'static Runtime,
+    comm: NcclComm,
     /// The CUDA device it reduces on.
     device: i32,
     rank: u32,
@@ -222,7 +169,7 @@ impl NcclCommunicator {
         device: i32,
         timeout: Duration,
     ) -> Result<NcclCommunicator, CollectiveError> {
-        load()?;
+        let (nccl, cuda) = bound()?;
         let id: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| {
             error(
                 rank,
@@ -232,45 +179,47 @@ impl NcclCommunicator {
                 ),
             )
         })?;
-        let id = sys::ncclUniqueId {
+        let id = NcclUniqueId {
             internal: id.map(|b| b as std::ffi::c_char),
         };
         // SAFETY: plain runtime call.
-        let set = unsafe { cuda::cudaSetDevice(device) };
-        if set != cuda::cudaError::cudaSuccess {
-            return Err(error(rank, format!("cudaSetDevice({device}): {set:?}")));
+        let set = unsafe { (cuda.set_device)(device) };
+        if set != CUDA_SUCCESS {
+            return Err(error(rank, format!("cudaSetDevice({device}): error {set}")));
         }
-        let mut config = sys::ncclConfig_t {
-            size: std::mem::size_of::<sys::ncclConfig_t>(),
+        let mut config = NcclConfig {
+            size: std::mem::size_of::<NcclConfig>(),
             magic: CONFIG_MAGIC,
             version: CONFIG_VERSION,
             blocking: 0,
-            cgaClusterSize: UNDEFINED,
-            minCTAs: UNDEFINED,
-            maxCTAs: UNDEFINED,
-            netName: std::ptr::null(),
-            splitShare: UNDEFINED,
-            trafficClass: UNDEFINED,
-            commName: std::ptr::null(),
-            collnetEnable: UNDEFINED,
-            CTAPolicy: UNDEFINED,
-            shrinkShare: UNDEFINED,
-            nvlsCTAs: UNDEFINED,
-            nChannelsPerNetPeer: UNDEFINED,
-            nvlinkCentricSched: UNDEFINED,
+            cga_cluster_size: UNDEFINED,
+            min_ctas: UNDEFINED,
+            max_ctas: UNDEFINED,
+            net_name: std::ptr::null(),
+            split_share: UNDEFINED,
+            traffic_class: UNDEFINED,
+            comm_name: std::ptr::null(),
+            collnet_enable: UNDEFINED,
+            cta_policy: UNDEFINED,
+            shrink_share: UNDEFINED,
+            nvls_ctas: UNDEFINED,
+            n_channels_per_net_peer: UNDEFINED,
+            nvlink_centric_sched: UNDEFINED,
         };
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        let mut comm: NcclComm = std::ptr::null_mut();
         // SAFETY: `comm` and `config` outlive the call; the id is a valid unique id's bytes.
-        unsafe {
-            nccl::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config)
-        }
-        .map_err(|e| {
-            error(
+        let code = unsafe {
+            (nccl.comm_init_rank_config)(&mut comm, world as i32, id, rank as i32, &mut config)
+        };
+        if code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS {
+            return Err(error(
                 rank,
-                format!("ncclCommInitRankConfig: {}", explain(comm, e.0)),
-            )
-        })?;
+                format!("ncclCommInitRankConfig: {}", explain(nccl, comm, code)),
+            ));
+        }
         let mut communicator = NcclCommunicator {
+            nccl,
+            cuda,
             comm,
             device,
             rank,
@@ -296,7 +245,7 @@ impl NcclCommunicator {
         if !self.dead {
             self.dead = true;
             // SAFETY: the communicator is valid and no longer used after this.
-            let _ = unsafe { nccl::comm_abort(self.comm) };
+            let _ = unsafe { (self.nccl.comm_abort)(self.comm) };
         }
     }
 
@@ -338,21 +287,21 @@ impl NcclCommunicator {
     /// The communicator's asynchronous state: `Ok(true)` when idle, `Ok(false)` in progress,
     /// else what failed, in words.
     fn async_state(&self) -> Result<bool, String> {
-        let mut state = sys::ncclResult_t::ncclInProgress;
+        let mut state = NCCL_IN_PROGRESS;
         // SAFETY: the communicator is valid; `state` outlives the call.
-        let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
-        if queried != sys::ncclResult_t::ncclSuccess {
+        let queried = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
+        if queried != NCCL_SUCCESS {
             // The state is unknown: taking it for idle would send the next call into a
             // communicator that is not ready.
             return Err(format!(
                 "ncclCommGetAsyncError: {}",
-                explain(self.comm, queried)
+                explain(self.nccl, self.comm, queried)
             ));
         }
         match state {
-            sys::ncclResult_t::ncclSuccess => Ok(true),
-            sys::ncclResult_t::ncclInProgress => Ok(false),
-            other => Err(explain(self.comm, other)),
+            NCCL_SUCCESS => Ok(true),
+            NCCL_IN_PROGRESS => Ok(false),
+            other => Err(explain(self.nccl, self.comm, other)),
         }
     }
 
@@ -392,7 +341,7 @@ impl Collective for NcclCommunicator {
         len: usize,
     ) -> Result<(), CollectiveError> {
         // SAFETY: the caller's guarantee, passed on; in place.
-        unsafe { self.all_reduce_device(ptr, ptr, len, sys::ncclRedOp_t::ncclSum) }
+        unsafe { self.all_reduce_device(ptr, ptr, len, NCCL_SUM) }
     }
 }
 
@@ -410,7 +359,7 @@ impl NcclCommunicator {
         len: usize,
     ) -> Result<(), CollectiveError> {
         // SAFETY: the caller's guarantee, passed on.
-        unsafe { self.all_reduce_device(send, recv, len, sys::ncclRedOp_t::ncclAvg) }
+        unsafe { self.all_reduce_device(send, recv, len, NCCL_AVG) }
     }
 
     /// Reduces `len` floats at `send` into `recv` with `op`, waiting for it without blocking
@@ -423,7 +372,7 @@ impl NcclCommunicator {
         send: u64,
         recv: u64,
         len: usize,
-        op: sys::ncclRedOp_t,
+        op: c_int,
     ) -> Result<(), CollectiveError> {
         self.check_aborted()?;
         if len == 0 {
@@ -443,20 +392,20 @@ impl NcclCommunicator {
         // SAFETY: the caller guarantees both address `len` floats on this device; the null
         // stream is the legacy default stream, ordered after the work that wrote them.
         let queued = unsafe {
-            nccl::all_reduce(
+            (self.nccl.all_reduce)(
                 buffer,
                 into,
                 len,
-                sys::ncclDataType_t::ncclFloat32,
+                NCCL_FLOAT32,
                 op,
                 self.comm,
                 std::ptr::null_mut(),
             )
         };
-        if let Err(e) = queued {
+        if queued != NCCL_SUCCESS && queued != NCCL_IN_PROGRESS {
             let rank = self.rank;
-            let why = explain(self.comm, e.0);
-            let place = describe_buffer(self.device, buffer);
+            let why = explain(self.nccl, self.comm, queued);
+            let place = describe_buffer(self.cuda, self.device, buffer);
             return Err(self.fail(error(
                 rank,
                 format!("ncclAllReduce of {len} floats: {why}; {place}"),
@@ -467,10 +416,10 @@ impl NcclCommunicator {
         // turns into a timeout instead of a hang.
         self.poll("allreduce", |c| {
             // SAFETY: querying the legacy default stream.
-            match unsafe { cuda::cudaStreamQuery(std::ptr::null_mut()) } {
-                cuda::cudaError::cudaSuccess => c.comm_state(),
-                cuda::cudaError::cudaErrorNotReady => c.comm_state().map(|_| false),
-                other => Err(error(c.rank, format!("cudaStreamQuery: {other:?}"))),
+            match unsafe { (c.cuda.stream_query)(std::ptr::null_mut()) } {
+                CUDA_SUCCESS => c.comm_state(),
+                CUDA_ERROR_NOT_READY => c.comm_state().map(|_| false),
+                other => Err(error(c.rank, format!("cudaStreamQuery: error {other}"))),
             }
         })
     }
@@ -480,7 +429,7 @@ impl Drop for NcclCommunicator {
     fn drop(&mut self) {
         if !self.dead {
             // SAFETY: the communicator is valid and idle (every call waited for completion).
-            let _ = unsafe { nccl::comm_destroy(self.comm) };
+            let _ = unsafe { (self.nccl.comm_destroy)(self.comm) };
         }
     }
 }

@@ -1,25 +1,31 @@
-//! NCCL is loaded at run time: on a machine without it (CI), every entry point says what is
-//! missing instead of panicking. On GPU machines `scripts/gpu-check` exercises the real thing.
+//! NCCL and the CUDA runtime are bound from the copies libtorch loaded: in a process without
+//! libtorch_cuda (this test's), every entry point says what is missing instead of loading a
+//! copy of its own or panicking. The binding itself is tested where libtorch is linked
+//! (`worker/tests/libraries.rs`); `scripts/gpu-check` exercises the real thing on a GPU.
 
 use ladder_collective::nccl::{self, NcclCommunicator, UNIQUE_ID_BYTES};
-use ladder_collective::{Collective, CollectiveError};
+use ladder_collective::{Collective, CollectiveError, libraries};
 use std::time::Duration;
 
 #[test]
-fn without_nccl_every_entry_point_says_what_is_missing() {
-    if nccl::available().is_ok() {
-        eprintln!("NCCL is loadable here: scripts/gpu-check covers it");
-        return;
-    }
-    let missing = nccl::available().unwrap_err().to_string();
-    assert!(missing.contains("libnccl"), "{missing}");
-    assert!(missing.contains("LD_LIBRARY_PATH"), "{missing}");
+fn without_libtorchs_nccl_every_entry_point_says_what_is_missing() {
+    assert!(libraries::mapped("libnccl.so").is_empty());
+    let missing = nccl::versions().unwrap_err().to_string();
+    assert!(
+        missing.contains("no NCCL is loaded in this process"),
+        "{missing}"
+    );
+    assert!(missing.contains("libtorch_cuda"), "{missing}");
     let id = nccl::unique_id().unwrap_err();
     assert!(matches!(id, CollectiveError::Unsupported(_)), "{id}");
     let join = NcclCommunicator::init(0, 1, &[0; UNIQUE_ID_BYTES], 0, Duration::from_secs(1))
         .err()
         .expect("no communicator without NCCL");
-    assert!(join.to_string().contains("libnccl"), "{join}");
+    assert!(join.to_string().contains("no NCCL"), "{join}");
+    assert!(
+        libraries::mapped("libnccl.so").is_empty(),
+        "nothing was loaded"
+    );
 }
 
 #[test]

@@ -14,15 +14,15 @@
 //! retried, and a checkpoint commit waits for it.
 
 use crate::metrics::WorkerMetrics;
-use crate::precision::Precision;
-use crate::report::{Liveness, Progress, StopSignal};
 use crate::reporting::{ChannelEvents, Run, delete_retired, report_progress, to_pb};
 use crate::session::{Retry, Session};
-use crate::trainer::{self, Faults, Options, TrainError, Trainer};
 use crate::transport::Transport;
 use ladder_core::location;
 use ladder_core::spec::JobSpec;
 use ladder_proto::v1 as pb;
+use ladder_train::events::{Liveness, Progress, StopSignal};
+use ladder_train::precision::Precision;
+use ladder_train::trainer::{self, Faults, Options, TrainError, Trainer};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -345,7 +345,8 @@ impl Worker {
             replica_digests: self.config.replica_digests.clone(),
             faults: self.config.faults,
             checkpoint_now,
-            metrics: Arc::new(self.config.metrics.begin_run(&job_id, rank)),
+            instruments: Arc::new(self.config.metrics.begin_run(&job_id, rank)),
+            decode_threads: crate::threads::per_worker(),
         };
         let liveness = self.liveness.clone();
         let timeout = self.config.collective_timeout;

@@ -1,8 +1,8 @@
 //! Progress a person at the worker can follow: a progress bar per epoch on a terminal, plain
 //! log lines otherwise (every 10 seconds and at every boundary).
 
-use crate::report::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
+use ladder_train::events::Progress;
 use std::time::{Duration, Instant};
 
 pub struct Display {

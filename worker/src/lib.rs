@@ -1,38 +1,18 @@
-//! Ladder's worker: trains EfficientNetV2 with libtorch (through `tch`) as one rank of a job.
-//!
-//! [`agent`] runs the worker's life (register, heartbeat, await an assignment, rendezvous, run
-//! a [`trainer::Trainer`] per assignment) over its [`session`] with the coordinator (one
-//! connection, one way to retry), joining each generation's collective through [`transport`]
-//! and telling the coordinator what happens through [`reporting`]. The trainer's loop reads
-//! top to bottom in `trainer/mod.rs`, with its checkpoint pipeline, evaluation, meter and
-//! injected faults beside it; it is fed by [`feed`] (this rank's micro-batches), tells the
-//! outside world through [`report`] and [`metrics`], and writes [`checkpoint`]s.
-//!
-//! Data flow of a step: micro-batches -> [`model`] forward -> [`loss`] -> backward, which
-//! accumulates into the flat gradient buffer of [`flat`] -> (collective) -> [`optim`] RMSProp on
-//! the flat buffers -> [`ema`]. [`state_io`] moves named state in and out of safetensors.
+//! Ladder's worker, the agent around one rank's training: [`agent`] runs the worker's life
+//! (register, heartbeat, await an assignment, rendezvous, run a
+//! [`ladder_train::trainer::Trainer`] per assignment) over its [`session`] with the
+//! coordinator (one connection, one way to retry), joins each generation's collective through
+//! [`transport`], and tells the coordinator what the trainer reports through its events
+//! ([`reporting`]). Beside it: the worker's Prometheus [`metrics`], the terminal [`display`],
+//! its share of the node's cores ([`threads`]), and the glue to the device's libraries
+//! ([`nccl_check`], [`cuda_memory`]).
 
 pub mod agent;
-pub mod checkpoint;
 pub mod cuda_memory;
-pub mod data_parallel;
 pub mod display;
-pub mod ema;
-pub mod feed;
-pub mod flat;
-pub mod loss;
 pub mod metrics;
-pub mod model;
 pub mod nccl_check;
-pub mod nccl_library;
-pub mod optim;
-pub mod precision;
-pub mod pretrained;
-pub mod report;
 pub mod reporting;
 pub mod session;
-pub mod state_io;
 pub mod threads;
-pub mod trainer;
-pub mod training_state;
 pub mod transport;

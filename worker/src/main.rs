@@ -3,12 +3,12 @@
 
 use clap::Parser;
 use ladder_core::logging::{self, LogFormat};
+use ladder_train::precision::Precision;
+use ladder_train::trainer::Faults;
 use ladder_worker::agent::{self, Config};
 use ladder_worker::metrics::WorkerMetrics;
 use ladder_worker::nccl_check;
-use ladder_worker::precision::Precision;
 use ladder_worker::threads;
-use ladder_worker::trainer::Faults;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -140,9 +140,7 @@ fn check_nccl(device: Device, timeout: Duration) -> ! {
     let Device::Cuda(ordinal) = device else {
         setup_error("--check-nccl needs --device cuda:N");
     };
-    let library = ladder_worker::nccl_library::ensure_loadable()
-        .and_then(|()| nccl_check::describe_library())
-        .unwrap_or_else(|e| setup_error(e));
+    let library = nccl_check::describe_library().unwrap_or_else(|e| setup_error(e));
     println!("library: {library}");
     check_device(device).unwrap_or_else(|e| setup_error(e));
     match nccl_check::run(ordinal, timeout) {
@@ -165,9 +163,10 @@ fn main() {
         check_nccl(device, Duration::from_secs(args.collective_timeout_s));
     }
     check_device(device).unwrap_or_else(|e| setup_error(e));
-    // Before any thread starts: this may restart the process with libnccl on the search path.
+    // Before any job: the NCCL and CUDA runtime libtorch loaded, bound, or why not.
     if device.is_cuda() {
-        ladder_worker::nccl_library::ensure_loadable().unwrap_or_else(|e| setup_error(e));
+        let library = nccl_check::describe_library().unwrap_or_else(|e| setup_error(e));
+        tracing::info!("{library}");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gpus = if device.is_cuda() {

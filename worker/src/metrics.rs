@@ -1,13 +1,14 @@
 //! The worker's Prometheus metrics, served at `/metrics` by `--metrics-listen`.
 //!
 //! Every series of a run carries the labels `job`, `rank` and `worker`; a new run (a new
-//! generation, another job) replaces the last one's series. The training loop records into a
-//! [`RunMetrics`] it holds: a step costs a handful of atomic additions and no host-device
+//! generation, another job) replaces the last one's series. The training loop records into the
+//! [`RunMetrics`] it holds, its [`Instruments`]: a step costs a handful of atomic additions and no host-device
 //! wait (on CUDA the parts are the host's view: a part that queues GPU work ends when it is
 //! queued, and the GPU's time shows in the part that first waits for it, the allreduce).
 //! Process memory (and on CUDA the device's) is read at each scrape.
 
 use ladder_core::dataset::SKIP_REASONS;
+use ladder_train::events::{Instruments, StepParts};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -52,31 +53,6 @@ struct WorkerLabel {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
 
-/// What a training step's time went to, in the loop's order.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepParts {
-    /// Waiting for the loader's micro-batches.
-    pub data_wait: Duration,
-    /// Forward and backward passes (with the upload of the batch and mixup).
-    pub compute: Duration,
-    /// Gradient, BatchNorm-statistics and loss allreduces.
-    pub allreduce: Duration,
-    /// Reading the step's loss back, the optimizer and the EMA update.
-    pub optimizer: Duration,
-}
-
-impl StepParts {
-    const NAMES: [&'static str; 4] = ["data_wait", "compute", "allreduce", "optimizer"];
-
-    fn seconds(&self) -> [f64; 4] {
-        [self.data_wait, self.compute, self.allreduce, self.optimizer].map(|d| d.as_secs_f64())
-    }
-
-    pub fn total(&self) -> Duration {
-        self.data_wait + self.compute + self.allreduce + self.optimizer
-    }
-}
-
 /// The series of one run, held by its training loop.
 pub struct RunMetrics {
     step: Histogram,
@@ -96,10 +72,8 @@ impl std::fmt::Debug for RunMetrics {
     }
 }
 
-impl RunMetrics {
-    /// Records a step: its parts, and the share of recent steps' time spent waiting for data
-    /// (`data_wait_share`, smoothed by the loop).
-    pub fn step(&self, parts: &StepParts, data_wait_share: f64) {
+impl Instruments for RunMetrics {
+    fn step(&self, parts: &StepParts, data_wait_share: f64) {
         self.step.observe(parts.total().as_secs_f64());
         for (counter, seconds) in self.parts.iter().zip(parts.seconds()) {
             counter.inc_by(seconds);
@@ -107,26 +81,22 @@ impl RunMetrics {
         self.data_wait_share.set(data_wait_share);
     }
 
-    /// Counts a skipped sample; `reason` is one of [`SKIP_REASONS`].
-    pub fn skipped(&self, reason: &str) {
+    fn skipped(&self, reason: &str) {
         if let Some(i) = SKIP_REASONS.iter().position(|r| *r == reason) {
             self.skipped[i].inc();
         }
     }
 
-    /// The read calls one micro-batch's samples cost, and the bytes they read.
-    pub fn read(&self, calls: u64, bytes: u64) {
+    fn read(&self, calls: u64, bytes: u64) {
         self.data_reads.inc_by(calls);
         self.data_read_bytes.inc_by(bytes);
     }
 
-    /// How long a checkpoint held training up (its snapshot).
-    pub fn snapshot(&self, blocked: Duration) {
+    fn snapshot(&self, blocked: Duration) {
         self.snapshot_blocked.observe(blocked.as_secs_f64());
     }
 
-    /// A checkpoint written in the background: how long it took and its size.
-    pub fn written(&self, took: Duration, bytes: u64) {
+    fn written(&self, took: Duration, bytes: u64) {
         self.write.observe(took.as_secs_f64());
         self.written_bytes.inc_by(bytes);
     }

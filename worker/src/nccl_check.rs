@@ -1,6 +1,6 @@
 //! `ladder-worker --device cuda:N --check-nccl`: whether this GPU node can run the gradient
-//! allreduce, before it joins a job. It says which NCCL and CUDA the worker loaded and from
-//! where, makes a one-rank communicator the way training does (non-blocking, polled with a
+//! allreduce, before it joins a job. It says which NCCL and CUDA runtime the worker bound (the
+//! copies libtorch loaded) and from where, makes a one-rank communicator the way training does (non-blocking, polled with a
 //! deadline), and reduces a CUDA tensor through the communicator's reduction path, out of place
 //! (an average into zeros, so that a kernel runs even with one rank), checking that the bytes
 //! arrive whole.
@@ -9,7 +9,7 @@
 //! library found, its versions, the communicator, device buffers and streams). Each step is
 //! printed as it ends, so a hang or a crash still shows how far the check came.
 
-use crate::nccl_library;
+use ladder_collective::libraries;
 use ladder_collective::nccl::{self, NcclCommunicator};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -18,12 +18,16 @@ use tch::{Device, Kind, Tensor};
 const ELEMENTS: i64 = 16 << 20;
 const ROUNDS: usize = 3;
 
-/// Which NCCL this process loaded, its versions and its file.
+/// Which NCCL and CUDA runtime this process bound, their versions and their files.
 pub fn describe_library() -> Result<String, String> {
     let versions = nccl::versions().map_err(|e| e.to_string())?;
-    let files = nccl_library::mapped("libnccl.so");
-    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    Ok(format!("{versions}; loaded from {}", files.join(", ")))
+    let nccl = libraries::nccl().map_err(|e| e.to_string())?;
+    let runtime = libraries::runtime().map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{versions}; bound from {} and {}",
+        nccl.path.display(),
+        runtime.path.display()
+    ))
 }
 
 /// Runs the check on CUDA device `device`, printing each step; the error says which failed.

@@ -1,13 +1,12 @@
 //! How a run tells the coordinator what happens: progress (shown here, and from rank 0 sent at
 //! most once a second and at every boundary), checkpoint commits (retried until the
 //! coordinator answers) and failed checkpoints, over the worker's [`Session`]; and the
-//! deletion of what retention retired, only ever inside the job's own directory.
+//! deletion of what retention retired ([`delete_retired`]).
 
-use crate::checkpoint::Manifest;
-use crate::report::{Commit, Events, Progress, StopSignal};
 use crate::session::{Retry, Session};
-use ladder_core::location;
 use ladder_proto::v1 as pb;
+use ladder_train::checkpoint::{self, Manifest};
+use ladder_train::events::{Commit, Evaluation, Events, Progress, StopSignal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +26,7 @@ pub struct Run {
 }
 
 pub fn to_pb(p: &Progress) -> pb::Progress {
-    let evaluation = p.evaluation.unwrap_or(crate::report::Evaluation {
+    let evaluation = p.evaluation.unwrap_or(Evaluation {
         epoch: 0,
         top1: 0.0,
         top5: 0.0,
@@ -163,30 +162,6 @@ impl Events for ChannelEvents {
     }
 }
 
-/// Deletes checkpoints retention retired. It dropped them from the job's record first, so
-/// deleting them can never lose the last good checkpoint, even if this process dies half-way:
-/// what is left is merely unreferenced, and the next generation's rank 0 is told to delete it
-/// again. Only directories of `job_id` under `root` (the spec's `checkpoint.dir`) are deleted:
-/// whoever else a path names, this worker refuses.
-pub fn delete_retired(retired: &[pb::CheckpointRef], root: &Path, job_id: &str) {
-    for old in retired {
-        let dir = match location::checkpoint_dir(root, job_id, &old.id) {
-            Ok(dir) => dir,
-            Err(e) => {
-                tracing::error!("refusing to delete a retired checkpoint: {e}");
-                continue;
-            }
-        };
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => tracing::info!(checkpoint = %old.id, "retired checkpoint deleted"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(checkpoint = %old.id, "cannot delete retired checkpoint {}: {e}", dir.display())
-            }
-        }
-    }
-}
-
 /// Shows progress here and, from rank 0, sends it to the coordinator at most once a second (at
 /// once when urgent); stops the run if the coordinator says the generation is over. Returns the last
 /// progress once the trainer is done.
@@ -247,32 +222,7 @@ pub async fn report_progress(
     last
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retired_checkpoints_are_deleted_only_inside_their_jobs_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("checkpoints");
-        let job = "job-000001";
-        let ours = ladder_testkit::checkpoint_ref(1, 4);
-        let ours_dir = root.join(job).join(&ours.id);
-        let other_jobs = root.join("job-000002").join(&ours.id);
-        let precious = dir.path().join("home");
-        for d in [&ours_dir, &other_jobs, &precious] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let forged = ["../../home", "step-000000004-g1/../../../home", "/home"].map(|id| {
-            pb::CheckpointRef {
-                id: id.into(),
-                ..ours.clone()
-            }
-        });
-        delete_retired(&forged, &root, job);
-        assert!(precious.is_dir() && ours_dir.is_dir());
-        delete_retired(std::slice::from_ref(&ours), &root, job);
-        assert!(!ours_dir.exists(), "its own retired checkpoint is deleted");
-        assert!(other_jobs.is_dir(), "another job's is not");
-    }
+/// Deletes the checkpoints retention retired (see [`checkpoint::delete_retired`]).
+pub fn delete_retired(retired: &[pb::CheckpointRef], root: &Path, job_id: &str) {
+    checkpoint::delete_retired(retired.iter().map(|r| r.id.as_str()), root, job_id);
 }

@@ -2,10 +2,10 @@
 //! rendezvous (a ring listener, or rank 0's NCCL unique id) and publishes what the others need;
 //! with every rank's payload it joins the generation's collective.
 
-use crate::trainer::TrainError;
 use ladder_collective::Collective;
 use ladder_collective::nccl::{self, NcclCommunicator};
 use ladder_collective::ring::TcpRing;
+use ladder_train::trainer::TrainError;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 use tch::Device;

@@ -1,8 +1,7 @@
 //! The `ladder-worker` binary's own checks, before it joins a coordinator.
 //!
-//! `--check-nccl`: it finds torch's NCCL and names it (restarting itself with the library
-//! linked where cudarc looks, a link it then removes), keeps a second NCCL out of the process,
-//! then checks the GPU. Without a GPU it must stop there with a clear error; with one, the whole
+//! `--check-nccl`: it names the NCCL and CUDA runtime it bound (torch's, which libtorch
+//! loaded), never loads a second NCCL, then checks the GPU. Without a GPU it must stop there with a clear error; with one, the whole
 //! check must pass.
 
 use ladder_testkit::binary;
@@ -14,9 +13,7 @@ fn check(device: &str) -> (Option<i32>, String, String) {
 
 fn check_with(device: &str, setup: impl FnOnce(&mut Command)) -> (Option<i32>, String, String) {
     let mut command = Command::new(binary("ladder-worker"));
-    command
-        .args(["--device", device, "--check-nccl"])
-        .env_remove("LADDER_NCCL_LIBRARY");
+    command.args(["--device", device, "--check-nccl"]);
     setup(&mut command);
     let output = command.output().expect("running ladder-worker");
     (
@@ -26,17 +23,20 @@ fn check_with(device: &str, setup: impl FnOnce(&mut Command)) -> (Option<i32>, S
     )
 }
 
-/// The files the worker says its NCCL was loaded from.
-fn loaded_from(stdout: &str, stderr: &str) -> Vec<String> {
+/// The files the worker says it bound NCCL and the CUDA runtime from.
+fn bound_from(stdout: &str, stderr: &str) -> (String, String) {
     let library = stdout
         .lines()
         .find_map(|l| l.strip_prefix("library: "))
         .unwrap_or_else(|| panic!("no library line:\n{stdout}\n{stderr}"));
     assert!(library.starts_with("NCCL 2."), "{library}");
     let (_, files) = library
-        .split_once("; loaded from ")
+        .split_once("; bound from ")
         .unwrap_or_else(|| panic!("no files named: {library}"));
-    files.split(", ").map(str::to_owned).collect()
+    let (nccl, runtime) = files
+        .split_once(" and ")
+        .unwrap_or_else(|| panic!("not two files: {library}"));
+    (nccl.to_owned(), runtime.to_owned())
 }
 
 /// Without a GPU the check ends at the device; with one, it passes.
@@ -56,46 +56,35 @@ fn assert_ends_at_the_device(code: Option<i32>, stdout: &str, stderr: &str) {
 #[test]
 fn reports_torchs_nccl_then_checks_the_gpu() {
     let (code, stdout, stderr) = check("cuda:0");
-    let files = loaded_from(&stdout, &stderr);
-    assert_eq!(files.len(), 1, "{files:?}");
+    let (nccl, runtime) = bound_from(&stdout, &stderr);
     assert!(
-        files[0].ends_with("nvidia/nccl/lib/libnccl.so.2"),
-        "not torch's nvidia-nccl wheel: {files:?}"
+        nccl.ends_with("nvidia/nccl/lib/libnccl.so.2"),
+        "not torch's nvidia-nccl wheel: {nccl}"
     );
-    // The link the worker restarted with is gone once NCCL is loaded.
-    if let Some((_, rest)) = stderr.split_once("libnccl.so linked in ") {
-        let dir: String = rest
-            .chars()
-            .take_while(|c| !c.is_whitespace() && !c.is_control())
-            .collect();
-        assert!(dir.contains("ladder-nccl-"), "{stderr}");
-        assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
-    }
+    assert!(runtime.contains("libcudart.so."), "{runtime}");
     assert_ends_at_the_device(code, &stdout, &stderr);
 }
 
 /// A system install's `libnccl.so` first on the search path (here a copy of torch's: another
-/// file, so the loader maps it a second time) must not end up beside libtorch's NCCL.
+/// file, which the loader would map a second time) is never loaded: the worker loads nothing
+/// by name, it binds what libtorch loaded.
 #[test]
 fn a_second_nccl_on_the_search_path_is_left_out() {
-    let torch_copy = ladder_worker::nccl_library::mapped("libnccl.so.2")
+    let torch_copy = ladder_collective::libraries::mapped("libnccl.so.2")
         .into_iter()
         .next()
         .expect("libtorch_cuda loads torch's libnccl.so.2 into this test too");
     let system = tempfile::tempdir().expect("temp dir");
-    std::fs::copy(&torch_copy, system.path().join("libnccl.so")).expect("copying libnccl");
+    let second = system.path().join("libnccl.so");
+    std::fs::copy(&torch_copy, &second).expect("copying libnccl");
     let (code, stdout, stderr) = check_with("cuda:0", |command| {
         command.env("LD_LIBRARY_PATH", system.path());
     });
+    let (nccl, _) = bound_from(&stdout, &stderr);
+    assert!(nccl.ends_with("nvidia/nccl/lib/libnccl.so.2"), "{nccl}");
     assert!(
-        stderr.contains("two NCCL libraries are loaded in this process"),
-        "the second copy went unnoticed:\n{stderr}"
-    );
-    let files = loaded_from(&stdout, &stderr);
-    assert_eq!(files.len(), 1, "two copies stayed loaded: {files:?}");
-    assert!(
-        files[0].ends_with("nvidia/nccl/lib/libnccl.so.2"),
-        "{files:?}"
+        !stdout.contains(&second.display().to_string()) && !stderr.contains("two NCCL"),
+        "{stdout}\n{stderr}"
     );
     assert_ends_at_the_device(code, &stdout, &stderr);
 }

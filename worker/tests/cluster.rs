@@ -133,7 +133,7 @@ fn train_with(workers: u32, flags: &[&str]) {
         "retired checkpoints are deleted, kept ones are not"
     );
     for c in &last.checkpoints {
-        ladder_worker::checkpoint::verify(&common::checkpoint_dir(last, c))
+        ladder_train::checkpoint::verify(&common::checkpoint_dir(last, c))
             .expect("a committed checkpoint verifies");
     }
 }

@@ -10,9 +10,9 @@ use common::{
 };
 use ladder_proto::v1 as pb;
 use ladder_testkit::Etcd;
-use ladder_worker::checkpoint::MANIFEST_FILE;
-use ladder_worker::state_io;
-use ladder_worker::training_state::MOMENTUM_FILE;
+use ladder_train::checkpoint::MANIFEST_FILE;
+use ladder_train::checkpoint::safetensors;
+use ladder_train::checkpoint::state::MOMENTUM_FILE;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -66,7 +66,7 @@ const FLOOR: f64 = 1e-2;
 fn model_difference(a: &pb::Job, b: &pb::Job) -> f64 {
     let read = |job: &pb::Job| {
         let dir = common::checkpoint_dir(job, job.checkpoints.last().unwrap());
-        let mut tensors = state_io::read(&dir.join("model.safetensors")).expect("model file");
+        let mut tensors = safetensors::read(&dir.join("model.safetensors")).expect("model file");
         tensors.sort_by(|x, y| x.0.cmp(&y.0));
         tensors
     };

@@ -375,9 +375,9 @@ pub fn state_of(job: &pb::Job) -> pb::JobState {
 }
 
 /// The final checkpoint's manifest (the last committed one).
-pub fn final_manifest(job: &pb::Job) -> ladder_worker::checkpoint::Manifest {
+pub fn final_manifest(job: &pb::Job) -> ladder_train::checkpoint::Manifest {
     let last = job.checkpoints.last().expect("a committed checkpoint");
-    ladder_worker::checkpoint::verify(&checkpoint_dir(job, last))
+    ladder_train::checkpoint::verify(&checkpoint_dir(job, last))
         .expect("the final checkpoint verifies")
 }
 

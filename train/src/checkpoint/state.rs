@@ -13,10 +13,10 @@
 //! [`Snapshot`] is the same state copied to host memory, to be written while training goes on:
 //! it is the files themselves, byte for byte ([`FileImage`]), so writing them copies nothing.
 
+use crate::checkpoint::safetensors::{self, Entry, FileImage, StateError, Written};
 use crate::ema::Ema;
 use crate::flat::{self, FlatState, Slot};
 use crate::optim::RmsProp;
-use crate::state_io::{self, Entry, FileImage, StateError, Written};
 use std::path::Path;
 use tch::{Tensor, nn};
 
@@ -78,7 +78,7 @@ impl TrainingState<'_> {
             self.ema.buffers.shallow_clone(),
         ];
         let mut names = Vec::new();
-        for (name, t) in state_io::named(self.vs, "") {
+        for (name, t) in safetensors::named(self.vs, "") {
             if !flat.param_slots.iter().any(|s| s.name == name)
                 && !flat.buffer_slots.iter().any(|s| s.name == name)
             {
@@ -219,7 +219,7 @@ impl TrainingState<'_> {
     pub fn load(&mut self, dir: &Path) -> Result<(), StateError> {
         let slots = &self.flat.param_slots;
         let targets = [
-            state_io::named(self.vs, ""),
+            safetensors::named(self.vs, ""),
             views(slots, &self.optimizer.mean_square, "optimizer.mean_square."),
             views(
                 slots,
@@ -231,14 +231,14 @@ impl TrainingState<'_> {
         let mut files = Vec::with_capacity(STATE_FILES.len());
         for name in STATE_FILES {
             let path = dir.join(name);
-            files.push((state_io::read(&path)?, path.display().to_string()));
+            files.push((safetensors::read(&path)?, path.display().to_string()));
         }
         // Check every file before changing anything.
         for (targets, (tensors, origin)) in targets.iter().zip(&files) {
-            state_io::check(targets, tensors, "", origin)?;
+            safetensors::check(targets, tensors, "", origin)?;
         }
         for (targets, (tensors, origin)) in targets.iter().zip(&files) {
-            state_io::load_into(targets, tensors, "", origin)?;
+            safetensors::load_into(targets, tensors, "", origin)?;
         }
         Ok(())
     }
@@ -327,7 +327,7 @@ impl Snapshot {
             .map(|p| p.as_path())
             .zip(&self.images)
             .collect();
-        let written = state_io::write_images(&images)?;
+        let written = safetensors::write_images(&images)?;
         Ok(STATE_FILES.into_iter().zip(written).collect())
     }
 }

@@ -1,5 +1,5 @@
 use ladder_core::spec::Variant;
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2, Regularization};
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2, Regularization};
 use tch::{Device, Kind, Tensor, nn};
 
 const BN: BatchNormConfig = BatchNormConfig {

@@ -16,51 +16,44 @@
 //! epoch, step, micro-batch index), mixup likewise, and augmentation per sample: the run is a
 //! function of the spec, whatever the world size and wherever it resumed.
 //!
-//! Beside the loop, each in its own module: [`checkpointing`] (when a checkpoint is due, the
-//! snapshot, the background write and commit), [`evaluation`] (the held-out split with the EMA
-//! weights), [`meter`] (step time and its parts, into the worker's metrics) and [`faults`]
-//! (what tests inject).
+//! Beside the loop, each in its own module: [`step`] (one global step: the micro-batches'
+//! passes, the reduction, the update), [`evaluation`] (the held-out split with the EMA
+//! weights), [`meter`] (step time and its parts, into the run's instruments) and [`faults`]
+//! (what tests inject); the checkpoint pipeline is [`crate::checkpoint::pipeline`].
 
-mod checkpointing;
 mod evaluation;
 mod faults;
 mod meter;
+mod step;
 
-use checkpointing::Checkpoints;
 pub use faults::{Faults, hang_for_good};
 use meter::Meter;
 
-use crate::checkpoint;
-use crate::data_parallel::{
-    all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor, floats_to_u64,
-    u64_to_floats,
-};
+use crate::checkpoint::pipeline::Pipeline;
+use crate::checkpoint::restore::{self, RestoreError};
+use crate::checkpoint::state::TrainingState;
+use crate::checkpoint::{Manifest, safetensors};
 use crate::ema::Ema;
+use crate::events::{Evaluation, Events, Instruments, Liveness, Progress, StopSignal};
 use crate::feed::{self, Cursor};
 use crate::flat::FlatState;
-use crate::loss;
-use crate::metrics::RunMetrics;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::RmsProp;
-use crate::precision::{self, Precision};
+use crate::precision::Precision;
 use crate::pretrained;
-use crate::report::{Evaluation, Events, Liveness, Progress, StopSignal};
-use crate::state_io;
-use crate::training_state::TrainingState;
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::learning_rate::LearningRate;
-use ladder_core::rng::Stream;
-use ladder_core::sample::{EpochTally, SamplePlan, rank_micro_batches};
+use ladder_core::location::CheckpointId;
+use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::{EpochParams, StagePlan};
-use ladder_data::loader::{Dataset, Loader, MicroBatch};
-use ladder_data::mix;
+use ladder_data::loader::{Dataset, Loader};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 
 const DROPOUT_STREAM: u64 = 0x4452_4f50; // "DROP"
@@ -86,7 +79,7 @@ pub struct Restore {
     pub dir: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     pub device: Device,
     pub precision: Precision,
@@ -98,8 +91,11 @@ pub struct Options {
     pub faults: Faults,
     /// Set (on rank 0) when the coordinator asks for a checkpoint now: a worker is leaving.
     pub checkpoint_now: Arc<AtomicBool>,
-    /// This run's series of the worker's metrics.
-    pub metrics: Arc<RunMetrics>,
+    /// What the run measures of itself goes here (the worker's metrics).
+    pub instruments: Arc<dyn Instruments>,
+    /// Decode threads when the spec leaves them to the worker (`data.decode_threads = 0`):
+    /// its share of the node's cores.
+    pub decode_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +139,8 @@ pub struct Trainer {
     events: Arc<dyn Events>,
     stop: Arc<StopSignal>,
     liveness: Arc<Liveness>,
-    /// The checkpoint pipeline's state (see [`checkpointing`]).
-    checkpoints: Checkpoints,
+    /// The checkpoint pipeline: rank 0's snapshots, writes and commits.
+    checkpoints: Pipeline,
     start: Cursor,
     /// The (image size, micro-batch) shapes prepared so far: one graph build each.
     prepared: BTreeSet<(u32, u32)>,
@@ -156,9 +152,6 @@ pub struct Trainer {
     /// between; nothing reads them but a checkpoint.
     batch_counters: Vec<Tensor>,
     batches_tracked: i64,
-    /// What the steps since the last committed checkpoint (or the restore) trained, per
-    /// epoch, over all ranks: sent with the next commit, and taken off once it is accepted.
-    untallied: Arc<Mutex<BTreeMap<u32, EpochTally>>>,
     /// The BatchNorm statistics at the start of the step, for combining them across ranks.
     step_start_statistics: Tensor,
 }
@@ -181,14 +174,6 @@ fn diverged(what: String) -> TrainError {
 
 fn finite(values: &Tensor) -> bool {
     tch::no_grad(|| values.isfinite().all().int64_value(&[]) == 1)
-}
-
-/// The spec's decode threads, else this worker's share of the node's cores.
-fn decode_threads(spec: &JobSpec) -> usize {
-    match spec.data.decode_threads {
-        0 => crate::threads::per_worker(),
-        n => n as usize,
-    }
 }
 
 impl Trainer {
@@ -235,69 +220,27 @@ impl Trainer {
         let start = match &job.restore_from {
             None => Cursor::START,
             Some(Restore { id, dir }) => {
-                let manifest = checkpoint::verify(dir).map_err(|e| match e {
-                    // Intact: the coordinator must not drop it as damaged.
-                    checkpoint::CheckpointError::OtherFormat { .. } => {
-                        TrainError::Fatal(e.to_string())
-                    }
-                    _ => TrainError::BadCheckpoint {
-                        id: id.clone(),
-                        reason: e.to_string(),
-                    },
-                })?;
-                if manifest.job != job.job_id {
-                    return Err(TrainError::Fatal(format!(
-                        "checkpoint {} belongs to job {}, not to {}: refusing to restore it",
-                        dir.display(),
-                        manifest.job,
-                        job.job_id
-                    )));
-                }
-                if manifest.steps_per_epoch != steps_per_epoch {
-                    return Err(TrainError::Fatal(format!(
-                        "checkpoint {} was written with {} steps per epoch, the data now gives {}: the dataset or the global batch changed",
-                        dir.display(),
-                        manifest.steps_per_epoch,
-                        steps_per_epoch
-                    )));
-                }
-                // The manifest is not among the files its digests cover: a cursor outside the
-                // run (an epoch past the end would finish it untrained) is a damaged checkpoint.
-                let global_step = u64::from(manifest.epoch)
-                    .checked_mul(steps_per_epoch)
-                    .and_then(|s| s.checked_add(manifest.step));
-                if manifest.id != *id
-                    || manifest.step >= steps_per_epoch
-                    || manifest.epoch > spec.schedule.epochs
-                    || global_step != Some(manifest.global_step)
-                {
-                    return Err(TrainError::BadCheckpoint {
-                        id: id.clone(),
-                        reason: format!(
-                            "its manifest names checkpoint {} at epoch {}, step {} (global step \
-                             {}): not where checkpoint {id} of a run of {} epochs of \
-                             {steps_per_epoch} steps can be",
-                            manifest.id,
-                            manifest.epoch,
-                            manifest.step,
-                            manifest.global_step,
-                            spec.schedule.epochs
-                        ),
-                    });
-                }
-                TrainingState {
+                let run = restore::Run {
+                    job_id: &job.job_id,
+                    steps_per_epoch,
+                    epochs: spec.schedule.epochs,
+                };
+                let state = TrainingState {
                     vs: &vs,
                     flat: &flat,
                     optimizer: &mut optimizer,
                     ema: &mut ema,
-                }
-                .load(dir)
-                .map_err(|e| TrainError::Fatal(e.to_string()))?;
+                };
+                let (manifest, cursor) =
+                    restore::restore(dir, id, run, state).map_err(|e| match e {
+                        RestoreError::Damaged(reason) => TrainError::BadCheckpoint {
+                            id: id.clone(),
+                            reason,
+                        },
+                        RestoreError::Refused(why) => TrainError::Fatal(why),
+                    })?;
                 tracing::info!(checkpoint = %dir.display(), epoch = manifest.epoch, step = manifest.step, "restored");
-                Cursor {
-                    epoch: manifest.epoch,
-                    step: manifest.step,
-                }
+                cursor
             }
         };
         let step_start_statistics = flat.buffers.zeros_like();
@@ -313,6 +256,12 @@ impl Trainer {
             spec.batch.global,
             steps_per_epoch,
             spec.schedule.epochs,
+        );
+        let checkpoints = Pipeline::new(
+            job.checkpoints.clone(),
+            events.clone(),
+            options.instruments.clone(),
+            options.checkpoint_now.clone(),
         );
         Ok(Trainer {
             job,
@@ -331,14 +280,13 @@ impl Trainer {
             events,
             stop,
             liveness,
-            checkpoints: Checkpoints::default(),
+            checkpoints,
             start,
             prepared: BTreeSet::new(),
             evaluation: None,
             meter: Meter::new(),
             batch_counters,
             batches_tracked,
-            untallied: Arc::default(),
             step_start_statistics,
             spec,
         })
@@ -353,9 +301,13 @@ impl Trainer {
         dataset: &Arc<Dataset>,
         requests: impl Iterator<Item = ladder_data::loader::BatchRequest> + Send + 'static,
     ) -> Loader {
+        let decode_threads = match self.spec.data.decode_threads {
+            0 => self.options.decode_threads,
+            n => n as usize,
+        };
         Loader::new(
             dataset.clone(),
-            decode_threads(&self.spec),
+            decode_threads,
             self.spec.data.prefetch_mb as usize * (1 << 20),
             requests,
         )
@@ -411,7 +363,7 @@ impl Trainer {
                 self.options
                     .faults
                     .after_step(about_to + 1, &self.flat.params);
-                self.meter.step(loss, &self.options.metrics);
+                self.meter.step(loss, &*self.options.instruments);
                 self.liveness
                     .set_data_wait_share(self.meter.data_wait_share.unwrap_or_default());
                 self.liveness.tick();
@@ -423,7 +375,7 @@ impl Trainer {
                 self.record_digest(global_step)?;
                 let epoch_end = step + 1 == steps_per_epoch;
                 self.events.progress(&self.progress(e, done), epoch_end);
-                if !epoch_end && self.checkpoint_due(global_step) {
+                if !epoch_end && self.checkpoints.due(&self.spec.checkpoint, global_step) {
                     self.checkpoint(e, done, false);
                 }
             }
@@ -442,15 +394,18 @@ impl Trainer {
                 (progress.epoch, progress.step) = (e.epoch, steps_per_epoch);
                 self.events.progress(&progress, true);
             }
-            if stage_end || self.checkpoint_due(next.global_step(steps_per_epoch)) {
+            if stage_end
+                || self
+                    .checkpoints
+                    .due(&self.spec.checkpoint, next.global_step(steps_per_epoch))
+            {
                 self.checkpoint(e, next, stage_end);
             }
             cursor = next;
         }
         // No next step's loss will show weights that went bad in the last update.
         self.ensure_finite_weights(cursor)?;
-        self.complete_checkpoint();
-        self.checkpoints.writer.wait();
+        self.checkpoints.finish();
         Ok(Outcome {
             graph_builds: self.graph_builds(),
         })
@@ -483,7 +438,7 @@ impl Trainer {
             // SAFETY: a contiguous host tensor of `len` bytes, alive across the call.
             hasher.update(unsafe { std::slice::from_raw_parts(host.data_ptr().cast::<u8>(), len) });
         }
-        let line = format!("{global_step} {}\n", state_io::hex(&hasher.finalize()));
+        let line = format!("{global_step} {}\n", safetensors::hex(&hasher.finalize()));
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -530,28 +485,6 @@ impl Trainer {
         }
     }
 
-    fn forward(&self, images: &Tensor, train: bool) -> Tensor {
-        let device = self.options.device;
-        let logits = match self.options.precision {
-            Precision::Bfloat16 => {
-                precision::autocast_bf16(device, || self.model.forward(images, train))
-                    .expect("libtorch autocasts to bfloat16 on CPU and CUDA")
-            }
-            Precision::Float32 => self.model.forward(images, train),
-        };
-        logits.to_kind(Kind::Float)
-    }
-
-    fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
-        let n = batch.labels.len() as i64;
-        let size = batch.size as i64;
-        let images =
-            precision::upload_slice(&batch.images, &[n, 3, size, size], self.options.device);
-        let images = self.options.precision.lay_out_images(images);
-        let labels = precision::upload_slice(&batch.labels, &[n], self.options.device);
-        (images, labels)
-    }
-
     /// Prepares the shape-specialized state of `e`'s shape, once per distinct shape: a
     /// forward and backward pass on a batch of that shape lets cuDNN pick its algorithms and the
     /// caching allocator size its pools. Nothing of the model's state changes.
@@ -588,154 +521,62 @@ impl Trainer {
         Ok(())
     }
 
-    /// One global step: this rank's micro-batches, the allreduce, the update. Returns the mean
-    /// loss over the global batch.
-    fn train_step(
-        &mut self,
-        loader: &Loader,
-        e: &EpochParams,
-        step: u64,
-        micro_per_step: u32,
-    ) -> Result<f64, TrainError> {
-        let spec = self.spec.clone();
-        let (rank, world) = (self.job.rank, self.job.world_size);
-        let classes = spec.model.classes as i64;
-        self.flat.zero_grads();
-        if world > 1 {
-            tch::no_grad(|| {
-                self.step_start_statistics
-                    .shallow_clone()
-                    .copy_(&self.flat.buffers)
-            });
+    /// Rank 0 snapshots the state and writes it in the background; training goes on.
+    fn checkpoint(&mut self, e: &EpochParams, next: Cursor, stage_end: bool) {
+        self.checkpoints.taken();
+        if self.job.rank != 0 {
+            return;
         }
-        let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
-        let mut tally = EpochTally::default();
-        let mut computing = Duration::ZERO;
-        for k in rank_micro_batches(micro_per_step, rank, world) {
-            let waiting = Instant::now();
-            let batch = loader
-                .next()
-                .expect("the requests cover every step of the run")
-                .map_err(|e| TrainError::Fatal(e.to_string()))?;
-            let waited = waiting.elapsed();
-            self.meter.data_wait += waited;
-            self.meter.parts.data_wait += waited;
-            let started = Instant::now();
-            self.meter.epoch_images += batch.labels.len() as u64;
-            self.options
-                .metrics
-                .read(batch.reads.calls, batch.reads.bytes);
-            for skip in &batch.skipped {
-                tracing::warn!("{skip}");
-                self.options.metrics.skipped(skip.reason.kind());
-                self.liveness.count_skip(skip.reason.kind());
+        // A diverged update can leave non-finite weights behind a finite loss; saved, they would
+        // push good checkpoints out of retention. Not saved, then: the next step's loss, the
+        // same on every rank, ends the run on all of them together (the run's last checkpoint
+        // has no next step: `ensure_finite_weights` stands in for it).
+        if let Err(e) = self.ensure_finite_weights(next) {
+            tracing::error!("checkpoint not taken: {e}");
+            return;
+        }
+        // The pending copy reads the batch counters this sets.
+        self.checkpoints.complete();
+        self.set_batch_counters();
+        let steps_per_epoch = self.plan.steps_per_epoch();
+        let global_step = next.global_step(steps_per_epoch);
+        let manifest = Manifest {
+            format: 0,
+            id: CheckpointId {
+                generation: self.job.generation,
+                global_step,
             }
-            let used: Vec<u64> = batch
-                .ids
-                .iter()
-                .copied()
-                .filter(|id| !batch.skipped.iter().any(|s| s.id == *id))
-                .collect();
-            tally.add_samples(e.epoch, &used);
-            tally.skipped += batch.skipped.len() as u64;
-            if batch.size != e.image_size || batch.labels.len() != e.micro_batch as usize {
-                return Err(TrainError::Fatal(format!(
-                    "a micro-batch of {} images at {} px inside a stage of {} at {} px: shapes must not change inside a stage",
-                    batch.labels.len(),
-                    batch.size,
-                    e.micro_batch,
-                    e.image_size
-                )));
+            .to_string(),
+            job: self.job.job_id.clone(),
+            generation: self.job.generation,
+            global_step,
+            epoch: next.epoch,
+            step: next.step,
+            steps_per_epoch,
+            stage: e.stage,
+            stage_end,
+            seed: self.spec.schedule.seed,
+            world_size: self.job.world_size,
+            model: self.spec.model.variant.to_string(),
+            classes: self.spec.model.classes,
+            files: Default::default(),
+            trained: Default::default(),
+        };
+        let state = TrainingState {
+            vs: &self.vs,
+            flat: &self.flat,
+            optimizer: &mut self.optimizer,
+            ema: &mut self.ema,
+        };
+        self.checkpoints.begin(state, manifest);
+        self.liveness.tick();
+    }
+
+    fn set_batch_counters(&self) {
+        tch::no_grad(|| {
+            for counter in &self.batch_counters {
+                let _ = counter.shallow_clone().fill_(self.batches_tracked);
             }
-            let (images, labels) = self.to_device(&batch);
-            let targets = loss::smooth(
-                &loss::one_hot(&labels, classes),
-                spec.optimizer.label_smoothing,
-            );
-            let (images, targets) = match mix::draw(
-                spec.schedule.seed,
-                e.epoch,
-                step,
-                k,
-                e.mixup_alpha,
-                e.cutmix_alpha,
-                batch.labels.len(),
-                e.image_size,
-            ) {
-                Some(plan) => loss::mix(&images, &targets, &plan),
-                None => (images, targets),
-            };
-            let mut masks = Stream::new(
-                spec.schedule.seed,
-                &[DROPOUT_STREAM, e.epoch as u64, step, k as u64],
-            );
-            tch::manual_seed((masks.next_u64() >> 1) as i64);
-            let loss = loss::soft_cross_entropy(&self.forward(&images, true), &targets);
-            (&loss / micro_per_step as f64).backward();
-            tch::no_grad(|| {
-                let _ = loss_sum.shallow_clone().g_add_(&loss.detach());
-            });
-            computing += started.elapsed();
-        }
-        self.meter.parts.compute = computing;
-        let reducing = Instant::now();
-        // The step's loss and what it trained, summed over the ranks in one small allreduce
-        // (the digest as exact 12-bit limbs).
-        let mut counts = vec![tally.samples as f32, tally.skipped as f32];
-        counts.extend(u64_to_floats(tally.digest));
-        let stats = Tensor::cat(
-            &[
-                loss_sum,
-                precision::upload_slice(&counts, &[counts.len() as i64], self.options.device),
-            ],
-            0,
-        );
-        let collective = self.collective.as_mut();
-        let flat = &self.flat;
-        let bucket_elements = self.options.bucket_elements;
-        self.liveness
-            .collective(|| -> Result<(), CollectiveError> {
-                all_reduce_gradients(flat, collective, bucket_elements)?;
-                if world > 1 {
-                    all_reduce_batch_norm_statistics(
-                        &flat.buffers,
-                        &self.step_start_statistics,
-                        spec.model.bn_momentum,
-                        rank_micro_batches(micro_per_step, rank, world),
-                        micro_per_step,
-                        collective,
-                    )?;
-                }
-                all_reduce_tensor(&stats, collective)
-            })?;
-        self.meter.parts.allreduce = reducing.elapsed();
-        let updating = Instant::now();
-        let global_step = Cursor {
-            epoch: e.epoch,
-            step,
-        }
-        .global_step(self.plan.steps_per_epoch());
-        // Read before the update is queued: the collective has completed, so this waits for
-        // nothing on a GPU, and the update then runs there while this thread prepares the next
-        // step (read after it, the host would wait for the update to finish).
-        let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
-        self.complete_checkpoint();
-        self.optimizer.step(&self.flat, self.lr.at(global_step));
-        // The EMA counts the updates this one included, as TensorFlow's num_updates does
-        // (its apply runs after the optimizer advanced the global step).
-        self.ema.update(&self.flat, global_step + 1);
-        self.batches_tracked += micro_per_step as i64;
-        self.untallied
-            .lock()
-            .expect("tally lock")
-            .entry(e.epoch)
-            .or_default()
-            .merge(EpochTally {
-                samples: stats[1] as u64,
-                skipped: stats[2] as u64,
-                digest: floats_to_u64(&stats[3..]),
-            });
-        self.meter.parts.optimizer = updating.elapsed();
-        Ok(stats[0] as f64 / micro_per_step as f64)
+        });
     }
 }

@@ -12,12 +12,25 @@ use torch_sys::C_tensor;
 /// cores make it several times faster than float32, and float32 on CPU. Overriding it gives
 /// float32 on a GPU, to rule precision out when a run misbehaves, or a GPU's precision and
 /// memory layouts on a CPU, where the tests exercise them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     /// float32 throughout, in the standard (NCHW) memory layout.
     Float32,
     /// bfloat16 autocast (float32 weights, optimizer state and losses), channels-last layout.
     Bfloat16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `float32` or `bfloat16`, as the worker's `--precision` takes them.
+    fn from_str(name: &str) -> Result<Precision, String> {
+        match name {
+            "float32" => Ok(Precision::Float32),
+            "bfloat16" => Ok(Precision::Bfloat16),
+            _ => Err(format!("`{name}` is no precision: float32 or bfloat16")),
+        }
+    }
 }
 
 impl Precision {

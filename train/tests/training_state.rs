@@ -1,10 +1,10 @@
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::ema::Ema;
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
-use ladder_worker::optim::RmsProp;
-use ladder_worker::state_io::{self, StateError};
-use ladder_worker::training_state::{EMA_FILE, MODEL_FILE, TrainingState};
+use ladder_train::checkpoint::safetensors::{self, StateError};
+use ladder_train::checkpoint::state::{EMA_FILE, MODEL_FILE, TrainingState};
+use ladder_train::ema::Ema;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_train::optim::RmsProp;
 use tch::{Device, Kind, Tensor, nn};
 
 const BN: BatchNormConfig = BatchNormConfig {
@@ -117,13 +117,13 @@ fn mismatched_state_is_refused_with_every_problem_named_and_nothing_changed() {
 
     // A file missing a tensor and carrying an unknown one.
     let path = dir.path().join(MODEL_FILE);
-    let mut tensors = state_io::read(&path).unwrap();
+    let mut tensors = safetensors::read(&path).unwrap();
     tensors.retain(|(name, _)| name != "features.0.0.weight");
     tensors.push((
         "features.99.weight".to_owned(),
         Tensor::zeros([1], (Kind::Float, Device::Cpu)),
     ));
-    let err = state_io::load(&run.vs, &tensors, "", "edited")
+    let err = safetensors::load(&run.vs, &tensors, "", "edited")
         .unwrap_err()
         .to_string();
     assert!(
@@ -164,7 +164,7 @@ fn a_model_without_batchnorm_buffers_saves_and_loads() {
 
 #[test]
 fn a_checkpoint_never_replaces_an_existing_one() {
-    use ladder_worker::checkpoint::{self, Manifest};
+    use ladder_train::checkpoint::{self, Manifest};
     let dir = tempfile::tempdir().unwrap();
     let mut run = Run::new(1, 3);
     let snapshot = run.state().snapshot(None);

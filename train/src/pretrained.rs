@@ -8,7 +8,7 @@
 //! another variant, a missing layer, names that are not the model's — is refused with every
 //! problem named, and nothing is changed.
 
-use crate::state_io::{self, StateError};
+use crate::checkpoint::safetensors::{self, StateError};
 use std::path::Path;
 use tch::{Tensor, nn};
 
@@ -19,8 +19,8 @@ type Named = (String, Tensor);
 /// Loads `path` into `vs`; returns the names left at their fresh initialization.
 pub fn initialize(vs: &nn::VarStore, path: &Path) -> Result<Vec<String>, StateError> {
     let origin = path.display().to_string();
-    let file = state_io::read(path)?;
-    let ours = state_io::named(vs, "");
+    let file = safetensors::read(path)?;
+    let ours = safetensors::named(vs, "");
     let classifier_differs = ours.iter().any(|(name, var)| {
         name.starts_with(CLASSIFIER)
             && file
@@ -34,6 +34,6 @@ pub fn initialize(vs: &nn::VarStore, path: &Path) -> Result<Vec<String>, StateEr
         .into_iter()
         .filter(|(name, _)| !starts_fresh(name))
         .collect();
-    state_io::load_into(&targets, &given, "", &origin)?;
+    safetensors::load_into(&targets, &given, "", &origin)?;
     Ok(fresh.into_iter().map(|(name, _)| name).collect())
 }

@@ -4,11 +4,11 @@
 
 use ladder_collective::ring::TcpRing;
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::data_parallel::{all_reduce_batch_norm_statistics, all_reduce_gradients};
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::loss;
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
-use ladder_worker::optim::RmsProp;
+use ladder_train::data_parallel::{all_reduce_batch_norm_statistics, all_reduce_gradients};
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::loss;
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_train::optim::RmsProp;
 use std::net::TcpListener;
 use std::time::Duration;
 use tch::{Device, Tensor, nn};

@@ -2,11 +2,11 @@
 //! TF-style RMSProp, weight decay, EMA, and a loss that falls.
 
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::ema::Ema;
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::loss;
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2, Regularization};
-use ladder_worker::optim::RmsProp;
+use ladder_train::ema::Ema;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::loss;
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2, Regularization};
+use ladder_train::optim::RmsProp;
 use tch::{Device, Kind, Tensor, nn};
 
 const BN: BatchNormConfig = BatchNormConfig {
@@ -235,7 +235,7 @@ fn v2_s_trains_as_a_pytorch_reference_loop_of_the_official_recipe() {
         all.extend(flat.named_buffer_views(buffers, ""));
         all
     };
-    ladder_worker::state_io::write(
+    ladder_train::checkpoint::safetensors::write(
         &dir.path().join("initial.safetensors"),
         &named(&flat.params, &flat.buffers),
     )
@@ -256,7 +256,8 @@ fn v2_s_trains_as_a_pytorch_reference_loop_of_the_official_recipe() {
             ]
         })
         .collect();
-    ladder_worker::state_io::write(&dir.path().join("batches.safetensors"), &stored).unwrap();
+    ladder_train::checkpoint::safetensors::write(&dir.path().join("batches.safetensors"), &stored)
+        .unwrap();
     let spec = OptimizerSpec::default();
     let lr = ladder_core::learning_rate::LearningRate::new(&spec, 8, 10, 2);
     let mut optimizer = RmsProp::new(&flat, &spec);
@@ -296,7 +297,7 @@ fn v2_s_trains_as_a_pytorch_reference_loop_of_the_official_recipe() {
     assert!(relative(0) <= 1e-5, "step 1");
     assert!(relative(19) <= 1e-3, "step 20");
     let theirs: std::collections::BTreeMap<String, Tensor> =
-        ladder_worker::state_io::read(&dir.path().join("ema.safetensors"))
+        ladder_train::checkpoint::safetensors::read(&dir.path().join("ema.safetensors"))
             .unwrap()
             .into_iter()
             .collect();

@@ -1,6 +1,7 @@
-//! What a training run tells the outside world, and how the outside world stops it. The
-//! trainer knows nothing of gRPC: the worker process implements [`Events`] over its
-//! coordinator session; tests can implement it in memory.
+//! What a training run tells the outside world, and how the outside world stops it: the seam
+//! between the training library and the worker's agent. The trainer knows nothing of gRPC or
+//! Prometheus: the worker implements [`Events`] over its coordinator session and
+//! [`Instruments`] over its metrics; tests can implement both in memory.
 
 use crate::checkpoint::Manifest;
 use ladder_collective::AbortHandle;
@@ -50,6 +51,48 @@ pub trait Events: Send + Sync {
     fn commit(&self, manifest: &Manifest) -> Commit;
     /// A checkpoint could not be written (training goes on).
     fn checkpoint_failed(&self, error: &str);
+}
+
+/// What a run measures of itself, for the worker's metrics. Called from the training thread,
+/// except `written`, which the checkpoint writer calls from its own; each call is a handful of
+/// atomic additions and waits for nothing on the device.
+pub trait Instruments: Send + Sync {
+    /// A step: its parts, and the share of recent steps' time spent waiting for data
+    /// (`data_wait_share`, smoothed by the loop).
+    fn step(&self, parts: &StepParts, data_wait_share: f64);
+    /// A skipped sample; `reason` is one of [`SKIP_REASONS`].
+    fn skipped(&self, reason: &str);
+    /// The read calls one micro-batch's samples cost, and the bytes they read.
+    fn read(&self, calls: u64, bytes: u64);
+    /// How long a checkpoint held training up (its snapshot).
+    fn snapshot(&self, blocked: Duration);
+    /// A checkpoint written in the background: how long it took and its size.
+    fn written(&self, took: Duration, bytes: u64);
+}
+
+/// What a training step's time went to, in the loop's order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepParts {
+    /// Waiting for the loader's micro-batches.
+    pub data_wait: Duration,
+    /// Forward and backward passes (with the upload of the batch and mixup).
+    pub compute: Duration,
+    /// Gradient, BatchNorm-statistics and loss allreduces.
+    pub allreduce: Duration,
+    /// Reading the step's loss back, the optimizer and the EMA update.
+    pub optimizer: Duration,
+}
+
+impl StepParts {
+    pub const NAMES: [&'static str; 4] = ["data_wait", "compute", "allreduce", "optimizer"];
+
+    pub fn seconds(&self) -> [f64; 4] {
+        [self.data_wait, self.compute, self.allreduce, self.optimizer].map(|d| d.as_secs_f64())
+    }
+
+    pub fn total(&self) -> Duration {
+        self.data_wait + self.compute + self.allreduce + self.optimizer
+    }
 }
 
 /// The coordinator's answer to a checkpoint.

@@ -2,8 +2,8 @@
 
 use super::{TrainError, Trainer};
 use crate::data_parallel::all_reduce_tensor;
+use crate::events::Evaluation;
 use crate::feed;
-use crate::report::Evaluation;
 use ladder_core::stage::{micro_batch_for, round_to_multiple_of_8};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -12,7 +12,7 @@ impl Trainer {
     /// Top-1 and top-5 on the held-out split with the EMA weights, each rank evaluating every
     /// `world`-th sample; `None` without a held-out split.
     pub(super) fn evaluate(&mut self, epoch: u32) -> Result<Option<Evaluation>, TrainError> {
-        self.complete_checkpoint();
+        self.checkpoints.complete();
         let Some(eval_set) = self.eval_set.clone() else {
             return Ok(None);
         };

@@ -2,14 +2,14 @@
 //! (libtorch autocasts on CPU too); the CUDA path runs in scripts/gpu-check.
 
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::ema::Ema;
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
-use ladder_worker::optim::RmsProp;
-use ladder_worker::precision::{
+use ladder_train::checkpoint::state::TrainingState;
+use ladder_train::ema::Ema;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_train::optim::RmsProp;
+use ladder_train::precision::{
     autocast_bf16, autocast_enabled, channels_last, is_channels_last, pinned, upload_slice,
 };
-use ladder_worker::training_state::TrainingState;
 use tch::{Device, Kind, Tensor, nn};
 
 const BN: BatchNormConfig = BatchNormConfig {

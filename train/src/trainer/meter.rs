@@ -1,8 +1,8 @@
 //! How fast a run goes: smoothed step time and loss (for images/s, the ETA and the reported
-//! loss), each step's parts into the worker's metrics, and per epoch a log line that tells the
+//! loss), each step's parts into the run's instruments, and per epoch a log line that tells the
 //! time spent waiting for data apart from the rest.
 
-use crate::metrics::{RunMetrics, StepParts};
+use crate::events::{Instruments, StepParts};
 use std::time::{Duration, Instant};
 
 /// Smoothed step time and loss, for images/s, ETA and the reported loss; and the epoch's
@@ -64,8 +64,8 @@ impl Meter {
     }
 
     /// Ends a step: smooths its time, loss and data-wait share, and records its parts in
-    /// `metrics`.
-    pub(super) fn step(&mut self, loss: f64, metrics: &RunMetrics) {
+    /// `instruments`.
+    pub(super) fn step(&mut self, loss: f64, instruments: &dyn Instruments) {
         let now = Instant::now();
         let seconds = (now - self.last).as_secs_f64();
         self.last = now;
@@ -77,6 +77,6 @@ impl Meter {
             _ => 0.0,
         };
         self.data_wait_share = Some(Self::smooth(self.data_wait_share, share));
-        metrics.step(&parts, self.data_wait_share.unwrap_or_default());
+        instruments.step(&parts, self.data_wait_share.unwrap_or_default());
     }
 }

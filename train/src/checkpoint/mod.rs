@@ -7,13 +7,26 @@
 //! SHA-256 — flushes everything to disk, renames the directory to its final name and flushes
 //! the parent. Only then is the checkpoint offered to the coordinator, and only committed
 //! checkpoints are ever resumed from. At most one write is in flight.
+//!
+//! The one component for a run's state on disk: [`safetensors`] (named tensors in and out of
+//! files, checked), [`state`] (the training state's four files and its host snapshot), this
+//! module (the manifest, the atomic write, verification, the writer thread, deleting what
+//! retention retired), [`pipeline`] (when a checkpoint is due, the snapshot beside the next
+//! step, the write and the commit) and [`restore`] (a committed checkpoint checked against
+//! the run it goes on).
 
-use crate::state_io::{self, Written};
-use crate::training_state::{STATE_FILES, Snapshot};
+pub mod pipeline;
+pub mod restore;
+pub mod safetensors;
+pub mod state;
+
 use ladder_core::files::{SmallFileError, read_small_file};
+use ladder_core::location;
 use ladder_core::location::CheckpointId;
 use ladder_core::sample::EpochTally;
+use safetensors::Written;
 use serde::{Deserialize, Serialize};
+use state::{STATE_FILES, Snapshot};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -72,7 +85,7 @@ pub enum CheckpointError {
     )]
     OtherFormat { path: String, found: u32 },
     #[error(transparent)]
-    State(#[from] state_io::StateError),
+    State(#[from] safetensors::StateError),
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
@@ -193,7 +206,7 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
             .get(name)
             .ok_or_else(|| corrupt(format!("the manifest lists no {name}")))?;
         let path = dir.join(name);
-        let found = state_io::digest(&path).map_err(io_error(&path))?;
+        let found = safetensors::digest(&path).map_err(io_error(&path))?;
         if found.bytes != expected.bytes {
             return Err(corrupt(format!(
                 "{name} has {} bytes, the manifest says {} (truncated?)",
@@ -248,6 +261,31 @@ impl Drop for Writer {
     }
 }
 
+/// Deletes the checkpoints `ids` of job `job_id` that retention retired. The coordinator
+/// dropped them from the job's record first, so deleting them can never lose the last good
+/// checkpoint, even if this process dies half-way: what is left is merely unreferenced, and
+/// the next generation's rank 0 is told to delete it again. Only directories of `job_id`
+/// under `root` (the spec's `checkpoint.dir`) are deleted: whatever else an id names, this
+/// refuses.
+pub fn delete_retired<'a>(ids: impl IntoIterator<Item = &'a str>, root: &Path, job_id: &str) {
+    for id in ids {
+        let dir = match location::checkpoint_dir(root, job_id, id) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::error!("refusing to delete a retired checkpoint: {e}");
+                continue;
+            }
+        };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(checkpoint = %id, "retired checkpoint deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(checkpoint = %id, "cannot delete retired checkpoint {}: {e}", dir.display())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +331,25 @@ mod tests {
         std::fs::write(&manifest, vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize]).unwrap();
         let err = verify(dir.path()).unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn retired_checkpoints_are_deleted_only_inside_their_jobs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("checkpoints");
+        let job = "job-000001";
+        let ours = "step-000000004-g1";
+        let ours_dir = root.join(job).join(ours);
+        let other_jobs = root.join("job-000002").join(ours);
+        let precious = dir.path().join("home");
+        for d in [&ours_dir, &other_jobs, &precious] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let forged = ["../../home", "step-000000004-g1/../../../home", "/home"];
+        delete_retired(forged, &root, job);
+        assert!(precious.is_dir() && ours_dir.is_dir());
+        delete_retired([ours], &root, job);
+        assert!(!ours_dir.exists(), "its own retired checkpoint is deleted");
+        assert!(other_jobs.is_dir(), "another job's is not");
     }
 }

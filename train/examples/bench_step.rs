@@ -4,10 +4,10 @@
 //! usage: bench_step VARIANT IMAGE_SIZE BATCH THREADS STEPS
 
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::loss;
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
-use ladder_worker::optim::RmsProp;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::loss;
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_train::optim::RmsProp;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 

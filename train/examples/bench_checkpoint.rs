@@ -10,12 +10,12 @@
 //! usage: bench_checkpoint DIR ROUNDS (at least 2)
 
 use ladder_core::spec::{ModelSpec, OptimizerSpec, Variant};
-use ladder_worker::checkpoint::{self, Manifest};
-use ladder_worker::ema::Ema;
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::model::EfficientNetV2;
-use ladder_worker::optim::RmsProp;
-use ladder_worker::training_state::TrainingState;
+use ladder_train::checkpoint::state::TrainingState;
+use ladder_train::checkpoint::{self, Manifest};
+use ladder_train::ema::Ema;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::model::EfficientNetV2;
+use ladder_train::optim::RmsProp;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};

@@ -3,13 +3,13 @@
 //! gradients and BatchNorm buffer updates, within 1e-4.
 
 use ladder_core::spec::Variant;
-use ladder_worker::ema::Ema;
-use ladder_worker::flat::{FlatState, Layout};
-use ladder_worker::model::{Architecture, BatchNormConfig, EfficientNetV2};
-use ladder_worker::optim::RmsProp;
-use ladder_worker::pretrained;
-use ladder_worker::state_io;
-use ladder_worker::training_state::{MODEL_FILE, TrainingState};
+use ladder_train::checkpoint::safetensors;
+use ladder_train::checkpoint::state::{MODEL_FILE, TrainingState};
+use ladder_train::ema::Ema;
+use ladder_train::flat::{FlatState, Layout};
+use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
+use ladder_train::optim::RmsProp;
+use ladder_train::pretrained;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -58,7 +58,7 @@ fn s_matches_torchvision_in_eval_and_train_mode() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("s.safetensors");
     reference(&["tensors", "s", file.to_str().unwrap()]);
-    let tensors: HashMap<String, Tensor> = state_io::read(&file).unwrap().into_iter().collect();
+    let tensors: HashMap<String, Tensor> = safetensors::read(&file).unwrap().into_iter().collect();
     let state: Vec<(String, Tensor)> = tensors
         .iter()
         .filter(|(k, _)| k.starts_with("state."))
@@ -66,7 +66,7 @@ fn s_matches_torchvision_in_eval_and_train_mode() {
         .collect();
 
     let (vs, model) = torchvision_s(10);
-    state_io::load(&vs, &state, "state.", "torchvision S").unwrap();
+    safetensors::load(&vs, &state, "state.", "torchvision S").unwrap();
 
     let x = &tensors["input"];
     let eval = tch::no_grad(|| model.forward(x, false));
@@ -178,7 +178,7 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
     state.save(dir.path()).unwrap();
 
     let input = dir.path().join("input.safetensors");
-    state_io::write(&input, &[("input".to_owned(), x.shallow_clone())]).unwrap();
+    safetensors::write(&input, &[("input".to_owned(), x.shallow_clone())]).unwrap();
     let out = dir.path().join("logits.safetensors");
     let model_file = dir.path().join(MODEL_FILE);
     reference(&[
@@ -189,7 +189,7 @@ fn torchvision_loads_a_ladder_model_file_and_computes_the_same_logits() {
         input.to_str().unwrap(),
         out.to_str().unwrap(),
     ]);
-    let theirs = state_io::read(&out).unwrap().remove(0).1;
+    let theirs = safetensors::read(&out).unwrap().remove(0).1;
     let ours = tch::no_grad(|| model.forward(&x, false));
     let err = max_relative_error(&ours, &theirs);
     assert!(err < 1e-4, "torchvision's logits differ by {err:e}");
@@ -200,13 +200,14 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     let dir = tempfile::tempdir().unwrap();
     let imagenet = dir.path().join("s-1000.safetensors");
     reference(&["pretrained", "s", "1000", imagenet.to_str().unwrap()]);
-    let weights: HashMap<String, Tensor> = state_io::read(&imagenet).unwrap().into_iter().collect();
+    let weights: HashMap<String, Tensor> =
+        safetensors::read(&imagenet).unwrap().into_iter().collect();
 
     // Fine-tuning on 10 classes: everything but the classifier comes from the file.
     let (vs, _model) = torchvision_s(10);
     let fresh = pretrained::initialize(&vs, &imagenet).unwrap();
     assert_eq!(fresh, vec!["classifier.1.bias", "classifier.1.weight"]);
-    for (name, var) in state_io::named(&vs, "") {
+    for (name, var) in safetensors::named(&vs, "") {
         if name.starts_with("classifier.") {
             assert_eq!(var.size()[0], 10);
         } else {
@@ -216,7 +217,7 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     // Same classes: the classifier is loaded too.
     let (vs, _model) = torchvision_s(1000);
     assert!(pretrained::initialize(&vs, &imagenet).unwrap().is_empty());
-    let classifier = &state_io::named(&vs, "")
+    let classifier = &safetensors::named(&vs, "")
         .into_iter()
         .find(|(n, _)| n == "classifier.1.weight")
         .unwrap()
@@ -227,11 +228,11 @@ fn a_job_starts_from_torchvision_weights_with_a_fresh_classifier_for_its_classes
     let m = dir.path().join("m.safetensors");
     reference(&["pretrained", "m", "1000", m.to_str().unwrap()]);
     let (vs, _model) = torchvision_s(10);
-    let before = state_io::named(&vs, "")[0].1.copy();
+    let before = safetensors::named(&vs, "")[0].1.copy();
     let err = pretrained::initialize(&vs, &m).unwrap_err().to_string();
     assert!(err.contains("unexpected") && err.contains("shape"), "{err}");
     // Hundreds of problems: counted by kind, the first 20 listed.
     assert!(err.contains("of another dtype; the first 20:"), "{err}");
     assert!(err.lines().count() <= 22, "{err}");
-    assert!(state_io::named(&vs, "")[0].1.equal(&before));
+    assert!(safetensors::named(&vs, "")[0].1.equal(&before));
 }
