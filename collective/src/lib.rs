@@ -5,10 +5,12 @@
 //! with timeouts and an abort that unblocks a rank stuck on a dead or hung peer; and [`Alone`],
 //! a generation of one rank, which has nothing to exchange.
 
+pub mod fence;
 pub mod libraries;
 pub mod nccl;
 pub mod ring;
 
+pub use fence::Fence;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +38,9 @@ pub enum CollectiveError {
     Unsupported(String),
     #[error("rank {rank}: NCCL: {message}")]
     Nccl { rank: u32, message: String },
+    /// The device's own work failed (a CUDA error while waiting for it).
+    #[error("the device failed: {0}")]
+    Device(String),
 }
 
 /// Sums a buffer across all ranks in place; every rank ends with the same bytes. Host memory
@@ -63,6 +68,14 @@ pub trait Collective: Send {
         Err(CollectiveError::Unsupported(
             "this collective reduces host memory only".to_owned(),
         ))
+    }
+
+    /// Waits until the device has passed `fence` (a step's work, its reduction included: a
+    /// device reduction returns once queued), failing as a reduction does. A collective whose
+    /// peers can hold the device up waits with its deadline and abort; one that cannot simply
+    /// waits.
+    fn wait(&mut self, fence: &Fence) -> Result<(), CollectiveError> {
+        fence.wait_for_device()
     }
 }
 

@@ -3,16 +3,18 @@
 //!
 //! Rank 0 makes the unique id ([`unique_id`]); the coordinator's rendezvous passes it to the
 //! other ranks. The communicator is created non-blocking, and every wait — its creation, each
-//! allreduce — polls with a deadline: a peer that died or hangs makes the call fail after
-//! `timeout` (or at once on [`Collective::abort_handle`]), and the communicator is then aborted
-//! with `ncclCommAbort`, never left hanging. Reductions run on the legacy default stream, the
-//! one libtorch's tensors are computed on.
+//! reduction's queuing, the wait for a step's reduction through a [`Fence`] a step later —
+//! polls with a deadline: a peer that died or hangs makes the call fail after `timeout` (or at
+//! once on [`Collective::abort_handle`]), and the communicator is then aborted with
+//! `ncclCommAbort`, never left hanging. Reductions run on the legacy default stream, the one
+//! libtorch's tensors are computed on, ordered after the work that wrote their buffers and
+//! before the optimizer's update that reads them: the host does not wait for them.
 
 use crate::libraries::{
-    self, CUDA_ERROR_NOT_READY, CUDA_SUCCESS, CudaPointerAttributes, NCCL_AVG, NCCL_FLOAT32,
-    NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SUM, Nccl, NcclComm, NcclConfig, NcclUniqueId, Runtime,
+    self, CUDA_SUCCESS, CudaPointerAttributes, NCCL_AVG, NCCL_FLOAT32, NCCL_IN_PROGRESS,
+    NCCL_SUCCESS, NCCL_SUM, Nccl, NcclComm, NcclConfig, NcclUniqueId, Runtime,
 };
-use crate::{AbortHandle, Collective, CollectiveError};
+use crate::{AbortHandle, Collective, CollectiveError, Fence};
 use std::ffi::c_int;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +25,8 @@ pub use crate::libraries::UNIQUE_ID_BYTES;
 const CONFIG_VERSION: u32 = 22800;
 const CONFIG_MAGIC: u32 = 0xcafe_beef;
 const UNDEFINED: i32 = i32::MIN;
-/// The longest sleep between two polls of a wait. The training thread waits on each
-/// allreduce, and every step's reduction ends on the GPU at some moment within the last pause:
+/// The longest sleep between two polls of a wait. The training thread waits on each step's
+/// fence a step later, and the device passes it at some moment within the last pause:
 /// short enough that the overshoot is a small share of a step.
 const LONGEST_PAUSE: Duration = Duration::from_micros(200);
 
@@ -343,6 +345,15 @@ impl Collective for NcclCommunicator {
         // SAFETY: the caller's guarantee, passed on; in place.
         unsafe { self.all_reduce_device(ptr, ptr, len, NCCL_SUM) }
     }
+
+    /// Polls the fence and the communicator's state with the deadline: a peer that died or
+    /// hangs holds the reduction, and so the fence, up for ever.
+    fn wait(&mut self, fence: &Fence) -> Result<(), CollectiveError> {
+        self.poll("the step's reduction", |c| {
+            let passed = fence.passed()?;
+            Ok(c.comm_state()? && passed)
+        })
+    }
 }
 
 impl NcclCommunicator {
@@ -362,8 +373,9 @@ impl NcclCommunicator {
         unsafe { self.all_reduce_device(send, recv, len, NCCL_AVG) }
     }
 
-    /// Reduces `len` floats at `send` into `recv` with `op`, waiting for it without blocking
-    /// in the driver.
+    /// Queues the reduction of `len` floats at `send` into `recv` with `op` on the default
+    /// stream, and returns once NCCL has it queued; [`Collective::wait`] on a later fence waits
+    /// for it with the deadline.
     ///
     /// # Safety
     /// As [`Collective::all_reduce_sum_device`], for both buffers.
@@ -411,17 +423,7 @@ impl NcclCommunicator {
                 format!("ncclAllReduce of {len} floats: {why}; {place}"),
             )));
         }
-        self.wait_for_comm("queuing the allreduce")?;
-        // Wait for the reduction itself without blocking in the driver, so that a hung peer
-        // turns into a timeout instead of a hang.
-        self.poll("allreduce", |c| {
-            // SAFETY: querying the legacy default stream.
-            match unsafe { (c.cuda.stream_query)(std::ptr::null_mut()) } {
-                CUDA_SUCCESS => c.comm_state(),
-                CUDA_ERROR_NOT_READY => c.comm_state().map(|_| false),
-                other => Err(error(c.rank, format!("cudaStreamQuery: error {other}"))),
-            }
-        })
+        self.wait_for_comm("queuing the allreduce")
     }
 }
 

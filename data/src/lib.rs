@@ -1,8 +1,7 @@
-//! Ladder's data path, from tar bytes to augmented micro-batches. No libtorch: the worker turns
-//! the finished batch buffers into tensors.
+//! Ladder's data path, from tar bytes to augmented micro-batches of uint8 pixels (NHWC). No
+//! libtorch: the trainer uploads the finished batch buffers and normalizes them on the device.
 
 pub mod augment;
-pub mod batch;
 pub mod decode;
 pub mod image;
 pub mod import;

@@ -24,7 +24,6 @@
 //! misread samples, so the loader stops the run ([`LoadError::ShardChanged`]) rather than skip.
 
 use crate::augment::{TrainTransform, eval_transform, sample_stream};
-use crate::batch::normalize_into;
 use crate::decode::DecodeError;
 use ladder_core::dataset::{DatasetError, ImageFormat, Manifest};
 use ladder_core::sample_index::SampleIndex;
@@ -458,18 +457,17 @@ pub struct BatchRequest {
     pub seed: u64,
     pub epoch: u32,
     pub transform: Transform,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
     /// Labels must be below this.
     pub classes: u32,
 }
 
-/// A finished micro-batch: `images` is N x 3 x size x size, row-major.
+/// A finished micro-batch: `images` is N x size x size x 3 bytes (RGB, NHWC) as decoded and
+/// augmented, a quarter of the bytes of float32; the trainer normalizes them on the device.
 #[derive(Debug)]
 pub struct MicroBatch {
     /// The requested samples, in order (a skipped one's place holds another's pixels).
     pub ids: Vec<u64>,
-    pub images: Vec<f32>,
+    pub images: Vec<u8>,
     pub labels: Vec<i64>,
     pub size: u32,
     pub skipped: Vec<Skip>,
@@ -534,15 +532,14 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         };
         result.map_err(SkipReason::Undecodable)
     };
-    let mut images = vec![0f32; raw.len() * plane];
+    let mut images = vec![0u8; raw.len() * plane];
     let mut labels = vec![0i64; raw.len()];
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for (position, sample) in raw.iter().enumerate() {
         match decode(sample, sample.id) {
             Ok(image) => {
-                let out = &mut images[position * plane..(position + 1) * plane];
-                normalize_into(&image, request.mean, request.std, out);
+                images[position * plane..(position + 1) * plane].copy_from_slice(&image.pixels);
                 labels[position] = sample.label as i64;
             }
             Err(reason) => {
@@ -569,8 +566,7 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         let image =
             decode(&raw[donor], raw[position].id).or_else(|_| decode(&raw[donor], raw[donor].id));
         let image = image.expect("the donor decoded once already");
-        let out = &mut images[position * plane..(position + 1) * plane];
-        normalize_into(&image, request.mean, request.std, out);
+        images[position * plane..(position + 1) * plane].copy_from_slice(&image.pixels);
         labels[position] = raw[donor].label as i64;
     }
     Ok(MicroBatch {

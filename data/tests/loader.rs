@@ -11,9 +11,6 @@ use ladder_data::synth;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
 fn train(size: u32) -> Transform {
     Transform::Train(TrainTransform {
         size,
@@ -31,8 +28,6 @@ fn request(ids: Vec<u64>, epoch: u32, transform: Transform) -> BatchRequest {
         seed: 7,
         epoch,
         transform,
-        mean: MEAN,
-        std: STD,
         classes: 4,
     }
 }

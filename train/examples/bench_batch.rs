@@ -1,13 +1,24 @@
 //! Measures the two ways a micro-batch can reach libtorch on CPU: float32 NCHW normalized by
-//! the loader threads (`ladder_data::batch::normalize_into`), or uint8 NHWC handed over as is
-//! and normalized by libtorch. Prints microseconds per micro-batch for each, one JSON line.
+//! the loader threads (how Ladder did it before), or uint8 NHWC handed over as is and
+//! normalized by libtorch (`ladder_train::input`, how it does now: on a GPU, by the device).
+//! Prints microseconds per micro-batch for each, one JSON line.
 //!
 //! usage: bench_batch SIZE BATCH ROUNDS
 
-use ladder_data::batch::normalize_into;
 use ladder_data::image::Image;
+use ladder_train::input::Normalization;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::{Device, Tensor};
+
+/// The loader threads' normalization before it moved to the device.
+fn normalize_into(image: &Image, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    let plane = out.len() / 3;
+    for (i, px) in image.pixels.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = px[c] as f32 * (1.0 / (255.0 * std[c])) - mean[c] / std[c];
+        }
+    }
+}
 
 fn main() {
     let args: Vec<u32> = std::env::args()
@@ -43,19 +54,15 @@ fn main() {
     }
     let float_path = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
 
-    let mean_t = Tensor::from_slice(&mean).view([1, 3, 1, 1]) * 255.0;
-    let std_t = Tensor::from_slice(&std).view([1, 3, 1, 1]) * 255.0;
+    let normalization = Normalization::new(mean.map(f64::from), std.map(f64::from), Device::Cpu);
     let start = Instant::now();
     for _ in 0..rounds {
         let mut buffer = vec![0u8; batch as usize * plane];
         for (image, out) in images.iter().zip(buffer.chunks_exact_mut(plane)) {
             out.copy_from_slice(&image.pixels);
         }
-        let t = Tensor::from_slice(&buffer)
-            .view([batch as i64, s, s, 3])
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float);
-        let _ = std::hint::black_box((t - &mean_t) / &std_t);
+        let t = Tensor::from_slice(&buffer).view([batch as i64, s, s, 3]);
+        let _ = std::hint::black_box(normalization.apply(&t).contiguous());
     }
     let byte_path = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
     println!("{{\"f32_loader_us\": {float_path:.1}, \"u8_torch_us\": {byte_path:.1}}}");

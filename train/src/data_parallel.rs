@@ -1,6 +1,9 @@
-//! The data-parallel step's reductions through any [`Collective`]: the flat gradient buffer,
-//! bucket by bucket, and any other flat float32 tensor (BatchNorm statistics, step statistics).
-//! Host tensors go to the collective as slices, GPU tensors by device address.
+//! The data-parallel step's reduction through any [`Collective`]: one call per optimizer step
+//! over the step's flat [`FlatState::reduced`] buffer, which holds the gradients, each rank's
+//! share of the BatchNorm statistics and the step's statistics ([`all_reduce_step`]). Host
+//! tensors go to the collective as slices, GPU tensors by device address. One call, not one
+//! per kind of value: on a GPU each call is a launch and a wait, on the ring a round of
+//! messages.
 //!
 //! Each rank scales its micro-batch losses by `1 / micro-batches per global step` before
 //! backward, so the sum over ranks is the mean gradient of the global batch whatever the world
@@ -38,6 +41,7 @@ pub fn all_reduce_range(
 /// float32 holds every integer exactly.
 const LIMB_BITS: u32 = 12;
 pub const U64_FLOATS: usize = 6;
+const _: () = assert!(crate::flat::STEP_STATISTICS as usize == 3 + U64_FLOATS);
 
 /// A 64-bit value as six float32 limbs of 12 bits, so that a float32 sum over ranks followed by
 /// [`floats_to_u64`] is the exact wrapping sum of the values.
@@ -59,27 +63,23 @@ pub fn all_reduce_tensor(
     all_reduce_range(tensor, 0..tensor.numel() as i64, collective)
 }
 
-/// Sums `flat.grads` across the ranks of `collective`: `bucket_elements` at a time in host
-/// memory, in one call on a GPU (NCCL pipelines a buffer of any size itself, and every call is
-/// a wait for the GPU to drain).
-pub fn all_reduce_gradients(
-    flat: &FlatState,
-    collective: &mut dyn Collective,
-    bucket_elements: i64,
-) -> Result<(), CollectiveError> {
-    let bucket_elements = match flat.grads.device() {
-        Device::Cpu => bucket_elements,
-        _ => flat.grads.numel() as i64,
-    };
-    for bucket in flat.buckets(bucket_elements) {
-        all_reduce_range(&flat.grads, bucket, collective)?;
-    }
-    Ok(())
+/// Where a rank's BatchNorm running statistics stand in a step, for combining them across the
+/// ranks (see [`all_reduce_step`]).
+#[derive(Clone)]
+pub struct StatisticsBlock<'a> {
+    /// The statistics at the start of the step.
+    pub start: &'a Tensor,
+    /// BatchNorm's momentum (PyTorch's sense: the weight of the new batch's statistics).
+    pub momentum: f64,
+    /// This rank's micro-batches of the step, by index.
+    pub block: Range<u32>,
+    pub micro_per_step: u32,
 }
 
-/// Makes the BatchNorm running statistics `buffers` what one rank would have computed alone,
-/// given their values `start` before the step and this rank's block `block` of the step's
-/// `micro_per_step` micro-batches.
+/// Sums everything a step sums across the ranks of `collective`, in one call over
+/// `flat.reduced`: the gradients, the step's statistics, and the BatchNorm running statistics,
+/// which end as what one rank would have computed alone over every micro-batch in order.
+/// A world of one has nothing to sum: no call at all.
 ///
 /// Each micro-batch moves a running statistic `r` to `d * r + (1 - d) * mu_k` (`d` = 1 -
 /// momentum). Run in global order over the step's `M` micro-batches from `r0`, that is
@@ -88,26 +88,29 @@ pub fn all_reduce_gradients(
 /// `d^(M-b) (r - d^(b-a) r0)`: the shares are summed across ranks and added to `d^M r0`. Every
 /// rank ends with the same bytes, and the statistics do not depend on the world size (up to
 /// float rounding).
-pub fn all_reduce_batch_norm_statistics(
-    buffers: &Tensor,
-    start: &Tensor,
-    momentum: f64,
-    block: Range<u32>,
-    micro_per_step: u32,
+pub fn all_reduce_step(
+    flat: &FlatState,
+    statistics: StatisticsBlock,
     collective: &mut dyn Collective,
 ) -> Result<(), CollectiveError> {
-    let keep = 1.0 - momentum;
-    let own = (block.end - block.start) as i32;
-    let after = (micro_per_step - block.end) as i32;
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let keep = 1.0 - statistics.momentum;
+    let own = (statistics.block.end - statistics.block.start) as i32;
+    let after = (statistics.micro_per_step - statistics.block.end) as i32;
+    let start = statistics.start;
+    let share = flat.statistics_share();
     tch::no_grad(|| {
-        let share = (buffers - start * keep.powi(own)) * keep.powi(after);
-        buffers.shallow_clone().copy_(&share);
-    });
-    all_reduce_tensor(buffers, collective)?;
-    tch::no_grad(|| {
-        let _ = buffers
+        share
             .shallow_clone()
-            .g_add_(&(start * keep.powi(micro_per_step as i32)));
+            .copy_(&((&flat.buffers - start * keep.powi(own)) * keep.powi(after)));
+    });
+    all_reduce_tensor(&flat.reduced, collective)?;
+    tch::no_grad(|| {
+        flat.buffers
+            .shallow_clone()
+            .copy_(&(&share + start * keep.powi(statistics.micro_per_step as i32)));
     });
     Ok(())
 }

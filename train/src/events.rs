@@ -64,6 +64,8 @@ pub trait Instruments: Send + Sync {
     fn skipped(&self, reason: &str);
     /// The read calls one micro-batch's samples cost, and the bytes they read.
     fn read(&self, calls: u64, bytes: u64);
+    /// The bytes of a micro-batch's images sent to the device (uint8 pixels).
+    fn uploaded(&self, bytes: u64);
     /// How long a checkpoint held training up (its snapshot).
     fn snapshot(&self, blocked: Duration);
     /// A checkpoint written in the background: how long it took and its size.

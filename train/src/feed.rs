@@ -35,16 +35,13 @@ impl Cursor {
     }
 }
 
-/// The normalization and label range every request of a job shares.
+/// The seed and label range every request of a job shares.
 fn request(spec: &JobSpec, ids: Vec<u64>, epoch: u32, transform: Transform) -> BatchRequest {
-    let f = |v: [f64; 3]| v.map(|x| x as f32);
     BatchRequest {
         ids,
         seed: spec.schedule.seed,
         epoch,
         transform,
-        mean: f(spec.data.mean),
-        std: f(spec.data.std),
         classes: spec.model.classes,
     }
 }

@@ -2,13 +2,16 @@
 //! floating-point BatchNorm buffers, with every variable of the model re-pointed to a view into
 //! them (as DDP's "gradient as bucket view" does).
 //!
-//! Autograd then accumulates micro-batch gradients straight into the flat gradient buffer, which
-//! a collective reduces in one call per bucket with no gather or scatter copies; the optimizer
-//! and the EMA update everything with a handful of whole-buffer operations instead of a few
-//! per tensor. The layout is the variables in name order, the same on every rank.
+//! Autograd then accumulates micro-batch gradients straight into the flat gradient buffer; the
+//! optimizer and the EMA update everything with a handful of whole-buffer operations instead of
+//! a few per tensor. The layout is the variables in name order, the same on every rank.
+//!
+//! The gradient buffer is the head of the step's [`FlatState::reduced`] buffer, followed by
+//! room for each rank's share of the BatchNorm statistics and for the step's statistics
+//! ([`STEP_STATISTICS`]): everything a step sums across the ranks lies in one buffer, which a
+//! collective reduces in one call, with no gather or scatter copies.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use tch::{Kind, Tensor, nn};
 
 /// How 4-dimensional (convolution) weights are laid out inside the flat buffers.
@@ -79,9 +82,19 @@ pub fn copy_in_standard_order(flat: &Tensor, slots: &[Slot], into: &Tensor, grou
     }
 }
 
+/// The step's statistics, summed across the ranks with the gradients: its summed loss, the
+/// samples it trained and skipped, and the digest of their ids as six 12-bit limbs (see
+/// [`crate::data_parallel::u64_to_floats`]).
+pub const STEP_STATISTICS: i64 = 3 + 6;
+
 pub struct FlatState {
     pub params: Tensor,
+    /// The head of [`FlatState::reduced`].
     pub grads: Tensor,
+    /// What one step reduces across the ranks in one call: the gradients, then a rank's share
+    /// of the BatchNorm statistics ([`FlatState::statistics_share`]), then the step's
+    /// statistics ([`FlatState::step_statistics`]).
+    pub reduced: Tensor,
     pub buffers: Tensor,
     pub param_slots: Vec<Slot>,
     pub buffer_slots: Vec<Slot>,
@@ -138,7 +151,12 @@ impl FlatState {
         // Give every parameter a gradient that is a view of the flat gradient buffer, so that
         // backward accumulates in place there. A zero backward first defines the gradient
         // tensors, which are then re-pointed.
-        let grads = Tensor::zeros_like(&params);
+        let (params_len, buffers_len) = (params.numel() as i64, buffers.numel() as i64);
+        let reduced = Tensor::zeros(
+            [params_len + buffers_len + STEP_STATISTICS],
+            (Kind::Float, device),
+        );
+        let grads = reduced.narrow(0, 0, params_len);
         let undefined: Vec<&Tensor> = trainable
             .iter()
             .map(|(_, var)| var)
@@ -164,6 +182,7 @@ impl FlatState {
         FlatState {
             params,
             grads,
+            reduced,
             buffers,
             param_slots,
             buffer_slots,
@@ -175,28 +194,17 @@ impl FlatState {
         let _ = self.grads.shallow_clone().zero_();
     }
 
-    /// Element ranges of the gradient buffer, each at most `bucket_elements` long and ending on
-    /// a variable boundary where one fits, in order: what a collective reduces per call.
-    pub fn buckets(&self, bucket_elements: i64) -> Vec<Range<i64>> {
-        let mut buckets = Vec::new();
-        let mut start = 0;
-        let mut end = 0;
-        for slot in &self.param_slots {
-            let slot_end = slot.offset + slot.numel();
-            if slot_end - start > bucket_elements && end > start {
-                buckets.push(start..end);
-                start = end;
-            }
-            end = slot_end;
-            while end - start > bucket_elements {
-                buckets.push(start..start + bucket_elements);
-                start += bucket_elements;
-            }
-        }
-        if end > start {
-            buckets.push(start..end);
-        }
-        buckets
+    /// Where a rank's share of the BatchNorm statistics is summed: laid out as `buffers`.
+    pub fn statistics_share(&self) -> Tensor {
+        self.reduced
+            .narrow(0, self.grads.numel() as i64, self.buffers.numel() as i64)
+    }
+
+    /// Where the step's statistics are summed ([`STEP_STATISTICS`] floats).
+    pub fn step_statistics(&self) -> Tensor {
+        let len = self.reduced.numel() as i64;
+        self.reduced
+            .narrow(0, len - STEP_STATISTICS, STEP_STATISTICS)
     }
 
     /// Named views of a buffer laid out like the parameters (gradients, optimizer state, EMA).

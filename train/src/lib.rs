@@ -4,7 +4,8 @@
 //! benchmarks drive it the same way in memory.
 //!
 //! Data flow of a step, in one direction: [`feed`] (this rank's micro-batch requests) -> the
-//! loader's decoded batches -> [`model`] forward under [`precision`] -> [`loss`] -> backward,
+//! loader's decoded uint8 batches -> [`input`] (uploaded, normalized on the device) -> [`model`]
+//! forward under [`precision`] -> [`loss`] -> backward,
 //! which accumulates into the flat gradient buffer of [`flat`] -> one reduction through
 //! [`data_parallel`] -> [`optim`] RMSProp on the flat buffers -> [`ema`]. The loop that drives
 //! it reads top to bottom in [`trainer`]; [`checkpoint`] is the one component that writes,
@@ -17,6 +18,7 @@ pub mod ema;
 pub mod events;
 pub mod feed;
 pub mod flat;
+pub mod input;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -54,7 +54,7 @@ impl Precision {
     pub fn lay_out_images(self, images: Tensor) -> Tensor {
         match self.layout() {
             Layout::ChannelsLast => channels_last(&images),
-            Layout::Contiguous => images,
+            Layout::Contiguous => images.contiguous(),
         }
     }
 }

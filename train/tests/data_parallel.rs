@@ -1,10 +1,12 @@
-//! Data-parallel training over the TCP ring: ranks stay byte-identical step after step, and two
+//! Data-parallel training over the TCP ring: ranks stay byte-identical step after step, two
 //! ranks train as one rank does on the same global batch (up to float summation order), their
-//! BatchNorm statistics included.
+//! BatchNorm statistics included, and a step makes one collective call, whose result is
+//! bit for bit that of reducing gradients and statistics in separate calls.
 
 use ladder_collective::ring::TcpRing;
+use ladder_collective::{AbortHandle, Collective, CollectiveError};
 use ladder_core::spec::{OptimizerSpec, Variant};
-use ladder_train::data_parallel::{all_reduce_batch_norm_statistics, all_reduce_gradients};
+use ladder_train::data_parallel::{StatisticsBlock, all_reduce_step, all_reduce_tensor};
 use ladder_train::flat::{FlatState, Layout};
 use ladder_train::loss;
 use ladder_train::model::{Architecture, BatchNormConfig, EfficientNetV2};
@@ -75,6 +77,66 @@ fn step(
     r.optimizer.step(&r.flat, 0.01);
 }
 
+/// This rank's micro-batches `mine` of `micro_total` from the statistics `start`.
+fn block<'a>(
+    start: &'a Tensor,
+    mine: &std::ops::Range<u64>,
+    micro_total: u64,
+) -> StatisticsBlock<'a> {
+    StatisticsBlock {
+        start,
+        momentum: MOMENTUM,
+        block: mine.start as u32..mine.end as u32,
+        micro_per_step: micro_total as u32,
+    }
+}
+
+/// A collective that counts its calls.
+struct Counting<'a> {
+    inner: &'a mut TcpRing,
+    calls: usize,
+}
+
+impl Collective for Counting<'_> {
+    fn rank(&self) -> u32 {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> u32 {
+        self.inner.world_size()
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        self.inner.abort_handle()
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.calls += 1;
+        self.inner.all_reduce_sum(data)
+    }
+}
+
+/// The reductions as separate calls, the way a step made them before they were fused: the
+/// gradients, then the BatchNorm statistics' shares.
+fn separate_reductions(flat: &FlatState, statistics: StatisticsBlock, ring: &mut TcpRing) {
+    all_reduce_tensor(&flat.grads, ring).unwrap();
+    let keep = 1.0 - statistics.momentum;
+    let own = (statistics.block.end - statistics.block.start) as i32;
+    let after = (statistics.micro_per_step - statistics.block.end) as i32;
+    let start = statistics.start;
+    tch::no_grad(|| {
+        let share = (&flat.buffers - start * keep.powi(own)) * keep.powi(after);
+        flat.buffers.shallow_clone().copy_(&share);
+    });
+    all_reduce_tensor(&flat.buffers, ring).unwrap();
+    tch::no_grad(|| {
+        let _ = flat
+            .buffers
+            .shallow_clone()
+            .g_add_(&(start * keep.powi(statistics.micro_per_step as i32)));
+    });
+}
+
 #[test]
 fn two_ranks_stay_identical_and_match_one_rank() {
     tch::set_num_threads(1);
@@ -89,13 +151,13 @@ fn two_ranks_stay_identical_and_match_one_rank() {
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let mut replicas: Vec<Replica> = (0..2).map(|_| replica()).collect();
+    let mut replicas: Vec<(Replica, Replica)> = (0..2).map(|_| (replica(), replica())).collect();
     let states: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = replicas
             .iter_mut()
             .zip(listeners)
             .enumerate()
-            .map(|(rank, (r, listener))| {
+            .map(|(rank, ((r, separate), listener))| {
                 let addresses = &addresses;
                 scope.spawn(move || {
                     let mut ring = TcpRing::connect(
@@ -110,23 +172,48 @@ fn two_ranks_stay_identical_and_match_one_rank() {
                     let per_rank = micro_total / 2;
                     let mine = rank as u64 * per_rank..(rank as u64 + 1) * per_rank;
                     for s in 0..steps {
+                        let mut counting = Counting {
+                            inner: &mut ring,
+                            calls: 0,
+                        };
                         step(r, s, mine.clone(), micro_total, &mut |flat, start| {
-                            all_reduce_gradients(flat, &mut ring, 10_000).unwrap();
-                            all_reduce_batch_norm_statistics(
-                                &flat.buffers,
-                                start,
-                                MOMENTUM,
-                                mine.start as u32..mine.end as u32,
-                                micro_total as u32,
-                                &mut ring,
-                            )
-                            .unwrap();
+                            all_reduce_step(flat, block(start, &mine, micro_total), &mut counting)
+                                .unwrap();
                         });
+                        assert_eq!(counting.calls, 1, "collective calls in step {s}");
+                        step(
+                            separate,
+                            s,
+                            mine.clone(),
+                            micro_total,
+                            &mut |flat, start| {
+                                separate_reductions(
+                                    flat,
+                                    block(start, &mine, micro_total),
+                                    &mut ring,
+                                );
+                            },
+                        );
                     }
-                    (
-                        Vec::<f32>::try_from(&r.flat.params).unwrap(),
-                        Vec::<f32>::try_from(&r.flat.buffers).unwrap(),
-                    )
+                    let state = |r: &Replica| {
+                        (
+                            Vec::<f32>::try_from(&r.flat.params).unwrap(),
+                            Vec::<f32>::try_from(&r.flat.buffers).unwrap(),
+                        )
+                    };
+                    let (fused, apart) = (state(r), state(separate));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&fused.0),
+                        bits(&apart.0),
+                        "fused vs separate: parameters"
+                    );
+                    assert_eq!(
+                        bits(&fused.1),
+                        bits(&apart.1),
+                        "fused vs separate: statistics"
+                    );
+                    fused
                 })
             })
             .collect();

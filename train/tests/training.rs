@@ -156,24 +156,30 @@ fn ema_warms_up_then_averages() {
     assert!(ema.params.allclose(&(&start + 0.9), 1e-5, 1e-5, false));
 }
 
+/// Backward accumulates into the head of the step's one reduced buffer; the BatchNorm share
+/// and the step's statistics follow it, disjoint, so one call reduces all three.
 #[test]
-fn buckets_cover_the_gradients_in_order() {
-    let (vs, _model) = tiny(3);
+fn gradients_statistics_and_step_statistics_share_one_reduced_buffer() {
+    let (vs, model) = tiny(3);
     let flat = FlatState::new(&vs, Layout::Contiguous);
-    let total = flat.grads.numel() as i64;
-    for size in [1_000, 10_000, 100_000, total, total * 2] {
-        let buckets = flat.buckets(size);
-        assert_eq!(buckets.first().unwrap().start, 0);
-        assert_eq!(buckets.last().unwrap().end, total);
-        for pair in buckets.windows(2) {
-            assert_eq!(pair[0].end, pair[1].start);
-        }
-        assert!(
-            buckets
-                .iter()
-                .all(|b| b.end - b.start <= size && b.end > b.start)
-        );
-    }
+    let (grads, buffers) = (flat.grads.numel() as i64, flat.buffers.numel() as i64);
+    assert_eq!(
+        flat.reduced.numel() as i64,
+        grads + buffers + ladder_train::flat::STEP_STATISTICS
+    );
+    assert_eq!(flat.grads.data_ptr(), flat.reduced.data_ptr());
+    let float = std::mem::size_of::<f32>() as i64;
+    let at = |t: &Tensor| (t.data_ptr() as i64 - flat.reduced.data_ptr() as i64) / float;
+    assert_eq!(at(&flat.statistics_share()), grads);
+    assert_eq!(at(&flat.step_statistics()), grads + buffers);
+    let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    model.forward(&images, true).sum(Kind::Float).backward();
+    let head = flat.reduced.narrow(0, 0, grads);
+    assert!(head.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    let tail = flat
+        .reduced
+        .narrow(0, grads, buffers + ladder_train::flat::STEP_STATISTICS);
+    assert_eq!(tail.abs().sum(Kind::Float).double_value(&[]), 0.0);
 }
 
 #[test]

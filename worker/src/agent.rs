@@ -44,7 +44,6 @@ pub struct Config {
     pub ring_host: String,
     /// How long a collective waits on a silent peer before giving up.
     pub collective_timeout: Duration,
-    pub bucket_elements: i64,
     /// A progress bar (terminal) or log lines.
     pub progress_bar: bool,
     /// See [`Options::replica_digests`].
@@ -341,7 +340,6 @@ impl Worker {
         let options = Options {
             device: self.config.device,
             precision: self.config.precision,
-            bucket_elements: self.config.bucket_elements,
             replica_digests: self.config.replica_digests.clone(),
             faults: self.config.faults,
             checkpoint_now,

@@ -56,10 +56,6 @@ struct Args {
     /// Seconds a collective waits on a silent peer before giving up.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     collective_timeout_s: u64,
-    /// Gradient elements per allreduce call of the TCP ring (NCCL takes a GPU's gradients in
-    /// one call).
-    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(i64).range(1..))]
-    bucket_elements: i64,
     /// Seconds a stopped run's training thread (its generation ended, its lease lost) may go
     /// without progress before it returns. One that does is stuck (a GPU kernel, the driver, a
     /// file system): the worker exits with code 1, so that a supervisor starts it again, instead
@@ -204,7 +200,6 @@ fn main() {
         name: args.name,
         ring_host: args.ring_host,
         collective_timeout: Duration::from_secs(args.collective_timeout_s),
-        bucket_elements: args.bucket_elements,
         progress_bar: std::io::stderr().is_terminal(),
         replica_digests: args.replica_digests,
         stop_grace: Duration::from_secs(args.stop_grace_s),

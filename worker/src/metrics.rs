@@ -61,6 +61,7 @@ pub struct RunMetrics {
     skipped: [Counter; 4],
     data_reads: Counter,
     data_read_bytes: Counter,
+    uploaded_bytes: Counter,
     snapshot_blocked: Histogram,
     write: Histogram,
     written_bytes: Counter,
@@ -92,6 +93,10 @@ impl Instruments for RunMetrics {
         self.data_read_bytes.inc_by(bytes);
     }
 
+    fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.inc_by(bytes);
+    }
+
     fn snapshot(&self, blocked: Duration) {
         self.snapshot_blocked.observe(blocked.as_secs_f64());
     }
@@ -111,6 +116,7 @@ pub struct WorkerMetrics {
     skipped: Family<ReasonLabels, Counter>,
     data_reads: Family<RunLabels, Counter>,
     data_read_bytes: Family<RunLabels, Counter>,
+    uploaded_bytes: Family<RunLabels, Counter>,
     snapshot_blocked: Family<RunLabels, Histogram, fn() -> Histogram>,
     write: Family<RunLabels, Histogram, fn() -> Histogram>,
     written_bytes: Family<RunLabels, Counter>,
@@ -178,6 +184,13 @@ impl WorkerMetrics {
             Unit::Bytes,
             data_read_bytes.clone(),
         );
+        let uploaded_bytes = Family::<RunLabels, Counter>::default();
+        registry.register_with_unit(
+            "uploaded",
+            "Bytes of micro-batch images sent to the device (uint8 pixels, normalized there)",
+            Unit::Bytes,
+            uploaded_bytes.clone(),
+        );
         let snapshot_blocked = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register_with_unit(
             "checkpoint_snapshot",
@@ -223,6 +236,7 @@ impl WorkerMetrics {
             skipped,
             data_reads,
             data_read_bytes,
+            uploaded_bytes,
             snapshot_blocked,
             write,
             written_bytes,
@@ -253,6 +267,7 @@ impl WorkerMetrics {
         self.skipped.clear();
         self.data_reads.clear();
         self.data_read_bytes.clear();
+        self.uploaded_bytes.clear();
         self.snapshot_blocked.clear();
         self.write.clear();
         self.written_bytes.clear();
@@ -284,6 +299,7 @@ impl WorkerMetrics {
             skipped: SKIP_REASONS.map(skipped),
             data_reads: self.data_reads.get_or_create_owned(&run),
             data_read_bytes: self.data_read_bytes.get_or_create_owned(&run),
+            uploaded_bytes: self.uploaded_bytes.get_or_create_owned(&run),
             snapshot_blocked: self.snapshot_blocked.get_or_create_owned(&run),
             write: self.write.get_or_create_owned(&run),
             written_bytes: self.written_bytes.get_or_create_owned(&run),
@@ -358,6 +374,7 @@ mod tests {
         run.skipped("undecodable");
         run.written(Duration::from_secs(2), 1 << 20);
         run.read(3, 300_000);
+        run.uploaded(49_152);
         let text = metrics.render();
         let run_labels = "job=\"job-000001\",rank=\"1\",worker=\"w-000007\"";
         for line in [
@@ -370,6 +387,7 @@ mod tests {
             format!("ladder_worker_checkpoint_written_bytes_total{{{run_labels}}} 1048576"),
             format!("ladder_worker_data_reads_total{{{run_labels}}} 3"),
             format!("ladder_worker_data_read_bytes_total{{{run_labels}}} 300000"),
+            format!("ladder_worker_uploaded_bytes_total{{{run_labels}}} 49152"),
         ] {
             assert!(text.contains(&line), "{line} missing from:\n{text}");
         }

@@ -9,12 +9,12 @@
 //! library found, its versions, the communicator, device buffers and streams). Each step is
 //! printed as it ends, so a hang or a crash still shows how far the check came.
 
-use ladder_collective::libraries;
 use ladder_collective::nccl::{self, NcclCommunicator};
+use ladder_collective::{Collective, Fence, libraries};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-/// Floats per allreduce: the default gradient bucket's size.
+/// Floats per allreduce: 64 MB, the gradients of a model of 16M parameters.
 const ELEMENTS: i64 = 16 << 20;
 const ROUNDS: usize = 3;
 
@@ -57,7 +57,11 @@ pub fn run(device: usize, timeout: Duration) -> Result<(), String> {
             )
         }
         .map_err(|e| format!("allreduce {round} of {ROUNDS}: {e}"))?;
-        tch::Cuda::synchronize(device as i64);
+        // As training waits for a step's reduction: through a fence, with the deadline.
+        let fence = Fence::after_queued().map_err(|e| format!("allreduce {round}: {e}"))?;
+        communicator
+            .wait(&fence)
+            .map_err(|e| format!("allreduce {round} of {ROUNDS}: {e}"))?;
         if !received.equal(&sent) {
             return Err(format!(
                 "allreduce {round} of {ROUNDS}: one rank's average did not arrive whole"

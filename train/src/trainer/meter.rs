@@ -63,14 +63,13 @@ impl Meter {
         );
     }
 
-    /// Ends a step: smooths its time, loss and data-wait share, and records its parts in
-    /// `instruments`.
-    pub(super) fn step(&mut self, loss: f64, instruments: &dyn Instruments) {
+    /// Ends a step on the host (its work queued): smooths its time and data-wait share, and
+    /// records its parts in `instruments`.
+    pub(super) fn step(&mut self, instruments: &dyn Instruments) {
         let now = Instant::now();
         let seconds = (now - self.last).as_secs_f64();
         self.last = now;
         self.step_seconds = Some(Self::smooth(self.step_seconds, seconds));
-        self.loss = Some(Self::smooth(self.loss, loss));
         let parts = std::mem::take(&mut self.parts);
         let share = match seconds {
             s if s > 0.0 => (parts.data_wait.as_secs_f64() / s).min(1.0),
@@ -78,5 +77,10 @@ impl Meter {
         };
         self.data_wait_share = Some(Self::smooth(self.data_wait_share, share));
         instruments.step(&parts, self.data_wait_share.unwrap_or_default());
+    }
+
+    /// A step's loss, read a step after it was queued.
+    pub(super) fn loss(&mut self, loss: f64) {
+        self.loss = Some(Self::smooth(self.loss, loss));
     }
 }

@@ -5,8 +5,8 @@
 //!     at a new shape: prepare it once         (cuDNN autotuning, allocator warm-up: a graph build)
 //!     for each step:                          (sample plan: this rank's micro-batches)
 //!         micro-batches -> forward/backward, accumulating into the flat gradient buffer
-//!         one allreduce of the gradients (and of BatchNorm statistics)
-//!         RMSProp, EMA, progress
+//!         one allreduce of the gradients, BatchNorm statistics and step statistics
+//!         RMSProp, EMA: all queued; the step before's loss and progress read meanwhile
 //!         every N steps: checkpoint (rank 0, written in the background)
 //!     at the end of a stage: evaluate with EMA weights, checkpoint
 //! ```
@@ -37,6 +37,7 @@ use crate::ema::Ema;
 use crate::events::{Evaluation, Events, Instruments, Liveness, Progress, StopSignal};
 use crate::feed::{self, Cursor};
 use crate::flat::FlatState;
+use crate::input::Normalization;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::RmsProp;
 use crate::precision::Precision;
@@ -83,8 +84,6 @@ pub struct Restore {
 pub struct Options {
     pub device: Device,
     pub precision: Precision,
-    /// Gradient elements per allreduce call.
-    pub bucket_elements: i64,
     /// Append `global_step sha256` of the parameters and BatchNorm statistics here after every
     /// step: replicas that agree write the same lines.
     pub replica_digests: Option<PathBuf>,
@@ -141,6 +140,10 @@ pub struct Trainer {
     liveness: Arc<Liveness>,
     /// The checkpoint pipeline: rank 0's snapshots, writes and commits.
     checkpoints: Pipeline,
+    /// The step queued last, whose results are read after the next is queued.
+    in_flight: Option<step::InFlight>,
+    /// The job's input normalization, applied on the device.
+    normalization: Normalization,
     start: Cursor,
     /// The (image size, micro-batch) shapes prepared so far: one graph build each.
     prepared: BTreeSet<(u32, u32)>,
@@ -281,6 +284,8 @@ impl Trainer {
             stop,
             liveness,
             checkpoints,
+            in_flight: None,
+            normalization: Normalization::new(spec.data.mean, spec.data.std, device),
             start,
             prepared: BTreeSet::new(),
             evaluation: None,
@@ -352,18 +357,16 @@ impl Trainer {
                 }
                 .global_step(steps_per_epoch);
                 self.options.faults.before_step(about_to, rank, world)?;
-                let loss = self.train_step(&loader, e, step, micro_per_step)?;
-                // Every rank has the same summed loss, so all stop here together.
-                if !loss.is_finite() {
-                    return Err(diverged(format!(
-                        "the loss of global step {} was {loss}",
-                        about_to + 1
-                    )));
+                let queued = self.train_step(&loader, e, step, micro_per_step)?;
+                self.meter.step(&*self.options.instruments);
+                // The step before's results, read now that this one is queued behind it (the
+                // wait counts in the next step's reduction time).
+                if let Some(previous) = self.in_flight.replace(queued) {
+                    self.settle(previous)?;
                 }
                 self.options
                     .faults
                     .after_step(about_to + 1, &self.flat.params);
-                self.meter.step(loss, &*self.options.instruments);
                 self.liveness
                     .set_data_wait_share(self.meter.data_wait_share.unwrap_or_default());
                 self.liveness.tick();
@@ -374,11 +377,14 @@ impl Trainer {
                 let global_step = done.global_step(steps_per_epoch);
                 self.record_digest(global_step)?;
                 let epoch_end = step + 1 == steps_per_epoch;
-                self.events.progress(&self.progress(e, done), epoch_end);
                 if !epoch_end && self.checkpoints.due(&self.spec.checkpoint, global_step) {
+                    // What the checkpoint counts as trained must have been seen.
+                    self.drain()?;
                     self.checkpoint(e, done, false);
                 }
             }
+            // The epoch's last step: its loss and its (urgent) progress.
+            self.drain()?;
             self.meter.log_epoch(e.epoch);
             let next = Cursor {
                 epoch: e.epoch + 1,

@@ -1,16 +1,23 @@
 //! One global step of the lockstep loop: this rank's micro-batches (upload, mixup or CutMix,
 //! forward and backward into the flat gradient buffer), the reduction across ranks, and the
-//! update (RMSProp, EMA) with what the step trained added to the checkpoint ledger.
+//! update (RMSProp, EMA), all queued without waiting for the device; and, a step later, its
+//! results: the loss (checked finite), what it trained (into the checkpoint ledger) and the
+//! progress it made.
+//!
+//! On a GPU the host never waits for a step it just queued: the step's statistics are copied to
+//! page-locked memory behind a [`Fence`], and read once the device has passed it, after the
+//! next step is queued ([`Trainer::settle`]); the device drains only at epoch ends (before
+//! their evaluation and checkpoint) and before a checkpoint, so that what a checkpoint counts
+//! as trained was seen. On the CPU every call ran when made, and the one-step delay only
+//! orders the reports.
 
-use super::{DROPOUT_STREAM, TrainError, Trainer};
-use crate::data_parallel::{
-    all_reduce_batch_norm_statistics, all_reduce_gradients, all_reduce_tensor, floats_to_u64,
-    u64_to_floats,
-};
+use super::{DROPOUT_STREAM, TrainError, Trainer, diverged};
+use crate::data_parallel::{StatisticsBlock, all_reduce_step, floats_to_u64, u64_to_floats};
 use crate::feed::Cursor;
+use crate::input;
 use crate::loss;
 use crate::precision::{self, Precision};
-use ladder_collective::CollectiveError;
+use ladder_collective::Fence;
 use ladder_core::rng::Stream;
 use ladder_core::sample::{EpochTally, rank_micro_batches};
 use ladder_core::stage::EpochParams;
@@ -18,6 +25,18 @@ use ladder_data::loader::{Loader, MicroBatch};
 use ladder_data::mix;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
+
+/// A step queued on the device whose results the host has not read yet.
+pub(super) struct InFlight {
+    /// The step's summed statistics on their way to host memory (see
+    /// [`crate::flat::STEP_STATISTICS`]).
+    stats: Tensor,
+    /// Passed once they have arrived.
+    fence: Fence,
+    /// The cursor after the step.
+    done: Cursor,
+    micro_per_step: u32,
+}
 
 impl Trainer {
     pub(super) fn forward(&self, images: &Tensor, train: bool) -> Tensor {
@@ -32,25 +51,26 @@ impl Trainer {
         logits.to_kind(Kind::Float)
     }
 
+    /// `batch` on the device, normalized and laid out there; its bytes counted.
     pub(super) fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
-        let n = batch.labels.len() as i64;
-        let size = batch.size as i64;
-        let images =
-            precision::upload_slice(&batch.images, &[n, 3, size, size], self.options.device);
-        let images = self.options.precision.lay_out_images(images);
-        let labels = precision::upload_slice(&batch.labels, &[n], self.options.device);
-        (images, labels)
+        self.options.instruments.uploaded(batch.images.len() as u64);
+        input::to_device(
+            batch,
+            self.options.device,
+            self.options.precision,
+            &self.normalization,
+        )
     }
 
-    /// One global step: this rank's micro-batches, the allreduce, the update. Returns the mean
-    /// loss over the global batch.
+    /// Queues one global step: this rank's micro-batches, the allreduce, the update. Returns
+    /// the step in flight, for [`Trainer::settle`].
     pub(super) fn train_step(
         &mut self,
         loader: &Loader,
         e: &EpochParams,
         step: u64,
         micro_per_step: u32,
-    ) -> Result<f64, TrainError> {
+    ) -> Result<InFlight, TrainError> {
         let spec = self.spec.clone();
         let (rank, world) = (self.job.rank, self.job.world_size);
         let classes = spec.model.classes as i64;
@@ -62,7 +82,9 @@ impl Trainer {
                     .copy_(&self.flat.buffers)
             });
         }
-        let loss_sum = Tensor::zeros([1], (Kind::Float, self.options.device));
+        let stats = self.flat.step_statistics();
+        let _ = stats.shallow_clone().zero_();
+        let loss_sum = stats.narrow(0, 0, 1);
         let mut tally = EpochTally::default();
         let mut computing = Duration::ZERO;
         for k in rank_micro_batches(micro_per_step, rank, world) {
@@ -133,35 +155,28 @@ impl Trainer {
         }
         self.meter.parts.compute = computing;
         let reducing = Instant::now();
-        // The step's loss and what it trained, summed over the ranks in one small allreduce
-        // (the digest as exact 12-bit limbs).
+        // The step's loss and what it trained ride with the gradients (the digest as exact
+        // 12-bit limbs).
         let mut counts = vec![tally.samples as f32, tally.skipped as f32];
         counts.extend(u64_to_floats(tally.digest));
-        let stats = Tensor::cat(
-            &[
-                loss_sum,
-                precision::upload_slice(&counts, &[counts.len() as i64], self.options.device),
-            ],
-            0,
-        );
+        tch::no_grad(|| {
+            stats
+                .narrow(0, 1, counts.len() as i64)
+                .copy_(&precision::upload_slice(
+                    &counts,
+                    &[counts.len() as i64],
+                    self.options.device,
+                ));
+        });
         let collective = self.collective.as_mut();
-        let flat = &self.flat;
-        let bucket_elements = self.options.bucket_elements;
+        let statistics = StatisticsBlock {
+            start: &self.step_start_statistics,
+            momentum: spec.model.bn_momentum,
+            block: rank_micro_batches(micro_per_step, rank, world),
+            micro_per_step,
+        };
         self.liveness
-            .collective(|| -> Result<(), CollectiveError> {
-                all_reduce_gradients(flat, collective, bucket_elements)?;
-                if world > 1 {
-                    all_reduce_batch_norm_statistics(
-                        &flat.buffers,
-                        &self.step_start_statistics,
-                        spec.model.bn_momentum,
-                        rank_micro_batches(micro_per_step, rank, world),
-                        micro_per_step,
-                        collective,
-                    )?;
-                }
-                all_reduce_tensor(&stats, collective)
-            })?;
+            .collective(|| all_reduce_step(&self.flat, statistics, collective))?;
         self.meter.parts.allreduce = reducing.elapsed();
         let updating = Instant::now();
         let global_step = Cursor {
@@ -169,25 +184,74 @@ impl Trainer {
             step,
         }
         .global_step(self.plan.steps_per_epoch());
-        // Read before the update is queued: the collective has completed, so this waits for
-        // nothing on a GPU, and the update then runs there while this thread prepares the next
-        // step (read after it, the host would wait for the update to finish).
-        let stats = Vec::<f32>::try_from(&stats.to_device(Device::Cpu)).expect("float stats");
+        // On their way to the host before the update is queued, so that the fence after them
+        // does not wait for the update.
+        let stats = if self.options.device.is_cuda() {
+            stats.to_device_(Device::Cpu, Kind::Float, true, true)
+        } else {
+            stats.copy()
+        };
+        let fence = if self.options.device.is_cuda() {
+            Fence::after_queued()?
+        } else {
+            Fence::HOST
+        };
         self.checkpoints.complete();
         self.optimizer.step(&self.flat, self.lr.at(global_step));
         // The EMA counts the updates this one included, as TensorFlow's num_updates does
         // (its apply runs after the optimizer advanced the global step).
         self.ema.update(&self.flat, global_step + 1);
         self.batches_tracked += micro_per_step as i64;
+        self.meter.parts.optimizer = updating.elapsed();
+        Ok(InFlight {
+            stats,
+            fence,
+            done: Cursor {
+                epoch: e.epoch,
+                step: step + 1,
+            },
+            micro_per_step,
+        })
+    }
+
+    /// Reads a queued step's results once the device has passed it (waiting, as for a
+    /// reduction, with the collective's deadline): its loss, which must be finite (every rank
+    /// has the same sum, so all stop here together), what it trained, and its progress.
+    pub(super) fn settle(&mut self, step: InFlight) -> Result<(), TrainError> {
+        let waiting = Instant::now();
+        let collective = self.collective.as_mut();
+        self.liveness.collective(|| collective.wait(&step.fence))?;
+        self.meter.parts.allreduce += waiting.elapsed();
+        let stats = Vec::<f32>::try_from(&step.stats).expect("float stats");
+        let steps_per_epoch = self.plan.steps_per_epoch();
+        let global_step = step.done.global_step(steps_per_epoch);
+        let loss = stats[0] as f64 / step.micro_per_step as f64;
+        if !loss.is_finite() {
+            return Err(diverged(format!(
+                "the loss of global step {global_step} was {loss}"
+            )));
+        }
         self.checkpoints.tally(
-            e.epoch,
+            step.done.epoch,
             EpochTally {
                 samples: stats[1] as u64,
                 skipped: stats[2] as u64,
                 digest: floats_to_u64(&stats[3..]),
             },
         );
-        self.meter.parts.optimizer = updating.elapsed();
-        Ok(stats[0] as f64 / micro_per_step as f64)
+        self.meter.loss(loss);
+        let e = &self.stages.clone().epochs[step.done.epoch as usize];
+        let epoch_end = step.done.step == steps_per_epoch;
+        self.events
+            .progress(&self.progress(e, step.done), epoch_end);
+        Ok(())
+    }
+
+    /// Settles the step in flight, if any: the device has then run everything queued.
+    pub(super) fn drain(&mut self) -> Result<(), TrainError> {
+        match self.in_flight.take() {
+            Some(step) => self.settle(step),
+            None => Ok(()),
+        }
     }
 }
