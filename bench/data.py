@@ -41,9 +41,7 @@ def main():
         total = sum(os.path.getsize(f"{corpus}/{f}") for f in os.listdir(corpus))
         print(f"data path, images/s on one core: {COUNT} JPEGs (500x375 / 375x500, quality 90, "
               f"{total / COUNT / 1024:.0f} KB average), decode + RandomResizedCrop + flip + "
-              f"RandAugment(2, 9), into the micro-batch (Ladder: uint8 NHWC, normalized later on "
-              f"the device; torchvision: ToTensor + Normalize on the CPU); median of {ROUNDS} "
-              f"alternating runs")
+              f"RandAugment(2, 9) + normalize; median of {ROUNDS} alternating runs")
         print(f"{'size':>5} {'ladder':>9} {'pil+torchvision':>16} {'ratio':>6}")
         for size in SIZES:
             ours, theirs = [], []

@@ -1,12 +1,12 @@
 //! Ladder's side of `scripts/bench data`: decodes and augments every JPEG in a directory at one
-//! size on one thread (RandomResizedCrop, flip, RandAugment with 2 layers at magnitude 9, the
-//! pixels placed in a uint8 NHWC micro-batch as the loader does: normalization runs in the
-//! trainer, on the device) and prints images/s as one JSON line.
+//! size on one thread (RandomResizedCrop, flip, RandAugment with 2 layers at magnitude 9,
+//! normalization to float32 CHW) and prints images/s as one JSON line.
 //!
 //! usage: bench_data DIR SIZE PASSES
 
 use ladder_core::dataset::ImageFormat;
 use ladder_data::augment::{TrainTransform, sample_stream};
+use ladder_data::batch::normalize_into;
 use std::time::Instant;
 
 fn main() {
@@ -32,7 +32,7 @@ fn main() {
         randaugment_magnitude: 9.0,
         randaugment_layers: 2,
     };
-    let mut out = vec![0u8; 3 * size as usize * size as usize];
+    let mut out = vec![0f32; 3 * size as usize * size as usize];
     let start = Instant::now();
     let mut count = 0u64;
     for pass in 0..passes {
@@ -41,8 +41,12 @@ fn main() {
             let image = transform
                 .apply(bytes, ImageFormat::Jpeg, &mut rng)
                 .expect("decodes");
-            // Into the micro-batch as the loader places it (normalization runs on the device).
-            out.copy_from_slice(&image.pixels);
+            normalize_into(
+                &image,
+                [0.485, 0.456, 0.406],
+                [0.229, 0.224, 0.225],
+                &mut out,
+            );
             count += 1;
         }
     }

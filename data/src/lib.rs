@@ -2,6 +2,7 @@
 //! libtorch: the trainer uploads the finished batch buffers and normalizes them on the device.
 
 pub mod augment;
+pub mod batch;
 pub mod decode;
 pub mod image;
 pub mod import;

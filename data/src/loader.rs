@@ -24,6 +24,7 @@
 //! misread samples, so the loader stops the run ([`LoadError::ShardChanged`]) rather than skip.
 
 use crate::augment::{TrainTransform, eval_transform, sample_stream};
+use crate::batch::{HostMemory, PixelFormat, Pixels, plain_memory};
 use crate::decode::DecodeError;
 use ladder_core::dataset::{DatasetError, ImageFormat, Manifest};
 use ladder_core::sample_index::SampleIndex;
@@ -457,17 +458,18 @@ pub struct BatchRequest {
     pub seed: u64,
     pub epoch: u32,
     pub transform: Transform,
+    /// How the pixels are handed over (for the trainer's device).
+    pub pixels: PixelFormat,
     /// Labels must be below this.
     pub classes: u32,
 }
 
-/// A finished micro-batch: `images` is N x size x size x 3 bytes (RGB, NHWC) as decoded and
-/// augmented, a quarter of the bytes of float32; the trainer normalizes them on the device.
+/// A finished micro-batch: its images in the request's [`PixelFormat`].
 #[derive(Debug)]
 pub struct MicroBatch {
     /// The requested samples, in order (a skipped one's place holds another's pixels).
     pub ids: Vec<u64>,
-    pub images: Vec<u8>,
+    pub images: Pixels,
     pub labels: Vec<i64>,
     pub size: u32,
     pub skipped: Vec<Skip>,
@@ -503,6 +505,15 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 
 /// Reads, decodes and augments one micro-batch.
 pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch, LoadError> {
+    assemble_into(dataset, request, &plain_memory())
+}
+
+/// [`assemble`], the bytes of a [`PixelFormat::Bytes`] batch in `memory`'s buffers.
+pub fn assemble_into(
+    dataset: &Dataset,
+    request: &BatchRequest,
+    memory: &HostMemory,
+) -> Result<MicroBatch, LoadError> {
     let (raw, reads) = dataset.read(&request.ids);
     let changed = raw
         .iter()
@@ -532,14 +543,14 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         };
         result.map_err(SkipReason::Undecodable)
     };
-    let mut images = vec![0u8; raw.len() * plane];
+    let mut images = Pixels::new(request.pixels, raw.len(), plane, memory);
     let mut labels = vec![0i64; raw.len()];
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for (position, sample) in raw.iter().enumerate() {
         match decode(sample, sample.id) {
             Ok(image) => {
-                images[position * plane..(position + 1) * plane].copy_from_slice(&image.pixels);
+                images.place(request.pixels, position, &image);
                 labels[position] = sample.label as i64;
             }
             Err(reason) => {
@@ -566,7 +577,7 @@ pub fn assemble(dataset: &Dataset, request: &BatchRequest) -> Result<MicroBatch,
         let image =
             decode(&raw[donor], raw[position].id).or_else(|_| decode(&raw[donor], raw[donor].id));
         let image = image.expect("the donor decoded once already");
-        images[position * plane..(position + 1) * plane].copy_from_slice(&image.pixels);
+        images.place(request.pixels, position, &image);
         labels[position] = raw[donor].label as i64;
     }
     Ok(MicroBatch {
@@ -596,7 +607,11 @@ struct Queue {
 }
 
 fn batch_bytes(request: &BatchRequest) -> usize {
-    request.ids.len() * 3 * request.transform.size().pow(2) as usize * 4
+    let per_value = match request.pixels {
+        PixelFormat::Bytes => 1,
+        PixelFormat::Normalized { .. } => std::mem::size_of::<f32>(),
+    };
+    request.ids.len() * 3 * request.transform.size().pow(2) as usize * per_value
 }
 
 /// Assembles micro-batches on a pool of threads, ahead of time and in order.
@@ -616,6 +631,18 @@ impl Loader {
         prefetch_bytes: usize,
         requests: impl Iterator<Item = BatchRequest> + Send + 'static,
     ) -> Loader {
+        Loader::with_memory(dataset, threads, prefetch_bytes, requests, plain_memory())
+    }
+
+    /// [`Loader::new`], writing the bytes of [`PixelFormat::Bytes`] batches into `memory`'s
+    /// buffers (page-locked ones, for uploads to a GPU that do not wait).
+    pub fn with_memory(
+        dataset: Arc<Dataset>,
+        threads: usize,
+        prefetch_bytes: usize,
+        requests: impl Iterator<Item = BatchRequest> + Send + 'static,
+        memory: HostMemory,
+    ) -> Loader {
         let boxed: Box<dyn Iterator<Item = BatchRequest> + Send> = Box::new(requests);
         let state = Arc::new((
             Mutex::new(Queue {
@@ -632,7 +659,7 @@ impl Loader {
         ));
         let workers = (0..threads.max(1))
             .map(|_| {
-                let (state, dataset) = (state.clone(), dataset.clone());
+                let (state, dataset, memory) = (state.clone(), dataset.clone(), memory.clone());
                 std::thread::spawn(move || {
                     let (lock, ready) = &*state;
                     loop {
@@ -677,7 +704,7 @@ impl Loader {
                             }
                         };
                         let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            assemble(&dataset, &request)
+                            assemble_into(&dataset, &request, &memory)
                         }))
                         .unwrap_or_else(|panic| Err(LoadError::Panicked(panic_message(panic))));
                         lock.lock().expect("loader lock").done.insert(seq, batch);

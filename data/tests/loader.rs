@@ -4,8 +4,9 @@
 
 use ladder_core::dataset;
 use ladder_data::augment::TrainTransform;
+use ladder_data::batch::{HostBuffer, HostMemory, PixelFormat, Pixels};
 use ladder_data::loader::{
-    BatchRequest, Dataset, LoadError, Loader, SkipReason, Transform, assemble,
+    BatchRequest, Dataset, LoadError, Loader, MicroBatch, SkipReason, Transform, assemble,
 };
 use ladder_data::synth;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,16 @@ fn request(ids: Vec<u64>, epoch: u32, transform: Transform) -> BatchRequest {
         seed: 7,
         epoch,
         transform,
+        pixels: PixelFormat::Bytes,
         classes: 4,
+    }
+}
+
+/// A micro-batch's pixels as handed over for a GPU.
+fn bytes(batch: &MicroBatch) -> &[u8] {
+    match &batch.images {
+        Pixels::Bytes(all) => all.as_slice(),
+        Pixels::Normalized(_) => panic!("requested as bytes"),
     }
 }
 
@@ -45,15 +55,15 @@ fn a_sample_gets_the_same_pixels_in_any_micro_batch() {
     let plane = 3 * 64 * 64;
     let together = assemble(&data, &request(vec![3, 17, 9, 22], 2, train(64))).unwrap();
     let alone = assemble(&data, &request(vec![9], 2, train(64))).unwrap();
-    assert_eq!(together.images.len(), 4 * plane);
+    assert_eq!(bytes(&together).len(), 4 * plane);
     assert_eq!(
         together.labels,
         vec![3, 1, 1, 2],
         "labels follow the ids (index % 4)"
     );
     assert_eq!(
-        &together.images[2 * plane..3 * plane],
-        &alone.images[..],
+        &bytes(&together)[2 * plane..3 * plane],
+        bytes(&alone),
         "sample 9"
     );
     let again = assemble(&data, &request(vec![3, 17, 9, 22], 2, train(64))).unwrap();
@@ -65,8 +75,8 @@ fn a_sample_gets_the_same_pixels_in_any_micro_batch() {
     );
     let eval = assemble(&data, &request(vec![9, 9], 2, Transform::Eval(96))).unwrap();
     assert_eq!(
-        eval.images[..3 * 96 * 96],
-        eval.images[3 * 96 * 96..],
+        bytes(&eval)[..3 * 96 * 96],
+        bytes(&eval)[3 * 96 * 96..],
         "eval is deterministic"
     );
     assert!(together.skipped.is_empty());
@@ -106,7 +116,7 @@ fn bad_samples_are_skipped_counted_reported_and_filled_deterministically() {
     let req = request((0..6).collect(), 0, train(48));
     let batch = assemble(&data, &req).unwrap();
     assert_eq!(
-        batch.images.len(),
+        bytes(&batch).len(),
         6 * 3 * 48 * 48,
         "the micro-batch keeps its shape"
     );
@@ -150,8 +160,8 @@ fn bad_samples_are_skipped_counted_reported_and_filled_deterministically() {
     assert_eq!(batch.images, again.images, "filled the same way every time");
     let plane = 3 * 48 * 48;
     assert_ne!(
-        batch.images[plane..2 * plane],
-        batch.images[5 * plane..],
+        bytes(&batch)[plane..2 * plane],
+        bytes(&batch)[5 * plane..],
         "a fresh view of the donor"
     );
 
@@ -310,6 +320,53 @@ fn the_loader_delivers_in_order_across_a_stage_switch() {
     // Dropped half-way, the loader stops its threads.
     let partial = Loader::new(data.clone(), 2, 1 << 20, requests.into_iter());
     assert!(partial.next().is_some());
+}
+
+/// Memory a test hands the loader, known by its owner.
+struct Provided;
+
+/// A trainer for a GPU hands the loader its own (page-locked) memory: every byte batch is
+/// written there, in full, and comes back in it.
+#[test]
+fn byte_batches_are_written_into_the_memory_the_trainer_provides() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Arc::new(synth_dataset(dir.path()));
+    let requests: Vec<BatchRequest> = (0..4u64)
+        .map(|k| request(vec![k * 4, k * 4 + 1, k * 4 + 2, k * 4 + 3], 0, train(32)))
+        .collect();
+    let given = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = given.clone();
+    let memory: HostMemory = Arc::new(move |len| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut bytes = vec![0xa5u8; len].into_boxed_slice();
+        let ptr = bytes.as_mut_ptr();
+        // SAFETY: the boxed slice's block does not move and is reached only through the
+        // buffer, which owns it (with the marker beside it).
+        unsafe { HostBuffer::new(ptr, len, Box::new((Provided, bytes))) }
+    });
+    let loader = Loader::with_memory(
+        data.clone(),
+        2,
+        1 << 20,
+        requests.clone().into_iter(),
+        memory,
+    );
+    for req in &requests {
+        let batch = loader.next().unwrap().unwrap();
+        let Pixels::Bytes(buffer) = &batch.images else {
+            panic!("asked for bytes")
+        };
+        assert!(buffer.owner().is::<(Provided, Box<[u8]>)>());
+        assert_eq!(
+            batch.images,
+            assemble(&data, req).unwrap().images,
+            "every byte written"
+        );
+    }
+    assert_eq!(
+        given.load(std::sync::atomic::Ordering::SeqCst),
+        requests.len()
+    );
 }
 
 /// `loader.next()`, or a failure if it does not answer within 60 s (a hang fails the test

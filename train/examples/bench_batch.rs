@@ -1,24 +1,15 @@
 //! Measures the two ways a micro-batch can reach libtorch on CPU: float32 NCHW normalized by
-//! the loader threads (how Ladder did it before), or uint8 NHWC handed over as is and
-//! normalized by libtorch (`ladder_train::input`, how it does now: on a GPU, by the device).
+//! the loader threads (what a CPU worker does), or uint8 NHWC handed over as is and normalized
+//! by libtorch (`ladder_train::input`, what a GPU worker's device does).
 //! Prints microseconds per micro-batch for each, one JSON line.
 //!
 //! usage: bench_batch SIZE BATCH ROUNDS
 
+use ladder_data::batch::normalize_into;
 use ladder_data::image::Image;
 use ladder_train::input::Normalization;
 use std::time::Instant;
 use tch::{Device, Tensor};
-
-/// The loader threads' normalization before it moved to the device.
-fn normalize_into(image: &Image, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
-    let plane = out.len() / 3;
-    for (i, px) in image.pixels.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = px[c] as f32 * (1.0 / (255.0 * std[c])) - mean[c] / std[c];
-        }
-    }
-}
 
 fn main() {
     let args: Vec<u32> = std::env::args()

@@ -61,4 +61,15 @@ at::Tensor* ladder_pin_memory(const at::Tensor* t) {
     return nullptr;
   }
 }
+
+// `bytes` zeroed page-locked bytes (uint8) from libtorch's caching host allocator, or nullptr
+// when they cannot be had (libtorch without CUDA).
+at::Tensor* ladder_zeros_pinned(int64_t bytes) {
+  try {
+    auto options = at::TensorOptions().dtype(at::kByte).pinned_memory(true);
+    return new at::Tensor(at::zeros({bytes}, options));
+  } catch (...) {
+    return nullptr;
+  }
+}
 }

@@ -10,8 +10,10 @@ use ladder_core::sample::{EpochOrder, SamplePlan, rank_micro_batches};
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::StagePlan;
 use ladder_data::augment::TrainTransform;
+use ladder_data::batch::PixelFormat;
 use ladder_data::loader::{BatchRequest, Transform};
 use std::sync::Arc;
+use tch::Device;
 
 /// A place in the run: the next step to train, `step` of `epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,13 +37,34 @@ impl Cursor {
     }
 }
 
-/// The seed and label range every request of a job shares.
-fn request(spec: &JobSpec, ids: Vec<u64>, epoch: u32, transform: Transform) -> BatchRequest {
+/// How micro-batches reach `device`: as decoded bytes for a GPU, which normalizes them itself
+/// (see [`crate::input`]), normalized by the loader threads for the CPU.
+pub fn pixel_format(spec: &JobSpec, device: Device) -> PixelFormat {
+    if device.is_cuda() {
+        PixelFormat::Bytes
+    } else {
+        let f = |v: [f64; 3]| v.map(|x| x as f32);
+        PixelFormat::Normalized {
+            mean: f(spec.data.mean),
+            std: f(spec.data.std),
+        }
+    }
+}
+
+/// The seed, pixel format and label range every request of a job shares.
+fn request(
+    spec: &JobSpec,
+    ids: Vec<u64>,
+    epoch: u32,
+    transform: Transform,
+    pixels: PixelFormat,
+) -> BatchRequest {
     BatchRequest {
         ids,
         seed: spec.schedule.seed,
         epoch,
         transform,
+        pixels,
         classes: spec.model.classes,
     }
 }
@@ -60,6 +83,7 @@ pub fn train_requests(
     rank: u32,
     world: u32,
     from: Cursor,
+    pixels: PixelFormat,
 ) -> impl Iterator<Item = BatchRequest> + Send + 'static {
     let epochs = stages.epochs.len() as u32;
     (from.epoch..epochs).flat_map(move |epoch| {
@@ -76,7 +100,10 @@ pub fn train_requests(
         steps.flat_map(move |step| {
             let order = order.get_or_insert_with(|| EpochOrder::new(plan.clone(), epoch));
             rank_micro_batches(micro_per_step, rank, world)
-                .map(|k| request(&spec, order.micro_batch(step, micro, k), epoch, transform))
+                .map(|k| {
+                    let ids = order.micro_batch(step, micro, k);
+                    request(&spec, ids, epoch, transform, pixels)
+                })
                 .collect::<Vec<_>>()
         })
     })
@@ -91,9 +118,10 @@ pub fn eval_requests(
     batch: u32,
     rank: u32,
     world: u32,
+    pixels: PixelFormat,
 ) -> Vec<BatchRequest> {
     let ids: Vec<u64> = (rank as u64..samples).step_by(world as usize).collect();
     ids.chunks(batch as usize)
-        .map(|chunk| request(spec, chunk.to_vec(), 0, Transform::Eval(size)))
+        .map(|chunk| request(spec, chunk.to_vec(), 0, Transform::Eval(size), pixels))
         .collect()
 }

@@ -1,6 +1,7 @@
-//! A micro-batch onto the device: the loader's uint8 NHWC pixels are uploaded as they are (a
-//! quarter of float32's bytes, through page-locked memory on CUDA) and normalized and laid out
-//! there, by the device's own kernels instead of the host's.
+//! A micro-batch onto the device. For a GPU the loader's uint8 NHWC pixels are uploaded as
+//! they are (a quarter of float32's bytes, through page-locked memory) and normalized and laid
+//! out there, by the device's own kernels; for the CPU the loader threads normalized them
+//! already (see [`ladder_data::batch`]), and they are only laid out.
 //!
 //! Normalization is `pixel * scale + bias` per channel, with `scale = 1 / (255 std)` and
 //! `bias = -mean / std` in float32: the formula (and so the numbers) the loader threads used
@@ -8,6 +9,7 @@
 //! layout of a bfloat16 run; a float32 run's standard layout costs one copy on the device.
 
 use crate::precision::{self, Precision};
+use ladder_data::batch::Pixels;
 use ladder_data::loader::MicroBatch;
 use tch::{Device, Kind, Tensor};
 
@@ -38,11 +40,6 @@ impl Normalization {
     }
 }
 
-/// Bytes uploaded per image of `size` pixels square.
-pub fn upload_bytes(size: u32) -> u64 {
-    3 * u64::from(size) * u64::from(size)
-}
-
 /// `batch` on `device`: its images normalized and laid out for `precision`, and its labels.
 pub fn to_device(
     batch: &MicroBatch,
@@ -52,8 +49,23 @@ pub fn to_device(
 ) -> (Tensor, Tensor) {
     let n = batch.labels.len() as i64;
     let size = batch.size as i64;
-    let pixels = precision::upload_slice(&batch.images, &[n, size, size, 3], device);
-    let images = precision.lay_out_images(normalization.apply(&pixels));
+    let images = match &batch.images {
+        Pixels::Bytes(buffer) => {
+            let shape = [n, size, size, 3];
+            // Written by the loader threads into page-locked memory: uploaded from there as is.
+            let pixels = match buffer.owner().downcast_ref::<Tensor>() {
+                Some(pinned) if device.is_cuda() => {
+                    pinned
+                        .view(shape)
+                        .to_device_(device, Kind::Uint8, true, false)
+                }
+                _ => precision::upload_slice(buffer.as_slice(), &shape, device),
+            };
+            normalization.apply(&pixels)
+        }
+        Pixels::Normalized(images) => precision::upload_slice(images, &[n, 3, size, size], device),
+    };
+    let images = precision.lay_out_images(images);
     let labels = precision::upload_slice(&batch.labels, &[n], device);
     (images, labels)
 }
@@ -61,6 +73,7 @@ pub fn to_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ladder_data::batch::HostBuffer;
 
     /// The normalization the loader threads ran on the host before it moved to the device,
     /// written out: `(pixel / 255 - mean) / std` as `pixel * scale + bias`, channel-major.
@@ -76,24 +89,27 @@ mod tests {
     }
 
     #[test]
-    fn normalized_on_the_device_as_on_the_host_in_a_quarter_of_the_bytes() {
+    fn bytes_normalized_on_the_device_match_the_loaders_floats_in_a_quarter_of_the_bytes() {
         let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
         let (size, n) = (5u32, 2usize);
         let plane = 3 * (size * size) as usize;
         let pixels: Vec<u8> = (0..n * plane).map(|i| (i * 37 % 256) as u8).collect();
-        let batch = MicroBatch {
+        let batch = |images| MicroBatch {
             ids: vec![0, 1],
-            images: pixels.clone(),
+            images,
             labels: vec![3, 4],
             size,
             skipped: vec![],
             reads: Default::default(),
         };
+        let mut buffer = HostBuffer::plain(pixels.len());
+        buffer.as_mut_slice().copy_from_slice(&pixels);
+        let bytes = batch(Pixels::Bytes(buffer));
         let normalization = Normalization::new(mean, std, Device::Cpu);
         let f = |v: [f64; 3]| v.map(|x| x as f32);
         let (mean, std) = (f(mean), f(std));
         for precision in [Precision::Float32, Precision::Bfloat16] {
-            let (images, labels) = to_device(&batch, Device::Cpu, precision, &normalization);
+            let (images, labels) = to_device(&bytes, Device::Cpu, precision, &normalization);
             assert_eq!(images.size(), [2, 3, 5, 5]);
             assert_eq!(
                 precision::is_channels_last(&images),
@@ -111,11 +127,17 @@ mod tests {
             }
             assert_eq!(Vec::<i64>::try_from(&labels).unwrap(), [3, 4]);
         }
-        assert_eq!(batch.images.len() as u64, n as u64 * upload_bytes(size));
-        assert_eq!(
-            upload_bytes(size) * 4,
-            (plane * std::mem::size_of::<f32>()) as u64,
-            "a quarter of float32's bytes"
-        );
+        // The loader's normalization for the CPU: the same numbers, four times the bytes.
+        let host: Vec<f32> = pixels
+            .chunks_exact(plane)
+            .flat_map(|image| on_the_host(image, mean, std))
+            .collect();
+        let floats = batch(Pixels::Normalized(host));
+        assert_eq!(floats.images.bytes(), 4 * bytes.images.bytes());
+        assert_eq!(bytes.images.bytes(), n * plane);
+        let (from_host, _) = to_device(&floats, Device::Cpu, Precision::Float32, &normalization);
+        let (on_device, _) = to_device(&bytes, Device::Cpu, Precision::Float32, &normalization);
+        let worst = (from_host - on_device).abs().max().double_value(&[]);
+        assert!(worst <= 1e-6, "off by {worst:e}");
     }
 }

@@ -5,6 +5,8 @@
 //! time.
 
 use crate::flat::Layout;
+use ladder_data::batch::{HostBuffer, HostMemory};
+use std::sync::Arc;
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
@@ -64,6 +66,25 @@ unsafe extern "C" {
     fn ladder_autocast_exit(device: i32, was_enabled: i32, previous_dtype: i32) -> i32;
     fn ladder_autocast_enabled(device: i32) -> i32;
     fn ladder_pin_memory(tensor: *const C_tensor) -> *mut C_tensor;
+    fn ladder_zeros_pinned(bytes: i64) -> *mut C_tensor;
+}
+
+/// Page-locked memory for the loader threads to write micro-batches into (the upload from it
+/// then neither copies on the host nor waits); plain vectors where libtorch has none to give.
+pub fn page_locked_memory() -> HostMemory {
+    Arc::new(|len| {
+        // SAFETY: the shim returns a new tensor that we own, or null.
+        let tensor = unsafe { ladder_zeros_pinned(len as i64) };
+        if tensor.is_null() {
+            return HostBuffer::plain(len);
+        }
+        // SAFETY: non-null: a heap tensor from the shim, owned by nobody else.
+        let tensor = unsafe { Tensor::from_ptr(tensor) };
+        let ptr = tensor.data_ptr().cast::<u8>();
+        // SAFETY: `len` zeroed bytes of the tensor, which the buffer owns; nothing else holds
+        // the tensor until the buffer's consumer reads it back (see `input::to_device`).
+        unsafe { HostBuffer::new(ptr, len, Box::new(tensor)) }
+    })
 }
 
 /// A page-locked copy of the host tensor `x`, which a GPU copies from at full speed and

@@ -160,3 +160,28 @@ fn a_panic_inside_an_autocast_region_leaves_it() {
         "the thread no longer autocasts after the panic"
     );
 }
+
+/// The loader's memory for a GPU: zeroed, writable bytes that are the page-locked tensor's
+/// own (no copy between them); plain bytes where libtorch can pin none (no CUDA device here).
+#[test]
+fn page_locked_memory_is_the_tensors_own_bytes_or_plain_without_cuda() {
+    let memory = ladder_train::precision::page_locked_memory();
+    let mut buffer = memory(4096);
+    assert!(buffer.as_slice().iter().all(|&b| b == 0));
+    buffer.as_mut_slice()[7] = 9;
+    assert_eq!(buffer.as_slice()[7], 9);
+    match buffer.owner().downcast_ref::<Tensor>() {
+        Some(pinned) => {
+            assert_eq!(
+                pinned.int64_value(&[7]),
+                9,
+                "the buffer is the tensor's memory"
+            );
+            assert!(pinned.is_pinned(Device::Cuda(0)));
+        }
+        None => assert!(
+            !tch::Cuda::is_available(),
+            "CUDA is here, but the memory is not page-locked"
+        ),
+    }
+}

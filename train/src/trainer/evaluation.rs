@@ -32,6 +32,7 @@ impl Trainer {
             batch,
             self.job.rank,
             self.job.world_size,
+            feed::pixel_format(&self.spec, self.options.device),
         );
         let loader = self.loader(&eval_set, requests.into_iter());
         let live = (self.flat.params.copy(), self.flat.buffers.copy());

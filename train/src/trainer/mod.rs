@@ -40,7 +40,7 @@ use crate::flat::FlatState;
 use crate::input::Normalization;
 use crate::model::{EfficientNetV2, Regularization};
 use crate::optim::RmsProp;
-use crate::precision::Precision;
+use crate::precision::{self, Precision};
 use crate::pretrained;
 use ladder_collective::{Collective, CollectiveError};
 use ladder_core::learning_rate::LearningRate;
@@ -48,6 +48,7 @@ use ladder_core::location::CheckpointId;
 use ladder_core::sample::SamplePlan;
 use ladder_core::spec::JobSpec;
 use ladder_core::stage::{EpochParams, StagePlan};
+use ladder_data::batch::plain_memory;
 use ladder_data::loader::{Dataset, Loader};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
@@ -310,11 +311,18 @@ impl Trainer {
             0 => self.options.decode_threads,
             n => n as usize,
         };
-        Loader::new(
+        // For a GPU, the loader threads write bytes straight into page-locked memory.
+        let memory = if self.options.device.is_cuda() {
+            precision::page_locked_memory()
+        } else {
+            plain_memory()
+        };
+        Loader::with_memory(
             dataset.clone(),
             decode_threads,
             self.spec.data.prefetch_mb as usize * (1 << 20),
             requests,
+            memory,
         )
     }
 
@@ -331,6 +339,7 @@ impl Trainer {
                 rank,
                 world,
                 self.start,
+                feed::pixel_format(&self.spec, self.options.device),
             ),
         );
         let stages = self.stages.clone();

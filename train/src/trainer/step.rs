@@ -53,7 +53,9 @@ impl Trainer {
 
     /// `batch` on the device, normalized and laid out there; its bytes counted.
     pub(super) fn to_device(&self, batch: &MicroBatch) -> (Tensor, Tensor) {
-        self.options.instruments.uploaded(batch.images.len() as u64);
+        self.options
+            .instruments
+            .uploaded(batch.images.bytes() as u64);
         input::to_device(
             batch,
             self.options.device,
