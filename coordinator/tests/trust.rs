@@ -417,6 +417,29 @@ async fn a_spec_naming_a_device_or_a_fifo_as_its_manifest_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn a_spec_whose_class_count_is_not_the_datasets_is_refused_with_both_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _, _) = coordinator_with_job(dir.path(), 1).await;
+    // The spec says 10 classes; the datasets have 12 and 8.
+    for classes in [12, 8] {
+        let data = dir.path().join(format!("data-{classes}"));
+        let manifest = ladder_testkit::write_dataset(&data, 2, 24, classes);
+        let spec = ladder_testkit::write_spec(&data, "classes", &manifest, (1, 1));
+        let spec = ladder_core::spec::JobSpec::load(&spec).unwrap();
+        let refused = coordinator
+            .submit(&spec.to_toml())
+            .await
+            .map(|_| ())
+            .expect_err("refused");
+        assert!(
+            matches!(&refused, CoordinatorError::Invalid(m)
+                if m.contains("model.classes = 10") && m.contains(&format!("has {classes} classes"))),
+            "{refused}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn only_a_worker_that_left_is_answered_as_gone_when_it_says_so_again() {
     let dir = tempfile::tempdir().unwrap();
     let (coordinator, _, _) = coordinator_with_job(dir.path(), 2).await;

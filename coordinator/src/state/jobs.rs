@@ -276,11 +276,15 @@ fn check_checkpoint_dir(dir: &Path, id: &str) -> std::result::Result<(), String>
 fn check_data(spec: &JobSpec) -> Result<u64> {
     let manifest = Manifest::load(&spec.data.manifest)
         .map_err(|e| CoordinatorError::Invalid(format!("data.manifest: {e}")))?;
-    if manifest.classes > spec.model.classes {
+    // Fewer outputs than classes cannot learn the dataset's labels, and more leave outputs no
+    // label ever trains (a 21k head on a 1k fine-tuning set, say): either is a wrong spec.
+    if manifest.classes != spec.model.classes {
         return Err(CoordinatorError::Invalid(format!(
-            "model.classes = {}: the dataset {} has {} classes",
+            "model.classes = {}, but the dataset {} has {} classes: set model.classes = {} \
+             (or index the dataset with `ladder dataset index --classes N` if it lacks some)",
             spec.model.classes,
             spec.data.manifest.display(),
+            manifest.classes,
             manifest.classes
         )));
     }
