@@ -199,7 +199,10 @@ enum DatasetCommand {
     /// manifests: DEST/train/ and, held out from it, DEST/val/; DEST/classes.json names the
     /// classes.
     Import {
-        /// One folder per class, holding its JPEG or PNG images.
+        /// ImageNet as it comes: an ImageFolder tree (one folder per class), a directory of
+        /// per-synset tars (n01440764.tar ...), a tar of them (ILSVRC2012_img_train.tar,
+        /// fall11_whole.tar; a .tar.gz gunzipped first), read in place; or a tar of images
+        /// with --labels (ILSVRC2012_img_val.tar).
         source: PathBuf,
         /// A new or empty directory.
         dest: PathBuf,
@@ -221,6 +224,10 @@ enum DatasetCommand {
         /// truncated download still starts like a JPEG. Slower.
         #[arg(long)]
         verify: bool,
+        /// The labels of a tar of images: Kaggle's LOC_val_solution.csv (ImageId,
+        /// PredictionString, the wnid first).
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
     /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
@@ -538,6 +545,7 @@ async fn run(cli: Cli) -> Result<()> {
             held_out,
             min_class_images,
             verify,
+            labels,
         }) => {
             let options = ladder_data::import::ImportOptions {
                 shard_samples: *shard_samples,
@@ -546,7 +554,7 @@ async fn run(cli: Cli) -> Result<()> {
                 min_class_images: *min_class_images,
                 verify: *verify,
             };
-            let report = ladder_data::import::import(source, dest, options)?;
+            let report = ladder_data::import::import(source, dest, options, labels.as_deref())?;
             for skipped in &report.skipped {
                 eprintln!("warning: {skipped}");
             }

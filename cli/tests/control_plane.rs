@@ -1119,7 +1119,7 @@ fn dataset_synth_and_import_write_indexed_shards() {
         dir.path().join("refused").to_str().unwrap(),
     ]);
     assert!(
-        refused.contains("class folder(s) with no usable image: n99999999"),
+        refused.contains("class(es) with no usable image: n99999999"),
         "{refused}"
     );
     std::fs::remove_dir_all(tree.join("n99999999")).unwrap();

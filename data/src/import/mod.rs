@@ -1,7 +1,10 @@
-//! `ladder dataset import`: an ImageFolder tree (ImageNet's `train/<wnid>/*.JPEG`) to WebDataset
-//! shards, their indexes, a manifest and a class map, with a held-out split made on the way.
+//! `ladder dataset import`: ImageNet as people have it ([`sources`]: an ImageFolder tree, a
+//! directory of per-synset tars, a tar of them, or a tar of images with a labels file) to
+//! WebDataset shards, their indexes, a manifest and a class map, with a held-out split made
+//! on the way.
 //!
-//! Classes are the sub-directories in name order (as torchvision's ImageFolder numbers them).
+//! Classes are numbered in name order (wnids sorted, as torchvision's ImageFolder numbers
+//! them).
 //! ImageNet-21k has no validation split, so the import makes one: `held_out` images of each
 //! class (drawn with the seed) go to `DEST/val/`, the rest to `DEST/train/`; a class with no
 //! more than `held_out` images trains on all of them (the summary counts such classes). With
@@ -11,10 +14,14 @@
 //! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
 //! extension are reported and left out, and with `verify` so are images that do not decode.
 
+pub mod sources;
+
 use crate::synth::append;
 use ladder_core::dataset::{self, DatasetError, ImageFormat, IndexReport};
 use ladder_core::rng::Stream;
-use std::path::{Path, PathBuf};
+use sources::Bytes;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 const IMPORT_STREAM: u64 = 0x494d_5052; // "IMPR"
 
@@ -47,35 +54,26 @@ pub struct ImportReport {
     pub skipped: Vec<String>,
 }
 
-/// `jpg` or `png` by the file's first bytes (whatever its extension says); None when it is
+/// `jpg` or `png` by an image's first bytes (whatever its name says); None when it is
 /// neither, or empty.
-fn image_format(path: &Path) -> std::io::Result<Option<&'static str>> {
-    let mut head = [0u8; 8];
-    let mut file = std::fs::File::open(path)?;
-    let mut read = 0;
-    while read < head.len() {
-        match std::io::Read::read(&mut file, &mut head[read..])? {
-            0 => break,
-            n => read += n,
-        }
-    }
-    Ok(if head[..read].starts_with(&[0xff, 0xd8, 0xff]) {
+fn image_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(&[0xff, 0xd8, 0xff]) {
         Some("jpg")
-    } else if head[..read] == *b"\x89PNG\r\n\x1a\n" {
+    } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
         Some("png")
     } else {
         None
-    })
+    }
 }
 
-/// Why the image at `path` (`jpg` or `png`) does not decode whole, if it does not: what
-/// training would skip in every epoch.
-fn undecodable(path: &Path, format: &str) -> Option<String> {
+/// Why the image (`jpg` or `png`) does not decode whole, if it does not: what training would
+/// skip in every epoch.
+fn undecodable(bytes: &Bytes, format: &str) -> Option<String> {
     let format = match format {
         "png" => ImageFormat::Png,
         _ => ImageFormat::Jpeg,
     };
-    let bytes = match std::fs::read(path) {
+    let bytes = match bytes.read(None) {
         Ok(bytes) => bytes,
         Err(e) => return Some(e.to_string()),
     };
@@ -84,11 +82,13 @@ fn undecodable(path: &Path, format: &str) -> Option<String> {
         .map(|e| e.to_string())
 }
 
-/// Imports the ImageFolder tree at `source` into `destination` (see the module's doc).
+/// Imports `source` into `destination` (see the module's doc); `labels` names the labels
+/// file of a tar of images.
 pub fn import(
     source: &Path,
     destination: &Path,
     options: ImportOptions,
+    labels: Option<&Path>,
 ) -> Result<ImportReport, DatasetError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -101,69 +101,65 @@ pub fn import(
     ] {
         dataset::ensure_no_shards(&dir)?;
     }
-    let mut classes: Vec<String> = Vec::new();
-    for entry in std::fs::read_dir(source).map_err(io(source))? {
-        let entry = entry.map_err(io(source))?;
-        if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
-            classes.push(entry.file_name().to_string_lossy().into_owned());
+    let listing = sources::list(source, labels)?;
+    let classes = listing.classes;
+    let mut skipped = listing.skipped;
+    let label_of: BTreeMap<&str, u32> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
+    let mut files: Vec<(Bytes, u32, &'static str)> = Vec::new();
+    let mut usable = vec![false; classes.len()];
+    for found in listing.images {
+        let ext = Path::new(&found.file_name)
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
+            skipped.push(format!(
+                "{}: not a .jpg, .jpeg or .png file; left out",
+                found.name
+            ));
+            continue;
+        }
+        let head = found
+            .bytes
+            .read(Some(8))
+            .map_err(|e| DatasetError::Format {
+                path: source.to_owned(),
+                what: "import source",
+                message: format!("{}: {e}", found.name),
+            })?;
+        let label = label_of[found.class.as_str()];
+        match image_format(&head) {
+            Some(format) => match options.verify.then(|| undecodable(&found.bytes, format)) {
+                Some(Some(why)) => {
+                    skipped.push(format!("{}: does not decode ({why}); left out", found.name))
+                }
+                _ => {
+                    usable[label as usize] = true;
+                    files.push((found.bytes, label, format));
+                }
+            },
+            None => skipped.push(format!(
+                "{}: empty, or not a JPEG or PNG image by its first bytes; left out",
+                found.name
+            )),
         }
     }
-    classes.sort();
-    if classes.is_empty() {
-        return Err(DatasetError::Format {
-            path: source.to_owned(),
-            what: "ImageFolder tree",
-            message: "it has no class sub-directories".into(),
-        });
-    }
-    let mut files: Vec<(PathBuf, u32, &'static str)> = Vec::new();
-    let mut skipped = Vec::new();
-    let mut empty_classes = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let dir = source.join(class);
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .map(|e| e.map(|e| e.path()).map_err(io(&dir)))
-            .collect::<Result<_, _>>()?;
-        names.sort();
-        let before = files.len();
-        for path in names {
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase());
-            if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
-                skipped.push(format!(
-                    "{}: not a .jpg, .jpeg or .png file; left out",
-                    path.display()
-                ));
-                continue;
-            }
-            match image_format(&path).map_err(io(&path))? {
-                Some(format) if options.verify => match undecodable(&path, format) {
-                    Some(why) => skipped.push(format!(
-                        "{}: does not decode ({why}); left out",
-                        path.display()
-                    )),
-                    None => files.push((path, label as u32, format)),
-                },
-                Some(format) => files.push((path, label as u32, format)),
-                None => skipped.push(format!(
-                    "{}: empty, or not a JPEG or PNG image by its first bytes; left out",
-                    path.display()
-                )),
-            }
-        }
-        if files.len() == before {
-            empty_classes.push(class.as_str());
-        }
-    }
+    let empty_classes: Vec<&str> = classes
+        .iter()
+        .zip(&usable)
+        .filter(|(_, u)| !**u)
+        .map(|(c, _)| c.as_str())
+        .collect();
     if !empty_classes.is_empty() {
         // torchvision's ImageFolder refuses these too: a label with no image.
         return Err(DatasetError::Format {
             path: source.to_owned(),
-            what: "ImageFolder tree",
+            what: "import source",
             message: format!(
-                "class folder(s) with no usable image: {}",
+                "class(es) with no usable image: {}",
                 empty_classes.join(", ")
             ),
         });
@@ -220,7 +216,7 @@ pub fn import(
         taken[l] += hold as u32;
         hold
     });
-    let write = |dir: &Path, files: &[(PathBuf, u32, &'static str)]| {
+    let write = |dir: &Path, files: &[(Bytes, u32, &'static str)]| {
         write_shards(dir, files, options.shard_samples)?;
         dataset::index_dir(dir, Some(classes.len() as u32))
     };
@@ -244,10 +240,10 @@ pub fn import(
     })
 }
 
-/// Writes `files` (path, label, extension) into `dir` as shards of `shard_samples`.
+/// Writes `files` (bytes, label, extension) into `dir` as shards of `shard_samples`.
 fn write_shards(
     dir: &Path,
-    files: &[(PathBuf, u32, &'static str)],
+    files: &[(Bytes, u32, &'static str)],
     shard_samples: u32,
 ) -> Result<(), DatasetError> {
     let io = |path: &Path| {
@@ -259,7 +255,7 @@ fn write_shards(
         let path = dir.join(format!("shard-{shard:06}.tar"));
         let mut tar = tar::Builder::new(std::fs::File::create(&path).map_err(io(&path))?);
         for (i, (file, label, ext)) in chunk.iter().enumerate() {
-            let bytes = std::fs::read(file).map_err(io(file))?;
+            let bytes = file.read(None).map_err(io(&path))?;
             let key = format!("{:08}", shard * shard_samples as usize + i);
             append(&mut tar, &format!("{key}.{ext}"), &bytes).map_err(io(&path))?;
             append(

@@ -1,0 +1,140 @@
+//! `ladder dataset import` on ImageNet's release layouts, made in small by Python's tarfile and
+//! Pillow (`imagenet_layouts.py`): a directory of per-synset tars, a tar of them read in place,
+//! and ILSVRC-2012's val tar with Kaggle's labels. Each import has the expected classes and
+//! samples, reports every oddity it left out, and every sample it kept reads through the loader
+//! with nothing skipped that decodes.
+
+use ladder_core::dataset::Manifest;
+use ladder_data::batch::PixelFormat;
+use ladder_data::loader::{BatchRequest, Dataset, Transform, assemble};
+use ladder_testkit::binary;
+use std::path::Path;
+use std::process::Command;
+
+const WNIDS: [&str; 3] = ["n01440764", "n01443537", "n01484850"];
+
+/// `ladder dataset import ARGS...`: (success, stdout and stderr).
+fn import(args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary("ladder"))
+        .args(["dataset", "import", "--held-out", "0"])
+        .args(args)
+        .output()
+        .expect("running ladder");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn classes(dest: &Path) -> Vec<String> {
+    serde_json::from_slice(&std::fs::read(dest.join("classes.json")).unwrap()).unwrap()
+}
+
+/// The imported training split's samples, each read and decoded through the loader (the
+/// labels they carry, in sample order); fails on any skip.
+fn read_all(dest: &Path) -> Vec<i64> {
+    let manifest = dest.join("train/manifest.json");
+    let samples = Manifest::load(&manifest).unwrap().total_samples;
+    let data = Dataset::open(&manifest).unwrap();
+    let batch = assemble(
+        &data,
+        &BatchRequest {
+            ids: (0..samples).collect(),
+            seed: 0,
+            epoch: 0,
+            transform: Transform::Eval(32),
+            pixels: PixelFormat::Bytes,
+            classes: WNIDS.len() as u32,
+        },
+    )
+    .unwrap();
+    assert!(batch.skipped.is_empty(), "{:?}", batch.skipped);
+    batch.labels
+}
+
+fn shards(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
+    ladder_testkit::run_python(&script, &[made.as_os_str()]);
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+
+    // A directory of per-synset tars.
+    let from_synsets = dir.path().join("from-synsets");
+    let (ok, said) = import(&[&path(&made.join("synsets")), &path(&from_synsets)]);
+    assert!(ok, "{said}");
+    assert_eq!(classes(&from_synsets), WNIDS);
+    for oddity in [
+        "n01440764.tar:n01440764_empty.JPEG: empty, or not a JPEG or PNG image",
+        "n01440764.tar:readme.txt: not a .jpg, .jpeg or .png file",
+        "n01440764.tar:n01440764_0.JPEG: a second member of that name",
+        "n01484850.tar: unreadable after 2 member(s)",
+    ] {
+        assert!(said.contains(oddity), "{oddity} not reported:\n{said}");
+    }
+    // 9 of the first tar (6, grayscale, CMYK, a PNG named .JPEG), 5 and the 2 before the cut.
+    let labels = read_all(&from_synsets);
+    for (class, expected) in [(0, 9), (1, 5), (2, 2)] {
+        let n = labels.iter().filter(|&&l| l == class).count();
+        assert_eq!(n, expected, "class {class}: {labels:?}");
+    }
+
+    // The tar of those tars, read in place: the same shards, byte for byte.
+    let from_archive = dir.path().join("from-archive");
+    let (ok, said) = import(&[&path(&made.join("train.tar")), &path(&from_archive)]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("winter21_whole/n01484850.tar: unreadable after 2 member(s)"),
+        "{said}"
+    );
+    assert_eq!(classes(&from_archive), WNIDS);
+    assert_eq!(
+        shards(&from_archive.join("train")),
+        shards(&from_synsets.join("train")),
+        "the archive in place gives the shards the unpacked tars give"
+    );
+
+    // ILSVRC-2012's val tar with LOC_val_solution.csv; a tar of images needs the labels.
+    let val = dir.path().join("val");
+    let (ok, said) = import(&[&path(&made.join("val.tar")), &path(&val)]);
+    assert!(!ok && said.contains("needs --labels"), "{said}");
+    let labels_file = path(&made.join("LOC_val_solution.csv"));
+    let (ok, said) = import(&[
+        &path(&made.join("val.tar")),
+        &path(&val),
+        "--labels",
+        &labels_file,
+    ]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("ILSVRC2012_val_00000007.JPEG: not in"),
+        "{said}"
+    );
+    assert_eq!(classes(&val), WNIDS);
+    let mut labels = read_all(&val);
+    labels.sort();
+    assert_eq!(
+        labels,
+        [0, 0, 1, 1, 2, 2],
+        "the wnid first in each PredictionString"
+    );
+
+    // A compressed archive is refused with what to do.
+    let gz = made.join("train.tar.gz");
+    std::fs::copy(made.join("train.tar"), &gz).unwrap();
+    let (ok, said) = import(&[&path(&gz), &path(&dir.path().join("gz"))]);
+    assert!(!ok && said.contains("gunzip"), "{said}");
+}

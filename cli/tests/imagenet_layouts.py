@@ -1,0 +1,83 @@
+"""Writes ImageNet's release layouts in small, with Python's own tarfile and Pillow (the tools
+that made the real archives' kind), for `cli/tests/imagenet.rs`:
+
+  OUT/synsets/<wnid>.tar      per-synset tars, with ImageNet's oddities in the first: a
+                              grayscale and a CMYK JPEG, a PNG named .JPEG, a zero-byte
+                              .JPEG, a text member, a second member of the same name; the third
+                              tar is cut inside its third member's header
+  OUT/train.tar               a tar of those tars under winter21_whole/ (the release's shape)
+  OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
+  OUT/LOC_val_solution.csv    Kaggle's labels: ImageId,PredictionString (the wnid first)
+"""
+import io
+import os
+import sys
+import tarfile
+
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def image(seed, mode="RGB", fmt="JPEG"):
+    colour = {"RGB": (seed * 40 % 256, 90, 200 - seed * 7 % 200), "L": seed * 30 % 256,
+              "CMYK": (seed * 20 % 256, 40, 80, 10)}[mode]
+    img = Image.new(mode, (48 + seed % 5, 40), colour)
+    for x in range(0, img.width, 7):
+        img.putpixel((x, x % img.height), colour if mode == "L" else tuple(255 - c for c in colour))
+    out = io.BytesIO()
+    img.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def synset_tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            add(tar, name, data)
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(f"{out}/synsets")
+    first, second, third = WNIDS
+    synset_tar(f"{out}/synsets/{first}.tar",
+               [(f"{first}_{i}.JPEG", image(i)) for i in range(6)]
+               + [(f"{first}_gray.JPEG", image(6, "L")),
+                  (f"{first}_cmyk.JPEG", image(7, "CMYK")),
+                  (f"{first}_png.JPEG", image(8, fmt="PNG")),
+                  (f"{first}_empty.JPEG", b""),
+                  ("readme.txt", b"not an image"),
+                  (f"{first}_0.JPEG", image(9))])
+    synset_tar(f"{out}/synsets/{second}.tar", [(f"{second}_{i}.JPEG", image(10 + i)) for i in range(5)])
+    # Four members, then the file cut 100 bytes into the third member's header.
+    path = f"{out}/synsets/{third}.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(4):
+            if i == 2:
+                cut = tar.offset + 100
+            add(tar, f"{third}_{i}.JPEG", image(20 + i))
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    with tarfile.open(f"{out}/train.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for wnid in WNIDS:
+            tar.add(f"{out}/synsets/{wnid}.tar", arcname=f"winter21_whole/{wnid}.tar")
+    labels = ["ImageId,PredictionString"]
+    with tarfile.open(f"{out}/val.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(1, 8):
+            image_id = f"ILSVRC2012_val_{i:08d}"
+            add(tar, f"{image_id}.JPEG", image(30 + i))
+            if i < 7:
+                wnid = WNIDS[i % 3]
+                labels.append(f"{image_id},{wnid} 10 12 40 38 {wnid} 1 2 30 30")
+    with open(f"{out}/LOC_val_solution.csv", "w") as f:
+        f.write("\n".join(labels) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+//! Where an import's images come from, listed without unpacking anything:
+//!
+//! - an ImageFolder tree: `SOURCE/<class>/<image>` (ImageNet's `train/<wnid>/*.JPEG`);
+//! - a directory of per-synset tars, `SOURCE/<wnid>.tar` (ImageNet-21k's release, unpacked
+//!   one level, or downloaded per synset);
+//! - a tar of per-synset tars (`ILSVRC2012_img_train.tar`, `fall11_whole.tar`, or
+//!   `winter21_whole.tar.gz` once gunzipped), read in place: each image is a byte range of
+//!   the one archive file;
+//! - a tar of images with a labels file (`ILSVRC2012_img_val.tar` and Kaggle's
+//!   `LOC_val_solution.csv`: `ImageId,PredictionString`, the wnid first in the string).
+//!
+//! A class is a sub-directory's name or a synset tar's stem. Archives are listed with seeks
+//! past the members' data, so listing a terabyte archive reads its headers, not its images. A
+//! synset tar that breaks part-way keeps the members listed before the break; the rest is
+//! reported.
+
+use ladder_core::dataset::DatasetError;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One image's bytes: a file, or a byte range of an archive.
+#[derive(Clone, Debug)]
+pub enum Bytes {
+    File(PathBuf),
+    Range {
+        archive: Arc<PathBuf>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Bytes {
+    /// Up to `len` bytes from the start (all of them when `None`).
+    pub fn read(&self, len: Option<u64>) -> std::io::Result<Vec<u8>> {
+        match self {
+            Bytes::File(path) => match len {
+                None => std::fs::read(path),
+                Some(len) => {
+                    let mut head = Vec::new();
+                    std::fs::File::open(path)?
+                        .take(len)
+                        .read_to_end(&mut head)?;
+                    Ok(head)
+                }
+            },
+            Bytes::Range {
+                archive,
+                offset,
+                len: whole,
+            } => {
+                let mut bytes = vec![0; len.map_or(*whole, |l| l.min(*whole)) as usize];
+                std::fs::File::open(archive.as_path())?.read_exact_at(&mut bytes, *offset)?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(match self {
+            Bytes::File(path) => std::fs::metadata(path)?.len() == 0,
+            Bytes::Range { len, .. } => *len == 0,
+        })
+    }
+}
+
+/// An image found in the source.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// Where it is, for messages: a path, or `archive:member`.
+    pub name: String,
+    /// Its file name, whose extension says what it claims to be.
+    pub file_name: String,
+    pub class: String,
+    pub bytes: Bytes,
+}
+
+/// What a source holds.
+#[derive(Default)]
+pub struct Listing {
+    /// The classes, each with at least one image listed (an ImageFolder tree's empty class
+    /// folders are refused, as torchvision's ImageFolder refuses them).
+    pub classes: Vec<String>,
+    pub images: Vec<Found>,
+    /// What was left out while listing, with why.
+    pub skipped: Vec<String>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn format_error(path: &Path, message: String) -> DatasetError {
+    DatasetError::Format {
+        path: path.to_owned(),
+        what: "import source",
+        message,
+    }
+}
+
+/// Lists `source` (see the module's doc); `labels` names a labels file for a tar of images.
+pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetError> {
+    let name = source.to_string_lossy();
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        return Err(format_error(
+            source,
+            "a compressed archive cannot be read in place: `gunzip` it into a .tar first (one \
+             file, no unpacking), then import the .tar"
+                .into(),
+        ));
+    }
+    if source.is_dir() {
+        return match labels {
+            Some(_) => Err(format_error(
+                source,
+                "--labels goes with a tar of images (ILSVRC2012_img_val.tar)".into(),
+            )),
+            None => directory(source),
+        };
+    }
+    let archive = Arc::new(source.to_owned());
+    let members = members(&archive, 0, None).map_err(|p| io(source)(p.error))?;
+    match labels {
+        Some(labels) => labelled(&archive, members, labels),
+        None if members.iter().any(|m| m.0.ends_with(".tar")) => {
+            let mut listing = Listing::default();
+            for (member, offset, len) in members {
+                let where_ = format!("{}:{member}", source.display());
+                match synset(&member) {
+                    Some(class) => {
+                        synset_tar(&mut listing, &archive, offset, Some(len), &where_, class)
+                    }
+                    None => listing
+                        .skipped
+                        .push(format!("{where_}: not a per-synset tar; left out")),
+                }
+            }
+            finish(listing)
+        }
+        None => Err(format_error(
+            source,
+            "a tar of images needs --labels (ILSVRC2012_img_val.tar with \
+             LOC_val_solution.csv); a tar of per-synset tars is read as is"
+                .into(),
+        )),
+    }
+}
+
+/// A member name's synset: the stem of `[dir/]n01440764.tar`.
+fn synset(member: &str) -> Option<String> {
+    let stem = Path::new(member)
+        .file_name()?
+        .to_str()?
+        .strip_suffix(".tar")?;
+    (!stem.is_empty()).then(|| stem.to_owned())
+}
+
+/// An ImageFolder tree or a directory of per-synset tars.
+fn directory(source: &Path) -> Result<Listing, DatasetError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(source)
+        .map_err(io(source))?
+        .map(|e| e.map(|e| e.path()).map_err(io(source)))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    let folders: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+    let mut listing = Listing::default();
+    if !folders.is_empty() {
+        let mut empty = Vec::new();
+        for folder in folders {
+            let class = folder.file_name().unwrap().to_string_lossy().into_owned();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+                .map_err(io(folder))?
+                .map(|e| e.map(|e| e.path()).map_err(io(folder)))
+                .collect::<Result<_, _>>()?;
+            files.sort();
+            if files.is_empty() {
+                empty.push(class.clone());
+            }
+            for path in files {
+                listing.images.push(Found {
+                    name: path.display().to_string(),
+                    file_name: path.file_name().unwrap().to_string_lossy().into_owned(),
+                    class: class.clone(),
+                    bytes: Bytes::File(path),
+                });
+            }
+            listing.classes.push(class);
+        }
+        if !empty.is_empty() {
+            return Err(format_error(
+                source,
+                format!("empty class folder(s): {}", empty.join(", ")),
+            ));
+        }
+        return Ok(listing);
+    }
+    for path in entries {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        match synset(&name) {
+            Some(class) => {
+                let archive = Arc::new(path.clone());
+                synset_tar(
+                    &mut listing,
+                    &archive,
+                    0,
+                    None,
+                    &path.display().to_string(),
+                    class,
+                )
+            }
+            None => listing.skipped.push(format!(
+                "{}: neither a class folder nor a per-synset tar; left out",
+                path.display()
+            )),
+        }
+    }
+    if listing.images.is_empty() && listing.skipped.is_empty() {
+        return Err(format_error(
+            source,
+            "it holds neither class folders nor per-synset tars".into(),
+        ));
+    }
+    finish(listing)
+}
+
+/// The images of the synset tar at `offset` of `archive` (its `len` bytes, or the rest),
+/// added as class `class`; a tar that breaks keeps what was listed before the break.
+fn synset_tar(
+    listing: &mut Listing,
+    archive: &Arc<PathBuf>,
+    offset: u64,
+    len: Option<u64>,
+    where_: &str,
+    class: String,
+) {
+    let (members, broken) = match members(archive, offset, len) {
+        Ok(members) => (members, None),
+        Err(Partial { listed, error }) => (listed, Some(error)),
+    };
+    if let Some(error) = broken {
+        listing.skipped.push(format!(
+            "{where_}: unreadable after {} member(s) ({error}); those are kept, the rest left out",
+            members.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (member, at, member_len) in members {
+        let file_name = Path::new(&member)
+            .file_name()
+            .map_or_else(|| member.clone(), |n| n.to_string_lossy().into_owned());
+        if !seen.insert(file_name.clone()) {
+            listing.skipped.push(format!(
+                "{where_}:{member}: a second member of that name; left out"
+            ));
+            continue;
+        }
+        listing.images.push(Found {
+            name: format!("{where_}:{member}"),
+            file_name,
+            class: class.clone(),
+            bytes: Bytes::Range {
+                archive: archive.clone(),
+                offset: at,
+                len: member_len,
+            },
+        });
+    }
+}
+
+/// A tar of images named by a labels file.
+fn labelled(
+    archive: &Arc<PathBuf>,
+    members: Vec<(String, u64, u64)>,
+    labels: &Path,
+) -> Result<Listing, DatasetError> {
+    let text = std::fs::read_to_string(labels).map_err(io(labels))?;
+    let mut class_of = BTreeMap::new();
+    for (line, row) in text.lines().enumerate().skip(1) {
+        let row = row.trim();
+        if row.is_empty() {
+            continue;
+        }
+        let wnid = row
+            .split_once(',')
+            .and_then(|(id, prediction)| Some((id, prediction.split_whitespace().next()?)));
+        match wnid {
+            Some((id, wnid)) => class_of.insert(id.to_owned(), wnid.to_owned()),
+            None => {
+                return Err(format_error(
+                    labels,
+                    format!(
+                        "line {}: not `ImageId,PredictionString` with a wnid first (Kaggle's \
+                         LOC_val_solution.csv)",
+                        line + 1
+                    ),
+                ));
+            }
+        };
+    }
+    let mut listing = Listing::default();
+    for (member, offset, len) in members {
+        let file_name = Path::new(&member)
+            .file_name()
+            .map_or_else(|| member.clone(), |n| n.to_string_lossy().into_owned());
+        let stem = file_name.split('.').next().unwrap_or_default();
+        let where_ = format!("{}:{member}", archive.display());
+        match class_of.get(stem) {
+            Some(class) => listing.images.push(Found {
+                name: where_,
+                file_name,
+                class: class.clone(),
+                bytes: Bytes::Range {
+                    archive: archive.clone(),
+                    offset,
+                    len,
+                },
+            }),
+            None => listing
+                .skipped
+                .push(format!("{where_}: not in {}; left out", labels.display())),
+        }
+    }
+    finish(listing)
+}
+
+/// The classes of the images listed, in name order.
+fn finish(mut listing: Listing) -> Result<Listing, DatasetError> {
+    let classes: BTreeSet<&str> = listing.images.iter().map(|f| f.class.as_str()).collect();
+    listing.classes = classes.into_iter().map(str::to_owned).collect();
+    Ok(listing)
+}
+
+/// What a tar listing got before it broke.
+struct Partial {
+    listed: Vec<(String, u64, u64)>,
+    error: std::io::Error,
+}
+
+/// The regular-file members (name, absolute offset of the data, length) of the tar that lies
+/// at `offset` of `archive` (`len` bytes of it, or the rest), seeking past their data.
+fn members(
+    archive: &Path,
+    offset: u64,
+    len: Option<u64>,
+) -> Result<Vec<(String, u64, u64)>, Partial> {
+    let mut listed = Vec::new();
+    let fail = |listed, error| Partial { listed, error };
+    let file = match std::fs::File::open(archive) {
+        Ok(file) => file,
+        Err(error) => return Err(fail(listed, error)),
+    };
+    let end = match len {
+        Some(len) => offset + len,
+        None => match file.metadata() {
+            Ok(m) => m.len(),
+            Err(error) => return Err(fail(listed, error)),
+        },
+    };
+    let mut tar = tar::Archive::new(Window {
+        file,
+        start: offset,
+        end,
+        at: offset,
+    });
+    let entries = match tar.entries_with_seek() {
+        Ok(entries) => entries,
+        Err(error) => return Err(fail(listed, error)),
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => return Err(fail(listed, error)),
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = match entry.path() {
+            Ok(path) => path.to_string_lossy().into_owned(),
+            Err(error) => return Err(fail(listed, error)),
+        };
+        listed.push((name, offset + entry.raw_file_position(), entry.size()));
+    }
+    Ok(listed)
+}
+
+/// `file`'s bytes `start..end`, readable and seekable as a file of their own.
+struct Window {
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+    at: u64,
+}
+
+impl Read for Window {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.end.saturating_sub(self.at) as usize;
+        let want = buf.len().min(left);
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Window {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(n) => Some(self.start + n),
+            SeekFrom::End(n) => self.end.checked_add_signed(n),
+            SeekFrom::Current(n) => self.at.checked_add_signed(n),
+        };
+        match target {
+            Some(t) if t >= self.start => {
+                self.at = t;
+                Ok(t - self.start)
+            }
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a seek before the tar's start",
+            )),
+        }
+    }
+}
