@@ -33,6 +33,37 @@ def batch_formats(binary):
               f"{r['u8_torch_us'] / r['f32_loader_us']:>6.2f}")
 
 
+WEBP_SIZES = [128, 380]
+WEBP_GOAL = 1.5
+
+
+def webp(ladder, corpus, here):
+    """The same photos as WebP (Pillow, quality 80), as the hub's imagenet-w21-webp-wds holds
+    its images: Ladder (libwebp, cropped and scaled at decode) against Pillow's WebP decode and
+    the same torchvision transforms."""
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as webps:
+        for name in sorted(os.listdir(corpus)):
+            Image.open(f"{corpus}/{name}").save(f"{webps}/{name[:-4]}.webp", "WEBP", quality=80)
+        total = sum(os.path.getsize(f"{webps}/{f}") for f in os.listdir(webps))
+        print(f"\nWebP: the same {COUNT} photos as WebP (quality 80, "
+              f"{total / COUNT / 1024:.0f} KB average), the same pipeline; median of {ROUNDS} "
+              f"alternating runs; goal >= {WEBP_GOAL}x")
+        print(f"{'size':>5} {'ladder':>9} {'pil+torchvision':>16} {'ratio':>6}")
+        failed = False
+        for size in WEBP_SIZES:
+            ours, theirs = [], []
+            for _ in range(ROUNDS):
+                ours.append(run([ladder, webps, str(size), "5"]))
+                theirs.append(run([sys.executable, f"{here}/data_peer.py", webps, str(size), "2"]))
+            a, b = statistics.median(ours), statistics.median(theirs)
+            ok = a / b >= WEBP_GOAL
+            failed |= not ok
+            print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}  {'PASS' if ok else 'FAIL'}")
+        if failed:
+            print(f"FAIL WebP: below {WEBP_GOAL}x Pillow + torchvision")
+
+
 def main():
     ladder, batch_binary = sys.argv[1], sys.argv[2]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +81,7 @@ def main():
                 theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "2"]))
             a, b = statistics.median(ours), statistics.median(theirs)
             print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}")
+        webp(ladder, corpus, here)
     batch_formats(batch_binary)
 
 

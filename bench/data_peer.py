@@ -2,7 +2,7 @@
 images, one thread: RandomResizedCrop, RandomHorizontalFlip, RandAugment(2, 9), ToTensor,
 Normalize. Prints images/s as one JSON line.
 
-usage: data_peer.py DIR SIZE PASSES
+usage: data_peer.py DIR SIZE PASSES   (DIR's .jpg and .webp files)
 """
 import glob
 import io
@@ -18,7 +18,8 @@ from torchvision import transforms
 def main(directory, size, passes):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    files = [open(p, "rb").read() for p in sorted(glob.glob(f"{directory}/*.jpg"))]
+    paths = sorted(glob.glob(f"{directory}/*.jpg") + glob.glob(f"{directory}/*.webp"))
+    files = [open(p, "rb").read() for p in paths]
     transform = transforms.Compose([
         transforms.RandomResizedCrop(size),
         transforms.RandomHorizontalFlip(),

@@ -79,7 +79,7 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     assert_eq!(classes(&from_synsets), WNIDS);
     for oddity in [
         "n01440764.tar:n01440764_empty.JPEG: empty, or not a JPEG or PNG image",
-        "n01440764.tar:readme.txt: not a .jpg, .jpeg or .png file",
+        "n01440764.tar:readme.txt: not a .jpg, .jpeg, .png or .webp file",
         "n01440764.tar:n01440764_0.JPEG: a second member of that name",
         "n01484850.tar: unreadable after 2 member(s)",
     ] {
@@ -137,4 +137,45 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     std::fs::copy(made.join("train.tar"), &gz).unwrap();
     let (ok, said) = import(&[&path(&gz), &path(&dir.path().join("gz"))]);
     assert!(!ok && said.contains("gunzip"), "{said}");
+}
+
+/// The hub's WebDataset shards of WebP images, written by webdataset's own TarWriter, indexed
+/// in place (no copy) and read whole through the loader, nothing skipped.
+#[test]
+fn the_hubs_webp_shards_are_indexed_in_place_and_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hub_shards.py");
+    let counts: Vec<usize> =
+        serde_json::from_str(ladder_testkit::run_python(&script, &[dir.path().as_os_str()]).trim())
+            .unwrap();
+    let out = Command::new(binary("ladder"))
+        .args(["dataset", "index"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("indexed 20 samples in 2 shards, 4 classes, 0 issue(s)"),
+        "{said}"
+    );
+    let manifest = dir.path().join("manifest.json");
+    let data = Dataset::open(&manifest).unwrap();
+    let batch = assemble(
+        &data,
+        &BatchRequest {
+            ids: (0..20).collect(),
+            seed: 0,
+            epoch: 0,
+            transform: Transform::Eval(32),
+            pixels: PixelFormat::Bytes,
+            classes: 4,
+        },
+    )
+    .unwrap();
+    assert!(batch.skipped.is_empty(), "{:?}", batch.skipped);
+    for (class, expected) in counts.iter().enumerate() {
+        let n = batch.labels.iter().filter(|&&l| l == class as i64).count();
+        assert_eq!(n, *expected, "class {class}");
+    }
 }

@@ -51,6 +51,7 @@ pub struct ShardEntry {
 pub enum ImageFormat {
     Jpeg,
     Png,
+    Webp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +241,13 @@ pub struct IndexReport {
 struct PendingSample {
     image: Option<(u64, u64, ImageFormat)>,
     label: Option<Result<u32, String>>,
+    /// The `label` field of a `.json` member: the label when no `.cls` gives one.
+    json_label: Option<Result<u32, String>>,
 }
+
+/// The largest `.json` member read for its label: metadata of a few hundred bytes in
+/// practice.
+const MAX_JSON_MEMBER: u64 = 64 << 10;
 
 /// Splits a member name into WebDataset's key and extension (`a/b.c.d` -> `a/b`, `c.d`).
 fn split_member_name(name: &str) -> Option<(&str, &str)> {
@@ -333,6 +340,7 @@ pub fn index_shard(
         let format = match ext.as_str() {
             "jpg" | "jpeg" => Some(ImageFormat::Jpeg),
             "png" => Some(ImageFormat::Png),
+            "webp" => Some(ImageFormat::Webp),
             _ => None,
         };
         if let Some(format) = format {
@@ -356,6 +364,23 @@ pub fn index_shard(
             let text = String::from_utf8_lossy(&bytes);
             let trimmed = text.trim();
             sample.label = Some(trimmed.parse::<u32>().map_err(|_| trimmed.to_owned()));
+        } else if ext == "json" {
+            // Metadata beside the image (the hub's shards carry it): its `label` field labels
+            // a sample that has no `.cls`.
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_JSON_MEMBER)
+                .read_to_end(&mut bytes)
+                .map_err(|e| bad_tar(members - 1, e.to_string()))?;
+            let label = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("label").cloned());
+            sample.json_label = label.map(|label| {
+                label
+                    .as_u64()
+                    .and_then(|l| u32::try_from(l).ok())
+                    .ok_or_else(|| format!("json label {label}"))
+            });
         } else {
             issue(&key, IssueKind::UnknownExtension(ext));
         }
@@ -373,7 +398,7 @@ pub fn index_shard(
             issue(&key, IssueKind::MissingImage);
             continue;
         };
-        let label = match sample.label {
+        let label = match sample.label.or(sample.json_label) {
             None => {
                 issue(&key, IssueKind::MissingLabel);
                 continue;

@@ -144,6 +144,7 @@ fn encode<'a>(
             records.push(match s.format {
                 ImageFormat::Jpeg => 0,
                 ImageFormat::Png => 1,
+                ImageFormat::Webp => 2,
             });
             records.push(0);
             keys.extend_from_slice(s.key.as_bytes());
@@ -324,10 +325,10 @@ impl SampleIndex {
                 .unwrap_or("(a key that is not UTF-8)"),
             offset: u64_at(r, 0),
             size: u64::from(u32_at(r, 8)),
-            format: if r[22] == 1 {
-                ImageFormat::Png
-            } else {
-                ImageFormat::Jpeg
+            format: match r[22] {
+                1 => ImageFormat::Png,
+                2 => ImageFormat::Webp,
+                _ => ImageFormat::Jpeg,
             },
             label: u32_at(r, 12),
         }

@@ -1,4 +1,5 @@
-//! Ladder's side of `scripts/bench data`: decodes and augments every JPEG in a directory at one
+//! Ladder's side of `scripts/bench data`: decodes and augments every JPEG or WebP image (told
+//! apart by their bytes) in a directory at one
 //! size on one thread (RandomResizedCrop, flip, RandAugment with 2 layers at magnitude 9,
 //! normalization to float32 CHW) and prints images/s as one JSON line.
 //!
@@ -20,7 +21,7 @@ fn main() {
     let mut files: Vec<Vec<u8>> = std::fs::read_dir(dir)
         .expect("corpus directory")
         .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "webp"))
         .map(|p| std::fs::read(p).expect("image"))
         .collect();
     files.sort();

@@ -10,7 +10,8 @@
 //! CMYK and YCCK JPEGs are converted to RGB as Pillow does (Adobe's inverted CMYK, which Pillow
 //! assumes for every CMYK JPEG). PNG (gray, palette, 16-bit, alpha) goes through the `png`
 //! crate; alpha is dropped, as Pillow's `convert("RGB")` does, and 16-bit samples are scaled
-//! to 8 bits (Pillow would clip them to 255). EXIF orientation is ignored, as
+//! to 8 bits (Pillow would clip them to 255). WebP goes through libwebp ([`crate::webp`]),
+//! cropped and scaled at decode as JPEG is. EXIF orientation is ignored, as
 //! torchvision's decoders do. Any warning from the decoder (a truncated file, corrupt data) is
 //! an error: a damaged image is skipped, never trained on half gray. A cropped decode stops at
 //! the region's last row, so a JPEG whose data ends early would decode in an epoch whose crop
@@ -31,6 +32,8 @@ pub enum DecodeError {
     Jpeg(String),
     #[error("not a PNG: {0}")]
     Png(String),
+    #[error("not a WebP image: {0}")]
+    Webp(String),
     #[error("truncated JPEG: its {0} bytes end before the end-of-image marker")]
     Truncated(usize),
     #[error("image is {width}x{height}; at most {MAX_SIDE} px per side")]
@@ -142,6 +145,8 @@ pub fn sniff(bytes: &[u8], named: ImageFormat) -> ImageFormat {
         ImageFormat::Jpeg
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         ImageFormat::Png
+    } else if crate::webp::is_webp(bytes) {
+        ImageFormat::Webp
     } else {
         named
     }
@@ -168,6 +173,7 @@ pub fn dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), Decod
             let info = reader.info();
             Ok((info.width, info.height))
         }
+        ImageFormat::Webp => crate::webp::dimensions(bytes),
     }
 }
 
@@ -206,6 +212,7 @@ pub fn decode(
             with_decompressor(|h| decode_jpeg(h, bytes, region, min_width, min_height))
         }
         ImageFormat::Png => decode_png(bytes).map(Decoded::whole),
+        ImageFormat::Webp => crate::webp::decode(bytes, region, min_width, min_height),
     }
 }
 

@@ -13,3 +13,4 @@ pub mod randaugment;
 pub mod resample;
 mod simd;
 pub mod synth;
+pub mod webp;

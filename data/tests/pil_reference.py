@@ -34,12 +34,13 @@ def main(out):
     cases = []
 
     def save(name, image, fmt, expected=None, **kwargs):
-        path = f"{out}/{name}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+        path = f"{out}/{name}.{ext}"
         image.save(path, fmt, **kwargs)
         decoded = expected or Image.open(path).convert("RGB")
         with open(f"{out}/{name}.rgb", "wb") as f:
             f.write(decoded.tobytes())
-        cases.append({"name": name, "format": "jpeg" if fmt == "JPEG" else "png",
+        cases.append({"name": name, "format": fmt.lower(),
                       "width": decoded.width, "height": decoded.height})
 
     save("photo", base, "JPEG", quality=90)
@@ -58,6 +59,12 @@ def main(out):
     gray = base.convert("L")
     save("sixteen_bit", Image.fromarray(np.asarray(gray).astype(np.uint16) * 257, "I;16"), "PNG",
          expected=gray.convert("RGB"))
+    # WebP, as the hub's imagenet-w21-webp-wds shards hold it: lossy (Pillow's default
+    # quality), lossless, with an alpha channel (dropped), at an odd size.
+    save("webp", base, "WEBP", quality=80)
+    save("webp_lossless", base, "WEBP", lossless=True)
+    save("webp_alpha", base.convert("RGBA"), "WEBP", quality=90)
+    save("webp_odd", photo(333, 211, 2), "WEBP", quality=85)
     with open(f"{out}/cases.json", "w") as f:
         json.dump(cases, f)
 

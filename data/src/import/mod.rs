@@ -54,13 +54,15 @@ pub struct ImportReport {
     pub skipped: Vec<String>,
 }
 
-/// `jpg` or `png` by an image's first bytes (whatever its name says); None when it is
-/// neither, or empty.
+/// `jpg`, `png` or `webp` by an image's first bytes (whatever its name says); None when it
+/// is none of them, or empty.
 fn image_format(head: &[u8]) -> Option<&'static str> {
     if head.starts_with(&[0xff, 0xd8, 0xff]) {
         Some("jpg")
     } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
         Some("png")
+    } else if crate::webp::is_webp(head) {
+        Some("webp")
     } else {
         None
     }
@@ -71,6 +73,7 @@ fn image_format(head: &[u8]) -> Option<&'static str> {
 fn undecodable(bytes: &Bytes, format: &str) -> Option<String> {
     let format = match format {
         "png" => ImageFormat::Png,
+        "webp" => ImageFormat::Webp,
         _ => ImageFormat::Jpeg,
     };
     let bytes = match bytes.read(None) {
@@ -115,16 +118,16 @@ pub fn import(
         let ext = Path::new(&found.file_name)
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
+        if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
             skipped.push(format!(
-                "{}: not a .jpg, .jpeg or .png file; left out",
+                "{}: not a .jpg, .jpeg, .png or .webp file; left out",
                 found.name
             ));
             continue;
         }
         let head = found
             .bytes
-            .read(Some(8))
+            .read(Some(12))
             .map_err(|e| DatasetError::Format {
                 path: source.to_owned(),
                 what: "import source",
