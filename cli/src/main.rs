@@ -228,6 +228,9 @@ enum DatasetCommand {
         /// PredictionString, the wnid first).
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Threads writing shards (0: one per core).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
+        threads: u32,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
     /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
@@ -546,6 +549,7 @@ async fn run(cli: Cli) -> Result<()> {
             min_class_images,
             verify,
             labels,
+            threads,
         }) => {
             let options = ladder_data::import::ImportOptions {
                 shard_samples: *shard_samples,
@@ -553,11 +557,41 @@ async fn run(cli: Cli) -> Result<()> {
                 held_out: *held_out,
                 min_class_images: *min_class_images,
                 verify: *verify,
+                threads: *threads as usize,
             };
-            let report = ladder_data::import::import(source, dest, options, labels.as_deref())?;
+            let started = std::time::Instant::now();
+            let progress = ImportProgress::new(started);
+            let report = ladder_data::import::import(
+                source,
+                dest,
+                options,
+                labels.as_deref(),
+                &|done, total| progress.show(done, total),
+            )?;
+            progress.end();
             for skipped in &report.skipped {
                 eprintln!("warning: {skipped}");
             }
+            let images = report.train.manifest.total_samples
+                + report.val.as_ref().map_or(0, |v| v.manifest.total_samples);
+            let seconds = started.elapsed().as_secs_f64();
+            say!(
+                "imported {images} images of {} classes into {} shards ({:.1} MB) in {seconds:.1} \
+                 s, {:.0} images/s{}; left out {}",
+                report.classes.len(),
+                report.written.shards,
+                report.written.bytes as f64 / 1e6,
+                images as f64 / seconds.max(1e-9),
+                if report.resumed {
+                    format!(
+                        "; resumed an interrupted import, keeping its {} shards",
+                        report.written.kept
+                    )
+                } else {
+                    String::new()
+                },
+                left_out(&report.skipped)
+            );
             print_index(&report.train);
             match &report.val {
                 Some(val) => print_index(val),
@@ -585,6 +619,73 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An import's progress on stderr: on a terminal a line redrawn a few times a second (images,
+/// images/s, ETA), otherwise a line a minute.
+struct ImportProgress {
+    started: std::time::Instant,
+    terminal: bool,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ImportProgress {
+    fn new(started: std::time::Instant) -> ImportProgress {
+        use std::io::IsTerminal;
+        ImportProgress {
+            started,
+            terminal: std::io::stderr().is_terminal(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn show(&self, done: u64, total: u64) {
+        let every = std::time::Duration::from_millis(if self.terminal { 250 } else { 60_000 });
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|l| now - l < every) || (done == total && !self.terminal) {
+            return;
+        }
+        *last = Some(now);
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = done as f64 / seconds;
+        let eta = (total - done) as f64 / rate.max(1e-9);
+        let line = format!(
+            "import: {done}/{total} images, {rate:.0} images/s, ETA {}",
+            show::duration(eta as f32)
+        );
+        if self.terminal {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn end(&self) {
+        if self.terminal && self.last.lock().is_ok_and(|l| l.is_some()) {
+            eprintln!();
+        }
+    }
+}
+
+/// What an import left out, counted by reason.
+fn left_out(skipped: &[String]) -> String {
+    let mut by_reason = std::collections::BTreeMap::<&str, usize>::new();
+    for line in skipped {
+        // `PLACE: why; left out`, sometimes with details in parentheses.
+        let why = line.split_once(": ").map_or(line.as_str(), |(_, why)| why);
+        let reason = why.split(';').next().unwrap_or(why);
+        let reason = reason.split(" (").next().unwrap_or(reason).trim();
+        *by_reason.entry(reason).or_default() += 1;
+    }
+    if by_reason.is_empty() {
+        return "nothing".into();
+    }
+    by_reason
+        .iter()
+        .map(|(reason, n)| format!("{n} ({reason})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[tokio::main]

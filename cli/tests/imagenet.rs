@@ -78,7 +78,7 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     assert!(ok, "{said}");
     assert_eq!(classes(&from_synsets), WNIDS);
     for oddity in [
-        "n01440764.tar:n01440764_empty.JPEG: empty, or not a JPEG or PNG image",
+        "n01440764.tar:n01440764_empty.JPEG: empty, or not a JPEG, PNG or WebP image",
         "n01440764.tar:readme.txt: not a .jpg, .jpeg, .png or .webp file",
         "n01440764.tar:n01440764_0.JPEG: a second member of that name",
         "n01484850.tar: unreadable after 2 member(s)",
@@ -178,4 +178,107 @@ fn the_hubs_webp_shards_are_indexed_in_place_and_read_whole() {
         let n = batch.labels.iter().filter(|&&l| l == class as i64).count();
         assert_eq!(n, *expected, "class {class}");
     }
+}
+
+/// An import killed part-way (here aborted by its test hook after three shards, as kill -9
+/// would stop it) continues when run again: the shards it wrote stay as they are (same inode,
+/// same time), the rest are written, and the result is byte for byte a fresh import's. Another
+/// seed over the interrupted import is refused.
+#[test]
+fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
+    ladder_testkit::run_python(&script, &[made.as_os_str()]);
+    let source = made.join("synsets");
+    let run = |dest: &Path, extra: &[&str], abort_after: Option<&str>| {
+        let mut command = Command::new(binary("ladder"));
+        command
+            .args([
+                "dataset",
+                "import",
+                "--held-out",
+                "0",
+                "--shard-samples",
+                "2",
+            ])
+            .args(["--threads", "1"])
+            .arg(&source)
+            .arg(dest)
+            .args(extra);
+        if let Some(n) = abort_after {
+            command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
+        }
+        let out = command.output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
+    };
+    let shard_files = |dest: &Path| -> Vec<(String, u64, i64)> {
+        let mut found: Vec<_> = std::fs::read_dir(dest.join("train"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tar"))
+            .map(|e| {
+                let m = e.metadata().unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.ino(),
+                    m.mtime_nsec(),
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let dest = dir.path().join("interrupted");
+    let (ok, said) = run(&dest, &[], Some("3"));
+    assert!(!ok, "the hook aborts the import: {said}");
+    assert!(dest.join(".import-journal").exists());
+    let before = shard_files(&dest);
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let (ok, said) = run(&dest, &["--seed", "9"], None);
+    assert!(
+        !ok && said.contains("interrupted import of another source"),
+        "{said}"
+    );
+
+    let (ok, said) = run(&dest, &[], None);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("resumed an interrupted import, keeping its 3 shards"),
+        "{said}"
+    );
+    assert!(
+        said.contains("imported 16 images of 3 classes into 8 shards"),
+        "{said}"
+    );
+    let after = shard_files(&dest);
+    assert_eq!(after.len(), 8);
+    for kept in &before {
+        assert!(
+            after.contains(kept),
+            "{kept:?} was written again: {after:?}"
+        );
+    }
+    assert!(!dest.join(".import-journal").exists());
+    let fresh = dir.path().join("fresh");
+    let (ok, said) = run(&fresh, &[], None);
+    assert!(ok, "{said}");
+    assert_eq!(shards(&dest.join("train")), shards(&fresh.join("train")));
+    assert_eq!(
+        std::fs::read(dest.join("train/manifest.json")).unwrap(),
+        std::fs::read(fresh.join("train/manifest.json")).unwrap()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dest.join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -14,9 +14,9 @@
 //! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
 //! extension are reported and left out, and with `verify` so are images that do not decode.
 
+pub mod shards;
 pub mod sources;
 
-use crate::synth::append;
 use ladder_core::dataset::{self, DatasetError, ImageFormat, IndexReport};
 use ladder_core::rng::Stream;
 use sources::Bytes;
@@ -39,6 +39,8 @@ pub struct ImportOptions {
     /// Decode every image, leaving out (and reporting) what no epoch could use: a truncated
     /// or corrupt file that still starts like an image.
     pub verify: bool,
+    /// Threads writing shards (0: one per core).
+    pub threads: usize,
 }
 
 /// What an import did.
@@ -52,6 +54,9 @@ pub struct ImportReport {
     pub too_small_to_hold_out: usize,
     /// Files left out, with why.
     pub skipped: Vec<String>,
+    /// What writing each split did (an interrupted import resumed keeps its shards).
+    pub written: shards::Written,
+    pub resumed: bool,
 }
 
 /// `jpg`, `png` or `webp` by an image's first bytes (whatever its name says); None when it
@@ -86,23 +91,28 @@ fn undecodable(bytes: &Bytes, format: &str) -> Option<String> {
 }
 
 /// Imports `source` into `destination` (see the module's doc); `labels` names the labels
-/// file of a tar of images.
+/// file of a tar of images; `progress` is told (images written, images to write) as shards
+/// are written. An interrupted import continues when run again with the same arguments (see
+/// [`shards`]).
 pub fn import(
     source: &Path,
     destination: &Path,
     options: ImportOptions,
     labels: Option<&Path>,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<ImportReport, DatasetError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| DatasetError::Io { path, source }
     };
-    for dir in [
-        destination.to_owned(),
-        destination.join("train"),
-        destination.join("val"),
-    ] {
-        dataset::ensure_no_shards(&dir)?;
+    if !destination.join(shards::JOURNAL_FILE).exists() {
+        for dir in [
+            destination.to_owned(),
+            destination.join("train"),
+            destination.join("val"),
+        ] {
+            dataset::ensure_no_shards(&dir)?;
+        }
     }
     let listing = sources::list(source, labels)?;
     let classes = listing.classes;
@@ -112,7 +122,7 @@ pub fn import(
         .enumerate()
         .map(|(i, c)| (c.as_str(), i as u32))
         .collect();
-    let mut files: Vec<(Bytes, u32, &'static str)> = Vec::new();
+    let mut files: Vec<shards::Planned> = Vec::new();
     let mut usable = vec![false; classes.len()];
     for found in listing.images {
         let ext = Path::new(&found.file_name)
@@ -145,7 +155,7 @@ pub fn import(
                 }
             },
             None => skipped.push(format!(
-                "{}: empty, or not a JPEG or PNG image by its first bytes; left out",
+                "{}: empty, or not a JPEG, PNG or WebP image by its first bytes; left out",
                 found.name
             )),
         }
@@ -219,11 +229,26 @@ pub fn import(
         taken[l] += hold as u32;
         hold
     });
-    let write = |dir: &Path, files: &[(Bytes, u32, &'static str)]| {
-        write_shards(dir, files, options.shard_samples)?;
+    let digest = shards::plan_digest(&[&train, &val], options.shard_samples, &classes);
+    let resumed = shards::begin(destination, &digest)?;
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let total = (train.len() + val.len()) as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let written_images = |n: u64| {
+        let so_far = done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+        progress(so_far, total);
+    };
+    let mut written = shards::Written::default();
+    let mut write = |dir: &Path, files: &[shards::Planned]| {
+        let split = shards::write(dir, files, options.shard_samples, threads, &written_images)?;
+        written.shards += split.shards;
+        written.kept += split.kept;
+        written.bytes += split.bytes;
         dataset::index_dir(dir, Some(classes.len() as u32))
     };
-    std::fs::create_dir_all(destination).map_err(io(destination))?;
     let train = write(&destination.join("train"), &train)?;
     let val = if val.is_empty() {
         None
@@ -233,6 +258,7 @@ pub fn import(
     let class_map = destination.join(CLASS_MAP_FILE);
     let json = serde_json::to_vec_pretty(&classes).expect("class names serialize");
     std::fs::write(&class_map, json).map_err(io(&class_map))?;
+    shards::finish(destination)?;
     Ok(ImportReport {
         train,
         val,
@@ -240,35 +266,7 @@ pub fn import(
         set_aside,
         too_small_to_hold_out,
         skipped,
+        written,
+        resumed,
     })
-}
-
-/// Writes `files` (bytes, label, extension) into `dir` as shards of `shard_samples`.
-fn write_shards(
-    dir: &Path,
-    files: &[(Bytes, u32, &'static str)],
-    shard_samples: u32,
-) -> Result<(), DatasetError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DatasetError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (shard, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
-        let path = dir.join(format!("shard-{shard:06}.tar"));
-        let mut tar = tar::Builder::new(std::fs::File::create(&path).map_err(io(&path))?);
-        for (i, (file, label, ext)) in chunk.iter().enumerate() {
-            let bytes = file.read(None).map_err(io(&path))?;
-            let key = format!("{:08}", shard * shard_samples as usize + i);
-            append(&mut tar, &format!("{key}.{ext}"), &bytes).map_err(io(&path))?;
-            append(
-                &mut tar,
-                &format!("{key}.cls"),
-                label.to_string().as_bytes(),
-            )
-            .map_err(io(&path))?;
-        }
-        tar.finish().map_err(io(&path))?;
-    }
-    Ok(())
 }
