@@ -50,7 +50,7 @@ pub fn plan_digest(splits: &[&[Planned]], shard_samples: u32, classes: &[String]
                     offset,
                     len,
                 } => {
-                    hash.update(archive.as_os_str().as_encoded_bytes());
+                    hash.update(archive.path.as_os_str().as_encoded_bytes());
                     hash.update(offset.to_le_bytes());
                     hash.update(len.to_le_bytes());
                 }

@@ -21,12 +21,44 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// An archive images are byte ranges of. The one archive of a tar of tars is held open, so
+/// that reading its millions of images costs no `open` each; the thousands of tars of a
+/// directory are opened per read, not held (they would exceed the open-file limit).
+#[derive(Debug)]
+pub struct Archive {
+    pub path: PathBuf,
+    held: Option<std::fs::File>,
+}
+
+impl Archive {
+    fn held(path: &Path) -> std::io::Result<Arc<Archive>> {
+        Ok(Arc::new(Archive {
+            path: path.to_owned(),
+            held: Some(std::fs::File::open(path)?),
+        }))
+    }
+
+    fn opened_per_read(path: &Path) -> Arc<Archive> {
+        Arc::new(Archive {
+            path: path.to_owned(),
+            held: None,
+        })
+    }
+
+    fn read_exact_at(&self, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match &self.held {
+            Some(file) => file.read_exact_at(bytes, offset),
+            None => std::fs::File::open(&self.path)?.read_exact_at(bytes, offset),
+        }
+    }
+}
+
 /// One image's bytes: a file, or a byte range of an archive.
 #[derive(Clone, Debug)]
 pub enum Bytes {
     File(PathBuf),
     Range {
-        archive: Arc<PathBuf>,
+        archive: Arc<Archive>,
         offset: u64,
         len: u64,
     },
@@ -52,7 +84,7 @@ impl Bytes {
                 len: whole,
             } => {
                 let mut bytes = vec![0; len.map_or(*whole, |l| l.min(*whole)) as usize];
-                std::fs::File::open(archive.as_path())?.read_exact_at(&mut bytes, *offset)?;
+                archive.read_exact_at(&mut bytes, *offset)?;
                 Ok(bytes)
             }
         }
@@ -123,8 +155,8 @@ pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetErro
             None => directory(source),
         };
     }
-    let archive = Arc::new(source.to_owned());
-    let members = members(&archive, 0, None).map_err(|p| io(source)(p.error))?;
+    let archive = Archive::held(source).map_err(io(source))?;
+    let members = members(source, 0, None).map_err(|p| io(source)(p.error))?;
     match labels {
         Some(labels) => labelled(&archive, members, labels),
         None if members.iter().any(|m| m.0.ends_with(".tar")) => {
@@ -203,7 +235,7 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         match synset(&name) {
             Some(class) => {
-                let archive = Arc::new(path.clone());
+                let archive = Archive::opened_per_read(&path);
                 synset_tar(
                     &mut listing,
                     &archive,
@@ -232,13 +264,13 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
 /// added as class `class`; a tar that breaks keeps what was listed before the break.
 fn synset_tar(
     listing: &mut Listing,
-    archive: &Arc<PathBuf>,
+    archive: &Arc<Archive>,
     offset: u64,
     len: Option<u64>,
     where_: &str,
     class: String,
 ) {
-    let (members, broken) = match members(archive, offset, len) {
+    let (members, broken) = match members(&archive.path, offset, len) {
         Ok(members) => (members, None),
         Err(Partial { listed, error }) => (listed, Some(error)),
     };
@@ -274,7 +306,7 @@ fn synset_tar(
 
 /// A tar of images named by a labels file.
 fn labelled(
-    archive: &Arc<PathBuf>,
+    archive: &Arc<Archive>,
     members: Vec<(String, u64, u64)>,
     labels: &Path,
 ) -> Result<Listing, DatasetError> {
@@ -308,7 +340,7 @@ fn labelled(
             .file_name()
             .map_or_else(|| member.clone(), |n| n.to_string_lossy().into_owned());
         let stem = file_name.split('.').next().unwrap_or_default();
-        let where_ = format!("{}:{member}", archive.display());
+        let where_ = format!("{}:{member}", archive.path.display());
         match class_of.get(stem) {
             Some(class) => listing.images.push(Found {
                 name: where_,
