@@ -90,6 +90,55 @@ fn undecodable(bytes: &Bytes, format: &str) -> Option<String> {
         .map(|e| e.to_string())
 }
 
+/// The image's format by its name and first bytes, and with `verify` whether it decodes
+/// whole; else why it is left out.
+fn examine(
+    found: &sources::Found,
+    verify: bool,
+    source: &Path,
+) -> Result<Result<&'static str, String>, DatasetError> {
+    let ext = Path::new(&found.file_name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
+        return Ok(Err("not a .jpg, .jpeg, .png or .webp file".into()));
+    }
+    let head = found
+        .bytes
+        .read(Some(12))
+        .map_err(|e| DatasetError::Format {
+            path: source.to_owned(),
+            what: "import source",
+            message: format!("{}: {e}", found.name),
+        })?;
+    Ok(match image_format(&head) {
+        None => Err("empty, or not a JPEG, PNG or WebP image by its first bytes".into()),
+        Some(format) => match verify.then(|| undecodable(&found.bytes, format)).flatten() {
+            Some(why) => Err(format!("does not decode ({why})")),
+            None => Ok(format),
+        },
+    })
+}
+
+/// `f` of every item, on `threads` threads (contiguous runs of the items), in the items' order.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let run = items.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(run)
+            .map(|chunk| scope.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an import thread panicked"))
+            .collect()
+    })
+}
+
 /// Imports `source` into `destination` (see the module's doc); `labels` names the labels
 /// file of a tar of images; `progress` is told (images written, images to write) as shards
 /// are written. An interrupted import continues when run again with the same arguments (see
@@ -122,42 +171,25 @@ pub fn import(
         .enumerate()
         .map(|(i, c)| (c.as_str(), i as u32))
         .collect();
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Every image's first bytes (and with `verify` all of it, decoded) on every core; the
+    // verdicts come back in listing order, so the plan does not depend on the threads.
+    let verdicts = in_parallel(&listing.images, threads, |found| {
+        examine(found, options.verify, source)
+    });
     let mut files: Vec<shards::Planned> = Vec::new();
     let mut usable = vec![false; classes.len()];
-    for found in listing.images {
-        let ext = Path::new(&found.file_name)
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
-            skipped.push(format!(
-                "{}: not a .jpg, .jpeg, .png or .webp file; left out",
-                found.name
-            ));
-            continue;
-        }
-        let head = found
-            .bytes
-            .read(Some(12))
-            .map_err(|e| DatasetError::Format {
-                path: source.to_owned(),
-                what: "import source",
-                message: format!("{}: {e}", found.name),
-            })?;
-        let label = label_of[found.class.as_str()];
-        match image_format(&head) {
-            Some(format) => match options.verify.then(|| undecodable(&found.bytes, format)) {
-                Some(Some(why)) => {
-                    skipped.push(format!("{}: does not decode ({why}); left out", found.name))
-                }
-                _ => {
-                    usable[label as usize] = true;
-                    files.push((found.bytes, label, format));
-                }
-            },
-            None => skipped.push(format!(
-                "{}: empty, or not a JPEG, PNG or WebP image by its first bytes; left out",
-                found.name
-            )),
+    for (found, verdict) in listing.images.into_iter().zip(verdicts) {
+        match verdict? {
+            Ok(format) => {
+                let label = label_of[found.class.as_str()];
+                usable[label as usize] = true;
+                files.push((found.bytes, label, format));
+            }
+            Err(why) => skipped.push(format!("{}: {why}; left out", found.name)),
         }
     }
     let empty_classes: Vec<&str> = classes
@@ -231,10 +263,6 @@ pub fn import(
     });
     let digest = shards::plan_digest(&[&train, &val], options.shard_samples, &classes);
     let resumed = shards::begin(destination, &digest)?;
-    let threads = match options.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     let total = (train.len() + val.len()) as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
     let written_images = |n: u64| {
