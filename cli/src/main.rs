@@ -231,6 +231,10 @@ enum DatasetCommand {
         /// Threads writing shards (0: one per core).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
         threads: u32,
+        /// Number the classes as another import did (its DEST/classes.json): a val set
+        /// labelled as its train set, even where it lacks some classes.
+        #[arg(long, value_name = "CLASSES_JSON")]
+        classes_from: Option<PathBuf>,
     },
     /// Index the WebDataset shards (*.tar) in DIR: writes NAME.idx.json per shard,
     /// DIR/samples.idx (all of them in one compact, memory-mapped table) and
@@ -550,6 +554,7 @@ async fn run(cli: Cli) -> Result<()> {
             verify,
             labels,
             threads,
+            classes_from,
         }) => {
             let options = ladder_data::import::ImportOptions {
                 shard_samples: *shard_samples,
@@ -566,6 +571,7 @@ async fn run(cli: Cli) -> Result<()> {
                 dest,
                 options,
                 labels.as_deref(),
+                classes_from.as_deref(),
                 &|done, total| progress.show(done, total),
             )?;
             progress.end();

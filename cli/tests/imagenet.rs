@@ -36,7 +36,8 @@ fn classes(dest: &Path) -> Vec<String> {
 /// labels they carry, in sample order); fails on any skip.
 fn read_all(dest: &Path) -> Vec<i64> {
     let manifest = dest.join("train/manifest.json");
-    let samples = Manifest::load(&manifest).unwrap().total_samples;
+    let manifest_read = Manifest::load(&manifest).unwrap();
+    let (samples, classes) = (manifest_read.total_samples, manifest_read.classes);
     let data = Dataset::open(&manifest).unwrap();
     let batch = assemble(
         &data,
@@ -46,7 +47,7 @@ fn read_all(dest: &Path) -> Vec<i64> {
             epoch: 0,
             transform: Transform::Eval(32),
             pixels: PixelFormat::Bytes,
-            classes: WNIDS.len() as u32,
+            classes,
         },
     )
     .unwrap();
@@ -131,6 +132,29 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
         [0, 0, 1, 1, 2, 2],
         "the wnid first in each PredictionString"
     );
+
+    // Numbered as a train import with one more class (sorting first) numbered them: the val
+    // set's labels follow that list, and a class it lacks keeps its number.
+    let train_classes = dir.path().join("train-classes.json");
+    std::fs::write(
+        &train_classes,
+        serde_json::to_vec(&["n00000001", WNIDS[0], WNIDS[1], WNIDS[2]]).unwrap(),
+    )
+    .unwrap();
+    let numbered = dir.path().join("val-numbered");
+    let (ok, said) = import(&[
+        &path(&made.join("val.tar")),
+        &path(&numbered),
+        "--labels",
+        &labels_file,
+        "--classes-from",
+        &path(&train_classes),
+    ]);
+    assert!(ok, "{said}");
+    assert_eq!(classes(&numbered)[0], "n00000001");
+    let mut labels = read_all(&numbered);
+    labels.sort();
+    assert_eq!(labels, [1, 1, 2, 2, 3, 3]);
 
     // A compressed archive is refused with what to do.
     let gz = made.join("train.tar.gz");

@@ -148,6 +148,7 @@ pub fn import(
     destination: &Path,
     options: ImportOptions,
     labels: Option<&Path>,
+    classes_from: Option<&Path>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<ImportReport, DatasetError> {
     let io = |path: &Path| {
@@ -163,9 +164,47 @@ pub fn import(
             dataset::ensure_no_shards(&dir)?;
         }
     }
-    let listing = sources::list(source, labels)?;
-    let classes = listing.classes;
-    let mut skipped = listing.skipped;
+    let mut listing = sources::list(source, labels)?;
+    let mut skipped = std::mem::take(&mut listing.skipped);
+    // Another import's classes (a val set numbered as its train set): images of other
+    // classes are left out, and classes without images here keep their numbers.
+    let given = match classes_from {
+        Some(file) => {
+            if options.min_class_images > 0 {
+                return Err(DatasetError::Format {
+                    path: file.to_owned(),
+                    what: "import options",
+                    message: "--classes-from keeps that import's numbering; \
+                              --min-class-images would number the classes anew"
+                        .into(),
+                });
+            }
+            let text = std::fs::read(file).map_err(io(file))?;
+            let classes: Vec<String> =
+                serde_json::from_slice(&text).map_err(|e| DatasetError::Format {
+                    path: file.to_owned(),
+                    what: "class list",
+                    message: format!("not a JSON list of class names: {e}"),
+                })?;
+            let known: std::collections::BTreeSet<&str> =
+                classes.iter().map(String::as_str).collect();
+            listing.images.retain(|found| {
+                let keep = known.contains(found.class.as_str());
+                if !keep {
+                    skipped.push(format!(
+                        "{}: class {} is not in {}; left out",
+                        found.name,
+                        found.class,
+                        file.display()
+                    ));
+                }
+                keep
+            });
+            Some(classes)
+        }
+        None => None,
+    };
+    let classes = given.clone().unwrap_or(listing.classes);
     let label_of: BTreeMap<&str, u32> = classes
         .iter()
         .enumerate()
@@ -198,7 +237,7 @@ pub fn import(
         .filter(|(_, u)| !**u)
         .map(|(c, _)| c.as_str())
         .collect();
-    if !empty_classes.is_empty() {
+    if !empty_classes.is_empty() && given.is_none() {
         // torchvision's ImageFolder refuses these too: a label with no image.
         return Err(DatasetError::Format {
             path: source.to_owned(),
