@@ -225,7 +225,8 @@ enum DatasetCommand {
         #[arg(long)]
         verify: bool,
         /// The labels of a tar of images: Kaggle's LOC_val_solution.csv (ImageId,
-        /// PredictionString, the wnid first).
+        /// PredictionString, the wnid first), or the ILSVRC-2012 devkit's directory, unpacked
+        /// (data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt).
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Threads writing shards (0: one per core).

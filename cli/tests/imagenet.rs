@@ -133,6 +133,25 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
         "the wnid first in each PredictionString"
     );
 
+    // The same tar labelled by the ILSVRC-2012 devkit (meta.mat and the ground truth), which
+    // labels the seventh image too.
+    let devkit = dir.path().join("val-devkit");
+    let (ok, said) = import(&[
+        &path(&made.join("val.tar")),
+        &path(&devkit),
+        "--labels",
+        &path(&made.join("devkit")),
+    ]);
+    assert!(ok, "{said}");
+    assert_eq!(classes(&devkit), WNIDS);
+    let mut labels = read_all(&devkit);
+    labels.sort();
+    assert_eq!(
+        labels,
+        [0, 0, 1, 1, 1, 2, 2],
+        "image 7 is the second wnid's"
+    );
+
     // Numbered as a train import with one more class (sorting first) numbered them: the val
     // set's labels follow that list, and a class it lacks keeps its number.
     let train_classes = dir.path().join("train-classes.json");

@@ -8,12 +8,17 @@ that made the real archives' kind), for `cli/tests/imagenet.rs`:
   OUT/train.tar               a tar of those tars under winter21_whole/ (the release's shape)
   OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
   OUT/LOC_val_solution.csv    Kaggle's labels: ImageId,PredictionString (the wnid first)
+  OUT/devkit/data/            the ILSVRC-2012 devkit's meta.mat (scipy.io.savemat, compressed
+                              as MATLAB writes it; ids in another order than the wnids) and
+                              ILSVRC2012_validation_ground_truth.txt, labelling all 7 images
 """
 import io
 import os
 import sys
 import tarfile
 
+import numpy as np
+import scipy.io
 from PIL import Image
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -77,6 +82,17 @@ def main():
                 labels.append(f"{image_id},{wnid} 10 12 40 38 {wnid} 1 2 30 30")
     with open(f"{out}/LOC_val_solution.csv", "w") as f:
         f.write("\n".join(labels) + "\n")
+    # The devkit numbers classes its own way: ids 1, 2, 3 are the third, first, second wnid.
+    ids = {WNIDS[2]: 1, WNIDS[0]: 2, WNIDS[1]: 3}
+    synsets = np.zeros((3, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"),
+                                      ("num_train_images", "O")])
+    for row, (wnid, id_) in enumerate(sorted(ids.items(), key=lambda kv: kv[1])):
+        synsets[row, 0] = (np.array([[id_]], dtype=np.float64), wnid, f"class {wnid}",
+                           np.array([[1300]], dtype=np.float64))
+    os.makedirs(f"{out}/devkit/data")
+    scipy.io.savemat(f"{out}/devkit/data/meta.mat", {"synsets": synsets}, do_compression=True)
+    with open(f"{out}/devkit/data/ILSVRC2012_validation_ground_truth.txt", "w") as f:
+        f.write("".join(f"{ids[WNIDS[i % 3]]}\n" for i in range(1, 8)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 //! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
 //! extension are reported and left out, and with `verify` so are images that do not decode.
 
+mod devkit;
 pub mod shards;
 pub mod sources;
 

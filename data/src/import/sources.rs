@@ -6,8 +6,9 @@
 //! - a tar of per-synset tars (`ILSVRC2012_img_train.tar`, `fall11_whole.tar`, or
 //!   `winter21_whole.tar.gz` once gunzipped), read in place: each image is a byte range of
 //!   the one archive file;
-//! - a tar of images with a labels file (`ILSVRC2012_img_val.tar` and Kaggle's
-//!   `LOC_val_solution.csv`: `ImageId,PredictionString`, the wnid first in the string).
+//! - a tar of images with its labels (`ILSVRC2012_img_val.tar` with Kaggle's
+//!   `LOC_val_solution.csv`: `ImageId,PredictionString`, the wnid first in the string; or
+//!   with the ILSVRC-2012 devkit unpacked, see [`super::devkit`]).
 //!
 //! A class is a sub-directory's name or a synset tar's stem. Archives are listed with seeks
 //! past the members' data, so listing a terabyte archive reads its headers, not its images. A
@@ -177,7 +178,8 @@ pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetErro
         None => Err(format_error(
             source,
             "a tar of images needs --labels (ILSVRC2012_img_val.tar with \
-             LOC_val_solution.csv); a tar of per-synset tars is read as is"
+             LOC_val_solution.csv, or the ILSVRC-2012 devkit's directory); a tar of \
+             per-synset tars is read as is"
                 .into(),
         )),
     }
@@ -310,30 +312,15 @@ fn labelled(
     members: Vec<(String, u64, u64)>,
     labels: &Path,
 ) -> Result<Listing, DatasetError> {
-    let text = std::fs::read_to_string(labels).map_err(io(labels))?;
-    let mut class_of = BTreeMap::new();
-    for (line, row) in text.lines().enumerate().skip(1) {
-        let row = row.trim();
-        if row.is_empty() {
-            continue;
-        }
-        let wnid = row
-            .split_once(',')
-            .and_then(|(id, prediction)| Some((id, prediction.split_whitespace().next()?)));
-        match wnid {
-            Some((id, wnid)) => class_of.insert(id.to_owned(), wnid.to_owned()),
-            None => {
-                return Err(format_error(
-                    labels,
-                    format!(
-                        "line {}: not `ImageId,PredictionString` with a wnid first (Kaggle's \
-                         LOC_val_solution.csv)",
-                        line + 1
-                    ),
-                ));
-            }
-        };
-    }
+    let class_of = if labels.is_dir() {
+        super::devkit::val_wnids(labels)
+            .map_err(|e| format_error(labels, format!("the ILSVRC-2012 devkit: {e}")))?
+            .into_iter()
+            .map(|(n, wnid)| (format!("ILSVRC2012_val_{n:08}"), wnid))
+            .collect()
+    } else {
+        kaggle_labels(labels)?
+    };
     let mut listing = Listing::default();
     for (member, offset, len) in members {
         let file_name = Path::new(&member)
@@ -358,6 +345,35 @@ fn labelled(
         }
     }
     finish(listing)
+}
+
+/// Kaggle's `LOC_val_solution.csv`: `ImageId,PredictionString`, the wnid first in the string.
+fn kaggle_labels(labels: &Path) -> Result<BTreeMap<String, String>, DatasetError> {
+    let text = std::fs::read_to_string(labels).map_err(io(labels))?;
+    let mut class_of = BTreeMap::new();
+    for (line, row) in text.lines().enumerate().skip(1) {
+        let row = row.trim();
+        if row.is_empty() {
+            continue;
+        }
+        let wnid = row
+            .split_once(',')
+            .and_then(|(id, prediction)| Some((id, prediction.split_whitespace().next()?)));
+        match wnid {
+            Some((id, wnid)) => class_of.insert(id.to_owned(), wnid.to_owned()),
+            None => {
+                return Err(format_error(
+                    labels,
+                    format!(
+                        "line {}: not `ImageId,PredictionString` with a wnid first (Kaggle's \
+                         LOC_val_solution.csv)",
+                        line + 1
+                    ),
+                ));
+            }
+        };
+    }
+    Ok(class_of)
 }
 
 /// The classes of the images listed, in name order.
