@@ -276,6 +276,14 @@ impl<R: Read> Read for EofProbe<R> {
     }
 }
 
+/// Seeking past the images' data: indexing a shard reads its headers and labels, not its
+/// images (a terabyte of the hub's shards is indexed in place by reading a few GB).
+impl<R: io::Seek> io::Seek for EofProbe<R> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(to)
+    }
+}
+
 /// Indexes one tar shard. Sample-level problems become issues; only an unreadable archive is an
 /// error. `classes`, when known, bounds the labels.
 pub fn index_shard(
@@ -314,7 +322,9 @@ pub fn index_shard(
         }
     };
     let mut members = 0;
-    let entries = archive.entries().map_err(|e| bad_tar(0, e.to_string()))?;
+    let entries = archive
+        .entries_with_seek()
+        .map_err(|e| bad_tar(0, e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad_tar(members, e.to_string()))?;
         members += 1;
