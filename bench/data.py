@@ -37,6 +37,16 @@ WEBP_SIZES = [128, 380]
 WEBP_GOAL = 1.5
 
 
+def medians(ladder, here, directory, size):
+    """Ladder's and the peer's images/s on `directory` at `size`: the medians of ROUNDS
+    alternating runs."""
+    ours, theirs = [], []
+    for _ in range(ROUNDS):
+        ours.append(run([ladder, directory, str(size), "5"]))
+        theirs.append(run([sys.executable, f"{here}/data_peer.py", directory, str(size), "2"]))
+    return statistics.median(ours), statistics.median(theirs)
+
+
 def webp(ladder, corpus, here):
     """The same photos as WebP (Pillow, quality 80), as the hub's imagenet-w21-webp-wds holds
     its images: Ladder (libwebp, cropped and scaled at decode) against Pillow's WebP decode and
@@ -52,11 +62,7 @@ def webp(ladder, corpus, here):
         print(f"{'size':>5} {'ladder':>9} {'pil+torchvision':>16} {'ratio':>6}")
         failed = False
         for size in WEBP_SIZES:
-            ours, theirs = [], []
-            for _ in range(ROUNDS):
-                ours.append(run([ladder, webps, str(size), "5"]))
-                theirs.append(run([sys.executable, f"{here}/data_peer.py", webps, str(size), "2"]))
-            a, b = statistics.median(ours), statistics.median(theirs)
+            a, b = medians(ladder, here, webps, size)
             ok = a / b >= WEBP_GOAL
             failed |= not ok
             print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}  {'PASS' if ok else 'FAIL'}")
@@ -75,11 +81,7 @@ def main():
               f"RandAugment(2, 9) + normalize; median of {ROUNDS} alternating runs")
         print(f"{'size':>5} {'ladder':>9} {'pil+torchvision':>16} {'ratio':>6}")
         for size in SIZES:
-            ours, theirs = [], []
-            for _ in range(ROUNDS):
-                ours.append(run([ladder, corpus, str(size), "5"]))
-                theirs.append(run([sys.executable, f"{here}/data_peer.py", corpus, str(size), "2"]))
-            a, b = statistics.median(ours), statistics.median(theirs)
+            a, b = medians(ladder, here, corpus, size)
             print(f"{size:>5} {a:>9.1f} {b:>16.1f} {a / b:>6.2f}")
         webp(ladder, corpus, here)
     batch_formats(batch_binary)

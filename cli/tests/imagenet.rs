@@ -15,11 +15,17 @@ const WNIDS: [&str; 3] = ["n01440764", "n01443537", "n01484850"];
 
 /// `ladder dataset import ARGS...`: (success, stdout and stderr).
 fn import(args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary("ladder"))
+    import_with(args, |_| {})
+}
+
+/// [`import`] with `setup` on the command first (its environment, say).
+fn import_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> (bool, String) {
+    let mut command = Command::new(binary("ladder"));
+    command
         .args(["dataset", "import", "--held-out", "0"])
-        .args(args)
-        .output()
-        .expect("running ladder");
+        .args(args);
+    setup(&mut command);
+    let out = command.output().expect("running ladder");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -236,30 +242,17 @@ fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
     ladder_testkit::run_python(&script, &[made.as_os_str()]);
     let source = made.join("synsets");
     let run = |dest: &Path, extra: &[&str], abort_after: Option<&str>| {
-        let mut command = Command::new(binary("ladder"));
-        command
-            .args([
-                "dataset",
-                "import",
-                "--held-out",
-                "0",
-                "--shard-samples",
-                "2",
-            ])
-            .args(["--threads", "1"])
-            .arg(&source)
-            .arg(dest)
-            .args(extra);
-        if let Some(n) = abort_after {
-            command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
-        }
-        let out = command.output().unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), said)
+        let (source, dest) = (source.to_str().unwrap(), dest.to_str().unwrap());
+        let args = [
+            &["--shard-samples", "2", "--threads", "1", source, dest],
+            extra,
+        ]
+        .concat();
+        import_with(&args, |command| {
+            if let Some(n) = abort_after {
+                command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
+            }
+        })
     };
     let shard_files = |dest: &Path| -> Vec<(String, u64, i64)> {
         let mut found: Vec<_> = std::fs::read_dir(dest.join("train"))

@@ -87,22 +87,24 @@ fn bound() -> Result<(&'static Nccl, &'static Runtime), CollectiveError> {
     ))
 }
 
+/// A communicator-less call's result `code`, as an error naming `call` unless it succeeded.
+fn succeeded(nccl: &Nccl, call: &str, code: c_int) -> Result<(), CollectiveError> {
+    if code == NCCL_SUCCESS {
+        return Ok(());
+    }
+    let why = explain(nccl, std::ptr::null_mut(), code);
+    Err(error(0, format!("{call}: {why}")))
+}
+
 /// The NCCL and CUDA this process bound, in words: "NCCL 2.28.9, CUDA runtime 13.0, driver
 /// 13.0 (none without a driver)".
 pub fn versions() -> Result<String, CollectiveError> {
     let (nccl, cuda) = bound()?;
     let mut version = 0;
     // SAFETY: a plain query writing into a local.
-    let code = unsafe { (nccl.get_version)(&mut version) };
-    if code != NCCL_SUCCESS {
-        return Err(error(
-            0,
-            format!(
-                "ncclGetVersion: {}",
-                explain(nccl, std::ptr::null_mut(), code)
-            ),
-        ));
-    }
+    succeeded(nccl, "ncclGetVersion", unsafe {
+        (nccl.get_version)(&mut version)
+    })?;
     let (mut runtime, mut driver) = (0, 0);
     // SAFETY: plain queries writing into locals; a machine without a driver reports 0.
     unsafe {
@@ -130,16 +132,9 @@ pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
         internal: [0; UNIQUE_ID_BYTES],
     };
     // SAFETY: `id` outlives the call.
-    let code = unsafe { (nccl.get_unique_id)(&mut id) };
-    if code != NCCL_SUCCESS {
-        return Err(error(
-            0,
-            format!(
-                "ncclGetUniqueId: {}",
-                explain(nccl, std::ptr::null_mut(), code)
-            ),
-        ));
-    }
+    succeeded(nccl, "ncclGetUniqueId", unsafe {
+        (nccl.get_unique_id)(&mut id)
+    })?;
     Ok(id.internal.map(|c| c as u8))
 }
 

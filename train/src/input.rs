@@ -73,18 +73,18 @@ pub fn to_device(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ladder_data::batch::HostBuffer;
+    use ladder_data::batch::{HostBuffer, normalize_into};
+    use ladder_data::image::Image;
 
-    /// The normalization the loader threads ran on the host before it moved to the device,
-    /// written out: `(pixel / 255 - mean) / std` as `pixel * scale + bias`, channel-major.
-    fn on_the_host(pixels: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
-        let plane = pixels.len() / 3;
+    /// The loader threads' normalization for the CPU (`normalize_into`) of one image's bytes.
+    fn on_the_host(pixels: &[u8], size: u32, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+        let image = Image {
+            width: size,
+            height: size,
+            pixels: pixels.to_vec(),
+        };
         let mut out = vec![0f32; pixels.len()];
-        for (i, px) in pixels.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = px[c] as f32 * (1.0 / (255.0 * std[c])) + -mean[c] / std[c];
-            }
-        }
+        normalize_into(&image, mean, std, &mut out);
         out
     }
 
@@ -117,7 +117,7 @@ mod tests {
             );
             let ours = Vec::<f32>::try_from(images.contiguous().view([-1])).unwrap();
             for (k, image) in pixels.chunks_exact(plane).enumerate() {
-                let host = on_the_host(image, mean, std);
+                let host = on_the_host(image, size, mean, std);
                 let worst = ours[k * plane..(k + 1) * plane]
                     .iter()
                     .zip(&host)
@@ -130,7 +130,7 @@ mod tests {
         // The loader's normalization for the CPU: the same numbers, four times the bytes.
         let host: Vec<f32> = pixels
             .chunks_exact(plane)
-            .flat_map(|image| on_the_host(image, mean, std))
+            .flat_map(|image| on_the_host(image, size, mean, std))
             .collect();
         let floats = batch(Pixels::Normalized(host));
         assert_eq!(floats.images.bytes(), 4 * bytes.images.bytes());

@@ -60,6 +60,14 @@ pub struct ImportReport {
     pub resumed: bool,
 }
 
+/// An I/O error at `path`, for `map_err`.
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// `jpg`, `png` or `webp` by an image's first bytes (whatever its name says); None when it
 /// is none of them, or empty.
 fn image_format(head: &[u8]) -> Option<&'static str> {
@@ -152,10 +160,6 @@ pub fn import(
     classes_from: Option<&Path>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<ImportReport, DatasetError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DatasetError::Io { path, source }
-    };
     if !destination.join(shards::JOURNAL_FILE).exists() {
         for dir in [
             destination.to_owned(),

@@ -9,6 +9,7 @@
 //! and writes the others. Another plan over an interrupted import is refused. The journal goes
 //! once both splits are written and indexed.
 
+use super::io;
 use super::sources::Bytes;
 use crate::synth::append;
 use ladder_core::dataset::DatasetError;
@@ -23,13 +24,6 @@ const ABORT_AFTER_SHARDS: &str = "LADDER_IMPORT_ABORT_AFTER_SHARDS";
 
 /// One image to write: its bytes, label and extension.
 pub type Planned = (Bytes, u32, &'static str);
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
-    move |source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 /// The digest of what the import writes: each split's images in order, the shard size and the
 /// classes.

@@ -15,6 +15,7 @@
 //! synset tar that breaks part-way keeps the members listed before the break; the rest is
 //! reported.
 
+use super::io;
 use ladder_core::dataset::DatasetError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -119,13 +120,6 @@ pub struct Listing {
     pub images: Vec<Found>,
     /// What was left out while listing, with why.
     pub skipped: Vec<String>,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
-    move |source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 fn format_error(path: &Path, message: String) -> DatasetError {
