@@ -195,14 +195,13 @@ enum DatasetCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Turn an ImageFolder tree (SOURCE/<class>/<image>) into shuffled shards with indexes and
-    /// manifests: DEST/train/ and, held out from it, DEST/val/; DEST/classes.json names the
-    /// classes.
+    /// Turn ImageNet as it comes (see SOURCE) into shuffled shards with indexes and manifests:
+    /// DEST/train/ and, held out from it, DEST/val/; DEST/classes.json names the classes.
     Import {
         /// ImageNet as it comes: an ImageFolder tree (one folder per class), a directory of
         /// per-synset tars (n01440764.tar ...), a tar of them (ILSVRC2012_img_train.tar,
-        /// fall11_whole.tar; a .tar.gz gunzipped first), read in place; or a tar of images
-        /// with --labels (ILSVRC2012_img_val.tar).
+        /// fall11_whole.tar), read in place; a tar of them gzipped (winter21_whole.tar.gz),
+        /// streamed twice; or a tar of images with --labels (ILSVRC2012_img_val.tar).
         source: PathBuf,
         /// A new or empty directory.
         dest: PathBuf,
@@ -566,14 +565,14 @@ async fn run(cli: Cli) -> Result<()> {
                 threads: *threads as usize,
             };
             let started = std::time::Instant::now();
-            let progress = ImportProgress::new(started);
+            let progress = ImportProgress::new();
             let report = ladder_data::import::import(
                 source,
                 dest,
                 options,
                 labels.as_deref(),
                 classes_from.as_deref(),
-                &|done, total| progress.show(done, total),
+                &|at| progress.show(at),
             )?;
             progress.end();
             for skipped in &report.skipped {
@@ -591,8 +590,12 @@ async fn run(cli: Cli) -> Result<()> {
                 images as f64 / seconds.max(1e-9),
                 if report.resumed {
                     format!(
-                        "; resumed an interrupted import, keeping its {} shards",
-                        report.written.kept
+                        "; resumed an interrupted import, keeping its {} shards{}",
+                        report.written.kept,
+                        match report.written.resumed_images {
+                            0 => String::new(),
+                            n => format!(" and {n} more images written before its last checkpoint"),
+                        }
                     )
                 } else {
                     String::new()
@@ -629,38 +632,60 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// An import's progress on stderr: on a terminal a line redrawn a few times a second (images,
-/// images/s, ETA), otherwise a line a minute.
+/// images/s, ETA; or a compressed archive's GB listed, MB/s, ETA), otherwise a line a minute.
 struct ImportProgress {
-    started: std::time::Instant,
     terminal: bool,
     last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether it is writing (else listing), and since when.
+    phase: std::sync::Mutex<Option<(bool, std::time::Instant)>>,
 }
 
 impl ImportProgress {
-    fn new(started: std::time::Instant) -> ImportProgress {
+    fn new() -> ImportProgress {
         use std::io::IsTerminal;
         ImportProgress {
-            started,
             terminal: std::io::stderr().is_terminal(),
             last: std::sync::Mutex::new(None),
+            phase: std::sync::Mutex::new(None),
         }
     }
 
-    fn show(&self, done: u64, total: u64) {
+    fn show(&self, at: ladder_data::import::Progress) {
+        use ladder_data::import::Progress;
+        let (done, total) = match at {
+            Progress::Listing { read, size } => (read, size),
+            Progress::Writing { images, total } => (images, total),
+        };
+        let now = std::time::Instant::now();
+        let writing = matches!(at, Progress::Writing { .. });
+        let since = match &mut *self.phase.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((was_writing, since)) if *was_writing == writing => *since,
+            phase => phase.insert((writing, now)).1,
+        };
+        // A rate needs a second of its phase behind it.
         let every = std::time::Duration::from_millis(if self.terminal { 250 } else { 60_000 });
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        if last.is_some_and(|l| now - l < every) || (done == total && !self.terminal) {
+        if now - since < std::time::Duration::from_secs(1)
+            || last.is_some_and(|l| now - l < every)
+            || (done == total && !self.terminal)
+        {
             return;
         }
         *last = Some(now);
-        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let seconds = (now - since).as_secs_f64().max(1e-9);
         let rate = done as f64 / seconds;
-        let eta = (total - done) as f64 / rate.max(1e-9);
-        let line = format!(
-            "import: {done}/{total} images, {rate:.0} images/s, ETA {}",
-            show::duration(eta as f32)
-        );
+        let eta = show::duration((total.saturating_sub(done) as f64 / rate.max(1e-9)) as f32);
+        let line = match at {
+            Progress::Listing { .. } => format!(
+                "import: listing the compressed archive: {:.1}/{:.1} GB, {:.0} MB/s, ETA {eta}",
+                done as f64 / 1e9,
+                total as f64 / 1e9,
+                rate / 1e6
+            ),
+            Progress::Writing { .. } => {
+                format!("import: {done}/{total} images, {rate:.0} images/s, ETA {eta}")
+            }
+        };
         if self.terminal {
             eprint!("\r{line}\x1b[K");
         } else {

@@ -13,17 +13,15 @@ use std::process::Command;
 
 const WNIDS: [&str; 3] = ["n01440764", "n01443537", "n01484850"];
 
-/// `ladder dataset import ARGS...`: (success, stdout and stderr).
+/// `ladder dataset import --held-out 0 ARGS...`: (success, stdout and stderr).
 fn import(args: &[&str]) -> (bool, String) {
-    import_with(args, |_| {})
+    import_with(&[&["--held-out", "0"], args].concat(), |_| {})
 }
 
-/// [`import`] with `setup` on the command first (its environment, say).
+/// `ladder dataset import ARGS...` with `setup` on the command first (its environment, say).
 fn import_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> (bool, String) {
     let mut command = Command::new(binary("ladder"));
-    command
-        .args(["dataset", "import", "--held-out", "0"])
-        .args(args);
+    command.args(["dataset", "import"]).args(args);
     setup(&mut command);
     let out = command.output().expect("running ladder");
     let text = format!(
@@ -181,11 +179,57 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     labels.sort();
     assert_eq!(labels, [1, 1, 2, 2, 3, 3]);
 
-    // A compressed archive is refused with what to do.
-    let gz = made.join("train.tar.gz");
-    std::fs::copy(made.join("train.tar"), &gz).unwrap();
-    let (ok, said) = import(&[&path(&gz), &path(&dir.path().join("gz"))]);
-    assert!(!ok && said.contains("gunzip"), "{said}");
+    // The same tar of tars compressed, as it is downloaded: streamed, it gives the shards the
+    // archive in place gives, byte for byte, both splits.
+    let split = ["--held-out", "2", "--shard-samples", "3"];
+    let from_compressed = dir.path().join("from-compressed");
+    let in_place = dir.path().join("in-place");
+    for (source, dest) in [("train.tar.gz", &from_compressed), ("train.tar", &in_place)] {
+        let (source, dest) = (path(&made.join(source)), path(dest));
+        let (ok, said) = import_with(
+            &[&[source.as_str(), dest.as_str()][..], &split].concat(),
+            |_| {},
+        );
+        assert!(ok, "{said}");
+        assert!(
+            said.contains("winter21_whole/n01484850.tar: unreadable after 2 member(s)"),
+            "{said}"
+        );
+    }
+    let (ok, said) = import(&[
+        &path(&made.join("train.tar.gz")),
+        &path(&dir.path().join("x")),
+    ]);
+    assert!(
+        ok && said.contains("winter21_whole/README: not a per-synset tar"),
+        "{said}"
+    );
+    assert_eq!(classes(&from_compressed), WNIDS);
+    for split in ["train", "val"] {
+        let (streamed, read) = (
+            shards(&from_compressed.join(split)),
+            shards(&in_place.join(split)),
+        );
+        assert!(!streamed.is_empty());
+        assert_eq!(streamed, read, "{split}: the compressed archive's shards");
+    }
+    assert_eq!(
+        read_all(&from_compressed).len(),
+        16 - 4,
+        "2 held out of each of 2 classes"
+    );
+
+    // A download cut short is refused, saying where it breaks, with nothing written.
+    let cut = made.join("cut.tar.gz");
+    let whole = std::fs::read(made.join("train.tar.gz")).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() * 2 / 3]).unwrap();
+    let cut_dest = dir.path().join("from-cut");
+    let (ok, said) = import(&[&path(&cut), &path(&cut_dest)]);
+    assert!(
+        !ok && said.contains("a truncated or corrupt download?"),
+        "{said}"
+    );
+    assert!(!cut_dest.join("train").exists(), "{said}");
 }
 
 /// The hub's WebDataset shards of WebP images, written by webdataset's own TarWriter, indexed
@@ -235,20 +279,50 @@ fn the_hubs_webp_shards_are_indexed_in_place_and_read_whole() {
 /// seed over the interrupted import is refused.
 #[test]
 fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
+    interrupted_and_resumed("synsets");
+}
+
+/// The same for a compressed archive, streamed, with a checkpoint after every synset tar: the
+/// rerun also passes over the images the checkpoint says are on disk without writing them.
+#[test]
+fn an_interrupted_compressed_import_continues_from_its_last_checkpoint() {
+    let said = interrupted_and_resumed("train.tar.gz");
+    let images: u64 = said
+        .split(" more images written before its last checkpoint")
+        .next()
+        .and_then(|before| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no images found on disk: {said}"));
+    assert!(images > 0, "{said}");
+}
+
+/// Imports `source` (of `imagenet_layouts.py`'s) interrupted, then again; returns what the
+/// second run said.
+fn interrupted_and_resumed(source: &str) -> String {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let made = dir.path().join("made");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
     ladder_testkit::run_python(&script, &[made.as_os_str()]);
-    let source = made.join("synsets");
+    let source = made.join(source);
     let run = |dest: &Path, extra: &[&str], abort_after: Option<&str>| {
         let (source, dest) = (source.to_str().unwrap(), dest.to_str().unwrap());
         let args = [
-            &["--shard-samples", "2", "--threads", "1", source, dest],
+            &[
+                "--held-out",
+                "0",
+                "--shard-samples",
+                "2",
+                "--threads",
+                "1",
+                source,
+                dest,
+            ],
             extra,
         ]
         .concat();
         import_with(&args, |command| {
+            command.env("LADDER_IMPORT_CHECKPOINT_SECONDS", "0");
             if let Some(n) = abort_after {
                 command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
             }
@@ -284,15 +358,15 @@ fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
         "{said}"
     );
 
-    let (ok, said) = run(&dest, &[], None);
-    assert!(ok, "{said}");
+    let (ok, resumed) = run(&dest, &[], None);
+    assert!(ok, "{resumed}");
     assert!(
-        said.contains("resumed an interrupted import, keeping its 3 shards"),
-        "{said}"
+        resumed.contains("resumed an interrupted import, keeping its 3 shards"),
+        "{resumed}"
     );
     assert!(
-        said.contains("imported 16 images of 3 classes into 8 shards"),
-        "{said}"
+        resumed.contains("imported 16 images of 3 classes into 8 shards"),
+        "{resumed}"
     );
     let after = shard_files(&dest);
     assert_eq!(after.len(), 8);
@@ -317,4 +391,6 @@ fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!dest.join(".import-stream").exists());
+    resumed
 }

@@ -6,6 +6,8 @@ that made the real archives' kind), for `cli/tests/imagenet.rs`:
                               .JPEG, a text member, a second member of the same name; the third
                               tar is cut inside its third member's header
   OUT/train.tar               a tar of those tars under winter21_whole/ (the release's shape)
+  OUT/train.tar.gz            the same, compressed as tarfile compresses it (the release's
+                              winter21_whole.tar.gz), and a text member after the tars
   OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
   OUT/LOC_val_solution.csv    Kaggle's labels: ImageId,PredictionString (the wnid first)
   OUT/devkit/data/            the ILSVRC-2012 devkit's meta.mat (scipy.io.savemat, compressed
@@ -72,6 +74,10 @@ def main():
     with tarfile.open(f"{out}/train.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for wnid in WNIDS:
             tar.add(f"{out}/synsets/{wnid}.tar", arcname=f"winter21_whole/{wnid}.tar")
+    with tarfile.open(f"{out}/train.tar.gz", "w:gz", format=tarfile.USTAR_FORMAT) as tar:
+        for wnid in WNIDS:
+            tar.add(f"{out}/synsets/{wnid}.tar", arcname=f"winter21_whole/{wnid}.tar")
+        add(tar, "winter21_whole/README", b"one tar per synset")
     labels = ["ImageId,PredictionString"]
     with tarfile.open(f"{out}/val.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(1, 8):

@@ -99,8 +99,8 @@ pub fn encode_jpeg(image: &Image, quality: i32) -> Vec<u8> {
 }
 
 /// Appends one file to a tar archive being written.
-pub fn append(
-    tar: &mut tar::Builder<std::fs::File>,
+pub fn append<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
     name: &str,
     data: &[u8],
 ) -> std::io::Result<()> {

@@ -1,7 +1,8 @@
 //! ImageNet's layouts, imported or read in place, train: one-epoch jobs of a real coordinator
 //! and worker on each dataset `cli/tests/imagenet.rs` makes with Python's tarfile, webdataset
-//! and Pillow (per-synset tars, a tar of them, ILSVRC-2012's val tar with its labels, the hub's
-//! WebP shards), each training every sample of its dataset once with nothing skipped.
+//! and Pillow (per-synset tars, a tar of them, the same gzipped, ILSVRC-2012's val tar with its
+//! labels, the hub's WebP shards), each training every sample of its dataset once with nothing
+//! skipped.
 
 mod common;
 
@@ -84,6 +85,7 @@ fn each_imported_or_in_place_dataset_trains_every_sample_once() {
     assert!(index.status.success(), "{index:?}");
     import(&[&made.join("synsets"), &dir.path().join("synsets")], &[]);
     import(&[&made.join("train.tar"), &dir.path().join("archive")], &[]);
+    import(&[&made.join("train.tar.gz"), &dir.path().join("gz")], &[]);
     let labels = made.join("LOC_val_solution.csv");
     import(
         &[&made.join("val.tar"), &dir.path().join("val")],
@@ -105,6 +107,7 @@ fn each_imported_or_in_place_dataset_trains_every_sample_once() {
             3,
             16,
         ),
+        ("gz", dir.path().join("gz/train/manifest.json"), 3, 16),
         ("val", dir.path().join("val/train/manifest.json"), 3, 6),
         ("hub", hub.join("manifest.json"), 4, 20),
     ] {

@@ -1,7 +1,7 @@
 //! `ladder dataset import`: ImageNet as people have it ([`sources`]: an ImageFolder tree, a
-//! directory of per-synset tars, a tar of them, or a tar of images with a labels file) to
-//! WebDataset shards, their indexes, a manifest and a class map, with a held-out split made
-//! on the way.
+//! directory of per-synset tars, a tar of them, or a tar of images with a labels file, read in
+//! place; [`stream`]: a compressed tar of per-synset tars, streamed) to WebDataset shards,
+//! their indexes, a manifest and a class map, with a held-out split made on the way.
 //!
 //! Classes are numbered in name order (wnids sorted, as torchvision's ImageFolder numbers
 //! them).
@@ -17,10 +17,10 @@
 mod devkit;
 pub mod shards;
 pub mod sources;
+pub mod stream;
 
 use ladder_core::dataset::{self, DatasetError, ImageFormat, IndexReport};
 use ladder_core::rng::Stream;
-use sources::Bytes;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -60,6 +60,15 @@ pub struct ImportReport {
     pub resumed: bool,
 }
 
+/// How far an import is.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    /// Streaming a compressed archive to list it: bytes of it read, of its size.
+    Listing { read: u64, size: u64 },
+    /// Images written (or found written by an interrupted import), of all to write.
+    Writing { images: u64, total: u64 },
+}
+
 /// An I/O error at `path`, for `map_err`.
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
     move |source| DatasetError::Io {
@@ -82,51 +91,58 @@ fn image_format(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Why the image (`jpg` or `png`) does not decode whole, if it does not: what training would
-/// skip in every epoch.
-fn undecodable(bytes: &Bytes, format: &str) -> Option<String> {
-    let format = match format {
-        "png" => ImageFormat::Png,
-        "webp" => ImageFormat::Webp,
-        _ => ImageFormat::Jpeg,
-    };
-    let bytes = match bytes.read(None) {
-        Ok(bytes) => bytes,
-        Err(e) => return Some(e.to_string()),
-    };
-    crate::decode::decode(&bytes, format, None, 1, 1)
-        .err()
-        .map(|e| e.to_string())
+/// The image's format by its name and first bytes, and with `verify` whether it decodes whole
+/// (`bytes` is then all of it, else at least its first 12 bytes); else why it is left out.
+fn verdict(file_name: &str, bytes: &[u8], verify: bool) -> Result<&'static str, String> {
+    if !has_image_extension(file_name) {
+        return Err(NOT_AN_IMAGE_FILE.into());
+    }
+    let format =
+        image_format(bytes).ok_or("empty, or not a JPEG, PNG or WebP image by its first bytes")?;
+    if verify {
+        let decodable = match format {
+            "png" => ImageFormat::Png,
+            "webp" => ImageFormat::Webp,
+            _ => ImageFormat::Jpeg,
+        };
+        if let Err(why) = crate::decode::decode(bytes, decodable, None, 1, 1) {
+            return Err(format!("does not decode ({why})"));
+        }
+    }
+    Ok(format)
 }
 
-/// The image's format by its name and first bytes, and with `verify` whether it decodes
-/// whole; else why it is left out.
+const NOT_AN_IMAGE_FILE: &str = "not a .jpg, .jpeg, .png or .webp file";
+
+fn has_image_extension(file_name: &str) -> bool {
+    let ext = Path::new(file_name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp"))
+}
+
+/// [`verdict`] of an image found in place (read as far as needed), or as found while its
+/// bytes streamed by.
 fn examine(
     found: &sources::Found,
     verify: bool,
     source: &Path,
 ) -> Result<Result<&'static str, String>, DatasetError> {
-    let ext = Path::new(&found.file_name)
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase());
-    if !matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
-        return Ok(Err("not a .jpg, .jpeg, .png or .webp file".into()));
+    if let Some(verdict) = &found.examined {
+        return Ok(verdict.clone());
     }
-    let head = found
+    if !has_image_extension(&found.file_name) {
+        return Ok(Err(NOT_AN_IMAGE_FILE.into()));
+    }
+    let bytes = found
         .bytes
-        .read(Some(12))
+        .read((!verify).then_some(12))
         .map_err(|e| DatasetError::Format {
             path: source.to_owned(),
             what: "import source",
             message: format!("{}: {e}", found.name),
         })?;
-    Ok(match image_format(&head) {
-        None => Err("empty, or not a JPEG, PNG or WebP image by its first bytes".into()),
-        Some(format) => match verify.then(|| undecodable(&found.bytes, format)).flatten() {
-            Some(why) => Err(format!("does not decode ({why})")),
-            None => Ok(format),
-        },
-    })
+    Ok(verdict(&found.file_name, &bytes, verify))
 }
 
 /// `f` of every item, on `threads` threads (contiguous runs of the items), in the items' order.
@@ -149,16 +165,15 @@ fn in_parallel<T: Sync, R: Send>(
 }
 
 /// Imports `source` into `destination` (see the module's doc); `labels` names the labels
-/// file of a tar of images; `progress` is told (images written, images to write) as shards
-/// are written. An interrupted import continues when run again with the same arguments (see
-/// [`shards`]).
+/// file of a tar of images; `progress` is told how far it is. An interrupted import continues
+/// when run again with the same arguments (see [`shards`] and [`stream`]).
 pub fn import(
     source: &Path,
     destination: &Path,
     options: ImportOptions,
     labels: Option<&Path>,
     classes_from: Option<&Path>,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<ImportReport, DatasetError> {
     if !destination.join(shards::JOURNAL_FILE).exists() {
         for dir in [
@@ -169,7 +184,18 @@ pub fn import(
             dataset::ensure_no_shards(&dir)?;
         }
     }
-    let mut listing = sources::list(source, labels)?;
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let streamed = stream::is_compressed(source);
+    let mut listing = if streamed {
+        stream::list(source, labels, options.verify, threads, &|read, size| {
+            progress(Progress::Listing { read, size })
+        })?
+    } else {
+        sources::list(source, labels)?
+    };
     let mut skipped = std::mem::take(&mut listing.skipped);
     // Another import's classes (a val set numbered as its train set): images of other
     // classes are left out, and classes without images here keep their numbers.
@@ -215,10 +241,6 @@ pub fn import(
         .enumerate()
         .map(|(i, c)| (c.as_str(), i as u32))
         .collect();
-    let threads = match options.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     // Every image's first bytes (and with `verify` all of it, decoded) on every core; the
     // verdicts come back in listing order, so the plan does not depend on the threads.
     let verdicts = in_parallel(&listing.images, threads, |found| {
@@ -310,22 +332,39 @@ pub fn import(
     let total = (train.len() + val.len()) as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
     let written_images = |n: u64| {
-        let so_far = done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
-        progress(so_far, total);
+        let images = done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+        progress(Progress::Writing { images, total });
     };
-    let mut written = shards::Written::default();
-    let mut write = |dir: &Path, files: &[shards::Planned]| {
-        let split = shards::write(dir, files, options.shard_samples, threads, &written_images)?;
-        written.shards += split.shards;
-        written.kept += split.kept;
-        written.bytes += split.bytes;
-        dataset::index_dir(dir, Some(classes.len() as u32))
-    };
-    let train = write(&destination.join("train"), &train)?;
-    let val = if val.is_empty() {
-        None
+    let (train_dir, val_dir) = (destination.join("train"), destination.join("val"));
+    let mut splits = vec![(train_dir.clone(), &train[..])];
+    if !val.is_empty() {
+        splits.push((val_dir.clone(), &val[..]));
+    }
+    let written = if streamed {
+        stream::write(
+            source,
+            destination,
+            &splits,
+            options.shard_samples,
+            threads,
+            resumed,
+            &written_images,
+        )?
     } else {
-        Some(write(&destination.join("val"), &val)?)
+        let mut written = shards::Written::default();
+        for (dir, files) in &splits {
+            let split = shards::write(dir, files, options.shard_samples, threads, &written_images)?;
+            written.shards += split.shards;
+            written.kept += split.kept;
+            written.bytes += split.bytes;
+        }
+        written
+    };
+    let index = |dir: &Path| dataset::index_dir(dir, Some(classes.len() as u32));
+    let train = index(&train_dir)?;
+    let val = match val.is_empty() {
+        true => None,
+        false => Some(index(&val_dir)?),
     };
     let class_map = destination.join(CLASS_MAP_FILE);
     let json = serde_json::to_vec_pretty(&classes).expect("class names serialize");

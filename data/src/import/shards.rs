@@ -11,9 +11,9 @@
 
 use super::io;
 use super::sources::Bytes;
-use crate::synth::append;
 use ladder_core::dataset::DatasetError;
 use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -21,6 +21,9 @@ pub const JOURNAL_FILE: &str = ".import-journal";
 
 /// A test's stand-in for kill -9: the process aborts once it has renamed this many shards.
 const ABORT_AFTER_SHARDS: &str = "LADDER_IMPORT_ABORT_AFTER_SHARDS";
+
+/// A tar's end: two zero blocks.
+const END_OF_ARCHIVE: u64 = 1024;
 
 /// One image to write: its bytes, label and extension.
 pub type Planned = (Bytes, u32, &'static str);
@@ -45,6 +48,15 @@ pub fn plan_digest(splits: &[&[Planned]], shard_samples: u32, classes: &[String]
                     len,
                 } => {
                     hash.update(archive.path.as_os_str().as_encoded_bytes());
+                    hash.update(offset.to_le_bytes());
+                    hash.update(len.to_le_bytes());
+                }
+                Bytes::Streamed {
+                    archive,
+                    offset,
+                    len,
+                } => {
+                    hash.update(archive.as_os_str().as_encoded_bytes());
                     hash.update(offset.to_le_bytes());
                     hash.update(len.to_le_bytes());
                 }
@@ -93,6 +105,8 @@ pub struct Written {
     /// Shards an interrupted run had written already, kept as they are.
     pub kept: usize,
     pub bytes: u64,
+    /// Images of a compressed archive an interrupted import had written already.
+    pub resumed_images: u64,
 }
 
 /// Writes `files` into `dir` as shards of `shard_samples`, on `threads` threads, keeping the
@@ -108,10 +122,7 @@ pub fn write(
     let chunks: Vec<&[Planned]> = files.chunks(shard_samples.max(1) as usize).collect();
     let next = AtomicUsize::new(0);
     let (kept, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
-    let abort_after: Option<usize> = std::env::var(ABORT_AFTER_SHARDS)
-        .ok()
-        .and_then(|n| n.parse().ok());
-    let renamed = AtomicUsize::new(0);
+    let renames = Renames::default();
     let worker = || -> Result<(), DatasetError> {
         loop {
             let shard = next.fetch_add(1, Ordering::SeqCst);
@@ -127,11 +138,8 @@ pub fn write(
             }
             let first_key = shard * shard_samples as usize;
             bytes.fetch_add(write_one(&path, chunk, first_key)?, Ordering::SeqCst);
+            renames.rename(&path.with_extension("tar.tmp"), &path)?;
             progress(chunk.len() as u64);
-            let done = renamed.fetch_add(1, Ordering::SeqCst) + 1;
-            if abort_after.is_some_and(|n| done >= n) {
-                std::process::abort();
-            }
         }
     };
     std::thread::scope(|scope| {
@@ -143,45 +151,137 @@ pub fn write(
             .map(|h| h.join().expect("an import thread panicked"))
             .collect::<Result<Vec<()>, _>>()
     })?;
-    // The renames are durable once the directory is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    sync_dir(dir)?;
     Ok(Written {
         shards: chunks.len(),
         kept: kept.into_inner(),
         bytes: bytes.into_inner(),
+        resumed_images: 0,
     })
 }
 
-/// Writes one shard under a temporary name, flushes it and renames it; returns its bytes.
+/// Writes one shard under a temporary name and flushes it; returns its bytes. A shard that
+/// fails to write (a full disk) leaves nothing behind.
 fn write_one(path: &Path, chunk: &[Planned], first_key: usize) -> Result<u64, DatasetError> {
     let temporary = path.with_extension("tar.tmp");
     let written = (|| -> std::io::Result<u64> {
-        let mut tar = tar::Builder::new(std::fs::File::create(&temporary)?);
-        for (i, (file, label, ext)) in chunk.iter().enumerate() {
-            let image = file.read(None)?;
-            let key = format!("{:08}", first_key + i);
-            append(&mut tar, &format!("{key}.{ext}"), &image)?;
-            append(
-                &mut tar,
-                &format!("{key}.cls"),
-                label.to_string().as_bytes(),
-            )?;
+        let file = std::fs::File::create(&temporary)?;
+        let mut out = std::io::BufWriter::new(&file);
+        for (i, (bytes, label, ext)) in chunk.iter().enumerate() {
+            out.write_all(&sample_members(
+                first_key + i,
+                ext,
+                *label,
+                &bytes.read(None)?,
+            )?)?;
         }
-        let file = tar.into_inner()?;
+        out.write_all(&[0; END_OF_ARCHIVE as usize])?;
+        out.flush()?;
+        drop(out);
         file.sync_all()?;
         Ok(file.metadata()?.len())
     })();
-    match written {
-        Ok(len) => {
-            std::fs::rename(&temporary, path).map_err(io(path))?;
-            Ok(len)
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        io(path)(e)
+    })
+}
+
+/// The tar members of sample `key` (its image, then its `.cls` label), headers and padding
+/// included: what a shard holds of it.
+pub fn sample_members(key: usize, ext: &str, label: u32, image: &[u8]) -> std::io::Result<Vec<u8>> {
+    let label = label.to_string();
+    let mut out = Vec::with_capacity(sample_len(image.len() as u64, &label) as usize);
+    for (name, data) in [
+        (format!("{key:08}.{ext}"), image),
+        (format!("{key:08}.cls"), label.as_bytes()),
+    ] {
+        let mut header = tar::Header::new_ustar();
+        header.set_path(&name)?;
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    Ok(out)
+}
+
+/// The length of [`sample_members`] of an image of `image_len` bytes labelled `label`.
+fn sample_len(image_len: u64, label: &str) -> u64 {
+    2 * 512 + image_len.next_multiple_of(512) + (label.len() as u64).next_multiple_of(512)
+}
+
+/// Where each sample of a shard of `samples` (image length, label) lies in it, and the
+/// shard's length: the layout [`write_one`] writes front to back.
+pub fn layout(samples: impl Iterator<Item = (u64, u32)>) -> (Vec<u64>, u64) {
+    let mut at = 0;
+    let offsets = samples
+        .map(|(len, label)| {
+            let offset = at;
+            at += sample_len(len, &label.to_string());
+            offset
+        })
+        .collect();
+    (offsets, at + END_OF_ARCHIVE)
+}
+
+/// Renames whole shards into place, counting them for the test's stand-in for kill -9.
+#[derive(Default)]
+pub struct Renames(AtomicUsize);
+
+impl Renames {
+    pub fn rename(&self, temporary: &Path, path: &Path) -> Result<(), DatasetError> {
+        std::fs::rename(temporary, path).map_err(io(path))?;
+        let done = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        let abort_after: Option<usize> = std::env::var(ABORT_AFTER_SHARDS)
+            .ok()
+            .and_then(|n| n.parse().ok());
+        if abort_after.is_some_and(|n| done >= n) {
+            std::process::abort();
         }
-        Err(e) => {
-            // A full disk, say: nothing half-written stays behind.
-            let _ = std::fs::remove_file(&temporary);
-            Err(io(path)(e))
+        Ok(())
+    }
+}
+
+/// Makes the renames in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), DatasetError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample's members are what the tar crate's builder writes for them, and lie where the
+    /// layout says.
+    #[test]
+    fn sample_members_are_the_tar_builders_bytes_where_the_layout_puts_them() {
+        let images: [&[u8]; 3] = [b"", &[7; 512], &[9; 1000]];
+        let labels = [0u32, 17, 123_456];
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut ours = Vec::new();
+        for (i, (image, label)) in images.iter().zip(labels).enumerate() {
+            crate::synth::append(&mut tar, &format!("{:08}.jpg", 40 + i), image).unwrap();
+            let label_text = label.to_string();
+            crate::synth::append(
+                &mut tar,
+                &format!("{:08}.cls", 40 + i),
+                label_text.as_bytes(),
+            )
+            .unwrap();
+            ours.extend(sample_members(40 + i, "jpg", label, image).unwrap());
+        }
+        ours.extend([0; END_OF_ARCHIVE as usize]);
+        assert_eq!(tar.into_inner().unwrap(), ours);
+        let (offsets, len) = layout(images.iter().map(|i| i.len() as u64).zip(labels));
+        assert_eq!(len, ours.len() as u64);
+        for (i, offset) in offsets.iter().enumerate() {
+            let members = sample_members(40 + i, "jpg", labels[i], images[i]).unwrap();
+            assert_eq!(&ours[*offset as usize..][..members.len()], &members[..]);
         }
     }
 }

@@ -13,7 +13,8 @@
 //! A class is a sub-directory's name or a synset tar's stem. Archives are listed with seeks
 //! past the members' data, so listing a terabyte archive reads its headers, not its images. A
 //! synset tar that breaks part-way keeps the members listed before the break; the rest is
-//! reported.
+//! reported. A compressed tar of per-synset tars (`winter21_whole.tar.gz` as downloaded) has no
+//! byte ranges to read in place: it is streamed instead (see [`super::stream`]).
 
 use super::io;
 use ladder_core::dataset::DatasetError;
@@ -55,12 +56,18 @@ impl Archive {
     }
 }
 
-/// One image's bytes: a file, or a byte range of an archive.
+/// One image's bytes: a file, a byte range of an archive, or a byte range of a compressed
+/// archive's uncompressed stream (which only streaming the archive reads).
 #[derive(Clone, Debug)]
 pub enum Bytes {
     File(PathBuf),
     Range {
         archive: Arc<Archive>,
+        offset: u64,
+        len: u64,
+    },
+    Streamed {
+        archive: Arc<Path>,
         offset: u64,
         len: u64,
     },
@@ -89,14 +96,11 @@ impl Bytes {
                 archive.read_exact_at(&mut bytes, *offset)?;
                 Ok(bytes)
             }
+            Bytes::Streamed { archive, .. } => Err(std::io::Error::other(format!(
+                "{} is compressed: its images are read by streaming it, not one by one",
+                archive.display()
+            ))),
         }
-    }
-
-    pub fn is_empty(&self) -> std::io::Result<bool> {
-        Ok(match self {
-            Bytes::File(path) => std::fs::metadata(path)?.len() == 0,
-            Bytes::Range { len, .. } => *len == 0,
-        })
     }
 }
 
@@ -109,6 +113,8 @@ pub struct Found {
     pub file_name: String,
     pub class: String,
     pub bytes: Bytes,
+    /// Its format, or why it is left out, when that was found as its bytes streamed by.
+    pub examined: Option<Result<&'static str, String>>,
 }
 
 /// What a source holds.
@@ -132,15 +138,6 @@ fn format_error(path: &Path, message: String) -> DatasetError {
 
 /// Lists `source` (see the module's doc); `labels` names a labels file for a tar of images.
 pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetError> {
-    let name = source.to_string_lossy();
-    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
-        return Err(format_error(
-            source,
-            "a compressed archive cannot be read in place: `gunzip` it into a .tar first (one \
-             file, no unpacking), then import the .tar"
-                .into(),
-        ));
-    }
     if source.is_dir() {
         return match labels {
             Some(_) => Err(format_error(
@@ -151,7 +148,7 @@ pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetErro
         };
     }
     let archive = Archive::held(source).map_err(io(source))?;
-    let members = members(source, 0, None).map_err(|p| io(source)(p.error))?;
+    let members = members_in(source, 0, None).map_err(|p| io(source)(p.error))?;
     match labels {
         Some(labels) => labelled(&archive, members, labels),
         None if members.iter().any(|m| m.0.ends_with(".tar")) => {
@@ -160,7 +157,14 @@ pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetErro
                 let where_ = format!("{}:{member}", source.display());
                 match synset(&member) {
                     Some(class) => {
-                        synset_tar(&mut listing, &archive, offset, Some(len), &where_, class)
+                        let listed = members_in(&archive.path, offset, Some(len));
+                        synset_tar(&mut listing, listed, &where_, class, |offset, len| {
+                            Bytes::Range {
+                                archive: archive.clone(),
+                                offset,
+                                len,
+                            }
+                        })
                     }
                     None => listing
                         .skipped
@@ -180,7 +184,7 @@ pub fn list(source: &Path, labels: Option<&Path>) -> Result<Listing, DatasetErro
 }
 
 /// A member name's synset: the stem of `[dir/]n01440764.tar`.
-fn synset(member: &str) -> Option<String> {
+pub(super) fn synset(member: &str) -> Option<String> {
     let stem = Path::new(member)
         .file_name()?
         .to_str()?
@@ -215,6 +219,7 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
                     file_name: path.file_name().unwrap().to_string_lossy().into_owned(),
                     class: class.clone(),
                     bytes: Bytes::File(path),
+                    examined: None,
                 });
             }
             listing.classes.push(class);
@@ -232,13 +237,17 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
         match synset(&name) {
             Some(class) => {
                 let archive = Archive::opened_per_read(&path);
+                let listed = members_in(&path, 0, None);
                 synset_tar(
                     &mut listing,
-                    &archive,
-                    0,
-                    None,
+                    listed,
                     &path.display().to_string(),
                     class,
+                    |offset, len| Bytes::Range {
+                        archive: archive.clone(),
+                        offset,
+                        len,
+                    },
                 )
             }
             None => listing.skipped.push(format!(
@@ -256,17 +265,17 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
     finish(listing)
 }
 
-/// The images of the synset tar at `offset` of `archive` (its `len` bytes, or the rest),
-/// added as class `class`; a tar that breaks keeps what was listed before the break.
-fn synset_tar(
+/// The images of a synset tar (its `listed` members, found at `where_`), added as class
+/// `class` with the bytes `bytes_at` makes of each member's offset and length; a tar that
+/// broke keeps what was listed before the break.
+pub(super) fn synset_tar(
     listing: &mut Listing,
-    archive: &Arc<Archive>,
-    offset: u64,
-    len: Option<u64>,
+    listed: Result<Vec<(String, u64, u64)>, Partial>,
     where_: &str,
     class: String,
+    bytes_at: impl Fn(u64, u64) -> Bytes,
 ) {
-    let (members, broken) = match members(&archive.path, offset, len) {
+    let (members, broken) = match listed {
         Ok(members) => (members, None),
         Err(Partial { listed, error }) => (listed, Some(error)),
     };
@@ -291,11 +300,8 @@ fn synset_tar(
             name: format!("{where_}:{member}"),
             file_name,
             class: class.clone(),
-            bytes: Bytes::Range {
-                archive: archive.clone(),
-                offset: at,
-                len: member_len,
-            },
+            bytes: bytes_at(at, member_len),
+            examined: None,
         });
     }
 }
@@ -332,6 +338,7 @@ fn labelled(
                     offset,
                     len,
                 },
+                examined: None,
             }),
             None => listing
                 .skipped
@@ -371,44 +378,54 @@ fn kaggle_labels(labels: &Path) -> Result<BTreeMap<String, String>, DatasetError
 }
 
 /// The classes of the images listed, in name order.
-fn finish(mut listing: Listing) -> Result<Listing, DatasetError> {
+pub(super) fn finish(mut listing: Listing) -> Result<Listing, DatasetError> {
     let classes: BTreeSet<&str> = listing.images.iter().map(|f| f.class.as_str()).collect();
     listing.classes = classes.into_iter().map(str::to_owned).collect();
     Ok(listing)
 }
 
 /// What a tar listing got before it broke.
-struct Partial {
+pub(super) struct Partial {
     listed: Vec<(String, u64, u64)>,
     error: std::io::Error,
 }
 
-/// The regular-file members (name, absolute offset of the data, length) of the tar that lies
-/// at `offset` of `archive` (`len` bytes of it, or the rest), seeking past their data.
-fn members(
+/// The regular-file members of the tar that lies at `offset` of `archive` (`len` bytes of it,
+/// or the rest), seeking past their data: see [`members`].
+fn members_in(
     archive: &Path,
     offset: u64,
     len: Option<u64>,
 ) -> Result<Vec<(String, u64, u64)>, Partial> {
-    let mut listed = Vec::new();
-    let fail = |listed, error| Partial { listed, error };
-    let file = match std::fs::File::open(archive) {
-        Ok(file) => file,
-        Err(error) => return Err(fail(listed, error)),
+    let fail = |error| Partial {
+        listed: Vec::new(),
+        error,
     };
+    let file = std::fs::File::open(archive).map_err(fail)?;
     let end = match len {
         Some(len) => offset + len,
-        None => match file.metadata() {
-            Ok(m) => m.len(),
-            Err(error) => return Err(fail(listed, error)),
-        },
+        None => file.metadata().map_err(fail)?.len(),
     };
-    let mut tar = tar::Archive::new(Window {
+    let window = Window {
         file,
         start: offset,
         end,
         at: offset,
-    });
+    };
+    members(window, offset, end - offset)
+}
+
+/// The regular-file members (name, offset of the data plus `base`, length) of the tar `tar`
+/// reads (`len` bytes), seeking past their data. A member whose data runs past the end (a tar
+/// cut inside an image) is where the tar breaks.
+pub(super) fn members(
+    tar: impl Read + Seek,
+    base: u64,
+    len: u64,
+) -> Result<Vec<(String, u64, u64)>, Partial> {
+    let mut listed = Vec::new();
+    let fail = |listed, error| Partial { listed, error };
+    let mut tar = tar::Archive::new(tar);
     let entries = match tar.entries_with_seek() {
         Ok(entries) => entries,
         Err(error) => return Err(fail(listed, error)),
@@ -425,7 +442,15 @@ fn members(
             Ok(path) => path.to_string_lossy().into_owned(),
             Err(error) => return Err(fail(listed, error)),
         };
-        listed.push((name, offset + entry.raw_file_position(), entry.size()));
+        let (at, size) = (entry.raw_file_position(), entry.size());
+        if at.checked_add(size).is_none_or(|end| end > len) {
+            let error = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{name} is cut short: {size} bytes from {at} of a tar of {len}"),
+            );
+            return Err(fail(listed, error));
+        }
+        listed.push((name, base + at, size));
     }
     Ok(listed)
 }
@@ -465,5 +490,40 @@ impl Seek for Window {
                 "a seek before the tar's start",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar cut inside its last image keeps the images before it, and says where it broke.
+    #[test]
+    fn a_tar_cut_inside_an_image_keeps_the_images_before_it() {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, len) in [("a.JPEG", 700), ("b.JPEG", 300), ("c.JPEG", 2000)] {
+            crate::synth::append(&mut tar, name, &vec![1; len]).unwrap();
+        }
+        let mut bytes = tar.into_inner().unwrap();
+        let whole = members(std::io::Cursor::new(&bytes), 100, bytes.len() as u64)
+            .unwrap_or_else(|p| panic!("{}", p.error));
+        assert_eq!(
+            whole,
+            [
+                ("a.JPEG".to_owned(), 612, 700),
+                ("b.JPEG".to_owned(), 2148, 300),
+                ("c.JPEG".to_owned(), 3172, 2000)
+            ]
+        );
+        bytes.truncate(3072 + 1000);
+        let Err(cut) = members(std::io::Cursor::new(&bytes), 100, bytes.len() as u64) else {
+            panic!("a cut tar listed whole")
+        };
+        assert_eq!(cut.listed, whole[..2]);
+        assert!(
+            cut.error.to_string().contains("c.JPEG is cut short"),
+            "{}",
+            cut.error
+        );
     }
 }
