@@ -69,6 +69,17 @@ fn shards(dir: &Path) -> Vec<Vec<u8>> {
     names.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
+/// The index files of a dataset directory (the shards' indexes, the sample index, the
+/// manifest), by name.
+fn index_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".tar"))
+        .map(|name| (name.clone(), std::fs::read(dir.join(&name)).unwrap()))
+        .collect()
+}
+
 #[test]
 fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,6 +223,24 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
         );
         assert!(!streamed.is_empty());
         assert_eq!(streamed, read, "{split}: the compressed archive's shards");
+    }
+    // The import indexes what it writes as it writes it: the indexes and manifests are those
+    // `ladder dataset index` makes reading the shards.
+    for dest in [&from_compressed, &in_place] {
+        for split in ["train", "val"] {
+            let dir = dest.join(split);
+            let imported = index_files(&dir);
+            for name in imported.keys() {
+                std::fs::remove_file(dir.join(name)).unwrap();
+            }
+            let out = Command::new(binary("ladder"))
+                .args(["dataset", "index", "--classes", "3"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            assert_eq!(imported, index_files(&dir), "{}", dir.display());
+        }
     }
     assert_eq!(
         read_all(&from_compressed).len(),

@@ -492,26 +492,15 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
         });
     }
     let mut shards = Vec::with_capacity(names.len());
-    let mut indexes = Vec::with_capacity(names.len());
     let mut issues = Vec::new();
     let mut errors = Vec::new();
-    let mut max_label = None;
     for name in names {
         let path = dir.join(&name);
         match index_shard(&path, &name, classes) {
             Ok((index, shard_issues)) => {
                 issues.extend(shard_issues);
-                max_label = index.samples.iter().map(|s| s.label).chain(max_label).max();
                 let bytes = std::fs::metadata(&path).map_err(io_error(&path))?.len();
-                let index_file = index_name(&name);
-                write_json_atomically(&dir.join(&index_file), &index)?;
-                shards.push(ShardEntry {
-                    path: name,
-                    index: index_file,
-                    samples: index.samples.len() as u32,
-                    bytes,
-                });
-                indexes.push(index.samples);
+                shards.push(IndexedShard { name, index, bytes });
             }
             Err(e) => errors.push(e),
         }
@@ -522,6 +511,43 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
             errors,
         });
     }
+    write_indexes(dir, shards, issues, classes)
+}
+
+/// A shard of a dataset and its index.
+pub struct IndexedShard {
+    /// The tar's file name in the dataset's directory.
+    pub name: String,
+    pub index: ShardIndex,
+    /// The tar's size.
+    pub bytes: u64,
+}
+
+/// Writes the indexes of `shards` (in name order) in `dir`, the compact sample index and the
+/// manifest; `issues` are what indexing them found. A writer that knows where it put every
+/// sample (the import) indexes its shards without reading them again.
+pub fn write_indexes(
+    dir: &Path,
+    shards: Vec<IndexedShard>,
+    issues: Vec<Issue>,
+    classes: Option<u32>,
+) -> Result<IndexReport, DatasetError> {
+    let mut entries = Vec::with_capacity(shards.len());
+    let mut indexes = Vec::with_capacity(shards.len());
+    let mut max_label = None;
+    for IndexedShard { name, index, bytes } in shards {
+        max_label = index.samples.iter().map(|s| s.label).chain(max_label).max();
+        let index_file = index_name(&name);
+        write_json_atomically(&dir.join(&index_file), &index)?;
+        entries.push(ShardEntry {
+            path: name,
+            index: index_file,
+            samples: index.samples.len() as u32,
+            bytes,
+        });
+        indexes.push(index.samples);
+    }
+    let shards = entries;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_owned(),
         classes: classes.unwrap_or_else(|| max_label.map_or(0, |m| m + 1)),

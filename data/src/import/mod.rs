@@ -335,12 +335,12 @@ pub fn import(
         let images = done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
         progress(Progress::Writing { images, total });
     };
-    let (train_dir, val_dir) = (destination.join("train"), destination.join("val"));
-    let mut splits = vec![(train_dir.clone(), &train[..])];
+    let mut splits = vec![(destination.join("train"), &train[..])];
     if !val.is_empty() {
-        splits.push((val_dir.clone(), &val[..]));
+        splits.push((destination.join("val"), &val[..]));
     }
-    let written = if streamed {
+    // Each split's shards are indexed as they were written, not read again.
+    let (written, indexes) = if streamed {
         stream::write(
             source,
             destination,
@@ -352,20 +352,24 @@ pub fn import(
         )?
     } else {
         let mut written = shards::Written::default();
+        let mut indexes = Vec::new();
         for (dir, files) in &splits {
-            let split = shards::write(dir, files, options.shard_samples, threads, &written_images)?;
+            let (split, indexed) =
+                shards::write(dir, files, options.shard_samples, threads, &written_images)?;
             written.shards += split.shards;
             written.kept += split.kept;
             written.bytes += split.bytes;
+            indexes.push(indexed);
         }
-        written
+        (written, indexes)
     };
-    let index = |dir: &Path| dataset::index_dir(dir, Some(classes.len() as u32));
-    let train = index(&train_dir)?;
-    let val = match val.is_empty() {
-        true => None,
-        false => Some(index(&val_dir)?),
-    };
+    let classes_count = Some(classes.len() as u32);
+    let mut reports = splits
+        .iter()
+        .zip(indexes)
+        .map(|((dir, _), indexed)| dataset::write_indexes(dir, indexed, Vec::new(), classes_count));
+    let train = reports.next().expect("a training split")?;
+    let val = reports.next().transpose()?;
     let class_map = destination.join(CLASS_MAP_FILE);
     let json = serde_json::to_vec_pretty(&classes).expect("class names serialize");
     std::fs::write(&class_map, json).map_err(io(&class_map))?;

@@ -11,7 +11,9 @@
 
 use super::io;
 use super::sources::Bytes;
-use ladder_core::dataset::DatasetError;
+use ladder_core::dataset::{
+    self, DatasetError, INDEX_FORMAT, ImageFormat, IndexedSample, IndexedShard, ShardIndex,
+};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
@@ -110,35 +112,47 @@ pub struct Written {
 }
 
 /// Writes `files` into `dir` as shards of `shard_samples`, on `threads` threads, keeping the
-/// shards that exist; `progress` is told every image written (or kept).
+/// shards that exist; `progress` is told every image written (or kept). Returns the shards'
+/// indexes too, made as they were written (a kept shard's by reading it).
 pub fn write(
     dir: &Path,
     files: &[Planned],
     shard_samples: u32,
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<Written, DatasetError> {
+) -> Result<(Written, Vec<IndexedShard>), DatasetError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let chunks: Vec<&[Planned]> = files.chunks(shard_samples.max(1) as usize).collect();
     let next = AtomicUsize::new(0);
     let (kept, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
     let renames = Renames::default();
+    let indexed = std::sync::Mutex::new(Vec::with_capacity(chunks.len()));
     let worker = || -> Result<(), DatasetError> {
         loop {
             let shard = next.fetch_add(1, Ordering::SeqCst);
             let Some(chunk) = chunks.get(shard) else {
                 return Ok(());
             };
-            let path = dir.join(format!("shard-{shard:06}.tar"));
-            if let Ok(existing) = std::fs::metadata(&path) {
-                kept.fetch_add(1, Ordering::SeqCst);
-                bytes.fetch_add(existing.len(), Ordering::SeqCst);
-                progress(chunk.len() as u64);
-                continue;
-            }
-            let first_key = shard * shard_samples as usize;
-            bytes.fetch_add(write_one(&path, chunk, first_key)?, Ordering::SeqCst);
-            renames.rename(&path.with_extension("tar.tmp"), &path)?;
+            let name = shard_name(shard);
+            let path = dir.join(&name);
+            let (index, len) = match std::fs::metadata(&path) {
+                Ok(existing) => {
+                    kept.fetch_add(1, Ordering::SeqCst);
+                    (kept_index(&path, &name, chunk.len())?, existing.len())
+                }
+                Err(_) => {
+                    let first_key = shard * shard_samples as usize;
+                    let written = write_one(&path, chunk, first_key)?;
+                    renames.rename(&path.with_extension("tar.tmp"), &path)?;
+                    written
+                }
+            };
+            bytes.fetch_add(len, Ordering::SeqCst);
+            indexed.lock().unwrap().push(IndexedShard {
+                name,
+                index,
+                bytes: len,
+            });
             progress(chunk.len() as u64);
         }
     };
@@ -152,34 +166,92 @@ pub fn write(
             .collect::<Result<Vec<()>, _>>()
     })?;
     sync_dir(dir)?;
-    Ok(Written {
+    let mut indexed = indexed.into_inner().unwrap();
+    indexed.sort_by(|a, b| a.name.cmp(&b.name));
+    let written = Written {
         shards: chunks.len(),
         kept: kept.into_inner(),
         bytes: bytes.into_inner(),
         resumed_images: 0,
-    })
+    };
+    Ok((written, indexed))
 }
 
-/// Writes one shard under a temporary name and flushes it; returns its bytes. A shard that
-/// fails to write (a full disk) leaves nothing behind.
-fn write_one(path: &Path, chunk: &[Planned], first_key: usize) -> Result<u64, DatasetError> {
+/// The file name of shard `number`.
+pub fn shard_name(number: usize) -> String {
+    format!("shard-{number:06}.tar")
+}
+
+/// The index of a shard an interrupted import wrote, read from it: all of its `samples`.
+pub fn kept_index(path: &Path, name: &str, samples: usize) -> Result<ShardIndex, DatasetError> {
+    let (index, issues) = dataset::index_shard(path, name, None)?;
+    if !issues.is_empty() || index.samples.len() != samples {
+        return Err(DatasetError::Format {
+            path: path.to_owned(),
+            what: "shard of this import",
+            message: format!(
+                "it holds {} good samples of the {samples} the import's plan puts there: delete \
+                 it and run the import again",
+                index.samples.len()
+            ),
+        });
+    }
+    Ok(index)
+}
+
+/// The index of a shard of `samples` (each image's length, label and extension) whose first
+/// key is `first_key`: where [`layout`] puts each image.
+pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> ShardIndex {
+    let (offsets, _) = layout(samples.iter().map(|&(len, label, _)| (len, label)));
+    let samples = samples
+        .iter()
+        .zip(offsets)
+        .enumerate()
+        .map(|(i, (&(size, label, ext), at))| IndexedSample {
+            key: sample_key(first_key + i),
+            // The image's data follows its header.
+            offset: at + 512,
+            size,
+            format: match ext {
+                "png" => ImageFormat::Png,
+                "webp" => ImageFormat::Webp,
+                _ => ImageFormat::Jpeg,
+            },
+            label,
+        })
+        .collect();
+    ShardIndex {
+        format: INDEX_FORMAT.to_owned(),
+        samples,
+    }
+}
+
+fn sample_key(key: usize) -> String {
+    format!("{key:08}")
+}
+
+/// Writes one shard under a temporary name and flushes it; returns its index and bytes. A
+/// shard that fails to write (a full disk) leaves nothing behind.
+fn write_one(
+    path: &Path,
+    chunk: &[Planned],
+    first_key: usize,
+) -> Result<(ShardIndex, u64), DatasetError> {
     let temporary = path.with_extension("tar.tmp");
-    let written = (|| -> std::io::Result<u64> {
+    let written = (|| -> std::io::Result<(ShardIndex, u64)> {
         let file = std::fs::File::create(&temporary)?;
         let mut out = std::io::BufWriter::new(&file);
+        let mut samples = Vec::with_capacity(chunk.len());
         for (i, (bytes, label, ext)) in chunk.iter().enumerate() {
-            out.write_all(&sample_members(
-                first_key + i,
-                ext,
-                *label,
-                &bytes.read(None)?,
-            )?)?;
+            let image = bytes.read(None)?;
+            out.write_all(&sample_members(first_key + i, ext, *label, &image)?)?;
+            samples.push((image.len() as u64, *label, *ext));
         }
         out.write_all(&[0; END_OF_ARCHIVE as usize])?;
         out.flush()?;
         drop(out);
         file.sync_all()?;
-        Ok(file.metadata()?.len())
+        Ok((shard_index(&samples, first_key), file.metadata()?.len()))
     })();
     written.map_err(|e| {
         let _ = std::fs::remove_file(&temporary);
@@ -193,8 +265,8 @@ pub fn sample_members(key: usize, ext: &str, label: u32, image: &[u8]) -> std::i
     let label = label.to_string();
     let mut out = Vec::with_capacity(sample_len(image.len() as u64, &label) as usize);
     for (name, data) in [
-        (format!("{key:08}.{ext}"), image),
-        (format!("{key:08}.cls"), label.as_bytes()),
+        (format!("{}.{ext}", sample_key(key)), image),
+        (format!("{}.cls", sample_key(key)), label.as_bytes()),
     ] {
         let mut header = tar::Header::new_ustar();
         header.set_path(&name)?;

@@ -24,7 +24,7 @@
 use super::shards::{self, Planned, Renames, Written};
 use super::sources::{self, Bytes, Listing};
 use super::{in_parallel, io, verdict};
-use ladder_core::dataset::DatasetError;
+use ladder_core::dataset::{DatasetError, IndexedShard};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -152,7 +152,8 @@ struct Shard {
 /// Writes the plan of the compressed archive `source` (pass 2 of the module's doc): each
 /// split's images (all streamed from `source`) into shards of `shard_samples` in its
 /// directory, on `threads` threads, resuming from `destination`'s checkpoint when `resumed`;
-/// `progress` is told every image written or found on disk.
+/// `progress` is told every image written or found on disk. Returns each split's shards'
+/// indexes too, made from the plan (a kept shard's by reading it).
 pub fn write(
     source: &Path,
     destination: &Path,
@@ -161,19 +162,22 @@ pub fn write(
     threads: usize,
     resumed: bool,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<Written, DatasetError> {
+) -> Result<(Written, Vec<Vec<IndexedShard>>), DatasetError> {
     let checkpoint = destination.join(CHECKPOINT_FILE);
     let on_disk = match resumed {
         true => read_checkpoint(&checkpoint)?,
         false => 0,
     };
     let mut written = Written::default();
+    let mut indexes = Vec::new();
     let mut shards = Vec::new();
     let mut slots = Vec::new();
     for (dir, files) in splits {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut split = Vec::new();
         for (number, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
-            let path = dir.join(format!("shard-{number:06}.tar"));
+            let name = shards::shard_name(number);
+            let path = dir.join(&name);
             let places: Vec<(u64, u64)> = chunk
                 .iter()
                 .map(|(bytes, _, _)| match bytes {
@@ -181,10 +185,25 @@ pub fn write(
                     _ => unreachable!("a compressed archive's images are streamed"),
                 })
                 .collect();
-            let (at, len) = shards::layout(places.iter().zip(chunk).map(|(p, f)| (p.1, f.1)));
+            let samples: Vec<_> = places
+                .iter()
+                .zip(chunk)
+                .map(|(&(_, len), &(_, label, ext))| (len, label, ext))
+                .collect();
+            let first_key = number * shard_samples as usize;
+            let (at, len) = shards::layout(samples.iter().map(|&(len, label, _)| (len, label)));
             written.shards += 1;
             written.bytes += len;
-            if path.exists() {
+            let kept = path.exists();
+            split.push(IndexedShard {
+                index: match kept {
+                    true => shards::kept_index(&path, &name, chunk.len())?,
+                    false => shards::shard_index(&samples, first_key),
+                },
+                name,
+                bytes: len,
+            });
+            if kept {
                 written.kept += 1;
                 progress(chunk.len() as u64);
                 continue;
@@ -215,7 +234,7 @@ pub fn write(
                     len: *image_len,
                     shard: shards.len(),
                     at: at[i],
-                    key: number * shard_samples as usize + i,
+                    key: first_key + i,
                     label: *label,
                     ext,
                 });
@@ -226,6 +245,7 @@ pub fn write(
                 missing: AtomicUsize::new(chunk.len()),
             });
         }
+        indexes.push(split);
     }
     slots.sort_by_key(|slot| slot.offset);
     let renames = Renames::default();
@@ -302,7 +322,7 @@ pub fn write(
     }
     match std::fs::remove_file(&checkpoint) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&checkpoint)(e)),
-        _ => Ok(written),
+        _ => Ok((written, indexes)),
     }
 }
 
