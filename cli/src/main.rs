@@ -531,7 +531,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Dataset(DatasetCommand::Index { dir, classes }) => {
-            print_index(&dataset::index_dir(dir, *classes)?);
+            print_index(&ladder_core::indexing::index_dir(dir, *classes)?);
         }
         Command::Dataset(DatasetCommand::Synth {
             dir,

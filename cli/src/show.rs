@@ -2,7 +2,7 @@
 //! details, and every remote string made safe to print first.
 
 use ladder_core::spec::JobSpec;
-use ladder_core::{dataset, location};
+use ladder_core::{indexing, location};
 use ladder_proto::v1 as pb;
 
 pub fn terminal(job: &pb::Job) -> bool {
@@ -276,7 +276,7 @@ pub fn job_details(job: &pb::Job) -> String {
     )
 }
 
-pub fn print_index(report: &dataset::IndexReport) {
+pub fn print_index(report: &indexing::IndexReport) {
     for issue in &report.issues {
         eprintln!("warning: {issue}");
     }

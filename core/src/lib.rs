@@ -1,11 +1,12 @@
 //! Ladder's shared core: what coordinator and worker must agree on, with no libtorch and no
 //! networking. The job spec ([`spec`]), the stage plan ([`stage`]), the sample plan
-//! ([`sample`]), the dataset manifest and shard index ([`dataset`], [`sample_index`]), and the deterministic
+//! ([`sample`]), the dataset manifest and shard index ([`dataset`], [`indexing`], [`sample_index`]), and the deterministic
 //! random streams they are built on ([`rng`]), the learning rate ([`learning_rate`]), where checkpoints live ([`location`]), the recipe card ([`recipe`]), tokens
 //! read from files ([`token`]), and small files read to a bound ([`files`]).
 
 pub mod dataset;
 pub mod files;
+pub mod indexing;
 pub mod learning_rate;
 pub mod location;
 pub mod logging;

@@ -3,9 +3,9 @@
 //! and broken ones. Every index entry is checked by reading its byte range back from the file.
 
 use ladder_core::dataset::{
-    DatasetError, ImageFormat, IndexedSample, Issue, IssueKind, MANIFEST_FILE, MANIFEST_FORMAT,
-    Manifest, ShardIndex, index_dir, index_name, index_shard,
+    DatasetError, ImageFormat, IndexedSample, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, ShardIndex,
 };
+use ladder_core::indexing::{Issue, IssueKind, index_dir, index_name, index_shard};
 use std::path::Path;
 use std::process::Command;
 use tempfile::TempDir;

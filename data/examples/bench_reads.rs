@@ -8,7 +8,7 @@
 //!
 //! usage: bench_reads CORPUS_DIR WORK_DIR
 
-use ladder_core::dataset;
+use ladder_core::indexing;
 use ladder_core::sample::SamplePlan;
 use ladder_data::loader::{Dataset, ReadCount};
 use ladder_data::synth;
@@ -46,7 +46,7 @@ fn write_shards(corpus: &Path, out: &Path) -> Dataset {
         }
         tar.finish().expect("write");
     }
-    let report = dataset::index_dir(out, Some(CLASSES)).expect("index");
+    let report = indexing::index_dir(out, Some(CLASSES)).expect("index");
     Dataset::open(&report.manifest_path).expect("open")
 }
 

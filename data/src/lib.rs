@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod batch;
 pub mod decode;
+pub mod decoded;
 pub mod image;
 pub mod import;
 pub mod loader;

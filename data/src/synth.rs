@@ -8,7 +8,8 @@
 //! same bytes.
 
 use crate::image::Image;
-use ladder_core::dataset::{self, DatasetError, IndexReport};
+use ladder_core::dataset::DatasetError;
+use ladder_core::indexing::{self, IndexReport};
 use ladder_core::rng::Stream;
 use std::path::Path;
 
@@ -124,7 +125,7 @@ pub fn write(
         path: dir.to_owned(),
         source,
     };
-    dataset::ensure_no_shards(dir)?;
+    indexing::ensure_no_shards(dir)?;
     std::fs::create_dir_all(dir).map_err(io)?;
     let per_shard = samples.div_ceil(shards.max(1) as u64);
     for shard in 0..shards {
@@ -146,5 +147,5 @@ pub fn write(
         }
         tar.finish().map_err(io)?;
     }
-    dataset::index_dir(dir, Some(classes))
+    indexing::index_dir(dir, Some(classes))
 }

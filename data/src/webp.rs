@@ -6,7 +6,7 @@
 //! is dropped, as Pillow's `convert("RGB")` does; an animation's first frame is not read (an
 //! animated WebP is refused). Any failure of the decode is an error: the sample is skipped.
 
-use crate::decode::{DecodeError, Decoded, MAX_SIDE};
+use crate::decoded::{DecodeError, Decoded, MAX_SIDE};
 use crate::image::{Image, Rect};
 use libwebp_sys as webp;
 

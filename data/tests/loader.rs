@@ -2,7 +2,7 @@
 //! skipped and reported without changing the micro-batch's shape or mislabelling, and the
 //! threaded loader across a stage switch.
 
-use ladder_core::dataset;
+use ladder_core::indexing;
 use ladder_data::augment::TrainTransform;
 use ladder_data::batch::{HostBuffer, HostMemory, PixelFormat, Pixels};
 use ladder_data::loader::{
@@ -105,7 +105,7 @@ fn broken_dataset(dir: &Path) -> Dataset {
         synth::append(&mut tar, &format!("{key}.cls"), label.as_bytes()).unwrap();
     }
     tar.finish().unwrap();
-    let report = dataset::index_dir(dir, None).unwrap();
+    let report = indexing::index_dir(dir, None).unwrap();
     Dataset::open(&report.manifest_path).unwrap()
 }
 
@@ -459,7 +459,7 @@ fn a_dataset_holds_a_shards_file_only_once_it_reads_it_and_a_process_opens_it_on
     let again = Dataset::open_shared(&report.manifest_path).unwrap();
     assert!(Arc::ptr_eq(&data, &again));
     std::thread::sleep(std::time::Duration::from_millis(20));
-    dataset::index_dir(dir.path(), None).unwrap();
+    indexing::index_dir(dir.path(), None).unwrap();
     let reindexed = Dataset::open_shared(&report.manifest_path).unwrap();
     assert!(!Arc::ptr_eq(&data, &reindexed));
 }
@@ -554,7 +554,7 @@ fn every_epoch_gives_each_sample_pillows_verdict() {
         10,
         "Pillow refuses every cut file: {verdicts:?}"
     );
-    let report = dataset::index_dir(dir.path(), Some(4)).unwrap();
+    let report = indexing::index_dir(dir.path(), Some(4)).unwrap();
     assert_eq!(
         report.manifest.total_samples,
         verdicts.len() as u64,

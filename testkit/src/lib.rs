@@ -514,7 +514,7 @@ pub fn write_dataset(dir: &Path, shards: u32, per_shard: u32, classes: u32) -> P
         }
         tar.finish().expect("tar");
     }
-    ladder_core::dataset::index_dir(dir, Some(classes))
+    ladder_core::indexing::index_dir(dir, Some(classes))
         .expect("indexing the test dataset")
         .manifest_path
 }

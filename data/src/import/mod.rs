@@ -19,7 +19,8 @@ pub mod shards;
 pub mod sources;
 pub mod stream;
 
-use ladder_core::dataset::{self, DatasetError, ImageFormat, IndexReport};
+use ladder_core::dataset::{DatasetError, ImageFormat};
+use ladder_core::indexing::{self, IndexReport};
 use ladder_core::rng::Stream;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -181,7 +182,7 @@ pub fn import(
             destination.join("train"),
             destination.join("val"),
         ] {
-            dataset::ensure_no_shards(&dir)?;
+            indexing::ensure_no_shards(&dir)?;
         }
     }
     let threads = match options.threads {
@@ -364,10 +365,9 @@ pub fn import(
         (written, indexes)
     };
     let classes_count = Some(classes.len() as u32);
-    let mut reports = splits
-        .iter()
-        .zip(indexes)
-        .map(|((dir, _), indexed)| dataset::write_indexes(dir, indexed, Vec::new(), classes_count));
+    let mut reports = splits.iter().zip(indexes).map(|((dir, _), indexed)| {
+        indexing::write_indexes(dir, indexed, Vec::new(), classes_count)
+    });
     let train = reports.next().expect("a training split")?;
     let val = reports.next().transpose()?;
     let class_map = destination.join(CLASS_MAP_FILE);

@@ -11,9 +11,8 @@
 
 use super::io;
 use super::sources::Bytes;
-use ladder_core::dataset::{
-    self, DatasetError, INDEX_FORMAT, ImageFormat, IndexedSample, IndexedShard, ShardIndex,
-};
+use ladder_core::dataset::{DatasetError, INDEX_FORMAT, ImageFormat, IndexedSample, ShardIndex};
+use ladder_core::indexing::{self, IndexedShard};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
@@ -184,7 +183,7 @@ pub fn shard_name(number: usize) -> String {
 
 /// The index of a shard an interrupted import wrote, read from it: all of its `samples`.
 pub fn kept_index(path: &Path, name: &str, samples: usize) -> Result<ShardIndex, DatasetError> {
-    let (index, issues) = dataset::index_shard(path, name, None)?;
+    let (index, issues) = indexing::index_shard(path, name, None)?;
     if !issues.is_empty() || index.samples.len() != samples {
         return Err(DatasetError::Format {
             path: path.to_owned(),

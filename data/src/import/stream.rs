@@ -24,7 +24,8 @@
 use super::shards::{self, Planned, Renames, Written};
 use super::sources::{self, Bytes, Listing};
 use super::{in_parallel, io, verdict};
-use ladder_core::dataset::{DatasetError, IndexedShard};
+use ladder_core::dataset::DatasetError;
+use ladder_core::indexing::IndexedShard;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
