@@ -631,13 +631,21 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// An import's progress on stderr: on a terminal a line redrawn a few times a second (images,
-/// images/s, ETA; or a compressed archive's GB listed, MB/s, ETA), otherwise a line a minute.
+/// An import's progress on stderr: on a terminal a progress bar per phase (a compressed
+/// archive's bytes listed, then images written) with its rate and ETA; otherwise a line a
+/// minute.
 struct ImportProgress {
     terminal: bool,
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    /// Whether it is writing (else listing), and since when.
-    phase: std::sync::Mutex<Option<(bool, std::time::Instant)>>,
+    /// The phase (writing, else listing): since when, and its bar on a terminal.
+    phase: std::sync::Mutex<Option<Phase>>,
+    /// When a line was last logged, or a bar's rate last shown.
+    logged: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+struct Phase {
+    writing: bool,
+    since: std::time::Instant,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl ImportProgress {
@@ -645,57 +653,81 @@ impl ImportProgress {
         use std::io::IsTerminal;
         ImportProgress {
             terminal: std::io::stderr().is_terminal(),
-            last: std::sync::Mutex::new(None),
             phase: std::sync::Mutex::new(None),
+            logged: std::sync::Mutex::new(None),
         }
     }
 
     fn show(&self, at: ladder_data::import::Progress) {
         use ladder_data::import::Progress;
-        let (done, total) = match at {
-            Progress::Listing { read, size } => (read, size),
-            Progress::Writing { images, total } => (images, total),
+        let (writing, done, total) = match at {
+            Progress::Listing { read, size } => (false, read, size),
+            Progress::Writing { images, total } => (true, images, total),
         };
         let now = std::time::Instant::now();
-        let writing = matches!(at, Progress::Writing { .. });
-        let since = match &mut *self.phase.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((was_writing, since)) if *was_writing == writing => *since,
-            phase => phase.insert((writing, now)).1,
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let phase = match &mut *phase {
+            Some(p) if p.writing == writing => p,
+            other => {
+                if let Some(bar) = other.take().and_then(|p| p.bar) {
+                    bar.finish();
+                }
+                let bar = self.terminal.then(|| {
+                    let template = match writing {
+                        true => "import [{bar:25}] {human_pos}/{human_len} images {msg} ETA {eta}",
+                        false => "listing [{bar:25}] {decimal_bytes}/{decimal_total_bytes} {msg} ETA {eta}",
+                    };
+                    let bar = indicatif::ProgressBar::new(total);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(template)
+                            .expect("a valid template")
+                            .progress_chars("=> "),
+                    );
+                    bar
+                });
+                other.insert(Phase {
+                    writing,
+                    since: now,
+                    bar,
+                })
+            }
         };
-        // A rate needs a second of its phase behind it.
+        // On a terminal the bar moves with every call and its rate a few times a second; a log
+        // gets a line a minute. Either once the phase has a second behind it to give a rate.
+        if let Some(bar) = &phase.bar {
+            bar.set_position(done);
+        }
         let every = std::time::Duration::from_millis(if self.terminal { 250 } else { 60_000 });
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if now - since < std::time::Duration::from_secs(1)
-            || last.is_some_and(|l| now - l < every)
-            || (done == total && !self.terminal)
-        {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let seconds = (now - phase.since).as_secs_f64();
+        if seconds < 1.0 || done == total || logged.is_some_and(|l| now - l < every) {
             return;
         }
-        *last = Some(now);
-        let seconds = (now - since).as_secs_f64().max(1e-9);
+        *logged = Some(now);
         let rate = done as f64 / seconds;
+        if let Some(bar) = &phase.bar {
+            bar.set_message(match writing {
+                true => format!("{rate:.0}/s"),
+                false => format!("{:.0} MB/s", rate / 1e6),
+            });
+            return;
+        }
         let eta = show::duration((total.saturating_sub(done) as f64 / rate.max(1e-9)) as f32);
-        let line = match at {
-            Progress::Listing { .. } => format!(
+        match writing {
+            true => eprintln!("import: {done}/{total} images, {rate:.0} images/s, ETA {eta}"),
+            false => eprintln!(
                 "import: listing the compressed archive: {:.1}/{:.1} GB, {:.0} MB/s, ETA {eta}",
                 done as f64 / 1e9,
                 total as f64 / 1e9,
                 rate / 1e6
             ),
-            Progress::Writing { .. } => {
-                format!("import: {done}/{total} images, {rate:.0} images/s, ETA {eta}")
-            }
-        };
-        if self.terminal {
-            eprint!("\r{line}\x1b[K");
-        } else {
-            eprintln!("{line}");
         }
     }
 
     fn end(&self) {
-        if self.terminal && self.last.lock().is_ok_and(|l| l.is_some()) {
-            eprintln!();
+        let phase = self.phase.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(bar) = phase.and_then(|p| p.bar) {
+            bar.finish();
         }
     }
 }
