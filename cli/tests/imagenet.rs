@@ -32,6 +32,15 @@ fn import_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> (bool, String
     (out.status.success(), text)
 }
 
+/// A temporary directory holding `imagenet_layouts.py`'s archives in `made/`.
+fn layouts() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
+    ladder_testkit::run_python(&script, &[made.as_os_str()]);
+    (dir, made)
+}
+
 fn classes(dest: &Path) -> Vec<String> {
     serde_json::from_slice(&std::fs::read(dest.join("classes.json")).unwrap()).unwrap()
 }
@@ -59,14 +68,26 @@ fn read_all(dest: &Path) -> Vec<i64> {
     batch.labels
 }
 
-fn shards(dir: &Path) -> Vec<Vec<u8>> {
+/// The shards in `dir`, in name order: each one's name, length and a hash of its bytes (what a
+/// failed comparison can print).
+fn shards(dir: &Path) -> Vec<(String, usize, u64)> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "tar"))
         .collect();
     names.sort();
-    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    names
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let mut hash = DefaultHasher::new();
+            bytes.hash(&mut hash);
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, bytes.len(), hash.finish())
+        })
+        .collect()
 }
 
 /// The index files of a dataset directory (the shards' indexes, the sample index, the
@@ -82,10 +103,7 @@ fn index_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let made = dir.path().join("made");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
-    ladder_testkit::run_python(&script, &[made.as_os_str()]);
+    let (dir, made) = layouts();
     let path = |p: &Path| p.to_str().unwrap().to_owned();
 
     // A directory of per-synset tars.
@@ -186,6 +204,21 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     ]);
     assert!(ok, "{said}");
     assert_eq!(classes(&numbered)[0], "n00000001");
+    // Numbered by a class list that none of its images are of: nothing to import, refused.
+    let foreign = dir.path().join("foreign-classes.json");
+    std::fs::write(&foreign, r#"["n00000001"]"#).unwrap();
+    let (ok, said) = import(&[
+        &path(&made.join("val.tar")),
+        &path(&dir.path().join("foreign")),
+        "--labels",
+        &labels_file,
+        "--classes-from",
+        &path(&foreign),
+    ]);
+    assert!(
+        !ok && said.contains("no image to import: 7 left out"),
+        "{said}"
+    );
     let mut labels = read_all(&numbered);
     labels.sort();
     assert_eq!(labels, [1, 1, 2, 2, 3, 3]);
@@ -259,6 +292,9 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
         "{said}"
     );
     assert!(!cut_dest.join("train").exists(), "{said}");
+    // So is a whole gzip around a tar cut short between two synset tars.
+    let (ok, said) = import(&[&path(&made.join("tar-cut.tar.gz")), &path(&cut_dest)]);
+    assert!(!ok && said.contains("the archive is cut short"), "{said}");
 }
 
 /// The hub's WebDataset shards of WebP images, written by webdataset's own TarWriter, indexed
@@ -316,46 +352,85 @@ fn an_interrupted_import_continues_where_it_stopped_writing_nothing_twice() {
 #[test]
 fn an_interrupted_compressed_import_continues_from_its_last_checkpoint() {
     let said = interrupted_and_resumed("train.tar.gz");
-    let images: u64 = said
-        .split(" more images written before its last checkpoint")
-        .next()
-        .and_then(|before| before.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no images found on disk: {said}"));
+    let phrase = " more images written before its last checkpoint";
+    let before = &said[..said
+        .find(phrase)
+        .unwrap_or_else(|| panic!("{phrase:?}: {said}"))];
+    let images: u64 = before.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(images > 0, "{said}");
+}
+
+/// A checkpoint left by an interrupted import that the user abandoned (its journal and shards
+/// deleted, to start over with another seed) is not taken for the new import's when that one
+/// is interrupted too, before its own first checkpoint.
+#[test]
+fn an_abandoned_imports_checkpoint_is_not_taken_for_a_new_ones() {
+    let (dir, made) = layouts();
+    let source = made.join("train.tar.gz");
+    let dest = dir.path().join("dest");
+    let (ok, said) = small_shards(&source, &dest, &[], Some("3"));
+    assert!(!ok && dest.join(".import-stream").exists(), "{said}");
+    std::fs::remove_file(dest.join(".import-journal")).unwrap();
+    for shard in std::fs::read_dir(dest.join("train")).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.extension().is_some_and(|e| e == "tar") {
+            std::fs::remove_file(shard).unwrap();
+        }
+    }
+    let seed = ["--seed", "9"];
+    let (ok, said) = small_shards(&source, &dest, &seed, Some("1"));
+    assert!(!ok, "{said}");
+    let (ok, said) = small_shards(&source, &dest, &seed, None);
+    assert!(ok, "{said}");
+    let fresh = dir.path().join("fresh");
+    let (ok, said) = small_shards(&source, &fresh, &seed, None);
+    assert!(ok, "{said}");
+    assert_eq!(shards(&dest.join("train")), shards(&fresh.join("train")));
+    assert_eq!(
+        index_files(&dest.join("train")),
+        index_files(&fresh.join("train"))
+    );
+}
+
+/// Imports `source` into `dest` in shards of 2 on one thread, with a checkpoint after every
+/// synset tar, aborted by the test hook after `abort_after` shards if given.
+fn small_shards(
+    source: &Path,
+    dest: &Path,
+    extra: &[&str],
+    abort_after: Option<&str>,
+) -> (bool, String) {
+    let (source, dest) = (source.to_str().unwrap(), dest.to_str().unwrap());
+    let args = [
+        &[
+            "--held-out",
+            "0",
+            "--shard-samples",
+            "2",
+            "--threads",
+            "1",
+            source,
+            dest,
+        ],
+        extra,
+    ]
+    .concat();
+    import_with(&args, |command| {
+        command.env("LADDER_IMPORT_CHECKPOINT_SECONDS", "0");
+        if let Some(n) = abort_after {
+            command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
+        }
+    })
 }
 
 /// Imports `source` (of `imagenet_layouts.py`'s) interrupted, then again; returns what the
 /// second run said.
 fn interrupted_and_resumed(source: &str) -> String {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let made = dir.path().join("made");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/imagenet_layouts.py");
-    ladder_testkit::run_python(&script, &[made.as_os_str()]);
+    let (dir, made) = layouts();
     let source = made.join(source);
     let run = |dest: &Path, extra: &[&str], abort_after: Option<&str>| {
-        let (source, dest) = (source.to_str().unwrap(), dest.to_str().unwrap());
-        let args = [
-            &[
-                "--held-out",
-                "0",
-                "--shard-samples",
-                "2",
-                "--threads",
-                "1",
-                source,
-                dest,
-            ],
-            extra,
-        ]
-        .concat();
-        import_with(&args, |command| {
-            command.env("LADDER_IMPORT_CHECKPOINT_SECONDS", "0");
-            if let Some(n) = abort_after {
-                command.env("LADDER_IMPORT_ABORT_AFTER_SHARDS", n);
-            }
-        })
+        small_shards(&source, dest, extra, abort_after)
     };
     let shard_files = |dest: &Path| -> Vec<(String, u64, i64)> {
         let mut found: Vec<_> = std::fs::read_dir(dest.join("train"))
@@ -380,6 +455,23 @@ fn interrupted_and_resumed(source: &str) -> String {
     assert!(dest.join(".import-journal").exists());
     let before = shard_files(&dest);
     assert_eq!(before.len(), 3, "{before:?}");
+    // A kept shard that is not what the plan puts there (cut short, here, in a copy) is refused.
+    let copy = dir.path().join("copy");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&dest)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let kept = copy.join("train").join(&before[0].0);
+    let bytes = std::fs::read(&kept).unwrap();
+    std::fs::write(&kept, &bytes[..bytes.len() - 1024]).unwrap();
+    let (ok, said) = run(&copy, &[], None);
+    assert!(
+        !ok && said.contains("delete it and run the import again"),
+        "{said}"
+    );
 
     let (ok, said) = run(&dest, &["--seed", "9"], None);
     assert!(
@@ -411,8 +503,9 @@ fn interrupted_and_resumed(source: &str) -> String {
     assert!(ok, "{said}");
     assert_eq!(shards(&dest.join("train")), shards(&fresh.join("train")));
     assert_eq!(
-        std::fs::read(dest.join("train/manifest.json")).unwrap(),
-        std::fs::read(fresh.join("train/manifest.json")).unwrap()
+        index_files(&dest.join("train")),
+        index_files(&fresh.join("train")),
+        "the indexes, sample index and manifest"
     );
     let leftovers: Vec<_> = std::fs::read_dir(dest.join("train"))
         .unwrap()

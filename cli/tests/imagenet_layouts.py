@@ -8,12 +8,15 @@ that made the real archives' kind), for `cli/tests/imagenet.rs`:
   OUT/train.tar               a tar of those tars under winter21_whole/ (the release's shape)
   OUT/train.tar.gz            the same, compressed as tarfile compresses it (the release's
                               winter21_whole.tar.gz), and a text member after the tars
+  OUT/tar-cut.tar.gz          train.tar cut after its first synset tar, then compressed whole:
+                              a gzip that ends well around a tar that does not
   OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
   OUT/LOC_val_solution.csv    Kaggle's labels: ImageId,PredictionString (the wnid first)
   OUT/devkit/data/            the ILSVRC-2012 devkit's meta.mat (scipy.io.savemat, compressed
                               as MATLAB writes it; ids in another order than the wnids) and
                               ILSVRC2012_validation_ground_truth.txt, labelling all 7 images
 """
+import gzip
 import io
 import os
 import sys
@@ -78,6 +81,11 @@ def main():
         for wnid in WNIDS:
             tar.add(f"{out}/synsets/{wnid}.tar", arcname=f"winter21_whole/{wnid}.tar")
         add(tar, "winter21_whole/README", b"one tar per synset")
+    with tarfile.open(f"{out}/train.tar") as tar:
+        first = tar.next()
+        cut = first.offset_data + (first.size + 511) // 512 * 512
+    with open(f"{out}/train.tar", "rb") as whole, gzip.open(f"{out}/tar-cut.tar.gz", "wb") as out_:
+        out_.write(whole.read(cut))
     labels = ["ImageId,PredictionString"]
     with tarfile.open(f"{out}/val.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(1, 8):

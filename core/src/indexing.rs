@@ -98,9 +98,24 @@ fn split_member_name(name: &str) -> Option<(&str, &str)> {
 /// quietly both at the end-of-archive marker and at a plain end of file; only the second means
 /// the shard was cut short, and a cut that falls between members leaves every member readable,
 /// so without this the shard would silently index fewer samples than it was written with.
-struct EofProbe<R> {
+pub struct EofProbe<R> {
     inner: R,
     hit_eof: bool,
+}
+
+impl<R> EofProbe<R> {
+    pub fn new(inner: R) -> EofProbe<R> {
+        EofProbe {
+            inner,
+            hit_eof: false,
+        }
+    }
+
+    /// Whether a read found the end of the file: after a tar's entries ended, that it ended
+    /// without its end-of-archive marker.
+    pub fn hit_eof(&self) -> bool {
+        self.hit_eof
+    }
 }
 
 impl<R: Read> Read for EofProbe<R> {
@@ -127,10 +142,7 @@ pub fn index_shard(
     classes: Option<u32>,
 ) -> Result<(ShardIndex, Vec<Issue>), DatasetError> {
     let file = File::open(path).map_err(io_error(path))?;
-    let mut archive = tar::Archive::new(EofProbe {
-        inner: BufReader::new(file),
-        hit_eof: false,
-    });
+    let mut archive = tar::Archive::new(EofProbe::new(BufReader::new(file)));
     let mut order: Vec<String> = Vec::new();
     let mut pending: HashMap<String, PendingSample> = HashMap::new();
     let mut issues = Vec::new();

@@ -11,8 +11,9 @@
 //! `min_class_images` set, classes with at most that many images are set aside whole, and the
 //! others numbered anew (ImageNet-21K-P's rule, with 500). Files are shuffled (seeded) before
 //! sharding: the sample plan mixes only a few shards at a time, so shards sorted by class would
-//! make class-pure batches. Images are copied byte for byte; files that are not JPEG or PNG by
-//! extension are reported and left out, and with `verify` so are images that do not decode.
+//! make class-pure batches. Images are copied byte for byte; files that are not JPEG, PNG or
+//! WebP by their first bytes are reported and left out, and with `verify` so are images that do
+//! not decode. A source with no image to import is refused.
 
 mod devkit;
 pub mod shards;
@@ -313,6 +314,19 @@ pub fn import(
         .filter(|(_, k)| **k)
         .map(|(c, _)| c)
         .collect();
+    if files.is_empty() {
+        return Err(DatasetError::Format {
+            path: source.to_owned(),
+            what: "import source",
+            message: format!(
+                "no image to import: {} left out{}",
+                skipped.len(),
+                skipped
+                    .first()
+                    .map_or(String::new(), |first| format!(", the first: {first}"))
+            ),
+        });
+    }
     // The held-out split: `held_out` of each class, drawn with the seed.
     let mut rng = Stream::new(options.seed, &[IMPORT_STREAM]);
     rng.shuffle(&mut files);

@@ -134,13 +134,18 @@ pub fn write(
             };
             let name = shard_name(shard);
             let path = dir.join(&name);
-            let (index, len) = match std::fs::metadata(&path) {
-                Ok(existing) => {
+            let first_key = shard * shard_samples as usize;
+            let (index, len) = match path.exists() {
+                true => {
                     kept.fetch_add(1, Ordering::SeqCst);
-                    (kept_index(&path, &name, chunk.len())?, existing.len())
+                    let samples = chunk
+                        .iter()
+                        .map(|(bytes, label, ext)| Ok((bytes.size()?, *label, *ext)))
+                        .collect::<std::io::Result<Vec<_>>>()
+                        .map_err(io(&path))?;
+                    kept_index(&path, &name, shard_index(&samples, first_key))?
                 }
-                Err(_) => {
-                    let first_key = shard * shard_samples as usize;
+                false => {
                     let written = write_one(&path, chunk, first_key)?;
                     renames.rename(&path.with_extension("tar.tmp"), &path)?;
                     written
@@ -181,27 +186,38 @@ pub fn shard_name(number: usize) -> String {
     format!("shard-{number:06}.tar")
 }
 
-/// The index of a shard an interrupted import wrote, read from it: all of its `samples`.
-pub fn kept_index(path: &Path, name: &str, samples: usize) -> Result<ShardIndex, DatasetError> {
-    let (index, issues) = indexing::index_shard(path, name, None)?;
-    if !issues.is_empty() || index.samples.len() != samples {
-        return Err(DatasetError::Format {
-            path: path.to_owned(),
-            what: "shard of this import",
-            message: format!(
-                "it holds {} good samples of the {samples} the import's plan puts there: delete \
-                 it and run the import again",
-                index.samples.len()
-            ),
-        });
+/// The index and length of a shard an interrupted import wrote, once checked against what the
+/// plan puts there (`planned`: its index and length); read from it.
+pub fn kept_index(
+    path: &Path,
+    name: &str,
+    planned: (ShardIndex, u64),
+) -> Result<(ShardIndex, u64), DatasetError> {
+    let refused = |what: String| DatasetError::Format {
+        path: path.to_owned(),
+        what: "shard of this import",
+        message: format!("{what}: delete it and run the import again"),
+    };
+    let (index, issues) =
+        indexing::index_shard(path, name, None).map_err(|e| refused(e.to_string()))?;
+    let len = std::fs::metadata(path).map_err(io(path))?.len();
+    if issues.is_empty() && (&index, len) == (&planned.0, planned.1) {
+        return Ok(planned);
     }
-    Ok(index)
+    Err(refused(format!(
+        "it holds {} samples in {len} bytes ({} issue(s)), not the {} samples in {} bytes the \
+         import's plan puts there",
+        index.samples.len(),
+        issues.len(),
+        planned.0.samples.len(),
+        planned.1
+    )))
 }
 
-/// The index of a shard of `samples` (each image's length, label and extension) whose first
-/// key is `first_key`: where [`layout`] puts each image.
-pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> ShardIndex {
-    let (offsets, _) = layout(samples.iter().map(|&(len, label, _)| (len, label)));
+/// The index and length of a shard of `samples` (each image's length, label and extension)
+/// whose first key is `first_key`: where [`layout`] puts each image.
+pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> (ShardIndex, u64) {
+    let (offsets, len) = layout(samples.iter().map(|&(len, label, _)| (len, label)));
     let samples = samples
         .iter()
         .zip(offsets)
@@ -219,10 +235,11 @@ pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> Sh
             label,
         })
         .collect();
-    ShardIndex {
+    let index = ShardIndex {
         format: INDEX_FORMAT.to_owned(),
         samples,
-    }
+    };
+    (index, len)
 }
 
 fn sample_key(key: usize) -> String {
@@ -250,7 +267,7 @@ fn write_one(
         out.flush()?;
         drop(out);
         file.sync_all()?;
-        Ok((shard_index(&samples, first_key), file.metadata()?.len()))
+        Ok(shard_index(&samples, first_key))
     })();
     written.map_err(|e| {
         let _ = std::fs::remove_file(&temporary);

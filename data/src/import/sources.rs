@@ -102,6 +102,14 @@ impl Bytes {
             ))),
         }
     }
+
+    /// How many bytes the image has.
+    pub fn size(&self) -> std::io::Result<u64> {
+        match self {
+            Bytes::File(path) => Ok(std::fs::metadata(path)?.len()),
+            Bytes::Range { len, .. } | Bytes::Streamed { len, .. } => Ok(*len),
+        }
+    }
 }
 
 /// An image found in the source.

@@ -25,8 +25,9 @@ use super::shards::{self, Planned, Renames, Written};
 use super::sources::{self, Bytes, Listing};
 use super::{in_parallel, io, verdict};
 use ladder_core::dataset::DatasetError;
-use ladder_core::indexing::IndexedShard;
+use ladder_core::indexing::{EofProbe, IndexedShard};
 use std::io::Read;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,9 +37,10 @@ use std::time::{Duration, Instant};
 /// How far into the stream an interrupted import's images are on disk.
 pub const CHECKPOINT_FILE: &str = ".import-stream";
 
-/// The largest outer member read into memory: a synset tar of ImageNet-21k is at most a few
-/// hundred MB; a larger one is left out (and reported), not allowed to exhaust the memory.
-const LARGEST_MEMBER: u64 = 8 << 30;
+/// The largest outer member read into memory (of which a few are at once): a synset tar of
+/// ImageNet-21k holds at most a few thousand images, well under this; a larger one is left out
+/// (and reported), not allowed to exhaust the memory.
+const LARGEST_MEMBER: u64 = 4 << 30;
 
 /// Seconds between checkpoints (30 unless set; tests set 0: one after every synset tar).
 pub const CHECKPOINT_SECONDS: &str = "LADDER_IMPORT_CHECKPOINT_SECONDS";
@@ -76,25 +78,23 @@ pub fn list(
     }
     let archive: Arc<Path> = source.into();
     let mut listing = Listing::default();
-    each_entry(source, &|_| true, progress, |entry| {
+    let synset_tar = |name: &str, _, _| sources::synset(name).is_some();
+    each_entry(source, &synset_tar, progress, |entry| {
         let where_ = format!("{}:{}", source.display(), entry.name);
-        let Some(class) = sources::synset(&entry.name) else {
-            listing
-                .skipped
-                .push(format!("{where_}: not a per-synset tar; left out"));
-            return Ok(());
+        let (Some(class), Some(bytes)) = (sources::synset(&entry.name), &entry.bytes) else {
+            listing.skipped.push(match entry.len > LARGEST_MEMBER {
+                true => format!(
+                    "{where_}: {} GB, larger than a synset tar can be ({} GB); left out",
+                    entry.len >> 30,
+                    LARGEST_MEMBER >> 30
+                ),
+                false => format!("{where_}: not a per-synset tar; left out"),
+            });
+            return Ok(ControlFlow::Continue(()));
         };
-        if entry.len > LARGEST_MEMBER {
-            listing.skipped.push(format!(
-                "{where_}: {} GB, larger than a synset tar can be ({} GB); left out",
-                entry.len >> 30,
-                LARGEST_MEMBER >> 30
-            ));
-            return Ok(());
-        }
         let first = listing.images.len();
-        let tar = std::io::Cursor::new(&entry.bytes[..]);
-        let listed = sources::members(tar, entry.offset, entry.bytes.len() as u64);
+        let tar = std::io::Cursor::new(&bytes[..]);
+        let listed = sources::members(tar, entry.offset, entry.len);
         sources::synset_tar(&mut listing, listed, &where_, class, |offset, len| {
             Bytes::Streamed {
                 archive: archive.clone(),
@@ -108,16 +108,12 @@ pub fn list(
                 unreachable!("a streamed synset tar's images are streamed")
             };
             let start = (offset - entry.offset) as usize;
-            verdict(
-                &found.file_name,
-                &entry.bytes[start..][..len as usize],
-                verify,
-            )
+            verdict(&found.file_name, &bytes[start..][..len as usize], verify)
         });
         for (found, verdict) in added.iter_mut().zip(verdicts) {
             found.examined = Some(verdict);
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     })?;
     if listing.images.is_empty() && !listing.skipped.is_empty() {
         return Err(format_error(
@@ -166,7 +162,13 @@ pub fn write(
     let checkpoint = destination.join(CHECKPOINT_FILE);
     let on_disk = match resumed {
         true => read_checkpoint(&checkpoint)?,
-        false => 0,
+        // One left by an abandoned import (its journal deleted) is not this import's.
+        false => match std::fs::remove_file(&checkpoint) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&checkpoint)(e));
+            }
+            _ => 0,
+        },
     };
     let mut written = Written::default();
     let mut indexes = Vec::new();
@@ -195,11 +197,13 @@ pub fn write(
             written.shards += 1;
             written.bytes += len;
             let kept = path.exists();
+            let planned = shards::shard_index(&samples, first_key);
+            let (index, _) = match kept {
+                true => shards::kept_index(&path, &name, planned)?,
+                false => planned,
+            };
             split.push(IndexedShard {
-                index: match kept {
-                    true => shards::kept_index(&path, &name, chunk.len())?,
-                    false => shards::shard_index(&samples, first_key),
-                },
+                index,
                 name,
                 bytes: len,
             });
@@ -220,9 +224,10 @@ pub fn write(
                     ),
                 ));
             }
+            // Bytes of a temporary file are this import's only below its checkpoint.
             std::fs::OpenOptions::new()
                 .create(true)
-                .truncate(false)
+                .truncate(on_disk == 0)
                 .write(true)
                 .open(&temporary)
                 .and_then(|file| file.set_len(len))
@@ -245,6 +250,7 @@ pub fn write(
                 missing: AtomicUsize::new(chunk.len()),
             });
         }
+        split.sort_by(|a, b| a.name.cmp(&b.name));
         indexes.push(split);
     }
     slots.sort_by_key(|slot| slot.offset);
@@ -271,24 +277,29 @@ pub fn write(
     );
     let mut last_checkpoint = Instant::now();
     let mut next = first;
-    let wanted = |(_, end): (u64, u64)| end > on_disk;
-    each_entry(source, &wanted, &|_, _| {}, |entry| {
-        let end = entry.offset + entry.bytes.len() as u64;
+    let not_on_disk = |_: &str, start: u64, len: u64| start + len > on_disk;
+    let stream = |entry: Entry| {
+        let end = entry.offset + entry.len;
         let start = next;
         while next < slots.len() && slots[next].offset < end {
             next += 1;
         }
         let work = &slots[start..next];
-        if work
+        let bytes = match &entry.bytes {
+            Some(bytes) => bytes,
+            None if work.is_empty() => return Ok(ControlFlow::Continue(())),
+            None => return Err(changed(source, &entry, &work[0])),
+        };
+        if let Some(moved) = work
             .iter()
-            .any(|slot| slot.offset < entry.offset || slot.offset + slot.len > end)
+            .find(|slot| slot.offset < entry.offset || slot.offset + slot.len > end)
         {
-            return Err(changed(source, slots.len() - start));
+            return Err(changed(source, &entry, moved));
         }
         let wrote = in_parallel(work, threads, |slot| {
             let shard = &shards[slot.shard];
             let from = (slot.offset - entry.offset) as usize;
-            let image = &entry.bytes[from..][..slot.len as usize];
+            let image = &bytes[from..][..slot.len as usize];
             shards::sample_members(slot.key, slot.ext, slot.label, image)
                 .and_then(|members| {
                     std::fs::OpenOptions::new()
@@ -306,14 +317,27 @@ pub fn write(
         wrote
             .into_iter()
             .collect::<Result<Vec<()>, DatasetError>>()?;
+        if next == slots.len() {
+            return Ok(ControlFlow::Break(())); // the rest of the stream holds none
+        }
         if last_checkpoint.elapsed() >= every {
             save_checkpoint(&checkpoint, splits, end)?;
             last_checkpoint = Instant::now();
         }
-        Ok(())
-    })?;
+        Ok(ControlFlow::Continue(()))
+    };
+    if first < slots.len() {
+        each_entry(source, &not_on_disk, &|_, _| {}, stream)?;
+    }
     if next < slots.len() {
-        return Err(changed(source, slots.len() - next));
+        return Err(format_error(
+            source,
+            format!(
+                "it ends before {} of the images its listing found: did it change since the \
+                 import began?",
+                slots.len() - next
+            ),
+        ));
     }
     for (dir, _) in splits {
         shards::sync_dir(dir)?;
@@ -332,12 +356,14 @@ fn checkpoint_error(checkpoint: &Path, message: String) -> DatasetError {
     }
 }
 
-fn changed(source: &Path, missing: usize) -> DatasetError {
+/// The archive does not hold what its listing found: `slot`'s image is not inside `entry`.
+fn changed(source: &Path, entry: &Entry, slot: &Slot) -> DatasetError {
     format_error(
         source,
         format!(
-            "{missing} of the images its listing found are not where they were: did it change \
-             since the import began?"
+            "an image listed at {} ({} bytes) is not inside {} ({} bytes from {}) as read now: \
+             did it change since the import began?",
+            slot.offset, slot.len, entry.name, entry.len, entry.offset
         ),
     )
 }
@@ -382,13 +408,14 @@ fn save_checkpoint(
     std::fs::rename(&temporary, checkpoint).map_err(io(checkpoint))
 }
 
-/// An outer member of the archive, read whole (unless larger than [`LARGEST_MEMBER`]).
+/// An outer member of the archive.
 struct Entry {
     name: String,
     /// Where its data starts in the uncompressed stream.
     offset: u64,
     len: u64,
-    bytes: Vec<u8>,
+    /// Its data, when wanted and no larger than [`LARGEST_MEMBER`].
+    bytes: Option<Vec<u8>>,
 }
 
 /// The compressed file's bytes, counted as they are read.
@@ -409,19 +436,20 @@ impl Read for Counted<'_> {
 }
 
 /// Streams the outer tar of the compressed archive `source` on a thread of its own and hands
-/// `consume` each regular-file member that `wanted` wants (given where its data starts and
-/// ends in the uncompressed stream), read whole, in order; the others' data is passed over.
+/// `consume` each regular-file member in order, read whole when `wanted` wants it (given its
+/// name, where its data starts in the uncompressed stream, and its length), until `consume`
+/// breaks off. A tar that ends without its end-of-archive marker was cut short: an error.
 /// `progress` is told the compressed bytes read and the file's size.
 fn each_entry(
     source: &Path,
-    wanted: &(dyn Fn((u64, u64)) -> bool + Sync),
+    wanted: &(dyn Fn(&str, u64, u64) -> bool + Sync),
     progress: &(dyn Fn(u64, u64) + Sync),
-    mut consume: impl FnMut(Entry) -> Result<(), DatasetError>,
+    mut consume: impl FnMut(Entry) -> Result<ControlFlow<()>, DatasetError>,
 ) -> Result<(), DatasetError> {
     let file = std::fs::File::open(source).map_err(io(source))?;
     let size = file.metadata().map_err(io(source))?.len();
     let read = AtomicU64::new(0);
-    let (sender, entries) = std::sync::mpsc::sync_channel::<std::io::Result<Entry>>(2);
+    let (sender, entries) = std::sync::mpsc::sync_channel::<std::io::Result<Entry>>(1);
     let counted = Counted {
         file,
         read: &read,
@@ -434,7 +462,7 @@ fn each_entry(
                 1 << 20,
                 counted,
             ));
-            let mut tar = tar::Archive::new(inflated);
+            let mut tar = tar::Archive::new(EofProbe::new(inflated));
             let streamed = (|| -> std::io::Result<()> {
                 for entry in tar.entries()? {
                     let mut entry = entry?;
@@ -442,17 +470,14 @@ fn each_entry(
                         continue;
                     }
                     let name = entry.path()?.to_string_lossy().into_owned();
-                    let offset = entry.raw_file_position();
-                    if !wanted((offset, offset + entry.size())) {
-                        continue;
-                    }
-                    let len = entry.size();
-                    let mut bytes = Vec::new();
-                    if len <= LARGEST_MEMBER && entry.read_to_end(&mut bytes)? as u64 != len {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!("{name} is cut short"),
-                        ));
+                    let (offset, len) = (entry.raw_file_position(), entry.size());
+                    let mut bytes = None;
+                    if len <= LARGEST_MEMBER && wanted(&name, offset, len) {
+                        let mut data = Vec::new();
+                        if entry.read_to_end(&mut data)? as u64 != len {
+                            return Err(cut_short(&name));
+                        }
+                        bytes = Some(data);
                     }
                     let entry = Entry {
                         name,
@@ -461,10 +486,13 @@ fn each_entry(
                         bytes,
                     };
                     if sender.send(Ok(entry)).is_err() {
-                        break; // the import stopped
+                        return Ok(()); // the import stopped reading
                     }
                 }
-                Ok(())
+                match tar.into_inner().hit_eof() {
+                    true => Err(cut_short("the archive")),
+                    false => Ok(()),
+                }
             })();
             if let Err(e) = streamed {
                 let _ = sender.send(Err(e));
@@ -482,8 +510,17 @@ fn each_entry(
                     ),
                 )
             })?;
-            consume(entry)?;
+            if consume(entry)?.is_break() {
+                break;
+            }
         }
         Ok(())
     })
+}
+
+fn cut_short(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("{what} is cut short"),
+    )
 }
