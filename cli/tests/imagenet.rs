@@ -223,12 +223,18 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
     labels.sort();
     assert_eq!(labels, [1, 1, 2, 2, 3, 3]);
 
-    // The same tar of tars compressed, as it is downloaded: streamed, it gives the shards the
-    // archive in place gives, byte for byte, both splits.
+    // The same tar of tars compressed, as it is downloaded (and as pigz or bgzip write it, in
+    // gzip members): streamed, it gives the shards the archive in place gives, byte for byte,
+    // both splits.
     let split = ["--held-out", "2", "--shard-samples", "3"];
     let from_compressed = dir.path().join("from-compressed");
+    let from_members = dir.path().join("from-members");
     let in_place = dir.path().join("in-place");
-    for (source, dest) in [("train.tar.gz", &from_compressed), ("train.tar", &in_place)] {
+    for (source, dest) in [
+        ("train.tar.gz", &from_compressed),
+        ("members.tar.gz", &from_members),
+        ("train.tar", &in_place),
+    ] {
         let (source, dest) = (path(&made.join(source)), path(dest));
         let (ok, said) = import_with(
             &[&[source.as_str(), dest.as_str()][..], &split].concat(),
@@ -254,6 +260,8 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
             shards(&from_compressed.join(split)),
             shards(&in_place.join(split)),
         );
+        let members = shards(&from_members.join(split));
+        assert_eq!(members, read, "{split}: a gzip of two members");
         assert!(!streamed.is_empty());
         assert_eq!(streamed, read, "{split}: the compressed archive's shards");
     }

@@ -8,6 +8,8 @@ that made the real archives' kind), for `cli/tests/imagenet.rs`:
   OUT/train.tar               a tar of those tars under winter21_whole/ (the release's shape)
   OUT/train.tar.gz            the same, compressed as tarfile compresses it (the release's
                               winter21_whole.tar.gz), and a text member after the tars
+  OUT/members.tar.gz          train.tar compressed in two gzip members, cut inside a synset
+                              tar (as pigz and bgzip write them: one member per block)
   OUT/tar-cut.tar.gz          train.tar cut after its first synset tar, then compressed whole:
                               a gzip that ends well around a tar that does not
   OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
@@ -86,6 +88,9 @@ def main():
         cut = first.offset_data + (first.size + 511) // 512 * 512
     with open(f"{out}/train.tar", "rb") as whole, gzip.open(f"{out}/tar-cut.tar.gz", "wb") as out_:
         out_.write(whole.read(cut))
+    with open(f"{out}/train.tar", "rb") as whole, open(f"{out}/members.tar.gz", "wb") as out_:
+        plain = whole.read()
+        out_.write(gzip.compress(plain[:cut + 1000]) + gzip.compress(plain[cut + 1000:]))
     labels = ["ImageId,PredictionString"]
     with tarfile.open(f"{out}/val.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(1, 8):
