@@ -133,7 +133,7 @@ fn examine(
     if let Some(verdict) = &found.examined {
         return Ok(verdict.clone());
     }
-    if !has_image_extension(&found.file_name) {
+    if !has_image_extension(found.file_name()) {
         return Ok(Err(NOT_AN_IMAGE_FILE.into()));
     }
     let bytes = found
@@ -142,9 +142,9 @@ fn examine(
         .map_err(|e| DatasetError::Format {
             path: source.to_owned(),
             what: "import source",
-            message: format!("{}: {e}", found.name),
+            message: format!("{}: {e}", found.name()),
         })?;
-    Ok(verdict(&found.file_name, &bytes, verify))
+    Ok(verdict(found.file_name(), &bytes, verify))
 }
 
 /// `f` of every item, on `threads` threads (contiguous runs of the items), in the items' order.
@@ -222,11 +222,11 @@ pub fn import(
             let known: std::collections::BTreeSet<&str> =
                 classes.iter().map(String::as_str).collect();
             listing.images.retain(|found| {
-                let keep = known.contains(found.class.as_str());
+                let keep = known.contains(&*found.class);
                 if !keep {
                     skipped.push(format!(
                         "{}: class {} is not in {}; left out",
-                        found.name,
+                        found.name(),
                         found.class,
                         file.display()
                     ));
@@ -253,11 +253,11 @@ pub fn import(
     for (found, verdict) in listing.images.into_iter().zip(verdicts) {
         match verdict? {
             Ok(format) => {
-                let label = label_of[found.class.as_str()];
+                let label = label_of[&*found.class];
                 usable[label as usize] = true;
                 files.push((found.bytes, label, format));
             }
-            Err(why) => skipped.push(format!("{}: {why}; left out", found.name)),
+            Err(why) => skipped.push(format!("{}: {why}; left out", found.name())),
         }
     }
     let empty_classes: Vec<&str> = classes

@@ -112,17 +112,31 @@ impl Bytes {
     }
 }
 
-/// An image found in the source.
+/// An image found in the source. Its place and class are shared with its neighbours: an
+/// ImageNet-21k listing holds 13 million of these.
 #[derive(Clone, Debug)]
 pub struct Found {
-    /// Where it is, for messages: a path, or `archive:member`.
-    pub name: String,
-    /// Its file name, whose extension says what it claims to be.
-    pub file_name: String,
-    pub class: String,
+    /// Where it is, up to its name: a folder (`…/n01440764/`), or an archive or a member of one
+    /// (`…/train.tar:winter21_whole/n01440764.tar:`).
+    pub place: Arc<str>,
+    /// Its name there: a file name, or a member's path.
+    pub member: Box<str>,
+    pub class: Arc<str>,
     pub bytes: Bytes,
     /// Its format, or why it is left out, when that was found as its bytes streamed by.
     pub examined: Option<Result<&'static str, String>>,
+}
+
+impl Found {
+    /// Where it is, for messages: a path, or `archive:member`.
+    pub fn name(&self) -> String {
+        format!("{}{}", self.place, self.member)
+    }
+
+    /// Its file name, whose extension says what it claims to be.
+    pub fn file_name(&self) -> &str {
+        self.member.rsplit('/').next().unwrap_or(&self.member)
+    }
 }
 
 /// What a source holds.
@@ -213,6 +227,10 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
         let mut empty = Vec::new();
         for folder in folders {
             let class = folder.file_name().unwrap().to_string_lossy().into_owned();
+            let (place, shared): (Arc<str>, Arc<str>) = (
+                format!("{}/", folder.display()).into(),
+                class.as_str().into(),
+            );
             let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
                 .map_err(io(folder))?
                 .map(|e| e.map(|e| e.path()).map_err(io(folder)))
@@ -223,9 +241,9 @@ fn directory(source: &Path) -> Result<Listing, DatasetError> {
             }
             for path in files {
                 listing.images.push(Found {
-                    name: path.display().to_string(),
-                    file_name: path.file_name().unwrap().to_string_lossy().into_owned(),
-                    class: class.clone(),
+                    place: place.clone(),
+                    member: path.file_name().unwrap().to_string_lossy().into(),
+                    class: shared.clone(),
                     bytes: Bytes::File(path),
                     examined: None,
                 });
@@ -293,24 +311,24 @@ pub(super) fn synset_tar(
             members.len()
         ));
     }
+    let (place, class): (Arc<str>, Arc<str>) = (format!("{where_}:").into(), class.into());
     let mut seen = BTreeSet::new();
     for (member, at, member_len) in members {
-        let file_name = Path::new(&member)
-            .file_name()
-            .map_or_else(|| member.clone(), |n| n.to_string_lossy().into_owned());
-        if !seen.insert(file_name.clone()) {
-            listing.skipped.push(format!(
-                "{where_}:{member}: a second member of that name; left out"
-            ));
-            continue;
-        }
-        listing.images.push(Found {
-            name: format!("{where_}:{member}"),
-            file_name,
+        let found = Found {
+            place: place.clone(),
+            member: member.into(),
             class: class.clone(),
             bytes: bytes_at(at, member_len),
             examined: None,
-        });
+        };
+        if !seen.insert(found.file_name().to_owned()) {
+            listing.skipped.push(format!(
+                "{}: a second member of that name; left out",
+                found.name()
+            ));
+            continue;
+        }
+        listing.images.push(found);
     }
 }
 
@@ -329,28 +347,35 @@ fn labelled(
     } else {
         kaggle_labels(labels)?
     };
+    let class_of: BTreeMap<String, Arc<str>> = class_of
+        .into_iter()
+        .map(|(image, class)| (image, class.into()))
+        .collect();
+    let place: Arc<str> = format!("{}:", archive.path.display()).into();
     let mut listing = Listing::default();
     for (member, offset, len) in members {
-        let file_name = Path::new(&member)
-            .file_name()
-            .map_or_else(|| member.clone(), |n| n.to_string_lossy().into_owned());
-        let stem = file_name.split('.').next().unwrap_or_default();
-        let where_ = format!("{}:{member}", archive.path.display());
+        let found = Found {
+            place: place.clone(),
+            member: member.into(),
+            class: "".into(),
+            bytes: Bytes::Range {
+                archive: archive.clone(),
+                offset,
+                len,
+            },
+            examined: None,
+        };
+        let stem = found.file_name().split('.').next().unwrap_or_default();
         match class_of.get(stem) {
             Some(class) => listing.images.push(Found {
-                name: where_,
-                file_name,
                 class: class.clone(),
-                bytes: Bytes::Range {
-                    archive: archive.clone(),
-                    offset,
-                    len,
-                },
-                examined: None,
+                ..found
             }),
-            None => listing
-                .skipped
-                .push(format!("{where_}: not in {}; left out", labels.display())),
+            None => listing.skipped.push(format!(
+                "{}: not in {}; left out",
+                found.name(),
+                labels.display()
+            )),
         }
     }
     finish(listing)
@@ -387,7 +412,7 @@ fn kaggle_labels(labels: &Path) -> Result<BTreeMap<String, String>, DatasetError
 
 /// The classes of the images listed, in name order.
 pub(super) fn finish(mut listing: Listing) -> Result<Listing, DatasetError> {
-    let classes: BTreeSet<&str> = listing.images.iter().map(|f| f.class.as_str()).collect();
+    let classes: BTreeSet<&str> = listing.images.iter().map(|f| &*f.class).collect();
     listing.classes = classes.into_iter().map(str::to_owned).collect();
     Ok(listing)
 }

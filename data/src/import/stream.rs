@@ -108,7 +108,7 @@ pub fn list(
                 unreachable!("a streamed synset tar's images are streamed")
             };
             let start = (offset - entry.offset) as usize;
-            verdict(&found.file_name, &bytes[start..][..len as usize], verify)
+            verdict(found.file_name(), &bytes[start..][..len as usize], verify)
         });
         for (found, verdict) in added.iter_mut().zip(verdicts) {
             found.examined = Some(verdict);
