@@ -289,6 +289,22 @@ fn imagenets_release_layouts_import_in_place_with_their_oddities_reported() {
         "2 held out of each of 2 classes"
     );
 
+    // A truncated JPEG inside it starts like a JPEG: kept, unless --verify decodes each image
+    // as the stream passes it.
+    for (extra, kept) in [(None, 3), (Some("--verify"), 2)] {
+        let dest = dir.path().join(format!("verify-{kept}"));
+        let mut args = vec![path(&made.join("verify.tar.gz")), path(&dest)];
+        args.extend(extra.map(str::to_owned));
+        let (ok, said) = import(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{said}");
+        assert!(said.contains(&format!("imported {kept} images")), "{said}");
+        assert_eq!(
+            said.contains("n01440764_2.JPEG: does not decode"),
+            extra.is_some(),
+            "{said}"
+        );
+    }
+
     // A download cut short is refused, saying where it breaks, with nothing written.
     let cut = made.join("cut.tar.gz");
     let whole = std::fs::read(made.join("train.tar.gz")).unwrap();

@@ -10,6 +10,8 @@ that made the real archives' kind), for `cli/tests/imagenet.rs`:
                               winter21_whole.tar.gz), and a text member after the tars
   OUT/members.tar.gz          train.tar compressed in two gzip members, cut inside a synset
                               tar (as pigz and bgzip write them: one member per block)
+  OUT/verify.tar.gz           one synset tar of two JPEGs and a third cut to a third of its
+                              bytes (a truncated download that still starts like a JPEG)
   OUT/tar-cut.tar.gz          train.tar cut after its first synset tar, then compressed whole:
                               a gzip that ends well around a tar that does not
   OUT/val.tar                 flat ILSVRC2012_val_NNNNNNNN.JPEG images, one not labelled
@@ -84,10 +86,17 @@ def main():
             tar.add(f"{out}/synsets/{wnid}.tar", arcname=f"winter21_whole/{wnid}.tar")
         add(tar, "winter21_whole/README", b"one tar per synset")
     with tarfile.open(f"{out}/train.tar") as tar:
-        first = tar.next()
-        cut = first.offset_data + (first.size + 511) // 512 * 512
+        member = tar.next()
+        cut = member.offset_data + (member.size + 511) // 512 * 512
     with open(f"{out}/train.tar", "rb") as whole, gzip.open(f"{out}/tar-cut.tar.gz", "wb") as out_:
         out_.write(whole.read(cut))
+    synset = io.BytesIO()
+    with tarfile.open(fileobj=synset, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(3):
+            data = image(40 + i)
+            add(tar, f"{WNIDS[0]}_{i}.JPEG", data if i < 2 else data[:len(data) // 3])
+    with tarfile.open(f"{out}/verify.tar.gz", "w:gz", format=tarfile.USTAR_FORMAT) as tar:
+        add(tar, f"winter21_whole/{WNIDS[0]}.tar", synset.getvalue())
     with open(f"{out}/train.tar", "rb") as whole, open(f"{out}/members.tar.gz", "wb") as out_:
         plain = whole.read()
         out_.write(gzip.compress(plain[:cut + 1000]) + gzip.compress(plain[cut + 1000:]))
