@@ -79,18 +79,18 @@ pub fn run(
 }
 
 /// An import's progress on stderr: on a terminal a progress bar per phase (a compressed
-/// archive's bytes listed, then images written) with its rate and ETA; otherwise a line a
-/// minute.
+/// archive's bytes listed, or the images found in place examined; then images written) with
+/// its rate and ETA; otherwise a line a minute.
 struct ImportProgress {
     terminal: bool,
-    /// The phase (writing, else listing): since when, and its bar on a terminal.
     phase: std::sync::Mutex<Option<Phase>>,
     /// When a line was last logged, or a bar's rate last shown.
     logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// A phase of the import: which, since when, and its bar on a terminal.
 struct Phase {
-    writing: bool,
+    kind: std::mem::Discriminant<Progress>,
     since: std::time::Instant,
     bar: Option<indicatif::ProgressBar>,
 }
@@ -106,22 +106,31 @@ impl ImportProgress {
     }
 
     fn show(&self, at: Progress) {
-        let (writing, done, total) = match at {
-            Progress::Listing { read, size } => (false, read, size),
-            Progress::Writing { images, total } => (true, images, total),
+        let (done, total) = match at {
+            Progress::Listing { read, size } => (read, size),
+            Progress::Examining { images, total } | Progress::Writing { images, total } => {
+                (images, total)
+            }
         };
         let now = std::time::Instant::now();
         let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
         let phase = match &mut *phase {
-            Some(p) if p.writing == writing => p,
+            Some(p) if p.kind == std::mem::discriminant(&at) => p,
             other => {
                 if let Some(bar) = other.take().and_then(|p| p.bar) {
                     bar.finish();
                 }
                 let bar = self.terminal.then(|| {
-                    let template = match writing {
-                        true => "import [{bar:25}] {human_pos}/{human_len} images {msg} ETA {eta}",
-                        false => "listing [{bar:25}] {decimal_bytes}/{decimal_total_bytes} {msg} ETA {eta}",
+                    let template = match at {
+                        Progress::Listing { .. } => {
+                            "listing [{bar:25}] {decimal_bytes}/{decimal_total_bytes} {msg} ETA {eta}"
+                        }
+                        Progress::Examining { .. } => {
+                            "examining [{bar:25}] {human_pos}/{human_len} images {msg} ETA {eta}"
+                        }
+                        Progress::Writing { .. } => {
+                            "import [{bar:25}] {human_pos}/{human_len} images {msg} ETA {eta}"
+                        }
                     };
                     let bar = indicatif::ProgressBar::new(total);
                     bar.set_style(
@@ -132,7 +141,7 @@ impl ImportProgress {
                     bar
                 });
                 other.insert(Phase {
-                    writing,
+                    kind: std::mem::discriminant(&at),
                     since: now,
                     bar,
                 })
@@ -151,23 +160,29 @@ impl ImportProgress {
         }
         *logged = Some(now);
         let rate = done as f64 / seconds;
-        if let Some(bar) = &phase.bar {
-            bar.set_message(match writing {
-                true => format!("{rate:.0}/s"),
-                false => format!("{:.0} MB/s", rate / 1e6),
-            });
-            return;
-        }
         let eta =
             crate::show::duration((total.saturating_sub(done) as f64 / rate.max(1e-9)) as f32);
-        match writing {
-            true => eprintln!("import: {done}/{total} images, {rate:.0} images/s, ETA {eta}"),
-            false => eprintln!(
-                "import: listing the compressed archive: {:.1}/{:.1} GB, {:.0} MB/s, ETA {eta}",
-                done as f64 / 1e9,
-                total as f64 / 1e9,
-                rate / 1e6
+        let (rate, line) = match at {
+            Progress::Listing { .. } => (
+                format!("{:.0} MB/s", rate / 1e6),
+                format!(
+                    "listing the compressed archive: {:.1}/{:.1} GB",
+                    done as f64 / 1e9,
+                    total as f64 / 1e9
+                ),
             ),
+            Progress::Examining { .. } => (
+                format!("{rate:.0} images/s"),
+                format!("examined {done}/{total} images"),
+            ),
+            Progress::Writing { .. } => (
+                format!("{rate:.0} images/s"),
+                format!("{done}/{total} images written"),
+            ),
+        };
+        match &phase.bar {
+            Some(bar) => bar.set_message(rate),
+            None => eprintln!("import: {line}, {rate}, ETA {eta}"),
         }
     }
 

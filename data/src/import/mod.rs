@@ -25,6 +25,7 @@ use ladder_core::indexing::{self, IndexReport};
 use ladder_core::rng::Stream;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const IMPORT_STREAM: u64 = 0x494d_5052; // "IMPR"
 
@@ -67,6 +68,9 @@ pub struct ImportReport {
 pub enum Progress {
     /// Streaming a compressed archive to list it: bytes of it read, of its size.
     Listing { read: u64, size: u64 },
+    /// Examining the images found in place (their first bytes; with `verify`, a decode):
+    /// images examined, of all found.
+    Examining { images: u64, total: u64 },
     /// Images written (or found written by an interrupted import), of all to write.
     Writing { images: u64, total: u64 },
 }
@@ -245,8 +249,17 @@ pub fn import(
         .collect();
     // Every image's first bytes (and with `verify` all of it, decoded) on every core; the
     // verdicts come back in listing order, so the plan does not depend on the threads.
-    let verdicts = in_parallel(&listing.images, threads, |found| {
-        examine(found, options.verify, source)
+    let (examined, found) = (AtomicU64::new(0), listing.images.len() as u64);
+    let verdicts = in_parallel(&listing.images, threads, |image| {
+        let verdict = examine(image, options.verify, source);
+        if image.examined.is_none() {
+            let images = examined.fetch_add(1, Ordering::Relaxed) + 1;
+            progress(Progress::Examining {
+                images,
+                total: found,
+            });
+        }
+        verdict
     });
     let mut files: Vec<shards::Planned> = Vec::new();
     let mut usable = vec![false; classes.len()];
@@ -345,9 +358,9 @@ pub fn import(
     let digest = shards::plan_digest(&[&train, &val], options.shard_samples, &classes);
     let resumed = shards::begin(destination, &digest)?;
     let total = (train.len() + val.len()) as u64;
-    let done = std::sync::atomic::AtomicU64::new(0);
+    let done = AtomicU64::new(0);
     let written_images = |n: u64| {
-        let images = done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+        let images = done.fetch_add(n, Ordering::SeqCst) + n;
         progress(Progress::Writing { images, total });
     };
     let mut splits = vec![(destination.join("train"), &train[..])];
