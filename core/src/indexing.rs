@@ -319,6 +319,9 @@ pub fn ensure_no_shards(dir: &Path) -> Result<(), DatasetError> {
     Ok(())
 }
 
+/// Shards read at once by [`index_dir`], at least (more on a machine with more cores).
+const INDEXING_THREADS: usize = 8;
+
 /// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
 /// Unreadable shards fail the whole command, naming each, and no manifest is written: a
 /// manifest that silently missed a shard would train on less data than the user thinks.
@@ -338,16 +341,49 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
             dir: dir.to_owned(),
         });
     }
+    // Shards are read on several threads at once: on a shared file system each of a shard's
+    // header reads waits on the network, and a terabyte of the hub's shards is thousands of them.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .max(INDEXING_THREADS)
+        .min(names.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let index_one = |name: &String| -> Result<(IndexedShard, Vec<Issue>), DatasetError> {
+        let path = dir.join(name);
+        let (index, issues) = index_shard(&path, name, classes)?;
+        let bytes = std::fs::metadata(&path).map_err(io_error(&path))?.len();
+        let name = name.clone();
+        Ok((IndexedShard { name, index, bytes }, issues))
+    };
+    let mut indexed: Vec<(usize, _)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(name) = names.get(i) else {
+                            return mine;
+                        };
+                        mine.push((i, index_one(name)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("an indexing thread panicked"))
+            .collect()
+    });
+    indexed.sort_by_key(|(i, _)| *i);
     let mut shards = Vec::with_capacity(names.len());
     let mut issues = Vec::new();
     let mut errors = Vec::new();
-    for name in names {
-        let path = dir.join(&name);
-        match index_shard(&path, &name, classes) {
-            Ok((index, shard_issues)) => {
+    for (_, result) in indexed {
+        match result {
+            Ok((shard, shard_issues)) => {
                 issues.extend(shard_issues);
-                let bytes = std::fs::metadata(&path).map_err(io_error(&path))?.len();
-                shards.push(IndexedShard { name, index, bytes });
+                shards.push(shard);
             }
             Err(e) => errors.push(e),
         }
