@@ -177,7 +177,7 @@ impl ImportProgress {
             ),
             Progress::Writing { .. } => (
                 format!("{rate:.0} images/s"),
-                format!("{done}/{total} images written"),
+                format!("{done}/{total} images"),
             ),
         };
         match &phase.bar {
@@ -190,6 +190,16 @@ impl ImportProgress {
         let phase = self.phase.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(bar) = phase.and_then(|p| p.bar) {
             bar.finish();
+        }
+    }
+}
+
+impl Drop for ImportProgress {
+    /// An import that failed leaves its bar where it stopped (a dropped bar would show full).
+    fn drop(&mut self) {
+        let phase = self.phase.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(bar) = phase.and_then(|p| p.bar) {
+            bar.abandon();
         }
     }
 }

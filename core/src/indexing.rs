@@ -372,7 +372,10 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| w.join().expect("an indexing thread panicked"))
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     });
     indexed.sort_by_key(|(i, _)| *i);

@@ -455,6 +455,49 @@ fn assert_rejected(broken: &[u8], what: &str) {
     );
 }
 
+/// More shards than indexing threads, two of them broken: the report names both, in name
+/// order, and a valid directory of as many shards is indexed in name order.
+#[test]
+fn many_shards_are_indexed_in_name_order_and_every_broken_one_is_named() {
+    let dir = TempDir::new().unwrap();
+    let shard = valid_shard();
+    for i in 0..20 {
+        let broken = i == 4 || i == 17;
+        let bytes = if broken {
+            &shard[..shard.len() / 2]
+        } else {
+            &shard[..]
+        };
+        std::fs::write(dir.path().join(format!("s{i:02}.tar")), bytes).unwrap();
+    }
+    let Err(DatasetError::BadShards { count, errors }) = index_dir(dir.path(), None) else {
+        panic!("two broken shards indexed");
+    };
+    let named: Vec<String> = errors
+        .iter()
+        .map(|e| match e {
+            DatasetError::BadTar { path, .. } => path.file_name().unwrap().to_string_lossy().into(),
+            other => panic!("expected BadTar, got {other}"),
+        })
+        .collect();
+    assert_eq!(
+        (count, named),
+        (2, vec!["s04.tar".into(), "s17.tar".into()])
+    );
+    for i in [4, 17] {
+        std::fs::write(dir.path().join(format!("s{i:02}.tar")), &shard).unwrap();
+    }
+    let report = index_dir(dir.path(), None).unwrap();
+    let names: Vec<&str> = report
+        .manifest
+        .shards
+        .iter()
+        .map(|s| s.path.as_str())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("s{i:02}.tar")).collect();
+    assert_eq!(names, expected);
+}
+
 #[test]
 fn a_truncated_shard_fails_the_directory() {
     let shard = valid_shard();

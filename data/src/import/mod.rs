@@ -249,15 +249,21 @@ pub fn import(
         .collect();
     // Every image's first bytes (and with `verify` all of it, decoded) on every core; the
     // verdicts come back in listing order, so the plan does not depend on the threads.
-    let (examined, found) = (AtomicU64::new(0), listing.images.len() as u64);
+    let unexamined = listing
+        .images
+        .iter()
+        .filter(|i| i.examined.is_none())
+        .count() as u64;
+    let examined = AtomicU64::new(0);
     let verdicts = in_parallel(&listing.images, threads, |image| {
         let verdict = examine(image, options.verify, source);
         if image.examined.is_none() {
+            // Told every so many images: a first read from the page cache takes microseconds.
             let images = examined.fetch_add(1, Ordering::Relaxed) + 1;
-            progress(Progress::Examining {
-                images,
-                total: found,
-            });
+            if images.is_multiple_of(1024) || images == unexamined {
+                let total = unexamined;
+                progress(Progress::Examining { images, total });
+            }
         }
         verdict
     });

@@ -135,7 +135,10 @@ impl Found {
 
     /// Its file name, whose extension says what it claims to be.
     pub fn file_name(&self) -> &str {
-        self.member.rsplit('/').next().unwrap_or(&self.member)
+        Path::new(&*self.member)
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or(&self.member)
     }
 }
 
@@ -529,6 +532,29 @@ impl Seek for Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member's file name is its path's last component, as `Path::file_name` has it, also for
+    /// an old-format tar's directory entries (`n01440764/`, which the tar crate lists as files).
+    #[test]
+    fn a_members_file_name_is_its_last_component() {
+        let found = |member: &str| Found {
+            place: "a.tar:".into(),
+            member: member.into(),
+            class: "n01440764".into(),
+            bytes: Bytes::File("x".into()),
+            examined: None,
+        };
+        for (member, file_name) in [
+            ("n01440764_1.JPEG", "n01440764_1.JPEG"),
+            ("./train/n01440764_1.JPEG", "n01440764_1.JPEG"),
+            ("n01440764/", "n01440764"),
+            ("x.JPEG/", "x.JPEG"),
+            ("a/..", "a/.."),
+        ] {
+            assert_eq!(found(member).file_name(), file_name, "{member}");
+            assert_eq!(found(member).name(), format!("a.tar:{member}"));
+        }
+    }
 
     /// A tar cut inside its last image keeps the images before it, and says where it broke.
     #[test]

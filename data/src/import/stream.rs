@@ -311,12 +311,12 @@ pub fn write(
             if shard.missing.fetch_sub(1, Ordering::SeqCst) == 1 {
                 done(shard)?;
             }
-            progress(1);
             Ok(())
         });
         wrote
             .into_iter()
             .collect::<Result<Vec<()>, DatasetError>>()?;
+        progress(work.len() as u64);
         if next == slots.len() {
             return Ok(ControlFlow::Break(())); // the rest of the stream holds none
         }
