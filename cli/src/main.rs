@@ -229,7 +229,8 @@ enum DatasetCommand {
         /// (data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt).
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// Threads writing shards (0: one per core).
+        /// Threads examining images and writing shards (0: one per core, at least 8: on a
+        /// shared file system reads wait on the network more than on the cores).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
         threads: u32,
         /// Number the classes as another import did (its DEST/classes.json): a val set

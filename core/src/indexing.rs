@@ -319,9 +319,6 @@ pub fn ensure_no_shards(dir: &Path) -> Result<(), DatasetError> {
     Ok(())
 }
 
-/// Shards read at once by [`index_dir`], at least (more on a machine with more cores).
-const INDEXING_THREADS: usize = 8;
-
 /// Indexes every `*.tar` in `dir` (in name order) and writes the indexes and the manifest.
 /// Unreadable shards fail the whole command, naming each, and no manifest is written: a
 /// manifest that silently missed a shard would train on less data than the user thinks.
@@ -343,10 +340,7 @@ pub fn index_dir(dir: &Path, classes: Option<u32>) -> Result<IndexReport, Datase
     }
     // Shards are read on several threads at once: on a shared file system each of a shard's
     // header reads waits on the network, and a terabyte of the hub's shards is thousands of them.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .max(INDEXING_THREADS)
-        .min(names.len());
+    let threads = crate::storage_threads().min(names.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let index_one = |name: &String| -> Result<(IndexedShard, Vec<Issue>), DatasetError> {
         let path = dir.join(name);

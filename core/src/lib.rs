@@ -27,3 +27,13 @@ pub fn cut(text: &str) -> String {
         None => text.to_owned(),
     }
 }
+
+/// How many threads work that mostly waits on storage runs on: one per core, and at least 8,
+/// since on a shared file system each read waits on the network more than on a core (indexing
+/// shards, importing a dataset).
+pub fn storage_threads() -> usize {
+    const AT_LEAST: usize = 8;
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .max(AT_LEAST)
+}

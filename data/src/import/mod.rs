@@ -43,7 +43,7 @@ pub struct ImportOptions {
     /// Decode every image, leaving out (and reporting) what no epoch could use: a truncated
     /// or corrupt file that still starts like an image.
     pub verify: bool,
-    /// Threads writing shards (0: one per core).
+    /// Threads examining images and writing shards (0: [`ladder_core::storage_threads`]).
     pub threads: usize,
 }
 
@@ -191,7 +191,7 @@ pub fn import(
         }
     }
     let threads = match options.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => ladder_core::storage_threads(),
         n => n,
     };
     let streamed = stream::is_compressed(source);
