@@ -532,6 +532,37 @@ impl Seek for Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// However a tar of members is cut or overwritten, listing it never panics, and every
+        /// member it lists lies inside it: the streamed import slices images by these ranges.
+        #[test]
+        fn listed_members_lie_inside_the_tar_however_it_is_damaged(
+            sizes in proptest::collection::vec(0usize..3000, 1..8),
+            cut in 0.0f64..1.0,
+            garbage in proptest::option::of((0.0f64..1.0, any::<u8>())),
+        ) {
+            let mut tar = tar::Builder::new(Vec::new());
+            for (i, size) in sizes.iter().enumerate() {
+                crate::synth::append(&mut tar, &format!("{i}.JPEG"), &vec![7; *size]).unwrap();
+            }
+            let mut bytes = tar.into_inner().unwrap();
+            if let Some((at, byte)) = garbage {
+                let at = ((at * bytes.len() as f64) as usize).min(bytes.len() - 1);
+                bytes[at] = byte;
+            }
+            bytes.truncate((cut * bytes.len() as f64) as usize);
+            let len = bytes.len() as u64;
+            let listed = match members(std::io::Cursor::new(&bytes), 1000, len) {
+                Ok(listed) => listed,
+                Err(partial) => partial.listed,
+            };
+            for (name, offset, size) in listed {
+                prop_assert!(offset >= 1000 && offset - 1000 + size <= len, "{name}");
+            }
+        }
+    }
 
     /// A member's file name is its path's last component, as `Path::file_name` has it, also for
     /// an old-format tar's directory entries (`n01440764/`, which the tar crate lists as files).
