@@ -6,9 +6,7 @@
 
 mod common;
 
-use common::Cluster;
-use ladder_core::dataset::Manifest;
-use ladder_core::sample::{EpochTally, SamplePlan};
+use common::{Cluster, assert_every_sample_once};
 use ladder_core::spec::JobSpec;
 use ladder_proto::v1 as pb;
 use ladder_testkit::binary;
@@ -122,18 +120,9 @@ fn each_imported_or_in_place_dataset_trains_every_sample_once() {
             last.message,
             cluster.logs()
         );
-        let plan =
-            SamplePlan::of_job(&spec, &Manifest::load(&manifest).unwrap().shard_sizes()).unwrap();
-        let expected = EpochTally::expected(&plan, 0);
-        let tally = &last.trained;
-        assert_eq!(tally.len(), 1, "{name}: {tally:?}");
+        assert_every_sample_once(last, &spec);
         assert_eq!(
-            (tally[0].samples, tally[0].digest, tally[0].skipped),
-            (expected.samples, expected.digest, 0),
-            "{name}: every sample once, nothing skipped"
-        );
-        assert_eq!(
-            expected.samples, samples,
+            last.trained[0].samples, samples,
             "{name}: the whole dataset in the epoch"
         );
     }

@@ -411,7 +411,7 @@ pub fn assert_every_sample_once(job: &pb::Job, spec: &JobSpec) {
     }
     assert_eq!(
         epochs,
-        (0..EPOCHS as u32).collect::<Vec<_>>(),
+        (0..spec.schedule.epochs).collect::<Vec<_>>(),
         "{:?}",
         job.trained
     );
