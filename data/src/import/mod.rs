@@ -158,6 +158,9 @@ fn in_parallel<T: Sync, R: Send>(
     f: impl Fn(&T) -> R + Sync,
 ) -> Vec<R> {
     let run = items.len().div_ceil(threads.max(1)).max(1);
+    if run >= items.len() {
+        return items.iter().map(f).collect(); // one run: no thread to start
+    }
     std::thread::scope(|scope| {
         let handles: Vec<_> = items
             .chunks(run)

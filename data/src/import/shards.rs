@@ -26,6 +26,9 @@ const ABORT_AFTER_SHARDS: &str = "LADDER_IMPORT_ABORT_AFTER_SHARDS";
 /// A tar's end: two zero blocks.
 const END_OF_ARCHIVE: u64 = 1024;
 
+/// A ustar member's header: a member's data follows it.
+const HEADER: u64 = 512;
+
 /// One image to write: its bytes, label and extension.
 pub type Planned = (Bytes, u32, &'static str);
 
@@ -224,8 +227,7 @@ pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> (S
         .enumerate()
         .map(|(i, (&(size, label, ext), at))| IndexedSample {
             key: sample_key(first_key + i),
-            // The image's data follows its header.
-            offset: at + 512,
+            offset: at + HEADER,
             size,
             format: match ext {
                 "png" => ImageFormat::Png,
@@ -240,6 +242,11 @@ pub fn shard_index(samples: &[(u64, u32, &'static str)], first_key: usize) -> (S
         samples,
     };
     (index, len)
+}
+
+/// Where sample `sample` of a shard [`shard_index`] planned starts: its image's header.
+pub fn sample_start(sample: &IndexedSample) -> u64 {
+    sample.offset - HEADER
 }
 
 fn sample_key(key: usize) -> String {
@@ -298,12 +305,12 @@ pub fn sample_members(key: usize, ext: &str, label: u32, image: &[u8]) -> std::i
 
 /// The length of [`sample_members`] of an image of `image_len` bytes labelled `label`.
 fn sample_len(image_len: u64, label: &str) -> u64 {
-    2 * 512 + image_len.next_multiple_of(512) + (label.len() as u64).next_multiple_of(512)
+    2 * HEADER + image_len.next_multiple_of(512) + (label.len() as u64).next_multiple_of(512)
 }
 
 /// Where each sample of a shard of `samples` (image length, label) lies in it, and the
 /// shard's length: the layout [`write_one`] writes front to back.
-pub fn layout(samples: impl Iterator<Item = (u64, u32)>) -> (Vec<u64>, u64) {
+fn layout(samples: impl Iterator<Item = (u64, u32)>) -> (Vec<u64>, u64) {
     let mut at = 0;
     let offsets = samples
         .map(|(len, label)| {

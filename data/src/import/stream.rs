@@ -180,34 +180,21 @@ pub fn write(
         for (number, chunk) in files.chunks(shard_samples.max(1) as usize).enumerate() {
             let name = shards::shard_name(number);
             let path = dir.join(&name);
-            let places: Vec<(u64, u64)> = chunk
+            let samples: Vec<_> = chunk
                 .iter()
-                .map(|(bytes, _, _)| match bytes {
-                    Bytes::Streamed { offset, len, .. } => (*offset, *len),
-                    _ => unreachable!("a compressed archive's images are streamed"),
-                })
-                .collect();
-            let samples: Vec<_> = places
-                .iter()
-                .zip(chunk)
-                .map(|(&(_, len), &(_, label, ext))| (len, label, ext))
+                .map(|(bytes, label, ext)| (streamed(bytes).1, *label, *ext))
                 .collect();
             let first_key = number * shard_samples as usize;
-            let (at, len) = shards::layout(samples.iter().map(|&(len, label, _)| (len, label)));
+            let (index, len) = shards::shard_index(&samples, first_key);
             written.shards += 1;
             written.bytes += len;
-            let kept = path.exists();
-            let planned = shards::shard_index(&samples, first_key);
-            let (index, _) = match kept {
-                true => shards::kept_index(&path, &name, planned)?,
-                false => planned,
-            };
-            split.push(IndexedShard {
-                index,
-                name,
-                bytes: len,
-            });
-            if kept {
+            if path.exists() {
+                let (index, _) = shards::kept_index(&path, &name, (index, len))?;
+                split.push(IndexedShard {
+                    index,
+                    name,
+                    bytes: len,
+                });
                 written.kept += 1;
                 progress(chunk.len() as u64);
                 continue;
@@ -232,13 +219,14 @@ pub fn write(
                 .open(&temporary)
                 .and_then(|file| file.set_len(len))
                 .map_err(io(&temporary))?;
-            for (i, ((offset, image_len), (_, label, ext))) in places.iter().zip(chunk).enumerate()
+            for (i, ((bytes, label, ext), planned)) in chunk.iter().zip(&index.samples).enumerate()
             {
+                let (offset, len) = streamed(bytes);
                 slots.push(Slot {
-                    offset: *offset,
-                    len: *image_len,
+                    offset,
+                    len,
                     shard: shards.len(),
-                    at: at[i],
+                    at: shards::sample_start(planned),
                     key: first_key + i,
                     label: *label,
                     ext,
@@ -248,6 +236,11 @@ pub fn write(
                 path,
                 temporary,
                 missing: AtomicUsize::new(chunk.len()),
+            });
+            split.push(IndexedShard {
+                index,
+                name,
+                bytes: len,
             });
         }
         split.sort_by(|a, b| a.name.cmp(&b.name));
@@ -345,6 +338,14 @@ pub fn write(
     match std::fs::remove_file(&checkpoint) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&checkpoint)(e)),
         _ => Ok((written, indexes)),
+    }
+}
+
+/// Where a planned image of a compressed archive lies in its uncompressed stream, and its length.
+fn streamed(bytes: &Bytes) -> (u64, u64) {
+    match bytes {
+        Bytes::Streamed { offset, len, .. } => (*offset, *len),
+        _ => unreachable!("a compressed archive's images are streamed"),
     }
 }
 
